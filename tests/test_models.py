@@ -1,0 +1,103 @@
+import pytest
+import torch
+
+from vskip_core.data import make_example
+from vskip_core.models import CHAT_TEMPLATE, encode, image_processor_for, load_model, prompt_text, save_model
+from vskip_core.teacher import build_teacher, history
+
+
+def _real_qwen2vl_processor(proc, tok):
+    """Qwen2VLProcessor cannot be built without torchvision only because of its video-processor type
+    check; skip that check (video_processor=None) and everything else is the real processor's code."""
+    import transformers.processing_utils as pu
+    from transformers import Qwen2VLProcessor
+
+    orig = pu.ProcessorMixin.check_argument_for_proper_class
+
+    def check(self, name, arg):
+        return None if name == "video_processor" and arg is None else orig(self, name, arg)
+
+    pu.ProcessorMixin.check_argument_for_proper_class = check
+    try:
+        return Qwen2VLProcessor(
+            image_processor=proc, tokenizer=tok, chat_template=CHAT_TEMPLATE, video_processor=None
+        )
+    finally:
+        pu.ProcessorMixin.check_argument_for_proper_class = orig
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    from vskip_core.config import load_params
+
+    tmp = tmp_path_factory.mktemp("teacher")
+    cfg = load_params(
+        "params/smoke.yaml",
+        {
+            "runtime.cache_dir": str(tmp),
+            "embedded.train_steps": 40,
+            "embedded.pretrain_steps": 10,
+            "embedded.lr": 3e-3,
+        },
+    )
+    path = build_teacher(cfg, progress=False)
+    return cfg, path
+
+
+def test_encode_equals_qwen2vl_processor(tiny_teacher):
+    cfg, _ = tiny_teacher
+    loaded = load_model(cfg)
+    tok, proc = loaded.tokenizer, image_processor_for(cfg)
+    real = _real_qwen2vl_processor(proc, tok)
+    for i in range(6):
+        ex = make_example(cfg, "test", i)
+        ref = real(images=[ex["image"]], text=[prompt_text(ex, tok)], return_tensors="pt")
+        mine = encode(ex, tok, proc)
+        for k in ("input_ids", "mm_token_type_ids"):
+            assert torch.equal(ref[k][0], mine[k]), k
+        assert torch.equal(ref["pixel_values"], mine["pixel_values"])
+        assert torch.equal(ref["image_grid_thw"], mine["image_grid_thw"])
+        assert torch.equal(
+            mine["input_ids"][mine["image_positions"]],
+            torch.full_like(mine["image_positions"], loaded.model.config.image_token_id),
+        )
+
+
+def test_tiny_teacher_loss_falls(tiny_teacher):
+    _, path = tiny_teacher
+    lm = [h["loss"] for h in history(path) if h["phase"] == "lm"]
+    assert len(lm) == 40
+    assert sum(lm[-5:]) / 5 < 0.7 * sum(lm[:5]) / 5
+    vis = [h["loss"] for h in history(path) if h["phase"] == "vision"]
+    assert vis[-1] < vis[0]
+
+
+def test_saved_teacher_reloads_and_generates_identically(tiny_teacher, tmp_path):
+    from vskip_core.generation import generate
+
+    cfg, _ = tiny_teacher
+    a = load_model(cfg)
+    exs = [make_example(cfg, "test", i) for i in range(4)]
+    ga = generate(a.model, a.tokenizer, a.processor, exs, max_new_tokens=12)
+    save_model(a.model, a.tokenizer, a.processor, tmp_path / "copy")
+    b = load_model(cfg, str(tmp_path / "copy"))
+    gb = generate(b.model, b.tokenizer, b.processor, exs, max_new_tokens=12)
+    assert [g["token_ids"] for g in ga] == [g["token_ids"] for g in gb]
+    assert all(len(g["token_ids"]) > 0 for g in ga)
+
+
+def test_batched_generation_matches_single(tiny_teacher):
+    """Left padding must not change greedy outputs (3D rotary positions use the attention mask)."""
+    from vskip_core.generation import generate
+
+    cfg, _ = tiny_teacher
+    a = load_model(cfg)
+    exs = [make_example(cfg, "test", i) for i in range(4)]
+    batched = generate(a.model, a.tokenizer, a.processor, exs, max_new_tokens=10, batch_size=4)
+    single = generate(a.model, a.tokenizer, a.processor, exs, max_new_tokens=10, batch_size=1)
+    assert [g["token_ids"] for g in batched] == [g["token_ids"] for g in single]
+
+
+def test_missing_embedded_teacher_has_clear_error(smoke_cfg):
+    with pytest.raises(FileNotFoundError, match="00_embedded_teacher"):
+        load_model(smoke_cfg)

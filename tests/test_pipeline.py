@@ -1,0 +1,110 @@
+"""Run records and resume, on two tiny notebooks that use the real start_stage / finish API."""
+
+import json
+
+import nbformat
+import pytest
+
+from vskip_core import pipeline
+
+STAGE_SRC = """
+from vskip_core.config import load_params
+from vskip_core.runtime import start_stage
+cfg = load_params(params_file, overrides)
+stage = start_stage(cfg, run, "{name}")
+(stage.dir / "count.txt").write_text(str(int((stage.dir / "count.txt").read_text()) + 1)
+                                     if (stage.dir / "count.txt").exists() else "1")
+if cfg.data.n_test == 13 and "{name}".startswith("01"):
+    raise RuntimeError("boom")
+stage.finish({{"n_test": cfg.data.n_test}})
+"""
+
+
+@pytest.fixture
+def nbdir(tmp_path, monkeypatch):
+    d = tmp_path / "notebooks"
+    d.mkdir()
+    for name in ("00_first", "01_second"):
+        nb = nbformat.v4.new_notebook()
+        p = nbformat.v4.new_code_cell('params_file = "params/smoke.yaml"\nrun = "default"\noverrides = {}')
+        p.metadata["tags"] = ["parameters"]
+        nb.cells = [p, nbformat.v4.new_code_cell(STAGE_SRC.format(name=name))]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, d / f"{name}.ipynb")
+    monkeypatch.setattr(pipeline, "NOTEBOOKS", d)
+    return tmp_path
+
+
+def _count(res, stage):
+    return int((res / "r" / stage / "count.txt").read_text())
+
+
+def test_records_skip_and_rerun(nbdir):
+    res = nbdir / "results"
+    args = ["--params", "params/smoke.yaml", "--run", "r", "--set", f"runtime.results_dir={res}"]
+    assert pipeline.main(args) == 0
+    for stage in ("00_first", "01_second"):
+        d = res / "r" / stage
+        for f in ("executed.ipynb", "params.json", "env.json", "metrics.json", ".done"):
+            assert (d / f).exists(), f
+        env = json.loads((d / "env.json").read_text())
+        assert {"python", "versions", "git", "device", "seed", "start_time", "end_time"} <= set(env)
+        assert env["versions"]["torch"]
+        assert json.loads((d / "params.json").read_text())["runtime"]["results_dir"] == str(res)
+    assert pipeline.main(args) == 0  # complete: both skipped
+    assert _count(res, "00_first") == 1 and _count(res, "01_second") == 1
+    # a killed second stage (no .done) is redone alone
+    (res / "r" / "01_second" / ".done").unlink()
+    assert pipeline.main(args) == 0
+    assert _count(res, "00_first") == 1 and _count(res, "01_second") == 2
+    # changed params rerun everything
+    assert pipeline.main(args + ["--set", "data.n_test=7"]) == 0
+    assert _count(res, "00_first") == 2 and _count(res, "01_second") == 3
+
+
+def test_failing_stage_names_notebook_and_cell(nbdir, capsys):
+    res = nbdir / "results"
+    args = [
+        "--params",
+        "params/smoke.yaml",
+        "--run",
+        "r",
+        "--set",
+        f"runtime.results_dir={res}",
+        "--set",
+        "data.n_test=13",
+    ]
+    assert pipeline.main(args) == 1
+    err = capsys.readouterr().err
+    assert "01_second" in err and "boom" in err and "failed.ipynb" in err and "cell" in err
+    assert (res / "r" / "01_second" / "failed.ipynb").exists()
+    assert not (res / "r" / "01_second" / "executed.ipynb").exists()
+    assert (res / "r" / "00_first" / ".done").exists()  # the finished stage is kept
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--params", "params/nope.yaml"], "does not exist"),
+        (["--stages", "42"], "unknown stage"),
+        (["--set", "gate.gama=0.5"], "gamma"),
+        (["--set", "novalue"], "key=value"),
+    ],
+)
+def test_bad_input_exits_nonzero(nbdir, capsys, args, needle):
+    assert pipeline.main(["--run", "r", "--set", f"runtime.results_dir={nbdir / 'results'}"] + args) == 2
+    assert needle in capsys.readouterr().err
+    assert not (nbdir / "results" / "r" / "00_first").exists()
+
+
+def test_unwritable_results_dir(nbdir, capsys, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    import os
+
+    if os.access(ro, os.W_OK):  # root ignores permissions: use a path under a file instead
+        ro = tmp_path / "afile"
+        ro.write_text("x")
+    assert pipeline.main(["--run", "r", "--set", f"runtime.results_dir={ro}"]) == 2
+    assert "not writable" in capsys.readouterr().err

@@ -1,0 +1,524 @@
+"""The embedded benchmark: procedurally generated scenes, questions and gold chains of thought.
+
+Example `i` of a split is a pure function of `(split seed, i)`: `make_example(cfg, "test", 17)` always gives
+the same image bytes, question and rationale. A scene is a `grid x grid` board with 2-4 objects, one per
+cell, each with a colour, a shape (distinct within a scene, so "the triangle" names one object), a size and
+a printed price (`$4.57`, distinct dollar digits within a scene) drawn with a built-in bitmap font (no font
+files, so the bytes do not depend on the FreeType build).
+
+Four families mirror the paper's benchmarks:
+
+| family     | question                                   | answer            | metric (paper analogue) |
+|------------|--------------------------------------------|-------------------|-------------------------|
+| attribute  | colour / shape / size of one object        | a word            | accuracy; VARR          |
+| reading    | price printed below one object             | `$4.57`           | ANLS (DocVQA)           |
+| multistep  | most / least expensive object, options A-D | a letter          | accuracy (MMMU)         |
+| existence  | "Is there a red square?", balanced yes/no  | yes / no          | F1, yes-ratio (POPE)    |
+
+Existence negatives follow POPE's three samplers (`pope_split`): *random* (any absent colour-shape
+category), *popular* (the absent category most frequent in the train split; the generator is uniform, so
+"popular" is close to random here, unlike COCO), *adversarial* (an absent category that shares its colour
+or shape with an object in the scene: the near miss a model that half-looks gets wrong).
+
+Every rationale lists the objects cell by cell, then reasons to a final `Answer: ...` line. `anchors`
+gives the character span of every visual-attribute mention (type colour / shape / size / position / text,
+its value, and whether the value also appears in the question): ground truth for VARR and hallucination.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from collections.abc import Iterator
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from .config import Config, DataConfig
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (150, 60, 190),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle", "diamond")
+SIZES = ("small", "large")
+BACKGROUND = (238, 238, 232)
+INK = (20, 20, 20)
+SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2, "teacher": 3}
+ANCHOR_TYPES = ("colour", "shape", "size", "position", "text")
+POPE_SPLITS = ("random", "popular", "adversarial")
+
+# 3x5 bitmap glyphs, drawn at scale 2 (6x10 px): crisp, and identical on every machine.
+_GLYPHS = {
+    "0": ("111", "101", "101", "101", "111"),
+    "1": ("010", "110", "010", "010", "111"),
+    "2": ("111", "001", "111", "100", "111"),
+    "3": ("111", "001", "111", "001", "111"),
+    "4": ("101", "101", "111", "001", "001"),
+    "5": ("111", "100", "111", "001", "111"),
+    "6": ("111", "100", "111", "101", "111"),
+    "7": ("111", "001", "010", "010", "010"),
+    "8": ("111", "101", "111", "101", "111"),
+    "9": ("111", "101", "111", "001", "111"),
+    "$": ("011", "110", "010", "011", "110"),
+    ".": ("0", "0", "0", "0", "1"),
+}
+
+
+def position_name(cell: int, grid: int) -> str:
+    r, c = divmod(cell, grid)
+    if grid == 1:
+        return "middle"
+    rows = {2: ("top", "bottom"), 3: ("top", "middle", "bottom"), 4: ("top", "upper", "lower", "bottom")}[
+        grid
+    ]
+    cols = {
+        2: ("left", "right"),
+        3: ("left", "centre", "right"),
+        4: ("left", "inner left", "inner right", "right"),
+    }[grid]
+    return f"{rows[r]} {cols[c]}"
+
+
+def split_seed(data: DataConfig, split: str) -> int:
+    if split not in SPLIT_OFFSETS:
+        raise ValueError(f"unknown split {split!r}; valid: {list(SPLIT_OFFSETS)}")
+    return data.seed * 10 + SPLIT_OFFSETS[split]
+
+
+def _rng(seed: int, i: int) -> random.Random:
+    # random.Random seeded with a str hashes it with SHA-512: stable across Python versions and platforms.
+    return random.Random(f"vskip:{seed}:{i}")
+
+
+# ----------------------------------------------------------------------------------------------- scenes
+def sample_scene(rng: random.Random, data: DataConfig) -> dict[str, Any]:
+    n_cells = data.grid**2
+    n = rng.randint(data.min_objects, min(data.max_objects, n_cells))
+    cells = sorted(rng.sample(range(n_cells), n))
+    shapes = rng.sample(SHAPES, n)
+    colours = rng.sample(list(COLOURS), n)
+    dollars = rng.sample(range(1, 10), n)
+    cell_px = data.image_size // data.grid
+    objects = []
+    for cell, shape, colour, dollar in zip(cells, shapes, colours, dollars):
+        size = rng.choice(SIZES)
+        r, c = divmod(cell, data.grid)
+        radius = round(cell_px * (0.16 if size == "small" else 0.27))
+        cx = c * cell_px + cell_px // 2 + rng.randint(-2, 2)
+        cy = r * cell_px + round(cell_px * 0.36) + rng.randint(-1, 1)
+        objects.append(
+            {
+                "cell": cell,
+                "position": position_name(cell, data.grid),
+                "colour": colour,
+                "shape": shape,
+                "size": size,
+                "price": f"${dollar}.{rng.randint(0, 99):02d}",
+                "box": [cx - radius, cy - radius, cx + radius, cy + radius],
+            }
+        )
+    return {"grid": data.grid, "image_size": data.image_size, "objects": objects}
+
+
+def render_scene(scene: dict[str, Any], blank: bool = False) -> Image.Image:
+    """Draw a scene; `blank=True` gives the same background with no objects (the grounding control)."""
+    size = scene["image_size"]
+    img = Image.new("RGB", (size, size), BACKGROUND)
+    if blank:
+        return img
+    draw = ImageDraw.Draw(img)
+    cell_px = size // scene["grid"]
+    for o in scene["objects"]:
+        x0, y0, x1, y1 = o["box"]
+        fill = COLOURS[o["colour"]]
+        if o["shape"] == "circle":
+            draw.ellipse(o["box"], fill=fill)
+        elif o["shape"] == "square":
+            draw.rectangle(o["box"], fill=fill)
+        elif o["shape"] == "triangle":
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        else:  # diamond
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=fill)
+        r, c = divmod(o["cell"], scene["grid"])
+        _draw_text(img, o["price"], c * cell_px + cell_px // 2, r * cell_px + round(cell_px * 0.70))
+    return img
+
+
+def _draw_text(img: Image.Image, text: str, cx: int, top: int, scale: int = 2) -> None:
+    widths = [len(_GLYPHS[ch][0]) * scale + scale for ch in text]
+    x = cx - sum(widths) // 2
+    px = img.load()
+    for ch, w in zip(text, widths):
+        for gy, row in enumerate(_GLYPHS[ch]):
+            for gx, bit in enumerate(row):
+                if bit == "1":
+                    for dy in range(scale):
+                        for dx in range(scale):
+                            px[x + gx * scale + dx, top + gy * scale + dy] = INK
+        x += w
+
+
+# -------------------------------------------------------------------------------------------- rationales
+class _Writer:
+    """Builds a rationale string while recording the character span of every visual-attribute mention."""
+
+    def __init__(self, question: str) -> None:
+        self.text = ""
+        self.anchors: list[dict[str, Any]] = []
+        self.question = question.lower()
+
+    def add(self, s: str) -> _Writer:
+        self.text += s
+        return self
+
+    def anchor(self, kind: str, value: str) -> _Writer:
+        start = len(self.text)
+        self.text += value
+        self.anchors.append(
+            {
+                "type": kind,
+                "value": value,
+                "start": start,
+                "end": len(self.text),
+                "in_question": value.lower() in self.question,
+            }
+        )
+        return self
+
+    def obj(self, o: dict[str, Any], size: bool = False) -> _Writer:
+        if size:
+            self.anchor("size", o["size"]).add(" ")
+        return self.anchor("colour", o["colour"]).add(" ").anchor("shape", o["shape"])
+
+
+_OPENINGS = (
+    "Let me look at the image carefully before I answer. ",
+    "First, I will describe what I can see in the picture, one cell at a time. ",
+    "To answer this, I need to check the objects in the image step by step. ",
+)
+_COUNTS = (
+    "I can see {n} objects. ",
+    "There are {n} objects in the image. ",
+    "The picture shows {n} objects. ",
+)
+_LISTING = (
+    ("In the ", " there is a ", " with the price ", " below it. "),
+    ("At the ", " I can see a ", ", and its label reads ", ". "),
+    ("The ", " cell holds a ", " marked ", ". "),
+)
+
+
+def _listing(w: _Writer, scene: dict[str, Any], t: int) -> None:
+    a, b, c, d = _LISTING[t]
+    for o in scene["objects"]:
+        w.add(a).anchor("position", o["position"]).add(b).obj(o, size=True).add(c).anchor(
+            "text", o["price"]
+        ).add(d)
+
+
+def _desc(o: dict[str, Any]) -> str:
+    return f"the {o['colour']} {o['shape']}"
+
+
+def _attribute(rng: random.Random, scene: dict[str, Any], t: int) -> dict[str, Any]:
+    o = rng.choice(scene["objects"])
+    kind = rng.choice(("colour", "shape", "size"))
+    if kind == "colour":
+        q = rng.choice((f"What colour is the {o['shape']}?", f"Which colour does the {o['shape']} have?"))
+    elif kind == "shape":
+        q = rng.choice(
+            (f"What shape is the {o['colour']} object?", f"Which shape is drawn in {o['colour']}?")
+        )
+    else:
+        q = rng.choice(
+            (
+                f"Is the {o['colour']} {o['shape']} small or large?",
+                f"What size is the {o['colour']} {o['shape']}, small or large?",
+            )
+        )
+    ans = o[kind]
+    w = _Writer(q)
+    w.add(_OPENINGS[t]).add(_COUNTS[t].format(n=len(scene["objects"])))
+    _listing(w, scene, t)
+    key = o["shape"] if kind == "colour" else o["colour"]
+    w.add("The question asks about the ").anchor("shape" if kind == "colour" else "colour", key)
+    w.add(" one. " if kind == "colour" else " object. ")
+    lead = ("Looking at it again, the ", "Checking once more, the ", "So the ")[t]
+    if kind == "colour":
+        w.add(lead).anchor("shape", o["shape"]).add(" is ").anchor("colour", ans).add(". ")
+    elif kind == "shape":
+        w.add(lead).anchor("colour", o["colour"]).add(" object is a ").anchor("shape", ans).add(". ")
+    else:
+        w.add(lead).obj(o).add(" is ").anchor("size", ans).add(". ")
+    return {"question": q, "answer": ans, "answers": [ans], "options": [], "writer": w, "attr_type": kind}
+
+
+def _reading(rng: random.Random, scene: dict[str, Any], t: int) -> dict[str, Any]:
+    o = rng.choice(scene["objects"])
+    q = rng.choice(
+        (
+            f"What price is printed below the {o['colour']} {o['shape']}?",
+            f"What does the label under the {o['shape']} say?",
+            f"How much does the {o['colour']} {o['shape']} cost?",
+        )
+    )
+    w = _Writer(q)
+    w.add(_OPENINGS[t]).add(_COUNTS[t].format(n=len(scene["objects"])))
+    _listing(w, scene, t)
+    w.add(
+        ("The question is about the ", "We need the label of the ", "The object in question is the ")[t]
+    ).obj(o)
+    w.add(". Its label reads ").anchor("text", o["price"]).add(". ")
+    return {
+        "question": q,
+        "answer": o["price"],
+        "answers": [o["price"], o["price"].lstrip("$")],
+        "options": [],
+        "writer": w,
+        "attr_type": "text",
+    }
+
+
+def _multistep(rng: random.Random, scene: dict[str, Any], t: int) -> dict[str, Any]:
+    objs = scene["objects"]
+    most = rng.random() < 0.5
+    value = lambda o: float(o["price"][1:])  # noqa: E731
+    target = max(objs, key=value) if most else min(objs, key=value)
+    present = {(o["colour"], o["shape"]) for o in objs}
+    distractors = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    rng.shuffle(distractors)
+    opts = [(o["colour"], o["shape"]) for o in objs][:4]
+    opts += distractors[: 4 - len(opts)]
+    rng.shuffle(opts)
+    options = [f"the {c} {s}" for c, s in opts]
+    letter = "ABCD"[opts.index((target["colour"], target["shape"]))]
+    word = "most expensive" if most else "cheapest"
+    q = f"Which object is the {word}?"
+    w = _Writer(q + " " + " ".join(f"({L}) {x}" for L, x in zip("ABCD", options)))
+    w.add(_OPENINGS[t]).add(_COUNTS[t].format(n=len(objs)))
+    _listing(w, scene, t)
+    w.add(
+        ("Comparing the prices, the ", "Now I compare the labels: the ", "Looking at all the prices, the ")[t]
+    )
+    w.obj(target).add(f" is the {word} at ").anchor("text", target["price"]).add(". ")
+    w.add(f"That is option ({letter}). ")
+    return {
+        "question": q,
+        "answer": letter,
+        "answers": [letter],
+        "options": options,
+        "writer": w,
+        "attr_type": "multistep",
+    }
+
+
+def popular_categories(data: DataConfig, n: int = 2000) -> list[tuple[str, str]]:
+    """Colour-shape categories ordered by frequency in the first `n` train scenes (POPE's 'popular')."""
+    counts: dict[tuple[str, str], int] = {(c, s): 0 for c in COLOURS for s in SHAPES}
+    seed = split_seed(data, "train")
+    for i in range(n):
+        for o in sample_scene(_rng(seed, i), data)["objects"]:
+            counts[(o["colour"], o["shape"])] += 1
+    return sorted(counts, key=lambda k: (-counts[k], k))
+
+
+def _existence(rng: random.Random, scene: dict[str, Any], t: int, popular: list[tuple[str, str]]) -> dict:
+    objs = scene["objects"]
+    present = {(o["colour"], o["shape"]) for o in objs}
+    split = rng.choice(POPE_SPLITS)
+    positive = rng.random() < 0.5
+    if positive:
+        o = rng.choice(objs)
+        colour, shape = o["colour"], o["shape"]
+    else:
+        absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+        if split == "random":
+            colour, shape = rng.choice(absent)
+        elif split == "popular":
+            colour, shape = next(k for k in popular if k not in present)
+        else:
+            near = [k for k in absent if any(k[0] == c or k[1] == s for c, s in present)]
+            colour, shape = rng.choice(near)
+    q = rng.choice(
+        (f"Is there a {colour} {shape} in the image?", f"Does the picture contain a {colour} {shape}?")
+    )
+    w = _Writer(q)
+    w.add(_OPENINGS[t]).add(_COUNTS[t].format(n=len(objs)))
+    _listing(w, scene, t)
+    same_shape = [o for o in objs if o["shape"] == shape]
+    w.add(("I am looking for a ", "The question asks for a ", "We need a ")[t])
+    w.anchor("colour", colour).add(" ").anchor("shape", shape).add(". ")
+    if positive:
+        w.add("The ").anchor("shape", shape).add(" in the image is ").anchor("colour", colour)
+        w.add(", so it is there. ")
+    elif same_shape:
+        w.add("The ").anchor("shape", shape).add(" in the image is ").anchor(
+            "colour", same_shape[0]["colour"]
+        )
+        w.add(f", not {colour}, so there is no {colour} {shape}. ")
+    else:
+        w.add(f"There is no {shape} in the image at all, so there is no {colour} {shape}. ")
+    ans = "yes" if positive else "no"
+    return {
+        "question": q,
+        "answer": ans,
+        "answers": [ans],
+        "options": [],
+        "writer": w,
+        "attr_type": "existence",
+        "pope_split": split,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ public
+_POPULAR_CACHE: dict[str, list[tuple[str, str]]] = {}
+
+
+def _popular(data: DataConfig) -> list[tuple[str, str]]:
+    key = json.dumps([data.seed, data.grid, data.min_objects, data.max_objects, data.image_size])
+    if key not in _POPULAR_CACHE:
+        _POPULAR_CACHE[key] = popular_categories(data)
+    return _POPULAR_CACHE[key]
+
+
+def make_example(data: DataConfig | Config, split: str, i: int, family: str | None = None) -> dict[str, Any]:
+    """Example `i` of `split`: a dict in the normalized record schema shared with MMMU/DocVQA/POPE loaders.
+
+    `image` is a PIL image; `scene`, `anchors` hold ground truth. `family` forces a family (default:
+    families rotate with `i`, so every split is exactly balanced)."""
+    data = data.data if isinstance(data, Config) else data
+    seed = split_seed(data, split)
+    rng = _rng(seed, i)
+    scene = sample_scene(rng, data)
+    family = family or data.families[i % len(data.families)]
+    t = rng.randrange(3)  # paraphrase template
+    if family == "attribute":
+        ex = _attribute(rng, scene, t)
+    elif family == "reading":
+        ex = _reading(rng, scene, t)
+    elif family == "multistep":
+        ex = _multistep(rng, scene, t)
+    elif family == "existence":
+        ex = _existence(rng, scene, t, _popular(data))
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    w: _Writer = ex.pop("writer")
+    w.add(f"Answer: {ex['answer']}")
+    return {
+        "id": f"{split}-{i:06d}",
+        "family": family,
+        "source": "embedded",
+        "image": render_scene(scene),
+        "question": ex["question"],
+        "options": ex["options"],
+        "answer": ex["answer"],
+        "answers": ex["answers"],
+        "question_type": "multiple-choice" if ex["options"] else "open",
+        "attr_type": ex["attr_type"],
+        "pope_split": ex.get("pope_split", ""),
+        "scene": scene,
+        "rationale": w.text,
+        "anchors": w.anchors,
+        "template": t,
+    }
+
+
+def iter_examples(data: DataConfig | Config, split: str, n: int, start: int = 0) -> Iterator[dict[str, Any]]:
+    for i in range(start, start + n):
+        yield make_example(data, split, i)
+
+
+def image_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+FEATURES_JSON_COLUMNS = ("scene", "anchors")
+
+
+def build_split(data: DataConfig | Config, split: str, n: int):
+    """A `datasets.Dataset` with an `Image` feature; `scene` and `anchors` are JSON strings (the schema
+    stays flat and identical to the real-benchmark loaders)."""
+    import datasets
+
+    data = data.data if isinstance(data, Config) else data
+    rows: dict[str, list] = {
+        k: []
+        for k in (
+            "id",
+            "family",
+            "source",
+            "image",
+            "question",
+            "options",
+            "answer",
+            "answers",
+            "question_type",
+            "attr_type",
+            "pope_split",
+            "scene",
+            "rationale",
+            "anchors",
+            "template",
+        )
+    }
+    for ex in iter_examples(data, split, n):
+        for k in rows:
+            v = ex[k]
+            rows[k].append(json.dumps(v) if k in FEATURES_JSON_COLUMNS else v)
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "family": datasets.Value("string"),
+            "source": datasets.Value("string"),
+            "image": datasets.Image(),
+            "question": datasets.Value("string"),
+            "options": datasets.Sequence(datasets.Value("string")),
+            "answer": datasets.Value("string"),
+            "answers": datasets.Sequence(datasets.Value("string")),
+            "question_type": datasets.Value("string"),
+            "attr_type": datasets.Value("string"),
+            "pope_split": datasets.Value("string"),
+            "scene": datasets.Value("string"),
+            "rationale": datasets.Value("string"),
+            "anchors": datasets.Value("string"),
+            "template": datasets.Value("int32"),
+        }
+    )
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def decode_record(row: dict[str, Any]) -> dict[str, Any]:
+    """Undo the JSON encoding of `scene`/`anchors` for a row read back from a saved dataset."""
+    row = dict(row)
+    for k in FEATURES_JSON_COLUMNS:
+        if isinstance(row.get(k), str):
+            row[k] = json.loads(row[k]) if row[k] else None
+    return row
+
+
+def build_benchmark(cfg: Config, splits: tuple[str, ...] = ("train", "val", "test")):
+    """Build (or load from cache) the train/val/test DatasetDict, keyed by a hash of `cfg.data`."""
+    import datasets
+
+    path = cfg.path(cfg.runtime.cache_dir) / f"benchmark-{cfg.hash('data')}"
+    if (path / "dataset_dict.json").exists():
+        return datasets.load_from_disk(str(path)), path
+    sizes = {"train": cfg.data.n_train, "val": cfg.data.n_val, "test": cfg.data.n_test}
+    dd = datasets.DatasetDict({s: build_split(cfg.data, s, sizes[s]) for s in splits})
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    dd.save_to_disk(str(tmp))
+    tmp.rename(path)
+    return datasets.load_from_disk(str(path)), path

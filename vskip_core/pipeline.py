@@ -1,0 +1,178 @@
+"""Run the numbered notebooks headless with papermill, resumably.
+
+    python -m vskip_core.pipeline --params params/default.yaml --run default
+    python -m vskip_core.pipeline --params params/smoke.yaml --run smoke --stages 00,01 --set gate.gamma=0.3
+
+Each stage writes `results/<run>/<stage>/` with `executed.ipynb`, `params.json`, `env.json`, its outputs and
+(when it measures something) `metrics.json`. A stage whose `.done` fingerprint (resolved params + notebook
+source) matches and whose `executed.ipynb` exists is skipped; once a stage runs, every later stage reruns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import REPO_ROOT, ParamsError, load_params
+
+NOTEBOOKS = REPO_ROOT / "notebooks"
+
+
+def available_stages() -> list[str]:
+    return sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def select_stages(spec: str | None) -> list[str]:
+    stages = available_stages()
+    if not spec:
+        return stages
+    chosen = []
+    for s in (x.strip() for x in spec.split(",") if x.strip()):
+        match = [st for st in stages if st == s or st[:2] == s.zfill(2)]
+        if not match:
+            raise ParamsError(f"unknown stage {s!r}; available: {', '.join(stages)}")
+        chosen += [m for m in match if m not in chosen]
+    return sorted(chosen)
+
+
+def parse_sets(sets: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for s in sets:
+        if "=" not in s:
+            raise ParamsError(f"--set {s!r}: expected key=value, for example --set gate.gamma=0.5")
+        k, v = s.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def is_complete(stage_dir: Path, fingerprint: str) -> bool:
+    import json
+
+    done = stage_dir / ".done"
+    if (
+        not done.exists()
+        or not (stage_dir / "executed.ipynb").exists()
+        or not (stage_dir / ".finished").exists()
+    ):
+        return False
+    try:
+        return json.loads(done.read_text()).get("fingerprint") == fingerprint
+    except (OSError, ValueError):
+        return False
+
+
+def run_stage(
+    stage: str, params_file: str, run: str, overrides: dict[str, Any], stage_dir: Path, verbose: bool = False
+) -> None:
+    import papermill as pm
+
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    tmp = stage_dir / ".executed.tmp.ipynb"
+    try:
+        pm.execute_notebook(
+            str(NOTEBOOKS / f"{stage}.ipynb"),
+            str(tmp),
+            parameters={"params_file": params_file, "run": run, "overrides": overrides},
+            cwd=str(NOTEBOOKS),
+            progress_bar=verbose,
+            log_output=verbose,
+            kernel_name="python3",
+        )
+    except pm.PapermillExecutionError as e:
+        failed = stage_dir / "failed.ipynb"
+        tmp.replace(failed) if tmp.exists() else None
+        raise RuntimeError(
+            f"stage {stage} failed in cell {e.exec_count} ({e.ename}: {e.evalue}).\n"
+            f"  executed notebook with the traceback: {failed}"
+        ) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if not (stage_dir / ".finished").exists():
+        raise RuntimeError(f"stage {stage} ran but never called stage.finish(); its outputs are incomplete")
+    tmp.replace(stage_dir / "executed.ipynb")
+    (stage_dir / "failed.ipynb").unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m vskip_core.pipeline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--params", default="params/default.yaml", help="params YAML (see params/)")
+    ap.add_argument("--run", default="default", help="run name: outputs go to results/<run>/")
+    ap.add_argument("--stages", default=None, help="comma list of stage numbers or names (default: all)")
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a parameter, e.g. --set gate.gamma=0.5 (repeatable)",
+    )
+    ap.add_argument("--force", action="store_true", help="rerun stages even if complete")
+    ap.add_argument("--verbose", action="store_true", help="stream notebook output and cell progress")
+    args = ap.parse_args(argv)
+
+    from .runtime import results_dir, stage_fingerprint
+
+    try:
+        overrides = parse_sets(args.sets)
+        cfg = load_params(args.params, overrides)
+        stages = select_stages(args.stages)
+        if not stages:
+            raise ParamsError(f"no notebooks found in {NOTEBOOKS}")
+        out = results_dir(cfg, args.run)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / ".write_probe").write_text("ok")
+            (out / ".write_probe").unlink()
+        except OSError as e:
+            raise ParamsError(
+                f"results folder {out} is not writable ({e}); set runtime.results_dir or fix its permissions"
+            ) from None
+    except (ParamsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import os
+
+    from .config import ENV_PARAMS, ENV_RUN
+
+    for k in (
+        ENV_PARAMS,
+        ENV_RUN,
+    ):  # papermill passes params explicitly; don't let the nbval redirect leak in
+        os.environ.pop(k, None)
+    print(f"vskip pipeline: params={args.params} run={args.run} -> {out}")
+    rerun_rest = False
+    for i, stage in enumerate(stages, 1):
+        fp = stage_fingerprint(cfg, NOTEBOOKS / f"{stage}.ipynb")
+        sdir = out / stage
+        if not args.force and not rerun_rest and is_complete(sdir, fp):
+            print(f"[{i}/{len(stages)}] {stage}: complete for these params, skipped")
+            continue
+        rerun_rest = True
+        print(f"[{i}/{len(stages)}] {stage}: running ...", flush=True)
+        t0 = time.time()
+        try:
+            run_stage(stage, args.params, args.run, overrides, sdir, args.verbose)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"\ninterrupted during {stage}; rerun the same command to resume", file=sys.stderr)
+            return 130
+        from .runtime import atomic_write_json
+
+        atomic_write_json(sdir / ".done", {"fingerprint": fp, "seconds": round(time.time() - t0, 1)})
+        print(f"[{i}/{len(stages)}] {stage}: done in {time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Figures for the notebooks (seaborn/matplotlib). Each returns the figure and, given `path`, saves a PNG."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg") if not matplotlib.get_backend().lower().startswith(
+    ("module://", "nbagg", "ipympl")
+) else None
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+ANCHOR_COLOURS = {
+    "colour": "#e45756",
+    "shape": "#4c78a8",
+    "size": "#72b7b2",
+    "position": "#b279a2",
+    "text": "#f58518",
+}
+
+
+def _save(fig, path: str | Path | None):
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig
+
+
+def highlight_anchors(text: str, anchors: list[dict[str, Any]]) -> str:
+    """HTML of a rationale with each anchor span coloured by attribute type (for IPython.display.HTML)."""
+    import html
+
+    out, pos = [], 0
+    for a in sorted(anchors, key=lambda a: a["start"]):
+        out.append(html.escape(text[pos : a["start"]]))
+        c = ANCHOR_COLOURS.get(a["type"], "#999")
+        out.append(
+            f'<span style="background:{c}33;border-bottom:2px solid {c}" title="{a["type"]}">'
+            f"{html.escape(text[a['start'] : a['end']])}</span>"
+        )
+        pos = a["end"]
+    out.append(html.escape(text[pos:]))
+    return "".join(out)
+
+
+def example_grid(examples: list[dict[str, Any]], path=None, cols: int = 4, width: int = 46):
+    """Images with question, answer and the start of the gold rationale."""
+    rows = int(np.ceil(len(examples) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 5.6 * rows))
+    for ax, ex in zip(np.atleast_1d(axes).ravel(), examples):
+        ax.imshow(ex["image"], interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        q = ex["question"] + (
+            "\n" + " ".join(f"({L}) {o}" for L, o in zip("ABCD", ex["options"])) if ex.get("options") else ""
+        )
+        ax.set_title(f"[{ex['family']}] " + textwrap.fill(q, width), fontsize=8, loc="left")
+        ax.set_xlabel(
+            textwrap.fill(ex["rationale"][-190:], width) + f"\n-> {ex['answer']}", fontsize=7, loc="left"
+        )
+    for ax in np.atleast_1d(axes).ravel()[len(examples) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def distributions(df: pd.DataFrame, path=None):
+    """Family counts per split, asked-attribute types, objects per scene, rationale length, anchors."""
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    sns.countplot(data=df, x="family", hue="split", ax=axes[0])
+    axes[0].set_title("examples per family and split")
+    sns.countplot(data=df[df.split == "train"], x="attr_type", ax=axes[1], color="#4c78a8")
+    axes[1].set_title("question type (train)")
+    axes[1].tick_params(axis="x", rotation=30)
+    sns.histplot(data=df[df.split == "train"], x="rationale_tokens", hue="family", element="step", ax=axes[2])
+    axes[2].set_title("gold rationale length (tokens)")
+    anchors = df[df.split == "train"][["n_colour", "n_shape", "n_size", "n_position", "n_text"]].sum()
+    sns.barplot(
+        x=[c[2:] for c in anchors.index],
+        y=anchors.values,
+        ax=axes[3],
+        palette=[ANCHOR_COLOURS[c[2:]] for c in anchors.index],
+        hue=[c[2:] for c in anchors.index],
+        legend=False,
+    )
+    axes[3].set_title("anchor mentions by type (train)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def training_curves(history: list[dict[str, Any]], path=None):
+    h = pd.DataFrame(history)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.6))
+    v = h[h.phase == "vision"]
+    if len(v):
+        acc = v[[c for c in v.columns if c.startswith("acc_")]].rolling(10, min_periods=1).mean()
+        acc.index = v.step
+        for c in acc.columns:
+            axes[0].plot(acc.index, acc[c], label=c[4:])
+        axes[0].set_title("vision pretraining: per-token label accuracy")
+        axes[0].set_xlabel("step")
+        axes[0].legend(fontsize=7, ncol=2)
+    lm = h[h.phase == "lm"]
+    if len(lm):
+        axes[1].plot(lm.step, lm.loss, alpha=0.3, color="#4c78a8")
+        axes[1].plot(lm.step, lm.loss.rolling(25, min_periods=1).mean(), color="#4c78a8")
+        axes[1].set_yscale("log")
+        axes[1].set_title("end-to-end: weighted next-token loss (rationale + answer)")
+        axes[1].set_xlabel("step")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def grounding_bars(table: pd.DataFrame, path=None):
+    """table: rows family, columns with image / blank image / chance (the family's headline metric)."""
+    long = table.reset_index().melt(id_vars="family", var_name="condition", value_name="score")
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    sns.barplot(data=long, x="family", y="score", hue="condition", ax=ax)
+    ax.set_ylim(0, 1)
+    ax.set_title("teacher: headline metric per family, real vs blank image vs chance")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def attention_overlays(items: list[dict[str, Any]], path=None, cols: int = 4):
+    """items: {image, grid (h, w) of merged tokens, weights (h*w,), title}: attention over the image."""
+    rows = int(np.ceil(len(items) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows))
+    for ax, it in zip(np.atleast_1d(axes).ravel(), items):
+        img = np.asarray(it["image"])
+        h, w = it["grid"]
+        heat = np.asarray(it["weights"]).reshape(h, w)
+        ax.imshow(img, interpolation="nearest")
+        ax.imshow(
+            heat, cmap="magma", alpha=0.55, extent=(0, img.shape[1], img.shape[0], 0), interpolation="nearest"
+        )
+        ax.set_title(textwrap.fill(it["title"], 34), fontsize=8)
+        ax.axis("off")
+    for ax in np.atleast_1d(axes).ravel()[len(items) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)

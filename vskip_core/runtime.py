@@ -1,0 +1,232 @@
+"""Device and dtype resolution, seeding, atomic writes and run records (params.json, env.json, metrics.json).
+
+Every stage (notebook) opens with `stage = start_stage(cfg, run, "02_dual_scoring")`, writes its outputs
+under `stage.dir`, and ends with `stage.finish(metrics)`. `.finished` marks a stage whose outputs are complete;
+the pipeline adds `.done` with a fingerprint (resolved params + notebook source) and skips a stage whose
+fingerprint matches, which is how a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import REPO_ROOT, Config
+
+
+def resolve_device(spec: str = "auto") -> str:
+    """'auto' -> cuda if available, else mps, else cpu. The only place that picks a device."""
+    import torch
+
+    if spec != "auto":
+        if spec.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"runtime.device={spec!r} but torch sees no CUDA device; set runtime.device: auto"
+            )
+        return spec
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_dtype(spec: str = "auto", device: str = "cpu"):
+    """'auto' -> bf16 where supported, else fp16 on GPU, fp32 on CPU. The only place that picks a dtype."""
+    import torch
+
+    if spec != "auto":
+        return getattr(torch, spec)
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch. Not covered: CUDA kernels that are nondeterministic by design
+    (atomics in scatter/index_add); generation here is greedy, so that affects only ties."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_threads(n: int) -> None:
+    import torch
+
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(
+        path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode()
+    )
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def git_info() -> dict[str, Any]:
+    def _git(*args: str) -> str | None:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+        except Exception:
+            return None
+
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def environment(cfg: Config | None = None) -> dict[str, Any]:
+    """Versions, git state and hardware: what must sit beside every result."""
+    import importlib.metadata as md
+
+    import torch
+
+    def v(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    device = resolve_device(cfg.runtime.device if cfg else "auto")
+    env = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "versions": {
+            p: v(p)
+            for p in (
+                "torch",
+                "transformers",
+                "peft",
+                "datasets",
+                "accelerate",
+                "bitsandbytes",
+                "tokenizers",
+                "numpy",
+                "papermill",
+                "vskip",
+            )
+        },
+        "git": git_info(),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor(),
+        "seed": cfg.runtime.seed if cfg else None,
+    }
+    return env
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def results_dir(cfg: Config, run: str) -> Path:
+    return cfg.path(cfg.runtime.results_dir) / run
+
+
+def stage_fingerprint(cfg: Config, notebook: Path) -> str:
+    """What a stage's outputs depend on: the resolved params and the notebook's source."""
+    import hashlib
+
+    src = notebook.read_bytes() if notebook.exists() else b""
+    return hashlib.sha256(cfg.hash().encode() + hashlib.sha256(src).hexdigest().encode()).hexdigest()[:16]
+
+
+@dataclass
+class Stage:
+    cfg: Config
+    run: str
+    name: str
+    dir: Path
+    env: dict[str, Any]
+
+    def upstream(self, stage: str) -> Path:
+        """Folder of an earlier stage of the same run; raises if that stage has not finished."""
+        d = self.dir.parent / stage
+        if not (d / ".finished").exists():
+            raise FileNotFoundError(
+                f"stage {stage} has not finished for run {self.run!r} ({d}); run it first: "
+                f"python -m vskip_core.pipeline --params {self.cfg.source} --run {self.run} --stages {stage[:2]}"
+            )
+        return d
+
+    def save_json(self, name: str, obj: Any) -> Path:
+        p = self.dir / name
+        atomic_write_json(p, obj)
+        return p
+
+    def finish(self, metrics: dict[str, Any] | None = None) -> None:
+        """Write metrics.json (if any), the end time, and the `.finished` marker later stages check.
+        (The pipeline adds `.done`, with the params fingerprint, once executed.ipynb is in place.)"""
+        if metrics is not None:
+            self.save_json("metrics.json", metrics)
+        self.env["end_time"] = now()
+        self.save_json("env.json", self.env)
+        atomic_write_json(
+            self.dir / ".finished", {"finished": self.env["end_time"], "params_hash": self.cfg.hash()}
+        )
+
+
+def start_stage(cfg: Config, run: str, name: str) -> Stage:
+    """Create results/<run>/<stage>/, seed, set threads, write params.json and env.json (start time)."""
+    d = results_dir(cfg, run) / name
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"results folder {d} is not writable ({e}); set runtime.results_dir") from None
+    for marker in (".done", ".finished"):
+        (d / marker).unlink(missing_ok=True)
+    configure_threads(cfg.runtime.num_threads)
+    seed_everything(cfg.runtime.seed)
+    env = environment(cfg)
+    env["start_time"] = now()
+    env["run"] = run
+    env["stage"] = name
+    atomic_write_json(d / "params.json", cfg.to_dict())
+    atomic_write_json(d / "env.json", env)
+    return Stage(cfg=cfg, run=run, name=name, dir=d, env=env)

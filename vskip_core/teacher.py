@@ -1,0 +1,406 @@
+"""Build the embedded teacher: a tiny `Qwen2VLForConditionalGeneration` trained in-repo on the benchmark.
+
+Recipe (each step measured in the notebook 00 report):
+1. A byte-level BPE tokenizer trained on benchmark text (digits are single tokens).
+2. **Vision pretraining**: the vision tower + merger learn dense per-token labels: for every merged image
+   token, the colour, shape, size and the three price digits of the object in its cell, and the cell index.
+   Each merged token's feature then linearly encodes what is where, in a few hundred steps.
+3. **End to end**: next-token loss on rationale + answer only (prompt and image tokens masked), tokens
+   inside visual-anchor spans and the answer line weighted `anchor_weight`x, vision lr x`vision_lr_mult`.
+   A fresh stream of examples (split "teacher", disjoint from train/val/test), never repeated.
+
+The result is saved with `save_pretrained` (model, tokenizer, image processor) under
+`.cache/teacher-<hash of embedded + data params>/`, so later runs and stages load it like a hub model.
+Training checkpoints every `CKPT_EVERY` steps; a killed build resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .data import COLOURS, SHAPES, SIZES, make_example
+from .models import (
+    collate,
+    embedded_config,
+    embedded_dir,
+    encode,
+    image_processor_for,
+    save_model,
+    train_tokenizer,
+)
+
+CKPT_EVERY = 200
+
+
+def tokenizer_corpus(cfg: Config, n: int = 3000) -> list[str]:
+    from .models import ANSWER_PREFIX, user_text
+
+    texts = []
+    for i in range(n):
+        ex = make_example(cfg, "teacher", 10_000_000 + i)
+        texts += [user_text(ex), ex["rationale"], f"{ANSWER_PREFIX} {ex['answer']}"]
+    texts += ["user", "assistant", "ratio", "Keep 0.5 of the reasoning."]
+    return texts
+
+
+# ---------------------------------------------------------------------------------------- vision labels
+class VisionProbe(nn.Module):
+    """Linear heads on merged visual tokens: colour, shape, size, 3 digits (each with a 'none' class), cell."""
+
+    def __init__(self, hidden: int, n_cells: int) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict(
+            {
+                "colour": nn.Linear(hidden, len(COLOURS) + 1),
+                "shape": nn.Linear(hidden, len(SHAPES) + 1),
+                "size": nn.Linear(hidden, len(SIZES) + 1),
+                "d0": nn.Linear(hidden, 11),
+                "d1": nn.Linear(hidden, 11),
+                "d2": nn.Linear(hidden, 11),
+                "cell": nn.Linear(hidden, n_cells),
+            }
+        )
+
+    def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: h(feats) for k, h in self.heads.items()}
+
+
+def token_labels(scene: dict[str, Any], image_size: int) -> dict[str, torch.Tensor]:
+    """Labels per merged token (raster order over the (H/28, W/28) grid), 0 = no object in that cell."""
+    g = image_size // 28
+    cell_px = image_size // scene["grid"]
+    by_cell = {o["cell"]: o for o in scene["objects"]}
+    colours, shapes = list(COLOURS), list(SHAPES)
+    lab: dict[str, list[int]] = {k: [] for k in ("colour", "shape", "size", "d0", "d1", "d2", "cell")}
+    for r in range(g):
+        for c in range(g):
+            cy, cx = r * 28 + 14, c * 28 + 14
+            cell = (cy // cell_px) * scene["grid"] + cx // cell_px
+            o = by_cell.get(cell)
+            lab["cell"].append(cell)
+            if o is None:
+                for k in ("colour", "shape", "size", "d0", "d1", "d2"):
+                    lab[k].append(0)
+                continue
+            digits = [ch for ch in o["price"] if ch.isdigit()]
+            lab["colour"].append(colours.index(o["colour"]) + 1)
+            lab["shape"].append(shapes.index(o["shape"]) + 1)
+            lab["size"].append(SIZES.index(o["size"]) + 1)
+            for j in range(3):
+                lab[f"d{j}"].append(int(digits[j]) + 1)
+    return {k: torch.tensor(v) for k, v in lab.items()}
+
+
+def visual_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    out = model.model.visual(pixel_values, grid_thw=grid_thw)
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
+# ----------------------------------------------------------------------------------------- loss weights
+def target_weights(tok, ex: dict[str, Any], anchor_weight: float) -> torch.Tensor:
+    """Per-target-token loss weights: `anchor_weight` on tokens overlapping an anchor span or the answer."""
+    text = ex["rationale"]
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [(a["start"], a["end"]) for a in ex["anchors"]]
+    ans_start = text.rfind("Answer:")
+    spans.append((ans_start, len(text)))
+    w = [
+        anchor_weight if any(s < e2 and e > s2 for s2, e2 in spans) else 1.0 for s, e in enc["offset_mapping"]
+    ]
+    return torch.tensor(w + [1.0])  # + <|im_end|>
+
+
+def lm_batch(examples: list[dict[str, Any]], tok, proc, anchor_weight: float) -> dict[str, torch.Tensor]:
+    items = [encode(ex, tok, proc, target=ex["rationale"]) for ex in examples]
+    batch = collate(items, tok.pad_token_id, padding_side="right")
+    B, L = batch["input_ids"].shape
+    labels = torch.full((B, L), -100, dtype=torch.long)
+    weights = torch.zeros((B, L))
+    for b, (it, ex) in enumerate(zip(items, examples)):
+        n, s = len(it["input_ids"]), it["target_start"]
+        labels[b, s:n] = it["input_ids"][s:n]
+        weights[b, s:n] = target_weights(tok, ex, anchor_weight)
+    batch["labels"] = labels
+    batch["weights"] = weights
+    return batch
+
+
+def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    logits, labels, weights = logits[:, :-1], labels[:, 1:], weights[:, 1:]
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(labels.shape)
+    return (nll * weights).sum() / weights.sum().clamp_min(1e-6)
+
+
+# -------------------------------------------------------------------------------------------- training
+def _lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+
+def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Path:
+    """Train (or reuse from cache) the embedded teacher; returns its folder. Resumes a killed build."""
+    from tqdm.auto import tqdm
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from .runtime import atomic_write_json, resolve_device, seed_everything
+
+    out = embedded_dir(cfg)
+    if (out / "config.json").exists() and not force:
+        return out
+    work = out.with_name(out.name + ".building")
+    work.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.runtime.seed)
+    device = resolve_device(cfg.runtime.device)
+    e = cfg.embedded
+    t_start = time.time()
+
+    tok_dir = work / "tokenizer"
+    if (tok_dir / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+    else:
+        tok = train_tokenizer(tokenizer_corpus(cfg), e.vocab_size)
+        tok.save_pretrained(tok_dir)
+    proc = image_processor_for(cfg)
+    model = Qwen2VLForConditionalGeneration(embedded_config(cfg, tok)).to(device)
+    n_cells = cfg.data.grid**2
+    probe = VisionProbe(e.hidden_size, n_cells).to(device)
+
+    vis_params = list(model.model.visual.parameters())
+    vis_ids = {id(p) for p in vis_params}
+    lm_params = [p for p in model.parameters() if id(p) not in vis_ids]
+    opt_v = torch.optim.AdamW(vis_params + list(probe.parameters()), lr=e.pretrain_lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(
+        [{"params": lm_params, "lr": e.lr}, {"params": vis_params, "lr": e.lr * e.vision_lr_mult}],
+        lr=e.lr,
+        betas=(0.9, 0.98),
+        weight_decay=0.01,
+    )
+    state: dict[str, Any] = {"pretrain_step": 0, "train_step": 0, "history": [], "seconds": 0.0}
+    ckpt = work / "ckpt.pt"
+    if ckpt.exists():
+        blob = torch.load(ckpt, map_location=device, weights_only=False)
+        model.load_state_dict(blob["model"])
+        probe.load_state_dict(blob["probe"])
+        opt_v.load_state_dict(blob["opt_v"])
+        opt.load_state_dict(blob["opt"])
+        state = blob["state"]
+        torch.set_rng_state(blob["rng"])
+
+    def save_ckpt() -> None:
+        state["seconds"] = state.get("seconds_base", 0.0) + (time.time() - t_start)
+        blob = {
+            "model": model.state_dict(),
+            "probe": probe.state_dict(),
+            "opt_v": opt_v.state_dict(),
+            "opt": opt.state_dict(),
+            "state": state,
+            "rng": torch.get_rng_state(),
+        }
+        torch.save(blob, work / "ckpt.pt.tmp")
+        (work / "ckpt.pt.tmp").replace(ckpt)
+
+    state["seconds_base"] = state.get("seconds", 0.0)
+    model.train()
+    # Phase 1: vision pretraining on dense per-token labels.
+    bar = tqdm(
+        total=e.pretrain_steps,
+        initial=state["pretrain_step"],
+        desc="vision pretraining",
+        disable=not progress,
+    )
+    while state["pretrain_step"] < e.pretrain_steps:
+        step = state["pretrain_step"]
+        exs = [make_example(cfg, "teacher", step * e.batch_size + j) for j in range(e.batch_size)]
+        vis = proc(images=[x["image"] for x in exs], return_tensors="pt")
+        feats = visual_features(model, vis["pixel_values"].to(device), vis["image_grid_thw"].to(device))
+        labels = [token_labels(x["scene"], cfg.data.image_size) for x in exs]
+        logits = probe(feats)
+        loss = sum(
+            F.cross_entropy(logits[k], torch.cat([lab[k] for lab in labels]).to(device)) for k in logits
+        )
+        for g in opt_v.param_groups:
+            g["lr"] = e.pretrain_lr * _lr(step, e.pretrain_steps, min(50, e.warmup_steps))
+        opt_v.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vis_params, 1.0)
+        opt_v.step()
+        with torch.no_grad():
+            acc = {
+                k: (logits[k].argmax(-1).cpu() == torch.cat([lab[k] for lab in labels])).float().mean().item()
+                for k in logits
+            }
+        state["history"].append(
+            {"phase": "vision", "step": step, "loss": loss.item(), **{f"acc_{k}": v for k, v in acc.items()}}
+        )
+        state["pretrain_step"] += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", digits=f"{acc['d2']:.2f}")
+        if state["pretrain_step"] % CKPT_EVERY == 0:
+            save_ckpt()
+    bar.close()
+
+    # Phase 2: end to end on question -> rationale + answer.
+    offset = 5_000_000  # stream indices disjoint from phase 1
+    bar = tqdm(total=e.train_steps, initial=state["train_step"], desc="end-to-end", disable=not progress)
+    while state["train_step"] < e.train_steps:
+        step = state["train_step"]
+        exs = [make_example(cfg, "teacher", offset + step * e.batch_size + j) for j in range(e.batch_size)]
+        batch = lm_batch(exs, tok, proc, e.anchor_weight)
+        f = _lr(step, e.train_steps, e.warmup_steps)
+        opt.param_groups[0]["lr"] = e.lr * f
+        opt.param_groups[1]["lr"] = e.lr * e.vision_lr_mult * f
+        res = model(
+            **{
+                k: batch[k].to(device)
+                for k in (
+                    "input_ids",
+                    "attention_mask",
+                    "mm_token_type_ids",
+                    "pixel_values",
+                    "image_grid_thw",
+                )
+            }
+        )
+        loss = weighted_lm_loss(res.logits, batch["labels"].to(device), batch["weights"].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        state["history"].append({"phase": "lm", "step": step, "loss": loss.item(), "lr": e.lr * f})
+        state["train_step"] += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if state["train_step"] % CKPT_EVERY == 0:
+            save_ckpt()
+    bar.close()
+
+    model.eval()
+    seconds = state.get("seconds_base", 0.0) + (time.time() - t_start)
+    final = out.with_name(out.name + ".final")
+    if final.exists():
+        shutil.rmtree(final)
+    save_model(
+        model,
+        tok,
+        proc,
+        final,
+        extra={
+            "build_seconds": seconds,
+            "config_hash": cfg.hash("embedded", "data"),
+            "embedded": cfg.to_dict()["embedded"],
+            "data": cfg.to_dict()["data"],
+        },
+    )
+    atomic_write_json(final / "history.json", state["history"])
+    final.rename(out)
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def build_info(path: Path) -> dict[str, Any]:
+    return json.loads((path / "vskip_build.json").read_text())
+
+
+def history(path: Path) -> list[dict[str, Any]]:
+    return json.loads((path / "history.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def chance_levels(examples: list[dict[str, Any]], seed: int = 0) -> dict[str, dict[str, float]]:
+    """What an image-blind guesser scores: uniform over the asked attribute's values (attribute), a fair
+    coin (existence), uniform over options (multistep), a random price from the generator (reading)."""
+    import random
+
+    from .evaluation import anls
+
+    rng = random.Random(seed)
+    n_values = {"colour": len(COLOURS), "shape": len(SHAPES), "size": len(SIZES)}
+    out: dict[str, dict[str, float]] = {}
+    att = [1 / n_values[x["attr_type"]] for x in examples if x["family"] == "attribute"]
+    if att:
+        out["attribute"] = {"accuracy": sum(att) / len(att)}
+    if any(x["family"] == "existence" for x in examples):
+        out["existence"] = {"f1": 0.5, "yes_ratio": 0.5, "accuracy": 0.5}
+    mc = [1 / len(x["options"]) for x in examples if x["family"] == "multistep"]
+    if mc:
+        out["multistep"] = {"accuracy": sum(mc) / len(mc)}
+    rd = [x for x in examples if x["family"] == "reading"]
+    if rd:
+        guesses = [f"${rng.randint(1, 9)}.{rng.randint(0, 99):02d}" for _ in rd]
+        out["reading"] = {
+            "anls": sum(anls(g, x["answers"]) for g, x in zip(guesses, rd)) / len(rd),
+            "accuracy": 1 / 900,
+        }
+    return out
+
+
+def headline(fm: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The metrics.json layout of issue 3: accuracy / f1 + yes_ratio / anls / accuracy per family."""
+    out: dict[str, dict[str, float]] = {}
+    for fam, m in fm.items():
+        if fam == "existence":
+            out[fam] = {
+                "f1": m["f1"],
+                "yes_ratio": m["yes_ratio"],
+                "accuracy": m["accuracy"],
+                "unparsed": m["unparsed"],
+            }
+        elif fam == "reading":
+            out[fam] = {"anls": m["anls"], "accuracy": m["accuracy"], "unparsed": m["unparsed"]}
+        else:
+            out[fam] = {"accuracy": m["accuracy"], "unparsed": m["unparsed"]}
+            if "random_fallback" in m:
+                out[fam]["random_fallback"] = m["random_fallback"]
+    return out
+
+
+def evaluate_teacher(
+    cfg: Config, loaded, n_per_family: int, blank: bool = False, progress: bool = True, split: str = "test"
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Greedy full-rationale generation on `n_per_family` held-out examples per family, with the real
+    images or blank ones (same background, no objects). Returns (family metrics, per-example records)."""
+    from .data import render_scene
+    from .evaluation import family_metrics, score_example
+    from .generation import generate
+
+    exs = [make_example(cfg, split, i) for i in range(n_per_family * len(cfg.data.families))]
+    blanks = [render_scene(x["scene"], blank=True) for x in exs] if blank else None
+    gens = generate(
+        loaded.model,
+        loaded.tokenizer,
+        loaded.processor,
+        exs,
+        cfg.generation.max_new_tokens,
+        cfg.generation.batch_size,
+        blank_images=blanks,
+        progress=progress,
+        desc="blank-image eval" if blank else "eval",
+    )
+    scored = [score_example(x, g["text"]) for x, g in zip(exs, gens)]
+    recs = [
+        {
+            **s,
+            "question": x["question"],
+            "gold": x["rationale"],
+            "response": g["text"],
+            "n_tokens": len(g["token_ids"]),
+        }
+        for x, g, s in zip(exs, gens, scored)
+    ]
+    return family_metrics(exs, scored), recs
