@@ -100,3 +100,15 @@ def test_dataset_schema(cfg):
     ref = make_example(cfg, "test", 3)
     assert row["rationale"] == ref["rationale"] and row["anchors"] == ref["anchors"]
     assert row["image"].size == (cfg.data.image_size, cfg.data.image_size)
+
+
+def test_find_anchors_recovers_gold_anchors(cfg):
+    from vskip_core.data import find_anchors
+
+    for i in range(100):
+        ex = make_example(cfg, "test", i)
+        found = find_anchors(ex["rationale"], ex["scene"])
+        gold = {(a["type"], a["start"], a["end"]) for a in ex["anchors"]}
+        assert gold <= {(a["type"], a["start"], a["end"]) for a in found}
+    wrong = find_anchors("There is a purple star and a $9.99 label.", ex["scene"])
+    assert [a["type"] for a in wrong] == ["colour", "text"]

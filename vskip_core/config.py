@@ -187,6 +187,36 @@ class GenerationConfig:
 
 
 @dataclass
+class ScoringConfig:
+    """Dual scoring of rationale tokens (vskip_core.scoring)."""
+
+    key_layers: list[int] = field(
+        default_factory=list
+    )  # explicit decoder layer indices; empty = use layer_band
+    layer_band: list[float] = field(
+        default_factory=lambda: [0.25, 0.75]
+    )  # depth-fraction range [lo, hi] of layers
+    head_reduce: str = "max"  # reduce heads by max (paper) or mean
+    surprisal_without_image: bool = False  # also score surprisal with a blank image (analysis only)
+    batch_size: int = 8  # sequences per teacher-forced pass
+    word_level: bool = True  # aggregate scores to words so a word's tokens share one decision
+
+    def validate(self) -> None:
+        _check(
+            self.head_reduce in ("max", "mean"),
+            "scoring.head_reduce",
+            f"must be max or mean, got {self.head_reduce!r}",
+        )
+        _check(
+            len(self.layer_band) == 2 and 0 <= self.layer_band[0] <= self.layer_band[1] <= 1,
+            "scoring.layer_band",
+            f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {self.layer_band}",
+        )
+        _check(all(i >= 0 for i in self.key_layers), "scoring.key_layers", "layer indices must be >= 0")
+        _check(self.batch_size > 0, "scoring.batch_size", f"must be > 0, got {self.batch_size}")
+
+
+@dataclass
 class GateConfig:
     """The union-of-saliency gate and the baselines that share its interface (vskip_core.gating)."""
 
@@ -204,6 +234,99 @@ class GateConfig:
             f"must be example or corpus, got {self.threshold_mode!r}",
         )
         _check(0 <= self.text_share <= 1, "gate.text_share", f"must be in [0, 1], got {self.text_share}")
+
+
+@dataclass
+class DistillConfig:
+    """LoRA / QLoRA distillation of compressed rationales into a student (vskip_core.distill)."""
+
+    student: str = "embedded"  # student base model: embedded (the teacher's weights) or a hub id / local dir
+    methods: list[str] = field(
+        default_factory=lambda: ["vskip", "text_only", "external_lm", "visual_only", "random"]
+    )
+    ratios: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.7, 0.5, 0.3])  # one drawn per example
+    quantization: str = "none"  # none or nf4 (QLoRA through bitsandbytes)
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator
+    lora_dropout: float = 0.05  # LoRA dropout
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lr: float = 1e-3  # learning rate
+    epochs: float = 2.0  # passes over the training set
+    batch_size: int = 16  # per-device batch size
+    grad_accum: int = 1  # gradient accumulation steps
+    max_steps: int = 0  # > 0 caps the steps (overrides epochs)
+
+    def validate(self) -> None:
+        _check(
+            len(self.ratios) > 0 and all(0 < r <= 1 for r in self.ratios),
+            "distill.ratios",
+            f"every ratio must be in (0, 1], got {self.ratios}",
+        )
+        _check(
+            self.quantization in ("none", "nf4"),
+            "distill.quantization",
+            f"must be none or nf4, got {self.quantization!r}",
+        )
+        for k in ("lora_r", "lora_alpha", "batch_size", "grad_accum"):
+            _check(getattr(self, k) > 0, f"distill.{k}", f"must be > 0, got {getattr(self, k)}")
+        _check(
+            self.lr > 0 and self.epochs > 0 and self.max_steps >= 0, "distill.lr", "lr, epochs must be > 0"
+        )
+        _check(len(self.target_modules) > 0, "distill.target_modules", "must name at least one module")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of teacher, baselines and students (vskip_core.evaluation)."""
+
+    split: str = "test"  # evaluation split
+    n_examples: int = 400  # examples evaluated (families rotate, so n/4 each); 0 = the whole split
+    ratios: list[float] = field(default_factory=lambda: [0.9, 0.7, 0.5, 0.3])  # student ratios evaluated
+    latency_examples: int = 20  # examples timed at batch 1 (after one warm-up) for latency
+    batch_size: int = 32  # generation batch for accuracy runs
+    seed: int = 0  # seed of the MMMU random-choice fallback
+
+    def validate(self) -> None:
+        _check(self.split in ("train", "val", "test"), "eval.split", f"unknown split {self.split!r}")
+        _check(self.n_examples >= 0 and self.latency_examples >= 0, "eval.n_examples", "must be >= 0")
+        _check(
+            all(0 < r <= 1 for r in self.ratios),
+            "eval.ratios",
+            f"every ratio must be in (0, 1], got {self.ratios}",
+        )
+
+
+@dataclass
+class PruneConfig:
+    """Visual-token pruning: FastV, DivPrune, prompt-aware relevance + diversity, and DSTP (vskip_core.visual_tokens)."""
+
+    methods: list[str] = field(default_factory=lambda: ["fastv", "divprune", "zspaprune"])
+    retentions: list[float] = field(
+        default_factory=lambda: [0.666, 0.333, 0.111]
+    )  # fraction of visual tokens kept
+    fastv_layer: int = 2  # FastV: prune after this decoder layer (K)
+    core_fraction: float = 0.6  # prompt-aware: share of the budget chosen by relevance (rest by diversity)
+    dstp_interval: int = 8  # DSTP: re-select visual tokens every this many decoding steps
+    dstp_shift_threshold: float = 0.5  # DSTP: also re-select when top-k Jaccard overlap drops below this
+    n_examples: int = 200  # evaluation examples
+    image_size: int = 0  # > 0 renders benchmark images at this size for the timing benchmark
+
+    def validate(self) -> None:
+        _check(
+            all(0 < r <= 1 for r in self.retentions),
+            "prune.retentions",
+            f"must be in (0, 1], got {self.retentions}",
+        )
+        _check(
+            0 <= self.core_fraction <= 1,
+            "prune.core_fraction",
+            f"must be in [0, 1], got {self.core_fraction}",
+        )
+        _check(
+            self.fastv_layer >= 0 and self.dstp_interval > 0,
+            "prune.fastv_layer",
+            "must be >= 0 (interval > 0)",
+        )
 
 
 @dataclass
@@ -229,7 +352,11 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     source: str = ""  # the params file this config was read from (set by load_params)
 

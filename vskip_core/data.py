@@ -28,6 +28,7 @@ its value, and whether the value also appears in the question): ground truth for
 from __future__ import annotations
 
 import io
+import re
 import json
 import random
 from collections.abc import Iterator
@@ -522,3 +523,35 @@ def build_benchmark(cfg: Config, splits: tuple[str, ...] = ("train", "val", "tes
     dd.save_to_disk(str(tmp))
     tmp.rename(path)
     return datasets.load_from_disk(str(path)), path
+
+
+_PRICE_RE = re.compile(r"\$\d+\.\d\d")
+
+
+def find_anchors(text: str, scene: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Visual-attribute mentions in any text (a generated or compressed rationale): every colour, shape, size,
+    position word and price, with its span, and `in_scene` = whether that value belongs to the scene.
+
+    This is how anchors are recovered on text the generator did not write (the teacher's own rationales);
+    it finds the same spans as the gold `anchors` on gold text (a test checks it)."""
+    vocab = [("colour", c) for c in COLOURS] + [("shape", s) for s in SHAPES] + [("size", s) for s in SIZES]
+    grid = scene["grid"] if scene else 2
+    vocab += [("position", position_name(c, grid)) for c in range(grid * grid)]
+    found: list[dict[str, Any]] = []
+    taken = [False] * len(text)
+    for kind, value in sorted(vocab, key=lambda kv: -len(kv[1])):  # longest first: "top left" before "left"
+        for m in re.finditer(rf"(?<![A-Za-z]){re.escape(value)}(?![A-Za-z])", text):
+            if any(taken[m.start():m.end()]):
+                continue
+            taken[m.start():m.end()] = [True] * (m.end() - m.start())
+            found.append({"type": kind, "value": value, "start": m.start(), "end": m.end()})
+    for m in _PRICE_RE.finditer(text):
+        found.append({"type": "text", "value": m.group(0), "start": m.start(), "end": m.end()})
+    if scene:
+        objs = scene["objects"]
+        values = {"colour": {o["colour"] for o in objs}, "shape": {o["shape"] for o in objs},
+                  "size": {o["size"] for o in objs}, "position": {o["position"] for o in objs},
+                  "text": {o["price"] for o in objs}}
+        for a in found:
+            a["in_scene"] = a["value"] in values[a["type"]]
+    return sorted(found, key=lambda a: a["start"])
