@@ -14,3 +14,23 @@ def smoke_cfg(tmp_path):
         "params/smoke.yaml",
         {"runtime.cache_dir": str(tmp_path / "cache"), "runtime.results_dir": str(tmp_path / "results")},
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """A smoke-sized embedded teacher trained for 40 steps (~20 s), shared by the whole session."""
+    from vskip_core.config import load_params
+    from vskip_core.teacher import build_teacher
+
+    tmp = tmp_path_factory.mktemp("teacher")
+    cfg = load_params(
+        "params/smoke.yaml",
+        {
+            "runtime.cache_dir": str(tmp),
+            "embedded.train_steps": 40,
+            "embedded.pretrain_steps": 10,
+            "embedded.lr": 3e-3,
+        },
+    )
+    path = build_teacher(cfg, progress=False)
+    return cfg, path

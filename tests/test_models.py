@@ -3,7 +3,7 @@ import torch
 
 from vskip_core.data import make_example
 from vskip_core.models import CHAT_TEMPLATE, encode, image_processor_for, load_model, prompt_text, save_model
-from vskip_core.teacher import build_teacher, history
+from vskip_core.teacher import history
 
 
 def _real_qwen2vl_processor(proc, tok):
@@ -24,24 +24,6 @@ def _real_qwen2vl_processor(proc, tok):
         )
     finally:
         pu.ProcessorMixin.check_argument_for_proper_class = orig
-
-
-@pytest.fixture(scope="module")
-def tiny_teacher(tmp_path_factory):
-    from vskip_core.config import load_params
-
-    tmp = tmp_path_factory.mktemp("teacher")
-    cfg = load_params(
-        "params/smoke.yaml",
-        {
-            "runtime.cache_dir": str(tmp),
-            "embedded.train_steps": 40,
-            "embedded.pretrain_steps": 10,
-            "embedded.lr": 3e-3,
-        },
-    )
-    path = build_teacher(cfg, progress=False)
-    return cfg, path
 
 
 def test_encode_equals_qwen2vl_processor(tiny_teacher):

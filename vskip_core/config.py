@@ -175,6 +175,9 @@ class GenerationConfig:
         ""  # appended to the user turn; hub models want e.g. "Think step by step ... Answer: X"
     )
     shard_size: int = 256  # examples per written shard (a killed run resumes at the next shard)
+    keep: str = (
+        "correct"  # which rationales go on to scoring/distillation: correct, answered (has a line), all
+    )
 
     def validate(self) -> None:
         _check(self.split in ("train", "val", "test"), "generation.split", f"unknown split {self.split!r}")
@@ -183,6 +186,11 @@ class GenerationConfig:
         for k in ("max_new_tokens", "batch_size", "shard_size"):
             _check(getattr(self, k) > 0, f"generation.{k}", f"must be > 0, got {getattr(self, k)}")
         _check(self.temperature > 0, "generation.temperature", "must be > 0")
+        _check(
+            self.keep in ("correct", "answered", "all"),
+            "generation.keep",
+            f"must be correct, answered or all, got {self.keep!r}",
+        )
         _check(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
 
 

@@ -28,9 +28,9 @@ its value, and whether the value also appears in the question): ground truth for
 from __future__ import annotations
 
 import io
-import re
 import json
 import random
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -541,17 +541,21 @@ def find_anchors(text: str, scene: dict[str, Any] | None) -> list[dict[str, Any]
     taken = [False] * len(text)
     for kind, value in sorted(vocab, key=lambda kv: -len(kv[1])):  # longest first: "top left" before "left"
         for m in re.finditer(rf"(?<![A-Za-z]){re.escape(value)}(?![A-Za-z])", text):
-            if any(taken[m.start():m.end()]):
+            if any(taken[m.start() : m.end()]):
                 continue
-            taken[m.start():m.end()] = [True] * (m.end() - m.start())
+            taken[m.start() : m.end()] = [True] * (m.end() - m.start())
             found.append({"type": kind, "value": value, "start": m.start(), "end": m.end()})
     for m in _PRICE_RE.finditer(text):
         found.append({"type": "text", "value": m.group(0), "start": m.start(), "end": m.end()})
     if scene:
         objs = scene["objects"]
-        values = {"colour": {o["colour"] for o in objs}, "shape": {o["shape"] for o in objs},
-                  "size": {o["size"] for o in objs}, "position": {o["position"] for o in objs},
-                  "text": {o["price"] for o in objs}}
+        values = {
+            "colour": {o["colour"] for o in objs},
+            "shape": {o["shape"] for o in objs},
+            "size": {o["size"] for o in objs},
+            "position": {o["position"] for o in objs},
+            "text": {o["price"] for o in objs},
+        }
         for a in found:
             a["in_scene"] = a["value"] in values[a["type"]]
     return sorted(found, key=lambda a: a["start"])

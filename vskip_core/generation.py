@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,3 +74,135 @@ def generate(
         bar.update(len(chunk))
     bar.close()
     return out
+
+
+# ------------------------------------------------------------------------------ rationale generation (01)
+def example_for(cfg, rec: dict[str, Any]) -> dict[str, Any]:
+    """Rebuild the benchmark example (image, scene, question, gold) behind a rationale record."""
+    from .data import make_example
+
+    return make_example(cfg, rec["split"], int(rec["index"]))
+
+
+def _record(ex: dict[str, Any], gen: dict[str, Any], index: int, split: str) -> dict[str, Any]:
+    from .data import find_anchors
+    from .evaluation import score_example
+
+    s = score_example(ex, gen["text"])
+    return {
+        "id": ex["id"],
+        "index": index,
+        "split": split,
+        "family": ex["family"],
+        "rationale": gen["text"],
+        "token_ids": gen["token_ids"],
+        "parsed_answer": s["parsed"],
+        "correct": bool(s["correct"] == 1.0),
+        "has_answer_line": not s["unparsed"],
+        "time_s": gen["time_s"],
+        "anchors": find_anchors(gen["text"], ex.get("scene")),
+    }
+
+
+def shard_path(out_dir: Path, k: int) -> Path:
+    return out_dir / "shards" / f"shard-{k:05d}.jsonl"
+
+
+def generate_rationales(
+    cfg,
+    loaded,
+    out_dir: str | Path,
+    split: str | None = None,
+    n: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+    on_shard_done=None,
+) -> Path:
+    """Teacher rationales for examples 0..n-1 of `split`, written in shards of `generation.shard_size`
+    (atomic files under out_dir/shards/). A killed run resumes at the first missing shard: no example
+    lost, none duplicated. `shard=(i, n)` takes every n-th shard (several workers/GPUs), `merge_rationales`
+    joins them. Returns the merged `rationales.jsonl` when every shard exists."""
+    from tqdm.auto import tqdm
+
+    from .data import make_example
+    from .runtime import atomic_write_bytes
+
+    g = cfg.generation
+    split = split or g.split
+    n = (
+        n
+        if n is not None
+        else (
+            g.n_examples or {"train": cfg.data.n_train, "val": cfg.data.n_val, "test": cfg.data.n_test}[split]
+        )
+    )
+    out_dir = Path(out_dir)
+    n_shards = (n + g.shard_size - 1) // g.shard_size
+    mine = [k for k in range(n_shards) if k % shard[1] == shard[0]]
+    todo = [k for k in mine if not shard_path(out_dir, k).exists()]
+    bar = tqdm(
+        total=sum(min(g.shard_size, n - k * g.shard_size) for k in mine),
+        desc=f"rationales ({split})",
+        disable=not progress,
+    )
+    bar.update(sum(min(g.shard_size, n - k * g.shard_size) for k in mine if k not in todo))
+    for k in todo:
+        idx = list(range(k * g.shard_size, min(n, (k + 1) * g.shard_size)))
+        exs = [make_example(cfg, split, i) for i in idx]
+        gens = []
+        for s in range(0, len(exs), g.batch_size):
+            gens += generate(
+                loaded.model,
+                loaded.tokenizer,
+                loaded.processor,
+                exs[s : s + g.batch_size],
+                g.max_new_tokens,
+                g.batch_size,
+                g.do_sample,
+                g.temperature,
+                g.top_p,
+                g.instruction,
+            )
+            bar.update(len(exs[s : s + g.batch_size]))
+        lines = [json.dumps(_record(ex, gen, i, split)) for ex, gen, i in zip(exs, gens, idx)]
+        atomic_write_bytes(shard_path(out_dir, k), ("\n".join(lines) + "\n").encode())
+        if on_shard_done is not None:
+            on_shard_done(k)
+    bar.close()
+    return merge_rationales(out_dir, n_shards)
+
+
+def merge_rationales(out_dir: Path, n_shards: int) -> Path:
+    """Join shards into rationales.jsonl (atomic); raises if a shard is missing (another worker's)."""
+    from .runtime import atomic_write_bytes
+
+    missing = [k for k in range(n_shards) if not shard_path(out_dir, k).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} of {n_shards} shards missing in {out_dir / 'shards'} (first: "
+            f"{missing[0]}); run the other --shard workers, then merge again"
+        )
+    data = b"".join(shard_path(out_dir, k).read_bytes() for k in range(n_shards))
+    atomic_write_bytes(out_dir / "rationales.jsonl", data)
+    return out_dir / "rationales.jsonl"
+
+
+def load_rationales(stage_dir: str | Path, correct_only: bool = False) -> list[dict[str, Any]]:
+    """Records of 01's rationales.jsonl (optionally only those whose answer was correct)."""
+    p = Path(stage_dir) / "rationales.jsonl"
+    if not p.exists():
+        raise FileNotFoundError(f"{p} not found: run stage 01_rationale_generation first")
+    recs = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return [r for r in recs if r["correct"]] if correct_only else recs
+
+
+def kept_rationales(cfg, stage_dir: str | Path) -> list[dict[str, Any]]:
+    """The rationales that go on to scoring and distillation, by `generation.keep`: `correct` (the paper's
+    and TokenSkip's choice, default), `answered` (has an answer line), or `all` (smoke tests only: a
+    smoke teacher is too small to be right)."""
+    recs = [r for r in load_rationales(stage_dir) if r["token_ids"]]
+    if cfg.generation.keep == "correct":
+        return [r for r in recs if r["correct"]]
+    if cfg.generation.keep == "answered":
+        return [r for r in recs if r["has_answer_line"]]
+    return recs

@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from vskip_core.generation import example_for, generate_rationales, load_rationales
+from vskip_core.models import load_model
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_rationales_resume_after_kill_without_loss_or_duplicates(tiny_teacher, tmp_path):
+    cfg, _ = tiny_teacher
+    cfg.generation.shard_size = 4
+    cfg.generation.max_new_tokens = 16
+    loaded = load_model(cfg)
+
+    def kill_after_first(k):
+        if k == 0:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        generate_rationales(
+            cfg, loaded, tmp_path / "a", split="train", n=10, progress=False, on_shard_done=kill_after_first
+        )
+    assert (tmp_path / "a" / "shards" / "shard-00000.jsonl").exists()
+    assert not (tmp_path / "a" / "rationales.jsonl").exists()
+    done = []
+    generate_rationales(
+        cfg, loaded, tmp_path / "a", split="train", n=10, progress=False, on_shard_done=done.append
+    )
+    assert done == [1, 2]  # only the unfinished shards ran
+    resumed = load_rationales(tmp_path / "a")
+    generate_rationales(cfg, loaded, tmp_path / "b", split="train", n=10, progress=False)
+    straight = load_rationales(tmp_path / "b")
+    assert [r["id"] for r in resumed] == [f"train-{i:06d}" for i in range(10)]
+    assert [r["token_ids"] for r in resumed] == [r["token_ids"] for r in straight]
+    rec = resumed[3]
+    assert example_for(cfg, rec)["id"] == rec["id"]
+    assert {"rationale", "parsed_answer", "correct", "time_s", "anchors", "family"} <= set(rec)
+    assert load_rationales(tmp_path / "a", correct_only=True) == [r for r in resumed if r["correct"]]
+
+
+def test_sharded_workers_then_merge(tiny_teacher, tmp_path):
+    cfg, _ = tiny_teacher
+    cfg.generation.shard_size = 3
+    cfg.generation.max_new_tokens = 8
+    loaded = load_model(cfg)
+    with pytest.raises(FileNotFoundError, match="shards missing"):
+        generate_rationales(cfg, loaded, tmp_path, split="val", n=7, shard=(0, 2), progress=False)
+    path = generate_rationales(cfg, loaded, tmp_path, split="val", n=7, shard=(1, 2), progress=False)
+    ids = [json.loads(x)["id"] for x in path.read_text().splitlines()]
+    assert ids == [f"val-{i:06d}" for i in range(7)]
+
+
+def test_missing_rationales_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="01_rationale_generation"):
+        load_rationales(tmp_path)
