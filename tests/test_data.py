@@ -82,7 +82,7 @@ def test_pope_negative_sampling(cfg):
     popular = popular_categories(cfg.data)
     for e in exs:
         present = {(o["colour"], o["shape"]) for o in e["scene"]["objects"]}
-        asked = next((c, s) for c in COLOURS for s in SHAPES if f"a {c} {s}" in e["question"])
+        asked = next((c, s) for c in COLOURS for s in SHAPES if f" {c} {s}" in e["question"])
         assert (asked in present) == (e["answer"] == "yes")
         if e["answer"] == "no" and e["pope_split"] == "adversarial":
             assert any(asked[0] == c or asked[1] == s for c, s in present)

@@ -12,10 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_environment_yml_has_the_same_pins():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     pins = {d.split("==")[0]: d for d in deps if "==" in d}
-    assert "torch" in pins, "torch must stay pinned (a loose torch pulls a multi-GB CUDA build on CPU machines)"
+    assert "torch" in pins, (
+        "torch must stay pinned (a loose torch pulls a multi-GB CUDA build on CPU machines)"
+    )
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
-    for name, pin in pins.items():
+    for pin in pins.values():
         assert pin in pip, f"environment.yml lacks {pin}"
 
 

@@ -201,43 +201,49 @@ class _Writer:
 
 _OPENINGS = (
     "Let me look at the image carefully before I answer. ",
-    "First, I will describe what I can see in the picture, one cell at a time. ",
-    "To answer this, I need to check the objects in the image step by step. ",
+    "I will reason step by step about the picture. ",
+    "To answer this, I need to check the image. ",
 )
-_COUNTS = (
-    "I can see {n} objects. ",
-    "There are {n} objects in the image. ",
-    "The picture shows {n} objects. ",
-)
-_LISTING = (
-    ("In the ", " there is a ", " with the price ", " below it. "),
-    ("At the ", " I can see a ", ", and its label reads ", ". "),
-    ("The ", " cell holds a ", " marked ", ". "),
-)
+_NEED = ("We need ", "The question asks for ", "I must find ")
+_SO = ("So the answer is ", "Therefore the answer is ", "This means the answer is ")
+def _key(w: _Writer, o: dict[str, Any], key: str) -> _Writer:
+    """How the question names the object: by shape, by colour ("the red object") or by both."""
+    if key == "shape":
+        return w.anchor("shape", o["shape"])
+    if key == "colour":
+        return w.anchor("colour", o["colour"]).add(" object")
+    return w.obj(o)
 
 
-def _listing(w: _Writer, scene: dict[str, Any], t: int) -> None:
-    a, b, c, d = _LISTING[t]
-    for o in scene["objects"]:
-        w.add(a).anchor("position", o["position"]).add(b).obj(o, size=True).add(c).anchor(
-            "text", o["price"]
-        ).add(d)
+def _locate(w: _Writer, o: dict[str, Any], key: str, t: int) -> None:
+    """The look-up step: find the asked object, then describe it fully (one local hop at a time)."""
+    w.add("The ")
+    _key(w, o, key)
+    w.add((" is at the ", " is found at the ", " sits in the ")[t]).anchor("position", o["position"])
+    w.add(("; it is a ", ": a ", " cell; it is a ")[t]).obj(o, size=True)
+    w.add((" with the price ", " whose label reads ", " marked ")[t]).anchor("text", o["price"])
+    w.add((" below it. ", ". ", ". ")[t])
 
 
-def _desc(o: dict[str, Any]) -> str:
-    return f"the {o['colour']} {o['shape']}"
+def _finish(w: _Writer, scene: dict[str, Any], t: int, answer: str, kind: str | None) -> None:
+    w.add(_SO[t])
+    w.anchor(kind, answer) if kind else w.add(answer)
+    w.add(". ")
 
 
 def _attribute(rng: random.Random, scene: dict[str, Any], t: int) -> dict[str, Any]:
     o = rng.choice(scene["objects"])
     kind = rng.choice(("colour", "shape", "size"))
     if kind == "colour":
+        key = "shape"
         q = rng.choice((f"What colour is the {o['shape']}?", f"Which colour does the {o['shape']} have?"))
     elif kind == "shape":
+        key = "colour"
         q = rng.choice(
             (f"What shape is the {o['colour']} object?", f"Which shape is drawn in {o['colour']}?")
         )
     else:
+        key = "both"
         q = rng.choice(
             (
                 f"Is the {o['colour']} {o['shape']} small or large?",
@@ -246,37 +252,27 @@ def _attribute(rng: random.Random, scene: dict[str, Any], t: int) -> dict[str, A
         )
     ans = o[kind]
     w = _Writer(q)
-    w.add(_OPENINGS[t]).add(_COUNTS[t].format(n=len(scene["objects"])))
-    _listing(w, scene, t)
-    key = o["shape"] if kind == "colour" else o["colour"]
-    w.add("The question asks about the ").anchor("shape" if kind == "colour" else "colour", key)
-    w.add(" one. " if kind == "colour" else " object. ")
-    lead = ("Looking at it again, the ", "Checking once more, the ", "So the ")[t]
-    if kind == "colour":
-        w.add(lead).anchor("shape", o["shape"]).add(" is ").anchor("colour", ans).add(". ")
-    elif kind == "shape":
-        w.add(lead).anchor("colour", o["colour"]).add(" object is a ").anchor("shape", ans).add(". ")
-    else:
-        w.add(lead).obj(o).add(" is ").anchor("size", ans).add(". ")
+    w.add(_OPENINGS[t]).add(_NEED[t]).add(f"the {kind} of the ")
+    _key(w, o, key).add(". ")
+    _locate(w, o, key, t)
+    _finish(w, scene, t, ans, kind)
     return {"question": q, "answer": ans, "answers": [ans], "options": [], "writer": w, "attr_type": kind}
 
 
 def _reading(rng: random.Random, scene: dict[str, Any], t: int) -> dict[str, Any]:
     o = rng.choice(scene["objects"])
-    q = rng.choice(
-        (
-            f"What price is printed below the {o['colour']} {o['shape']}?",
-            f"What does the label under the {o['shape']} say?",
-            f"How much does the {o['colour']} {o['shape']} cost?",
-        )
-    )
+    v = rng.randrange(3)
+    q = (
+        f"What price is printed below the {o['colour']} {o['shape']}?",
+        f"What does the label under the {o['shape']} say?",
+        f"How much does the {o['colour']} {o['shape']} cost?",
+    )[v]
+    key = "shape" if v == 1 else "both"
     w = _Writer(q)
-    w.add(_OPENINGS[t]).add(_COUNTS[t].format(n=len(scene["objects"])))
-    _listing(w, scene, t)
-    w.add(
-        ("The question is about the ", "We need the label of the ", "The object in question is the ")[t]
-    ).obj(o)
-    w.add(". Its label reads ").anchor("text", o["price"]).add(". ")
+    w.add(_OPENINGS[t]).add(_NEED[t]).add("the price of the ")
+    _key(w, o, key).add(". ")
+    _locate(w, o, key, t)
+    _finish(w, scene, t, o["price"], "text")
     return {
         "question": q,
         "answer": o["price"],
@@ -290,26 +286,30 @@ def _reading(rng: random.Random, scene: dict[str, Any], t: int) -> dict[str, Any
 def _multistep(rng: random.Random, scene: dict[str, Any], t: int) -> dict[str, Any]:
     objs = scene["objects"]
     most = rng.random() < 0.5
-    value = lambda o: float(o["price"][1:])  # noqa: E731
-    target = max(objs, key=value) if most else min(objs, key=value)
-    present = {(o["colour"], o["shape"]) for o in objs}
-    distractors = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    by_name = {(o["colour"], o["shape"]): o for o in objs}
+    distractors = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in by_name]
     rng.shuffle(distractors)
-    opts = [(o["colour"], o["shape"]) for o in objs][:4]
+    opts = list(by_name)[:4]
     opts += distractors[: 4 - len(opts)]
     rng.shuffle(opts)
-    options = [f"the {c} {s}" for c, s in opts]
-    letter = "ABCD"[opts.index((target["colour"], target["shape"]))]
+    present = [k for k in opts if k in by_name]
+    value = {k: float(by_name[k]["price"][1:]) for k in present}
+    target = max(present, key=value.get) if most else min(present, key=value.get)
+    letter = "ABCD"[opts.index(target)]
     word = "most expensive" if most else "cheapest"
     q = f"Which object is the {word}?"
+    options = [f"the {c} {s}" for c, s in opts]
     w = _Writer(q + " " + " ".join(f"({L}) {x}" for L, x in zip("ABCD", options)))
-    w.add(_OPENINGS[t]).add(_COUNTS[t].format(n=len(objs)))
-    _listing(w, scene, t)
-    w.add(
-        ("Comparing the prices, the ", "Now I compare the labels: the ", "Looking at all the prices, the ")[t]
-    )
-    w.obj(target).add(f" is the {word} at ").anchor("text", target["price"]).add(". ")
-    w.add(f"That is option ({letter}). ")
+    w.add(_OPENINGS[t]).add(_NEED[t]).add(f"the {word} option. ")
+    for L, k in zip("ABCD", opts):
+        w.add(f"({L}) the ").anchor("colour", k[0]).add(" ").anchor("shape", k[1])
+        if k in by_name:
+            w.add(" costs ").anchor("text", by_name[k]["price"]).add(". ")
+        else:
+            w.add(" is not in the image. ")
+    w.add(f"The {'highest' if most else 'lowest'} price is ").anchor("text", by_name[target]["price"])
+    w.add(f", option ({letter}). ")
+    _finish(w, scene, t, letter, None)
     return {
         "question": q,
         "answer": letter,
@@ -347,26 +347,26 @@ def _existence(rng: random.Random, scene: dict[str, Any], t: int, popular: list[
         else:
             near = [k for k in absent if any(k[0] == c or k[1] == s for c, s in present)]
             colour, shape = rng.choice(near)
+    a = "an" if colour[0] in "aeiou" else "a"
     q = rng.choice(
-        (f"Is there a {colour} {shape} in the image?", f"Does the picture contain a {colour} {shape}?")
+        (f"Is there {a} {colour} {shape} in the image?", f"Does the picture contain {a} {colour} {shape}?")
     )
     w = _Writer(q)
-    w.add(_OPENINGS[t]).add(_COUNTS[t].format(n=len(objs)))
-    _listing(w, scene, t)
-    same_shape = [o for o in objs if o["shape"] == shape]
-    w.add(("I am looking for a ", "The question asks for a ", "We need a ")[t])
-    w.anchor("colour", colour).add(" ").anchor("shape", shape).add(". ")
-    if positive:
-        w.add("The ").anchor("shape", shape).add(" in the image is ").anchor("colour", colour)
-        w.add(", so it is there. ")
-    elif same_shape:
-        w.add("The ").anchor("shape", shape).add(" in the image is ").anchor(
-            "colour", same_shape[0]["colour"]
-        )
-        w.add(f", not {colour}, so there is no {colour} {shape}. ")
+    w.add(_OPENINGS[t]).add(_NEED[t]).add(f"{a} ").anchor("colour", colour).add(" ").anchor(
+        "shape", shape
+    ).add(". ")
+    same_shape = next((o for o in objs if o["shape"] == shape), None)
+    if same_shape is None:
+        w.add("There is no ").anchor("shape", shape).add(" in the image. ")
     else:
-        w.add(f"There is no {shape} in the image at all, so there is no {colour} {shape}. ")
+        _locate(w, same_shape, "shape", t)
+        w.add("It is ").anchor("colour", same_shape["colour"])
+        if positive:
+            w.add(", as asked. ")
+        else:
+            w.add(", not ").anchor("colour", colour).add(". ")
     ans = "yes" if positive else "no"
+    _finish(w, scene, t, ans, None)
     return {
         "question": q,
         "answer": ans,

@@ -151,3 +151,181 @@ def family_metrics(
             m.update(pope_metrics([x["parsed"] for x in s], [examples[i]["answer"] for i in idx]))
         out[fam] = m
     return out
+
+
+# ---------------------------------------------------------------------------------- rationale-level metrics
+VARR_TYPES = ("colour", "shape", "size", "position", "text")
+
+
+def rationale_part(response: str) -> str:
+    """The reasoning before the final `Answer:` marker (the whole response if there is none)."""
+    i = response.lower().rfind("answer:")
+    return response[:i].rstrip() if i >= 0 else response
+
+
+def varr_generated(
+    gold_anchors: list[dict[str, Any]], generated: str, scene: dict[str, Any] | None
+) -> dict[str, tuple[int, int]]:
+    """VARR of a generated rationale: of the scene attributes the gold rationale mentions (distinct
+    type/value pairs that are in the scene), how many the generated rationale also mentions. Returns
+    {type: (hits, total)}; aggregate hits and totals over examples, then divide."""
+    from .data import find_anchors
+
+    gold = {(a["type"], a["value"]) for a in gold_anchors if a.get("in_scene", True)}
+    gen = {(a["type"], a["value"]) for a in find_anchors(generated, scene) if a.get("in_scene", True)}
+    return {
+        t: (len({g for g in gold if g[0] == t} & gen), len({g for g in gold if g[0] == t}))
+        for t in VARR_TYPES
+    }
+
+
+def aggregate_varr(per_example: list[dict[str, tuple[int, int]]]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    hits_all = total_all = 0
+    for t in VARR_TYPES:
+        hits = sum(x[t][0] for x in per_example)
+        total = sum(x[t][1] for x in per_example)
+        out[t] = hits / total if total else None
+        hits_all += hits
+        total_all += total
+    out["overall"] = hits_all / total_all if total_all else None
+    return out
+
+
+def attribute_hallucinations(text: str, scene: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Mentions that contradict the scene: a colour/shape/price absent from the image, or a colour-shape pair
+    bound wrongly ("a blue triangle" when the triangle is red). Needs scene ground truth."""
+    from .data import COLOURS, SHAPES, find_anchors
+
+    if not scene:
+        return []
+    out = [
+        {"kind": "absent_" + a["type"], "value": a["value"], "start": a["start"]}
+        for a in find_anchors(text, scene)
+        if not a["in_scene"] and a["type"] in ("colour", "shape", "text")
+    ]
+    pairs = {(o["colour"], o["shape"]) for o in scene["objects"]}
+    shapes_present = {o["shape"] for o in scene["objects"]}
+    colours_present = {o["colour"] for o in scene["objects"]}
+    pat = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")
+    for m in pat.finditer(text):
+        c, s = m.group(1), m.group(2)
+        # a wrong binding of two attributes that are each present; absent values are counted above
+        if (c, s) not in pairs and c in colours_present and s in shapes_present:
+            out.append({"kind": "wrong_binding", "value": f"{c} {s}", "start": m.start()})
+    return out
+
+
+def latency(
+    model,
+    tok,
+    proc,
+    examples: list[dict[str, Any]],
+    max_new_tokens: int,
+    prefix: str = "",
+    instruction: str = "",
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """End-to-end `generate` latency per example at batch 1, after `warmup` untimed calls: median and p90
+    (seconds) and generated tokens. A measurement of this machine; label it with env.json's device."""
+    import numpy as np
+
+    from .generation import generate
+
+    for ex in examples[:warmup]:
+        generate(model, tok, proc, [ex], max_new_tokens, 1, prefix=prefix, instruction=instruction)
+    times, toks = [], []
+    for ex in examples:
+        g = generate(model, tok, proc, [ex], max_new_tokens, 1, prefix=prefix, instruction=instruction)[0]
+        times.append(g["time_s"])
+        toks.append(len(g["token_ids"]))
+    return {
+        "median_s": float(np.median(times)),
+        "p90_s": float(np.percentile(times, 90)),
+        "mean_tokens": float(np.mean(toks)),
+        "n": len(times),
+    }
+
+
+# ------------------------------------------------------------------------------------------ system runs
+def evaluate_system(
+    loaded,
+    examples: list[dict[str, Any]],
+    name: str,
+    ratio: float | None = None,
+    prefix: str = "",
+    max_new_tokens: int = 192,
+    batch_size: int = 32,
+    instruction: str = "",
+    reference_tokens: dict[str, int] | None = None,
+    seed: int = 0,
+    assistant_prefill: str = "",
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Generate for every example, score with each family's metric, and measure rationale tokens, ActRatio
+    (vs `reference_tokens`, the teacher's full-rationale token counts by id), VARR and hallucinations.
+    `assistant_prefill` starts the answer (e.g. "Answer:" for the direct-answer baseline)."""
+    from .generation import generate
+
+    tok = loaded.tokenizer
+    gens = generate(
+        loaded.model,
+        tok,
+        loaded.processor,
+        examples,
+        max_new_tokens,
+        batch_size,
+        prefix=prefix,
+        instruction=instruction,
+        progress=progress,
+        desc=name,
+        assistant_prefill=assistant_prefill,
+    )
+    recs = []
+    for ex, g in zip(examples, gens):
+        text = assistant_prefill + g["text"] if assistant_prefill else g["text"]
+        s = score_example(ex, text, seed)
+        rat = rationale_part(text) if not assistant_prefill else ""
+        n_rat = len(tok(rat, add_special_tokens=False)["input_ids"]) if rat else 0
+        ref = (reference_tokens or {}).get(ex["id"])
+        recs.append(
+            {
+                **s,
+                "system": name,
+                "ratio": ratio,
+                "response": text,
+                "gen_tokens": len(g["token_ids"]),
+                "rationale_tokens": n_rat,
+                "act_ratio": n_rat / ref if ref else None,
+                "varr": varr_generated(ex.get("anchors") or [], rat, ex.get("scene")),
+                "hallucinations": len(attribute_hallucinations(rat, ex.get("scene"))),
+                "time_s": g["time_s"],
+            }
+        )
+    return recs, summarize(examples, recs, name, ratio)
+
+
+def summarize(
+    examples: list[dict[str, Any]], recs: list[dict[str, Any]], name: str, ratio: float | None
+) -> dict[str, Any]:
+    """One summary row: the paper's table layout."""
+    import numpy as np
+
+    fm = family_metrics(examples, recs)
+    acts = [r["act_ratio"] for r in recs if r["act_ratio"] is not None]
+    return {
+        "method": name,
+        "ratio": ratio,
+        "accuracy": {f: m["accuracy"] for f, m in fm.items()},
+        "anls": fm.get("reading", {}).get("anls"),
+        "pope_f1": fm.get("existence", {}).get("f1"),
+        "yes_ratio": fm.get("existence", {}).get("yes_ratio"),
+        "tokens": float(np.mean([r["rationale_tokens"] for r in recs])) if recs else None,
+        "gen_tokens": float(np.mean([r["gen_tokens"] for r in recs])) if recs else None,
+        "act_ratio": float(np.mean(acts)) if acts else None,
+        "varr": aggregate_varr([r["varr"] for r in recs]),
+        "hallucinations_per_example": float(np.mean([r["hallucinations"] for r in recs])) if recs else None,
+        "unparsed": int(sum(r["unparsed"] for r in recs)),
+        "random_fallback": int(sum(bool(r.get("random_fallback")) for r in recs)),
+        "n": len(recs),
+    }

@@ -28,6 +28,7 @@ def generate(
     blank_images: list | None = None,
     progress: bool = False,
     desc: str = "generate",
+    assistant_prefill: str = "",
 ) -> list[dict[str, Any]]:
     """Generate one response per example (left-padded batches). Returns, per example, the text, the
     generated token ids (without the end token) and the batch's wall time divided by its size."""
@@ -51,6 +52,13 @@ def generate(
             )
             for j, ex in enumerate(chunk)
         ]
+        if assistant_prefill:  # the assistant turn starts with this text (e.g. "Answer:" = no rationale)
+            pre = torch.tensor(
+                tok(assistant_prefill, add_special_tokens=False)["input_ids"], dtype=torch.long
+            )
+            for it in items:
+                it["input_ids"] = torch.cat([it["input_ids"], pre])
+                it["mm_token_type_ids"] = torch.cat([it["mm_token_type_ids"], torch.zeros_like(pre)])
         batch = collate(items, tok.pad_token_id, padding_side="left")
         t0 = time.perf_counter()
         kw: dict[str, Any] = {"do_sample": do_sample}
