@@ -49,3 +49,81 @@ def test_pope_metrics_uses_predicted_yes_ratio():
 def test_yes_no_from_cot():
     assert parse_yes_no("The red square is there, not blue... Answer: yes") == "yes"
     assert parse_yes_no("Is there a yes? There is no blue one. Answer: no") == "no"
+
+
+SCENE = {
+    "grid": 2,
+    "image_size": 112,
+    "objects": [
+        {
+            "cell": 0,
+            "position": "top left",
+            "colour": "red",
+            "shape": "triangle",
+            "size": "small",
+            "price": "$4.57",
+        },
+        {
+            "cell": 3,
+            "position": "bottom right",
+            "colour": "blue",
+            "shape": "circle",
+            "size": "large",
+            "price": "$1.20",
+        },
+    ],
+}
+
+
+def test_rationale_part():
+    from vskip_core.evaluation import rationale_part
+
+    assert rationale_part("The triangle is red. So the answer is red. Answer: red") == (
+        "The triangle is red. So the answer is red."
+    )
+    assert rationale_part("no line") == "no line"
+
+
+def test_varr_generated_hand_computed():
+    from vskip_core.data import find_anchors
+    from vskip_core.evaluation import aggregate_varr, varr_generated
+
+    gold_text = "The triangle is at the top left; it is a small red triangle marked $4.57."
+    gold = find_anchors(gold_text, SCENE)
+    v = varr_generated(gold, "The triangle is red, marked $4.75.", SCENE)
+    # gold mentions shape triangle, position top left, size small, colour red, price $4.57
+    assert v["colour"] == (1, 1) and v["shape"] == (1, 1) and v["position"] == (0, 1) and v["size"] == (0, 1)
+    assert v["text"] == (0, 1)  # $4.75 is not the scene's price
+    agg = aggregate_varr([v, varr_generated(gold, gold_text, SCENE)])
+    assert agg["colour"] == 1.0 and agg["position"] == 0.5 and agg["overall"] == pytest.approx(7 / 10)
+
+
+def test_attribute_hallucinations():
+    from vskip_core.evaluation import attribute_hallucinations
+
+    h = attribute_hallucinations("I see a blue triangle, a green circle and a label $9.99.", SCENE)
+    kinds = sorted(x["kind"] for x in h)
+    # blue triangle: both attributes present but wrongly bound; green: absent colour; $9.99: absent price
+    assert kinds == ["absent_colour", "absent_text", "wrong_binding"]
+    assert attribute_hallucinations("a red triangle and a blue circle", SCENE) == []
+
+
+def test_pope_by_split_shares_positives():
+    from vskip_core.evaluation import pope_by_split
+
+    exs = {
+        "p1": {"answer": "yes", "pope_split": "random"},
+        "p2": {"answer": "yes", "pope_split": "adversarial"},
+        "n1": {"answer": "no", "pope_split": "random"},
+        "n2": {"answer": "no", "pope_split": "adversarial"},
+    }
+    recs = [
+        {"id": i, "family": "existence", "system": "s", "ratio": None, "parsed": p}
+        for i, p in (("p1", "yes"), ("p2", "yes"), ("n1", "no"), ("n2", "yes"))
+    ]
+    rows = {r["split"]: r for r in pope_by_split(recs, exs)}
+    assert rows["random"]["n"] == 3 and rows["random"]["accuracy"] == 1.0
+    assert rows["adversarial"]["yes_ratio"] == 1.0 and rows["adversarial"]["precision"] == pytest.approx(
+        2 / 3
+    )
+    assert rows["popular"]["n"] == 2  # positives only

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 from typing import Any
 
 ANSWER_RE = re.compile(r"answer\s*(?:is|:)", re.IGNORECASE)
@@ -225,6 +226,7 @@ def latency(
     prefix: str = "",
     instruction: str = "",
     warmup: int = 1,
+    assistant_prefill: str = "",
 ) -> dict[str, Any]:
     """End-to-end `generate` latency per example at batch 1, after `warmup` untimed calls: median and p90
     (seconds) and generated tokens. A measurement of this machine; label it with env.json's device."""
@@ -233,10 +235,30 @@ def latency(
     from .generation import generate
 
     for ex in examples[:warmup]:
-        generate(model, tok, proc, [ex], max_new_tokens, 1, prefix=prefix, instruction=instruction)
+        generate(
+            model,
+            tok,
+            proc,
+            [ex],
+            max_new_tokens,
+            1,
+            prefix=prefix,
+            instruction=instruction,
+            assistant_prefill=assistant_prefill,
+        )
     times, toks = [], []
     for ex in examples:
-        g = generate(model, tok, proc, [ex], max_new_tokens, 1, prefix=prefix, instruction=instruction)[0]
+        g = generate(
+            model,
+            tok,
+            proc,
+            [ex],
+            max_new_tokens,
+            1,
+            prefix=prefix,
+            instruction=instruction,
+            assistant_prefill=assistant_prefill,
+        )[0]
         times.append(g["time_s"])
         toks.append(len(g["token_ids"]))
     return {
@@ -329,3 +351,113 @@ def summarize(
         "random_fallback": int(sum(bool(r.get("random_fallback")) for r in recs)),
         "n": len(recs),
     }
+
+
+def student_adapters(stage04: Path) -> dict[str, str]:
+    """{method: adapter dir} from 04's metrics.json (includes the full-rationale control `full`)."""
+    import json
+
+    m = json.loads((Path(stage04) / "metrics.json").read_text())["methods"]
+    return {k: v["adapter"] for k, v in m.items() if v.get("adapter")}
+
+
+def evaluate_students(
+    cfg,
+    adapters: dict[str, str],
+    examples: list[dict[str, Any]],
+    reference_tokens: dict[str, int],
+    progress: bool = True,
+):
+    """Every student at every `eval.ratios` (the `full` control at 1.0 only). Yields (records, row, loaded)
+    per (method, ratio); the student is merged into its base for generation (no adapter overhead)."""
+    from .distill import load_student, ratio_prefix
+
+    g, e = cfg.generation, cfg.eval
+    for method, path in adapters.items():
+        student = load_student(cfg, path)
+        ratios = [1.0] if method == "full" else list(e.ratios)
+        for r in ratios:
+            recs, row = evaluate_system(
+                student,
+                examples,
+                method,
+                r,
+                prefix=ratio_prefix(r),
+                max_new_tokens=g.max_new_tokens,
+                batch_size=e.batch_size,
+                instruction=g.instruction,
+                reference_tokens=reference_tokens,
+                seed=e.seed,
+                progress=progress,
+            )
+            yield recs, row, student
+
+
+def latency_fields(
+    cfg, loaded, examples: list[dict[str, Any]], prefix: str = "", assistant_prefill: str = ""
+) -> dict[str, float]:
+    """Latency of one system as summary-row fields (median and p90 seconds at batch 1)."""
+    lat = latency(
+        loaded.model,
+        loaded.tokenizer,
+        loaded.processor,
+        examples,
+        cfg.generation.max_new_tokens,
+        prefix=prefix,
+        instruction=cfg.generation.instruction,
+        assistant_prefill=assistant_prefill,
+    )
+    return {"latency_s": lat["median_s"], "latency_p90_s": lat["p90_s"]}
+
+
+# -------------------------------------------------------------------------------- hallucination analysis
+def pope_by_split(
+    records: list[dict[str, Any]], examples_by_id: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """POPE metrics per (system, ratio, negative sampler) from evaluation records of existence questions.
+    Positives are shared by the three splits, as in POPE: each split = its negatives + all positives."""
+    from collections import defaultdict
+
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r["family"] == "existence":
+            groups[(r["system"], r["ratio"])].append(r)
+    rows = []
+    for (system, ratio), recs in groups.items():
+        for split in ("random", "popular", "adversarial"):
+            sel = [
+                r
+                for r in recs
+                if examples_by_id[r["id"]]["answer"] == "yes"
+                or examples_by_id[r["id"]].get("pope_split") == split
+            ]
+            m = pope_metrics([r["parsed"] for r in sel], [examples_by_id[r["id"]]["answer"] for r in sel])
+            rows.append({"method": system, "ratio": ratio, "split": split, **m})
+    return rows
+
+
+def hallucination_rows(
+    records: list[dict[str, Any]], examples_by_id: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Attribute hallucinations in generated rationales, per (system, ratio) and kind, per example."""
+    from collections import Counter, defaultdict
+
+    groups: dict[tuple, Counter] = defaultdict(Counter)
+    counts: Counter = Counter()
+    for r in records:
+        key = (r["system"], r["ratio"])
+        counts[key] += 1
+        ex = examples_by_id[r["id"]]
+        for h in attribute_hallucinations(rationale_part(r["response"]), ex.get("scene")):
+            groups[key][h["kind"]] += 1
+    kinds = ("absent_colour", "absent_shape", "absent_text", "wrong_binding")
+    return [
+        {
+            "method": k[0],
+            "ratio": k[1],
+            **{kd: groups[k][kd] / counts[k] for kd in kinds},
+            "total_per_example": sum(groups[k].values()) / counts[k],
+            "n": counts[k],
+        }
+        for k in counts
+    ]

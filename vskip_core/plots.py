@@ -146,3 +146,53 @@ def attention_overlays(items: list[dict[str, Any]], path=None, cols: int = 4):
         ax.axis("off")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def accuracy_vs_ratio(df: pd.DataFrame, path=None):
+    """Mean accuracy over families (accuracy, ANLS, POPE F1) against ActRatio, one line per method."""
+    d = df.copy()
+    cols = [c for c in ("acc_attribute", "acc_multistep", "anls", "pope_f1") if c in d]
+    d["score"] = d[cols].mean(axis=1)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    students = d[d.ratio.notna() & (d.method != "full")]
+    sns.lineplot(data=students, x="act_ratio", y="score", hue="method", marker="o", ax=ax)
+    for name, marker in (("teacher", "*"), ("full", "D"), ("direct", "X")):
+        r = d[d.method == name]
+        if len(r):
+            ax.scatter(r.act_ratio.fillna(0), r.score, marker=marker, s=120, color="black", zorder=5)
+            ax.annotate(
+                name,
+                (float(r.act_ratio.fillna(0).iloc[0]), float(r.score.iloc[0])),
+                xytext=(5, 5),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("ActRatio (rationale tokens / teacher's)")
+    ax.set_ylabel("mean of family metrics")
+    ax.set_title("accuracy vs actual compression")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def latency_bars(df: pd.DataFrame, path=None):
+    d = df[df.latency_s.notna()].copy()
+    d["system"] = d.method + d.ratio.map(lambda r: "" if pd.isna(r) else f"@{r:g}")
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(d)), 3.8))
+    sns.barplot(data=d, x="system", y="latency_s", hue="method", dodge=False, ax=ax, legend=False)
+    ax.tick_params(axis="x", rotation=70)
+    ax.set_title("median end-to-end latency per example (batch 1, this machine)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def varr_bars(df: pd.DataFrame, ratio: float, path=None):
+    """VARR per attribute type at one ratio, per method (teacher and full as references)."""
+    d = df[(df.ratio == ratio) | df.method.isin(["teacher", "full"])]
+    cols = [c for c in d.columns if c.startswith("varr_")]
+    long = d.melt(id_vars=["method"], value_vars=cols, var_name="attribute", value_name="VARR")
+    long["attribute"] = long.attribute.str[5:]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    sns.barplot(data=long, x="attribute", y="VARR", hue="method", ax=ax)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"visual attribute retention of generated rationales (students at ratio {ratio:g})")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,81 @@
+"""The run summary a reader opens first: results/<run>/summary.md and summary.json (the paper's table)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .runtime import atomic_write_bytes, atomic_write_json
+
+FAMILY_COLUMNS = ("attribute", "multistep")
+
+
+def table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Flatten summary rows into the paper's layout: method x metrics."""
+    out = []
+    for r in rows:
+        flat = {"method": r["method"], "ratio": r["ratio"]}
+        for fam in FAMILY_COLUMNS:
+            flat[f"acc_{fam}"] = r["accuracy"].get(fam)
+        flat.update(
+            anls=r["anls"],
+            pope_f1=r["pope_f1"],
+            yes_ratio=r["yes_ratio"],
+            tokens=r["tokens"],
+            latency_s=r.get("latency_s"),
+            act_ratio=r["act_ratio"],
+        )
+        for t, v in r["varr"].items():
+            flat[f"varr_{t}"] = v
+        flat["halluc/ex"] = r.get("hallucinations_per_example")
+        out.append(flat)
+    return pd.DataFrame(out)
+
+
+def write_summary(
+    run_dir: Path,
+    rows: list[dict[str, Any]],
+    env: dict[str, Any],
+    params: dict[str, Any],
+    notes: list[str] | None = None,
+) -> pd.DataFrame:
+    """Write summary.json ({"rows": [...], "env", "params"}) and summary.md (the table + provenance)."""
+    df = table(rows)
+    atomic_write_json(run_dir / "summary.json", {"rows": rows, "env": env, "params": params})
+    fmt = df.copy()
+    for c in fmt.columns:
+        if fmt[c].dtype.kind == "f":
+            fmt[c] = fmt[c].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
+    fmt["ratio"] = df["ratio"].map(lambda v: "" if v is None or pd.isna(v) else f"{v:g}")
+    md = [
+        f"# vskip run summary: `{run_dir.name}`",
+        "",
+        "Test split of the configured benchmark. `acc_*`: accuracy per family; `anls`: reading (DocVQA-style);",
+        "`pope_f1`, `yes_ratio`: existence (POPE-style; yes-ratio of *predictions*); `tokens`: rationale",
+        "tokens per example; `latency_s`: median end-to-end generate() at batch 1 on the machine below;",
+        "`act_ratio`: rationale tokens / the teacher's full-rationale tokens on the same example; `varr_*`:",
+        "visual attribute retention in the generated rationale; `halluc/ex`: attribute hallucinations per example.",
+        "`teacher` = frozen teacher, full rationale; `direct` = teacher answering with no rationale; `full` =",
+        "student fine-tuned on full rationales (ratio 1.0): compare students with `full`, not with `teacher`.",
+        "",
+        _markdown(fmt),
+        "",
+        f"Machine: {env.get('device')} ({env.get('device_name') or env.get('machine')}), "
+        f"{env.get('cpu_count')} CPUs, torch threads {env.get('torch_threads')}. "
+        f"Versions: {', '.join(f'{k} {v}' for k, v in env.get('versions', {}).items() if v)}. "
+        f"Git {str(env.get('git', {}).get('commit'))[:10]} (dirty: {env.get('git', {}).get('dirty')}).",
+    ]
+    if notes:
+        md += ["", *notes]
+    atomic_write_bytes(run_dir / "summary.md", ("\n".join(md) + "\n").encode())
+    return df
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
