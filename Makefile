@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 PARAMS ?= params/default.yaml
 RUN ?= default
 STAMP := $(VENV)/.installed
+# OpenMP threads sleep instead of spin-waiting when idle: on small shared CPUs spinning threads starve the
+# other processes (measured 8-12x slowdowns with 2 threads on 2 busy vCPUs).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: reproduce test lint bench lab venv clean-results
 
