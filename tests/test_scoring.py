@@ -1,0 +1,504 @@
+"""Dual scoring: the hooked capture equals the output_attentions reference (Qwen2-VL, Qwen2.5-VL, Mllama;
+batched, padded, eager and sdpa), surprisal equals a manual cross-entropy, words, the stage's frame,
+resume after a kill, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from vskip_core import scoring as S
+from vskip_core.config import load_params
+from vskip_core.data import make_example
+from vskip_core.models import Loaded, collate, embedded_config, encode, image_processor_for, model_inputs
+
+
+# ------------------------------------------------------------------------------------------ tiny models
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Smoke params, a BPE tokenizer trained on 60 benchmark texts, the image processor, 6 examples."""
+    from vskip_core.models import train_tokenizer
+
+    cfg = load_params("params/smoke.yaml", {"runtime.cache_dir": str(tmp_path_factory.mktemp("cache"))})
+    exs = [make_example(cfg, "train", i) for i in range(60)]
+    tok = train_tokenizer([e["question"] + "\n" + e["rationale"] for e in exs], 400)
+    return cfg, tok, image_processor_for(cfg), exs[:6]
+
+
+def _qwen2vl(cfg, tok, impl="eager"):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    m = Qwen2VLForConditionalGeneration(embedded_config(cfg, tok)).eval()
+    m.set_attn_implementation(impl)
+    return m
+
+
+def _qwen25vl(cfg, tok, impl="eager"):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    base = embedded_config(cfg, tok)
+    text = base.text_config.to_dict()
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": text["hidden_size"],
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+    }
+    conf = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=base.image_token_id,
+        video_token_id=base.video_token_id,
+        vision_start_token_id=base.vision_start_token_id,
+        vision_end_token_id=base.vision_end_token_id,
+    )
+    torch.manual_seed(1)
+    m = Qwen2_5_VLForConditionalGeneration(conf).eval()
+    m.set_attn_implementation(impl)
+    return m
+
+
+def _qwen_batch(tok, proc, exs, cut=(40, 75, 110)):
+    """Rationales cut to different lengths, left-padded: rows differ in length and padding."""
+    items = [encode(e, tok, proc, target=e["rationale"][:c]) for e, c in zip(exs, cut)]
+    batch = collate(items, tok.pad_token_id, padding_side="left")
+    spans = [
+        (off + it["target_start"], len(it["input_ids"]) - it["target_start"] - 1)
+        for off, it in zip(batch["offsets"].tolist(), items)
+    ]
+    return model_inputs(batch, "cpu"), spans
+
+
+MLLAMA_VOCAB = 120
+
+
+def _mllama(impl="eager"):
+    from transformers import MllamaConfig, MllamaForConditionalGeneration
+
+    conf = MllamaConfig(
+        vision_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_global_layers": 1,
+            "attention_heads": 2,
+            "intermediate_size": 64,
+            "vision_output_dim": 64,
+            "image_size": 28,
+            "patch_size": 14,
+            "max_num_tiles": 2,
+            "intermediate_layers_indices": [0],
+            "supported_aspect_ratios": [[1, 1], [1, 2], [2, 1]],
+        },
+        text_config={
+            "vocab_size": MLLAMA_VOCAB,
+            "hidden_size": 32,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 64,
+            "cross_attention_layers": [1, 3],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+        },
+        image_token_index=MLLAMA_VOCAB,
+    )
+    torch.manual_seed(2)
+    m = MllamaForConditionalGeneration(conf).eval()
+    with torch.no_grad():  # the gates start at zero: the image would have no effect at all
+        for i in conf.text_config.cross_attention_layers:
+            m.model.language_model.layers[i].cross_attn_attn_gate.fill_(0.7)
+            m.model.language_model.layers[i].cross_attn_mlp_gate.fill_(0.5)
+    m.set_attn_implementation(impl)
+    return m
+
+
+def _mllama_batch():
+    """Two left-padded rows; row 0's image has one tile (aspect 1x1: tile 2 is outside it), row 1's two."""
+    g = torch.Generator().manual_seed(3)
+    B, T, lens = 2, 22, (22, 16)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    att = torch.zeros(B, T, dtype=torch.long)
+    cross = torch.zeros(B, T, 1, 2, dtype=torch.long)
+    arm = torch.tensor([[[1, 0]], [[1, 1]]])
+    for b, n in enumerate(lens):
+        off = T - n
+        ids[b, off:] = torch.randint(3, MLLAMA_VOCAB, (n,), generator=g)
+        ids[b, off + 1] = MLLAMA_VOCAB  # <|image|>
+        att[b, off:] = 1
+        cross[b, off + 1 :, 0, :] = arm[b, 0]
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": att,
+        "pixel_values": torch.randn(B, 1, 2, 3, 28, 28, generator=g),
+        "aspect_ratio_ids": torch.tensor([[1], [2]]),
+        "aspect_ratio_mask": arm,
+        "cross_attention_mask": cross,
+    }
+    spans = [(T - n + 5, n - 5) for n in lens]
+    return inputs, spans
+
+
+def _check_hooked_equals_naive(model, inputs, spans, eager_model=None):
+    layers = S.candidate_layers(model)
+    qi, qv = S.query_rows(spans)
+    ki, kv = S.anchor_family(model).image_keys(model, inputs)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        with S.capture_image_attention(model, layers, qi, qv, ki, kv, keep_columns=True, chunk=5) as cap:
+            hooked = model(**inputs).logits
+    ref = S.naive_anchor_maps(eager_model or model, inputs, qi, ki, kv, layers)
+    valid = inputs["attention_mask"].bool()
+    assert torch.equal(plain[valid], hooked[valid]), "the capture must not change the model's output"
+    for i in layers:
+        want = ref[i] * qv[:, None, :, None]
+        assert cap.maps[i].shape == want.shape
+        assert torch.allclose(cap.maps[i], want, atol=1e-5, rtol=0), f"layer {i}"
+        assert torch.allclose(cap.mass[i], want.sum(-1), atol=1e-5, rtol=0)
+    assert float(cap.mass[layers[0]].max()) > 0.05  # real attention mass, not zeros
+    for h in ("max", "mean"):
+        naive = S.reduce_anchoring({i: ref[i].sum(-1) for i in layers}, layers, h) * qv
+        assert torch.allclose(S.reduce_anchoring(cap.mass, layers, h), naive, atol=1e-5)
+    return cap
+
+
+# ------------------------------------------------------------------------------------------ hooked == naive
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_hooked_equals_naive_qwen2vl_batched_padded(setup, impl):
+    cfg, tok, proc, exs = setup
+    inputs, spans = _qwen_batch(tok, proc, exs[:3])
+    assert len({n for _, n in spans}) == 3 and inputs["attention_mask"].min() == 0  # padded, ragged
+    _check_hooked_equals_naive(_qwen2vl(cfg, tok, impl), inputs, spans, _qwen2vl(cfg, tok, "eager"))
+
+
+def test_hooked_equals_naive_sdpa_unpadded_causal_fast_path(setup, monkeypatch):
+    """One unpadded row on sdpa: the model passes no mask at all (is_causal); the capture builds it."""
+    cfg, tok, proc, exs = setup
+    inputs, spans = _qwen_batch(tok, proc, exs[1:2], cut=(120,))
+    assert inputs["attention_mask"].min() == 1
+    seen = []
+    record = S._Capture.record
+    monkeypatch.setattr(S._Capture, "record", lambda self, *a: seen.append(a[-2]) or record(self, *a))
+    _check_hooked_equals_naive(_qwen2vl(cfg, tok, "sdpa"), inputs, spans, _qwen2vl(cfg, tok, "eager"))
+    assert seen and all(m is None for m in seen)
+
+
+def test_hooked_equals_naive_single_matches_notebook00_reference(setup):
+    """Batch of one against the original `naive_image_attention` (every layer, all heads)."""
+    cfg, tok, proc, exs = setup
+    m = _qwen2vl(cfg, tok)
+    enc = encode(exs[0], tok, proc, target=exs[0]["rationale"])
+    inputs = model_inputs(collate([enc], tok.pad_token_id), "cpu")
+    n = len(enc["input_ids"]) - enc["target_start"] - 1
+    spans = [(enc["target_start"], n)]
+    qi, qv = S.query_rows(spans)
+    ki, kv = S.anchor_family(m).image_keys(m, inputs)
+    assert torch.equal(ki[0], enc["image_positions"])
+    with torch.no_grad(), S.capture_image_attention(m, [0, 1], qi, qv, ki, kv, keep_columns=True) as cap:
+        m(**inputs)
+    ref = S.naive_image_attention(m, inputs, enc["image_positions"], qi[0])
+    for i in (0, 1):
+        assert torch.allclose(cap.maps[i][0], ref[i], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_hooked_equals_naive_qwen25vl(setup, impl):
+    cfg, tok, proc, exs = setup
+    inputs, spans = _qwen_batch(tok, proc, exs[3:6], cut=(90, 30, 60))
+    _check_hooked_equals_naive(_qwen25vl(cfg, tok, impl), inputs, spans, _qwen25vl(cfg, tok, "eager"))
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_hooked_equals_naive_mllama_cross_attention(impl):
+    inputs, spans = _mllama_batch()
+    m = _mllama(impl)
+    assert S.candidate_layers(m) == [1, 3]
+    ki, kv = S.anchor_family(m).image_keys(m, inputs)
+    # 5 vision tokens per tile (CLS + 4 patches): row 0 keeps tile 0's patches only, row 1 both tiles'
+    assert ki[0][kv[0]].tolist() == [1, 2, 3, 4]
+    assert ki[1][kv[1]].tolist() == [1, 2, 3, 4, 6, 7, 8, 9]
+    cap = _check_hooked_equals_naive(m, inputs, spans, _mllama("eager"))
+    assert float(cap.mass[1].max()) < 1.0  # CLS columns carry mass that is not counted
+
+
+def test_mllama_image_keys_drop_padding_images():
+    """A batch padded to two images per row: the padding image (aspect_ratio_id 0, tile 0 unmasked as the
+    processor pads) contributes no key columns."""
+    m = _mllama()
+    inputs = {
+        "pixel_values": torch.zeros(1, 2, 2, 3, 28, 28),
+        "aspect_ratio_ids": torch.tensor([[2, 0]]),
+        "aspect_ratio_mask": torch.tensor([[[1, 1], [1, 0]]]),
+    }
+    ki, kv = S.anchor_family(m).image_keys(m, inputs)
+    assert ki[0][kv[0]].tolist() == [1, 2, 3, 4, 6, 7, 8, 9]
+
+
+def test_mllama_image_affects_text_only_through_nonzero_gates():
+    inputs, spans = _mllama_batch()
+    m = _mllama()
+    with torch.no_grad():
+        a = m(**inputs).logits
+        inputs2 = dict(inputs, pixel_values=inputs["pixel_values"] * -1.0)
+        b = m(**inputs2).logits
+    assert (a - b).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------ surprisal
+def test_surprisal_equals_manual_cross_entropy(setup):
+    cfg, tok, proc, exs = setup
+    m = _qwen2vl(cfg, tok, "sdpa")
+    inputs, spans = _qwen_batch(tok, proc, exs[:3])
+    ps = S.teacher_forced_scores(m, inputs, spans, [1])
+    with torch.no_grad():
+        logits = m(**inputs).logits
+    for b, (start, n) in enumerate(spans):
+        ce = torch.nn.functional.cross_entropy(
+            logits[b, start - 1 : start + n - 1], inputs["input_ids"][b, start : start + n], reduction="none"
+        )
+        assert ps.surprisal[b].shape == (n,)
+        assert np.allclose(ps.surprisal[b], ce.numpy(), atol=1e-5)
+    assert len(ps.anchoring([1])[2]) == spans[2][1]
+
+
+# ------------------------------------------------------------------------------------------ words
+def test_word_ids_follow_whitespace_words():
+    text = "A red  circle costs $4.57.\nAnswer: red"
+    offsets = [(0, 1), (1, 5), (5, 6), (6, 10), (10, 13), (13, 19), (19, 21), (21, 22), (22, 23), (23, 24)]
+    offsets += [(24, 25), (25, 26), (26, 27), (27, 33), (33, 34), (34, 38)]
+    # words: A | red | circle | costs | $4.57. | Answer: | red ; " " (5,6) is whitespace -> next word
+    assert S.word_ids(text, offsets) == [0, 1, 2, 2, 2, 3, 4, 4, 4, 4, 4, 4, 5, 5, 5, 6]
+
+
+def test_aggregate_words_sum_mean_max():
+    v = [1.0, 2.0, 3.0, 10.0, 0.5]
+    w = [0, 0, 0, 1, 2]
+    assert S.aggregate_words(v, w, "sum").tolist() == [6, 6, 6, 10, 0.5]
+    assert S.aggregate_words(v, w, "mean").tolist() == [2, 2, 2, 10, 0.5]
+    assert S.aggregate_words(v, w, "max").tolist() == [3, 3, 3, 10, 0.5]
+    with pytest.raises(ValueError, match="word aggregation"):
+        S.aggregate_words(v, w, "median")
+
+
+def test_answer_start_and_anchor_types(setup):
+    _, tok, _, exs = setup
+    ex = exs[0]
+    enc = tok(ex["rationale"], add_special_tokens=False, return_offsets_mapping=True)
+    off = enc["offset_mapping"]
+    j = S.answer_token_start(ex["rationale"], off)
+    assert ex["rationale"][off[j][0] : off[j][1]].strip().startswith("Answer")
+    assert S.answer_token_start("no final line here", off) is None
+    types = S.token_anchor_types(off, ex["anchors"])
+    for a in ex["anchors"]:
+        hit = [t for (s, e), t in zip(off, types) if s < a["end"] and e > a["start"]]
+        assert hit and all(t == a["type"] for t in hit)
+    assert types.count("") > 0
+
+
+# ------------------------------------------------------------------------------------------ key layers
+def test_resolve_key_layers(setup):
+    cfg, tok, _, _ = setup
+    m4 = _qwen2vl(
+        load_params("params/default.yaml", {"embedded.hidden_size": 64, "embedded.text_heads": 4}), tok
+    )
+    sc = load_params("params/default.yaml").scoring
+    assert S.resolve_key_layers(m4, sc) == [1, 2]  # centre depths 0.375, 0.625 of 4 layers
+    sc.layer_band = [0.0, 0.2]
+    assert S.resolve_key_layers(m4, sc) == [0]  # nothing inside: the nearest to the band's centre
+    sc.key_layers = [3, 0]
+    assert S.resolve_key_layers(m4, sc) == [0, 3]
+    sc.key_layers = [7]
+    with pytest.raises(ValueError, match="valid: \\[0, 1, 2, 3\\]"):
+        S.resolve_key_layers(m4, sc)
+    ml = _mllama()
+    sc.key_layers = [0]
+    with pytest.raises(ValueError, match="valid: \\[1, 3\\]"):
+        S.resolve_key_layers(ml, sc)
+    sc.key_layers, sc.layer_band = [], [0.25, 0.75]
+    assert S.resolve_key_layers(ml, sc) == [1]  # of cross layers 1 (0.375) and 3 (0.875)
+
+
+# ------------------------------------------------------------------------------------------ the stage
+def _loaded(cfg, tok, proc, impl="sdpa"):
+    return Loaded(_qwen2vl(cfg, tok, impl), tok, proc, "qwen2_vl", "random-tiny")
+
+
+def _records(exs):
+    return [
+        {
+            "id": e["id"],
+            "family": e["family"],
+            "rationale": e["rationale"],
+            "anchors": e["anchors"],
+            "index": i,
+        }
+        for i, e in enumerate(exs)
+    ]
+
+
+def test_score_rationales_frame_and_roundtrip(setup, tmp_path):
+    cfg, tok, proc, exs = setup
+    cfg = load_params("params/smoke.yaml", {"scoring.batch_size": 4, "scoring.surprisal_without_image": True})
+    loaded = _loaded(cfg, tok, proc)
+    df = S.score_rationales(loaded, cfg, _records(exs), exs, progress=False)
+    assert list(df.id) == [e["id"] for e in exs]
+    for c in S.CONTRACT_COLUMNS:
+        assert c in df.columns
+    for r in df.itertuples():
+        n = len(r.token_ids)
+        assert n == len(r.offsets) == len(r.surprisal) == len(r.anchoring) == len(r.word_ids)
+        assert len(r.surprisal_noimg) == n and not np.allclose(r.surprisal_noimg, r.surprisal)
+        assert r.text[r.offsets[r.answer_start][0] :].lstrip().startswith("Answer:")
+        assert all(s >= 0 for s in r.surprisal) and all(0 <= a <= 1 for a in r.anchoring)
+        assert len(r.anchoring_by_layer_max) == len(r.all_layers) == 2
+        assert np.allclose(S.anchoring_for_layers(r._asdict(), r.key_layers, "max"), r.anchoring, atol=1e-6)
+        assert r.generated_ids_match
+    # batch composition must not matter (padding, sorting): score one rationale alone
+    alone = S.score_rationales(loaded, cfg, _records(exs)[2:3], exs[2:3], progress=False)
+    assert np.allclose(alone.surprisal[0], df.surprisal[2], atol=1e-4)
+    assert np.allclose(alone.anchoring[0], df.anchoring[2], atol=1e-5)
+
+    tokens = S.token_table(df)
+    assert len(tokens) == sum(len(t) for t in df.token_ids)
+    assert tokens.is_anchor.sum() == sum(t != "" for ts in df.anchor_type for t in ts) > 0
+    summary = S.anchor_detection_summary(tokens)
+    assert 0 <= summary["anchoring"]["auc_anchor"] <= 1 and "colour" in summary["anchoring"]["auc_by_type"]
+    profile = S.layer_profile(df)
+    assert len(profile) == 4 and profile.key_layer.sum() == 2 * len(df.key_layers[0])
+    page = S.token_heat_html(df.iloc[0])
+    assert page.count("<i>surprisal</i>") == 1 and page.count("<i>anchoring</i>") == 1
+    assert page.count("border-bottom") == 2 * sum(t != "" for t in df.anchor_type[0])
+
+    S.save_scores(tmp_path, df)
+    back = S.load_scores(tmp_path)
+    assert list(back.columns) == list(df.columns)
+    for c in ("token_ids", "offsets", "surprisal", "anchoring", "word_ids", "anchoring_by_layer_mean"):
+        assert back[c].tolist() == df[c].tolist(), c
+        assert isinstance(back[c][0], list)
+    assert back.answer_start.tolist() == df.answer_start.tolist()
+    with pytest.raises(FileNotFoundError, match="02_dual_scoring"):
+        S.load_scores(tmp_path / "nowhere")
+
+
+def test_scoring_resumes_after_a_kill_without_duplicates(setup, tmp_path):
+    cfg, tok, proc, exs = setup
+    cfg = load_params("params/smoke.yaml", {"scoring.batch_size": 2, "scoring.shard_size": 2})
+    loaded = _loaded(cfg, tok, proc)
+    recs = _records(exs)
+    full = S.score_rationales(loaded, cfg, recs, exs, progress=False)
+
+    calls = {"n": 0}
+    forward = loaded.model.forward
+
+    def dying_forward(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return forward(*a, **k)
+
+    loaded.model.forward = dying_forward
+    with pytest.raises(KeyboardInterrupt):
+        S.score_rationales(loaded, cfg, recs, exs, progress=False, out_dir=tmp_path)
+    shards = sorted((tmp_path / S.SHARD_DIR).glob("shard-*.parquet"))
+    assert len(shards) == 2  # three shards of one batch each: two finished, the third died in its forward
+    loaded.model.forward = forward
+
+    calls["n"] = 0
+    resumed = S.score_rationales(loaded, cfg, recs, exs, progress=False, out_dir=tmp_path)
+    assert list(resumed.id) == [r["id"] for r in recs]  # all, once, in order
+    assert len(sorted((tmp_path / S.SHARD_DIR).glob("shard-*.parquet"))) == 3
+    for a, b in zip(resumed.anchoring, full.anchoring):
+        assert np.allclose(a, b, atol=1e-5)
+    # a third call finds everything done and scores nothing
+    loaded.model.forward = dying_forward
+    calls["n"] = -100
+    again = S.score_rationales(loaded, cfg, recs, exs, progress=False, out_dir=tmp_path)
+    assert calls["n"] == -100 and list(again.id) == list(resumed.id)
+    # other params: the old shards are discarded, not mixed in
+    loaded.model.forward = forward
+    cfg2 = load_params(
+        "params/smoke.yaml", {"scoring.batch_size": 2, "scoring.shard_size": 2, "scoring.head_reduce": "mean"}
+    )
+    other = S.score_rationales(loaded, cfg2, recs[:2], exs[:2], progress=False, out_dir=tmp_path)
+    assert len(other) == 2 and len(sorted((tmp_path / S.SHARD_DIR).glob("shard-*.parquet"))) == 1
+    # same params, new text under an old id (01 re-run): re-scored, not taken from the old shard
+    changed = [dict(recs[0], rationale=recs[0]["rationale"].replace("I", "we", 1)), recs[1]]
+    fresh = S.score_rationales(loaded, cfg2, changed, exs[:2], progress=False, out_dir=tmp_path)
+    assert fresh.text.tolist() == [r["rationale"] for r in changed]
+    assert isinstance(resumed.surprisal[0], list) and isinstance(resumed.offsets[0][0], list)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_bad_rationales_are_skipped_and_counted(setup):
+    cfg, tok, proc, exs = setup
+    loaded = _loaded(cfg, tok, proc)
+    recs = _records(exs[:4])
+    recs[0]["rationale"] = ""
+    recs[1]["rationale"] = "The circle is red and there is no final line"
+    exs = [dict(e) for e in exs[:4]]
+    exs[2]["image"] = None
+    df = S.score_rationales(loaded, cfg, recs, exs, progress=False)
+    assert df.attrs["skipped"] == {"empty_rationale": 1, "no_answer_line": 1, "no_image": 1}
+    assert list(df.id) == [recs[3]["id"]]
+    kept = S.score_rationales(loaded, cfg, recs, exs, progress=False, require_answer_line=False)
+    assert kept.attrs["skipped"]["no_answer_line_kept"] == 1 and len(kept) == 2
+    no_line = kept[kept.id == recs[1]["id"]].iloc[0]
+    assert no_line.answer_start == len(no_line.token_ids)
+    with pytest.raises(ValueError, match="aligned"):
+        S.score_rationales(loaded, cfg, recs[:2], exs[1:3], progress=False)
+
+
+def test_inputs_without_image_tokens_have_a_clear_error(setup):
+    cfg, tok, proc, exs = setup
+    m = _qwen2vl(cfg, tok)
+    ids = torch.tensor([tok("What colour is the circle? Answer: red", add_special_tokens=False)["input_ids"]])
+    with pytest.raises(ValueError, match="no image tokens"):
+        S.teacher_forced_scores(m, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [(3, 4)], [0])
+    with pytest.raises(ValueError, match="empty or outside"):
+        S.teacher_forced_scores(m, {"input_ids": ids}, [(3, 0)], None)
+    with pytest.raises(NotImplementedError, match="supported"):
+        S.anchor_family(type("M", (), {"config": type("C", (), {"model_type": "llava"})()})())
+
+
+# ------------------------------------------------------------------------------------------ analysis
+def test_auc_matches_pairwise_count():
+    rng = np.random.default_rng(0)
+    s = np.round(rng.normal(size=60), 1)  # ties on purpose
+    y = rng.random(60) < 0.3
+    pos, neg = s[y], s[~y]
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert abs(S.auc(s, y) - pairs) < 1e-12
+    assert S.auc([1, 2, 3], [0, 1, 1]) == 1.0 and np.isnan(S.auc([1, 2], [0, 0]))
+
+
+def test_score_rationales_on_mllama_through_the_family_adapter(setup):
+    """Mllama end to end: inputs from vskip_core.adapters (encode / collate), cross-attention key layers,
+    batch composition does not change the scores."""
+    adapters = pytest.importorskip("vskip_core.adapters")
+    from transformers import MllamaForConditionalGeneration
+
+    cfg, _, _, exs = setup
+    ad = adapters.get_adapter("mllama")
+    tok = ad.tiny_tokenizer([e["question"] + "\n" + e["rationale"] for e in exs * 5])
+    conf = ad.tiny_config(tok)
+    torch.manual_seed(0)
+    m = MllamaForConditionalGeneration(conf).eval()
+    with torch.no_grad():
+        for i in conf.text_config.cross_attention_layers:
+            m.model.language_model.layers[i].cross_attn_attn_gate.fill_(0.7)
+    loaded = Loaded(m, tok, ad.tiny_image_processor(), "mllama", "tiny")
+    cfg = load_params("params/smoke.yaml", {"scoring.batch_size": 3})
+    df = S.score_rationales(loaded, cfg, _records(exs[:4]), exs[:4], progress=False)
+    assert df.all_layers[0] == sorted(conf.text_config.cross_attention_layers)
+    assert set(df.key_layers[0]) <= set(df.all_layers[0])
+    assert all(0 < a < 1 for r in df.anchoring for a in r)  # patch mass, CLS excluded
+    alone = S.score_rationales(loaded, cfg, _records(exs[1:2]), exs[1:2], progress=False)
+    assert np.allclose(alone.anchoring[0], df.anchoring[1], atol=1e-5)
+    assert np.allclose(alone.surprisal[0], df.surprisal[1], atol=1e-4)
