@@ -1,0 +1,958 @@
+"""Distillation: LoRA / QLoRA students that write compressed rationales at a requested ratio.
+
+The pruning policy moves into the weights (TokenSkip-style): each training example carries a target ratio in
+its prompt and, as target, the teacher's rationale compressed to that ratio by one gate method, followed by
+the answer line. At inference the student is asked for a ratio and writes a short rationale directly, with
+no scoring at run time.
+
+**Prompt format** (`ratio_prefix`): the user turn starts with `Keep <ratio> of the reasoning.` and a newline,
+then the question; the ratio is written with up to two decimals (`1.0`, `0.9`, `0.33`); 1.0 asks for the
+full rationale. TokenSkip puts the ratio after the question between end-of-turn tokens; a plain sentence
+before the question uses only tokens every chat template already has. Evaluation and visual-token pruning
+import `ratio_prefix`, so every stage writes the same prompt:
+
+    generate(model, tok, proc, examples, prefix=ratio_prefix(0.5))
+
+**Data** (`build_datasets`): from the teacher's rationales (those stage 01 kept: `generation.keep`), one
+`datasets.Dataset` per gate method plus the control `full` (ratio always 1.0). Every method gets the same
+examples and the same ratio draws (`draw_ratios`: balanced per family, seeded by `runtime.seed`), so the only
+difference between students is the compression method. The compression is a callable
+`compress(row, method, ratio) -> str`; notebook 04 passes `GateCompressor` (vskip_core.gating, per-example
+budgets). Target = compressed rationale + the original answer line.
+
+**Training** (`train_students`): Hugging Face `Trainer` + peft LoRA on the student's language model
+(default student: the embedded teacher's weights); loss on target tokens only (prompt and image masked);
+the same number of optimizer steps for every student; checkpoints every `save_steps`, and a killed run
+resumes from the last one (bit-identical to an uninterrupted run on CPU, tested). `distill.quantization: nf4`
+loads the base in 4-bit through bitsandbytes (QLoRA). Several GPUs, from the datasets notebook 04 saved:
+
+    accelerate launch -m vskip_core.distill --params params/default.yaml --run default [--methods vskip,full]
+
+**Embedded defaults** (r 16 on q/k/v/o, alpha 32, no dropout, lr 5e-3, batch 16, 80 steps per student,
+sdpa attention while training). TokenSkip's 7B recipe (r 8, alpha 16, lr 5e-5) barely moves a 4.9 M-parameter
+model. Learning rate, measured on the default teacher with gold rationales and a stand-in gate (random word
+drop), 80 steps, 32 test examples: lr 1e-3 took the loss from 3.16 to 1.65 and the student wrote the same
+~63 tokens at every requested ratio; 3e-3 reached 1.35 (65.5 / 60.1 / 57.6 tokens at ratio 1.0 / 0.5 / 0.3);
+5e-3 reached 1.27, stable (65.3 / 55.1 / 54.8 tokens).
+
+**Budget**, measured on the project's 2-core CPU with one torch thread: all six students (5 methods + `full`),
+80 steps each at batch 16, on the default-size student (the default teacher: 4.90 M parameters, 115 k
+trainable) with 3,000 default-sized rationales (~180-token sequences) and a stand-in gate, trained in 7.2 min
+wall (5.6 min of CPU time; load 1-3 from other jobs): 0.65-1.0 s per step wall, 0.65-0.73 s of CPU time per
+step (eager attention and LoRA dropout 0.05 cost 1.01 s). Two torch threads were always slower on this shared
+machine: 5.7 s per step at load ~1 and 10.8 s at load 4-6 (OpenMP threads waiting for each other;
+`OMP_WAIT_POLICY=PASSIVE` brought the latter to 1.9 s), so use `runtime.num_threads: 1` unless the cores are
+idle. Each run's own figures land in notebook 04's `metrics.json` (`seconds_per_step`, `cpu_seconds_per_step`,
+`total_train_minutes`).
+
+**QLoRA on a T4 (16 GB) for Qwen2-VL-2B** (`params/colab_qwen2vl_2b.yaml`: nf4, r 8 on q/k/v/o, batch 2 x
+accumulation 8, gradient checkpointing, <= 640 visual tokens per image, <= 2 images, 256 new tokens).
+Parameters (published config): 2.21 B = 1.31 B in the 28 decoder layers' linear weights (4-bit: 0.53 byte
+each with double-quantized constants, 0.69 GB) + 0.67 B vision tower and merger + 0.23 B tied embedding,
+kept out of 4-bit and upcast to fp32 by `prepare_model_for_kbit_training` (3.6 GB): 4.3 GB of weights.
+LoRA: 28 layers x 8 x (3072 + 1792 + 1792 + 3072) = 2.2 M parameters x 16 bytes (fp32 weight,
+gradient, two AdamW moments) = 0.03 GB. Sequences: ~715 prompt tokens on average, 1,506 + 256 = ~1,760 at
+the peak (an MMMU question with two images at the cap). At batch 2 x 1,760 tokens: checkpointed layer
+inputs 28 x 3,520 x 1,536 x 2 bytes = 0.3 GB, one recomputed layer (sdpa) ~0.3 GB, the logits path over a
+151,936-token vocabulary (fp16 logits, their fp32 copy, log-softmax, gradient: 14 bytes each) 7.0 GB,
+transient vision activations ~0.5 GB, CUDA context and allocator ~1 GB: about 13.4 GB at the peak sequence,
+~9.5 GB at the average one, under the T4's 15 GiB usable. `python -m vskip_core.pipeline --params
+params/colab_qwen2vl_2b.yaml --plan --gpu T4` computes the same budget from the checkpoint config (13.5 GiB).
+If it runs out of memory: batch 1 x accumulation 16 halves the logits term.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Config
+from .models import ANSWER_PREFIX, Loaded, collate, encode
+from .runtime import atomic_write_json
+
+STAGE = "04_qlora_distillation"
+CONTROL = "full"  # the full-rationale control student: ratio always 1.0, no compression
+RATIO_TEMPLATE = "Keep {ratio} of the reasoning.\n"
+
+Compress = Callable[[dict[str, Any], str, float], str]
+
+
+class DistillError(ValueError):
+    """Bad input to distillation (empty training set, bad ratios, target modules that match nothing)."""
+
+
+# --------------------------------------------------------------------------------------------- the prompt
+def check_ratios(ratios) -> list[float]:
+    """Every ratio must lie in (0, 1]; 1.0 means the full rationale."""
+    ratios = list(ratios)
+    bad = [r for r in ratios if isinstance(r, bool) or not (isinstance(r, int | float) and 0 < r <= 1)]
+    if bad or not ratios:
+        raise DistillError(
+            f"ratios must be a non-empty set of values in (0, 1] (1.0 = the full rationale); got {ratios} "
+            f"(bad: {bad}). Fix distill.ratios, e.g. [1.0, 0.9, 0.7, 0.5, 0.3]"
+        )
+    return [float(r) for r in ratios]
+
+
+def format_ratio(ratio: float) -> str:
+    """1.0 -> '1.0', 0.5 -> '0.5', 0.333 -> '0.33' (two decimals at most, trailing zeros dropped)."""
+    s = f"{ratio:.2f}".rstrip("0")
+    return s + "0" if s.endswith(".") else s
+
+
+def ratio_prefix(ratio: float) -> str:
+    """The text put before the question in the user turn to ask for a rationale compressed to `ratio`:
+    `Keep 0.5 of the reasoning.\\n`. Use it as `encode(..., prefix=ratio_prefix(r))` or
+    `generate(..., prefix=ratio_prefix(r))`; 1.0 asks for the full rationale."""
+    check_ratios([ratio])
+    return RATIO_TEMPLATE.format(ratio=format_ratio(ratio))
+
+
+# ------------------------------------------------------------------------------------------ training data
+def split_answer(text: str) -> tuple[str, str, str]:
+    """(body, separator, answer line) of a rationale; the answer line is the text from the last `Answer:`
+    on, the separator the whitespace before it. Without an answer line: (text, "", "")."""
+    i = text.rfind(ANSWER_PREFIX)
+    if i < 0:
+        return text.rstrip(), "", ""
+    body = text[:i].rstrip()
+    return body, text[len(body) : i] or " ", text[i:].strip()
+
+
+def make_target(compressed: str, answer_line: str, sep: str = " ") -> str:
+    """Compressed rationale followed by the answer line. Whatever the gate kept of the answer line (all of
+    it when `gate.force_keep_answer`) is replaced by the original line, so every target ends with it. The
+    body keeps its leading space, if any: `gating.compress_text` keeps the first kept token verbatim so that
+    the student's tokens are the kept teacher tokens."""
+    j = compressed.rfind(ANSWER_PREFIX) if answer_line else -1
+    body = (compressed[:j] if j >= 0 else compressed).rstrip()
+    if not body.strip():
+        return answer_line
+    return f"{body}{sep}{answer_line}" if answer_line else body
+
+
+def example_ref(row: dict[str, Any]) -> tuple[str, int]:
+    """(split, index) of the benchmark example behind a row: its `split`/`index` fields, else its id."""
+    if row.get("split") is not None and row.get("index") is not None:
+        return str(row["split"]), int(row["index"])
+    rid = str(row.get("id", ""))
+    split, _, idx = rid.rpartition("-")
+    if not split or not idx.isdigit():
+        raise DistillError(
+            f"row id {rid!r}: expected '<split>-<index>' (e.g. train-000017) or split/index fields"
+        )
+    return split, int(idx)
+
+
+def _text(row: dict[str, Any]) -> str:
+    t = row.get("text", row.get("rationale"))
+    if not isinstance(t, str):
+        raise DistillError(f"row {row.get('id')!r} has neither `text` (scores) nor `rationale` (01 records)")
+    return t
+
+
+def select_rows(rows, keep: str = "correct", max_examples: int = 0) -> tuple[list[dict[str, Any]], dict]:
+    """The rows to distil from, by `generation.keep`: `correct` (rows marked correct=False dropped, and
+    rows without an answer line), `answered` (rows without an answer line dropped), `all` (only empty
+    rationales dropped: smoke runs). Sorted by id, capped at `max_examples` (> 0). Returns the rows and a
+    report of what each filter kept; raises DistillError when nothing is left."""
+    if keep not in ("correct", "answered", "all"):
+        raise DistillError(f"keep must be correct, answered or all, got {keep!r}")
+    if hasattr(rows, "to_dict"):
+        rows = rows.to_dict("records")
+    rows = list(rows)
+    report: dict[str, Any] = {"rows_in": len(rows), "keep": keep}
+    kept = [r for r in rows if _text(r).strip()]
+    report["kept_non_empty"] = len(kept)
+    if keep == "correct":
+        kept = [r for r in kept if bool(r.get("correct", True))]
+        report["kept_correct"] = len(kept)
+    if keep != "all":
+        kept = [r for r in kept if ANSWER_PREFIX in _text(r)]
+        report["kept_with_answer_line"] = len(kept)
+    kept = sorted(kept, key=lambda r: str(r["id"]))
+    if max_examples > 0:
+        kept = kept[:max_examples]
+        report["kept_after_cap"] = len(kept)
+    report["kept"] = len(kept)
+    report["kept_per_family"] = dict(sorted(Counter(str(r["family"]) for r in kept).items()))
+    if not kept:
+        steps = ", ".join(
+            f"{k.removeprefix('kept_')} {v}" for k, v in report.items() if k.startswith("kept_")
+        )
+        raise DistillError(
+            f"empty training set after filtering ({report['rows_in']} rows in; kept: {steps}). Distillation "
+            f"needs the teacher's rationales with an '{ANSWER_PREFIX}' line: check stage 01's accuracy "
+            f"(rationales.jsonl `correct`), generation.max_new_tokens and generation.keep"
+        )
+    return kept, report
+
+
+def draw_ratios(rows: list[dict[str, Any]], ratios: list[float], seed: int) -> dict[str, float]:
+    """One ratio per example id, balanced within each family (counts differ by at most one) and seeded:
+    the same draws for every method, because they depend only on the ids, the ratio set and the seed."""
+    ratios = check_ratios(ratios)
+    by_family: dict[str, list[str]] = defaultdict(list)
+    for r in rows:
+        by_family[str(r["family"])].append(str(r["id"]))
+    out: dict[str, float] = {}
+    for k, fam in enumerate(sorted(by_family)):
+        ids = sorted(by_family[fam])
+        slots = np.random.default_rng([seed, k]).permutation(len(ids))
+        for i, s in zip(ids, slots):
+            out[i] = ratios[(int(s) + k) % len(ratios)]
+    return out
+
+
+def build_dataset(rows: list[dict[str, Any]], method: str, draws: dict[str, float], compress, tokenizer):
+    """Instruction data for one method: prompt prefix from the drawn ratio, target = compressed rationale +
+    answer line. Ratio 1.0 (and the control `full`) keeps the full rationale without calling `compress`."""
+    from datasets import Dataset
+
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    recs = []
+    for row in rows:
+        text = _text(row)
+        body, sep, answer = split_answer(text)
+        ratio = 1.0 if method == CONTROL else float(draws[str(row["id"])])
+        if ratio >= 1.0:
+            target = text.strip()
+        elif compress is None:
+            raise DistillError(f"method {method!r} needs a compress(row, method, ratio) callable")
+        else:
+            target = make_target(compress(row, method, ratio), answer, sep)
+        kept_body = split_answer(target)[0] if answer else target
+        split, index = example_ref(row)
+        recs.append(
+            {
+                "id": str(row["id"]),
+                "split": split,
+                "index": index,
+                "family": str(row["family"]),
+                "method": method,
+                "ratio": ratio,
+                "prefix": ratio_prefix(ratio),
+                "target": target,
+                "full_rationale": text,
+                "target_tokens": n_tokens(target),
+                "full_tokens": n_tokens(text),
+                "actual_ratio": n_tokens(kept_body) / max(n_tokens(body), 1),
+            }
+        )
+    return Dataset.from_list(recs)
+
+
+def build_datasets(
+    rows,
+    methods: list[str],
+    ratios: list[float],
+    compress: Compress | None,
+    tokenizer,
+    seed: int = 0,
+    keep: str = "correct",
+    max_examples: int = 0,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One dataset per method plus the control `full`, all from the same kept rows and ratio draws.
+    Returns (datasets by method, filter report). Raises DistillError on bad ratios or an empty set."""
+    ratios = check_ratios(ratios)
+    kept, report = select_rows(rows, keep, max_examples)
+    draws = draw_ratios(kept, ratios, seed)
+    names = list(dict.fromkeys([*methods, CONTROL]))
+    return {m: build_dataset(kept, m, draws, compress, tokenizer) for m in names}, report
+
+
+def data_card(ds) -> dict[str, Any]:
+    """Counts per ratio, per family and per (ratio, family); mean target / full tokens and actual ratio."""
+    df = ds.to_pandas()
+    per_ratio = {
+        format_ratio(r): {
+            "n": int(len(g)),
+            "mean_target_tokens": float(g.target_tokens.mean()),
+            "mean_full_tokens": float(g.full_tokens.mean()),
+            "mean_actual_ratio": float(g.actual_ratio.mean()),
+        }
+        for r, g in df.groupby("ratio")
+    }
+    cross = df.groupby(["ratio", "family"]).size()
+    return {
+        "method": str(df.method.iloc[0]),
+        "n": int(len(df)),
+        "per_ratio": per_ratio,
+        "per_family": {str(k): int(v) for k, v in df.family.value_counts().sort_index().items()},
+        "per_ratio_family": {f"{format_ratio(r)}/{f}": int(n) for (r, f), n in cross.items()},
+        "mean_target_tokens": float(df.target_tokens.mean()),
+        "mean_full_tokens": float(df.full_tokens.mean()),
+        "empty_targets": int((df.target.str.strip() == "").sum()),  # the student learns to write nothing
+    }
+
+
+def save_datasets(datasets: dict[str, Any], out_dir: str | Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Save each dataset to `out_dir/<method>/` beside `data_card.json` and a README; returns the cards."""
+    out_dir = Path(out_dir)
+    cards = {}
+    for m, ds in datasets.items():
+        d = out_dir / m
+        if d.exists():
+            shutil.rmtree(d)
+        ds.save_to_disk(str(d))
+        card = {**data_card(ds), "filters": report}
+        atomic_write_json(d / "data_card.json", card)
+        (d / "README.md").write_text(_dataset_readme(card))
+        cards[m] = card
+    return cards
+
+
+def load_datasets(out_dir: str | Path, methods: list[str] | None = None) -> dict[str, Any]:
+    """The datasets `save_datasets` wrote (all of them, or `methods`)."""
+    from datasets import load_from_disk
+
+    out_dir = Path(out_dir)
+    found = sorted(p.parent.name for p in out_dir.glob("*/data_card.json"))
+    missing = [m for m in (methods or []) if m not in found]
+    if missing or not found:
+        raise FileNotFoundError(
+            f"no saved distillation dataset for {missing or 'any method'} in {out_dir} (found {found}); "
+            f"run notebook {STAGE} first"
+        )
+    return {m: load_from_disk(str(out_dir / m)) for m in (methods or found)}
+
+
+def _dataset_readme(card: dict[str, Any]) -> str:
+    lines = [
+        f"# Distillation data: method `{card['method']}`",
+        "",
+        f"{card['n']} examples. Prompt: `{RATIO_TEMPLATE.strip()}` + question "
+        "(vskip_core.distill.ratio_prefix); target: compressed teacher rationale + answer line.",
+        "",
+        "| ratio | n | mean target tokens | mean full tokens | actual ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for r, v in card["per_ratio"].items():
+        lines.append(
+            f"| {r} | {v['n']} | {v['mean_target_tokens']:.1f} | {v['mean_full_tokens']:.1f} | "
+            f"{v['mean_actual_ratio']:.3f} |"
+        )
+    lines += ["", "Per family: " + ", ".join(f"{k} {v}" for k, v in card["per_family"].items()), ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ gating as compress
+class GateCompressor:
+    """`compress(row, method, ratio)` through vskip_core.gating on a scores row: `keep_mask` with a
+    per-example budget of round(ratio * n) tokens (every example has its own ratio, so per-corpus thresholds
+    do not apply), then `compress_text`. Two cases are counted in `events` rather than raised:
+    `no_answer_line` (only with generation.keep = all: gated with force_keep_answer off) and `budget` (the
+    answer line alone exceeds the budget at a low ratio: the target keeps just the answer line). `empty`
+    counts compressions that kept nothing (the data card counts the resulting empty targets)."""
+
+    def __init__(self, cfg: Config) -> None:
+        gate = dataclasses.replace(cfg.gate, threshold_mode="example")
+        self.cfg = dataclasses.replace(cfg, gate=gate)
+        self.free = dataclasses.replace(self.cfg, gate=dataclasses.replace(gate, force_keep_answer=False))
+        self.seed = cfg.runtime.seed
+        self.events: Counter = Counter()  # per call (a row is gated once per method at ratio < 1)
+        self._scored: dict[str, Any] = {}  # each row converted and unit-split once, shared by the methods
+
+    def __call__(self, row: dict[str, Any], method: str, ratio: float) -> str:
+        from .gating import GateError, as_scored, compress_text, forced_tokens, keep_mask
+
+        key = str(row.get("id"))
+        if key not in self._scored:
+            self._scored[key] = as_scored(row)
+        scored, cfg = self._scored[key], self.cfg
+        if scored.answer_start is None:
+            self.events["no_answer_line"] += 1
+            cfg = self.free
+        try:
+            keep = keep_mask(scored, method, ratio, cfg, seed=self.seed)
+        except GateError as e:
+            if e.reason != "budget":
+                raise
+            self.events["budget"] += 1
+            keep = forced_tokens(scored, cfg)
+        text = compress_text(scored, keep)
+        if not text.strip():
+            self.events["empty"] += 1  # e.g. one long word over budget at word level (smoke rationales)
+        return text
+
+
+def with_external_surprisal(cfg: Config, rows: list[dict[str, Any]], search_dirs=(), cache_dir=None):
+    """Rows with `surprisal_external` (the external_lm method's column): taken from any parquet file with
+    `id` and `surprisal_external` columns in `search_dirs` (stage 03's outputs), else computed with
+    SmolLM2 (vskip_core.external_lm) for these rows and cached as `cache_dir/surprisal_external.parquet`.
+    Returns (rows, where the column came from)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    need = {str(r["id"]) for r in rows if r.get("surprisal_external") is None}
+    if not need:
+        return rows, "scores"
+    files = [p for d in search_dirs if d and Path(d).exists() for p in sorted(Path(d).glob("*.parquet"))]
+    if cache_dir is not None:
+        files.append(Path(cache_dir) / "surprisal_external.parquet")
+    found: dict[str, Any] = {}
+    source = ""
+    for f in files:
+        if not f.exists():
+            continue
+        if {"id", "surprisal_external"} <= set(pq.read_schema(f).names):
+            df = pd.read_parquet(f, columns=["id", "surprisal_external"])
+            got = {str(i): v for i, v in zip(df["id"], df["surprisal_external"]) if str(i) in need}
+            if need <= set(got):
+                found, source = got, str(f)
+                break
+    if not found:
+        from .external_lm import external_surprisal, load_smollm2
+        from .generation import example_for
+        from .models import user_text
+
+        todo = [r for r in rows if str(r["id"]) in need]
+        lm = load_smollm2(cfg)
+        # the same context as stage 03: the user turn (question and options), no image
+        contexts = [user_text(example_for(cfg, {"split": s, "index": i})) for s, i in map(example_ref, todo)]
+        texts, offsets = [r["text"] for r in todo], [r["offsets"] for r in todo]
+        vals, _ = external_surprisal(lm, texts, offsets, contexts, cfg.gate.external_batch_size)
+        found = {str(r["id"]): v for r, v in zip(todo, vals)}
+        source = "computed with SmolLM2-135M-Instruct"
+        if cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(
+                {"id": list(found), "surprisal_external": [list(map(float, v)) for v in found.values()]}
+            ).to_parquet(Path(cache_dir) / "surprisal_external.parquet")
+    out = [
+        r if str(r["id"]) not in found else {**r, "surprisal_external": list(found[str(r["id"])])}
+        for r in rows
+    ]
+    return out, source
+
+
+# ----------------------------------------------------------------------------------------- model loading
+def _device(cfg: Config) -> str:
+    """The run's device; under `accelerate launch` / torchrun each process takes its own GPU."""
+    from .runtime import resolve_device
+
+    device = resolve_device(cfg.runtime.device)
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
+def load_base(
+    cfg: Config,
+    student: str | None = None,
+    quantization: str | None = None,
+    device=None,
+    attn_implementation: str | None = None,
+) -> Loaded:
+    """The student's base model in training mode: `distill.student` (embedded = the teacher's weights),
+    4-bit nf4 when `distill.quantization` says so (QLoRA; the family adapter keeps the vision tower and
+    lm_head out of 4-bit), language-model attention `distill.attn_implementation` (sdpa: training needs no
+    attention maps). `model.train()` comes first: a no-grad eval forward would repack 4-bit weights for CPU
+    inference, after which LoRA gets zero gradients (../shared/PLATFORM.md)."""
+    from .models import load_model
+
+    student = student or cfg.distill.student
+    quantization = quantization or cfg.distill.quantization
+    attn = attn_implementation or cfg.distill.attn_implementation
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation=attn))
+    loaded = load_model(cfg, student, device=device or _device(cfg), quantization=quantization)
+    loaded.model.train()
+    return loaded
+
+
+def lora_targets(loaded: Loaded, target_modules: list[str]) -> str:
+    """peft `target_modules` (a regex over the language model's decoder layers, from the family adapter) for
+    the configured names; raises DistillError naming the names that match nothing and the valid ones."""
+    try:
+        return loaded.adapter.lora_target_modules(loaded.model, list(target_modules))
+    except ValueError as e:
+        raise DistillError(f"distill.target_modules {list(target_modules)}: {e}") from None
+
+
+def check_not_repacked(model) -> None:
+    """Raise if a 4-bit layer was repacked for CPU inference (an eval no-grad forward before training):
+    LoRA would then train on exactly zero gradients."""
+    for name, m in model.named_modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is not None and getattr(qs, "packing_format_for_cpu", False):
+            raise DistillError(
+                f"4-bit layer {name} was repacked for CPU inference (a no-grad forward or generate() in eval "
+                f"mode ran before training); LoRA would get zero gradients. Reload the student with "
+                f"vskip_core.distill.load_base (it calls model.train() first) and train before any inference"
+            )
+
+
+def apply_lora(loaded: Loaded, cfg: Config):
+    """Wrap the base in peft LoRA (with QLoRA preparation for a 4-bit base). Checks the targets first."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    d = cfg.distill
+    targets = lora_targets(loaded, d.target_modules)
+    model = loaded.model
+    if getattr(model, "is_loaded_in_4bit", False):
+        check_not_repacked(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=d.gradient_checkpointing)
+    elif d.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=d.lora_r,
+        lora_alpha=d.lora_alpha,
+        lora_dropout=d.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    pm = get_peft_model(model, lora)
+    pm.train()
+    return pm
+
+
+# --------------------------------------------------------------------------------------------- training
+class EncodedDataset(torch.utils.data.Dataset):
+    """A distillation dataset as model inputs: the benchmark example (image, question) is rebuilt from its
+    (split, index) on access (`generation.example_for`, ~2 ms for the embedded benchmark), so no images are
+    stored with the data."""
+
+    def __init__(self, ds, cfg: Config, tok, proc) -> None:
+        self.rows = ds.to_list()
+        self.cfg, self.tok, self.proc = cfg, tok, proc
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from .generation import example_for
+
+        r = self.rows[i]
+        ex = example_for(self.cfg, {"id": r["id"], "split": r["split"], "index": int(r["index"])})
+        return encode(
+            ex,
+            self.tok,
+            self.proc,
+            target=r["target"],
+            instruction=self.cfg.generation.instruction,
+            prefix=r["prefix"],
+        )
+
+
+class Collator:
+    """Right-padded batch of the family's model inputs with `labels`: -100 on the prompt, the image and the
+    padding, so the loss covers only the target (compressed rationale + answer line + end token)."""
+
+    def __init__(self, pad_id: int, input_keys: tuple[str, ...]) -> None:
+        self.pad_id, self.input_keys = pad_id, input_keys
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        b = collate(items, self.pad_id, padding_side="right")
+        labels = b["input_ids"].clone()
+        labels[b["attention_mask"] == 0] = -100
+        for j, it in enumerate(items):
+            labels[j, : it["target_start"]] = -100
+        return {**{k: b[k] for k in self.input_keys if k in b}, "labels": labels}
+
+
+def check_gradients_flow(model, batch: dict[str, torch.Tensor]) -> float:
+    """One forward/backward on a batch: the LoRA B matrices (zero at init) must get non-zero gradients.
+    Catches the 4-bit CPU repacking trap and frozen graphs before any training step; returns the loss."""
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    out = model(**{k: v.to(device) for k, v in batch.items()})
+    out.loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n and p.requires_grad]
+    norm = sum(float(g.abs().sum()) for g in grads if g is not None)
+    model.zero_grad(set_to_none=True)
+    if not grads or norm == 0.0 or not math.isfinite(norm):
+        raise DistillError(
+            f"LoRA gets no usable gradient (|grad lora_B| = {norm} over {len(grads)} matrices): the loss "
+            f"cannot move. For a 4-bit student no inference may run before training (load it with load_base)"
+        )
+    return out.loss.item()
+
+
+def fingerprint(cfg: Config, ds, method: str) -> str:
+    """What a student depends on: distill/model/embedded/data/generation params, the seed and the data."""
+    h = hashlib.sha256()
+    h.update(cfg.hash("distill", "embedded", "data", "generation", "model").encode())
+    h.update(f"{cfg.runtime.seed}/{method}".encode())
+    h.update(json.dumps(list(zip(ds["id"], ds["ratio"], ds["prefix"], ds["target"]))).encode())
+    return h.hexdigest()[:16]
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def planned_steps(cfg: Config, n: int) -> int:
+    """Optimizer steps per student: `distill.max_steps`, else `epochs` over n examples."""
+    d = cfg.distill
+    if d.max_steps > 0:
+        return d.max_steps
+    return max(1, math.ceil(d.epochs * math.ceil(n / (d.batch_size * d.grad_accum * _world()))))
+
+
+def train_student(
+    cfg: Config,
+    ds,
+    method: str,
+    out_root: str | Path,
+    progress: bool = True,
+    callbacks: list | None = None,
+    base: Loaded | None = None,
+) -> dict[str, Any]:
+    """Train one LoRA student on `ds`; save the adapter to `out_root/adapters/<method>/` with params.json,
+    metrics.json, history.json and a model card. Resumes from `out_root/checkpoints/<method>/` after a kill;
+    a finished student with the same fingerprint is reused. Returns its metrics."""
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .runtime import resolve_dtype, seed_everything
+
+    if len(ds) == 0:
+        raise DistillError(f"method {method!r}: empty training set; nothing to distil")
+    check_ratios(sorted(set(ds["ratio"])))
+    out_root = Path(out_root)
+    adapter_dir, ckpt_dir = out_root / "adapters" / method, out_root / "checkpoints" / method
+    fp = fingerprint(cfg, ds, method)
+    done = adapter_dir / "metrics.json"
+    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fp:
+        return {**json.loads(done.read_text()), "reused": True}
+    stamp = ckpt_dir / "fingerprint.json"
+    if ckpt_dir.exists() and (not stamp.exists() or json.loads(stamp.read_text()).get("fingerprint") != fp):
+        shutil.rmtree(ckpt_dir)  # checkpoints of other params or data: start over
+
+    d = cfg.distill
+    seed_everything(cfg.runtime.seed)  # every student starts from the same LoRA initialisation
+    base = base or load_base(cfg)
+    model = apply_lora(base, cfg)
+    train_ds = EncodedDataset(ds, cfg, base.tokenizer, base.processor)
+    collator = Collator(base.tokenizer.pad_token_id, base.adapter.input_keys)
+    check_gradients_flow(model, collator([train_ds[i] for i in range(min(2, len(train_ds)))]))
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stamp, {"fingerprint": fp})
+
+    device = _device(cfg)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    steps = planned_steps(cfg, len(ds))
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=d.batch_size,
+        gradient_accumulation_steps=d.grad_accum,
+        learning_rate=d.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(d.warmup_steps, max(steps - 1, 0)),
+        weight_decay=0.0,
+        max_steps=steps,
+        logging_steps=d.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=d.save_steps,
+        save_total_limit=2,
+        report_to="none",
+        seed=cfg.runtime.seed,
+        optim="adamw_torch",
+        remove_unused_columns=False,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        use_cpu=device == "cpu",
+        bf16=dtype == torch.bfloat16 and device != "cpu",
+        fp16=dtype == torch.float16,
+    )
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=callbacks or []
+    )
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # no per-log print lines either (the history is kept)
+    last = get_last_checkpoint(str(ckpt_dir))
+    resumed = int(last.rsplit("-", 1)[-1]) if last else 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    trainer.train(resume_from_checkpoint=last)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+
+    hist = [h for h in trainer.state.log_history if "loss" in h]
+    metrics = {
+        "method": method,
+        "train_size": len(ds),
+        "steps": steps,
+        "examples_seen": steps * d.batch_size * d.grad_accum * _world(),
+        "first_loss": float(hist[0]["loss"]) if hist else float("nan"),
+        "last_loss": float(hist[-1]["loss"]) if hist else float("nan"),
+        "adapter": str(adapter_dir),
+        "train_seconds": seconds,
+        "seconds_per_step": seconds / max(steps - resumed, 1),
+        # process CPU time (all threads) per step: on a shared machine, wall time depends on who else runs
+        "cpu_seconds_per_step": cpu_seconds / max(steps - resumed, 1),
+        "threads": torch.get_num_threads(),
+        "resumed_from_step": resumed,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "quantization": d.quantization,
+        "student": d.student,
+        "base_path": base.path,
+        "device": device,
+        "fingerprint": fp,
+    }
+    if trainer.is_world_process_zero():
+        save_adapter(trainer.model, cfg, adapter_dir, metrics, trainer.state.log_history, ds)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if ckpt_dir.parent.exists() and not any(ckpt_dir.parent.iterdir()):
+            ckpt_dir.parent.rmdir()
+    return metrics
+
+
+def save_adapter(model, cfg: Config, adapter_dir: Path, metrics, log_history, ds) -> None:
+    """Adapter weights + params.json (resolved params) + history.json + README.md; metrics.json last (it
+    marks the student as finished)."""
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    model.save_pretrained(str(adapter_dir))
+    atomic_write_json(adapter_dir / "params.json", cfg.to_dict())
+    atomic_write_json(adapter_dir / "history.json", log_history)
+    (adapter_dir / "README.md").write_text(_model_card(cfg, metrics, ds))
+    atomic_write_json(adapter_dir / "metrics.json", metrics)
+
+
+def _model_card(cfg: Config, m: dict[str, Any], ds) -> str:
+    d = cfg.distill
+    ratios = sorted({format_ratio(r) for r in ds["ratio"]})
+    return "\n".join(
+        [
+            f"# V-Skip student: `{m['method']}`",
+            "",
+            f"LoRA adapter (r {d.lora_r}, alpha {d.lora_alpha}, dropout {d.lora_dropout}, modules "
+            f"{d.target_modules} of the language model) on `{d.student}` (base `{m['base_path']}`, "
+            f"quantization {d.quantization}).",
+            f"Trained {m['steps']} steps x batch {d.batch_size} x accumulation {d.grad_accum} at lr {d.lr} on "
+            f"{m['train_size']} teacher rationales compressed by `{m['method']}` at ratios {ratios}; "
+            f"loss on target tokens only.",
+            f"Loss {m['first_loss']:.3f} -> {m['last_loss']:.3f} in {m['train_seconds']:.0f} s on {m['device']}.",
+            "",
+            f"Prompt: `vskip_core.distill.ratio_prefix(r)` (`{RATIO_TEMPLATE.strip()}`) before the question; "
+            "1.0 asks for the full rationale.",
+            "",
+            "```python",
+            "from vskip_core.distill import load_student, ratio_prefix",
+            "from vskip_core.generation import generate",
+            "student = load_student(cfg, adapter_dir)  # base + adapter, merged unless the base is 4-bit",
+            "out = generate(student.model, student.tokenizer, student.processor, examples, "
+            "prefix=ratio_prefix(0.5))",
+            "```",
+            "",
+        ]
+    )
+
+
+def check_inputs(cfg: Config, datasets: dict[str, Any], base: Loaded | None = None) -> None:
+    """Everything that can be wrong before training, checked at once: non-empty datasets, ratios in (0, 1],
+    target modules present in the real student."""
+    for m, ds in datasets.items():
+        if len(ds) == 0:
+            raise DistillError(f"method {m!r}: empty training set; nothing to distil")
+        check_ratios(sorted(set(ds["ratio"])))
+    lora_targets(base or load_base(cfg), cfg.distill.target_modules)
+
+
+def train_students(
+    cfg: Config, datasets: dict[str, Any], out_root: str | Path, progress: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Train every student on the same budget, after `check_inputs` (a bad setting fails before any
+    training starts). Each student starts from a freshly loaded base and the same LoRA initialisation."""
+    base = load_base(cfg)
+    check_inputs(cfg, datasets, base)
+    out = {}
+    for m, ds in datasets.items():  # the checked base serves the first student; the others reload it
+        out[m] = train_student(cfg, ds, m, out_root, progress=progress, base=base)
+        base = None
+    return out
+
+
+# ------------------------------------------------------------------------------------------ loading back
+def load_student(cfg: Config, adapter_dir: str | Path, merge: bool | None = None, device=None) -> Loaded:
+    """A trained student for evaluation: its base (as recorded in the adapter's params.json: student and
+    quantization) + the LoRA adapter, in eval mode. `merge` (default: when the base is not 4-bit) folds the
+    adapter into the weights with `merge_and_unload`, so generation costs what the base model costs.
+    Attention is `model.attn_implementation` (eager by default: the stages that read attention maps)."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise FileNotFoundError(
+            f"{adapter_dir} holds no LoRA adapter (adapter_config.json); train it in {STAGE}"
+        )
+    saved = json.loads((adapter_dir / "params.json").read_text())["distill"]
+    info = json.loads((adapter_dir / "metrics.json").read_text())
+    student = saved["student"]
+    if student == "embedded" and Path(info.get("base_path", "")).exists():
+        student = info["base_path"]  # the exact teacher the adapter was trained on
+    base = load_base(cfg, student, saved["quantization"], device, cfg.model.attn_implementation)
+    model = PeftModel.from_pretrained(base.model, str(adapter_dir))
+    if saved["quantization"] == "none" if merge is None else merge:
+        model = model.merge_and_unload()
+    model.eval()
+    return Loaded(
+        model=model,
+        tokenizer=base.tokenizer,
+        processor=base.processor,
+        family=base.family,
+        path=str(adapter_dir),
+    )
+
+
+# ------------------------------------------------------------------------------------------ stage record
+METRIC_KEYS = (
+    "train_size",
+    "steps",
+    "first_loss",
+    "last_loss",
+    "train_seconds",
+    "seconds_per_step",
+    "cpu_seconds_per_step",
+    "threads",
+    "adapter",
+    "trainable_params",
+    "total_params",
+    "quantization",
+    "device",
+    "resumed_from_step",
+    "reused",
+)
+
+
+def stage_metrics(results, cards, report, gate_events, total_minutes: float) -> dict[str, Any]:
+    """metrics.json of stage 04: `{"methods": {method: {train_size, first_loss, last_loss, adapter,
+    train_seconds, ...}}, ...}` (the control is method `full`), plus the data cards and the filter report."""
+    return {
+        "methods": {m: {k: r[k] for k in METRIC_KEYS if k in r} for m, r in results.items()},
+        "total_train_minutes": total_minutes,
+        "datasets": {
+            m: {k: c[k] for k in ("n", "per_ratio", "per_family", "mean_target_tokens", "empty_targets")}
+            for m, c in cards.items()
+        },
+        "filters": report,
+        "gate_fallbacks": dict(gate_events),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- figures
+def token_stats(datasets: dict[str, Any]):
+    """Long table: method, ratio, family, target tokens, full tokens, actual ratio (one row per example)."""
+    import pandas as pd
+
+    cols = ["method", "ratio", "family", "target_tokens", "full_tokens", "actual_ratio"]
+    return pd.concat([ds.to_pandas()[cols] for ds in datasets.values()], ignore_index=True)
+
+
+def plot_token_stats(stats, path=None):
+    """Mean target tokens per drawn ratio and method."""
+    import seaborn as sns
+
+    from .plots import _save, plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    sns.barplot(data=stats, x="ratio", y="target_tokens", hue="method", ax=ax, errorbar=None)
+    ax.set_title("target tokens (compressed rationale + answer line) per drawn ratio")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def training_histories(metrics: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The Trainer's log history of each student, read back from its adapter folder."""
+    return {m: json.loads((Path(v["adapter"]) / "history.json").read_text()) for m, v in metrics.items()}
+
+
+def plot_training_curves(histories: dict[str, list[dict[str, Any]]], path=None):
+    """Training loss per logged step, one line per student."""
+    import pandas as pd
+    import seaborn as sns
+
+    from .plots import _save, plt
+
+    rows = [
+        {"method": m, "step": h["step"], "loss": h["loss"]}
+        for m, hs in histories.items()
+        for h in hs
+        if "loss" in h
+    ]
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    sns.lineplot(data=pd.DataFrame(rows), x="step", y="loss", hue="method", ax=ax)
+    ax.set_title("LoRA distillation: loss on target tokens (logged means)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def student_gallery(cfg: Config, adapters: dict[str, str], examples, ratio: float = 0.5, teacher=None):
+    """Per example: the teacher's full rationale and each student's output at `ratio` (greedy)."""
+    import pandas as pd
+
+    from .generation import generate
+    from .models import load_model
+
+    g = cfg.generation
+    teacher = teacher or load_model(cfg)
+    table = {"id": [x["id"] for x in examples], "question": [x["question"] for x in examples]}
+    outs = generate(
+        teacher.model,
+        teacher.tokenizer,
+        teacher.processor,
+        examples,
+        g.max_new_tokens,
+        g.batch_size,
+        instruction=g.instruction,
+    )
+    table["teacher (full)"] = [o["text"] for o in outs]
+    for m, path in adapters.items():
+        s = load_student(cfg, path)
+        r = 1.0 if m == CONTROL else ratio
+        outs = generate(
+            s.model,
+            s.tokenizer,
+            s.processor,
+            examples,
+            g.max_new_tokens,
+            g.batch_size,
+            instruction=g.instruction,
+            prefix=ratio_prefix(r),
+        )
+        table[f"{m} @ {format_ratio(r)}"] = [o["text"] for o in outs]
+    return pd.DataFrame(table)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    """Train students from the datasets notebook 04 saved (the multi-GPU path: `accelerate launch -m ...`)."""
+    from .config import load_params
+    from .pipeline import parse_sets
+    from .runtime import results_dir
+
+    ap = argparse.ArgumentParser(prog="python -m vskip_core.distill", description=main.__doc__)
+    ap.add_argument("--params", default="params/default.yaml")
+    ap.add_argument("--run", default="default")
+    ap.add_argument("--methods", default="", help="comma-separated; default: every saved dataset")
+    ap.add_argument("--set", action="append", default=[], help="dotted override, e.g. distill.lr=5e-4")
+    a = ap.parse_args(argv)
+    cfg = load_params(a.params, parse_sets(a.set))
+    stage_dir = results_dir(cfg, a.run) / STAGE
+    datasets = load_datasets(stage_dir / "datasets", [m for m in a.methods.split(",") if m] or None)
+    metrics = train_students(cfg, datasets, stage_dir)
+    keys = ("train_size", "first_loss", "last_loss", "adapter", "train_seconds")
+    print(json.dumps({m: {k: v[k] for k in keys} for m, v in metrics.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
