@@ -1,0 +1,437 @@
+"""Visual-token pruning (vskip_core.visual_tokens): the selection rules on hand-built features, and the
+decoding engine on tiny random Qwen2-VL / Qwen2.5-VL models against the model's own forward and generate."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vskip_core import visual_tokens as vt
+
+STEPS = 16
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is several times faster than two on a shared 2-core machine (no spinning)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from vskip_core.models import train_tokenizer
+
+    return train_tokenizer(["the red circle costs $4.20 Answer: yes no blue square left right"] * 20, 320)
+
+
+def _tiny_model(tok, family: str, layers: int = 3, seed: int = 0):
+    """A random model of the real class; init std 0.2 so greedy choices are decisive and the image matters."""
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    from vskip_core.adapters import get_adapter
+
+    conf = get_adapter(family).tiny_config(tok, hidden=64, layers=layers, heads=4, kv_heads=2)
+    conf.text_config.initializer_range = 0.2
+    conf._attn_implementation = "eager"
+    conf.text_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    cls = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    return cls(conf).eval()
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def model(request, tok):
+    return _tiny_model(tok, request.param)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tok):
+    return _tiny_model(tok, "qwen2_vl")
+
+
+def _inputs(model, tok, lens=(12, 7, 15), size=112, seed=0):
+    """A left-padded batch built like `encode` + `collate`: text, <|vision_start|>, image pads, <|vision_end|>,
+    text (rows of different lengths, so padding and per-row positions are exercised)."""
+    from vskip_core.adapters import get_adapter
+
+    proc = get_adapter("qwen2_vl").tiny_image_processor()
+    proc.min_pixels = proc.max_pixels = size * size
+    rng = np.random.default_rng(seed)
+    imgs = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in lens]
+    vis = proc(images=imgs, return_tensors="pt")
+    n = int(vis["image_grid_thw"][0].prod()) // 4
+    c = tok.convert_tokens_to_ids
+    rows = []
+    for n_text in lens:
+        t = rng.integers(10, 300, n_text).tolist()
+        rows.append(
+            [c("<|im_start|>"), *t[:3], c("<|vision_start|>")]
+            + [model.config.image_token_id] * n
+            + [c("<|vision_end|>"), *t[3:], c("<|im_end|>")]
+        )
+    L = max(map(len, rows))
+    ids = torch.full((len(rows), L), tok.pad_token_id)
+    attn = torch.zeros(len(rows), L, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, L - len(r) :] = torch.tensor(r)
+        attn[b, L - len(r) :] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": attn,
+        "mm_token_type_ids": (ids == model.config.image_token_id).long(),
+        "pixel_values": vis["pixel_values"],
+        "image_grid_thw": vis["image_grid_thw"],
+    }
+
+
+def _run(model, x, tok, spec, steps=STEPS, **kw):
+    return vt.pruned_generate(model, x, spec, steps, None, tok.pad_token_id, **kw)
+
+
+def _hf_greedy(model, x, tok, steps=STEPS):
+    out = model.generate(
+        **x, max_new_tokens=steps, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None
+    )
+    return out[:, x["input_ids"].shape[1] :]
+
+
+# ----------------------------------------------------------------------------------------------- budget
+@pytest.mark.parametrize("bad", [0, 0.0, -0.2, 1.01, 2, float("nan"), float("inf"), "0.5", None, True])
+def test_bad_retention_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match=r"retention must be .*\(0, 1\]"):
+        vt.check_retention(bad)
+    with pytest.raises(ValueError, match="retention"):
+        vt.PruneSpec("fastv", bad)
+
+
+def test_bad_retention_in_params_names_the_key():
+    from vskip_core.config import ParamsError, load_params
+
+    with pytest.raises(ParamsError, match=r"prune\.retentions"):
+        load_params("params/smoke.yaml", {"prune.retentions": [0.5, 0.0]})
+    with pytest.raises(ParamsError, match=r"prune\.methods"):
+        load_params("params/smoke.yaml", {"prune.methods": ["fastvv"]})
+
+
+def test_bad_method_and_variant_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown pruning method 'fastw'"):
+        vt.PruneSpec("fastw", 0.5)
+    with pytest.raises(ValueError, match="unknown variant"):
+        vt.PruneSpec("fastv", 0.5, variant="zero")
+
+
+@pytest.mark.parametrize("n", [1, 7, 16, 64, 256])
+@pytest.mark.parametrize("r", [0.001, 0.111, 0.333, 0.5, 0.666, 1.0])
+def test_kept_count_is_rounded_budget(n, r):
+    assert vt.kept_count(r, n) == max(1, round(r * n))
+
+
+@pytest.mark.parametrize("method", ["fastv", "divprune", "zspaprune"])
+@pytest.mark.parametrize("r", [0.111, 0.333, 0.666])
+def test_engine_keeps_the_budget(qwen2, tok, method, r):
+    x = _inputs(qwen2, tok)
+    n = int((x["input_ids"][0] == qwen2.config.image_token_id).sum())
+    out = _run(qwen2, x, tok, vt.PruneSpec(method, r), steps=3)
+    k = max(1, round(r * n))
+    assert out.kept.shape == (3, k) and out.n_visual == n
+    assert all(len(set(row.tolist())) == k for row in out.kept)
+    n_layers = qwen2.config.text_config.num_hidden_layers
+    pruned_layers = n_layers - 2 if method == "fastv" else n_layers  # FastV K=2: layers 2.. pruned
+    assert out.visual_tokens == pytest.approx((pruned_layers * k + (n_layers - pruned_layers) * n) / n_layers)
+
+
+# ---------------------------------------------------------------------------------------- selection rules
+def test_fastv_select_takes_mean_over_heads():
+    att = torch.tensor([[0.1, 0.5, 0.1, 0.2, 0.1], [0.3, 0.1, 0.1, 0.4, 0.1]])  # mean .2 .3 .1 .3 .1
+    assert vt.fastv_select(att, 2).tolist() == [1, 3]
+    assert vt.fastv_select(att, 1).tolist() == [1]  # tie between 1 and 3: lower index
+    assert vt.fastv_select(att, 3).tolist() == [0, 1, 3]
+    assert vt.fastv_select(att[1], 1).tolist() == [3]  # one head alone ranks differently
+
+
+def _features():
+    # f1 is almost f0, f4 almost f2; f3 stands apart (its nearest neighbour f4 is at cosine 0.14)
+    return torch.tensor(
+        [[1.0, 0.0, 0.0], [0.99, 0.14, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.99, 0.14]]
+    )
+
+
+def test_divprune_greedy_max_min():
+    f = _features()
+    assert vt.divprune_select(f, 1).tolist() == [3]  # the token whose nearest other token is farthest
+    assert vt.divprune_select(f, 2).tolist() == [0, 3]  # then farthest from {3}: 0, 1, 2 tie -> 0
+    assert vt.divprune_select(f, 3).tolist() == [0, 2, 3]  # never the near-duplicates 1 or 4
+    assert vt.divprune_select(f, 5).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="k must be in 1..5"):
+        vt.divprune_select(f, 6)
+
+
+def test_prompt_aware_core_then_diversity():
+    f = _features()
+    prompt = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 0.0]])  # mean-pooled: along f2
+    rel = vt.prompt_relevance(f, prompt)
+    assert rel.argmax().item() == 2 and rel[4] > rel[1] > rel[0]
+    # core = round(0.67 * 3) = 2 most relevant {2, 4}; then farthest from them: f0 (1.0) over f3 (0.86)
+    assert vt.prompt_aware_select(f, prompt, 3, 0.67).tolist() == [0, 2, 4]
+    assert vt.prompt_aware_select(f, prompt, 3, 1.0).tolist() == [1, 2, 4]  # relevance only
+    assert vt.prompt_aware_select(f, prompt, 3, 0.0).tolist() == vt.divprune_select(f, 3).tolist()
+    # core {2}; then f0 (tie with f3: lower index), then f3: f1 and f4 duplicate what is chosen
+    assert vt.prompt_aware_select(f, prompt, 3, 0.34).tolist() == [0, 2, 3]
+
+
+def test_dstp_rule_on_a_constructed_shift():
+    active = torch.tensor([0, 1])
+    same = torch.tensor([0.5, 0.4, 0.05, 0.03, 0.01, 0.01])
+    shifted = torch.tensor([0.01, 0.02, 0.07, 0.1, 0.4, 0.4])  # the relevant region moved to tokens 4, 5
+    half = torch.tensor([0.5, 0.02, 0.07, 0.1, 0.3, 0.01])  # top-2 {0, 4}: Jaccard 1/3 with {0, 1}
+    a, fired, ov = vt.dstp_update(same, active, step=3, interval=8, threshold=0.5)
+    assert not fired and ov == 1.0 and a.tolist() == [0, 1]
+    a, fired, ov = vt.dstp_update(shifted, active, step=3, interval=8, threshold=0.5)
+    assert fired and ov == 0.0 and a.tolist() == [4, 5]
+    a, fired, ov = vt.dstp_update(half, active, step=3, interval=8, threshold=0.5)
+    assert fired and ov == pytest.approx(1 / 3) and a.tolist() == [0, 4]
+    a, fired, _ = vt.dstp_update(half, active, step=3, interval=8, threshold=0.3)  # overlap above threshold
+    assert not fired and a.tolist() == [0, 1]
+    a, fired, _ = vt.dstp_update(half, active, step=8, interval=8, threshold=0.0)  # the interval fires
+    assert fired and a.tolist() == [0, 4]
+
+
+def test_random_jaccard_is_the_exact_expectation():
+    # two random 2-subsets of 4: P(same) = 1/6 -> J = 1, P(one shared) = 4/6 -> J = 1/3, P(disjoint) -> 0
+    assert vt.random_jaccard(4, 2) == pytest.approx(1 / 6 + 4 / 6 / 3)
+    assert vt.random_jaccard(16, 16) == 1.0
+    rng = np.random.default_rng(0)
+    sims = [
+        vt.jaccard(rng.permutation(16)[:5].tolist(), rng.permutation(16)[:5].tolist()) for _ in range(4000)
+    ]
+    assert vt.random_jaccard(16, 5) == pytest.approx(np.mean(sims), abs=0.01)
+
+
+def test_rvis_overlaps_and_summary():
+    r0 = torch.tensor([0.5, 0.4, 0.05, 0.05])
+    trace = torch.stack([r0, r0, torch.tensor([0.05, 0.4, 0.5, 0.05]), torch.tensor([0.0, 0.1, 0.4, 0.5])])
+    assert vt.rvis_overlaps(trace, 2) == [1.0, pytest.approx(1 / 3), 0.0]
+    recs = [
+        {"id": "a", "family": "attribute", "steps": 3, "score_layer": 1, "overlap": {"0.5": [1.0, 1.0, 1.0]}},
+        {"id": "b", "family": "multistep", "steps": 3, "score_layer": 1, "overlap": {"0.5": [1.0, 0.5, 0.0]}},
+    ]
+    s = vt.rvis_summary(recs, n_bins=3, min_count=1)["by_retention"]["0.5"]
+    assert s["simple"]["mean"] == 1.0 and s["reasoning"]["mean"] == 0.5 and "chance" not in s
+    recs = [{**r, "n_visual": 4} for r in recs]
+    summary = vt.rvis_summary(recs, n_bins=3, min_count=1)
+    assert summary["by_retention"]["0.5"]["chance"] == pytest.approx(vt.random_jaccard(4, 2))
+    assert vt.rvis_table(summary).loc["random top-k", "0.5"] == pytest.approx(vt.random_jaccard(4, 2))
+    assert s["multistep"]["curve"] == [1.0, 0.5, 0.0] and s["reasoning"]["final_decile"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ engine
+def test_retention_one_reproduces_generate_exactly(model, tok):
+    x = _inputs(model, tok)
+    ref = _hf_greedy(model, x, tok)
+    for method in vt.METHODS:
+        for dstp in (False, True):
+            for variant in vt.VARIANTS:
+                spec = vt.PruneSpec(method, 1.0, dstp=dstp, variant=variant, dstp_interval=2)
+                out = _run(model, x, tok, spec)
+                assert torch.equal(out.sequences, ref), (spec.name, variant)
+
+
+def test_pruning_changes_outputs_and_variants_agree(model, tok):
+    """The drop variant (shorter sequence and cache) and the mask variant (full length, masked keys) compute
+    the same model; DSTP that never fires equals its base method."""
+    x = _inputs(model, tok)
+    ref = _hf_greedy(model, x, tok)
+    for method in ("fastv", "divprune", "zspaprune"):
+        base = _run(model, x, tok, vt.PruneSpec(method, 0.333))
+        assert not torch.equal(base.sequences, ref), method  # pruning is real on this model
+        for dstp in (False, True):
+            for variant in vt.VARIANTS:
+                spec = vt.PruneSpec(
+                    method, 0.333, dstp=dstp, variant=variant, dstp_interval=10**6, dstp_shift_threshold=0.0
+                )
+                out = _run(model, x, tok, spec)
+                assert torch.equal(out.sequences, base.sequences), (spec.name, variant)
+                assert torch.equal(out.kept, base.kept)
+
+
+def _reference_decode(model, embeds, pos3, attn, steps):
+    """Greedy decoding through the model's own forward with explicit inputs_embeds and 3D position ids."""
+    from transformers import DynamicCache
+
+    inner = model.model
+    cache = DynamicCache(config=model.config.text_config)
+    out = model(
+        inputs_embeds=embeds, position_ids=pos3, attention_mask=attn, past_key_values=cache, use_cache=True
+    )
+    toks = [out.logits[:, -1].argmax(-1)]
+    nxt = pos3.amax(dim=(0, 2))
+    for t in range(1, steps):
+        e = inner.get_input_embeddings()(toks[-1][:, None])
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+        p = (nxt + t)[None, :, None].expand(3, -1, 1)
+        out = model(
+            inputs_embeds=e, position_ids=p, attention_mask=attn, past_key_values=cache, use_cache=True
+        )
+        toks.append(out.logits[:, -1].argmax(-1))
+    return torch.stack(toks, 1)
+
+
+def test_kept_tokens_keep_their_rotary_positions(model, tok):
+    """Drop-variant DivPrune equals the model's own forward on the shortened sequence with each kept token's
+    original 3D position ids (from get_rope_index on the full sequence), and not with renumbered ones."""
+    x = _inputs(model, tok)
+    out = _run(model, x, tok, vt.PruneSpec("divprune", 0.333))
+    inner = model.model
+    with torch.no_grad():
+        embeds = inner.get_input_embeddings()(x["input_ids"])
+        feats = torch.cat(inner.get_image_features(x["pixel_values"], x["image_grid_thw"]).pooler_output)
+        is_img = x["input_ids"] == model.config.image_token_id
+        embeds = embeds.masked_scatter(is_img[..., None], feats)
+        pos3, _ = inner.get_rope_index(
+            x["input_ids"], x["mm_token_type_ids"], x["image_grid_thw"], attention_mask=x["attention_mask"]
+        )
+        B, L = x["input_ids"].shape
+        vis_pos = torch.nonzero(is_img)[:, 1].view(B, -1)
+        keep = torch.ones(B, L, dtype=torch.bool)
+        keep.scatter_(1, vis_pos, False)
+        keep.scatter_(1, vis_pos.gather(1, out.kept), True)
+        idx = torch.nonzero(keep)[:, 1].view(B, -1)
+        e = embeds.gather(1, idx[..., None].expand(-1, -1, embeds.shape[-1]))
+        a = x["attention_mask"].gather(1, idx)
+        kept_pos = pos3.gather(2, idx[None].expand(3, -1, -1))
+        assert torch.equal(_reference_decode(model, e, kept_pos, a, STEPS), out.sequences)
+        renumbered = ((a.cumsum(1) - 1).clamp_min(0))[None].expand(3, -1, -1)
+        assert not torch.equal(_reference_decode(model, e, renumbered, a, STEPS), out.sequences)
+        # and the kept visual tokens are those DivPrune picks on the projected features
+        for b in range(B):
+            assert (
+                out.kept[b].tolist() == vt.divprune_select(embeds[b, vis_pos[b]], out.kept.shape[1]).tolist()
+            )
+
+
+def test_fastv_ranks_with_layer_k_minus_1_attention_of_last_prompt_token(qwen2, tok):
+    x = _inputs(qwen2, tok)
+    spec = vt.PruneSpec("fastv", 0.333, fastv_layer=2)
+    out = _run(qwen2, x, tok, spec, steps=2)
+    with torch.no_grad():
+        att = qwen2(**x, output_attentions=True).attentions[1]  # layer K-1 = 1, (B, H, L, L)
+    is_img = x["input_ids"] == qwen2.config.image_token_id
+    for b in range(x["input_ids"].shape[0]):
+        row = att[b, :, -1, is_img[b]]  # last prompt token -> image tokens, per head
+        assert out.kept[b].tolist() == vt.fastv_select(row, out.kept.shape[1]).tolist()
+
+
+def test_prompt_aware_uses_the_prompt_text_embeddings(qwen2, tok):
+    x = _inputs(qwen2, tok)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    pm = vt.user_text_mask(x["input_ids"], qwen2.config.vision_end_token_id, end)
+    assert pm.sum(1).tolist() == [12 - 3, 7 - 3, 15 - 3]  # the text between <|vision_end|> and <|im_end|>
+    out = _run(qwen2, x, tok, vt.PruneSpec("zspaprune", 0.333, core_fraction=0.6), steps=2, prompt_mask=pm)
+    inner = qwen2.model
+    with torch.no_grad():
+        feats = torch.cat(inner.get_image_features(x["pixel_values"], x["image_grid_thw"]).pooler_output)
+        text = inner.get_input_embeddings()(x["input_ids"])
+    n = feats.shape[0] // 3
+    for b in range(3):
+        want = vt.prompt_aware_select(feats[b * n : (b + 1) * n], text[b, pm[b]], out.kept.shape[1], 0.6)
+        assert out.kept[b].tolist() == want.tolist()
+
+
+def test_relevance_is_the_models_attention_over_the_full_visual_cache(qwen2, tok):
+    """The score layer's relevance at prefill and at decoding step 1 equals the eager attention maps of the
+    model's own forward on the full sequence (mean over heads, image columns)."""
+    x = _inputs(qwen2, tok)
+    S = 1
+    out = _run(qwen2, x, tok, vt.PruneSpec("none", score_layer=S), steps=3, record_relevance=True)
+    is_img = x["input_ids"] == qwen2.config.image_token_id
+    ext = dict(x)
+    ext["input_ids"] = torch.cat([x["input_ids"], out.sequences[:, :1]], 1)
+    ext["attention_mask"] = torch.cat([x["attention_mask"], torch.ones(3, 1, dtype=torch.long)], 1)
+    ext["mm_token_type_ids"] = torch.cat([x["mm_token_type_ids"], torch.zeros(3, 1, dtype=torch.long)], 1)
+    with torch.no_grad():
+        att = qwen2(**ext, output_attentions=True).attentions[S]
+    for b in range(3):
+        prefill = att[b, :, -2, : x["input_ids"].shape[1]][:, is_img[b]].mean(0)
+        step1 = att[b, :, -1, : x["input_ids"].shape[1]][:, is_img[b]].mean(0)
+        torch.testing.assert_close(out.relevance[b][0], prefill, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out.relevance[b][1], step1, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["fastv", "divprune", "zspaprune"])
+def test_dstp_swaps_by_its_rule_and_the_swapped_tokens_are_used(qwen2, tok, method):
+    x = _inputs(qwen2, tok)
+    kw = {"dstp_interval": 5, "dstp_shift_threshold": 0.6}
+    base = _run(qwen2, x, tok, vt.PruneSpec(method, 0.333))
+    drop = _run(qwen2, x, tok, vt.PruneSpec(method, 0.333, dstp=True, **kw), record_relevance=True)
+    mask = _run(qwen2, x, tok, vt.PruneSpec(method, 0.333, dstp=True, variant="mask", **kw))
+    assert min(drop.swapped_in) > 0  # the relevant set shifts on this model and DSTP follows it
+    assert torch.equal(drop.kept, base.kept)  # the prefill choice is the base method's
+    assert torch.equal(drop.sequences, mask.sequences)  # swaps by re-gathering == swaps by re-masking
+    assert torch.equal(drop.active, mask.active)
+    assert not torch.equal(drop.sequences, base.sequences)  # the swapped-in tokens change what is read
+    # replaying the rule over the recorded relevance gives the engine's re-selections and final set
+    for b in range(3):
+        active, n_fire, n_swap = drop.kept[b], 0, 0
+        for t, rel in enumerate(drop.relevance[b][1:], start=1):
+            new, fired, _ = vt.dstp_update(rel, active, t, kw["dstp_interval"], kw["dstp_shift_threshold"])
+            n_fire += fired
+            n_swap += len(set(new.tolist()) - set(active.tolist()))
+            active = new
+        assert (n_fire, n_swap) == (drop.reselections[b], drop.swapped_in[b])
+        assert active.tolist() == drop.active[b].tolist()
+
+
+def test_sdpa_language_model_works_too(tok):
+    """Ranking attention is computed from the layer's own projections, so an sdpa model gives the same
+    guarantees: exact at retention 1.0, DSTP swaps by re-gathering == by re-masking."""
+    m = _tiny_model(tok, "qwen2_vl")
+    m.set_attn_implementation("sdpa")
+    assert m.model.language_model.config._attn_implementation == "sdpa"
+    x = _inputs(m, tok)
+    ref = _hf_greedy(m, x, tok)
+    for method in ("fastv", "zspaprune"):
+        assert torch.equal(_run(m, x, tok, vt.PruneSpec(method, 1.0, dstp=True)).sequences, ref)
+        kw = {"dstp": True, "dstp_interval": 3}
+        drop = _run(m, x, tok, vt.PruneSpec(method, 0.333, **kw))
+        mask = _run(m, x, tok, vt.PruneSpec(method, 0.333, variant="mask", **kw))
+        assert min(drop.swapped_in) > 0 and torch.equal(drop.sequences, mask.sequences)
+
+
+def test_score_layer_and_fastv_layer_resolution():
+    assert vt.resolve_layers(vt.PruneSpec("fastv", 0.5, fastv_layer=2), 4) == (2, 1)
+    assert vt.resolve_layers(vt.PruneSpec("divprune", 0.5, score_layer=3), 4) == (2, 3)
+    with pytest.warns(UserWarning, match="using K=1"):
+        assert vt.resolve_layers(vt.PruneSpec("fastv", 0.5, fastv_layer=2), 2) == (1, 0)
+    with pytest.raises(ValueError, match="score_layer=5"):
+        vt.resolve_layers(vt.PruneSpec("none", score_layer=5), 4)
+
+
+def test_mllama_is_refused_with_the_reason():
+    class Fake:
+        config = type("C", (), {"model_type": "mllama"})()
+
+    with pytest.raises(NotImplementedError, match="cross-attention"):
+        vt._model_parts(Fake())
+
+
+def test_generate_pruned_on_the_embedded_teacher_matches_generate(tiny_teacher):
+    """The benchmark path (encode -> collate -> pruned decoding): retention 1.0 equals generation.generate."""
+    from vskip_core.data import make_example
+    from vskip_core.models import load_model
+
+    cfg, _ = tiny_teacher
+    loaded = load_model(cfg)
+    exs = [make_example(cfg, "test", i) for i in range(6)]
+    res = vt.exactness_check(loaded, exs, cfg, max_new_tokens=12)
+    assert res and all(res.values()), res
+    gens = vt.generate_pruned(
+        loaded, exs, vt.PruneSpec.from_config(cfg, "zspaprune", 0.333, dstp=True), 12, 3
+    )
+    n = gens[0]["n_visual"]
+    assert all(len(g["kept"]) == round(0.333 * n) and not math.isnan(g["prefill_s"]) for g in gens)
