@@ -88,14 +88,11 @@ def user_text(ex: dict[str, Any], instruction: str = "") -> str:
 
 def prompt_text(ex: dict[str, Any], tok, instruction: str = "", prefix: str = "") -> str:
     """The chat prompt up to the assistant turn; `prefix` is put in the user turn before the question
-    (distillation writes the target ratio there)."""
-    messages = [
-        {
-            "role": "user",
-            "content": [{"type": "image"}, {"type": "text", "text": prefix + user_text(ex, instruction)}],
-        }
-    ]
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    (distillation writes the target ratio there). Built by the tokenizer's family adapter
+    (`vskip_core.adapters`): images first, or in place of MMMU's `<image N>` placeholders."""
+    from .adapters import adapter_for_tokenizer
+
+    return adapter_for_tokenizer(tok).prompt_text(ex, tok, instruction, prefix)
 
 
 # ----------------------------------------------------------------------------------------------- encode
@@ -120,76 +117,33 @@ def encode(
     prefix: str = "",
     image=None,
 ) -> dict[str, Any]:
-    """One example -> model inputs. With `target`, the target tokens and `<|im_end|>` are appended and
-    `target_start` marks where they begin (labels = input_ids from there on)."""
-    img = ex["image"] if image is None else image
-    vis = proc(images=[img.convert("RGB")], return_tensors="pt")
-    n_img = n_image_tokens(vis["image_grid_thw"][0], proc.merge_size)
-    text = prompt_text(ex, tok, instruction, prefix)
-    if text.count(IMAGE_TOKEN) != 1:
-        raise ValueError(
-            f"example {ex.get('id')}: the chat template produced {text.count(IMAGE_TOKEN)} image "
-            f"placeholders; expected exactly 1"
-        )
-    text = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_img)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    target_start = len(ids)
-    if target is not None:
-        ids = (
-            ids
-            + tok(target, add_special_tokens=False)["input_ids"]
-            + [tok.convert_tokens_to_ids("<|im_end|>")]
-        )
-    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    input_ids = torch.tensor(ids, dtype=torch.long)
-    mm = (input_ids == image_id).long()
-    image_positions = torch.nonzero(mm, as_tuple=False).flatten()
-    if len(image_positions) != n_img:
-        raise ValueError(
-            f"example {ex.get('id')}: {len(image_positions)} image tokens in the text, {n_img} "
-            f"expected; the question text must not contain {IMAGE_TOKEN}"
-        )
-    return {
-        "input_ids": input_ids,
-        "mm_token_type_ids": mm,
-        "pixel_values": vis["pixel_values"],
-        "image_grid_thw": vis["image_grid_thw"],
-        "image_positions": image_positions,
-        "target_start": target_start,
-    }
+    """One example -> model inputs. With `target`, the target tokens and the end-of-turn token are appended and
+    `target_start` marks where they begin (labels = input_ids from there on). The family adapter of `proc`
+    does the work (`vskip_core.adapters`): for Qwen2-VL / Qwen2.5-VL exactly what Qwen2VLProcessor builds plus
+    `image_positions`; for Mllama what MllamaProcessor builds (cross_attention_mask, aspect ratios)."""
+    from .adapters import adapter_for
+
+    return adapter_for(proc).encode(
+        ex, tok, proc, target=target, instruction=instruction, prefix=prefix, image=image
+    )
 
 
 def collate(items: list[dict[str, Any]], pad_id: int, padding_side: str = "left") -> dict[str, torch.Tensor]:
     """Pad a list of `encode` outputs. Left padding for generation, right for training. `offsets` is the
     shift each row got (add it to that row's positions)."""
-    L = max(len(it["input_ids"]) for it in items)
-    B = len(items)
-    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, L), dtype=torch.long)
-    mm = torch.zeros((B, L), dtype=torch.long)
-    offsets = []
-    for b, it in enumerate(items):
-        n = len(it["input_ids"])
-        off = L - n if padding_side == "left" else 0
-        input_ids[b, off : off + n] = it["input_ids"]
-        attn[b, off : off + n] = 1
-        mm[b, off : off + n] = it["mm_token_type_ids"]
-        offsets.append(off)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attn,
-        "mm_token_type_ids": mm,
-        "pixel_values": torch.cat([it["pixel_values"] for it in items]),
-        "image_grid_thw": torch.cat([it["image_grid_thw"] for it in items]),
-        "offsets": torch.tensor(offsets),
-    }
+    from .adapters import get_adapter
+
+    family = "mllama" if "cross_attention_mask" in items[0] else "qwen2_vl"
+    return get_adapter(family).collate(items, pad_id, padding_side)
 
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+# Llama-3.2-Vision's extra inputs (`position_ids` counts real tokens only, so left padding changes nothing)
+MLLAMA_INPUT_KEYS = ("position_ids", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: batch[k].to(device) for k in MODEL_INPUT_KEYS if k in batch}
+    return {k: batch[k].to(device) for k in MODEL_INPUT_KEYS + MLLAMA_INPUT_KEYS if k in batch}
 
 
 # ------------------------------------------------------------------------------------------ embedded model
@@ -253,13 +207,22 @@ class Loaded:
     family: str
     path: str
 
+    @property
+    def adapter(self):
+        """The family adapter (`vskip_core.adapters`): prompts, encoding, key layers, image keys, LoRA targets."""
+        from .adapters import get_adapter
 
-def load_model(cfg: Config, name_or_path: str | None = None, device: str | None = None) -> Loaded:
+        return get_adapter(self.family)
+
+
+def load_model(
+    cfg: Config, name_or_path: str | None = None, device: str | None = None, quantization: str | None = None
+) -> Loaded:
     """Load a teacher/student: 'embedded' (must already be built: `vskip_core.teacher.build_teacher`), a local
-    directory, or a hub id. Eager attention by default so attention maps exist."""
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
-
-    from .runtime import resolve_device, resolve_dtype
+    directory, or a hub id, through its family adapter (`model.family`, or the checkpoint's model_type). Eager
+    attention in the language model by default so attention maps exist; `quantization` (default
+    `model.quantization`) "nf4" loads it in 4-bit."""
+    from .adapters import detect_family, get_adapter
 
     name = name_or_path or cfg.model.teacher
     path = embedded_dir(cfg) if name == "embedded" else Path(name)
@@ -269,30 +232,19 @@ def load_model(cfg: Config, name_or_path: str | None = None, device: str | None 
             f"00_embedded_teacher or vskip_core.teacher.build_teacher(cfg)"
         )
     src = str(path) if path.exists() else name
-    device = device or resolve_device(cfg.runtime.device)
-    dtype = resolve_dtype(cfg.model.dtype, device)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.model.attn_implementation}
-    if cfg.model.quantization == "nf4":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
-        )
-    model = AutoModelForImageTextToText.from_pretrained(src, **kwargs)
-    if cfg.model.quantization != "nf4":
-        model.to(device)
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(src)
-    tok.padding_side = "left"
-    proc = image_processor_for(cfg) if name == "embedded" else _hub_image_processor(src)
-    family = model.config.model_type
+    declared = cfg.model.family if name == cfg.model.teacher and name != "embedded" else "auto"
+    family = detect_family(src, declared)
+    ad = get_adapter(family)
+    model, tok = ad.load(cfg, src, device=device, quantization=quantization)
+    proc = image_processor_for(cfg) if name == "embedded" else ad.image_processor(src, cfg)
     return Loaded(model=model, tokenizer=tok, processor=proc, family=family, path=src)
 
 
-def _hub_image_processor(src: str):
-    from transformers import AutoImageProcessor
+def _hub_image_processor(src: str, cfg: Config | None = None):
+    """The image processor of a checkpoint, through its family adapter (`cfg` caps Qwen's image tokens)."""
+    from .adapters import detect_family, get_adapter
 
-    return AutoImageProcessor.from_pretrained(src)
+    return get_adapter(detect_family(src)).image_processor(src, cfg)
 
 
 def save_model(model, tok, proc, path: Path, extra: dict[str, Any] | None = None) -> None:

@@ -116,7 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--force", action="store_true", help="rerun stages even if complete")
     ap.add_argument("--verbose", action="store_true", help="stream notebook output and cell progress")
+    ap.add_argument(
+        "--plan",
+        action="store_true",
+        help="print what each stage will load and download, with memory and time estimates; run nothing",
+    )
+    ap.add_argument(
+        "--gpu", default=None, help="with --plan: size for this GPU (T4, L4, A100-80GB, ...; cpu)"
+    )
     args = ap.parse_args(argv)
+    if args.plan:
+        return _plan(args)
 
     from .runtime import results_dir, stage_fingerprint
 
@@ -171,6 +181,17 @@ def main(argv: list[str] | None = None) -> int:
 
         atomic_write_json(sdir / ".done", {"fingerprint": fp, "seconds": round(time.time() - t0, 1)})
         print(f"[{i}/{len(stages)}] {stage}: done in {time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
+def _plan(args) -> int:
+    from .plan import PlanError, print_plan
+
+    try:
+        print_plan(load_params(args.params, parse_sets(args.sets)), gpu=args.gpu)
+    except (ParamsError, PlanError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

