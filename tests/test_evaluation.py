@@ -1,6 +1,13 @@
 import pytest
 
-from vskip_core.evaluation import anls, final_answer, parse_multiple_choice, parse_yes_no, pope_metrics
+from vskip_core.evaluation import (
+    anls,
+    final_answer,
+    parse_multiple_choice,
+    parse_yes_no,
+    pope_metrics,
+    score_example,
+)
 
 
 def test_final_answer():
@@ -127,3 +134,14 @@ def test_pope_by_split_shares_positives():
         2 / 3
     )
     assert rows["popular"]["n"] == 2  # positives only
+
+
+def test_open_question_scoring_needs_no_options():
+    """MMMU open questions have no options: scored by the gold string or number, never by a letter."""
+    ex = {"id": "mmmu-1", "family": "multistep", "question_type": "open", "options": [], "answer": "3.5",
+          "answers": ["3.5"]}  # fmt: skip
+    assert score_example(ex, "The area is 3.50 m. Answer: 3.50")["correct"] == 1.0
+    assert score_example(ex, "Answer: 4")["correct"] == 0.0
+    ex2 = {**ex, "answer": "photosynthesis", "answers": ["photosynthesis"]}
+    assert score_example(ex2, "Answer: Photosynthesis.")["correct"] == 1.0
+    assert score_example(ex2, "Answer: respiration")["correct"] == 0.0

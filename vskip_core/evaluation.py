@@ -109,12 +109,33 @@ def pope_metrics(predictions: list[str | None], labels: list[str]) -> dict[str, 
     }
 
 
+def _numbers(text: str) -> list[float]:
+    return [float(x.replace(",", "")) for x in re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)]
+
+
+def open_answer_correct(prediction: str, answers: list[str]) -> bool:
+    """MMMU's open-question rule (its `parse_open_response` / `eval_open`, simplified): correct when a gold
+    answer appears in the normalized prediction, or a number in it equals a numeric gold answer (to 2 dp)."""
+    pred = normalize_text(prediction)
+    nums = _numbers(prediction)
+    for a in answers:
+        gold = normalize_text(a)
+        if gold and gold in pred:
+            return True
+        g = _numbers(a)
+        if len(g) == 1 and any(abs(n - g[0]) < 5e-3 for n in nums):
+            return True
+    return False
+
+
 def score_example(ex: dict[str, Any], response: str, seed: int = 0) -> dict[str, Any]:
     """Parse one response of the embedded benchmark and score it with its family's metric."""
     fam = ex["family"]
     ans = final_answer(response)
     out: dict[str, Any] = {"id": ex["id"], "family": fam, "parsed": ans, "unparsed": ans is None}
-    if fam == "multistep":
+    if fam == "multistep" and ex.get("question_type") == "open":  # MMMU open questions: no options
+        out["correct"] = float(open_answer_correct(ans if ans else response, ex["answers"]))
+    elif fam == "multistep":
         letter, rnd = parse_multiple_choice(ans if ans else response, ex["options"], seed)
         out.update(parsed=letter, random_fallback=rnd, correct=float(letter == ex["answer"]))
     elif fam == "reading":
@@ -461,3 +482,41 @@ def hallucination_rows(
         }
         for k in counts
     ]
+
+
+def _survives(row, keep, anchor: dict[str, Any]) -> bool:
+    tok = (row.offsets[:, 0] < anchor["end"]) & (row.offsets[:, 1] > anchor["start"])
+    return bool(tok.any()) and bool(keep[tok].all())
+
+
+def gallery_cases(
+    rows,
+    anchors_by_id: dict[str, list[dict[str, Any]]],
+    cfg,
+    gamma: float = 0.5,
+    n: int = 3,
+    a: str = "vskip",
+    b: str = "text_only",
+) -> dict[str, list[dict[str, Any]]]:
+    """Rationales where method `b` drops a visual anchor that `a` keeps (and, honestly, the reverse), at
+    `gamma`. Returns {"a_keeps": [...], "b_keeps": [...]}, each case with both masks and the anchors lost."""
+    from .gating import GateError, as_scored, keep_mask
+
+    out: dict[str, list[dict[str, Any]]] = {"a_keeps": [], "b_keeps": []}
+    for raw in rows:
+        row = as_scored(raw)
+        try:
+            ka, kb = keep_mask(row, a, gamma, cfg), keep_mask(row, b, gamma, cfg)
+        except GateError:
+            continue
+        anchors = anchors_by_id.get(row.id, [])
+        only_a = [x for x in anchors if _survives(row, ka, x) and not _survives(row, kb, x)]
+        only_b = [x for x in anchors if _survives(row, kb, x) and not _survives(row, ka, x)]
+        case = {"row": row, "keep_a": ka, "keep_b": kb}
+        if only_a and len(out["a_keeps"]) < n:
+            out["a_keeps"].append({**case, "lost": only_a})
+        if only_b and len(out["b_keeps"]) < n:
+            out["b_keeps"].append({**case, "lost": only_b})
+        if len(out["a_keeps"]) >= n and len(out["b_keeps"]) >= n:
+            break
+    return out

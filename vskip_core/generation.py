@@ -37,7 +37,9 @@ def generate(
     device = next(model.parameters()).device
     prefixes = prefix if isinstance(prefix, list) else [prefix] * len(examples)
     out: list[dict[str, Any]] = []
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    from .adapters import adapter_for_tokenizer
+
+    eos = adapter_for_tokenizer(tok).end_token_id(tok)  # <|im_end|> (Qwen) or <|eot_id|> (Llama)
     bar = tqdm(total=len(examples), desc=desc, disable=not progress, leave=False)
     for s in range(0, len(examples), batch_size):
         chunk = examples[s : s + batch_size]
@@ -87,13 +89,13 @@ def generate(
 # ------------------------------------------------------------------------------ rationale generation (01)
 def example_for(cfg, rec: dict[str, Any]) -> dict[str, Any]:
     """Rebuild the benchmark example (image, scene, question, gold) behind a rationale record."""
-    from .data import make_example
+    from .benchmarks import example_at
 
-    return make_example(cfg, rec["split"], int(rec["index"]))
+    return example_at(cfg, rec["split"], int(rec["index"]))
 
 
 def _record(ex: dict[str, Any], gen: dict[str, Any], index: int, split: str) -> dict[str, Any]:
-    from .data import find_anchors
+    from .benchmarks import find_anchors_for
     from .evaluation import score_example
 
     s = score_example(ex, gen["text"])
@@ -108,7 +110,7 @@ def _record(ex: dict[str, Any], gen: dict[str, Any], index: int, split: str) -> 
         "correct": bool(s["correct"] == 1.0),
         "has_answer_line": not s["unparsed"],
         "time_s": gen["time_s"],
-        "anchors": find_anchors(gen["text"], ex.get("scene")),
+        "anchors": find_anchors_for(gen["text"], ex),
     }
 
 
@@ -132,7 +134,7 @@ def generate_rationales(
     joins them. Returns the merged `rationales.jsonl` when every shard exists."""
     from tqdm.auto import tqdm
 
-    from .data import make_example
+    from .benchmarks import example_at
     from .runtime import atomic_write_bytes
 
     g = cfg.generation
@@ -156,7 +158,7 @@ def generate_rationales(
     bar.update(sum(min(g.shard_size, n - k * g.shard_size) for k in mine if k not in todo))
     for k in todo:
         idx = list(range(k * g.shard_size, min(n, (k + 1) * g.shard_size)))
-        exs = [make_example(cfg, split, i) for i in idx]
+        exs = [example_at(cfg, split, i) for i in idx]
         gens = []
         for s in range(0, len(exs), g.batch_size):
             gens += generate(
