@@ -44,11 +44,13 @@ def _rows(cfg, n, wrong_every=0):
 
 
 def _compress(row, method, ratio):
-    """A stand-in gate: keeps a prefix (text_only) or every other word (random) up to the ratio."""
-    words = row["text"].split(" ")
-    k = max(1, round(ratio * len(words)))
+    """A stand-in gate: keeps a prefix (text_only) or every other word (random) of the body up to the ratio,
+    and the answer line whole (as the real gate does with `gate.force_keep_answer`)."""
+    body, sep, answer = split_answer(row["text"])
+    words = body.split(" ")
+    k = max(1, min(len(words) - 1, round(ratio * len(words))))
     picked = words[:k] if method != "random" else (words[::2] + words[1::2])[:k]
-    return " ".join(picked)
+    return " ".join(picked) + sep + answer
 
 
 def _cfg(tiny_teacher, **distill):

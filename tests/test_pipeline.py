@@ -108,3 +108,18 @@ def test_unwritable_results_dir(nbdir, capsys, tmp_path):
         ro.write_text("x")
     assert pipeline.main(["--run", "r", "--set", f"runtime.results_dir={ro}"]) == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def test_main_leaves_the_nbval_redirect_in_place(nbdir, monkeypatch):
+    """main() hides VSKIP_PARAMS / VSKIP_RUN from its stages but must restore them: nbval's later kernels
+    (same pytest process) read them to run on smoke params instead of building the default teacher."""
+    monkeypatch.setenv("VSKIP_PARAMS", "params/smoke.yaml")
+    monkeypatch.setenv("VSKIP_RUN", "nbval-smoke")
+    res = nbdir / "results"
+    assert (
+        pipeline.main(["--params", "params/smoke.yaml", "--run", "r", "--set", f"runtime.results_dir={res}"])
+        == 0
+    )
+    import os
+
+    assert os.environ["VSKIP_PARAMS"] == "params/smoke.yaml" and os.environ["VSKIP_RUN"] == "nbval-smoke"

@@ -48,8 +48,46 @@ class DataConfig:
     n_train: int = 4000  # examples in the train split (rationale generation + distillation)
     n_val: int = 400  # examples in the validation split
     n_test: int = 800  # examples in the test split (all evaluation)
+    # Real benchmarks (vskip_core.benchmarks): n_train / n_val / n_test are then disjoint seeded subsets of each
+    # benchmark's answered split, and examples rotate between the listed sources as families do here.
+    source: list[str] = field(default_factory=lambda: ["embedded"])  # embedded, or any of mmmu, docvqa, pope
+    mmmu_id: str = "MMMU/MMMU"  # hub id, or a local path (save_to_disk folder or a folder of parquet files)
+    mmmu_split: str = "validation"  # an MMMU split with answers: validation (900) or dev (150)
+    mmmu_subjects: list[str] = field(default_factory=list)  # MMMU subjects (hub configs); empty = all 30
+    docvqa_id: str = "lmms-lab/DocVQA"  # or its 2026 home lmms-lab-encoder/DocVQA, or a local path
+    docvqa_split: str = "validation"  # a DocVQA split with answers (test answers are hidden)
+    pope_id: str = "lmms-lab/POPE"  # hub id or local path
+    pope_categories: list[str] = field(
+        default_factory=lambda: ["adversarial", "popular", "random"]
+    )  # POPE negative samplers kept
+    max_images: int = 0  # > 0 drops examples with more images (Llama-3.2-Vision is trained on one); 0 = keep
 
     def validate(self) -> None:
+        real = ("mmmu", "docvqa", "pope")
+        _check(
+            len(self.source) > 0, "data.source", "must name embedded or at least one of mmmu, docvqa, pope"
+        )
+        _check(
+            self.source == ["embedded"] or all(s in real for s in self.source),
+            "data.source",
+            f"must be [embedded] or a list of {list(real)}, got {self.source}",
+        )
+        _check(
+            len(set(self.source)) == len(self.source), "data.source", f"duplicate entries in {self.source}"
+        )
+        _check(
+            self.mmmu_split in ("validation", "dev"),
+            "data.mmmu_split",
+            f"must be validation or dev (test answers are hidden), got {self.mmmu_split!r}",
+        )
+        for c in self.pope_categories:
+            _check(
+                c in ("adversarial", "popular", "random"),
+                "data.pope_categories",
+                f"unknown POPE category {c!r}; valid: adversarial, popular, random",
+            )
+        _check(len(self.pope_categories) > 0, "data.pope_categories", "must keep at least one category")
+        _check(self.max_images >= 0, "data.max_images", f"must be >= 0, got {self.max_images}")
         _check(
             self.image_size % 28 == 0 and self.image_size >= 56,
             "data.image_size",
@@ -85,8 +123,14 @@ class ModelConfig:
     dtype: str = "auto"  # auto (bf16 if supported, else fp16 on GPU, fp32 on CPU), float32, bfloat16, float16
     quantization: str = "none"  # none or nf4 (4-bit through bitsandbytes)
     attn_implementation: str = "eager"  # eager exposes attention weights; sdpa is faster but returns none
+    max_image_tokens: int = (
+        1280  # Qwen: visual tokens per image at most (max_pixels = this x 28 x 28); mllama: fixed 4 tiles
+    )
 
     def validate(self) -> None:
+        _check(
+            self.max_image_tokens >= 4, "model.max_image_tokens", f"must be >= 4, got {self.max_image_tokens}"
+        )
         _check(
             self.family in ("auto", "qwen2_vl", "qwen2_5_vl", "mllama"),
             "model.family",
@@ -130,6 +174,7 @@ class EmbeddedConfig:
     warmup_steps: int = 60  # linear warm-up steps
     vision_lr_mult: float = 0.1  # vision-tower lr as a fraction of lr during end-to-end training
     anchor_weight: float = 3.0  # loss weight on tokens inside visual-anchor spans and the answer
+    probe_weight: float = 0.5  # end to end: weight of the vision-probe loss kept as an auxiliary (0 = off)
     eval_per_family: int = 200  # held-out test examples per family for the teacher's report
 
     def validate(self) -> None:
@@ -196,18 +241,21 @@ class GenerationConfig:
 
 @dataclass
 class ScoringConfig:
-    """Dual scoring of rationale tokens (vskip_core.scoring)."""
+    """Dual scoring of rationale tokens (vskip_core.scoring; the key-layer default is argued there)."""
 
-    key_layers: list[int] = field(
-        default_factory=list
-    )  # explicit decoder layer indices; empty = use layer_band
+    key_layers: list[int] = field(default_factory=list)  # explicit decoder layer indices; empty = layer_band
     layer_band: list[float] = field(
         default_factory=lambda: [0.25, 0.75]
-    )  # depth-fraction range [lo, hi] of layers
+    )  # [lo, hi] range of layer centre depth (i + 0.5) / n_layers: the middle half of the decoder
     head_reduce: str = "max"  # reduce heads by max (paper) or mean
+    query_position: str = "predict"  # attention row of token t: predict (the row that writes t) or self
     surprisal_without_image: bool = False  # also score surprisal with a blank image (analysis only)
     batch_size: int = 8  # sequences per teacher-forced pass
-    word_level: bool = True  # aggregate scores to words so a word's tokens share one decision
+    word_level: bool = True  # the gate uses word values (a word's tokens share one decision)
+    word_surprisal: str = "sum"  # word surprisal from its tokens: sum (= -log p(word), chain rule), mean, max
+    word_anchoring: str = "max"  # word anchoring from its tokens: max (a token looks at the image), mean, sum
+    store_all_layers: bool = True  # also store every candidate layer's anchoring (03 ablates band / heads)
+    shard_size: int = 256  # rationales per written shard (a killed run resumes at the next shard)
 
     def validate(self) -> None:
         _check(
@@ -216,12 +264,24 @@ class ScoringConfig:
             f"must be max or mean, got {self.head_reduce!r}",
         )
         _check(
+            self.query_position in ("predict", "self"),
+            "scoring.query_position",
+            f"must be predict or self, got {self.query_position!r}",
+        )
+        _check(
             len(self.layer_band) == 2 and 0 <= self.layer_band[0] <= self.layer_band[1] <= 1,
             "scoring.layer_band",
             f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {self.layer_band}",
         )
         _check(all(i >= 0 for i in self.key_layers), "scoring.key_layers", "layer indices must be >= 0")
-        _check(self.batch_size > 0, "scoring.batch_size", f"must be > 0, got {self.batch_size}")
+        for k in ("word_surprisal", "word_anchoring"):
+            _check(
+                getattr(self, k) in ("sum", "mean", "max"),
+                f"scoring.{k}",
+                f"must be sum, mean or max, got {getattr(self, k)!r}",
+            )
+        for k in ("batch_size", "shard_size"):
+            _check(getattr(self, k) > 0, f"scoring.{k}", f"must be > 0, got {getattr(self, k)}")
 
 
 @dataclass
@@ -229,10 +289,27 @@ class GateConfig:
     """The union-of-saliency gate and the baselines that share its interface (vskip_core.gating)."""
 
     gamma: float = 0.5  # target retention ratio: fraction of rationale tokens kept, in (0, 1]
-    threshold_mode: str = "example"  # example (a quantile per rationale) or corpus (one quantile overall)
-    text_share: float = 0.5  # share of the keep budget filled by the text path before the union
+    threshold_mode: str = "example"  # example (each rationale keeps gamma) or corpus (one threshold per path)
+    text_share: float = 0.5  # share of the free budget the text path fills first (0 visual_only, 1 text_only)
     force_keep_answer: bool = True  # always keep the final answer line
     force_keep_digits: bool = False  # always keep digit tokens
+    methods: list[str] = field(
+        default_factory=lambda: [
+            "vskip",
+            "text_only",
+            "external_lm",
+            "visual_only",
+            "intersection",
+            "weighted",
+            "random",
+        ]
+    )  # methods notebook 03 compares (vskip_core.gating.METHODS; llmlingua2 when its model is local)
+    gammas: list[float] = field(
+        default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.9]
+    )  # retention ratios of the gamma sweep
+    external_dtype: str = "bfloat16"  # SmolLM2 scorer: 1.7x fp32 on AMX CPUs, surprisal corr 0.9998; or auto
+    external_batch_size: int = 32  # rationales per external-LM forward pass
+    llmlingua2_path: str = ""  # local LLMLingua-2 model folder; empty = <runtime.cache_dir>/llmlingua-2
 
     def validate(self) -> None:
         _check(0 < self.gamma <= 1, "gate.gamma", f"must be in (0, 1], got {self.gamma}")
@@ -242,45 +319,83 @@ class GateConfig:
             f"must be example or corpus, got {self.threshold_mode!r}",
         )
         _check(0 <= self.text_share <= 1, "gate.text_share", f"must be in [0, 1], got {self.text_share}")
+        valid = ("vskip", "text_only", "external_lm", "visual_only", "intersection", "weighted", "random")
+        for m in self.methods:
+            _check(m in (*valid, "llmlingua2"), "gate.methods", f"unknown method {m!r}; valid: {valid}")
+        _check(
+            len(self.gammas) > 0 and all(0 < g <= 1 for g in self.gammas),
+            "gate.gammas",
+            f"every gamma must be in (0, 1], got {self.gammas}",
+        )
+        _check(
+            self.external_dtype in ("auto", "float32", "bfloat16", "float16"),
+            "gate.external_dtype",
+            f"unknown dtype {self.external_dtype!r}",
+        )
+        _check(self.external_batch_size > 0, "gate.external_batch_size", "must be > 0")
 
 
 @dataclass
 class DistillConfig:
-    """LoRA / QLoRA distillation of compressed rationales into a student (vskip_core.distill)."""
+    """LoRA / QLoRA distillation of compressed rationales into a student (vskip_core.distill).
+
+    Defaults are for the embedded 4.9 M-parameter student on 2 CPU cores: all six students (5 methods +
+    the full-rationale control) train in under 10 minutes together (measurements in vskip_core.distill).
+    TokenSkip's 7B recipe (r 8, alpha 16, all linear layers, lr 5e-5) is far too timid for a model this
+    small: on the default teacher, 80 steps at lr 1e-3 left the student ignoring the ratio in its prompt;
+    5e-3 lowered the loss fastest, stayed stable and made outputs shorten with the requested ratio."""
 
     student: str = "embedded"  # student base model: embedded (the teacher's weights) or a hub id / local dir
     methods: list[str] = field(
         default_factory=lambda: ["vskip", "text_only", "external_lm", "visual_only", "random"]
-    )
+    )  # gate methods, one student each (the full-rationale control `full` is always added)
     ratios: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.7, 0.5, 0.3])  # one drawn per example
-    quantization: str = "none"  # none or nf4 (QLoRA through bitsandbytes)
+    max_examples: int = 0  # > 0 caps the training set (the first N kept rationales, by id); 0 = all
+    quantization: str = "none"  # none or nf4 (QLoRA: student base in 4-bit through bitsandbytes)
     lora_r: int = 16  # LoRA rank
-    lora_alpha: int = 32  # LoRA scaling numerator
-    lora_dropout: float = 0.05  # LoRA dropout
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    lr: float = 1e-3  # learning rate
-    epochs: float = 2.0  # passes over the training set
+    lora_alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
+    lora_dropout: float = 0.0  # LoRA dropout (none: under one epoch per student, and 10% faster on CPU)
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )  # linear layers of the language model's decoder layers, by name; ["all-linear"] = all of them
+    lr: float = 5e-3  # peak learning rate (linear warm-up, cosine decay)
+    warmup_steps: int = 10  # linear warm-up steps
+    epochs: float = 2.0  # passes over the training set (when max_steps is 0)
     batch_size: int = 16  # per-device batch size
     grad_accum: int = 1  # gradient accumulation steps
-    max_steps: int = 0  # > 0 caps the steps (overrides epochs)
+    max_steps: int = 80  # > 0 fixes the optimizer steps per student (the shared budget); 0 = use epochs
+    logging_steps: int = 5  # loss logged every N steps (and at step 1)
+    save_steps: int = 20  # checkpoint every N steps (a killed run resumes from the last one)
+    gradient_checkpointing: bool = False  # recompute activations in backward (on for 2B+ models on a T4)
+    attn_implementation: str = "sdpa"  # language-model attention in training (sdpa: no maps needed, faster)
 
     def validate(self) -> None:
+        _check(len(self.methods) > 0, "distill.methods", "must name at least one gate method")
         _check(
             len(self.ratios) > 0 and all(0 < r <= 1 for r in self.ratios),
             "distill.ratios",
-            f"every ratio must be in (0, 1], got {self.ratios}",
+            f"every ratio must be in (0, 1] (1.0 = the full rationale), got {self.ratios}",
         )
         _check(
             self.quantization in ("none", "nf4"),
             "distill.quantization",
             f"must be none or nf4, got {self.quantization!r}",
         )
-        for k in ("lora_r", "lora_alpha", "batch_size", "grad_accum"):
+        for k in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "logging_steps", "save_steps"):
             _check(getattr(self, k) > 0, f"distill.{k}", f"must be > 0, got {getattr(self, k)}")
+        for k in ("max_examples", "max_steps", "warmup_steps"):
+            _check(getattr(self, k) >= 0, f"distill.{k}", f"must be >= 0, got {getattr(self, k)}")
         _check(
-            self.lr > 0 and self.epochs > 0 and self.max_steps >= 0, "distill.lr", "lr, epochs must be > 0"
+            0 <= self.lora_dropout < 1, "distill.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}"
         )
+        _check(self.lr > 0, "distill.lr", f"must be > 0, got {self.lr}")
+        _check(self.epochs > 0, "distill.epochs", f"must be > 0, got {self.epochs}")
         _check(len(self.target_modules) > 0, "distill.target_modules", "must name at least one module")
+        _check(
+            self.attn_implementation in ("eager", "sdpa"),
+            "distill.attn_implementation",
+            f"must be eager or sdpa, got {self.attn_implementation!r}",
+        )
 
 
 @dataclass
@@ -306,24 +421,40 @@ class EvalConfig:
 
 @dataclass
 class PruneConfig:
-    """Visual-token pruning: FastV, DivPrune, prompt-aware relevance + diversity, and DSTP (vskip_core.visual_tokens)."""
+    """Visual-token pruning: FastV, DivPrune, prompt-aware relevance + diversity, and DSTP (vskip_core.visual_tokens).
 
-    methods: list[str] = field(default_factory=lambda: ["fastv", "divprune", "zspaprune"])
+    The exact rules (and which layers each prunes) are in the vskip_core.visual_tokens docstring."""
+
+    methods: list[str] = field(
+        default_factory=lambda: ["fastv", "divprune", "zspaprune"]
+    )  # base pruners compared, each also with +dstp
     retentions: list[float] = field(
         default_factory=lambda: [0.666, 0.333, 0.111]
-    )  # fraction of visual tokens kept
-    fastv_layer: int = 2  # FastV: prune after this decoder layer (K)
+    )  # fraction of visual tokens kept: k = max(1, round(retention * n_visual))
+    fastv_layer: int = 2  # FastV's K: layers < K see every visual token, layer K-1's attention ranks them
+    score_layer: int = -1  # DSTP / RVIS: layer whose attention ranks visual tokens while decoding; -1 = K - 1
     core_fraction: float = 0.6  # prompt-aware: share of the budget chosen by relevance (rest by diversity)
     dstp_interval: int = 8  # DSTP: re-select visual tokens every this many decoding steps
     dstp_shift_threshold: float = 0.5  # DSTP: also re-select when top-k Jaccard overlap drops below this
-    n_examples: int = 200  # evaluation examples
-    image_size: int = 0  # > 0 renders benchmark images at this size for the timing benchmark
+    variant: str = "drop"  # drop (sequence and KV cache really shorten) or mask (full length, keys masked)
+    n_examples: int = 200  # evaluation examples (families rotate); 0 = the whole eval.split
+    batch_size: int = 32  # examples per pruned greedy-decoding batch (accuracy runs)
+    latency_examples: int = 4  # examples timed at batch 1 (after one warm-up) per method and retention
+    num_threads: int = 1  # CPU threads in 07 and its benchmark (1: no spin-waits on shared cores); 0 = keep
+    student_adapter: str = "vskip"  # adapter in 04_qlora_distillation/adapters/ to combine; "" = skip
+    student_ratio: float = 0.5  # the compression ratio the student is asked for (distill.ratio_prefix)
+    image_size: int = 0  # timing benchmark: render benchmark images at this size; 0 = 448 (256 visual tokens)
+    bench_repeats: int = 5  # timing benchmark: repeats per setting (medians reported)
+    bench_new_tokens: int = 32  # timing benchmark: decoded tokens per run (end token ignored)
 
     def validate(self) -> None:
+        methods = ("fastv", "divprune", "zspaprune")
+        for m in self.methods:
+            _check(m in methods, "prune.methods", f"unknown method {m!r}; valid: {list(methods)}")
         _check(
-            all(0 < r <= 1 for r in self.retentions),
+            len(self.retentions) > 0 and all(0 < r <= 1 for r in self.retentions),
             "prune.retentions",
-            f"must be in (0, 1], got {self.retentions}",
+            f"every retention must be in (0, 1] (fraction of visual tokens kept), got {self.retentions}",
         )
         _check(
             0 <= self.core_fraction <= 1,
@@ -331,9 +462,31 @@ class PruneConfig:
             f"must be in [0, 1], got {self.core_fraction}",
         )
         _check(
-            self.fastv_layer >= 0 and self.dstp_interval > 0,
+            self.fastv_layer >= 1,
             "prune.fastv_layer",
-            "must be >= 0 (interval > 0)",
+            f"must be >= 1 (layer K-1 ranks the visual tokens), got {self.fastv_layer}",
+        )
+        _check(self.score_layer >= -1, "prune.score_layer", f"must be >= -1, got {self.score_layer}")
+        _check(self.dstp_interval > 0, "prune.dstp_interval", f"must be > 0, got {self.dstp_interval}")
+        _check(
+            0 <= self.dstp_shift_threshold <= 1,
+            "prune.dstp_shift_threshold",
+            f"must be in [0, 1] (a Jaccard overlap), got {self.dstp_shift_threshold}",
+        )
+        _check(
+            self.variant in ("drop", "mask"), "prune.variant", f"must be drop or mask, got {self.variant!r}"
+        )
+        for k in ("n_examples", "latency_examples", "num_threads"):
+            _check(getattr(self, k) >= 0, f"prune.{k}", f"must be >= 0, got {getattr(self, k)}")
+        for k in ("batch_size", "bench_repeats", "bench_new_tokens"):
+            _check(getattr(self, k) > 0, f"prune.{k}", f"must be > 0, got {getattr(self, k)}")
+        _check(
+            0 < self.student_ratio <= 1, "prune.student_ratio", f"must be in (0, 1], got {self.student_ratio}"
+        )
+        _check(
+            self.image_size == 0 or (self.image_size % 28 == 0 and self.image_size >= 56),
+            "prune.image_size",
+            f"must be 0 or a multiple of 28 >= 56, got {self.image_size}",
         )
 
 
@@ -341,7 +494,9 @@ class PruneConfig:
 class RuntimeConfig:
     seed: int = 0  # seed for torch / numpy / random through vskip_core.runtime.seed_everything
     device: str = "auto"  # auto (cuda if available, else mps, else cpu), cpu, cuda, cuda:N, mps
-    num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    num_threads: int = (
+        0  # torch CPU threads; 0 keeps torch's default (params/default.yaml sets 1: see README)
+    )
     results_dir: str = "results"  # run outputs: results/<run>/<stage>/ (relative to the repository root)
     cache_dir: str = ".cache"  # trained teachers and generated datasets, keyed by a hash of their params
 

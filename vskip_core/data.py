@@ -206,6 +206,8 @@ _OPENINGS = (
 )
 _NEED = ("We need ", "The question asks for ", "I must find ")
 _SO = ("So the answer is ", "Therefore the answer is ", "This means the answer is ")
+
+
 def _key(w: _Writer, o: dict[str, Any], key: str) -> _Writer:
     """How the question names the object: by shape, by colour ("the red object") or by both."""
     if key == "shape":
@@ -216,13 +218,16 @@ def _key(w: _Writer, o: dict[str, Any], key: str) -> _Writer:
 
 
 def _locate(w: _Writer, o: dict[str, Any], key: str, t: int) -> None:
-    """The look-up step: find the asked object, then describe it fully (one local hop at a time)."""
+    """The look-up step: find the asked object by what it looks like, describe it fully, then say where it is.
+    Position comes last: reading an object's cell off the image is a content-to-position hop that a small
+    model learns far more slowly than content-to-content (measured: 0.27 teacher-forced accuracy on the cell
+    when it came first), and no answer depends on it."""
     w.add("The ")
     _key(w, o, key)
-    w.add((" is at the ", " is found at the ", " sits in the ")[t]).anchor("position", o["position"])
-    w.add(("; it is a ", ": a ", " cell; it is a ")[t]).obj(o, size=True)
+    w.add((" is a ", " in the image is a ", " here is a ")[t]).obj(o, size=True)
     w.add((" with the price ", " whose label reads ", " marked ")[t]).anchor("text", o["price"])
-    w.add((" below it. ", ". ", ". ")[t])
+    w.add((", at the ", "; it is at the ", ", in the ")[t]).anchor("position", o["position"])
+    w.add((". ", ". ", " cell. ")[t])
 
 
 def _finish(w: _Writer, scene: dict[str, Any], t: int, answer: str, kind: str | None) -> None:

@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         return _plan(args)
 
-    from .runtime import results_dir, stage_fingerprint
+    from .runtime import results_dir
 
     try:
         overrides = parse_sets(args.sets)
@@ -153,11 +153,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import ENV_PARAMS, ENV_RUN
 
-    for k in (
-        ENV_PARAMS,
-        ENV_RUN,
-    ):  # papermill passes params explicitly; don't let the nbval redirect leak in
-        os.environ.pop(k, None)
+    # papermill passes params explicitly; don't let the nbval redirect leak into the stages' kernels. Put the
+    # variables back afterwards: a test calling main() in-process must not change what later notebooks see.
+    saved = {k: os.environ.pop(k) for k in (ENV_PARAMS, ENV_RUN) if k in os.environ}
+    try:
+        return _run_stages(args, cfg, stages, overrides, out)
+    finally:
+        os.environ.update(saved)
+
+
+def _run_stages(args, cfg, stages, overrides, out) -> int:
+    from .runtime import stage_fingerprint
+
     print(f"vskip pipeline: params={args.params} run={args.run} -> {out}")
     rerun_rest = False
     for i, stage in enumerate(stages, 1):

@@ -6,7 +6,8 @@ Recipe (each step measured in the notebook 00 report):
    token, the colour, shape, size and the three price digits of the object in its cell, and the cell index.
    Each merged token's feature then linearly encodes what is where, in a few hundred steps.
 3. **End to end**: next-token loss on rationale + answer only (prompt and image tokens masked), tokens
-   inside visual-anchor spans and the answer line weighted `anchor_weight`x, vision lr x`vision_lr_mult`.
+   inside visual-anchor spans and the answer line weighted `anchor_weight`x, vision lr x`vision_lr_mult`,
+   plus `probe_weight` x the phase-2 probe loss so the visual tokens stay decodable.
    A fresh stream of examples (split "teacher", disjoint from train/val/test), never repeated.
 
 The result is saved with `save_pretrained` (model, tokenizer, image processor) under
@@ -186,7 +187,10 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
     lm_params = [p for p in model.parameters() if id(p) not in vis_ids]
     opt_v = torch.optim.AdamW(vis_params + list(probe.parameters()), lr=e.pretrain_lr, weight_decay=0.01)
     opt = torch.optim.AdamW(
-        [{"params": lm_params, "lr": e.lr}, {"params": vis_params, "lr": e.lr * e.vision_lr_mult}],
+        [
+            {"params": lm_params, "lr": e.lr},
+            {"params": vis_params + list(probe.parameters()), "lr": e.lr * e.vision_lr_mult},
+        ],
         lr=e.lr,
         betas=(0.9, 0.98),
         weight_decay=0.01,
@@ -258,6 +262,10 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
     # Phase 2: end to end on question -> rationale + answer.
     offset = 5_000_000  # stream indices disjoint from phase 1
     bar = tqdm(total=e.train_steps, initial=state["train_step"], desc="end-to-end", disable=not progress)
+    captured: dict[str, torch.Tensor] = {}  # the merged visual tokens of the current step, for the probe loss
+    hook = model.model.visual.register_forward_hook(
+        lambda _m, _i, out: captured.__setitem__("feats", getattr(out, "pooler_output", out))
+    )
     while state["train_step"] < e.train_steps:
         step = state["train_step"]
         exs = [make_example(cfg, "teacher", offset + step * e.batch_size + j) for j in range(e.batch_size)]
@@ -277,18 +285,35 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
                 )
             }
         )
-        loss = weighted_lm_loss(res.logits, batch["labels"].to(device), batch["weights"].to(device))
+        lm_loss = weighted_lm_loss(res.logits, batch["labels"].to(device), batch["weights"].to(device))
+        probe_loss = torch.zeros((), device=device)
+        if e.probe_weight > 0:  # keep the dense scene labels decodable from the visual tokens
+            labels = [token_labels(x["scene"], cfg.data.image_size) for x in exs]
+            logits = probe(captured["feats"])
+            probe_loss = sum(
+                F.cross_entropy(logits[k], torch.cat([lab[k] for lab in labels]).to(device)) for k in logits
+            )
+        loss = lm_loss + e.probe_weight * probe_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        state["history"].append({"phase": "lm", "step": step, "loss": loss.item(), "lr": e.lr * f})
+        state["history"].append(
+            {
+                "phase": "lm",
+                "step": step,
+                "loss": lm_loss.item(),
+                "probe_loss": probe_loss.item(),
+                "lr": e.lr * f,
+            }
+        )
         state["train_step"] += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if state["train_step"] % CKPT_EVERY == 0:
             save_ckpt()
     bar.close()
+    hook.remove()
 
     model.eval()
     seconds = state.get("seconds_base", 0.0) + (time.time() - t_start)
