@@ -166,9 +166,9 @@ class EmbeddedConfig:
     kv_heads: int = 4  # key/value heads (grouped-query attention, as in Qwen2-VL)
     intermediate_size: int = 768  # MLP width of the language model
     vocab_size: int = 640  # BPE vocabulary size of the tokenizer trained on benchmark text
-    pretrain_steps: int = 300  # vision-tower pretraining steps on dense per-token scene labels
+    pretrain_steps: int = 800  # vision-tower pretraining steps on dense per-token scene labels
     pretrain_lr: float = 2e-3  # learning rate of the vision pretraining
-    train_steps: int = 1500  # end-to-end steps on question + rationale + answer
+    train_steps: int = 1000  # end-to-end steps on question + rationale + answer
     batch_size: int = 16  # examples per step
     lr: float = 1.5e-3  # peak learning rate of the language side (cosine decay, warm-up below)
     warmup_steps: int = 60  # linear warm-up steps

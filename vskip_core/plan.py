@@ -63,8 +63,8 @@ class Device:
     )
 
     def decode_overhead(self, layers: int, batch: int) -> float:
-        if self.name == "CPU":  # measured on the smoke teacher: ~65 ms per step at batch 1, 2 contended cores
-            return self.step_overhead_s + 0.006 * batch
+        if self.name == "CPU":  # measured, default embedded teacher, 1 thread: 10 ms/step at batch 1, 37 at 32
+            return self.step_overhead_s + 0.0009 * batch
         return self.step_overhead_s + 0.0003 * layers
 
 
@@ -85,7 +85,7 @@ GPUS: dict[str, Device] = {
 }
 # 2 CPU cores, fp32: effective figures measured in ../shared/PLATFORM.md (0.39 s per 16 x 80-token step of a
 # 5.4 M model: ~0.1 TFLOP/s of training work).
-CPU = Device("CPU", 16.0, 0.1, 10, False, step_overhead_s=0.06)
+CPU = Device("CPU", 16.0, 0.1, 10, False, step_overhead_s=0.008)
 
 _ROPE = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
@@ -675,8 +675,15 @@ def _plan_on(cfg: Config, dev: Device, why: str) -> Plan:
     p = cfg.prune
     n_prune = min(p.n_examples, d.n_test)
     runs = len(p.methods) * len(p.retentions) * 2 + 1
-    s7, p7 = _generation(teacher, seq, dev, n_prune, 1, g.max_new_tokens, db, tq, eager)
-    add("07_visual_token_pruning", f"teacher; {runs} runs x {n_prune} examples at batch 1", 0, p7, runs * s7)
+    s7, p7 = _generation(teacher, seq, dev, n_prune, p.batch_size, g.max_new_tokens, db, tq, eager)
+    s7_lat, _ = _generation(teacher, seq, dev, p.latency_examples, 1, g.max_new_tokens, db, tq, eager)
+    add(
+        "07_visual_token_pruning",
+        f"teacher; {runs} runs x {n_prune} examples (batch {p.batch_size}) + {p.latency_examples} timed at batch 1",
+        0,
+        p7,
+        runs * (s7 + s7_lat),
+    )
 
     if dev.name == "T4" and cfg.model.dtype in ("auto", "bfloat16"):
         notes.append("T4 has no native bfloat16: set model.dtype: float16")
