@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 import pytest
@@ -52,6 +53,50 @@ def test_sharded_workers_then_merge(tiny_teacher, tmp_path):
     path = generate_rationales(cfg, loaded, tmp_path, split="val", n=7, shard=(1, 2), progress=False)
     ids = [json.loads(x)["id"] for x in path.read_text().splitlines()]
     assert ids == [f"val-{i:06d}" for i in range(7)]
+
+
+def test_generation_cli_workers_then_merge(tiny_teacher, tmp_path, capsys):
+    from vskip_core.generation import main
+
+    cfg, _ = tiny_teacher
+    common = [
+        "--params",
+        "params/smoke.yaml",
+        "--run",
+        "cli",
+        "--set",
+        f"runtime.cache_dir={cfg.runtime.cache_dir}",
+        "--set",
+        f"runtime.results_dir={tmp_path}",
+        "--set",
+        "embedded.train_steps=40",
+        "--set",
+        "embedded.pretrain_steps=10",
+        "--set",
+        "embedded.lr=0.003",
+        "--set",
+        "generation.shard_size=4",
+        "--set",
+        "generation.n_examples=10",
+        "--set",
+        "generation.max_new_tokens=6",
+    ]
+    assert main([*common, "--merge"]) == 1  # nothing written yet: a clear error
+    assert "shards missing" in capsys.readouterr().err
+    assert main([*common, "--shard", "0/2"]) == 0
+    assert "2 of 3 shards written" in capsys.readouterr().out
+    assert main([*common, "--shard", "1/2"]) == 0
+    out = tmp_path / "cli" / "01_rationale_generation" / "rationales.jsonl"
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [
+        f"train-{i:06d}" for i in range(10)
+    ]
+    assert main([*common, "--merge"]) == 0
+    assert main([*common, "--shard", "2/2"]) == 2
+    assert "0 <= i < n" in capsys.readouterr().err
+    (out.parent / "shards" / "shard-00000.jsonl").unlink()
+    if importlib.util.find_spec("vllm") is None:  # the optional backend names its extra when absent
+        assert main([*common, "--backend", "vllm"]) == 2
+        assert "pip install -e '.[vllm]'" in capsys.readouterr().err
 
 
 def test_missing_rationales_clear_error(tmp_path):

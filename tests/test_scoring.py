@@ -435,6 +435,30 @@ def test_scoring_resumes_after_a_kill_without_duplicates(setup, tmp_path):
     assert isinstance(resumed.surprisal[0], list) and isinstance(resumed.offsets[0][0], list)
 
 
+def test_scoring_workers_split_the_work_and_the_merge_reads_their_shards(setup, tmp_path):
+    cfg, tok, proc, exs = setup
+    cfg = load_params("params/smoke.yaml", {"scoring.batch_size": 2, "scoring.shard_size": 2})
+    loaded = _loaded(cfg, tok, proc)
+    recs = _records(exs)
+    full = S.score_rationales(loaded, cfg, recs, exs, progress=False)
+    parts = [
+        S.score_rationales(loaded, cfg, recs, exs, progress=False, out_dir=tmp_path, worker=(i, 2))
+        for i in (0, 1)
+    ]
+    assert [list(p.id) for p in parts] == [[r["id"] for r in recs][i::2] for i in (0, 1)]
+    names = sorted(f.name for f in (tmp_path / S.SHARD_DIR).glob("shard-*.parquet"))
+    assert names and all(n.startswith(("shard-w0of2-", "shard-w1of2-")) for n in names)
+    forward = loaded.model.forward
+    loaded.model.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("the merge must not score"))
+    merged = S.score_rationales(loaded, cfg, recs, exs, progress=False, out_dir=tmp_path)
+    loaded.model.forward = forward
+    assert list(merged.id) == [r["id"] for r in recs] and merged.attrs["resumed"] == len(recs)
+    for a, b in zip(merged.anchoring, full.anchoring):
+        assert np.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="worker"):
+        S.score_rationales(loaded, cfg, recs, exs, progress=False, worker=(2, 2))
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_bad_rationales_are_skipped_and_counted(setup):
     cfg, tok, proc, exs = setup

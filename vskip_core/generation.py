@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,63 @@ def generate(
     return out
 
 
+# ------------------------------------------------------------------------------------- vLLM backend
+_VLLM: dict[str, Any] = {}
+
+
+def generate_vllm(cfg, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stage 01's rationales through vLLM (`pip install -e '.[vllm]'`, GPU): same prompts (the checkpoint's own
+    chat template through the family adapter), same sampling params (`generation.*`), same record fields as
+    `generate`. Scoring stays in transformers, which exposes attention. The engine is built once per process."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise ImportError(
+            "the vllm backend needs the vllm package (GPU only): pip install -e '.[vllm]'; "
+            "or generate with transformers (the default: drop --backend vllm)"
+        ) from None
+    from transformers import AutoTokenizer
+
+    from .adapters import detect_family, example_images, get_adapter
+
+    name, g = cfg.model.teacher, cfg.generation
+    if name == "embedded":
+        raise ValueError("vLLM serves hub checkpoints; the embedded teacher generates with transformers")
+    if name not in _VLLM:
+        n_img = cfg.data.max_images or 7  # MMMU: up to 7 images per question
+        dtype = {"auto": "auto", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+        _VLLM[name] = (
+            LLM(
+                model=name,
+                dtype=dtype.get(cfg.model.dtype, "auto"),
+                seed=cfg.runtime.seed,
+                limit_mm_per_prompt={"image": n_img},
+            ),
+            AutoTokenizer.from_pretrained(name),
+            get_adapter(detect_family(name, cfg.model.family)),
+        )
+    llm, tok, ad = _VLLM[name]
+    sp = SamplingParams(
+        max_tokens=g.max_new_tokens,
+        temperature=g.temperature if g.do_sample else 0.0,
+        top_p=g.top_p if g.do_sample else 1.0,
+        stop_token_ids=[ad.end_token_id(tok)],
+        seed=cfg.runtime.seed,
+    )
+    prompts = [
+        {"prompt": ad.prompt_text(ex, tok, g.instruction), "multi_modal_data": {"image": example_images(ex)}}
+        for ex in examples
+    ]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    dt = (time.perf_counter() - t0) / max(1, len(examples))
+    res = []
+    for o in outs:
+        ids = [i for i in o.outputs[0].token_ids if i != ad.end_token_id(tok)]
+        res.append({"text": tok.decode(ids, skip_special_tokens=True), "token_ids": ids, "time_s": dt})
+    return res
+
+
 # ------------------------------------------------------------------------------ rationale generation (01)
 def example_for(cfg, rec: dict[str, Any]) -> dict[str, Any]:
     """Rebuild the benchmark example (image, scene, question, gold) behind a rationale record."""
@@ -127,27 +185,23 @@ def generate_rationales(
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
     on_shard_done=None,
+    backend: str = "transformers",
 ) -> Path:
     """Teacher rationales for examples 0..n-1 of `split`, written in shards of `generation.shard_size`
     (atomic files under out_dir/shards/). A killed run resumes at the first missing shard: no example
     lost, none duplicated. `shard=(i, n)` takes every n-th shard (several workers/GPUs), `merge_rationales`
-    joins them. Returns the merged `rationales.jsonl` when every shard exists."""
+    joins them. Returns the merged `rationales.jsonl` when every shard exists. `backend="vllm"` generates
+    with vLLM from `model.teacher` (a hub id or local folder; `loaded` may then be None)."""
     from tqdm.auto import tqdm
 
     from .benchmarks import example_at
     from .runtime import atomic_write_bytes
 
     g = cfg.generation
-    split = split or g.split
-    n = (
-        n
-        if n is not None
-        else (
-            g.n_examples or {"train": cfg.data.n_train, "val": cfg.data.n_val, "test": cfg.data.n_test}[split]
-        )
-    )
+    split, n, n_shards = plan_shards(cfg, split, n)
+    if not (0 <= shard[0] < shard[1]):
+        raise ValueError(f"shard {shard[0]}/{shard[1]}: need 0 <= i < n (worker i of n)")
     out_dir = Path(out_dir)
-    n_shards = (n + g.shard_size - 1) // g.shard_size
     mine = [k for k in range(n_shards) if k % shard[1] == shard[0]]
     todo = [k for k in mine if not shard_path(out_dir, k).exists()]
     bar = tqdm(
@@ -160,7 +214,12 @@ def generate_rationales(
         idx = list(range(k * g.shard_size, min(n, (k + 1) * g.shard_size)))
         exs = [example_at(cfg, split, i) for i in idx]
         gens = []
-        for s in range(0, len(exs), g.batch_size):
+        if backend == "vllm":
+            gens = generate_vllm(cfg, exs)
+            bar.update(len(exs))
+        elif backend != "transformers":
+            raise ValueError(f"backend {backend!r}: expected 'transformers' or 'vllm'")
+        for s in range(0, len(exs) if backend == "transformers" else 0, g.batch_size):
             gens += generate(
                 loaded.model,
                 loaded.tokenizer,
@@ -180,6 +239,26 @@ def generate_rationales(
             on_shard_done(k)
     bar.close()
     return merge_rationales(out_dir, n_shards)
+
+
+def plan_shards(cfg, split: str | None = None, n: int | None = None) -> tuple[str, int, int]:
+    """(split, examples, shards) that stage 01 writes for these params."""
+    g = cfg.generation
+    split = split or g.split
+    if n is None:
+        n = g.n_examples or {"train": cfg.data.n_train, "val": cfg.data.n_val, "test": cfg.data.n_test}[split]
+    return split, n, (n + g.shard_size - 1) // g.shard_size
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n), worker i of n (0-based)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4 (worker 0 of 4)") from None
+    if not (0 <= i < n):
+        raise ValueError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
 
 
 def merge_rationales(out_dir: Path, n_shards: int) -> Path:
@@ -216,3 +295,60 @@ def kept_rationales(cfg, stage_dir: str | Path) -> list[dict[str, Any]]:
     if cfg.generation.keep == "answered":
         return [r for r in recs if r["has_answer_line"]]
     return recs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stage 01 outside the notebook, for several GPUs: each worker writes its shards of the rationales into
+    results/<run>/01_rationale_generation/shards/ (one process per GPU, `CUDA_VISIBLE_DEVICES=i`); `--merge`
+    joins them. The pipeline (or notebook 01) then finds every shard written and only merges and reports."""
+    import argparse
+
+    from .config import ParamsError, load_params
+    from .models import load_model
+    from .pipeline import parse_sets
+    from .runtime import results_dir
+
+    ap = argparse.ArgumentParser(prog="python -m vskip_core.generation", description=main.__doc__)
+    ap.add_argument("--params", default="params/default.yaml")
+    ap.add_argument("--run", default="default")
+    ap.add_argument("--shard", default="0/1", help="worker i of n, e.g. 0/4")
+    ap.add_argument("--merge", action="store_true", help="only join the shards into rationales.jsonl")
+    ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
+    ap.add_argument(
+        "--set", action="append", default=[], help="dotted override, e.g. generation.batch_size=8"
+    )
+    a = ap.parse_args(argv)
+    try:
+        cfg = load_params(a.params, parse_sets(a.set))
+        shard = parse_shard(a.shard)
+    except (ParamsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = results_dir(cfg, a.run) / "01_rationale_generation"
+    _, _, n_shards = plan_shards(cfg)
+    try:
+        if a.merge:
+            path = merge_rationales(out, n_shards)
+        else:
+            if cfg.model.teacher == "embedded":
+                from .teacher import build_teacher
+
+                build_teacher(cfg)
+            loaded = load_model(cfg) if a.backend == "transformers" else None
+            path = generate_rationales(cfg, loaded, out, shard=shard, backend=a.backend)
+    except (ImportError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        if a.merge:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        have = len(list((out / "shards").glob("*.jsonl")))
+        print(f"worker {a.shard}: done; {have} of {n_shards} shards written under {out / 'shards'}")
+        return 0
+    print(f"all {n_shards} shards written -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -673,6 +673,7 @@ def score_rationales(
     out_dir: str | Path | None = None,
     build_inputs: Callable | None = None,
     require_answer_line: bool = True,
+    worker: tuple[int, int] = (0, 1),
 ):
     """Score every rationale (batched teacher-forced passes, `scoring.batch_size` per pass, progress bar).
 
@@ -684,6 +685,9 @@ def score_rationales(
     rows are written in shards of `scoring.shard_size` under `out_dir/score_shards/` as they are done; a
     killed run resumes from the shards (no rationale lost or duplicated; `df.attrs["resumed"]` counts them);
     shards written under other params or another version of this module are discarded.
+    `worker=(i, n)` (several GPUs, `python -m vskip_core.scoring --shard i/n`) scores only every n-th scorable
+    rationale, writes its own shards beside the others' and returns its rows; a later call with the default
+    `(0, 1)` reads every worker's shards back and scores only what is missing.
     `build_inputs(loaded, examples, texts, images, instruction, device) -> (inputs, spans)`
     builds one batch (default: Qwen2-VL / Qwen2.5-VL through `vskip_core.models.encode`).
 
@@ -712,8 +716,12 @@ def score_rationales(
     done, n_shards = {}, 0
     if shard_dir is not None:
         done, n_shards = _resume(shard_dir, _fingerprint(cfg, loaded, require_answer_line), prepared)
-    todo = [p for p in prepared if p.rec["id"] not in done]
-    bar = tqdm(total=len(prepared), initial=len(prepared) - len(todo), desc="scoring", disable=not progress)
+    if not (0 <= worker[0] < worker[1]):
+        raise ValueError(f"worker {worker}: need (i, n) with 0 <= i < n")
+    mine = [p for j, p in enumerate(prepared) if j % worker[1] == worker[0]]
+    todo = [p for p in mine if p.rec["id"] not in done]
+    tag = "" if worker == (0, 1) else f"w{worker[0]}of{worker[1]}-"
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="scoring", disable=not progress)
     new_rows: list[dict] = []
     with torch.no_grad():
         for s in range(0, len(todo), sc.shard_size):
@@ -731,15 +739,17 @@ def score_rationales(
             shard_rows = [rows[j] for j in range(len(shard))]
             if shard_dir is not None:
                 buf = _to_parquet_bytes(pd.DataFrame(shard_rows))
-                atomic_write_bytes(shard_dir / f"shard-{n_shards:05d}.parquet", buf)
+                while (shard_dir / f"shard-{tag}{n_shards:05d}.parquet").exists():
+                    n_shards += 1
+                atomic_write_bytes(shard_dir / f"shard-{tag}{n_shards:05d}.parquet", buf)
                 n_shards += 1
             new_rows += shard_rows
     bar.close()
     by_id = {**done, **{r["id"]: r for r in new_rows}}
-    df = pd.DataFrame([by_id[i] for i in ids])
+    df = pd.DataFrame([by_id[p.rec["id"]] for p in mine])
     df.attrs["skipped"] = skipped
     df.attrs["key_layers"] = key_layers
-    df.attrs["resumed"] = len(prepared) - len(todo)  # rows read back from shards of an earlier run
+    df.attrs["resumed"] = len(mine) - len(todo)  # rows read back from shards of an earlier run
     return df
 
 
@@ -764,7 +774,8 @@ def _resume(shard_dir: Path, fingerprint: str, prepared: list[_Prepared]) -> tup
         for f in shards:
             f.unlink()
         done, shards = {}, []
-    atomic_write_json(manifest, {"fingerprint": fingerprint})
+    if not manifest.exists() or stale:
+        atomic_write_json(manifest, {"fingerprint": fingerprint})
     return done, len(shards)
 
 
@@ -1123,3 +1134,57 @@ def token_heat_html(row, fields=(("surprisal", "255,127,14"), ("anchoring", "31,
             )
         parts.append(f"<div style='margin:4px 0'><i>{name}</i>: " + "".join(spans) + "</div>")
     return "".join(parts) + "</div>"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stage 02 outside the notebook, for several GPUs: worker i of n scores every n-th kept rationale of
+    stage 01 and writes its shards under results/<run>/02_dual_scoring/score_shards/ (one process per GPU,
+    `CUDA_VISIBLE_DEVICES=i`). Then run the pipeline (or notebook 02): it reads every worker's shards back,
+    scores only what is missing, and writes scores.parquet and the report."""
+    import argparse
+
+    from .config import ParamsError, load_params
+    from .generation import example_for, kept_rationales, parse_shard
+    from .models import load_model
+    from .pipeline import parse_sets
+    from .runtime import results_dir
+
+    ap = argparse.ArgumentParser(prog="python -m vskip_core.scoring", description=main.__doc__)
+    ap.add_argument("--params", default="params/default.yaml")
+    ap.add_argument("--run", default="default")
+    ap.add_argument("--shard", default="0/1", help="worker i of n, e.g. 0/4")
+    ap.add_argument("--set", action="append", default=[], help="dotted override, e.g. scoring.batch_size=4")
+    a = ap.parse_args(argv)
+    try:
+        cfg = load_params(a.params, parse_sets(a.set))
+        worker = parse_shard(a.shard)
+    except (ParamsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir = results_dir(cfg, a.run)
+    gen_dir = run_dir / "01_rationale_generation"
+    try:
+        recs = kept_rationales(cfg, gen_dir)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if cfg.model.teacher == "embedded":
+        from .teacher import build_teacher
+
+        build_teacher(cfg)
+    out = run_dir / "02_dual_scoring"
+    df = score_rationales(
+        load_model(cfg),
+        cfg,
+        recs,
+        [example_for(cfg, r) for r in recs],
+        out_dir=out,
+        require_answer_line=cfg.generation.keep != "all",
+        worker=worker,
+    )
+    print(f"worker {a.shard}: {len(df)} rationales scored ({df.attrs['resumed']} already in shards) -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
