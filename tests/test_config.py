@@ -74,3 +74,16 @@ def test_notebook_env_redirect(monkeypatch):
     assert resolve_notebook_args(DEFAULT_PARAMS, "default") == ("params/smoke.yaml", "nbval")
     # explicit (papermill) values win
     assert resolve_notebook_args("params/x.yaml", "mine") == ("params/x.yaml", "mine")
+
+
+def test_fast_dtype_falls_back_to_float32_on_cpus_without_bf16(monkeypatch):
+    import torch
+
+    from vskip_core import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.fast_dtype("bfloat16", "cpu") == torch.float32
+    assert runtime.fast_dtype("float32", "cpu") == torch.float32
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.fast_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert runtime.fast_dtype("auto", "cpu") == torch.float32

