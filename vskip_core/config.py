@@ -284,6 +284,12 @@ class ScoringConfig:
             _check(getattr(self, k) > 0, f"scoring.{k}", f"must be > 0, got {getattr(self, k)}")
 
 
+# Compression methods of vskip_core.gating (the one list; gating.METHODS is built from it). LLMLingua-2 needs a
+# local model, so it is valid but not in the default comparison.
+GATE_METHODS = ("vskip", "text_only", "external_lm", "visual_only", "intersection", "weighted", "random")
+OPTIONAL_GATE_METHODS = ("llmlingua2",)
+
+
 @dataclass
 class GateConfig:
     """The union-of-saliency gate and the baselines that share its interface (vskip_core.gating)."""
@@ -294,16 +300,8 @@ class GateConfig:
     force_keep_answer: bool = True  # always keep the final answer line
     force_keep_digits: bool = False  # always keep digit tokens
     methods: list[str] = field(
-        default_factory=lambda: [
-            "vskip",
-            "text_only",
-            "external_lm",
-            "visual_only",
-            "intersection",
-            "weighted",
-            "random",
-        ]
-    )  # methods notebook 03 compares (vskip_core.gating.METHODS; llmlingua2 when its model is local)
+        default_factory=lambda: list(GATE_METHODS)
+    )  # methods notebook 03 compares (GATE_METHODS; also llmlingua2 when its model is local)
     gammas: list[float] = field(
         default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.9]
     )  # retention ratios of the gamma sweep
@@ -321,9 +319,12 @@ class GateConfig:
             f"must be example or corpus, got {self.threshold_mode!r}",
         )
         _check(0 <= self.text_share <= 1, "gate.text_share", f"must be in [0, 1], got {self.text_share}")
-        valid = ("vskip", "text_only", "external_lm", "visual_only", "intersection", "weighted", "random")
         for m in self.methods:
-            _check(m in (*valid, "llmlingua2"), "gate.methods", f"unknown method {m!r}; valid: {valid}")
+            _check(
+                m in GATE_METHODS + OPTIONAL_GATE_METHODS,
+                "gate.methods",
+                f"unknown method {m!r}; valid: {GATE_METHODS + OPTIONAL_GATE_METHODS}",
+            )
         _check(
             len(self.gammas) > 0 and all(0 < g <= 1 for g in self.gammas),
             "gate.gammas",

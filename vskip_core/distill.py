@@ -63,7 +63,6 @@ If it runs out of memory: batch 1 x accumulation 16 halves the logits term.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -936,14 +935,11 @@ def student_gallery(cfg: Config, adapters: dict[str, str], examples, ratio: floa
 def main(argv: list[str] | None = None) -> int:
     """Train students from the datasets notebook 04 saved (the multi-GPU path: `accelerate launch -m ...`)."""
     from .config import load_params
-    from .pipeline import parse_sets
+    from .pipeline import parse_sets, stage_parser
     from .runtime import results_dir
 
-    ap = argparse.ArgumentParser(prog="python -m vskip_core.distill", description=main.__doc__)
-    ap.add_argument("--params", default="params/default.yaml")
-    ap.add_argument("--run", default="default")
+    ap = stage_parser("distill", main.__doc__)
     ap.add_argument("--methods", default="", help="comma-separated; default: every saved dataset")
-    ap.add_argument("--set", action="append", default=[], help="dotted override, e.g. distill.lr=5e-4")
     a = ap.parse_args(argv)
     cfg = load_params(a.params, parse_sets(a.set))
     stage_dir = results_dir(cfg, a.run) / STAGE

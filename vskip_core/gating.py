@@ -70,19 +70,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .config import Config, GateConfig, ScoringConfig
+from .config import GATE_METHODS, OPTIONAL_GATE_METHODS, Config, GateConfig, ScoringConfig
 from .data import ANCHOR_TYPES
 
-METHODS = (
-    "vskip",
-    "text_only",
-    "external_lm",
-    "visual_only",
-    "intersection",
-    "weighted",
-    "random",
-    "llmlingua2",
-)
+METHODS = (*GATE_METHODS, *OPTIONAL_GATE_METHODS)
 # score columns each method reads, as (path, column)
 _PATHS: dict[str, tuple[tuple[str, str], ...]] = {
     "vskip": (("text", "surprisal"), ("visual", "anchoring")),

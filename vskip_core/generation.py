@@ -123,11 +123,12 @@ def generate_vllm(cfg, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
             get_adapter(detect_family(name, cfg.model.family)),
         )
     llm, tok, ad = _VLLM[name]
+    end = ad.end_token_id(tok)
     sp = SamplingParams(
         max_tokens=g.max_new_tokens,
         temperature=g.temperature if g.do_sample else 0.0,
         top_p=g.top_p if g.do_sample else 1.0,
-        stop_token_ids=[ad.end_token_id(tok)],
+        stop_token_ids=[end],
         seed=cfg.runtime.seed,
     )
     prompts = [
@@ -139,7 +140,7 @@ def generate_vllm(cfg, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     dt = (time.perf_counter() - t0) / max(1, len(examples))
     res = []
     for o in outs:
-        ids = [i for i in o.outputs[0].token_ids if i != ad.end_token_id(tok)]
+        ids = [i for i in o.outputs[0].token_ids if i != end]
         res.append({"text": tok.decode(ids, skip_special_tokens=True), "token_ids": ids, "time_s": dt})
     return res
 
@@ -201,6 +202,8 @@ def generate_rationales(
     split, n, n_shards = plan_shards(cfg, split, n)
     if not (0 <= shard[0] < shard[1]):
         raise ValueError(f"shard {shard[0]}/{shard[1]}: need 0 <= i < n (worker i of n)")
+    if backend not in ("transformers", "vllm"):
+        raise ValueError(f"backend {backend!r}: expected 'transformers' or 'vllm'")
     out_dir = Path(out_dir)
     mine = [k for k in range(n_shards) if k % shard[1] == shard[0]]
     todo = [k for k in mine if not shard_path(out_dir, k).exists()]
@@ -213,26 +216,25 @@ def generate_rationales(
     for k in todo:
         idx = list(range(k * g.shard_size, min(n, (k + 1) * g.shard_size)))
         exs = [example_at(cfg, split, i) for i in idx]
-        gens = []
         if backend == "vllm":
             gens = generate_vllm(cfg, exs)
             bar.update(len(exs))
-        elif backend != "transformers":
-            raise ValueError(f"backend {backend!r}: expected 'transformers' or 'vllm'")
-        for s in range(0, len(exs) if backend == "transformers" else 0, g.batch_size):
-            gens += generate(
-                loaded.model,
-                loaded.tokenizer,
-                loaded.processor,
-                exs[s : s + g.batch_size],
-                g.max_new_tokens,
-                g.batch_size,
-                g.do_sample,
-                g.temperature,
-                g.top_p,
-                g.instruction,
-            )
-            bar.update(len(exs[s : s + g.batch_size]))
+        else:
+            gens = []
+            for s in range(0, len(exs), g.batch_size):
+                gens += generate(
+                    loaded.model,
+                    loaded.tokenizer,
+                    loaded.processor,
+                    exs[s : s + g.batch_size],
+                    g.max_new_tokens,
+                    g.batch_size,
+                    g.do_sample,
+                    g.temperature,
+                    g.top_p,
+                    g.instruction,
+                )
+                bar.update(len(exs[s : s + g.batch_size]))
         lines = [json.dumps(_record(ex, gen, i, split)) for ex, gen, i in zip(exs, gens, idx)]
         atomic_write_bytes(shard_path(out_dir, k), ("\n".join(lines) + "\n").encode())
         if on_shard_done is not None:
@@ -301,22 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     """Stage 01 outside the notebook, for several GPUs: each worker writes its shards of the rationales into
     results/<run>/01_rationale_generation/shards/ (one process per GPU, `CUDA_VISIBLE_DEVICES=i`); `--merge`
     joins them. The pipeline (or notebook 01) then finds every shard written and only merges and reports."""
-    import argparse
 
     from .config import ParamsError, load_params
     from .models import load_model
-    from .pipeline import parse_sets
+    from .pipeline import parse_sets, stage_parser
     from .runtime import results_dir
 
-    ap = argparse.ArgumentParser(prog="python -m vskip_core.generation", description=main.__doc__)
-    ap.add_argument("--params", default="params/default.yaml")
-    ap.add_argument("--run", default="default")
+    ap = stage_parser("generation", main.__doc__)
     ap.add_argument("--shard", default="0/1", help="worker i of n, e.g. 0/4")
     ap.add_argument("--merge", action="store_true", help="only join the shards into rationales.jsonl")
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
-    ap.add_argument(
-        "--set", action="append", default=[], help="dotted override, e.g. generation.batch_size=8"
-    )
     a = ap.parse_args(argv)
     try:
         cfg = load_params(a.params, parse_sets(a.set))

@@ -38,6 +38,16 @@ def select_stages(spec: str | None) -> list[str]:
     return sorted(chosen)
 
 
+def stage_parser(module: str, doc: str | None):
+    """The command line every `python -m vskip_core.<module>` stage entry point shares: --params, --run, --set
+    (parse the result with `parse_sets(args.set)`); callers add their own options."""
+    ap = argparse.ArgumentParser(prog=f"python -m vskip_core.{module}", description=doc)
+    ap.add_argument("--params", default="params/default.yaml")
+    ap.add_argument("--run", default="default")
+    ap.add_argument("--set", action="append", default=[], help="dotted override, e.g. gate.gamma=0.5")
+    return ap
+
+
 def parse_sets(sets: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for s in sets:

@@ -1141,19 +1141,15 @@ def main(argv: list[str] | None = None) -> int:
     stage 01 and writes its shards under results/<run>/02_dual_scoring/score_shards/ (one process per GPU,
     `CUDA_VISIBLE_DEVICES=i`). Then run the pipeline (or notebook 02): it reads every worker's shards back,
     scores only what is missing, and writes scores.parquet and the report."""
-    import argparse
 
     from .config import ParamsError, load_params
     from .generation import example_for, kept_rationales, parse_shard
     from .models import load_model
-    from .pipeline import parse_sets
+    from .pipeline import parse_sets, stage_parser
     from .runtime import results_dir
 
-    ap = argparse.ArgumentParser(prog="python -m vskip_core.scoring", description=main.__doc__)
-    ap.add_argument("--params", default="params/default.yaml")
-    ap.add_argument("--run", default="default")
+    ap = stage_parser("scoring", main.__doc__)
     ap.add_argument("--shard", default="0/1", help="worker i of n, e.g. 0/4")
-    ap.add_argument("--set", action="append", default=[], help="dotted override, e.g. scoring.batch_size=4")
     a = ap.parse_args(argv)
     try:
         cfg = load_params(a.params, parse_sets(a.set))
