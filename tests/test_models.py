@@ -83,3 +83,43 @@ def test_batched_generation_matches_single(tiny_teacher):
 def test_missing_embedded_teacher_has_clear_error(smoke_cfg):
     with pytest.raises(FileNotFoundError, match="00_embedded_teacher"):
         load_model(smoke_cfg)
+
+
+def test_probe_words_name_each_class_in_the_rationales_tokens(tiny_teacher):
+    from vskip_core.data import COLOURS, SHAPES, SIZES
+    from vskip_core.teacher import probe_words
+
+    cfg, _ = tiny_teacher
+    tok = load_model(cfg).tokenizer
+    words = probe_words(tok)
+    assert [tok.decode(ids) for ids in words["colour"]] == [" " + c for c in COLOURS]
+    assert [tok.decode(ids) for ids in words["shape"]] == [" " + s for s in SHAPES]
+    assert [tok.decode(ids) for ids in words["size"]] == [" " + s for s in SIZES]
+    assert [tok.decode(ids) for ids in words["d1"]] == [str(d) for d in range(10)]
+    # the words are tokenized as the rationale tokenizes them ("... a small purple diamond marked $3.14")
+    text_ids = tok(" small purple diamond $3.14", add_special_tokens=False)["input_ids"]
+    for ids in (words["size"][0], words["colour"][list(COLOURS).index("purple")], words["d0"][3]):
+        assert all(i in text_ids for i in ids)
+
+
+def test_tied_probe_reads_visual_tokens_in_word_space():
+    """A tied head's class k is the word embedding of k: a visual token equal to the embedding of " red"
+    is classified red, and the probe loss trains the word embeddings (the language model's own input)."""
+    from torch import nn
+
+    from vskip_core.teacher import VisionProbe
+
+    torch.manual_seed(0)
+    emb = nn.Embedding(40, 32)
+    sizes = {"colour": 6, "shape": 4, "size": 2, "d0": 10, "d1": 10, "d2": 10}
+    words = {k: [[(1 + 10 * j + c) % 40] for c in range(n)] for j, (k, n) in enumerate(sizes.items())}
+    probe = VisionProbe(32, 4, emb, words)
+    assert not any(p is emb.weight for p in probe.parameters())  # the embedding stays the model's own
+    feats = emb.weight[[w[0] for w in words["colour"]]].detach()  # one visual token per colour word
+    logits = probe(feats)
+    assert logits["colour"].shape == (6, 7) and logits["cell"].shape == (6, 4)
+    # the digit slots are separate linear heads: one visual token can read $4.57, not 4 in every slot
+    assert logits["d0"].shape == (6, 11) and {"d0", "d1", "d2"} <= set(probe.heads)
+    assert torch.equal(logits["colour"].argmax(-1), torch.arange(1, 7))  # class 0 is 'none'
+    torch.nn.functional.cross_entropy(logits["colour"], torch.arange(1, 7)).backward()
+    assert emb.weight.grad is not None and emb.weight.grad[words["colour"][0][0]].abs().sum() > 0

@@ -175,6 +175,7 @@ class EmbeddedConfig:
     vision_lr_mult: float = 0.1  # vision-tower lr as a fraction of lr during end-to-end training
     anchor_weight: float = 3.0  # loss weight on tokens inside visual-anchor spans and the answer
     probe_weight: float = 0.5  # end to end: weight of the vision-probe loss kept as an auxiliary (0 = off)
+    probe_tied: bool = False  # probe heads tied to the LM's word embeddings (visual tokens land in word space)
     eval_per_family: int = 200  # held-out test examples per family for the teacher's report
 
     def validate(self) -> None:

@@ -56,24 +56,64 @@ def tokenizer_corpus(cfg: Config, n: int = 3000) -> list[str]:
 
 # ---------------------------------------------------------------------------------------- vision labels
 class VisionProbe(nn.Module):
-    """Linear heads on merged visual tokens: colour, shape, size, 3 digits (each with a 'none' class), cell."""
+    """Heads on merged visual tokens: colour, shape, size, 3 digits (each with a 'none' class), cell.
 
-    def __init__(self, hidden: int, n_cells: int) -> None:
+    With `words` (head -> one token-id list per class, from `probe_words`), the colour, shape and size heads
+    are *tied to the language model's input embeddings*: the logit of class k is the scaled cosine between the
+    visual token and the embedding of the word naming k (" purple", " diamond"), plus a free 'none' vector.
+    Vision pretraining then puts each visual token near the embeddings of the words that describe its object,
+    so the language model reads an image token like the words it would write, and copying "purple" from the
+    image is the same operation as copying it from text. The three price digits stay linear heads: tied to the
+    same ten digit embeddings, d0, d1 and d2 would be one function and could not tell $4.57 from $7.54."""
+
+    def __init__(
+        self,
+        hidden: int,
+        n_cells: int,
+        embed: nn.Embedding | None = None,
+        words: dict[str, list[list[int]]] | None = None,
+    ) -> None:
         super().__init__()
+        n_classes = {"colour": len(COLOURS), "shape": len(SHAPES), "size": len(SIZES)}
+        n_classes |= {"d0": 10, "d1": 10, "d2": 10}
+        self.tied = embed is not None and words is not None
+        self._embed = [embed]  # a list, so the model's embedding is not registered (and saved) twice
+        tied = ("colour", "shape", "size") if self.tied else ()
+        self.words = {k: words[k] for k in tied} if words is not None else {}
         self.heads = nn.ModuleDict(
-            {
-                "colour": nn.Linear(hidden, len(COLOURS) + 1),
-                "shape": nn.Linear(hidden, len(SHAPES) + 1),
-                "size": nn.Linear(hidden, len(SIZES) + 1),
-                "d0": nn.Linear(hidden, 11),
-                "d1": nn.Linear(hidden, 11),
-                "d2": nn.Linear(hidden, 11),
-                "cell": nn.Linear(hidden, n_cells),
-            }
+            {k: nn.Linear(hidden, n + 1) for k, n in n_classes.items() if k not in tied}
         )
+        self.heads["cell"] = nn.Linear(hidden, n_cells)
+        if self.tied:
+            self.none = nn.ParameterDict({k: nn.Parameter(torch.randn(hidden) * 0.02) for k in tied})
+            self.scale = nn.Parameter(torch.tensor(10.0))
 
     def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: h(feats) for k, h in self.heads.items()}
+        out = {k: h(feats) for k, h in self.heads.items()}
+        if self.tied:
+            emb = self._embed[0].weight
+            f = F.normalize(feats, dim=-1)
+            for k, ids in self.words.items():
+                cls = torch.stack([emb[i].mean(0) for i in (torch.tensor(x, device=emb.device) for x in ids)])
+                cls = F.normalize(torch.cat([self.none[k][None], cls]), dim=-1)
+                out[k] = self.scale * f @ cls.T
+        return out
+
+
+def probe_words(tok) -> dict[str, list[list[int]]]:
+    """Token ids of the word naming each probe class, as the rationales write it (" purple", "3")."""
+
+    def ids(w: str) -> list[int]:
+        return tok(w, add_special_tokens=False)["input_ids"]
+
+    words = {
+        "colour": [ids(" " + c) for c in COLOURS],
+        "shape": [ids(" " + s) for s in SHAPES],
+        "size": [ids(" " + s) for s in SIZES],
+    }
+    for j in range(3):
+        words[f"d{j}"] = [ids(str(d)) for d in range(10)]
+    return words
 
 
 def token_labels(scene: dict[str, Any], image_size: int) -> dict[str, torch.Tensor]:
@@ -180,7 +220,10 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
     proc = image_processor_for(cfg)
     model = Qwen2VLForConditionalGeneration(embedded_config(cfg, tok)).to(device)
     n_cells = cfg.data.grid**2
-    probe = VisionProbe(e.hidden_size, n_cells).to(device)
+    if e.probe_tied:
+        probe = VisionProbe(e.hidden_size, n_cells, model.get_input_embeddings(), probe_words(tok)).to(device)
+    else:
+        probe = VisionProbe(e.hidden_size, n_cells).to(device)
 
     vis_params = list(model.model.visual.parameters())
     vis_ids = {id(p) for p in vis_params}
