@@ -18,7 +18,7 @@ def smoke_cfg(tmp_path):
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
-    """A smoke-sized embedded teacher trained for 40 steps (~20 s), shared by the whole session."""
+    """A smoke-sized embedded teacher (6 drill + 40 full steps, ~20 s), shared by the whole session."""
     from vskip_core.config import load_params
     from vskip_core.teacher import build_teacher
 
@@ -27,6 +27,8 @@ def tiny_teacher(tmp_path_factory):
         "params/smoke.yaml",
         {
             "runtime.cache_dir": str(tmp),
+            "embedded.drill_steps": 6,
+            "embedded.drill_batch_size": 4,
             "embedded.train_steps": 40,
             "embedded.pretrain_steps": 10,
             "embedded.lr": 3e-3,

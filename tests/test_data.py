@@ -112,3 +112,27 @@ def test_find_anchors_recovers_gold_anchors(cfg):
         assert gold <= {(a["type"], a["start"], a["end"]) for a in found}
     wrong = find_anchors("There is a purple star and a $9.99 label.", ex["scene"])
     assert [a["type"] for a in wrong] == ["colour", "text"]
+
+
+def test_lookup_drills_state_the_asked_objects_attributes(smoke_cfg):
+    from vskip_core.data import make_lookup_drill
+
+    drills = [make_lookup_drill(smoke_cfg, "teacher", i) for i in range(60)]
+    assert len({d["id"] for d in drills}) == 60
+    negatives = 0
+    for d in drills:
+        for a in d["anchors"]:
+            assert d["rationale"][a["start"] : a["end"]] == a["value"]
+        shape = d["question"].removesuffix(".").split()[-1]
+        objs = {o["shape"]: o for o in d["scene"]["objects"]}
+        if d["rationale"].startswith("There is no"):
+            negatives += 1
+            assert shape not in objs
+        elif shape != "object":  # "Describe the triangle." / "... the red triangle."
+            o = objs[shape]
+            assert (
+                f"{o['size']} {o['colour']} {o['shape']}" in d["rationale"] and o["price"] in d["rationale"]
+            )
+    assert 5 <= negatives <= 25  # a quarter are absent shapes
+    # the drills' scenes are their own stream, not the teacher split's examples
+    assert drills[0]["scene"] != make_example(smoke_cfg, "teacher", 0)["scene"]

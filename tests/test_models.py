@@ -123,3 +123,33 @@ def test_tied_probe_reads_visual_tokens_in_word_space():
     assert torch.equal(logits["colour"].argmax(-1), torch.arange(1, 7))  # class 0 is 'none'
     torch.nn.functional.cross_entropy(logits["colour"], torch.arange(1, 7)).backward()
     assert emb.weight.grad is not None and emb.weight.grad[words["colour"][0][0]].abs().sum() > 0
+
+
+def test_length_buckets_give_the_whole_batch_loss(tiny_teacher):
+    """Two micro-batches cut by length, each divided by the whole batch's weight, sum to the one-batch loss
+    (so bucketing saves the padding compute and changes nothing else)."""
+    from vskip_core.teacher import LM_INPUTS, length_buckets, lm_batch, weighted_lm_loss
+
+    cfg, _ = tiny_teacher
+    m = load_model(cfg)
+    exs = [make_example(cfg, "test", i) for i in range(8)]  # two of each family: multistep is the long one
+    parts = length_buckets(exs, m.tokenizer, m.processor, 3.0)
+    assert len(parts) == 2 and sorted(x["id"] for p, _ in parts for x in p) == sorted(x["id"] for x in exs)
+    assert {x["family"] for x in parts[1][0]} == {"multistep"}
+    full = lm_batch(exs, m.tokenizer, m.processor, 3.0)
+    padded = sum(b["input_ids"].numel() for _, b in parts)
+    assert padded < 0.85 * full["input_ids"].numel()
+
+    def loss(b, denom=None):
+        with torch.no_grad():
+            logits = m.model(**{k: b[k] for k in LM_INPUTS}).logits
+        return weighted_lm_loss(logits, b["labels"], b["weights"], denom)
+
+    denom = sum(b["weights"][:, 1:].sum() for _, b in parts)
+    assert torch.allclose(sum(loss(b, denom) for _, b in parts), loss(full), atol=1e-5)
+
+
+def test_tiny_teacher_trains_on_lookup_drills_first(tiny_teacher):
+    cfg, path = tiny_teacher
+    phases = [h["phase"] for h in history(path) if h["phase"] != "vision"]
+    assert phases == ["drill"] * cfg.embedded.drill_steps + ["lm"] * cfg.embedded.train_steps

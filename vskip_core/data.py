@@ -436,6 +436,44 @@ def make_example(data: DataConfig | Config, split: str, i: int, family: str | No
     }
 
 
+def make_lookup_drill(data: DataConfig | Config, split: str, i: int) -> dict[str, Any]:
+    """A short look-up drill for teacher training: "Describe the triangle." -> the rationales' own look-up
+    sentence ("The triangle is a small red triangle with the price $4.57, at the top left."), or, for a
+    shape that is not in the scene (a quarter of drills), "There is no diamond in the image." It trains the
+    one skill every family needs (find an object by what it looks like, read its attributes off the image) at
+    a third of a full example's length. Same record keys as `make_example`; no `Answer:` line."""
+    data = data.data if isinstance(data, Config) else data
+    rng = _rng(split_seed(data, split), -1 - i)  # negative indices: disjoint from make_example's stream
+    scene = sample_scene(rng, data)
+    t = rng.randrange(3)
+    present = {o["shape"] for o in scene["objects"]}
+    absent = [s for s in SHAPES if s not in present]
+    if absent and rng.random() < 0.25:
+        shape = rng.choice(absent)
+        q = f"Describe the {shape}."
+        w = _Writer(q)
+        w.add("There is no ").anchor("shape", shape).add(" in the image.")
+    else:
+        o = rng.choice(scene["objects"])
+        key = rng.choice(("shape", "colour", "both"))
+        name = {"shape": o["shape"], "colour": f"{o['colour']} object", "both": f"{o['colour']} {o['shape']}"}
+        q = f"Describe the {name[key]}."
+        w = _Writer(q)
+        _locate(w, o, key, t)
+        w.text = w.text.rstrip()
+    return {
+        "id": f"{split}-drill-{i:06d}",
+        "family": "drill",
+        "image": render_scene(scene),
+        "question": q,
+        "options": [],
+        "scene": scene,
+        "rationale": w.text,
+        "anchors": w.anchors,
+        "template": t,
+    }
+
+
 def iter_examples(data: DataConfig | Config, split: str, n: int, start: int = 0) -> Iterator[dict[str, Any]]:
     for i in range(start, start + n):
         yield make_example(data, split, i)

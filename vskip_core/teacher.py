@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
-from .data import COLOURS, SHAPES, SIZES, make_example
+from .data import COLOURS, SHAPES, SIZES, make_example, make_lookup_drill
 from .models import (
     collate,
     embedded_config,
@@ -41,6 +41,7 @@ from .models import (
 )
 
 CKPT_EVERY = 200
+LM_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
 def tokenizer_corpus(cfg: Config, n: int = 3000) -> list[str]:
@@ -154,15 +155,18 @@ def target_weights(tok, ex: dict[str, Any], anchor_weight: float) -> torch.Tenso
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     spans = [(a["start"], a["end"]) for a in ex["anchors"]]
     ans_start = text.rfind("Answer:")
-    spans.append((ans_start, len(text)))
+    if ans_start >= 0:  # look-up drills have no answer line
+        spans.append((ans_start, len(text)))
     w = [
         anchor_weight if any(s < e2 and e > s2 for s2, e2 in spans) else 1.0 for s, e in enc["offset_mapping"]
     ]
     return torch.tensor(w + [1.0])  # + <|im_end|>
 
 
-def lm_batch(examples: list[dict[str, Any]], tok, proc, anchor_weight: float) -> dict[str, torch.Tensor]:
-    items = [encode(ex, tok, proc, target=ex["rationale"]) for ex in examples]
+def lm_batch(
+    examples: list[dict[str, Any]], tok, proc, anchor_weight: float, items: list[dict[str, Any]] | None = None
+) -> dict[str, torch.Tensor]:
+    items = items or [encode(ex, tok, proc, target=ex["rationale"]) for ex in examples]
     batch = collate(items, tok.pad_token_id, padding_side="right")
     B, L = batch["input_ids"].shape
     labels = torch.full((B, L), -100, dtype=torch.long)
@@ -176,12 +180,37 @@ def lm_batch(examples: list[dict[str, Any]], tok, proc, anchor_weight: float) ->
     return batch
 
 
-def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def length_buckets(
+    examples: list[dict[str, Any]], tok, proc, anchor_weight: float
+) -> list[tuple[list[dict[str, Any]], dict[str, torch.Tensor]]]:
+    """One training batch as two micro-batches of similar length, cut where the padded token count is least.
+    A multi-step example is ~155 tokens, the others ~90: padded together, a third of the compute is padding."""
+    items = [encode(ex, tok, proc, target=ex["rationale"]) for ex in examples]
+    order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
+    lens = [len(items[i]["input_ids"]) for i in order]
+    n = len(order)
+    cut = min(range(1, n + 1), key=lambda c: c * lens[c - 1] + (n - c) * lens[-1] * (c < n))
+    groups = [g for g in (order[:cut], order[cut:]) if g]
+    return [
+        (
+            [examples[i] for i in g],
+            lm_batch([examples[i] for i in g], tok, proc, anchor_weight, [items[i] for i in g]),
+        )
+        for g in groups
+    ]
+
+
+def weighted_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, denom: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weighted next-token NLL over the target tokens, divided by the weights' sum (or `denom`: the weight
+    of the whole batch when this is one micro-batch of it)."""
     logits, labels, weights = logits[:, :-1], labels[:, 1:], weights[:, 1:]
     nll = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="none"
     ).view(labels.shape)
-    return (nll * weights).sum() / weights.sum().clamp_min(1e-6)
+    d = weights.sum() if denom is None else denom.to(weights.device)
+    return (nll * weights).sum() / d.clamp_min(1e-6)
 
 
 # -------------------------------------------------------------------------------------------- training
@@ -302,57 +331,62 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
             save_ckpt()
     bar.close()
 
-    # Phase 2: end to end on question -> rationale + answer.
+    # Phase 2: end to end. The first `drill_steps` steps train on short look-up drills ("Describe the
+    # triangle." -> "The triangle is a small red triangle with the price $4.57, ..."), the rest on full
+    # question -> rationale + answer examples; one optimizer and one lr schedule over both.
     offset = 5_000_000  # stream indices disjoint from phase 1
-    bar = tqdm(total=e.train_steps, initial=state["train_step"], desc="end-to-end", disable=not progress)
+    total = e.drill_steps + e.train_steps
+    bar = tqdm(total=total, initial=state["train_step"], desc="end-to-end", disable=not progress)
     captured: dict[str, torch.Tensor] = {}  # the merged visual tokens of the current step, for the probe loss
     hook = model.model.visual.register_forward_hook(
         lambda _m, _i, out: captured.__setitem__("feats", getattr(out, "pooler_output", out))
     )
-    while state["train_step"] < e.train_steps:
+    while state["train_step"] < total:
         step = state["train_step"]
-        exs = [make_example(cfg, "teacher", offset + step * e.batch_size + j) for j in range(e.batch_size)]
-        batch = lm_batch(exs, tok, proc, e.anchor_weight)
-        f = _lr(step, e.train_steps, e.warmup_steps)
+        drill = step < e.drill_steps
+        if drill:
+            n = e.drill_batch_size
+            exs = [make_lookup_drill(cfg, "teacher", step * n + j) for j in range(n)]
+        else:
+            k, n = step - e.drill_steps, e.batch_size
+            exs = [make_example(cfg, "teacher", offset + k * n + j) for j in range(n)]
+        f = _lr(step, total, e.warmup_steps)
         opt.param_groups[0]["lr"] = e.lr * f
         opt.param_groups[1]["lr"] = e.lr * e.vision_lr_mult * f
-        res = model(
-            **{
-                k: batch[k].to(device)
-                for k in (
-                    "input_ids",
-                    "attention_mask",
-                    "mm_token_type_ids",
-                    "pixel_values",
-                    "image_grid_thw",
-                )
-            }
-        )
-        lm_loss = weighted_lm_loss(res.logits, batch["labels"].to(device), batch["weights"].to(device))
-        probe_loss = torch.zeros((), device=device)
-        if e.probe_weight > 0:  # keep the dense scene labels decodable from the visual tokens
-            labels = [token_labels(x["scene"], cfg.data.image_size) for x in exs]
-            logits = probe(captured["feats"])
-            probe_loss = sum(
-                F.cross_entropy(logits[k], torch.cat([lab[k] for lab in labels]).to(device)) for k in logits
-            )
-        loss = lm_loss + e.probe_weight * probe_loss
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        parts = length_buckets(exs, tok, proc, e.anchor_weight)
+        denom = sum(b["weights"][:, 1:].sum() for _, b in parts)
+        lm_total, probe_total = 0.0, 0.0
+        for part, batch in parts:  # gradient accumulation over the micro-batches: the loss of the whole batch
+            res = model(**{k: batch[k].to(device) for k in LM_INPUTS})
+            lm_loss = weighted_lm_loss(
+                res.logits, batch["labels"].to(device), batch["weights"].to(device), denom
+            )
+            probe_loss = torch.zeros((), device=device)
+            if e.probe_weight > 0:  # keep the dense scene labels decodable from the visual tokens
+                labels = [token_labels(x["scene"], cfg.data.image_size) for x in part]
+                logits = probe(captured["feats"])
+                probe_loss = sum(
+                    F.cross_entropy(logits[k], torch.cat([lab[k] for lab in labels]).to(device))
+                    for k in logits
+                ) * (len(part) / len(exs))
+            (lm_loss + e.probe_weight * probe_loss).backward()
+            lm_total += lm_loss.item()
+            probe_total += probe_loss.item()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         state["history"].append(
             {
-                "phase": "lm",
+                "phase": "drill" if drill else "lm",
                 "step": step,
-                "loss": lm_loss.item(),
-                "probe_loss": probe_loss.item(),
+                "loss": lm_total,
+                "probe_loss": probe_total,
                 "lr": e.lr * f,
             }
         )
         state["train_step"] += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{lm_total:.3f}", phase="drill" if drill else "full")
         if state["train_step"] % CKPT_EVERY == 0:
             save_ckpt()
     bar.close()
