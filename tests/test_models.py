@@ -153,3 +153,18 @@ def test_tiny_teacher_trains_on_lookup_drills_first(tiny_teacher):
     cfg, path = tiny_teacher
     phases = [h["phase"] for h in history(path) if h["phase"] != "vision"]
     assert phases == ["drill"] * cfg.embedded.drill_steps + ["lm"] * cfg.embedded.train_steps
+
+
+def test_family_weights_shape_the_teachers_stream(smoke_cfg):
+    import collections
+
+    from vskip_core.config import ParamsError, load_params
+    from vskip_core.teacher import family_for
+
+    assert family_for(smoke_cfg, 7) is None  # no weights: the benchmark's own rotation
+    cfg = load_params("params/smoke.yaml", {"embedded.family_weights": [1, 3, 0, 0]})
+    counts = collections.Counter(family_for(cfg, i) for i in range(2000))
+    assert set(counts) == {"attribute", "existence"} and 2.5 < counts["existence"] / counts["attribute"] < 3.5
+    assert [family_for(cfg, i) for i in range(50)] == [family_for(cfg, i) for i in range(50)]  # resumable
+    with pytest.raises(ParamsError, match="one weight per family"):
+        load_params("params/smoke.yaml", {"embedded.family_weights": [1, 2]})

@@ -168,16 +168,18 @@ class EmbeddedConfig:
     vocab_size: int = 640  # BPE vocabulary size of the tokenizer trained on benchmark text
     pretrain_steps: int = 800  # vision-tower pretraining steps on dense per-token scene labels
     pretrain_lr: float = 2e-3  # learning rate of the vision pretraining
-    drill_steps: int = 0  # end-to-end steps on short look-up drills first ("Describe the triangle.")
+    drill_steps: int = 300  # end-to-end steps on short look-up drills first ("Describe the triangle.")
     drill_batch_size: int = 32  # drills per step (a drill is a third of a full example's length)
-    train_steps: int = 1000  # end-to-end steps on question + rationale + answer
+    train_steps: int = 500  # end-to-end steps on question + rationale + answer
+    # relative share of each family (in data.families order) in the full-example stream; [] = equal shares
+    family_weights: list[float] = field(default_factory=list)
     batch_size: int = 16  # examples per step
     lr: float = 1.5e-3  # peak learning rate of the language side (cosine decay, warm-up below)
     warmup_steps: int = 60  # linear warm-up steps
     vision_lr_mult: float = 0.1  # vision-tower lr as a fraction of lr during end-to-end training
     anchor_weight: float = 3.0  # loss weight on tokens inside visual-anchor spans and the answer
     probe_weight: float = 0.5  # end to end: weight of the vision-probe loss kept as an auxiliary (0 = off)
-    probe_tied: bool = False  # colour/shape/size probe heads tied to the LM's word embeddings
+    probe_tied: bool = True  # colour/shape/size probe heads tied to the LM's word embeddings
     eval_per_family: int = 200  # held-out test examples per family for the teacher's report
 
     def validate(self) -> None:
@@ -197,6 +199,12 @@ class EmbeddedConfig:
             _check(getattr(self, k) > 0, f"embedded.{k}", f"must be > 0, got {getattr(self, k)}")
         for k in ("pretrain_steps", "drill_steps", "train_steps", "warmup_steps", "eval_per_family"):
             _check(getattr(self, k) >= 0, f"embedded.{k}", f"must be >= 0, got {getattr(self, k)}")
+        _check(
+            all(w >= 0 for w in self.family_weights)
+            and (not self.family_weights or sum(self.family_weights) > 0),
+            "embedded.family_weights",
+            f"must be non-negative with a positive sum, got {self.family_weights}",
+        )
         _check(self.hidden_size % self.text_heads == 0, "embedded.text_heads", "must divide hidden_size")
         _check(
             (self.hidden_size // self.text_heads) % 4 == 0,
@@ -535,6 +543,12 @@ class Config:
             v = getattr(self, f.name)
             if dataclasses.is_dataclass(v):
                 v.validate()
+        fw = self.embedded.family_weights
+        _check(
+            not fw or len(fw) == len(self.data.families),
+            "embedded.family_weights",
+            f"needs one weight per family in data.families {self.data.families}, got {fw}",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -214,6 +214,17 @@ def weighted_lm_loss(
 
 
 # -------------------------------------------------------------------------------------------- training
+def family_for(cfg: Config, i: int) -> str | None:
+    """Family of example `i` of the teacher's stream: drawn by `embedded.family_weights` (a pure function of
+    `i`, so a resumed build sees the same stream), or None (the benchmark's own rotation) without weights."""
+    import random
+
+    w = cfg.embedded.family_weights
+    if not w:
+        return None
+    return random.Random(f"family:{i}").choices(cfg.data.families, weights=w)[0]
+
+
 def _lr(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -349,7 +360,10 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
             exs = [make_lookup_drill(cfg, "teacher", step * n + j) for j in range(n)]
         else:
             k, n = step - e.drill_steps, e.batch_size
-            exs = [make_example(cfg, "teacher", offset + k * n + j) for j in range(n)]
+            exs = [
+                make_example(cfg, "teacher", i, family_for(cfg, i))
+                for i in range(offset + k * n, offset + k * n + n)
+            ]
         f = _lr(step, total, e.warmup_steps)
         opt.param_groups[0]["lr"] = e.lr * f
         opt.param_groups[1]["lr"] = e.lr * e.vision_lr_mult * f
