@@ -4,11 +4,21 @@ Recipe (each step measured in the notebook 00 report):
 1. A byte-level BPE tokenizer trained on benchmark text (digits are single tokens).
 2. **Vision pretraining**: the vision tower + merger learn dense per-token labels: for every merged image
    token, the colour, shape, size and the three price digits of the object in its cell, and the cell index.
-   Each merged token's feature then linearly encodes what is where, in a few hundred steps.
-3. **End to end**: next-token loss on rationale + answer only (prompt and image tokens masked), tokens
+   The colour, shape and size heads are *tied to the language model's word embeddings* (`VisionProbe`), so
+   each visual token lands next to the embeddings of the words that describe its object.
+3. **Look-up drills**: `drill_steps` steps of "Describe the triangle." -> "The triangle is a small red
+   triangle with the price $4.57, at the top left." (`data.make_lookup_drill`): the one skill every family
+   needs, at a third of a full example's length.
+4. **End to end**: next-token loss on rationale + answer only (prompt and image tokens masked), tokens
    inside visual-anchor spans and the answer line weighted `anchor_weight`x, vision lr x`vision_lr_mult`,
-   plus `probe_weight` x the phase-2 probe loss so the visual tokens stay decodable.
+   plus `probe_weight` x the phase-2 probe loss so the visual tokens stay decodable. Batches are cut into
+   two micro-batches by length (same loss, a quarter less padding).
    A fresh stream of examples (split "teacher", disjoint from train/val/test), never repeated.
+
+Measured (100 test examples per family, greedy): untied probe, no drills, 1000 full steps: attribute 0.41,
+reading ANLS 0.49; tied probe, 730 full steps: attribute 1.00, ANLS 0.84; tied + 300 drills + 500 full
+steps (the default): attribute 1.00, ANLS 1.00 (exact 1.00). Existence and multi-step, which need the
+language side to compare what it has read, stay weak (see the notebook 00 report).
 
 The result is saved with `save_pretrained` (model, tokenizer, image processor) under
 `.cache/teacher-<hash of embedded + data params>/`, so later runs and stages load it like a hub model.
