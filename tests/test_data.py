@@ -99,6 +99,7 @@ def test_dataset_schema(cfg):
     row = decode_record(ds[3])
     ref = make_example(cfg, "test", 3)
     assert row["rationale"] == ref["rationale"] and row["anchors"] == ref["anchors"]
+    assert row["decisions"] == ref["decisions"]
     assert row["image"].size == (cfg.data.image_size, cfg.data.image_size)
 
 
@@ -136,3 +137,18 @@ def test_lookup_drills_state_the_asked_objects_attributes(smoke_cfg):
     assert 5 <= negatives <= 25  # a quarter are absent shapes
     # the drills' scenes are their own stream, not the teacher split's examples
     assert drills[0]["scene"] != make_example(smoke_cfg, "teacher", 0)["scene"]
+
+
+def test_existence_rationale_puts_found_and_asked_colour_side_by_side(cfg):
+    for i in range(200):
+        e = make_example(cfg, "test", i, family="existence")
+        for d in e["decisions"]:
+            assert e["rationale"][d["start"] : d["end"]] == d["value"]
+        verdicts = [d["value"] for d in e["decisions"]]
+        if "There is no" in verdicts:
+            assert e["answer"] == "no" and verdicts == ["There is no"]
+            continue
+        found, asked = [a["value"] for a in e["anchors"] if a["type"] == "colour"][-2:]
+        assert f"It is {found}; we need {asked}: " in e["rationale"]
+        assert verdicts == ["same" if e["answer"] == "yes" else "different"]
+        assert (found == asked) == (e["answer"] == "yes")

@@ -168,3 +168,17 @@ def test_family_weights_shape_the_teachers_stream(smoke_cfg):
     assert [family_for(cfg, i) for i in range(50)] == [family_for(cfg, i) for i in range(50)]  # resumable
     with pytest.raises(ParamsError, match="one weight per family"):
         load_params("params/smoke.yaml", {"embedded.family_weights": [1, 2]})
+
+
+def test_decision_words_get_their_own_loss_weight(tiny_teacher):
+    from vskip_core.teacher import target_weights
+
+    cfg, _ = tiny_teacher
+    tok = load_model(cfg).tokenizer
+    ex = next(x for i in range(40) if (x := make_example(cfg, "test", i, "existence"))["decisions"])
+    w = target_weights(tok, ex, anchor_weight=3.0, decision_weight=7.0)
+    enc = tok(ex["rationale"], add_special_tokens=False, return_offsets_mapping=True)
+    d = ex["decisions"][0]
+    hit = [j for j, (s, e) in enumerate(enc["offset_mapping"]) if s < d["end"] and e > d["start"]]
+    assert hit and all(w[j] == 7.0 for j in hit)
+    assert set(w.tolist()) == {1.0, 3.0, 7.0}

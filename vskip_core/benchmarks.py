@@ -389,6 +389,7 @@ def _record(
         "scene": None,
         "rationale": "",
         "anchors": [],
+        "decisions": [],
         "template": 0,
     }
 
@@ -415,6 +416,7 @@ def record_features():
             "scene": s,
             "rationale": s,
             "anchors": s,
+            "decisions": s,
             "template": datasets.Value("int32"),
         }
     )
@@ -506,7 +508,7 @@ def build_real_benchmark(cfg: Config, progress: bool = False):
 
 
 def _encode_value(name: str, v: Any) -> Any:
-    if name in ("scene", "anchors"):
+    if name in ("scene", "anchors", "decisions"):
         return json.dumps(v)
     return v
 

@@ -178,6 +178,7 @@ class EmbeddedConfig:
     warmup_steps: int = 60  # linear warm-up steps
     vision_lr_mult: float = 0.1  # vision-tower lr as a fraction of lr during end-to-end training
     anchor_weight: float = 3.0  # loss weight on tokens inside visual-anchor spans and the answer
+    decision_weight: float = 6.0  # loss weight on the words where a rationale branches ("same"/"different")
     probe_weight: float = 0.5  # end to end: weight of the vision-probe loss kept as an auxiliary (0 = off)
     probe_tied: bool = True  # colour/shape/size probe heads tied to the LM's word embeddings
     eval_per_family: int = 200  # held-out test examples per family for the teacher's report

@@ -20,9 +20,13 @@ category), *popular* (the absent category most frequent in the train split; the 
 "popular" is close to random here, unlike COCO), *adversarial* (an absent category that shares its colour
 or shape with an object in the scene: the near miss a model that half-looks gets wrong).
 
-Every rationale lists the objects cell by cell, then reasons to a final `Answer: ...` line. `anchors`
+Every rationale looks the asked object up by what it looks like ("The triangle is a small red triangle with
+the price $4.57, at the top left."), then reasons to a final `Answer: ...` line; existence puts the found and
+the asked colour side by side before its verdict ("It is orange; we need red: different."). `anchors`
 gives the character span of every visual-attribute mention (type colour / shape / size / position / text,
 its value, and whether the value also appears in the question): ground truth for VARR and hallucination.
+`decisions` marks the words where the reasoning branches ("same" / "different", "There is no"); the
+embedded teacher weights them in its loss.
 """
 
 from __future__ import annotations
@@ -49,6 +53,11 @@ COLOURS = {
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = ("small", "large")
 BACKGROUND = (238, 238, 232)
+# Bumped whenever the generator's output changes for the same params: it is part of every cache key built on
+# the benchmark (the benchmark on disk, the embedded teacher), so an old cache is never read as a new one.
+# 2: existence rationales compare the found and the asked colour side by side ("It is orange; we need red:
+# different."), and records carry `decisions`.
+GENERATOR_VERSION = 2
 INK = (20, 20, 20)
 SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2, "teacher": 3}
 ANCHOR_TYPES = ("colour", "shape", "size", "position", "text")
@@ -173,6 +182,7 @@ class _Writer:
     def __init__(self, question: str) -> None:
         self.text = ""
         self.anchors: list[dict[str, Any]] = []
+        self.decisions: list[dict[str, Any]] = []  # spans where the reasoning branches (teacher loss weight)
         self.question = question.lower()
 
     def add(self, s: str) -> _Writer:
@@ -191,6 +201,12 @@ class _Writer:
                 "in_question": value.lower() in self.question,
             }
         )
+        return self
+
+    def decision(self, value: str) -> _Writer:
+        """A word that decides the answer ("same" / "different", "There is no"): not a visual anchor."""
+        self.decisions.append({"value": value, "start": len(self.text), "end": len(self.text) + len(value)})
+        self.text += value
         return self
 
     def obj(self, o: dict[str, Any], size: bool = False) -> _Writer:
@@ -362,14 +378,14 @@ def _existence(rng: random.Random, scene: dict[str, Any], t: int, popular: list[
     ).add(". ")
     same_shape = next((o for o in objs if o["shape"] == shape), None)
     if same_shape is None:
-        w.add("There is no ").anchor("shape", shape).add(" in the image. ")
+        w.decision("There is no").add(" ").anchor("shape", shape).add(" in the image. ")
     else:
+        # The found colour and the asked one side by side, then the verdict: a small model learns this
+        # adjacent comparison in ~150 steps; "It is orange, not red." / "..., as asked." (the asked colour
+        # 25 tokens back) stayed at chance after 800 (measured: F1 0.87 vs 0.70 on 100 test examples).
         _locate(w, same_shape, "shape", t)
-        w.add("It is ").anchor("colour", same_shape["colour"])
-        if positive:
-            w.add(", as asked. ")
-        else:
-            w.add(", not ").anchor("colour", colour).add(". ")
+        w.add("It is ").anchor("colour", same_shape["colour"]).add("; we need ").anchor("colour", colour)
+        w.add(": ").decision("same" if positive else "different").add(". ")
     ans = "yes" if positive else "no"
     _finish(w, scene, t, ans, None)
     return {
@@ -432,6 +448,7 @@ def make_example(data: DataConfig | Config, split: str, i: int, family: str | No
         "scene": scene,
         "rationale": w.text,
         "anchors": w.anchors,
+        "decisions": w.decisions,
         "template": t,
     }
 
@@ -485,11 +502,11 @@ def image_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-FEATURES_JSON_COLUMNS = ("scene", "anchors")
+FEATURES_JSON_COLUMNS = ("scene", "anchors", "decisions")
 
 
 def build_split(data: DataConfig | Config, split: str, n: int):
-    """A `datasets.Dataset` with an `Image` feature; `scene` and `anchors` are JSON strings (the schema
+    """A `datasets.Dataset` with an `Image` feature; `scene`, `anchors`, `decisions` are JSON strings (the schema
     stays flat and identical to the real-benchmark loaders)."""
     import datasets
 
@@ -511,6 +528,7 @@ def build_split(data: DataConfig | Config, split: str, n: int):
             "scene",
             "rationale",
             "anchors",
+            "decisions",
             "template",
         )
     }
@@ -534,6 +552,7 @@ def build_split(data: DataConfig | Config, split: str, n: int):
             "scene": datasets.Value("string"),
             "rationale": datasets.Value("string"),
             "anchors": datasets.Value("string"),
+            "decisions": datasets.Value("string"),
             "template": datasets.Value("int32"),
         }
     )
@@ -541,7 +560,7 @@ def build_split(data: DataConfig | Config, split: str, n: int):
 
 
 def decode_record(row: dict[str, Any]) -> dict[str, Any]:
-    """Undo the JSON encoding of `scene`/`anchors` for a row read back from a saved dataset."""
+    """Undo the JSON encoding of `scene`/`anchors`/`decisions` for a row read back from a saved dataset."""
     row = dict(row)
     for k in FEATURES_JSON_COLUMNS:
         if isinstance(row.get(k), str):
@@ -553,7 +572,7 @@ def build_benchmark(cfg: Config, splits: tuple[str, ...] = ("train", "val", "tes
     """Build (or load from cache) the train/val/test DatasetDict, keyed by a hash of `cfg.data`."""
     import datasets
 
-    path = cfg.path(cfg.runtime.cache_dir) / f"benchmark-{cfg.hash('data')}"
+    path = cfg.path(cfg.runtime.cache_dir) / f"benchmark-{cfg.hash('data')}-g{GENERATOR_VERSION}"
     if (path / "dataset_dict.json").exists():
         return datasets.load_from_disk(str(path)), path
     sizes = {"train": cfg.data.n_train, "val": cfg.data.n_val, "test": cfg.data.n_test}

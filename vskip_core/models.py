@@ -196,7 +196,9 @@ def embedded_config(cfg: Config, tok):
 
 def embedded_dir(cfg: Config) -> Path:
     """Cache folder of the embedded teacher, keyed by its architecture/recipe and the data params."""
-    return cfg.path(cfg.runtime.cache_dir) / f"teacher-{cfg.hash('embedded', 'data')}"
+    from .data import GENERATOR_VERSION
+
+    return cfg.path(cfg.runtime.cache_dir) / f"teacher-{cfg.hash('embedded', 'data')}-g{GENERATOR_VERSION}"
 
 
 @dataclass

@@ -17,11 +17,13 @@ Recipe (each step measured in the notebook 00 report):
 
 Measured (100 test examples per family, greedy): untied probe, no drills, 1000 full steps: attribute 0.41,
 reading ANLS 0.49; tied probe, 730 full steps: attribute 1.00, ANLS 0.84; tied + 300 drills + 500 full
-steps (the default): attribute 1.00, ANLS 1.00 (exact 1.00). Existence and multi-step, which need the
-language side to compare what it has read, stay weak (see the notebook 00 report).
+steps: attribute 1.00, ANLS 1.00 (exact 1.00), existence F1 0.65 ("It is orange, not red." needed a
+comparison with a colour 25 tokens back, which stayed at chance); with existence rationales that put the two
+colours side by side and `decision_weight` on the verdict (the default, 200 per family): existence F1 0.985.
+Multi-step (options A-D, most / least expensive) stays at chance: see the notebook 00 report.
 
 The result is saved with `save_pretrained` (model, tokenizer, image processor) under
-`.cache/teacher-<hash of embedded + data params>/`, so later runs and stages load it like a hub model.
+`.cache/teacher-<hash of embedded + data params>-g<data.GENERATOR_VERSION>/`, so later runs and stages load it like a hub model.
 Training checkpoints every `CKPT_EVERY` steps; a killed build resumes from the last one.
 """
 
@@ -159,22 +161,30 @@ def visual_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -
 
 
 # ----------------------------------------------------------------------------------------- loss weights
-def target_weights(tok, ex: dict[str, Any], anchor_weight: float) -> torch.Tensor:
-    """Per-target-token loss weights: `anchor_weight` on tokens overlapping an anchor span or the answer."""
+def target_weights(
+    tok, ex: dict[str, Any], anchor_weight: float, decision_weight: float | None = None
+) -> torch.Tensor:
+    """Per-target-token loss weights: `anchor_weight` on tokens overlapping an anchor span or the answer,
+    `decision_weight` (default `anchor_weight`) on the words where the reasoning branches (`decisions`)."""
     text = ex["rationale"]
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    spans = [(a["start"], a["end"]) for a in ex["anchors"]]
+    spans = [(a["start"], a["end"], anchor_weight) for a in ex["anchors"]]
+    dw = anchor_weight if decision_weight is None else decision_weight
+    spans += [(d["start"], d["end"], dw) for d in ex.get("decisions", [])]
     ans_start = text.rfind("Answer:")
     if ans_start >= 0:  # look-up drills have no answer line
-        spans.append((ans_start, len(text)))
-    w = [
-        anchor_weight if any(s < e2 and e > s2 for s2, e2 in spans) else 1.0 for s, e in enc["offset_mapping"]
-    ]
+        spans.append((ans_start, len(text), anchor_weight))
+    w = [max([1.0] + [v for s2, e2, v in spans if s < e2 and e > s2]) for s, e in enc["offset_mapping"]]
     return torch.tensor(w + [1.0])  # + <|im_end|>
 
 
 def lm_batch(
-    examples: list[dict[str, Any]], tok, proc, anchor_weight: float, items: list[dict[str, Any]] | None = None
+    examples: list[dict[str, Any]],
+    tok,
+    proc,
+    anchor_weight: float,
+    items: list[dict[str, Any]] | None = None,
+    decision_weight: float | None = None,
 ) -> dict[str, torch.Tensor]:
     items = items or [encode(ex, tok, proc, target=ex["rationale"]) for ex in examples]
     batch = collate(items, tok.pad_token_id, padding_side="right")
@@ -184,14 +194,14 @@ def lm_batch(
     for b, (it, ex) in enumerate(zip(items, examples)):
         n, s = len(it["input_ids"]), it["target_start"]
         labels[b, s:n] = it["input_ids"][s:n]
-        weights[b, s:n] = target_weights(tok, ex, anchor_weight)
+        weights[b, s:n] = target_weights(tok, ex, anchor_weight, decision_weight)
     batch["labels"] = labels
     batch["weights"] = weights
     return batch
 
 
 def length_buckets(
-    examples: list[dict[str, Any]], tok, proc, anchor_weight: float
+    examples: list[dict[str, Any]], tok, proc, anchor_weight: float, decision_weight: float | None = None
 ) -> list[tuple[list[dict[str, Any]], dict[str, torch.Tensor]]]:
     """One training batch as two micro-batches of similar length, cut where the padded token count is least.
     A multi-step example is ~155 tokens, the others ~90: padded together, a third of the compute is padding."""
@@ -204,7 +214,9 @@ def length_buckets(
     return [
         (
             [examples[i] for i in g],
-            lm_batch([examples[i] for i in g], tok, proc, anchor_weight, [items[i] for i in g]),
+            lm_batch(
+                [examples[i] for i in g], tok, proc, anchor_weight, [items[i] for i in g], decision_weight
+            ),
         )
         for g in groups
     ]
@@ -378,7 +390,7 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
         opt.param_groups[0]["lr"] = e.lr * f
         opt.param_groups[1]["lr"] = e.lr * e.vision_lr_mult * f
         opt.zero_grad(set_to_none=True)
-        parts = length_buckets(exs, tok, proc, e.anchor_weight)
+        parts = length_buckets(exs, tok, proc, e.anchor_weight, e.decision_weight)
         denom = sum(b["weights"][:, 1:].sum() for _, b in parts)
         lm_total, probe_total = 0.0, 0.0
         for part, batch in parts:  # gradient accumulation over the micro-batches: the loss of the whole batch
