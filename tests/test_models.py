@@ -95,10 +95,11 @@ def test_probe_words_name_each_class_in_the_rationales_tokens(tiny_teacher):
     assert [tok.decode(ids) for ids in words["colour"]] == [" " + c for c in COLOURS]
     assert [tok.decode(ids) for ids in words["shape"]] == [" " + s for s in SHAPES]
     assert [tok.decode(ids) for ids in words["size"]] == [" " + s for s in SIZES]
-    assert [tok.decode(ids) for ids in words["d1"]] == [str(d) for d in range(10)]
+    assert set(words) == {"colour", "shape", "size"}  # the digit heads are linear, not tied to words
     # the words are tokenized as the rationale tokenizes them ("... a small purple diamond marked $3.14")
     text_ids = tok(" small purple diamond $3.14", add_special_tokens=False)["input_ids"]
-    for ids in (words["size"][0], words["colour"][list(COLOURS).index("purple")], words["d0"][3]):
+    diamond = words["shape"][SHAPES.index("diamond")]
+    for ids in (words["size"][0], words["colour"][list(COLOURS).index("purple")], diamond):
         assert all(i in text_ids for i in ids)
 
 
@@ -157,6 +158,7 @@ def test_tiny_teacher_trains_on_lookup_drills_first(tiny_teacher):
 
 def test_family_weights_shape_the_teachers_stream(smoke_cfg):
     import collections
+    import random
 
     from vskip_core.config import ParamsError, load_params
     from vskip_core.teacher import family_for
@@ -165,7 +167,10 @@ def test_family_weights_shape_the_teachers_stream(smoke_cfg):
     cfg = load_params("params/smoke.yaml", {"embedded.family_weights": [1, 3, 0, 0]})
     counts = collections.Counter(family_for(cfg, i) for i in range(2000))
     assert set(counts) == {"attribute", "existence"} and 2.5 < counts["existence"] / counts["attribute"] < 3.5
-    assert [family_for(cfg, i) for i in range(50)] == [family_for(cfg, i) for i in range(50)]  # resumable
+    # a pure function of i (a resumed build sees the same stream), not of Python's global random state
+    first = [family_for(cfg, i) for i in range(50)]
+    random.seed(123)
+    assert [family_for(cfg, i) for i in range(50)] == first
     with pytest.raises(ParamsError, match="one weight per family"):
         load_params("params/smoke.yaml", {"embedded.family_weights": [1, 2]})
 

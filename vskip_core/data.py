@@ -380,9 +380,9 @@ def _existence(rng: random.Random, scene: dict[str, Any], t: int, popular: list[
     if same_shape is None:
         w.decision("There is no").add(" ").anchor("shape", shape).add(" in the image. ")
     else:
-        # The found colour and the asked one side by side, then the verdict: a small model learns this
-        # adjacent comparison in ~150 steps; "It is orange, not red." / "..., as asked." (the asked colour
-        # 25 tokens back) stayed at chance after 800 (measured: F1 0.87 vs 0.70 on 100 test examples).
+        # The found colour and the asked one side by side, then the verdict. With "It is orange, not red." /
+        # "..., as asked." (the asked colour 25 tokens back) the embedded teacher's verdict stayed at chance
+        # (existence F1 0.643, 200 test examples); side by side, the same recipe reaches F1 0.985.
         _locate(w, same_shape, "shape", t)
         w.add("It is ").anchor("colour", same_shape["colour"]).add("; we need ").anchor("colour", colour)
         w.add(": ").decision("same" if positive else "different").add(". ")
@@ -458,7 +458,8 @@ def make_lookup_drill(data: DataConfig | Config, split: str, i: int) -> dict[str
     sentence ("The triangle is a small red triangle with the price $4.57, at the top left."), or, for a
     shape that is not in the scene (a quarter of drills), "There is no diamond in the image." It trains the
     one skill every family needs (find an object by what it looks like, read its attributes off the image) at
-    a third of a full example's length. Same record keys as `make_example`; no `Answer:` line."""
+    a third of a full example's length. The keys the teacher's training reads (`question`, `options`, `image`,
+    `scene`, `rationale`, `anchors`); no `Answer:` line, no `decisions`."""
     data = data.data if isinstance(data, Config) else data
     rng = _rng(split_seed(data, split), -1 - i)  # negative indices: disjoint from make_example's stream
     scene = sample_scene(rng, data)

@@ -605,8 +605,8 @@ def _plan_on(cfg: Config, dev: Device, why: str) -> Plan:
         tok_per_step = e.batch_size * (seq.prompt_mean + 90)
         drill_tok = e.drill_batch_size * (seq.prompt_mean + 25)  # "Describe the X." -> one sentence
         steps = e.pretrain_steps + e.drill_steps + e.train_steps
-        secs = (e.pretrain_steps + e.train_steps) * tok_per_step + e.drill_steps * drill_tok
-        secs = secs * 6 * teacher.params / (CPU.tflops * 1e12) + 30
+        tokens = (e.pretrain_steps + e.train_steps) * tok_per_step + e.drill_steps * drill_tok
+        secs = tokens * 6 * teacher.params / (CPU.tflops * 1e12) + 30
         add(
             "00_embedded_teacher", sizes + f"; trains the embedded teacher ({steps} steps, CPU)", 0, 1.0, secs
         )
