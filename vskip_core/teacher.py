@@ -19,9 +19,15 @@ Measured (greedy; 200 test examples per family for the first and last, 100 other
 drills, 1000 full steps: attribute 0.41, reading ANLS 0.49; tied probe, 730 full steps: attribute 1.00,
 ANLS 0.84; tied + 300 drills + 500 full steps: attribute 1.00, ANLS 1.00 (exact 1.00), existence F1 0.65
 ("It is orange, not red." needed a comparison with a colour 25 tokens back, which stayed at chance); with
-existence rationales that put the two colours side by side and `decision_weight` on the verdict (the
-default): existence F1 0.985.
-Multi-step (options A-D, most / least expensive) stays at chance: see the notebook 00 report.
+existence rationales that put the two colours side by side and `decision_weight` on the verdict: existence
+F1 0.985 in one build, but 0.67 when the same recipe was rebuilt on another machine (the look-up and both
+colours were right; the "same" / "different" verdict was wrong in 48 of 168). The default
+(`params/default.yaml`) doubles the share of existence and multi-step examples (`family_weights`): F1 0.78
+(100 per family), 0.73 with 650 full steps: builds spread by about 0.1 on existence.
+Multi-step (options A-D, most / least expensive) stays near chance (0.24-0.30) with every recipe and every
+rationale design tried (see `data._multistep`).
+The build takes about 15 min at 1 torch thread on 2 cores (14.8-15.0 min measured alone or beside one other
+1-thread job; pretraining 800 steps ~2.5 min, drills ~0.7 s/step, full steps ~1 s/step).
 
 The result is saved with `save_pretrained` (model, tokenizer, image processor) under
 `.cache/teacher-<hash of embedded + data params>-g<data.GENERATOR_VERSION>/`, so later runs and stages load
