@@ -156,14 +156,15 @@ def test_tiny_teacher_trains_on_lookup_drills_first(tiny_teacher):
     assert phases == ["drill"] * cfg.embedded.drill_steps + ["lm"] * cfg.embedded.train_steps
 
 
-def test_family_weights_shape_the_teachers_stream(smoke_cfg):
+def test_family_weights_shape_the_teachers_stream():
     import collections
     import random
 
     from vskip_core.config import ParamsError, load_params
     from vskip_core.teacher import family_for
 
-    assert family_for(smoke_cfg, 7) is None  # no weights: the benchmark's own rotation
+    unweighted = load_params("params/smoke.yaml", {"embedded.family_weights": []})
+    assert family_for(unweighted, 7) is None  # no weights: the benchmark's own rotation
     cfg = load_params("params/smoke.yaml", {"embedded.family_weights": [1, 3, 0, 0]})
     counts = collections.Counter(family_for(cfg, i) for i in range(2000))
     assert set(counts) == {"attribute", "existence"} and 2.5 < counts["existence"] / counts["attribute"] < 3.5
