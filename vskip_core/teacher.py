@@ -26,8 +26,8 @@ colours were right; the "same" / "different" verdict was wrong in 48 of 168). Th
 (100 per family), 0.73 with 650 full steps: builds spread by about 0.1 on existence.
 Multi-step (options A-D, most / least expensive) stays near chance (0.24-0.30) with every recipe and every
 rationale design tried (see `data._multistep`).
-The build takes about 15 min at 1 torch thread on 2 cores (14.8-15.0 min measured alone or beside one other
-1-thread job; pretraining 800 steps ~2.5 min, drills ~0.7 s/step, full steps ~1 s/step).
+The default build takes 13.4 min at 1 torch thread on an idle 2-core VM (pretraining 800 steps ~2.5 min,
+drills ~0.7 s/step, full steps ~0.8 s/step), and is deterministic there: two builds, bit-identical weights.
 
 The result is saved with `save_pretrained` (model, tokenizer, image processor) under
 `.cache/teacher-<hash of embedded + data params>-g<data.GENERATOR_VERSION>/`, so later runs and stages load
