@@ -322,13 +322,13 @@ def _multistep(rng: random.Random, scene: dict[str, Any], t: int) -> dict[str, A
     options = [f"the {c} {s}" for c, s in opts]
     w = _Writer(q + " " + " ".join(f"({L}) {x}" for L, x in zip("ABCD", options)))
     w.add(_OPENINGS[t]).add(_NEED[t]).add(f"the {word} option. ")
-    # The embedded teacher stays at chance on this family (0.24, 200 test examples). Two rewrites with every
-    # step local were built with the default recipe and measured, and were no better (README, issue 3):
-    # per-option "the circle is blue; we need green: different" + "is it more than $4.57? yes, take (C)"
-    # (multi-step 0.23; the teacher copied its own colour into "we need", and the shared phrase pulled
-    # existence F1 from 0.985 to 0.73), and the option restated first with a "Leader (C) $9.65." carried
-    # through every step (0.24, 100 per family; reading ANLS fell to 0.83): 500 mixed steps are too few for
-    # a four-step chain.
+    # The embedded teacher stays at chance on this family (0.245, 200 test examples). Two rewrites with every
+    # step local were built with the default recipe (no family weights) and measured, and were no better
+    # (README, issue 3): per-option "the circle is blue; we need green: different" + "is it more than $4.57?
+    # yes, take (C)" (multi-step 0.23; the teacher copied its own colour into "we need": 0 of 109 "different"
+    # steps right), and the option restated first with a "Leader (C) $9.65." carried through every step
+    # (0.24 on 100 per family, reading ANLS down to 0.83; the price misread in 82 of 100 first priced steps):
+    # 500 mixed steps are too few for a four-step chain at this size.
     for L, k in zip("ABCD", opts):
         w.add(f"({L}) the ").anchor("colour", k[0]).add(" ").anchor("shape", k[1])
         if k in by_name:
