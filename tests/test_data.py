@@ -139,6 +139,23 @@ def test_lookup_drills_state_the_asked_objects_attributes(smoke_cfg):
     assert drills[0]["scene"] != make_example(smoke_cfg, "teacher", 0)["scene"]
 
 
+def test_compare_drills_are_balanced_and_blank(smoke_cfg):
+    from vskip_core.data import BACKGROUND, make_compare_drill
+
+    drills = [make_compare_drill(smoke_cfg, "teacher", i) for i in range(400)]
+    assert len({d["id"] for d in drills}) == 400
+    same = 0
+    for d in drills:
+        found, need = (a["value"] for a in d["anchors"])
+        verdict = d["decisions"][0]["value"]
+        assert d["rationale"] == f"It is {found}; we need {need}: {verdict}."
+        assert verdict == ("same" if found == need else "different")
+        same += verdict == "same"
+        assert d["loss_on"] == "decisions" and d["scene"]["objects"] == []
+    assert 160 <= same <= 240  # half are "same"
+    assert set(drills[0]["image"].getdata()) == {BACKGROUND}  # nothing to see: the verdict is text-only
+
+
 def test_existence_rationale_puts_found_and_asked_colour_side_by_side(cfg):
     for i in range(200):
         e = make_example(cfg, "test", i, family="existence")

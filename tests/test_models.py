@@ -153,7 +153,9 @@ def test_length_buckets_give_the_whole_batch_loss(tiny_teacher):
 def test_tiny_teacher_trains_on_lookup_drills_first(tiny_teacher):
     cfg, path = tiny_teacher
     phases = [h["phase"] for h in history(path) if h["phase"] != "vision"]
-    assert phases == ["drill"] * cfg.embedded.drill_steps + ["lm"] * cfg.embedded.train_steps
+    e = cfg.embedded
+    assert e.verdict_steps > 0  # smoke.yaml runs a short verdict phase, so the test covers it
+    assert phases == ["drill"] * e.drill_steps + ["lm"] * e.train_steps + ["verdict"] * e.verdict_steps
 
 
 def test_family_weights_shape_the_teachers_stream():
@@ -188,3 +190,49 @@ def test_decision_words_get_their_own_loss_weight(tiny_teacher):
     hit = [j for j, (s, e) in enumerate(enc["offset_mapping"]) if s < d["end"] and e > d["start"]]
     assert hit and all(w[j] == 7.0 for j in hit)
     assert set(w.tolist()) == {1.0, 3.0, 7.0}
+
+
+def test_compare_drills_put_their_loss_on_the_verdict_only(tiny_teacher):
+    from vskip_core.data import make_compare_drill
+    from vskip_core.teacher import target_weights
+
+    cfg, _ = tiny_teacher
+    tok = load_model(cfg).tokenizer
+    d = make_compare_drill(cfg, "teacher", 3)
+    w = target_weights(tok, d, anchor_weight=3.0, decision_weight=7.0)
+    enc = tok(d["rationale"], add_special_tokens=False, return_offsets_mapping=True)
+    v = d["decisions"][0]
+    hit = [j for j, (s, e) in enumerate(enc["offset_mapping"]) if s < v["end"] and e > v["start"]]
+    assert hit and all(w[j] == 7.0 for j in hit)
+    assert sum(w > 0).item() == len(hit)  # the colours, copied from nowhere, carry no loss
+
+
+def test_teacher_build_resumes_after_a_kill_in_the_verdict_phase(tiny_teacher, tmp_path, monkeypatch):
+    """A build killed mid-way (here: in phase 4) resumes from its last checkpoint to the same weights as the
+    uninterrupted build of the `tiny_teacher` fixture."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    import vskip_core.teacher as teacher
+
+    cfg, ref = tiny_teacher
+    cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, cache_dir=str(tmp_path)))
+    monkeypatch.setattr(teacher, "CKPT_EVERY", 1)
+    real, calls = teacher.make_compare_drill, {"n": 0}
+
+    def dies_once(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the second verdict step of smoke.yaml (4 drills a step)
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(teacher, "make_compare_drill", dies_once)
+    with pytest.raises(KeyboardInterrupt):
+        teacher.build_teacher(cfg, progress=False)
+    building = next(tmp_path.glob("*.building"))
+    assert torch.load(building / "ckpt.pt", weights_only=False)["state"]["verdict_step"] == 1
+    out = teacher.build_teacher(cfg, progress=False)
+    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["phase"] for h in history(out)] == [h["phase"] for h in history(ref)]

@@ -171,6 +171,15 @@ class EmbeddedConfig:
     drill_steps: int = 300  # end-to-end steps on short look-up drills first ("Describe the triangle.")
     drill_batch_size: int = 32  # drills per step (a drill is a third of a full example's length)
     train_steps: int = 500  # end-to-end steps on question + rationale + answer
+    # Verdict phase, after the full steps: each step `verdict_compare` colour-comparison drills
+    # (`data.make_compare_drill`, loss on "same" / "different" only; on blank images, or on unrelated scenes
+    # with `verdict_blank: false`) + `verdict_full` full examples; language model only, peak lr `verdict_lr`
+    # decaying (cosine) to a tenth. 0 steps = no verdict phase.
+    verdict_steps: int = 0
+    verdict_compare: int = 16
+    verdict_full: int = 16
+    verdict_lr: float = 5e-4
+    verdict_blank: bool = True
     # relative share of each family (in data.families order) in the full-example stream; [] = equal shares
     family_weights: list[float] = field(default_factory=list)
     batch_size: int = 16  # examples per step
@@ -206,6 +215,14 @@ class EmbeddedConfig:
             "embedded.family_weights",
             f"must be non-negative with a positive sum, got {self.family_weights}",
         )
+        for k in ("verdict_steps", "verdict_compare", "verdict_full"):
+            _check(getattr(self, k) >= 0, f"embedded.{k}", f"must be >= 0, got {getattr(self, k)}")
+        _check(
+            self.verdict_steps == 0 or self.verdict_compare + self.verdict_full > 0,
+            "embedded.verdict_compare",
+            "a verdict phase needs verdict_compare + verdict_full > 0 examples per step",
+        )
+        _check(self.verdict_lr > 0, "embedded.verdict_lr", f"must be > 0, got {self.verdict_lr}")
         _check(self.hidden_size % self.text_heads == 0, "embedded.text_heads", "must divide hidden_size")
         _check(
             (self.hidden_size // self.text_heads) % 4 == 0,

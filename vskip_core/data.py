@@ -499,6 +499,41 @@ def make_lookup_drill(data: DataConfig | Config, split: str, i: int) -> dict[str
     }
 
 
+def make_compare_drill(data: DataConfig | Config, split: str, i: int, blank: bool = True) -> dict[str, Any]:
+    """A colour-comparison drill for teacher training, on a blank image: "It is blue; we need red: different."
+    with the loss on the verdict only (`loss_on="decisions"`). It is the last step of an existence rationale
+    with nothing to see, so the verdict can only come from the two colour words beside it; half are "same".
+    Why: the embedded teacher looked up and wrote both colours right and still gave the wrong verdict in 34 of
+    175 existence examples ("It is blue; we need blue: different."), a text-only equality it had not learned
+    from full examples, where the image and the question offer weaker cues to the same verdict."""
+    data = data.data if isinstance(data, Config) else data
+    rng = _rng(split_seed(data, split), -10_000_000 - i)  # disjoint from make_example and look-up drills
+    colours = list(COLOURS)
+    found = rng.choice(colours)
+    need = found if rng.random() < 0.5 else rng.choice([c for c in colours if c != found])
+    if blank:
+        scene = {"grid": data.grid, "image_size": data.image_size, "objects": []}
+    else:  # a real scene that has nothing to do with the two colours: as uninformative, in distribution
+        scene = sample_scene(rng, data)
+    q = "Compare the two colours."
+    w = _Writer(q)
+    w.add("It is ").anchor("colour", found).add("; we need ").anchor("colour", need).add(": ")
+    w.decision("same" if found == need else "different").add(".")
+    return {
+        "id": f"{split}-compare-{i:06d}",
+        "family": "drill",
+        "image": render_scene(scene, blank=blank),
+        "question": q,
+        "options": [],
+        "scene": scene,
+        "rationale": w.text,
+        "anchors": w.anchors,
+        "decisions": w.decisions,
+        "loss_on": "decisions",
+        "template": 0,
+    }
+
+
 def iter_examples(data: DataConfig | Config, split: str, n: int, start: int = 0) -> Iterator[dict[str, Any]]:
     for i in range(start, start + n):
         yield make_example(data, split, i)

@@ -604,8 +604,12 @@ def _plan_on(cfg: Config, dev: Device, why: str) -> Plan:
         e = cfg.embedded
         tok_per_step = e.batch_size * (seq.prompt_mean + 90)
         drill_tok = e.drill_batch_size * (seq.prompt_mean + 25)  # "Describe the X." -> one sentence
-        steps = e.pretrain_steps + e.drill_steps + e.train_steps
+        steps = e.pretrain_steps + e.drill_steps + e.train_steps + e.verdict_steps
         tokens = (e.pretrain_steps + e.train_steps) * tok_per_step + e.drill_steps * drill_tok
+        # verdict phase: full examples + comparison drills ("It is blue; we need red: different.")
+        tokens += e.verdict_steps * (
+            e.verdict_full * (seq.prompt_mean + 90) + e.verdict_compare * (seq.prompt_mean + 12)
+        )
         secs = tokens * 6 * teacher.params / (CPU.tflops * 1e12) + 30
         add(
             "00_embedded_teacher", sizes + f"; trains the embedded teacher ({steps} steps, CPU)", 0, 1.0, secs

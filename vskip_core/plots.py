@@ -106,13 +106,17 @@ def training_curves(history: list[dict[str, Any]], path=None):
         axes[0].set_title("vision pretraining: per-token label accuracy")
         axes[0].set_xlabel("step")
         axes[0].legend(fontsize=7, ncol=2)
-    lm = h[h.phase == "lm"]
-    if len(lm):
-        axes[1].plot(lm.step, lm.loss, alpha=0.3, color="#4c78a8")
-        axes[1].plot(lm.step, lm.loss.rolling(25, min_periods=1).mean(), color="#4c78a8")
+    e2e = h[h.phase != "vision"].reset_index(drop=True)
+    if len(e2e):  # look-up drills, full examples, verdict phase: one x axis, one colour each
+        colours = {"drill": "#f58518", "lm": "#4c78a8", "verdict": "#54a24b"}
+        for phase, part in e2e.groupby("phase", sort=False):
+            c = colours.get(phase, "grey")
+            axes[1].plot(part.index, part.loss, alpha=0.3, color=c)
+            axes[1].plot(part.index, part.loss.rolling(25, min_periods=1).mean(), color=c, label=phase)
         axes[1].set_yscale("log")
         axes[1].set_title("end-to-end: weighted next-token loss (rationale + answer)")
-        axes[1].set_xlabel("step")
+        axes[1].set_xlabel("step (drills, full examples, verdict phase)")
+        axes[1].legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
 

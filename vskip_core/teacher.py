@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import Config
-from .data import COLOURS, SHAPES, SIZES, make_example, make_lookup_drill
+from .data import COLOURS, SHAPES, SIZES, make_compare_drill, make_example, make_lookup_drill
 from .models import (
     collate,
     embedded_config,
@@ -182,8 +182,11 @@ def target_weights(
     ans_start = text.rfind("Answer:")
     if ans_start >= 0:  # look-up drills have no answer line
         spans.append((ans_start, len(text), anchor_weight))
-    w = [max([1.0] + [v for s2, e2, v in spans if s < e2 and e > s2]) for s, e in enc["offset_mapping"]]
-    return torch.tensor(w + [1.0])  # + <|im_end|>
+    base = 0.0 if ex.get("loss_on") == "decisions" else 1.0  # comparison drills: the verdict only
+    if base == 0.0:
+        spans = [(d["start"], d["end"], dw) for d in ex.get("decisions", [])]
+    w = [max([base] + [v for s2, e2, v in spans if s < e2 and e > s2]) for s, e in enc["offset_mapping"]]
+    return torch.tensor(w + [base])  # + <|im_end|>
 
 
 def lm_batch(
@@ -307,7 +310,15 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
         betas=(0.9, 0.98),
         weight_decay=0.01,
     )
-    state: dict[str, Any] = {"pretrain_step": 0, "train_step": 0, "history": [], "seconds": 0.0}
+    # Phase 4 (verdict): the language model alone, a fresh optimizer at a constant low lr.
+    opt_p = torch.optim.AdamW(lm_params, lr=e.verdict_lr, weight_decay=0.01)
+    state: dict[str, Any] = {
+        "pretrain_step": 0,
+        "train_step": 0,
+        "verdict_step": 0,
+        "history": [],
+        "seconds": 0.0,
+    }
     ckpt = work / "ckpt.pt"
     if ckpt.exists():
         blob = torch.load(ckpt, map_location=device, weights_only=False)
@@ -315,6 +326,7 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
         probe.load_state_dict(blob["probe"])
         opt_v.load_state_dict(blob["opt_v"])
         opt.load_state_dict(blob["opt"])
+        opt_p.load_state_dict(blob["opt_p"])
         state = blob["state"]
         torch.set_rng_state(blob["rng"])
 
@@ -325,6 +337,7 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
             "probe": probe.state_dict(),
             "opt_v": opt_v.state_dict(),
             "opt": opt.state_dict(),
+            "opt_p": opt_p.state_dict(),
             "state": state,
             "rng": torch.get_rng_state(),
         }
@@ -434,6 +447,50 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
             save_ckpt()
     bar.close()
     hook.remove()
+
+    # Phase 4: the verdict phase. After phase 3 the teacher writes "It is blue; we need blue:" and then
+    # "different" about one time in five: it takes the verdict from weaker cues (the image, the question) and
+    # never learned to compare the two words (on blank images it says "different" to all 36 colour pairs).
+    # Comparison drills on blank images leave the two words as the only cue; mixed with full examples, at a
+    # low constant lr, with the vision tower frozen. Mixed into phases 2-3 at their lr, the same drills taught
+    # nothing (blank pairs still all one verdict, existence F1 0.42; README, teacher).
+    bar = tqdm(total=e.verdict_steps, initial=state["verdict_step"], desc="verdict", disable=not progress)
+    for p in vis_params:
+        p.requires_grad_(False)
+    offset_v = 7_000_000  # full examples of the teacher stream not seen in phase 3
+    while state["verdict_step"] < e.verdict_steps:
+        step = state["verdict_step"]
+        nc, nf = e.verdict_compare, e.verdict_full
+        exs = [make_compare_drill(cfg, "teacher", step * nc + j, blank=e.verdict_blank) for j in range(nc)]
+        exs += [
+            make_example(cfg, "teacher", i, family_for(cfg, i))
+            for i in range(offset_v + step * nf, offset_v + (step + 1) * nf)
+        ]
+        opt_p.zero_grad(set_to_none=True)
+        parts = length_buckets(exs, tok, proc, e.anchor_weight, e.decision_weight)
+        denom = sum(b["weights"][:, 1:].sum() for _, b in parts)
+        lm_total = 0.0
+        for _, batch in parts:
+            res = model(**{k: batch[k].to(device) for k in LM_INPUTS})
+            loss = weighted_lm_loss(
+                res.logits, batch["labels"].to(device), batch["weights"].to(device), denom
+            )
+            loss.backward()
+            lm_total += loss.item()
+        torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
+        lr_v = e.verdict_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step + 1) / e.verdict_steps)))
+        for g in opt_p.param_groups:
+            g["lr"] = lr_v
+        opt_p.step()
+        state["history"].append({"phase": "verdict", "step": step, "loss": lm_total, "lr": lr_v})
+        state["verdict_step"] += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{lm_total:.3f}")
+        if state["verdict_step"] % CKPT_EVERY == 0:
+            save_ckpt()
+    bar.close()
+    for p in vis_params:
+        p.requires_grad_(True)
 
     model.eval()
     seconds = state.get("seconds_base", 0.0) + (time.time() - t_start)
