@@ -14,20 +14,31 @@ Recipe (each step measured in the notebook 00 report):
    plus `probe_weight` x the phase-2 probe loss so the visual tokens stay decodable. Batches are cut into
    two micro-batches by length (same loss, a quarter less padding).
    A fresh stream of examples (split "teacher", disjoint from train/val/test), never repeated.
+5. **Verdict phase**: `verdict_steps` steps of 16 colour-comparison drills on blank images ("It is blue; we
+   need red: different.", loss on the verdict only, `data.make_compare_drill`) + 16 full examples, language
+   model only, lr 5e-4 decaying (cosine) to a tenth.
 
 Measured (greedy; 200 test examples per family for the first and last, 100 otherwise): untied probe, no
 drills, 1000 full steps: attribute 0.41, reading ANLS 0.49; tied probe, 730 full steps: attribute 1.00,
 ANLS 0.84; tied + 300 drills + 500 full steps: attribute 1.00, ANLS 1.00 (exact 1.00), existence F1 0.65
 ("It is orange, not red." needed a comparison with a colour 25 tokens back, which stayed at chance); with
-existence rationales that put the two colours side by side and `decision_weight` on the verdict: existence
-F1 0.985 in one build, but 0.67 when the same recipe was rebuilt on another machine (the look-up and both
-colours were right; the "same" / "different" verdict was wrong in 48 of 168). The default
-(`params/default.yaml`) doubles the share of existence and multi-step examples (`family_weights`): F1 0.78
-(100 per family), 0.73 with 650 full steps: builds spread by about 0.1 on existence.
+existence rationales that put the two colours side by side and `decision_weight` on the verdict: F1 0.67-0.80
+over rebuilds and family shares (0.80 with `family_weights` [1, 2, 1, 2], 200 per family).
+Why the verdict phase: after step 4 the teacher wrote both colours right and then the wrong verdict in 34 of
+175 shape-present existence examples ("It is blue; we need blue: different."); teacher-forced on blank images
+it gave "different" to all 36 colour pairs: the verdict came from the image and question, not from the two
+words beside it. The same comparison drills mixed into steps 3-4 at their lr taught nothing (blank pairs
+still all one verdict, existence F1 0.42 and 0.41, 25% of drills / + 4 per full step); alone on the built
+teacher at lr 3e-4 they are learned in ~100 steps. As a fifth phase (measured on the default teacher, 200 per
+family): constant lr 3e-4, 8 full examples a step: existence F1 0.85-0.88, attribute 0.97-0.98; constant
+5e-4: F1 0.89-0.97 but attribute 0.81-0.91 (the answer copy of one template broke); 5e-4 with the cosine decay
+and 16 full: F1 0.99, attribute 0.99, ANLS 1.00 (0.975 / 0.985 / 1.00 with drills on unrelated real scenes).
+The default build (all five phases): attribute 0.965, existence F1 0.995 (yes-ratio 0.48), ANLS 1.00.
 Multi-step (options A-D, most / least expensive) stays near chance (0.24-0.30) with every recipe and every
 rationale design tried (see `data._multistep`).
-The default build takes 13.4 min at 1 torch thread on an idle 2-core VM (pretraining 800 steps ~2.5 min,
-drills ~0.7 s/step, full steps ~0.8 s/step), and is deterministic there: two builds, bit-identical weights.
+The default build takes 17.6 min at 1 torch thread on a 2-core VM (another job on the second core for part of
+it; pretraining 800 steps ~2.5 min, drills ~0.7 s/step, full steps ~0.8 s/step, then 150 verdict steps);
+without the verdict phase it was 13.4-16.5 min alone, and deterministic: two builds, bit-identical weights.
 
 The result is saved with `save_pretrained` (model, tokenizer, image processor) under
 `.cache/teacher-<hash of embedded + data params>-g<data.GENERATOR_VERSION>/`, so later runs and stages load
@@ -310,7 +321,7 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
         betas=(0.9, 0.98),
         weight_decay=0.01,
     )
-    # Phase 4 (verdict): the language model alone, a fresh optimizer at a constant low lr.
+    # Phase 3 (the verdict phase, recipe step 5): the language model alone, its own optimizer.
     opt_p = torch.optim.AdamW(lm_params, lr=e.verdict_lr, weight_decay=0.01)
     state: dict[str, Any] = {
         "pretrain_step": 0,
@@ -448,12 +459,12 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
     bar.close()
     hook.remove()
 
-    # Phase 4: the verdict phase. After phase 3 the teacher writes "It is blue; we need blue:" and then
+    # Phase 3: the verdict phase. After phase 2 the teacher writes "It is blue; we need blue:" and then
     # "different" about one time in five: it takes the verdict from weaker cues (the image, the question) and
     # never learned to compare the two words (on blank images it says "different" to all 36 colour pairs).
     # Comparison drills on blank images leave the two words as the only cue; mixed with full examples, at a
-    # low constant lr, with the vision tower frozen. Mixed into phases 2-3 at their lr, the same drills taught
-    # nothing (blank pairs still all one verdict, existence F1 0.42; README, teacher).
+    # low lr decaying to a tenth, with the vision tower frozen. Mixed into phase 2 at its lr, the same drills
+    # taught nothing (blank pairs still all one verdict, existence F1 0.42; README, teacher).
     bar = tqdm(total=e.verdict_steps, initial=state["verdict_step"], desc="verdict", disable=not progress)
     for p in vis_params:
         p.requires_grad_(False)
