@@ -36,9 +36,9 @@ and 16 full: F1 0.99, attribute 0.99, ANLS 1.00 (0.975 / 0.985 / 1.00 with drill
 The default build (all five phases): attribute 0.965, existence F1 0.995 (yes-ratio 0.48), ANLS 1.00.
 Multi-step (options A-D, most / least expensive) stays near chance (0.24-0.30) with every recipe and every
 rationale design tried (see `data._multistep`).
-The default build takes 17.6 min at 1 torch thread on a 2-core VM (another job on the second core for part of
-it; pretraining 800 steps ~2.5 min, drills ~0.7 s/step, full steps ~0.8 s/step, then 150 verdict steps);
-without the verdict phase it was 13.4-16.5 min alone, and deterministic: two builds, bit-identical weights.
+The default build takes 16.5 min at 1 torch thread on an idle 2-core VM (pretraining 800 steps ~2.5 min, drills
+~0.7 s/step, full steps ~0.8 s/step, then 150 verdict steps), and is deterministic there: two builds (one from a
+clean clone), bit-identical weights.
 
 The result is saved with `save_pretrained` (model, tokenizer, image processor) under
 `.cache/teacher-<hash of embedded + data params>-g<data.GENERATOR_VERSION>/`, so later runs and stages load
@@ -468,7 +468,7 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
     bar = tqdm(total=e.verdict_steps, initial=state["verdict_step"], desc="verdict", disable=not progress)
     for p in vis_params:
         p.requires_grad_(False)
-    offset_v = 7_000_000  # full examples of the teacher stream not seen in phase 3
+    offset_v = 7_000_000  # full examples of the teacher stream not seen in phase 2
     while state["verdict_step"] < e.verdict_steps:
         step = state["verdict_step"]
         nc, nf = e.verdict_compare, e.verdict_full
