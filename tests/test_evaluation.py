@@ -115,25 +115,44 @@ def test_attribute_hallucinations():
     assert attribute_hallucinations("a red triangle and a blue circle", SCENE) == []
 
 
-def test_pope_by_split_shares_positives():
+def test_pope_by_split_scores_each_split_on_its_own_rows():
+    """Each POPE split is scored on its own positives and negatives only (lmms-lab's per-category tasks),
+    not on its negatives plus every split's positives."""
     from vskip_core.evaluation import pope_by_split
 
-    exs = {
-        "p1": {"answer": "yes", "pope_split": "random"},
-        "p2": {"answer": "yes", "pope_split": "adversarial"},
-        "n1": {"answer": "no", "pope_split": "random"},
-        "n2": {"answer": "no", "pope_split": "adversarial"},
-    }
-    recs = [
-        {"id": i, "family": "existence", "system": "s", "ratio": None, "parsed": p}
-        for i, p in (("p1", "yes"), ("p2", "yes"), ("n1", "no"), ("n2", "yes"))
+    rows_in = [  # id, split, gold, parsed
+        ("r1", "random", "yes", "yes"),
+        ("r2", "random", "yes", "no"),
+        ("r3", "random", "no", "no"),
+        ("r4", "random", "no", "yes"),
+        ("a1", "adversarial", "yes", "yes"),
+        ("a2", "adversarial", "no", "yes"),
+        ("a3", "adversarial", "no", "yes"),
+        ("p1", "popular", "yes", "yes"),
+        ("p2", "popular", "no", None),
     ]
+    exs = {i: {"answer": y, "pope_split": s} for i, s, y, _ in rows_in}
+    exs["m1"] = {"answer": "A", "pope_split": ""}
+    recs = [
+        {"id": i, "family": "existence", "system": "s", "ratio": None, "parsed": p} for i, _, _, p in rows_in
+    ]
+    recs.append({"id": "m1", "family": "multistep", "system": "s", "ratio": None, "parsed": "A"})
     rows = {r["split"]: r for r in pope_by_split(recs, exs)}
-    assert rows["random"]["n"] == 3 and rows["random"]["accuracy"] == 1.0
-    assert rows["adversarial"]["yes_ratio"] == 1.0 and rows["adversarial"]["precision"] == pytest.approx(
-        2 / 3
-    )
-    assert rows["popular"]["n"] == 2  # positives only
+    # random: TP 1, FN 1, TN 1, FP 1
+    assert rows["random"]["n"] == 4
+    for k, v in {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5}.items():
+        assert rows["random"][k] == pytest.approx(v), k
+    # adversarial: TP 1, FP 2
+    assert rows["adversarial"]["n"] == 3
+    for k, v in {"accuracy": 1 / 3, "precision": 1 / 3, "recall": 1.0, "f1": 0.5, "yes_ratio": 1.0}.items():
+        assert rows["adversarial"][k] == pytest.approx(v), k
+    # popular: TP 1, one unparsed negative (wrong, not yes)
+    assert rows["popular"]["n"] == 2 and rows["popular"]["unparsed"] == 1
+    for k, v in {"accuracy": 0.5, "precision": 1.0, "recall": 1.0, "f1": 1.0, "yes_ratio": 0.5}.items():
+        assert rows["popular"][k] == pytest.approx(v), k
+    # a split with no rows (not in data.pope_categories) gets no row
+    only_random = [dict(r, system="t") for r in recs if exs[r["id"]]["pope_split"] == "random"]
+    assert [r["split"] for r in pope_by_split(only_random, exs)] == ["random"]
 
 
 def test_open_question_scoring_needs_no_options():

@@ -436,7 +436,11 @@ def pope_by_split(
     records: list[dict[str, Any]], examples_by_id: dict[str, dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """POPE metrics per (system, ratio, negative sampler) from evaluation records of existence questions.
-    Positives are shared by the three splits, as in POPE: each split = its negatives + all positives."""
+    Each split is scored on its own rows only (its positives and its negatives, by the example's
+    `pope_split`), as lmms-eval's per-category POPE tasks are: in POPE every category has its own positives
+    (real POPE: 1500 yes + 1500 no per category; the embedded benchmark draws the split of every existence
+    example, positive or negative, before its answer), so each split is a balanced set whose precision, F1
+    and yes-ratio are not shifted by the other splits' positives. Splits without rows get no row."""
     from collections import defaultdict
 
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -446,12 +450,9 @@ def pope_by_split(
     rows = []
     for (system, ratio), recs in groups.items():
         for split in ("random", "popular", "adversarial"):
-            sel = [
-                r
-                for r in recs
-                if examples_by_id[r["id"]]["answer"] == "yes"
-                or examples_by_id[r["id"]].get("pope_split") == split
-            ]
+            sel = [r for r in recs if examples_by_id[r["id"]].get("pope_split") == split]
+            if not sel:  # a split not evaluated (data.pope_categories) gets no row, not a row of zeros
+                continue
             m = pope_metrics([r["parsed"] for r in sel], [examples_by_id[r["id"]]["answer"] for r in sel])
             rows.append({"method": system, "ratio": ratio, "split": split, **m})
     return rows
