@@ -196,6 +196,11 @@ class Adapter:
     def model_inputs(self, batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
         return {k: batch[k].to(device) for k in self.input_keys if k in batch}
 
+    def append_tokens(self, item: dict[str, Any], ids: torch.Tensor) -> dict[str, Any]:
+        """An `encode` output with text tokens `ids` appended (e.g. an assistant prefill), every per-token input
+        grown with them as transformers' generate grows it for generated tokens. Returns a new dict."""
+        return {**item, "input_ids": torch.cat([item["input_ids"], ids])}
+
     def _target_ids(self, tok, target: str | None) -> list[int]:
         if target is None:
             return []
@@ -459,6 +464,11 @@ class Qwen2VLAdapter(Adapter):
             "offsets": torch.tensor(offsets),
         }
 
+    def append_tokens(self, item: dict[str, Any], ids: torch.Tensor) -> dict[str, Any]:
+        """Text tokens are not image tokens: `mm_token_type_ids` grows with zeros."""
+        mm = torch.cat([item["mm_token_type_ids"], torch.zeros_like(ids)])
+        return {**super().append_tokens(item, ids), "mm_token_type_ids": mm}
+
     def attention_module(self, model, layer: int):
         return self.decoder_layers(model)[layer].self_attn
 
@@ -702,6 +712,13 @@ class MllamaAdapter(Adapter):
             "cross_attention_mask": cross,
             "offsets": torch.tensor(offsets),
         }
+
+    def append_tokens(self, item: dict[str, Any], ids: torch.Tensor) -> dict[str, Any]:
+        """The (L, n_images, tiles) cross-attention mask grows by copies of its last row (the new tokens see
+        the images the last prompt token sees), as MllamaForConditionalGeneration.generate grows it."""
+        cam = item["cross_attention_mask"]
+        cam = torch.cat([cam, cam[-1:].expand(len(ids), *cam.shape[1:])])
+        return {**super().append_tokens(item, ids), "cross_attention_mask": cam}
 
     def image_layers(self, model_or_config) -> list[int]:
         return sorted(int(i) for i in _text_config(model_or_config).cross_attention_layers)

@@ -38,7 +38,7 @@ def generate(
     device = next(model.parameters()).device
     prefixes = prefix if isinstance(prefix, list) else [prefix] * len(examples)
     out: list[dict[str, Any]] = []
-    from .adapters import adapter_for_tokenizer
+    from .adapters import adapter_for, adapter_for_tokenizer
 
     eos = adapter_for_tokenizer(tok).end_token_id(tok)  # <|im_end|> (Qwen) or <|eot_id|> (Llama)
     bar = tqdm(total=len(examples), desc=desc, disable=not progress, leave=False)
@@ -59,9 +59,8 @@ def generate(
             pre = torch.tensor(
                 tok(assistant_prefill, add_special_tokens=False)["input_ids"], dtype=torch.long
             )
-            for it in items:
-                it["input_ids"] = torch.cat([it["input_ids"], pre])
-                it["mm_token_type_ids"] = torch.cat([it["mm_token_type_ids"], torch.zeros_like(pre)])
+            ad = adapter_for(proc)  # the family's per-token inputs grow with it (Mllama: cross-attention)
+            items = [ad.append_tokens(it, pre) for it in items]
         batch = collate(items, tok.pad_token_id, padding_side="left")
         t0 = time.perf_counter()
         kw: dict[str, Any] = {"do_sample": do_sample}
