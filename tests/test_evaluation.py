@@ -116,7 +116,7 @@ def test_attribute_hallucinations():
 
 
 def test_pope_by_split_scores_each_split_on_its_own_rows():
-    """Each POPE split is scored on its own positives and negatives only (lmms-lab's per-category tasks),
+    """Each POPE split is scored on its own positives and negatives only (lmms-eval's per-category tasks),
     not on its negatives plus every split's positives."""
     from vskip_core.evaluation import pope_by_split
 

@@ -190,6 +190,44 @@ def test_hooked_equals_naive_sdpa_unpadded_causal_fast_path(setup, monkeypatch):
     assert seen and all(m is None for m in seen)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_hooked_capture_in_float16_does_not_overflow(masked):
+    """fp16 query/key rows whose products exceed 65504 (Qwen2-family activations on a T4): the captured
+    softmax rows are computed in float32, finite and equal to the float32 reference, under sdpa's causal fast
+    path (no mask) and under an additive fp16 causal mask (eager, padded)."""
+    import types
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, d = 2, 4, 2, 7, 8
+    q = (300 * torch.sign(torch.randn(B, H, T, d, generator=g))).half()
+    k = (
+        300 * torch.rand(B, Hkv, T, d, generator=g) * torch.sign(torch.randn(B, Hkv, T, d, generator=g))
+    ).half()
+    scaling = d**-0.5
+    assert not torch.isfinite(torch.matmul(q[:, ::2], k.transpose(2, 3))).all()  # fp16 overflows here
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = None
+    if masked:
+        mask = torch.zeros(B, 1, T, T, dtype=torch.float16)
+        mask.masked_fill_(~causal, torch.finfo(torch.float16).min)
+    qi, qv = S.query_rows([(4, 3), (3, 4)])
+    ki = torch.tensor([[1, 2], [1, 2]])
+    kv = torch.ones_like(ki, dtype=torch.bool)
+    cap = S._Capture(qi, qv, ki, kv, "sdpa", keep_columns=True, chunk=2)
+    cap.record(0, types.SimpleNamespace(is_causal=True), q, k, mask, scaling)
+    # float32 reference: the same fp16 values, upcast before the product
+    kf = k.float().repeat_interleave(H // Hkv, dim=1)
+    logits = torch.matmul(q.float(), kf.transpose(2, 3)) * scaling
+    p = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+    for b in range(B):
+        rows = qi[b][qv[b]]
+        want = p[b][:, rows][..., ki[b]]
+        got = cap.maps[0][b][:, : len(rows)]
+        assert torch.isfinite(got).all() and torch.isfinite(cap.mass[0]).all()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cap.mass[0][b][:, : len(rows)], want.sum(-1), atol=1e-5, rtol=1e-4)
+
+
 def test_hooked_equals_naive_single_matches_notebook00_reference(setup):
     """Batch of one against the original `naive_image_attention` (every layer, all heads)."""
     cfg, tok, proc, exs = setup

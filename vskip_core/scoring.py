@@ -17,8 +17,9 @@ modules are rerouted, for one forward, through `_capture_attention`, registered 
 loaded with) to produce the layer output, and on the side recomputes the softmax rows of the rationale query
 positions only, from the very query/key tensors the model attends with (after its rotary embedding and norms),
 with the same scaling, the same mask (causal + padding; the cross-attention mask for Mllama) and the same GQA
-head grouping, in chunks of rows, keeping only the image-key columns (or only their sum). Every other layer,
-and the rest of the model, runs untouched. `naive_anchor_maps` is the `output_attentions=True` reference the
+head grouping, in chunks of rows, keeping only the image-key columns (or only their sum). The recomputation
+runs in float32 whatever the model dtype (fp16 q . k of Qwen2-family activations overflows on a T4). Every
+other layer, and the rest of the model, runs untouched. `naive_anchor_maps` is the `output_attentions=True` reference the
 tests compare against (equal to 1e-5, batched and padded too); `benchmarks/bench_scoring.py` measures both.
 
 **Key layers.** `scoring.key_layers` (explicit indices) or, when empty, every candidate layer whose centre
@@ -260,7 +261,9 @@ class _Capture:
         B, H, T, d = query.shape
         Hkv, Tk = key.shape[1], key.shape[2]
         G = H // Hkv  # GQA: query head h reads key head h // G (transformers' repeat_kv order)
-        keys_t = key.transpose(2, 3)  # (B, Hkv, d, Tk); the G query heads of a key head form one GEMM
+        # float32 throughout: in fp16 (a T4) q . k of Qwen2-family activations exceeds 65504 and the recomputed
+        # rows turn inf / nan, while the model's own sdpa kernel (fp32 accumulation, scaled inputs) is fine
+        keys_t = key.float().transpose(2, 3)  # (B, Hkv, d, Tk); the G query heads of a key head form one GEMM
         # causal self-attention without a cache: keys after a chunk's last query row are masked anyway, so
         # they are not computed at all (half the work on average); cross-attention sees every key
         is_causal = bool(getattr(module, "is_causal", False))  # self-attention; cross-attention is not
@@ -272,7 +275,7 @@ class _Capture:
             qi = self.query_index[:, s : s + self.chunk]
             C = qi.shape[1]
             n = int(qi.max()) + 1 if causal else Tk
-            q = _rows(query, qi).reshape(B, Hkv, G * C, d)
+            q = _rows(query, qi).float().reshape(B, Hkv, G * C, d)
             logits = torch.matmul(q, keys_t[..., :n]).view(B, H, C, n).mul_(scaling)
             if mask is None and is_causal:  # sdpa's causal fast path: no padding, plain causal
                 lo = int(qi.min()) + Tk - T + 1  # every key before this is visible to every row of the chunk
@@ -285,8 +288,9 @@ class _Capture:
                 pass
             elif mask.dtype == torch.bool:
                 logits.masked_fill_(~_rows(mask, qi)[..., :n], float("-inf"))
-            else:
-                logits.add_(_rows(mask, qi)[..., :n])
+            else:  # additive: 0 or the mask dtype's min, which float32 logits can outgrow (fp16 min is -65504)
+                m = _rows(mask, qi)[..., :n]
+                logits.add_(m).masked_fill_(m <= torch.finfo(mask.dtype).min, torch.finfo(torch.float32).min)
             p = torch.softmax(logits, dim=-1, dtype=torch.float32)  # float32, as the eager path
             inside = self.key_valid & (self.key_index < n)  # image keys after every row: no mass
             cols = self.key_index.clamp(max=n - 1)[:, None, None, :].expand(B, H, C, -1)
