@@ -63,6 +63,31 @@ def test_interleave_orders_images_by_placeholder(cfg):
         A.interleave(dict(ex, question="Look at <image 3>."))
 
 
+def test_interleave_inserts_each_referenced_image_once(cfg, tiny):
+    """`<image 2> ... <image 1> ... <image 2>`: image 2 goes in at its first reference only (lmms-eval feeds
+    each referenced image once; data.max_images counts distinct references); the later reference stays as
+    words, and the Qwen encoding carries exactly two images' worth of image-pad tokens."""
+    ex = dict(
+        _two_image_example(cfg),
+        question="Is <image 2> brighter than <image 1>? Look again at <image 2> before answering.",
+    )
+    parts, images = A.interleave(ex)
+    assert [p["type"] for p in parts] == ["text", "image", "text", "image", "text"]
+    assert len(images) == 2 and images[0] is ex["images"][1] and images[1] is ex["images"][0]
+    assert parts[2]["text"] == " brighter than "
+    assert parts[4]["text"].startswith("? Look again at image 2 before answering.")
+    assert "<image" not in "".join(p.get("text", "") for p in parts)
+    _, tok, proc, _ = tiny["qwen2_vl"]
+    enc = A.get_adapter("qwen2_vl").encode(ex, tok, proc)
+    merge = proc.merge_size**2
+    assert enc["image_grid_thw"].shape[0] == 2
+    want = sum(int(g.prod()) // merge for g in enc["image_grid_thw"])
+    pad = tok.convert_tokens_to_ids(A.get_adapter("qwen2_vl").image_token)
+    assert int((enc["input_ids"] == pad).sum()) == want == int(enc["mm_token_type_ids"].sum())
+    ref_grids = [proc(images=[im], return_tensors="pt")["image_grid_thw"][0] for im in ex["images"][::-1]]
+    assert [g.tolist() for g in enc["image_grid_thw"]] == [g.tolist() for g in ref_grids]
+
+
 def _real_qwen2vl_processor(proc, tok):
     """Qwen2VLProcessor minus its video-processor type check (torchvision is absent here)."""
     import transformers.processing_utils as pu

@@ -77,10 +77,12 @@ def interleave(
 ) -> tuple[list[dict[str, Any]], list]:
     """User-turn content parts and the images in the order they appear.
 
-    The user text is `prefix + question + options + instruction`. Every `<image N>` placeholder in it (MMMU puts
-    them in the question and sometimes in options) is replaced by image N at that spot; without placeholders
-    the images come first, then the text (the embedded benchmark's layout). Images never referenced by a
-    placeholder are left out, as MMMU's official evaluation does. `image` replaces the example's images (one PIL
+    The user text is `prefix + question + options + instruction`. The first `<image N>` placeholder of each N
+    in it (MMMU puts them in the question and sometimes in options) is replaced by image N at that spot; a
+    later reference to the same image stays as words ("image N"), so each referenced image is fed once, as
+    lmms-eval does and as `data.max_images` counts (distinct references). Without placeholders the images come
+    first, then the text (the embedded benchmark's layout). Images never referenced by a placeholder are left
+    out, as MMMU's official evaluation does. `image` replaces the example's images (one PIL
     image or a list of the same length), e.g. blank images for the grounding control."""
     imgs = example_images(ex)
     if image is not None:
@@ -93,20 +95,26 @@ def interleave(
     if not refs:
         return [{"type": "image"} for _ in imgs] + [{"type": "text", "text": text}], imgs
     parts: list[dict[str, Any]] = []
-    order, pos = [], 0
+    order, seen, pos, pending = [], set(), 0, ""
     for m in refs:
         k = int(m.group(1))
         if not 1 <= k <= len(imgs):
             raise ValueError(
                 f"example {ex.get('id')}: the text refers to <image {k}> but the example has {len(imgs)} images"
             )
-        if text[pos : m.start()]:
-            parts.append({"type": "text", "text": text[pos : m.start()]})
+        if k in seen:  # already fed at its first reference: the words stay, the image does not repeat
+            pending += text[pos : m.start()] + f"image {k}"
+            pos = m.end()
+            continue
+        seen.add(k)
+        if pending + text[pos : m.start()]:
+            parts.append({"type": "text", "text": pending + text[pos : m.start()]})
+        pending = ""
         parts.append({"type": "image"})
         order.append(imgs[k - 1])
         pos = m.end()
-    if text[pos:]:
-        parts.append({"type": "text", "text": text[pos:]})
+    if pending + text[pos:]:
+        parts.append({"type": "text", "text": pending + text[pos:]})
     return parts, order
 
 
