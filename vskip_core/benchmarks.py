@@ -58,6 +58,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .standins import VERSION as STANDIN_VERSION
+from .standins import is_standin, resolve
 
 SCHEMA_VERSION = 1  # bump when the normalized schema changes (it keys the cache)
 SOURCE_FAMILY = {"mmmu": "multistep", "docvqa": "reading", "pope": "existence"}
@@ -244,10 +246,11 @@ def _mmmu_pool(cfg: Config) -> tuple[Any, list[int], dict[str, int]]:
     unknown = [s for s in subjects if s not in MMMU_SUBJECTS]
     if unknown:
         raise BenchmarkError(f"data.mmmu_subjects: unknown subjects {unknown}; valid: {list(MMMU_SUBJECTS)}")
-    if is_local(d.mmmu_id):
-        ds = open_split(d.mmmu_id, d.mmmu_split)
+    mmmu_id = resolve(cfg, d.mmmu_id)
+    if is_local(mmmu_id):
+        ds = open_split(mmmu_id, d.mmmu_split)
     else:
-        ds = datasets.concatenate_datasets([open_split(d.mmmu_id, d.mmmu_split, s) for s in subjects])
+        ds = datasets.concatenate_datasets([open_split(mmmu_id, d.mmmu_split, s) for s in subjects])
     meta = ds.select_columns(["id", "question", "options", "answer", "question_type"]).to_dict()
     stats = {"rows": len(ds), "other_subject": 0, "hidden_answer": 0, "bad_options": 0, "too_many_images": 0}
     keep = []
@@ -297,7 +300,7 @@ def normalize_docvqa(row: dict[str, Any]) -> dict[str, Any]:
 
 def _docvqa_pool(cfg: Config) -> tuple[Any, list[int], dict[str, int]]:
     d = cfg.data
-    ds = open_split(d.docvqa_id, d.docvqa_split, DOCVQA_CONFIG)
+    ds = open_split(resolve(cfg, d.docvqa_id), d.docvqa_split, DOCVQA_CONFIG)
     if "answers" not in ds.column_names:
         raise BenchmarkError(
             f"DocVQA split {d.docvqa_split!r} of {d.docvqa_id} has no `answers` column (test answers are "
@@ -341,7 +344,7 @@ def normalize_pope(row: dict[str, Any]) -> dict[str, Any]:
 
 def _pope_pool(cfg: Config) -> tuple[Any, list[int], dict[str, int]]:
     d = cfg.data
-    ds = open_split(d.pope_id, POPE_SPLIT)
+    ds = open_split(resolve(cfg, d.pope_id), POPE_SPLIT)
     meta = ds.select_columns(["answer", "category"]).to_dict()
     stats = {"rows": len(ds), "other_category": 0, "not_yes_no": 0}
     keep = []
@@ -447,6 +450,8 @@ def real_cache_dir(cfg: Config) -> Path:
 
 
 def _id_key(dataset_id: str) -> str:
+    if is_standin(dataset_id):
+        return f"{dataset_id}-v{STANDIN_VERSION}"
     p = Path(dataset_id).expanduser()
     return str(p.resolve()) if p.exists() or p.is_absolute() else dataset_id
 
@@ -505,6 +510,43 @@ def build_real_benchmark(cfg: Config, progress: bool = False):
     (tmp / "card.json").write_text(json.dumps(card, indent=2))
     tmp.rename(path)
     return datasets.load_from_disk(str(path)), path
+
+
+def load_benchmark(cfg: Config, progress: bool = True):
+    """(DatasetDict, path) of the configured benchmark: the embedded one or the real sources (built and cached
+    on first use). Splits of size 0 are absent."""
+    if cfg.data.source == ["embedded"]:
+        from .data import build_benchmark
+
+        return build_benchmark(cfg)
+    return build_real_benchmark(cfg, progress=progress)
+
+
+def image_table(loaded, records: list[dict[str, Any]]):
+    """One row per record: source, images, first image's width x height, and the visual tokens the model
+    sees for all its images under the configured pixel cap (Qwen: merged patches; Llama-3.2-Vision: tiles x
+    patches of the cross-attention states)."""
+    import pandas as pd
+
+    ad, rows = loaded.adapter, []
+    for r in records:
+        enc = ad.encode(r, loaded.tokenizer, loaded.processor)
+        if "image_positions" in enc:
+            n_visual = len(enc["image_positions"])
+        else:
+            vc = loaded.model.config.vision_config
+            n_visual = int(enc["aspect_ratio_mask"].sum()) * ((vc.image_size // vc.patch_size) ** 2 + 1)
+        w, h = r["images"][0].size if r.get("images") else r["image"].size
+        rows.append(
+            {
+                "source": r.get("source", "embedded"),
+                "images": len(r.get("images") or [r["image"]]),
+                "width": w,
+                "height": h,
+                "visual_tokens": n_visual,
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def _encode_value(name: str, v: Any) -> Any:

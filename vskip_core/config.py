@@ -246,6 +246,7 @@ class GenerationConfig:
     do_sample: bool = False  # greedy by default; sampling uses temperature / top_p
     temperature: float = 0.7  # sampling temperature (do_sample only)
     top_p: float = 0.95  # nucleus sampling (do_sample only)
+    repetition_penalty: float = 1.0  # every decode (also pruned, vLLM); never the checkpoint's generation_config
     instruction: str = (
         ""  # appended to the user turn; hub models want e.g. "Think step by step ... Answer: X"
     )
@@ -261,6 +262,7 @@ class GenerationConfig:
         for k in ("max_new_tokens", "batch_size", "shard_size"):
             _check(getattr(self, k) > 0, f"generation.{k}", f"must be > 0, got {getattr(self, k)}")
         _check(self.temperature > 0, "generation.temperature", "must be > 0")
+        _check(self.repetition_penalty > 0, "generation.repetition_penalty", "must be > 0 (1.0 = off)")
         _check(
             self.keep in ("correct", "answered", "all"),
             "generation.keep",
@@ -567,6 +569,18 @@ class Config:
             "embedded.family_weights",
             f"needs one weight per family in data.families {self.data.families}, got {fw}",
         )
+        g = self.generation
+        split_size = self.split_size(g.split)
+        _check(
+            g.n_examples <= split_size,
+            "generation.n_examples",
+            f"asks for {g.n_examples} rationales but the {g.split} split (data.n_{g.split}) has {split_size} "
+            f"examples; lower generation.n_examples, or set it to 0 for the whole split",
+        )
+
+    def split_size(self, split: str) -> int:
+        """Examples in a split of the configured benchmark (data.n_train / n_val / n_test)."""
+        return {"train": self.data.n_train, "val": self.data.n_val, "test": self.data.n_test}[split]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

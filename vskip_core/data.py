@@ -621,7 +621,8 @@ def build_benchmark(cfg: Config, splits: tuple[str, ...] = ("train", "val", "tes
     if (path / "dataset_dict.json").exists():
         return datasets.load_from_disk(str(path)), path
     sizes = {"train": cfg.data.n_train, "val": cfg.data.n_val, "test": cfg.data.n_test}
-    dd = datasets.DatasetDict({s: build_split(cfg.data, s, sizes[s]) for s in splits})
+    # datasets cannot reload an empty saved split; an absent split reads as empty (as in benchmarks.py)
+    dd = datasets.DatasetDict({s: build_split(cfg.data, s, sizes[s]) for s in splits if sizes[s] > 0})
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         import shutil

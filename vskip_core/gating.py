@@ -714,7 +714,8 @@ def student_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
     from .models import embedded_dir
+    from .standins import resolve
 
-    name = cfg.distill.student
+    name = resolve(cfg, cfg.distill.student)
     src = embedded_dir(cfg) if name == "embedded" else (cfg.path(name) if cfg.path(name).exists() else name)
     return AutoTokenizer.from_pretrained(src)

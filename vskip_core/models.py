@@ -225,8 +225,11 @@ def load_model(
     attention in the language model by default so attention maps exist; `quantization` (default
     `model.quantization`) "nf4" loads it in 4-bit."""
     from .adapters import detect_family, get_adapter
+    from .standins import resolve
 
     name = name_or_path or cfg.model.teacher
+    declared = cfg.model.family if name == cfg.model.teacher and name != "embedded" else "auto"
+    name = resolve(cfg, name)
     path = embedded_dir(cfg) if name == "embedded" else Path(name)
     if name == "embedded" and not (path / "config.json").exists():
         raise FileNotFoundError(
@@ -234,7 +237,6 @@ def load_model(
             f"00_embedded_teacher or vskip_core.teacher.build_teacher(cfg)"
         )
     src = str(path) if path.exists() else name
-    declared = cfg.model.family if name == cfg.model.teacher and name != "embedded" else "auto"
     family = detect_family(src, declared)
     ad = get_adapter(family)
     model, tok = ad.load(cfg, src, device=device, quantization=quantization)

@@ -216,9 +216,11 @@ def _config_for(name: str, cfg: Config):
         return embedded_config(
             cfg, _StubTokenizer(cfg.embedded.vocab_size)
         ), "params (embedded, not built yet)"
-    p = Path(name).expanduser()
+    from .standins import is_standin, resolve
+
+    p = Path(resolve(cfg, name)).expanduser()
     if (p / "config.json").exists():
-        return AutoConfig.from_pretrained(p), f"local config {p}"
+        return AutoConfig.from_pretrained(p), f"{'stand-in' if is_standin(name) else 'local'} config {p}"
     if name in KNOWN_CONFIGS:
         from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
         from transformers.models.mllama import MllamaConfig
@@ -574,7 +576,7 @@ def _plan_on(cfg: Config, dev: Device, why: str) -> Plan:
     sq = cfg.distill.quantization == "nf4"
     present = set(available_stages())
     d, g = cfg.data, cfg.generation
-    n_gen = g.n_examples or d.n_train
+    n_gen = g.n_examples or cfg.split_size(g.split)  # what stage 01 generates (config checks <= split)
     n_eval = min(cfg.eval.n_examples or d.n_test, d.n_test)
     notes: list[str] = []
     stages: list[StagePlan] = []

@@ -897,32 +897,60 @@ def token_index_for_anchor(offsets: list[tuple[int, int]], text: str, anchor: di
 
 
 def anchor_attention_maps(
-    loaded, examples: list[dict], types=("colour", "text"), per_example: int = 2, limit: int = 8
+    loaded,
+    examples: list[dict],
+    texts: list[str] | None = None,
+    types=("colour", "text"),
+    per_example: int = 2,
+    limit: int = 8,
 ) -> list[dict]:
-    """For anchor tokens not given away by the question: attention from the position that predicts the
-    token onto the image tokens (teacher-forced, mean over layers, max over heads), as a heat grid."""
-    from .models import collate, encode, model_inputs
+    """For anchor tokens not given away by the question, in the gold rationale or in `texts` (e.g. the
+    teacher's own rationales, anchors found by `benchmarks.find_anchors_for`): attention from the position that
+    predicts the token onto the first image's tokens, teacher-forced through the hooked capture (works under
+    sdpa), mean over the layers that reach the image, max over heads, as a heat grid (Llama-3.2-Vision: the
+    first tile's patches)."""
+    from .benchmarks import find_anchors_for
 
-    tok, items = loaded.tokenizer, []
-    for ex in examples:
-        enc = encode(ex, tok, loaded.processor, target=ex["rationale"])
-        batch = model_inputs(collate([enc], tok.pad_token_id), loaded.model.device)
-        offsets = tok(ex["rationale"], add_special_tokens=False, return_offsets_mapping=True)[
-            "offset_mapping"
-        ]
-        wanted = [a for a in ex["anchors"] if a["type"] in types and not a["in_question"]][:per_example]
-        g = enc["image_grid_thw"][0]
-        for a in wanted:
-            j = token_index_for_anchor(offsets, ex["rationale"], a)
-            q = torch.tensor([enc["target_start"] + j - 1])
-            w = naive_image_attention(loaded.model, batch, enc["image_positions"], q).mean(0).amax(0)[0]
-            piece = ex["rationale"][offsets[j][0] : offsets[j][1]].strip()
+    ad, tok, model = loaded.adapter, loaded.tokenizer, loaded.model
+    layers = ad.image_layers(model)
+    device = next(model.parameters()).device
+    items: list[dict] = []
+    for i, ex in enumerate(examples):
+        text = ex["rationale"] if texts is None else texts[i]
+        anchors = ex["anchors"] if texts is None else find_anchors_for(text, ex)
+        wanted = [a for a in anchors if a["type"] in types and not a.get("in_question")][:per_example]
+        if not text or not wanted:
+            continue
+        enc = ad.encode(ex, tok, loaded.processor, target=text)
+        batch = ad.collate([enc], tok.pad_token_id, padding_side="right")
+        keys = ad.image_keys(model, batch)
+        if keys.kind == "cross":  # the first tile's patches (CLS excluded)
+            key_index = torch.arange(1, keys.tokens_per_tile)[None]
+            side = int(round((keys.tokens_per_tile - 1) ** 0.5))
+            grid = (side, side)
+        else:  # the first image's merged tokens
+            g = enc["image_grid_thw"][0]
+            grid = (int(g[1]) // 2, int(g[2]) // 2)
+            key_index = torch.nonzero(keys.key_mask[0]).T[:, : grid[0] * grid[1]]
+        offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        rows = [enc["target_start"] + token_index_for_anchor(offsets, text, a) - 1 for a in wanted]
+        qi = torch.tensor([rows], device=device)
+        ki = key_index.to(device)
+        with capture_image_attention(
+            model, layers, qi, torch.ones_like(qi, dtype=torch.bool), ki, torch.ones_like(ki, dtype=torch.bool),
+            keep_columns=True,
+        ) as cap:  # fmt: skip
+            model(**ad.model_inputs(batch, device))
+        w = torch.stack([cap.maps[layer][0].float() for layer in layers]).mean(0).amax(0)  # (R, K)
+        image = ad.messages(ex)[1][0]
+        for a, j, row in zip(wanted, rows, w):
+            piece = text[offsets[j - enc["target_start"] + 1][0] : offsets[j - enc["target_start"] + 1][1]]
             items.append(
                 {
-                    "image": ex["image"],
-                    "grid": (int(g[1]) // 2, int(g[2]) // 2),
-                    "weights": w.cpu().numpy(),
-                    "title": f"{a['type']} token '{piece}' of '{a['value']}'",
+                    "image": image,
+                    "grid": grid,
+                    "weights": row.cpu().numpy(),
+                    "title": f"{a['type']} token '{piece.strip()}' of '{a['value']}'",
                 }
             )
         if len(items) >= limit:

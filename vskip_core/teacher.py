@@ -73,6 +73,7 @@ from .models import (
 )
 
 CKPT_EVERY = 200
+SANITY_PER_SOURCE = 10  # notebook 00's short evaluation of a hub teacher: test examples per real source
 LM_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
 
@@ -550,7 +551,7 @@ def chance_levels(examples: list[dict[str, Any]], seed: int = 0) -> dict[str, di
         out["attribute"] = {"accuracy": sum(att) / len(att)}
     if any(x["family"] == "existence" for x in examples):
         out["existence"] = {"f1": 0.5, "yes_ratio": 0.5, "accuracy": 0.5}
-    mc = [1 / len(x["options"]) for x in examples if x["family"] == "multistep"]
+    mc = [1 / len(x["options"]) for x in examples if x["family"] == "multistep" and x["options"]]
     if mc:
         out["multistep"] = {"accuracy": sum(mc) / len(mc)}
     rd = [x for x in examples if x["family"] == "reading"]
@@ -586,14 +587,18 @@ def headline(fm: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
 def evaluate_teacher(
     cfg: Config, loaded, n_per_family: int, blank: bool = False, progress: bool = True, split: str = "test"
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Greedy full-rationale generation on `n_per_family` held-out examples per family, with the real
-    images or blank ones (same background, no objects). Returns (family metrics, per-example records)."""
-    from .data import render_scene
+    """Greedy full-rationale generation on `n_per_family` held-out examples per family (per source on the real
+    benchmarks; at most the split), with the real images or blank ones (same background, no objects; grey for
+    real images). Returns (family metrics, per-example records)."""
+    from .benchmarks import examples as benchmark_examples
     from .evaluation import family_metrics, score_example
     from .generation import generate
+    from .scoring import blank_image
 
-    exs = [make_example(cfg, split, i) for i in range(n_per_family * len(cfg.data.families))]
-    blanks = [render_scene(x["scene"], blank=True) for x in exs] if blank else None
+    embedded = cfg.data.source == ["embedded"]
+    n = n_per_family * (len(cfg.data.families) if embedded else len(cfg.data.source))
+    exs = benchmark_examples(cfg, split, n)
+    blanks = [blank_image(x) for x in exs] if blank else None
     gens = generate(
         loaded.model,
         loaded.tokenizer,
@@ -617,3 +622,13 @@ def evaluate_teacher(
         for x, g, s in zip(exs, gens, scored)
     ]
     return family_metrics(exs, scored), recs
+
+
+def load_teacher(cfg: Config, progress: bool = True):
+    """The teacher as a `models.Loaded`: the embedded one (built first if needed, cached) or the configured hub
+    checkpoint / local folder / stand-in."""
+    from .models import load_model
+
+    if cfg.model.teacher == "embedded":
+        build_teacher(cfg, progress=progress)
+    return load_model(cfg)
