@@ -217,6 +217,54 @@ def test_hub_offline_error_says_to_pass_a_local_path(monkeypatch):
         B.open_split("lmms-lab/POPE", "test")
 
 
+def test_moved_hub_ids_default_and_fall_back_to_the_old_id(monkeypatch):
+    """DocVQA and POPE live under lmms-lab-encoder/ (the defaults); when the hub says the new id is not found,
+    the old lmms-lab/ id is tried, with a warning. Offline, no fallback: the error names a local path."""
+    import datasets
+    import huggingface_hub.constants as hc
+
+    from vskip_core.config import DataConfig
+
+    assert (
+        DataConfig().docvqa_id == "lmms-lab-encoder/DocVQA"
+        and DataConfig().pope_id == "lmms-lab-encoder/POPE"
+    )
+    calls = []
+
+    def not_found(path, *a, **kw):
+        calls.append((path, a))
+        if path.startswith("lmms-lab-encoder/"):
+            raise datasets.exceptions.DatasetNotFoundError(f"Dataset '{path}' doesn't exist on the Hub")
+        return f"loaded {path}"
+
+    monkeypatch.setattr(datasets, "load_dataset", not_found)
+    with pytest.warns(UserWarning, match=r"lmms-lab-encoder/POPE.*not found.*lmms-lab/POPE"):
+        assert B.open_split("lmms-lab-encoder/POPE", "test") == "loaded lmms-lab/POPE"
+    calls.clear()
+    with pytest.warns(UserWarning, match=r"lmms-lab-encoder/DocVQA.*not found.*lmms-lab/DocVQA"):
+        assert (
+            B.open_split("lmms-lab-encoder/DocVQA", "validation", B.DOCVQA_CONFIG) == "loaded lmms-lab/DocVQA"
+        )
+    assert [c[0] for c in calls][-1] == "lmms-lab/DocVQA"
+    with pytest.raises(B.BenchmarkError, match=r"lmms-lab-encoder/Other.*save_to_disk"):  # no old home known
+        B.open_split("lmms-lab-encoder/Other", "test")
+
+    def offline(path, *a, **kw):
+        calls.append((path, a))
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)")
+
+    calls.clear()
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(B.BenchmarkError, match=r"lmms-lab-encoder/POPE.*save_to_disk.*data.mmmu_id=DIR"):
+        B.open_split("lmms-lab-encoder/POPE", "test")
+    assert {c[0] for c in calls} == {"lmms-lab-encoder/POPE"}  # the old id is not tried offline
+    monkeypatch.undo()
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    with pytest.raises(B.BenchmarkError, match=r"lmms-lab-encoder/DocVQA.*save_to_disk.*DIR"):
+        B.open_split("lmms-lab-encoder/DocVQA", "validation", B.DOCVQA_CONFIG)
+
+
 def test_real_anchors():
     pope_yes = {
         "source": "pope",

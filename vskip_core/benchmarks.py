@@ -7,8 +7,8 @@
 | source | hub id (`data.<source>_id`) | split used | family | metric |
 |---|---|---|---|---|
 | `mmmu` | `MMMU/MMMU`, one config per subject (30, or `data.mmmu_subjects`) | validation (900) or dev | multistep | accuracy (MMMU parsing) |
-| `docvqa` | `lmms-lab/DocVQA` or `lmms-lab-encoder/DocVQA`, config `DocVQA` | validation (5349) | reading | ANLS |
-| `pope` | `lmms-lab/POPE`, default config | test (9000 = 3 x 3000) | existence | F1, yes-ratio |
+| `docvqa` | `lmms-lab-encoder/DocVQA` (formerly `lmms-lab/DocVQA`), config `DocVQA` | validation (5349) | reading | ANLS |
+| `pope` | `lmms-lab-encoder/POPE` (formerly `lmms-lab/POPE`), default config | test (9000 = 3 x 3000) | existence | F1, yes-ratio |
 
 **Record schema** (what `data.make_example` returns): `id` (`mmmu-validation_Art_12`, `docvqa-49153`,
 `pope-3001`), `family`, `source`, `image` (the first image), `images` (all images, in `<image N>` order),
@@ -29,6 +29,8 @@ says how many rows every filter kept).
 split's parquet files are fetched when the repository has the usual `<config>/<split>-*.parquet` layout) or a
 local path: a `save_to_disk` folder (Dataset or DatasetDict) or a folder of parquet files in the hub layout
 (how the tests feed it, and how to run offline: `load_dataset(...).save_to_disk(DIR)` on a machine with access).
+DocVQA and POPE moved from `lmms-lab/` to `lmms-lab-encoder/` (the old ids redirected in 2026): when the hub
+says a new id is not found, its old id (`HUB_FALLBACKS`) is tried, with a warning; offline, nothing is retried.
 
 **Visual anchors on real data (for VARR).** There is no scene ground truth: nobody annotated which attribute
 each image has. `find_real_anchors(text, ex)` finds, in any text (the teacher's own rationale, a compressed one,
@@ -54,6 +56,7 @@ import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +103,8 @@ DOCVQA_CONFIG = "DocVQA"
 POPE_SPLIT = "test"
 POPE_CATEGORIES = ("adversarial", "popular", "random")
 IMAGE_REF = re.compile(r"<image (\d+)>")
+# Hub ids that moved: current id -> the old one, tried when the hub says the current one is not found
+HUB_FALLBACKS = {"lmms-lab-encoder/DocVQA": "lmms-lab/DocVQA", "lmms-lab-encoder/POPE": "lmms-lab/POPE"}
 
 
 class BenchmarkError(ValueError):
@@ -116,7 +121,29 @@ def open_split(dataset_id: str, split: str, config: str | None = None):
     parquet files in the hub layout `[<config>/]<split>-*.parquet`) or from the hub."""
     if is_local(dataset_id):
         return _open_local(Path(dataset_id).expanduser(), split, config)
-    return _open_hub(dataset_id, split, config)
+    try:
+        return _open_hub(dataset_id, split, config)
+    except BenchmarkError as e:
+        old = HUB_FALLBACKS.get(dataset_id)
+        if old is None or not _hub_not_found(e.__cause__):
+            raise
+    warnings.warn(
+        f"{dataset_id!r} was not found on the Hugging Face hub; loading its old id {old!r} instead",
+        stacklevel=2,
+    )
+    return _open_hub(old, split, config)
+
+
+def _hub_not_found(e: BaseException | None) -> bool:
+    """The hub answered that the dataset does not exist (not: offline, no network, no access)."""
+    import datasets
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    while e is not None:
+        if isinstance(e, datasets.exceptions.DatasetNotFoundError | RepositoryNotFoundError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _open_local(root: Path, split: str, config: str | None):
@@ -153,6 +180,8 @@ def _open_hub(dataset_id: str, split: str, config: str | None):
     try:
         try:
             return datasets.load_dataset(dataset_id, data_files={split: pattern}, split=split)
+        except datasets.exceptions.DatasetNotFoundError:
+            raise  # no such repository: another layout will not help
         except (datasets.exceptions.DataFilesNotFoundError, FileNotFoundError):
             return datasets.load_dataset(dataset_id, config, split=split)
     except Exception as e:  # noqa: BLE001 - every failure here gets the same advice

@@ -54,9 +54,9 @@ class DataConfig:
     mmmu_id: str = "MMMU/MMMU"  # hub id, or a local path (save_to_disk folder or a folder of parquet files)
     mmmu_split: str = "validation"  # an MMMU split with answers: validation (900) or dev (150)
     mmmu_subjects: list[str] = field(default_factory=list)  # MMMU subjects (hub configs); empty = all 30
-    docvqa_id: str = "lmms-lab/DocVQA"  # or its 2026 home lmms-lab-encoder/DocVQA, or a local path
+    docvqa_id: str = "lmms-lab-encoder/DocVQA"  # hub id (falls back to lmms-lab/DocVQA) or local path
     docvqa_split: str = "validation"  # a DocVQA split with answers (test answers are hidden)
-    pope_id: str = "lmms-lab/POPE"  # hub id or local path
+    pope_id: str = "lmms-lab-encoder/POPE"  # hub id (falls back to lmms-lab/POPE) or local path
     pope_categories: list[str] = field(
         default_factory=lambda: ["adversarial", "popular", "random"]
     )  # POPE negative samplers kept
@@ -246,7 +246,9 @@ class GenerationConfig:
     do_sample: bool = False  # greedy by default; sampling uses temperature / top_p
     temperature: float = 0.7  # sampling temperature (do_sample only)
     top_p: float = 0.95  # nucleus sampling (do_sample only)
-    repetition_penalty: float = 1.0  # every decode (also pruned, vLLM); never the checkpoint's generation_config
+    repetition_penalty: float = (
+        1.0  # every decode (also pruned, vLLM); never the checkpoint's generation_config
+    )
     instruction: str = (
         ""  # appended to the user turn; hub models want e.g. "Think step by step ... Answer: X"
     )
