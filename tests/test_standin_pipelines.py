@@ -1,0 +1,149 @@
+"""The real-model path, end to end on CPU: every real params file has a stand-in twin in params/standin/ that
+differs only in an allow-list of keys (hub ids -> in-repo stand-ins, sizes), and the Qwen2-VL (Colab),
+Qwen2.5-VL and Llama-3.2-Vision twins run all eight notebooks through `python -m vskip_core.pipeline`, from an
+empty cache, with the command lines docs/COLAB.md gives."""
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vskip_core.config import REPO_ROOT, load_params
+
+REAL = ("colab_qwen2vl_2b", "qwen2vl_7b", "qwen25vl_7b", "llama32_11b_vision")
+# what a stand-in twin may change, and why: where the model and data come from, how much of them, and the
+# rationale filter (a random-weight teacher is never right, so `correct` would leave later stages nothing)
+ALLOWED = {
+    "model.teacher",
+    "distill.student",
+    "data.mmmu_id",
+    "data.docvqa_id",
+    "data.pope_id",
+    "data.n_train",
+    "data.n_val",
+    "data.n_test",
+    "generation.max_new_tokens",
+    "generation.batch_size",
+    "generation.keep",
+    "distill.max_steps",
+    "distill.save_steps",
+    "distill.warmup_steps",
+    "eval.n_examples",
+    "eval.latency_examples",
+    "eval.batch_size",
+    "prune.n_examples",
+}
+PIPELINES = ("colab_qwen2vl_2b", "qwen25vl_7b", "llama32_11b_vision")  # one per model class
+STAGES = (
+    "00_embedded_teacher",
+    "01_rationale_generation",
+    "02_dual_scoring",
+    "03_gate_ablations",
+    "04_qlora_distillation",
+    "05_evaluation",
+    "06_hallucination_analysis",
+    "07_visual_token_pruning",
+)
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_standin_twin_changes_only_allowed_keys(name):
+    real = _flat(load_params(f"params/{name}.yaml").to_dict())
+    twin = _flat(load_params(f"params/standin/{name}.yaml").to_dict())
+    changed = {k for k in real if real[k] != twin[k]} - {"source"}
+    assert changed <= ALLOWED, sorted(changed - ALLOWED)
+    assert twin["model.teacher"].startswith("standin:") and twin["distill.student"].startswith("standin:")
+    assert {"model.family", "model.dtype", "model.attn_implementation", "distill.quantization"}.isdisjoint(
+        changed
+    )
+
+
+def colab_commands() -> list[list[str]]:
+    """The `python -m vskip_core.pipeline` command lines of docs/COLAB.md, as argv lists (Colab's `!` and the
+    set-up cell's {params_file} / {sets} filled in as the doc's own cells fill them)."""
+    text = (REPO_ROOT / "docs" / "COLAB.md").read_text()
+    params_file = re.search(r'^params_file = "([^"]+)"', text, re.M).group(1)
+    cmds = []
+    for line in re.findall(r"^!?\s*(python -m vskip_core\.pipeline .*?)(?:\s+#.*)?$", text, re.M):
+        line = line.replace("{params_file}", params_file).replace("{sets}", "")
+        cmds.append(shlex.split(line)[3:])
+    assert cmds, "docs/COLAB.md lists no pipeline command"
+    return cmds
+
+
+def test_colab_plan_commands_run():
+    """Every --plan line of docs/COLAB.md runs as written (a GPU is not needed to plan)."""
+    from vskip_core import pipeline
+
+    plans = [c for c in colab_commands() if "--plan" in c]
+    assert plans
+    for argv in plans:
+        assert pipeline.main(argv) == 0, argv
+
+
+def _run_argv(name: str) -> list[str]:
+    """The doc's run command for the Colab file (the twin's params in place of the real ones); the same shape
+    for the other files."""
+    runs = [c for c in colab_commands() if "--plan" not in c]
+    assert runs, "docs/COLAB.md has no run command"
+    argv = list(runs[0])
+    i = argv.index("--params")
+    assert argv[i + 1] == "params/colab_qwen2vl_2b.yaml"
+    argv[i + 1] = f"params/standin/{name}.yaml"
+    return argv
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_standin_pipeline_runs_every_stage(name, tmp_path):
+    argv = _run_argv(name) + [
+        "--set",
+        f"runtime.results_dir={tmp_path / 'results'}",
+        "--set",
+        f"runtime.cache_dir={tmp_path / 'cache'}",  # empty: stand-ins and data build themselves
+    ]
+    run = argv[argv.index("--run") + 1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "vskip_core.pipeline", *argv],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = tmp_path / "results" / run
+    failed = sorted(str(p) for p in out.glob("*/failed.ipynb"))
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:], failed)
+    for stage in STAGES:
+        d = out / stage
+        assert (d / "executed.ipynb").exists() and (d / ".done").exists(), stage
+        assert json.loads((d / "metrics.json").read_text()), stage
+    assert sorted(p.name for p in (tmp_path / "cache" / "standins").iterdir()) == sorted(
+        f"{k}-v1"
+        for k in ("mmmu", "docvqa", "pope", load_params(f"params/standin/{name}.yaml").model.teacher[8:])
+    )
+
+
+def test_plan_agrees_with_stage_01(capsys):
+    """--plan counts the rationales stage 01 generates (the whole train split for every real file)."""
+    from vskip_core import pipeline
+    from vskip_core.generation import plan_shards
+
+    for name in REAL:
+        cfg = load_params(f"params/{name}.yaml")
+        _, n, _ = plan_shards(cfg)
+        assert n == cfg.data.n_train
+        assert pipeline.main(["--params", f"params/{name}.yaml", "--plan", "--gpu", "A100-80GB"]) == 0
+        assert f"; {n} rationales" in capsys.readouterr().out, name

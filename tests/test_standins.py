@@ -1,0 +1,86 @@
+"""In-repo stand-ins for the hub (vskip_core.standins) and the load-time checks the real params files need."""
+
+import json
+
+import pytest
+
+from vskip_core import standins
+from vskip_core.config import ParamsError, load_params
+
+
+def _cfg(tmp_path, name="params/smoke.yaml", **over):
+    o = {"runtime.cache_dir": str(tmp_path / "cache"), "runtime.results_dir": str(tmp_path / "results")}
+    return load_params(name, {**o, **over})
+
+
+@pytest.mark.parametrize("family", standins.MODELS)
+def test_model_standin_is_saved_like_a_hub_checkpoint(tmp_path, family):
+    from vskip_core.models import load_model
+
+    cfg = _cfg(tmp_path)
+    path = standins.resolve(cfg, f"standin:{family}")
+    files = {
+        p.name for p in standins.standin_dir(cfg.path(cfg.runtime.cache_dir), f"standin:{family}").iterdir()
+    }
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files
+    gen = json.loads(
+        (tmp_path / "cache" / "standins" / f"{family}-v1" / "generation_config.json").read_text()
+    )
+    if family == "mllama":
+        assert gen["temperature"] == 0.6 and gen["top_p"] == 0.9 and gen["do_sample"]
+    else:  # the published Qwen-VL sampling fields, which greedy decoding must not inherit
+        assert gen["repetition_penalty"] == 1.05 and gen["top_k"] == 1 and gen["do_sample"]
+    loaded = load_model(cfg, f"standin:{family}")
+    assert loaded.family == family and loaded.path == path
+    assert loaded.tokenizer.chat_template  # the family's template travels with the tokenizer
+    assert standins.resolve(cfg, f"standin:{family}") == path  # cached: built once
+
+
+def test_dataset_standins_load_through_the_hub_loaders(tmp_path):
+    from vskip_core import benchmarks as B
+
+    cfg = _cfg(
+        tmp_path,
+        **{
+            "data.source": ["mmmu", "docvqa", "pope"],
+            "data.mmmu_id": "standin:mmmu",
+            "data.docvqa_id": "standin:docvqa",
+            "data.pope_id": "standin:pope",
+            "data.n_train": 6,
+            "data.n_val": 0,
+            "data.n_test": 6,
+        },
+    )
+    recs = B.examples(cfg, "train") + B.examples(cfg, "test")
+    assert [r["source"] for r in recs[:3]] == ["mmmu", "docvqa", "pope"] and len(recs) == 12
+    assert (tmp_path / "cache" / "standins" / "mmmu-v1" / ".complete").exists()
+    quirks = [r for r in standins.mmmu_quirk_rows("Art", "validation")]
+    assert "<image 2>, then at <image 1>" in quirks[0]["question"]  # out of order
+    assert quirks[1]["question"].count("<image 1>") == 2  # repeated
+    assert "<image 2>" not in quirks[2]["question"] and quirks[2]["image_2"] is not None  # unreferenced
+
+
+def test_unknown_standin_names_the_valid_ones(tmp_path):
+    with pytest.raises(ValueError, match="standin:qwen2_vl"):
+        standins.resolve(_cfg(tmp_path), "standin:qwen3")
+
+
+def test_embedded_benchmark_with_an_empty_split_builds_and_reloads(tmp_path):
+    """Regression (issue 15, finding 1): `data.n_val: 0` made build_benchmark save an empty split that datasets
+    cannot reload (IndexError on every rerun)."""
+    from vskip_core.data import build_benchmark
+
+    cfg = _cfg(tmp_path, **{"data.n_val": 0})
+    dd, path = build_benchmark(cfg)
+    assert "val" not in dd and len(dd["train"]) == cfg.data.n_train
+    again, path2 = build_benchmark(cfg)  # from the cache
+    assert path2 == path and len(again["test"]) == cfg.data.n_test
+
+
+def test_more_rationales_than_the_split_is_a_load_time_error(tmp_path):
+    """Regression (issue 15, finding 2): real files inherited generation.n_examples 2000 for a 180-example split
+    and stage 01 failed at index 180."""
+    with pytest.raises(ParamsError, match=r"asks for 2000 rationales but the train split .* has 180"):
+        load_params("params/colab_qwen2vl_2b.yaml", {"generation.n_examples": 2000})
+    cfg = load_params("params/colab_qwen2vl_2b.yaml")
+    assert cfg.generation.n_examples == 0 and cfg.split_size("train") == 180
