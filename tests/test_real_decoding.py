@@ -1,6 +1,8 @@
 """Decoding on tiny random-weight models of the real classes (Qwen2-VL, Mllama): the assistant prefill of the
 direct-answer baseline (stage 05) and the explicit decoding config every generate() runs under."""
 
+import json
+
 import pytest
 import torch
 
@@ -73,3 +75,67 @@ def test_assistant_prefill_continues_after_the_prefill(cfg, tiny, family):
         assert g["token_ids"] == want
         assert g["text"] == tok.decode(want, skip_special_tokens=True)
     assert any(g["token_ids"] for g in got)  # something was generated after the prefill
+
+
+# ---------------------------------------------------------------------- the checkpoint's generation_config
+# Qwen2-VL-2B-Instruct's published generation_config.json (token ids are the tiny tokenizer's)
+PUBLISHED = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 0.01, "top_k": 1, "top_p": 0.001}
+
+
+@pytest.fixture(scope="module")
+def published_qwen(cfg, tiny, tmp_path_factory):
+    """The tiny Qwen2-VL saved with the published generation_config.json, loaded through load_model."""
+    from vskip_core.models import load_model
+
+    model, tok, proc, _ = tiny["qwen2_vl"]
+    d = tmp_path_factory.mktemp("published")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    proc.save_pretrained(d)
+    ids = {"eos_token_id": [tok.convert_tokens_to_ids("<|im_end|>"), tok.pad_token_id]}
+    conf = {**PUBLISHED, **ids, "bos_token_id": tok.pad_token_id, "pad_token_id": tok.pad_token_id}
+    (d / "generation_config.json").write_text(json.dumps(conf))
+    loaded = load_model(cfg, str(d))
+    assert loaded.model.generation_config.repetition_penalty == 1.05  # the checkpoint's values are loaded
+    return loaded
+
+
+def _examples(cfg, n):
+    return [make_example(cfg, "test", i) for i in range(n)]
+
+
+def test_generate_ignores_the_checkpoints_generation_config(cfg, published_qwen):
+    """generate() is plain argmax decoding although the checkpoint asks for repetition_penalty 1.05."""
+    lo = published_qwen
+    ad = A.get_adapter("qwen2_vl")
+    end = ad.end_token_id(lo.tokenizer)
+    exs = _examples(cfg, 4)
+    got = generate(lo.model, lo.tokenizer, lo.processor, exs, max_new_tokens=12, batch_size=4)
+    for ex, g in zip(exs, got):
+        want = _greedy_by_hand(lo.model, ad, ad.encode(ex, lo.tokenizer, lo.processor), 0, end, 12)
+        assert g["token_ids"] == want
+
+
+def test_exactness_check_on_a_published_qwen_config(cfg, published_qwen):
+    """Stage 07's retention-1.0 check holds on the published config, with the params' repetition_penalty
+    at 1.0 (default) and at 1.05 (the pruned decoder applies it as transformers' generate does); the check
+    reports the decoding config both sides ran under."""
+    import dataclasses
+
+    from vskip_core import visual_tokens as vt
+
+    exs = _examples(cfg, 3)
+    res = vt.exactness_check(published_qwen, exs, cfg, max_new_tokens=10)
+    dec = res.pop("generation_config")
+    assert dec["do_sample"] is False and dec["repetition_penalty"] == 1.0
+    assert res and all(res.values()), res
+    c2 = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, repetition_penalty=1.05))
+    res2 = vt.exactness_check(published_qwen, exs, c2, max_new_tokens=10)
+    assert res2.pop("generation_config")["repetition_penalty"] == 1.05
+    assert res2 and all(res2.values()), res2
+    lo = published_qwen
+    plain, penalized = (
+        generate(lo.model, lo.tokenizer, lo.processor, exs, 10, 3, repetition_penalty=rp)
+        for rp in (1.0, 1.05)
+    )
+    assert [g["token_ids"] for g in plain] != [g["token_ids"] for g in penalized]  # the penalty bites

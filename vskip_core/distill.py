@@ -912,6 +912,7 @@ def student_gallery(cfg: Config, adapters: dict[str, str], examples, ratio: floa
         g.max_new_tokens,
         g.batch_size,
         instruction=g.instruction,
+        repetition_penalty=g.repetition_penalty,
     )
     table["teacher (full)"] = [o["text"] for o in outs]
     for m, path in adapters.items():
@@ -926,6 +927,7 @@ def student_gallery(cfg: Config, adapters: dict[str, str], examples, ratio: floa
             g.batch_size,
             instruction=g.instruction,
             prefix=ratio_prefix(r),
+            repetition_penalty=g.repetition_penalty,
         )
         table[f"{m} @ {format_ratio(r)}"] = [o["text"] for o in outs]
     return pd.DataFrame(table)

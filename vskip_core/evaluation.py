@@ -248,6 +248,7 @@ def latency(
     instruction: str = "",
     warmup: int = 1,
     assistant_prefill: str = "",
+    repetition_penalty: float = 1.0,
 ) -> dict[str, Any]:
     """End-to-end `generate` latency per example at batch 1, after `warmup` untimed calls: median and p90
     (seconds) and generated tokens. A measurement of this machine; label it with env.json's device."""
@@ -266,6 +267,7 @@ def latency(
             prefix=prefix,
             instruction=instruction,
             assistant_prefill=assistant_prefill,
+            repetition_penalty=repetition_penalty,
         )
     times, toks = [], []
     for ex in examples:
@@ -279,6 +281,7 @@ def latency(
             prefix=prefix,
             instruction=instruction,
             assistant_prefill=assistant_prefill,
+            repetition_penalty=repetition_penalty,
         )[0]
         times.append(g["time_s"])
         toks.append(len(g["token_ids"]))
@@ -304,10 +307,12 @@ def evaluate_system(
     seed: int = 0,
     assistant_prefill: str = "",
     progress: bool = True,
+    repetition_penalty: float = 1.0,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Generate for every example, score with each family's metric, and measure rationale tokens, ActRatio
     (vs `reference_tokens`, the teacher's full-rationale token counts by id), VARR and hallucinations.
-    `assistant_prefill` starts the answer (e.g. "Answer:" for the direct-answer baseline)."""
+    `assistant_prefill` starts the answer (e.g. "Answer:" for the direct-answer baseline); pass
+    `repetition_penalty=cfg.generation.repetition_penalty` (the decoding of `generation.decoding_config`)."""
     from .generation import generate
 
     tok = loaded.tokenizer
@@ -323,6 +328,7 @@ def evaluate_system(
         progress=progress,
         desc=name,
         assistant_prefill=assistant_prefill,
+        repetition_penalty=repetition_penalty,
     )
     recs = []
     for ex, g in zip(examples, gens):
@@ -410,6 +416,7 @@ def evaluate_students(
                 reference_tokens=reference_tokens,
                 seed=e.seed,
                 progress=progress,
+                repetition_penalty=g.repetition_penalty,
             )
             yield recs, row, student
 
@@ -427,6 +434,7 @@ def latency_fields(
         prefix=prefix,
         instruction=cfg.generation.instruction,
         assistant_prefill=assistant_prefill,
+        repetition_penalty=cfg.generation.repetition_penalty,
     )
     return {"latency_s": lat["median_s"], "latency_p90_s": lat["p90_s"]}
 

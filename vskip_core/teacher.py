@@ -609,6 +609,7 @@ def evaluate_teacher(
         blank_images=blanks,
         progress=progress,
         desc="blank-image eval" if blank else "eval",
+        repetition_penalty=cfg.generation.repetition_penalty,
     )
     scored = [score_example(x, g["text"]) for x, g in zip(exs, gens)]
     recs = [

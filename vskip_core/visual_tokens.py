@@ -207,6 +207,9 @@ class PruneSpec:
     core_fraction: float = 0.6  # prompt-aware: share of the budget chosen by relevance
     dstp_interval: int = 8  # DSTP: re-select every this many decoding steps
     dstp_shift_threshold: float = 0.5  # DSTP: re-select when the top-k Jaccard overlap falls below this
+    repetition_penalty: float = (
+        1.0  # the decoding's (generation.repetition_penalty), applied as generate() does
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -220,6 +223,8 @@ class PruneSpec:
             raise ValueError(f"dstp_interval must be >= 1, got {self.dstp_interval}")
         if not 0 <= self.core_fraction <= 1:
             raise ValueError(f"core_fraction must be in [0, 1], got {self.core_fraction}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     @property
     def name(self) -> str:
@@ -229,7 +234,8 @@ class PruneSpec:
     def from_config(
         cls, cfg, method: str, retention: float = 1.0, dstp: bool = False, variant: str | None = None
     ) -> PruneSpec:
-        """A spec with the knobs of `cfg.prune` (variant: `prune.variant` unless given)."""
+        """A spec with the knobs of `cfg.prune` (variant: `prune.variant` unless given) and the decoding's
+        `generation.repetition_penalty`."""
         p = cfg.prune
         return cls(
             method=method,
@@ -241,6 +247,7 @@ class PruneSpec:
             core_fraction=p.core_fraction,
             dstp_interval=p.dstp_interval,
             dstp_shift_threshold=p.dstp_shift_threshold,
+            repetition_penalty=cfg.generation.repetition_penalty,
         )
 
 
@@ -384,6 +391,20 @@ def user_text_mask(input_ids: torch.Tensor, vision_end_id: int, end_id: int) -> 
     return out
 
 
+def _repetition_penalty(penalty: float, attention_mask: torch.Tensor):
+    """(ids so far, next-token logits) -> logits, as `generate` processes them: transformers'
+    RepetitionPenaltyLogitsProcessor over the prompt and the generated tokens, the left padding ignored (the
+    prompt_ignore_length generate passes); the identity at 1.0 (generate then adds no processor)."""
+    if penalty == 1.0:
+        return lambda ids, logits: logits
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    proc = RepetitionPenaltyLogitsProcessor(
+        float(penalty), prompt_ignore_length=(attention_mask != 0).int().argmax(dim=1)
+    )
+    return proc
+
+
 @torch.no_grad()
 def pruned_generate(
     model,
@@ -396,8 +417,10 @@ def pruned_generate(
     record_relevance: bool = False,
     ignore_eos: bool = False,
 ) -> PrunedOutput:
-    """Greedy decoding of one left-padded batch (`model_inputs(collate(...))`) with visual-token pruning.
-    Every row must hold the same number of image tokens. `prompt_mask` (B, L) marks the text the
+    """Greedy decoding of one left-padded batch (`model_inputs(collate(...))`) with visual-token pruning, with
+    `spec.repetition_penalty` applied as transformers' generate applies it (its own logits processor, over
+    the prompt and the generated tokens, left padding ignored). Every row must hold the same number of image
+    tokens. `prompt_mask` (B, L) marks the text the
     prompt-aware relevance pools (default: the text after the image). `ignore_eos` decodes exactly
     `max_new_tokens` steps (timing)."""
     inner, lm = _model_parts(model)
@@ -539,9 +562,10 @@ def pruned_generate(
             q, _ = _qk(layer, h_prev[:, -1:], cos[:, -1:], sin[:, -1:])
             rel0 = visual_relevance(i, q, [])
     kept = active.clone()
+    penalize = _repetition_penalty(spec.repetition_penalty, attn)
     h = lm.norm(h)
     logits = model.lm_head(h[:, -1:])[:, -1].float()
-    next_tok = logits.argmax(-1)
+    next_tok = penalize(input_ids, logits).argmax(-1)
     sync()
     t_prefill = time.perf_counter()
 
@@ -643,7 +667,10 @@ def pruned_generate(
                 use_cache=True,
             )
         h = lm.norm(h)
-        nxt = model.lm_head(h)[:, -1].float().argmax(-1)
+        nxt = penalize(
+            torch.cat([input_ids, *(x[:, None] for x in out_tokens)], 1), model.lm_head(h)[:, -1].float()
+        )
+        nxt = nxt.argmax(-1)
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
         out_tokens.append(nxt)
         unfinished = unfinished & (nxt != eos)
@@ -873,14 +900,27 @@ def run_grid(
     return table, records
 
 
-def exactness_check(loaded, examples: list[dict[str, Any]], cfg, max_new_tokens: int) -> dict[str, bool]:
-    """At retention 1.0, does every method (and +dstp, both variants) reproduce `generation.generate`?"""
-    from .generation import generate
+def exactness_check(loaded, examples: list[dict[str, Any]], cfg, max_new_tokens: int) -> dict[str, Any]:
+    """At retention 1.0, does every method (and +dstp, both variants) reproduce `generation.generate`?
+    {"<method> (<variant>)": bool, ..., "generation_config": the greedy decoding config both sides ran under
+    (`generation.decoding_config`; the checkpoint's generation_config.json plays no part)}."""
+    from .generation import decoding_config, generate
 
     ins = cfg.generation.instruction
     tok, proc = loaded.tokenizer, loaded.processor
-    ref = generate(loaded.model, tok, proc, examples, max_new_tokens, len(examples), instruction=ins)
-    out = {}
+    rp = cfg.generation.repetition_penalty
+    dec = decoding_config(max_new_tokens, repetition_penalty=rp)  # greedy, as the pruned decoder
+    ref = generate(
+        loaded.model,
+        tok,
+        proc,
+        examples,
+        max_new_tokens,
+        len(examples),
+        instruction=ins,
+        repetition_penalty=rp,
+    )
+    out: dict[str, Any] = {}
     for m in METHODS:
         for dstp in (False, True):
             for variant in VARIANTS:
@@ -889,6 +929,7 @@ def exactness_check(loaded, examples: list[dict[str, Any]], cfg, max_new_tokens:
                 out[f"{spec.name} ({variant})"] = [g["token_ids"] for g in got] == [
                     r["token_ids"] for r in ref
                 ]
+    out["generation_config"] = dec
     return out
 
 
