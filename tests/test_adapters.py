@@ -488,6 +488,19 @@ def test_plan_numbers_and_check_fits():
     assert check_fits(load_params("params/smoke.yaml"), gpu="cpu", verbose=False)["fits"]
 
 
+def test_plan_colab_file_leaves_a_margin_on_a_t4():
+    """The Colab file's every stage leaves >= 2 GiB of a T4's 15 (QLoRA at batch 2 planned 13.5 GiB: too close
+    for allocator fragmentation and Colab's own use); the effective batch stays 16."""
+    from vskip_core.plan import make_plan
+
+    colab = load_params("params/colab_qwen2vl_2b.yaml")
+    p = make_plan(colab, gpu="T4")
+    assert p.device.name == "T4"
+    worst = max(p.stages, key=lambda s: s.peak_gb)
+    assert p.device.memory_gb - worst.peak_gb >= 2.0, f"{worst.stage} peaks at {worst.peak_gb:.1f} GiB"
+    assert colab.distill.batch_size * colab.distill.grad_accum == 16
+
+
 def test_plan_bad_input(capsys):
     from vskip_core import pipeline
 

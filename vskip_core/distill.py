@@ -45,20 +45,21 @@ machine: 5.7 s per step at load ~1 and 10.8 s at load 4-6 (OpenMP threads waitin
 idle. Each run's own figures land in notebook 04's `metrics.json` (`seconds_per_step`, `cpu_seconds_per_step`,
 `total_train_minutes`).
 
-**QLoRA on a T4 (16 GB) for Qwen2-VL-2B** (`params/colab_qwen2vl_2b.yaml`: nf4, r 8 on q/k/v/o, batch 2 x
-accumulation 8, gradient checkpointing, <= 640 visual tokens per image, <= 2 images, 256 new tokens).
+**QLoRA on a T4 (16 GB) for Qwen2-VL-2B** (`params/colab_qwen2vl_2b.yaml`: nf4, r 8 on q/k/v/o, batch 1 x
+accumulation 16, gradient checkpointing, <= 640 visual tokens per image, <= 2 images, 256 new tokens).
 Parameters (published config): 2.21 B = 1.31 B in the 28 decoder layers' linear weights (4-bit: 0.53 byte
 each with double-quantized constants, 0.69 GB) + 0.67 B vision tower and merger + 0.23 B tied embedding,
 kept out of 4-bit and upcast to fp32 by `prepare_model_for_kbit_training` (3.6 GB): 4.3 GB of weights.
 LoRA: 28 layers x 8 x (3072 + 1792 + 1792 + 3072) = 2.2 M parameters x 16 bytes (fp32 weight,
 gradient, two AdamW moments) = 0.03 GB. Sequences: ~715 prompt tokens on average, 1,506 + 256 = ~1,760 at
-the peak (an MMMU question with two images at the cap). At batch 2 x 1,760 tokens: checkpointed layer
-inputs 28 x 3,520 x 1,536 x 2 bytes = 0.3 GB, one recomputed layer (sdpa) ~0.3 GB, the logits path over a
-151,936-token vocabulary (fp16 logits, their fp32 copy, log-softmax, gradient: 14 bytes each) 7.0 GB,
-transient vision activations ~0.5 GB, CUDA context and allocator ~1 GB: about 13.4 GB at the peak sequence,
-~9.5 GB at the average one, under the T4's 15 GiB usable. `python -m vskip_core.pipeline --params
-params/colab_qwen2vl_2b.yaml --plan --gpu T4` computes the same budget from the checkpoint config (13.5 GiB).
-If it runs out of memory: batch 1 x accumulation 16 halves the logits term.
+the peak (an MMMU question with two images at the cap). At batch 1 x 1,760 tokens: checkpointed layer
+inputs 28 x 1,760 x 1,536 x 2 bytes = 0.15 GB, one recomputed layer (sdpa) ~0.15 GB, the logits path over a
+151,936-token vocabulary (fp16 logits, their fp32 copy, log-softmax, gradient: 14 bytes each) 3.5 GB,
+transient vision activations ~0.25 GB, CUDA context and allocator ~1 GB: about 9.4 GB at the peak sequence,
+~7.5 GB at the average one, under the T4's 15 GiB usable. `python -m vskip_core.pipeline --params
+params/colab_qwen2vl_2b.yaml --plan --gpu T4` computes the same budget from the checkpoint config (9.3 GiB).
+Batch 2 x accumulation 8 (the same effective batch of 16) doubles the logits term: 13.5 GiB planned, too
+close to the 15 for allocator fragmentation and a notebook's own tensors.
 """
 
 from __future__ import annotations
