@@ -84,3 +84,49 @@ def test_more_rationales_than_the_split_is_a_load_time_error(tmp_path):
         load_params("params/colab_qwen2vl_2b.yaml", {"generation.n_examples": 2000})
     cfg = load_params("params/colab_qwen2vl_2b.yaml")
     assert cfg.generation.n_examples == 0 and cfg.split_size("train") == 180
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "mllama"])
+def test_attention_picture_of_a_hub_teacher_under_sdpa(tmp_path, family):
+    """Notebook 00's attention picture for a hub teacher: its own rationale's anchors, through the hooked capture
+    under sdpa (which returns no attention maps), equal to the eager reference (Qwen: the first image's tokens;
+    Mllama: the first tile's patches)."""
+    import torch
+    from PIL import Image
+
+    from vskip_core.models import load_model
+    from vskip_core.scoring import anchor_attention_maps, naive_image_attention
+
+    ex = {
+        "id": "pope-1",
+        "source": "pope",
+        "family": "existence",
+        "question": "Is there a dog in the image?",
+        "options": [],
+        "answer": "yes",
+        "answers": ["yes"],
+        "image": Image.new("RGB", (96, 72), (200, 40, 40)),
+        "images": [Image.new("RGB", (96, 72), (200, 40, 40))],
+    }
+    text = "The dog is red and small. Answer: yes"
+    sdpa = load_model(_cfg(tmp_path, **{"model.attn_implementation": "sdpa"}), f"standin:{family}")
+    items = anchor_attention_maps(sdpa, [ex], texts=[text], types=("colour",))
+    assert len(items) == 1 and "'red'" in items[0]["title"]
+    w = items[0]["weights"]
+    h, wd = items[0]["grid"]
+    assert w.shape == (h * wd,) and (w >= 0).all() and w.sum() <= 1.0 + 1e-5
+    if family == "qwen2_vl":  # eager reference: all layers, heads max, first image's columns
+        eager = load_model(_cfg(tmp_path), f"standin:{family}")
+        ad, tok = eager.adapter, eager.tokenizer
+        enc = ad.encode(ex, tok, eager.processor, target=text)
+        batch = ad.collate([enc], tok.pad_token_id, padding_side="right")
+        offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        at = text.index("red")
+        j = next(i for i, (s, e) in enumerate(offsets) if s <= at < e)
+        ref = naive_image_attention(
+            eager.model,
+            ad.model_inputs(batch, "cpu"),
+            enc["image_positions"],
+            torch.tensor([enc["target_start"] + j - 1]),
+        )
+        assert torch.allclose(torch.from_numpy(w), ref.mean(0).amax(0)[0], atol=1e-5)
