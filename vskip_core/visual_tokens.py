@@ -327,6 +327,9 @@ class PrunedOutput:
 
 
 def _model_parts(model):
+    from .adapters import _unwrap
+
+    model = _unwrap(model)  # a peft student: its LoRA layers live inside the base model
     mt = getattr(model.config, "model_type", None)
     if mt not in SUPPORTED_MODEL_TYPES:
         raise NotImplementedError(
@@ -1124,11 +1127,14 @@ def headline_text(metrics: dict[str, Any], retention: float = 0.333) -> str:
     lines = [f"scores at retention {key} (accuracy; F1 for existence; ANLS for reading):", pv.to_string()]
     rv = metrics.get("rvis", {}).get("by_retention", {}).get(key, {})
     if "simple" in rv and "reasoning" in rv:
+
+        def f(x) -> str:  # a decile with too few steps has no value
+            return "n/a" if x is None else f"{x:.3f}"
+
         lines.append(
-            f"RVIS at {key} (mean Jaccard of top-k prefill vs step): simple {rv['simple']['mean']:.3f}, "
-            f"reasoning {rv['reasoning']['mean']:.3f}; last decile: simple {rv['simple']['final_decile']:.3f}, "
-            f"reasoning {rv['reasoning']['final_decile']:.3f}; "
-            f"random top-k sets: {rv.get('chance', float('nan')):.3f}"
+            f"RVIS at {key} (mean Jaccard of top-k prefill vs step): simple {f(rv['simple']['mean'])}, "
+            f"reasoning {f(rv['reasoning']['mean'])}; last decile: simple {f(rv['simple']['final_decile'])}, "
+            f"reasoning {f(rv['reasoning']['final_decile'])}; random top-k sets: {f(rv.get('chance'))}"
         )
     return "\n".join(lines)
 
