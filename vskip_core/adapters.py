@@ -174,6 +174,7 @@ class Adapter:
     image_in = ""  # "sequence" or "cross_attention"
     vision_module = ""  # name of the vision tower inside `model.model` (kept out of LoRA and 4-bit)
     input_keys: tuple[str, ...] = ()
+    not_in_vllm = ""  # why vLLM cannot serve this family ("" = it can: stage 01's --backend vllm)
 
     # ---- prompts
     def messages(self, ex, instruction: str = "", prefix: str = "", image=None):
@@ -194,6 +195,11 @@ class Adapter:
     # ---- processors and encoding (per family)
     def image_processor(self, src: str | None = None, cfg: Config | None = None):
         raise NotImplementedError
+
+    def image_cap(self, cfg: Config) -> dict[str, Any]:
+        """Image-processor kwargs capping the visual tokens per image (`model.max_image_tokens`); the HF image
+        processor and vLLM's (`mm_processor_kwargs`) get the same. {} = no cap."""
+        return {}
 
     def encode(self, ex, tok, proc, target=None, instruction="", prefix="", image=None) -> dict[str, Any]:
         raise NotImplementedError
@@ -405,12 +411,15 @@ class Qwen2VLAdapter(Adapter):
         with at most `model.max_image_tokens` visual tokens per image (max_pixels = tokens x 28 x 28)."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        kw: dict[str, Any] = {}
-        if cfg is not None and cfg.model.max_image_tokens > 0:
-            kw["max_pixels"] = cfg.model.max_image_tokens * 28 * 28
+        kw = self.image_cap(cfg) if cfg is not None else {}
         if src is None:
             return Qwen2VLImageProcessorPil(**kw)
         return Qwen2VLImageProcessorPil.from_pretrained(src, **kw)
+
+    def image_cap(self, cfg: Config) -> dict[str, Any]:
+        """max_pixels = model.max_image_tokens x 28 x 28 (one visual token per 28x28 pixels after merging)."""
+        n = cfg.model.max_image_tokens
+        return {"max_pixels": n * 28 * 28} if n > 0 else {}
 
     def encode(self, ex, tok, proc, target=None, instruction="", prefix="", image=None) -> dict[str, Any]:
         """One example -> model inputs, exactly as Qwen2VLProcessor builds them (one or several images, each
@@ -618,6 +627,7 @@ class MllamaAdapter(Adapter):
     chat_template = MLLAMA_CHAT_TEMPLATE
     image_in = "cross_attention"
     vision_module = "vision_model"
+    not_in_vllm = "current vLLM serves no encoder-decoder model but Whisper, and Llama-3.2-Vision is one"
     input_keys = (
         "input_ids",
         "attention_mask",

@@ -141,55 +141,74 @@ _VLLM: dict[str, Any] = {}
 
 
 def generate_vllm(cfg, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Stage 01's rationales through vLLM (`pip install -e '.[vllm]'`, GPU): same prompts (the checkpoint's own
-    chat template through the family adapter), same sampling params (`generation.*`), same record fields as
-    `generate`. Scoring stays in transformers, which exposes attention. The engine is built once per process."""
+    """Stage 01's rationales through vLLM (GPU; a separate install, see docs/COLAB.md), as the transformers path
+    makes them: the same prompts (the checkpoint's chat template through the family adapter) with exactly the
+    images `adapters.interleave` puts in them, in that order; the same image cap (`model.max_image_tokens`, as
+    `mm_processor_kwargs`); the same decoding (`decoding_config` of `generation.*`: greedy = temperature 0, the
+    repetition penalty, max_new_tokens, stop at the end-of-turn token) with the checkpoint's
+    generation_config.json ignored; the same record fields as `generate`. Llama-3.2-Vision is refused (vLLM does
+    not serve it). Scoring stays in transformers, which exposes attention. One engine per process and cap."""
+    from .adapters import detect_family, get_adapter
+
+    name, g = cfg.model.teacher, cfg.generation
+    if name != "embedded":  # refuse an unservable family before anything is installed or loaded
+        ad = get_adapter(detect_family(name, cfg.model.family))
+        if ad.not_in_vllm:
+            raise ValueError(
+                f"{name} is a {ad.family} checkpoint, which vLLM cannot serve ({ad.not_in_vllm}); generate "
+                f"its rationales with the transformers backend (drop --backend vllm)"
+            )
     try:
         from vllm import LLM, SamplingParams
     except ImportError:
         raise ImportError(
-            "the vllm backend needs the vllm package (GPU only): pip install -e '.[vllm]'; "
-            "or generate with transformers (the default: drop --backend vllm)"
+            "the vllm backend needs the vllm package (GPU only, its own environment: pip install -e '.[vllm]' "
+            "installs vLLM's torch, see docs/COLAB.md); or generate with transformers (drop --backend vllm)"
         ) from None
-    from transformers import AutoTokenizer
-
-    from .adapters import detect_family, example_images, get_adapter
-
-    name, g = cfg.model.teacher, cfg.generation
     if name == "embedded":
         raise ValueError("vLLM serves hub checkpoints; the embedded teacher generates with transformers")
-    if name not in _VLLM:
+    from transformers import AutoTokenizer
+
+    cap = ad.image_cap(cfg)
+    key = (name, tuple(sorted(cap.items())))
+    if key not in _VLLM:
         n_img = cfg.data.max_images or 7  # MMMU: up to 7 images per question
         dtype = {"auto": "auto", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
-        _VLLM[name] = (
+        _VLLM[key] = (
             LLM(
                 model=name,
                 dtype=dtype.get(cfg.model.dtype, "auto"),
                 seed=cfg.runtime.seed,
                 limit_mm_per_prompt={"image": n_img},
+                mm_processor_kwargs=cap,
+                generation_config="vllm",  # vLLM's neutral defaults, not the checkpoint's (eos list included)
             ),
             AutoTokenizer.from_pretrained(name),
-            get_adapter(detect_family(name, cfg.model.family)),
         )
-    llm, tok, ad = _VLLM[name]
+    llm, tok = _VLLM[key]
     end = ad.end_token_id(tok)
+    dec = params_decoding_config(cfg)
     sp = SamplingParams(
-        max_tokens=g.max_new_tokens,
-        temperature=g.temperature if g.do_sample else 0.0,
-        top_p=g.top_p if g.do_sample else 1.0,
+        max_tokens=dec["max_new_tokens"],
+        temperature=dec.get("temperature", 0.0) if dec["do_sample"] else 0.0,  # 0 = greedy
+        top_p=dec.get("top_p", 1.0),
+        top_k=-1,  # off (transformers: top_k 0 when sampling)
+        repetition_penalty=dec["repetition_penalty"],  # transformers' semantics: prompt and output tokens
         stop_token_ids=[end],
         seed=cfg.runtime.seed,
     )
-    prompts = [
-        {"prompt": ad.prompt_text(ex, tok, g.instruction), "multi_modal_data": {"image": example_images(ex)}}
-        for ex in examples
-    ]
+    prompts = []
+    for ex in examples:
+        messages, images = ad.messages(ex, g.instruction)
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompts.append({"prompt": text, "multi_modal_data": {"image": images}})
     t0 = time.perf_counter()
     outs = llm.generate(prompts, sp, use_tqdm=False)
     dt = (time.perf_counter() - t0) / max(1, len(examples))
     res = []
     for o in outs:
-        ids = [i for i in o.outputs[0].token_ids if i != end]
+        ids = list(o.outputs[0].token_ids)
+        ids = ids[: ids.index(end)] if end in ids else ids
         res.append({"text": tok.decode(ids, skip_special_tokens=True), "token_ids": ids, "time_s": dt})
     return res
 
