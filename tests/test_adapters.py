@@ -475,7 +475,10 @@ def test_plan_numbers_and_check_fits():
     p = make_plan(colab, gpu="T4")
     assert p.fits and p.device.name == "T4"
     by = {s.stage: s for s in p.stages}
-    assert by["01_rationale_generation"].download_gb == pytest.approx(2.21e9 * 2 / 1024**3, rel=0.01)
+    # stage 00 loads (downloads) the teacher for its sanity evaluation, after the three datasets
+    teacher_gb = 2.21e9 * 2 / 1024**3
+    assert by["00_embedded_teacher"].download_gb == pytest.approx(0.35 + 2.50 + 0.26 + teacher_gb, rel=0.01)
+    assert by["01_rationale_generation"].download_gb == 0 and by["00_embedded_teacher"].peak_gb > 2
     # 4-bit students need less memory than the same student in fp16
     fp16 = make_plan(load_params("params/colab_qwen2vl_2b.yaml", {"distill.quantization": "none"}), gpu="T4")
     assert {s.stage: s for s in fp16.stages}["04_qlora_distillation"].peak_gb > by[

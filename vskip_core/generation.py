@@ -317,7 +317,7 @@ def plan_shards(cfg, split: str | None = None, n: int | None = None) -> tuple[st
     g = cfg.generation
     split = split or g.split
     if n is None:
-        n = g.n_examples or {"train": cfg.data.n_train, "val": cfg.data.n_val, "test": cfg.data.n_test}[split]
+        n = g.n_examples or cfg.split_size(split)
     return split, n, (n + g.shard_size - 1) // g.shard_size
 
 

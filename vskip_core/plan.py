@@ -600,8 +600,19 @@ def _plan_on(cfg: Config, dev: Device, why: str) -> Plan:
             parts.append(f"{getattr(d, s + '_id')} ({gb:.2f} GB)")
             data_dl += gb
         sizes = "downloads " + ", ".join(parts) + f"; keeps {d.n_train}/{d.n_val}/{d.n_test} examples"
-    if hub_teacher:
-        add("00_embedded_teacher", sizes, data_dl, 2.0, 60 + 20 * data_dl)
+    if hub_teacher:  # loads the teacher and evaluates it on a few test examples, with images and blank
+        from .teacher import SANITY_PER_SOURCE
+
+        n_sanity = min(SANITY_PER_SOURCE * len(d.source), d.n_test)
+        gen_s, peak = _generation(teacher, seq, dev, n_sanity, g.batch_size, g.max_new_tokens, db, tq, eager)
+        dl = teacher.download_gb()
+        add(
+            "00_embedded_teacher",
+            f"{sizes}; teacher {teacher.name} ({dl:.1f} GB); sanity evaluation on 2 x {n_sanity} examples",
+            data_dl + dl,
+            peak,
+            60 + 20 * data_dl + 2 * gen_s,
+        )
     else:
         e = cfg.embedded
         tok_per_step = e.batch_size * (seq.prompt_mean + 90)
@@ -619,9 +630,7 @@ def _plan_on(cfg: Config, dev: Device, why: str) -> Plan:
 
     # 01: rationale generation with the teacher
     secs, peak = _generation(teacher, seq, dev, n_gen, g.batch_size, g.max_new_tokens, db, tq, eager)
-    dl = teacher.download_gb() if hub_teacher else 0.0
-    what = f"teacher {teacher.name}" + (f" ({dl:.1f} GB)" if dl else "") + f"; {n_gen} rationales"
-    add("01_rationale_generation", what, dl, peak, secs)
+    add("01_rationale_generation", f"teacher {teacher.name}; {n_gen} rationales", 0.0, peak, secs)
 
     # 02: dual scoring, one teacher-forced forward per rationale (upper bound: every rationale kept)
     sb = cfg.scoring.batch_size
