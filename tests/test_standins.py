@@ -130,3 +130,30 @@ def test_attention_picture_of_a_hub_teacher_under_sdpa(tmp_path, family):
             torch.tensor([enc["target_start"] + j - 1]),
         )
         assert torch.allclose(torch.from_numpy(w), ref.mean(0).amax(0)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "none"])
+def test_lora_with_gradient_checkpointing_on_llama_vision(tmp_path, quantization):
+    """Regression: with reentrant gradient checkpointing the Mllama student's backward went through the shared
+    cross-attention states twice ("Trying to backward through the graph a second time"), so stage 04 failed
+    on params/llama32_11b_vision.yaml (QLoRA, gradient_checkpointing: true)."""
+    from vskip_core import distill
+    from vskip_core.data import make_example
+
+    cfg = _cfg(
+        tmp_path, **{"distill.gradient_checkpointing": True, "distill.target_modules": ["q_proj", "v_proj"]}
+    )
+    loaded = distill.load_base(cfg, "standin:mllama", quantization=quantization)
+    model = distill.apply_lora(loaded, cfg)
+    ad, tok = loaded.adapter, loaded.tokenizer
+    exs = [make_example(cfg, "train", i) for i in range(2)]
+    items = [ad.encode(e, tok, loaded.processor, target=e["rationale"][:60]) for e in exs]
+    batch = ad.collate(items, tok.pad_token_id, "right")
+    labels = batch["input_ids"].clone()
+    labels[batch["attention_mask"] == 0] = -100
+    for b, it in enumerate(items):
+        labels[b, : it["target_start"]] = -100
+    loss = model(**ad.model_inputs(batch, "cpu"), labels=labels).loss
+    loss.backward()
+    grads = [p.grad.abs().sum().item() for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and max(grads) > 0

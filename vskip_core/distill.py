@@ -505,11 +505,16 @@ def apply_lora(loaded: Loaded, cfg: Config):
     d = cfg.distill
     targets = lora_targets(loaded, d.target_modules)
     model = loaded.model
+    # non-reentrant checkpointing: the reentrant kind backpropagates twice through inputs shared by several
+    # layers (Mllama's cross-attention states) and raises "Trying to backward through the graph a second time"
+    ckpt = {"use_reentrant": False}
     if getattr(model, "is_loaded_in_4bit", False):
         check_not_repacked(model)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=d.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=d.gradient_checkpointing, gradient_checkpointing_kwargs=ckpt
+        )
     elif d.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
         model.enable_input_require_grads()
     lora = LoraConfig(
         r=d.lora_r,
