@@ -95,44 +95,74 @@ def test_colab_plan_commands_run():
 
 
 def _run_argv(name: str) -> list[str]:
-    """The doc's run command for the Colab file (the twin's params in place of the real ones); the same shape
-    for the other files."""
-    runs = [c for c in colab_commands() if "--plan" not in c]
-    assert runs, "docs/COLAB.md has no run command"
+    """The doc's run command for the Colab file (section 3), the twin's params in place of the real ones; the
+    same shape for the other files."""
+    runs = [c for c in colab_commands() if "--plan" not in c and "params/colab_qwen2vl_2b.yaml" in c]
+    assert len(runs) == 1, runs
     argv = list(runs[0])
-    i = argv.index("--params")
-    assert argv[i + 1] == "params/colab_qwen2vl_2b.yaml"
-    argv[i + 1] = f"params/standin/{name}.yaml"
+    argv[argv.index("--params") + 1] = f"params/standin/{name}.yaml"
     return argv
 
 
+def test_the_docs_cpu_command_is_the_tested_one():
+    """docs/COLAB.md's CPU line for the stand-in twin is the Colab run command with the twin's params."""
+    cpu = [c for c in colab_commands() if "params/standin/colab_qwen2vl_2b.yaml" in c]
+    assert len(cpu) == 1
+    tested = _run_argv("colab_qwen2vl_2b")
+    strip = lambda a: [x for i, x in enumerate(a) if x != "--run" and (i == 0 or a[i - 1] != "--run")]  # noqa: E731
+    assert strip(cpu[0]) == strip(tested)
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """The three twins' pipelines, started together (each runs one torch thread: on 2 cores three processes
+    take about half the time of three in a row). name -> (returncode, stdout, stderr, results dir, cache dir)."""
+    import os
+
+    tmp = tmp_path_factory.mktemp("standin-pipelines")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("VSKIP_PARAMS", None)
+    env.pop("VSKIP_RUN", None)
+    procs = {}
+    for name in PIPELINES:
+        res, cache = (
+            tmp / name / "results",
+            tmp / name / "cache",
+        )  # empty: stand-ins and data build themselves
+        argv = _run_argv(name) + [
+            "--set",
+            f"runtime.results_dir={res}",
+            "--set",
+            f"runtime.cache_dir={cache}",
+        ]
+        run = argv[argv.index("--run") + 1]
+        log = open(tmp / f"{name}.log", "w+")
+        p = subprocess.Popen(
+            [sys.executable, "-m", "vskip_core.pipeline", *argv],
+            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, text=True, env=env,
+        )  # fmt: skip
+        procs[name] = (p, log, res / run, cache)
+    out = {}
+    for name, (p, log, res, cache) in procs.items():
+        rc = p.wait(timeout=1500)
+        log.seek(0)
+        out[name] = (rc, log.read(), res, cache)
+        log.close()
+    return out
+
+
 @pytest.mark.parametrize("name", PIPELINES)
-def test_standin_pipeline_runs_every_stage(name, tmp_path):
-    argv = _run_argv(name) + [
-        "--set",
-        f"runtime.results_dir={tmp_path / 'results'}",
-        "--set",
-        f"runtime.cache_dir={tmp_path / 'cache'}",  # empty: stand-ins and data build themselves
-    ]
-    run = argv[argv.index("--run") + 1]
-    proc = subprocess.run(
-        [sys.executable, "-m", "vskip_core.pipeline", *argv],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    out = tmp_path / "results" / run
+def test_standin_pipeline_runs_every_stage(name, pipelines):
+    rc, log, out, cache = pipelines[name]
     failed = sorted(str(p) for p in out.glob("*/failed.ipynb"))
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:], failed)
+    assert rc == 0, (log[-4000:], failed)
     for stage in STAGES:
         d = out / stage
         assert (d / "executed.ipynb").exists() and (d / ".done").exists(), stage
         assert json.loads((d / "metrics.json").read_text()), stage
-    assert sorted(p.name for p in (tmp_path / "cache" / "standins").iterdir()) == sorted(
-        f"{k}-v1"
-        for k in ("mmmu", "docvqa", "pope", load_params(f"params/standin/{name}.yaml").model.teacher[8:])
-    )
+    teacher = load_params(f"params/standin/{name}.yaml").model.teacher.removeprefix("standin:")
+    built = sorted(p.name for p in (cache / "standins").iterdir())
+    assert built == sorted(f"{k}-v1" for k in ("mmmu", "docvqa", "pope", teacher))
 
 
 def test_plan_agrees_with_stage_01(capsys):
