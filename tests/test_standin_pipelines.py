@@ -176,3 +176,17 @@ def test_plan_agrees_with_stage_01(capsys):
         assert n == cfg.data.n_train
         assert pipeline.main(["--params", f"params/{name}.yaml", "--plan", "--gpu", "A100-80GB"]) == 0
         assert f"; {n} rationales" in capsys.readouterr().out, name
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_plan_for_every_standin_twin(name, tmp_path, capsys):
+    """--plan reads the stand-in's saved config (built on first use), like a local hub checkpoint's."""
+    from vskip_core import pipeline
+
+    argv = ["--params", f"params/standin/{name}.yaml", "--plan", "--set", f"runtime.cache_dir={tmp_path}"]
+    assert pipeline.main(argv) == 0
+    out = capsys.readouterr().out
+    assert (
+        "stand-in config" in out
+        and f"; {load_params(f'params/standin/{name}.yaml').data.n_train} rationales" in out
+    )
