@@ -326,16 +326,24 @@ class PrunedOutput:
     n_visual: int = 0
 
 
+def unsupported_reason(model) -> str | None:
+    """Why visual-token pruning does not apply to this model (None when it does)."""
+    mt = getattr(model.config, "model_type", None)
+    if mt in SUPPORTED_MODEL_TYPES:
+        return None
+    return (
+        f"visual-token pruning supports {list(SUPPORTED_MODEL_TYPES)} (image tokens inside the sequence), "
+        f"got {mt!r}; Mllama reads its image through cross-attention (see the module docstring)"
+    )
+
+
 def _model_parts(model):
     from .adapters import _unwrap
 
     model = _unwrap(model)  # a peft student: its LoRA layers live inside the base model
-    mt = getattr(model.config, "model_type", None)
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise NotImplementedError(
-            f"visual-token pruning supports {list(SUPPORTED_MODEL_TYPES)} (image tokens inside the sequence), "
-            f"got {mt!r}; Mllama reads its image through cross-attention (see the module docstring)"
-        )
+    why = unsupported_reason(model)
+    if why:
+        raise NotImplementedError(why)
     inner = model.model
     lm = inner.language_model
     return inner, lm
