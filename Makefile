@@ -32,6 +32,7 @@ reproduce: $(STAMP)
 lint: $(STAMP)
 	@$(VENV)/bin/ruff check vskip_core tests benchmarks notebooks
 	@$(VENV)/bin/ruff format --check vskip_core tests benchmarks notebooks
+	@$(VENV)/bin/lint-imports --no-cache   # layers point one way, no import cycles (pyproject.toml)
 
 test: lint
 	@VSKIP_PARAMS=params/smoke.yaml VSKIP_RUN=nbval-smoke $(VENV)/bin/pytest -q tests notebooks \

@@ -12,7 +12,7 @@ import statistics
 import time
 
 from vskip_core.config import REPO_ROOT, Config
-from vskip_core.data import build_split, iter_examples
+from vskip_core.data.embedded import build_split, iter_examples
 from vskip_core.runtime import atomic_write_json, environment
 
 

@@ -12,7 +12,7 @@ the worst case. Every method gets the same model and sequence.
 
 **Methods** (key layers = the default band: layers 1 and 2 of 4; heads reduced by max):
 - `plain`: `model(**inputs)`, sdpa attention, no scores: the floor.
-- `hooked`: `vskip_core.scoring.teacher_forced_scores` on the sdpa model: the full scoring pass (surprisal of
+- `hooked`: `vskip_core.method.scoring.teacher_forced_scores` on the sdpa model: the full scoring pass (surprisal of
   every rationale token + anchoring captured on the key layers).
 - `naive`: eager model, `output_attentions=True`, then the same rows / image columns of the key layers
   (`naive_anchor_maps`) and the same reduction.
@@ -125,7 +125,7 @@ def method(name: str):
     """(model, call) for a method; call(inputs, spans) runs it once and returns the anchoring (or None)."""
     import torch
 
-    from vskip_core import scoring as S
+    from vskip_core.method import scoring as S
 
     if name == "plain":
         model = build_model("sdpa")
@@ -182,7 +182,7 @@ def measure_memory(name: str, T: int, threads: int) -> dict:
     out = call(inputs, spans)
     res = {"peak_mem_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
     if name == "naive":  # the two paths must agree: the hooked path on the sdpa model (same weights)
-        from vskip_core import scoring as S
+        from vskip_core.method import scoring as S
 
         sdpa = build_model("sdpa")
         hooked = S.teacher_forced_scores(sdpa, inputs, spans, KEY_LAYERS).anchoring(KEY_LAYERS, "max")[0]

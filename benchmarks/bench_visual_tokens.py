@@ -1,5 +1,5 @@
 """Visual-token pruning benchmark: prefill time and decode time per token against retention, for every method of
-`vskip_core.visual_tokens` with and without DSTP, on images with enough visual tokens to matter. Writes
+`vskip_core.method.pruning` with and without DSTP, on images with enough visual tokens to matter. Writes
 `results/bench/visual_tokens.json`.
 
     .venv/bin/python benchmarks/bench_visual_tokens.py [--jobs embedded@448 embedded@896 qwen2_vl@448
@@ -10,10 +10,10 @@ its answers at 448 px would mean nothing anyway, and the decode length is fixed 
 - `embedded`: a Qwen2VLForConditionalGeneration with the embedded teacher's default architecture (params file's
   `embedded` section: 4 decoder layers, hidden 256, 8 heads, 4 key/value heads; vision depth 4).
 - `qwen2_vl`, `qwen2_5_vl`: small models of the two real classes built from config through
-  `vskip_core.adapters` (`tiny_config`: 8 decoder layers, hidden 512, 8 heads, 2 key/value heads, vision depth 2).
+  `vskip_core.modeling.adapters` (`tiny_config`: 8 decoder layers, hidden 512, 8 heads, 2 key/value heads, vision depth 2).
   Qwen2.5-VL differs in its windowed vision tower and its rotary index code; the language model is the same.
 - Llama-3.2-Vision (Mllama) is not measured: its image is read through cross-attention layers, not tokens in
-  the sequence, so these pruners (and positions-preserving DSTP swaps) do not apply (vskip_core.visual_tokens).
+  the sequence, so these pruners (and positions-preserving DSTP swaps) do not apply (vskip_core.method.pruning).
 
 **Inputs.** Benchmark examples (test split) rendered at the job's size in px (448 -> a 32x32 patch grid -> 256
 visual tokens after the 2x2 merge; 896 -> 1024) through the project's own encoder (`encode` + `collate`),
@@ -59,8 +59,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from vskip_core import visual_tokens as vt  # noqa: E402
 from vskip_core.config import load_params  # noqa: E402
+from vskip_core.method import pruning as vt  # noqa: E402
 
 TINY = {"hidden": 512, "layers": 8, "heads": 8, "kv_heads": 2, "vision_depth": 2, "vision_dim": 64}
 MLLAMA_NOTE = (
@@ -73,8 +73,8 @@ def build(cfg, name: str):
     """(model, tokenizer) with random weights."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    from vskip_core.adapters import VISION_ATTENTION, get_adapter
-    from vskip_core.models import embedded_config, train_tokenizer
+    from vskip_core.modeling.adapters import VISION_ATTENTION, get_adapter
+    from vskip_core.modeling.loading import embedded_config, train_tokenizer
     from vskip_core.teacher import tokenizer_corpus
 
     tok = train_tokenizer(tokenizer_corpus(cfg, n=300), cfg.embedded.vocab_size)
@@ -91,8 +91,8 @@ def build(cfg, name: str):
 
 
 def batches(cfg, tok, image_size: int, n: int):
-    from vskip_core.data import make_example
-    from vskip_core.models import collate, encode, image_processor_for
+    from vskip_core.data.embedded import make_example
+    from vskip_core.modeling.loading import collate, encode, image_processor_for
 
     big = load_params(cfg.source, {"data.image_size": image_size})
     proc = image_processor_for(big)

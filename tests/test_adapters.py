@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vskip_core import adapters as A
 from vskip_core.config import load_params
-from vskip_core.data import make_example
+from vskip_core.data.embedded import make_example
+from vskip_core.modeling import adapters as A
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "mllama")
 
@@ -142,7 +142,7 @@ def test_mllama_encode_equals_real_processor(cfg, tiny):
 
 
 def test_models_encode_routes_by_processor(cfg, tiny):
-    from vskip_core.models import collate, encode, model_inputs, prompt_text
+    from vskip_core.modeling.loading import collate, encode, model_inputs, prompt_text
 
     for fam in FAMILIES:
         model, tok, proc, _ = tiny[fam]
@@ -252,7 +252,7 @@ def test_image_keys_mllama_cross_attention(cfg, tiny):
 def test_hooked_scoring_equals_naive_attention_on_adapter_keys(cfg, tiny, family):
     """scoring.teacher_forced_scores (hooked capture) on adapter-built, left-padded batches with images of
     different sizes equals the mass read from output_attentions on the adapter's image keys and query rows."""
-    from vskip_core.scoring import teacher_forced_scores
+    from vskip_core.method.scoring import teacher_forced_scores
 
     model, tok, proc, _ = tiny[family]
     ad = A.get_adapter(family)
@@ -288,7 +288,7 @@ def test_key_layers_defaults_and_errors(cfg, tiny):
     bad = load_params("params/smoke.yaml", {"scoring.key_layers": [2]})
     with pytest.raises(ValueError, match=r"reached in layers \[1, 3\]"):
         A.get_adapter("mllama").key_layers(mll, bad)
-    # real depths (documented in vskip_core.scoring): 28-layer Qwen2-VL-7B, Llama-3.2-11B's cross layers
+    # real depths (documented in vskip_core.method.scoring): 28-layer Qwen2-VL-7B, Llama-3.2-11B's cross layers
     assert A.layers_in_band(list(range(28)), 28, [0.25, 0.75]) == list(range(7, 21))
     assert A.layers_in_band([3, 8, 13, 18, 23, 28, 33, 38], 40, [0.25, 0.75]) == [13, 18, 23, 28]
     assert A.layers_in_band([3, 8, 13], 40, [0.5, 0.5]) == [13]  # nothing inside: the nearest
@@ -305,7 +305,7 @@ def test_family_detection(tiny):
 
 
 def test_plan_reads_a_local_config(tiny):
-    from vskip_core.plan import make_plan
+    from vskip_core.infra.plan import make_plan
 
     d = str(tiny["mllama"][3])
     p = make_plan(load_params("params/smoke.yaml", {"model.teacher": d, "distill.student": d}), gpu="T4")
@@ -315,7 +315,7 @@ def test_plan_reads_a_local_config(tiny):
 
 
 def test_load_model_through_adapters(cfg, tiny):
-    from vskip_core.models import load_model
+    from vskip_core.modeling.loading import load_model
 
     for fam in ("qwen2_5_vl", "mllama"):
         loaded = load_model(cfg, str(tiny[fam][3]))
@@ -396,7 +396,7 @@ def test_qlora_4bit_on_cpu(cfg, tiny, family):
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
-    from vskip_core.models import load_model
+    from vskip_core.modeling.loading import load_model
 
     _, tok, proc, d = tiny[family]
     loaded = load_model(cfg, str(d), quantization="nf4")
@@ -435,7 +435,7 @@ PARAMS = ("default", "smoke", "colab_qwen2vl_2b", "qwen2vl_7b", "qwen25vl_7b", "
 
 
 def test_known_configs_give_published_sizes():
-    from vskip_core.plan import model_spec
+    from vskip_core.infra.plan import model_spec
 
     cfg = load_params("params/smoke.yaml")
     published = {  # total parameters (billions) on the model cards
@@ -469,7 +469,7 @@ def test_plan_every_params_file(name, capsys):
 
 
 def test_plan_numbers_and_check_fits():
-    from vskip_core.plan import check_fits, make_plan
+    from vskip_core.infra.plan import check_fits, make_plan
 
     colab = load_params("params/colab_qwen2vl_2b.yaml")
     p = make_plan(colab, gpu="T4")
@@ -494,7 +494,7 @@ def test_plan_numbers_and_check_fits():
 def test_plan_colab_file_leaves_a_margin_on_a_t4():
     """The Colab file's every stage leaves >= 2 GiB of a T4's 15 (QLoRA at batch 2 planned 13.5 GiB: too close
     for allocator fragmentation and Colab's own use); the effective batch stays 16."""
-    from vskip_core.plan import make_plan
+    from vskip_core.infra.plan import make_plan
 
     colab = load_params("params/colab_qwen2vl_2b.yaml")
     p = make_plan(colab, gpu="T4")

@@ -3,7 +3,7 @@ import collections
 import pytest
 
 from vskip_core.config import Config
-from vskip_core.data import (
+from vskip_core.data.embedded import (
     ANCHOR_TYPES,
     COLOURS,
     SHAPES,
@@ -104,7 +104,7 @@ def test_dataset_schema(cfg):
 
 
 def test_find_anchors_recovers_gold_anchors(cfg):
-    from vskip_core.data import find_anchors
+    from vskip_core.data.embedded import find_anchors
 
     for i in range(100):
         ex = make_example(cfg, "test", i)
@@ -116,7 +116,7 @@ def test_find_anchors_recovers_gold_anchors(cfg):
 
 
 def test_lookup_drills_state_the_asked_objects_attributes(smoke_cfg):
-    from vskip_core.data import make_lookup_drill
+    from vskip_core.data.embedded import make_lookup_drill
 
     drills = [make_lookup_drill(smoke_cfg, "teacher", i) for i in range(60)]
     assert len({d["id"] for d in drills}) == 60
@@ -140,7 +140,7 @@ def test_lookup_drills_state_the_asked_objects_attributes(smoke_cfg):
 
 
 def test_compare_drills_are_balanced_and_blank(smoke_cfg):
-    from vskip_core.data import BACKGROUND, make_compare_drill
+    from vskip_core.data.embedded import BACKGROUND, make_compare_drill
 
     drills = [make_compare_drill(smoke_cfg, "teacher", i) for i in range(400)]
     assert len({d["id"] for d in drills}) == 400

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from vskip_core.config import ParamsError, load_params
-from vskip_core.data import make_example
-from vskip_core.distill import (
+from vskip_core.data.embedded import make_example
+from vskip_core.modeling.loading import load_model, prompt_text
+from vskip_core.stages.distillation import (
     CONTROL,
     Collator,
     DistillError,
@@ -29,7 +30,6 @@ from vskip_core.distill import (
     train_student,
     train_students,
 )
-from vskip_core.models import load_model, prompt_text
 
 RATIOS = [1.0, 0.9, 0.7, 0.5, 0.3]
 
@@ -313,7 +313,7 @@ def _scores_row(tok, ex, rng):
 
 
 def test_gate_compressor_hits_the_ratio_and_keeps_the_answer(tiny_teacher):
-    pytest.importorskip("vskip_core.gating")
+    pytest.importorskip("vskip_core.method.gating")
     import numpy as np
 
     cfg, _ = tiny_teacher
@@ -339,7 +339,7 @@ def test_gate_compressor_hits_the_ratio_and_keeps_the_answer(tiny_teacher):
 def test_external_surprisal_is_taken_from_stage03_outputs(tiny_teacher, tmp_path):
     import pandas as pd
 
-    from vskip_core.distill import with_external_surprisal
+    from vskip_core.stages.distillation import with_external_surprisal
 
     cfg, _ = tiny_teacher
     rows = [{"id": f"train-{i:06d}", "text": "a b", "offsets": [[0, 1], [1, 3]]} for i in range(3)]

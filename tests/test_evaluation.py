@@ -1,6 +1,6 @@
 import pytest
 
-from vskip_core.evaluation import (
+from vskip_core.metrics import (
     anls,
     final_answer,
     parse_multiple_choice,
@@ -83,7 +83,7 @@ SCENE = {
 
 
 def test_rationale_part():
-    from vskip_core.evaluation import rationale_part
+    from vskip_core.metrics import rationale_part
 
     assert rationale_part("The triangle is red. So the answer is red. Answer: red") == (
         "The triangle is red. So the answer is red."
@@ -92,8 +92,8 @@ def test_rationale_part():
 
 
 def test_varr_generated_hand_computed():
-    from vskip_core.data import find_anchors
-    from vskip_core.evaluation import aggregate_varr, varr_generated
+    from vskip_core.data.embedded import find_anchors
+    from vskip_core.metrics import aggregate_varr, varr_generated
 
     gold_text = "The triangle is at the top left; it is a small red triangle marked $4.57."
     gold = find_anchors(gold_text, SCENE)
@@ -106,7 +106,7 @@ def test_varr_generated_hand_computed():
 
 
 def test_attribute_hallucinations():
-    from vskip_core.evaluation import attribute_hallucinations
+    from vskip_core.metrics import attribute_hallucinations
 
     h = attribute_hallucinations("I see a blue triangle, a green circle and a label $9.99.", SCENE)
     kinds = sorted(x["kind"] for x in h)
@@ -118,7 +118,7 @@ def test_attribute_hallucinations():
 def test_pope_by_split_scores_each_split_on_its_own_rows():
     """Each POPE split is scored on its own positives and negatives only (lmms-eval's per-category tasks),
     not on its negatives plus every split's positives."""
-    from vskip_core.evaluation import pope_by_split
+    from vskip_core.metrics import pope_by_split
 
     rows_in = [  # id, split, gold, parsed
         ("r1", "random", "yes", "yes"),

@@ -7,11 +7,11 @@ import importlib.util
 import numpy as np
 import pytest
 
-from vskip_core import external_lm as X
-from vskip_core import gating as G
 from vskip_core.config import load_params
-from vskip_core.data import make_example
-from vskip_core.scoring import answer_token_start, word_ids
+from vskip_core.data.embedded import make_example
+from vskip_core.method import external_lm as X
+from vskip_core.method import gating as G
+from vskip_core.method.scoring import answer_token_start, word_ids
 
 GAMMAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.9)
 MAIN = ("vskip", "text_only", "external_lm", "visual_only", "intersection", "weighted", "random")
@@ -28,7 +28,7 @@ def _cfg(**over):
 def corpus():
     """120 gold rationales tokenized by a BPE trained on benchmark text (like the embedded teacher's), rows in
     the 02 contract with heuristic scores: anchor tokens look at the image, half of them are also surprising."""
-    from vskip_core.models import train_tokenizer
+    from vskip_core.modeling.loading import train_tokenizer
 
     cfg = _cfg()
     exs = [make_example(cfg, "train", i) for i in range(120)]

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from vskip_core.generation import example_for, generate_rationales, load_rationales
-from vskip_core.models import load_model
+from vskip_core.modeling.loading import load_model
+from vskip_core.stages.generation import example_for, generate_rationales, load_rationales
 
 
 class _Killed(Exception):
@@ -56,7 +56,7 @@ def test_sharded_workers_then_merge(tiny_teacher, tmp_path):
 
 
 def test_generation_cli_workers_then_merge(tiny_teacher, tmp_path, capsys):
-    from vskip_core.generation import main
+    from vskip_core.stages.generation import main
 
     cfg, _ = tiny_teacher
     common = [

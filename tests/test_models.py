@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from vskip_core.data import make_example
-from vskip_core.models import CHAT_TEMPLATE, encode, image_processor_for, load_model, prompt_text, save_model
+from vskip_core.data.embedded import make_example
+from vskip_core.modeling.loading import (
+    CHAT_TEMPLATE,
+    encode,
+    image_processor_for,
+    load_model,
+    prompt_text,
+    save_model,
+)
 from vskip_core.teacher import history
 
 
@@ -55,7 +62,7 @@ def test_tiny_teacher_loss_falls(tiny_teacher):
 
 
 def test_saved_teacher_reloads_and_generates_identically(tiny_teacher, tmp_path):
-    from vskip_core.generation import generate
+    from vskip_core.modeling.decoding import generate
 
     cfg, _ = tiny_teacher
     a = load_model(cfg)
@@ -70,7 +77,7 @@ def test_saved_teacher_reloads_and_generates_identically(tiny_teacher, tmp_path)
 
 def test_batched_generation_matches_single(tiny_teacher):
     """Left padding must not change greedy outputs (3D rotary positions use the attention mask)."""
-    from vskip_core.generation import generate
+    from vskip_core.modeling.decoding import generate
 
     cfg, _ = tiny_teacher
     a = load_model(cfg)
@@ -86,7 +93,7 @@ def test_missing_embedded_teacher_has_clear_error(smoke_cfg):
 
 
 def test_probe_words_name_each_class_in_the_rationales_tokens(tiny_teacher):
-    from vskip_core.data import COLOURS, SHAPES, SIZES
+    from vskip_core.data.embedded import COLOURS, SHAPES, SIZES
     from vskip_core.teacher import probe_words
 
     cfg, _ = tiny_teacher
@@ -193,7 +200,7 @@ def test_decision_words_get_their_own_loss_weight(tiny_teacher):
 
 
 def test_compare_drills_put_their_loss_on_the_verdict_only(tiny_teacher):
-    from vskip_core.data import make_compare_drill
+    from vskip_core.data.embedded import make_compare_drill
     from vskip_core.teacher import target_weights
 
     cfg, _ = tiny_teacher

@@ -123,3 +123,9 @@ def test_main_leaves_the_nbval_redirect_in_place(nbdir, monkeypatch):
     import os
 
     assert os.environ["VSKIP_PARAMS"] == "params/smoke.yaml" and os.environ["VSKIP_RUN"] == "nbval-smoke"
+
+
+def test_stages_registry_matches_the_notebooks():
+    from vskip_core.config import STAGES
+
+    assert list(STAGES) == pipeline.available_stages()

@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 from fixtures.hub_datasets import write_all, write_docvqa, write_pope
 
-from vskip_core import benchmarks as B
 from vskip_core.config import ParamsError, load_params
-from vskip_core.data import make_example
+from vskip_core.data import real as B
+from vskip_core.data.embedded import make_example
 
 EMBEDDED_KEYS = set(make_example(load_params("params/smoke.yaml"), "test", 0))
 
@@ -100,7 +100,7 @@ def test_mmmu_options_and_open_answers():
 
 def test_interleaved_images_reach_both_encoders(hub, tmp_path):
     """An MMMU record with images in question and options encodes with one image block per placeholder."""
-    from vskip_core.adapters import get_adapter
+    from vskip_core.modeling.adapters import get_adapter
 
     cfg = _cfg(hub, tmp_path, source=["mmmu"], n_train=12, n_val=0, n_test=0)
     multi = [r for r in B.examples(cfg, "train") if len(r["images"]) > 1]
@@ -294,7 +294,7 @@ def test_real_anchors():
     )
     spans = sorted((x["start"], x["end"]) for x in c)
     assert all(e1 <= s2 for (_, e1), (s2, _) in zip(spans, spans[1:]))  # no overlaps
-    from vskip_core.data import find_anchors
+    from vskip_core.data.embedded import find_anchors
 
     emb = make_example(load_params("params/smoke.yaml"), "test", 0)
     assert B.find_anchors_for(emb["rationale"], emb) == find_anchors(emb["rationale"], emb["scene"])

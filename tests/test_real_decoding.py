@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from vskip_core import adapters as A
 from vskip_core.config import load_params
-from vskip_core.data import make_example
-from vskip_core.generation import generate
+from vskip_core.data.embedded import make_example
+from vskip_core.modeling import adapters as A
+from vskip_core.modeling.decoding import generate
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ PUBLISHED = {"do_sample": True, "repetition_penalty": 1.05, "temperature": 0.01,
 @pytest.fixture(scope="module")
 def published_qwen(cfg, tiny, tmp_path_factory):
     """The tiny Qwen2-VL saved with the published generation_config.json, loaded through load_model."""
-    from vskip_core.models import load_model
+    from vskip_core.modeling.loading import load_model
 
     model, tok, proc, _ = tiny["qwen2_vl"]
     d = tmp_path_factory.mktemp("published")
@@ -122,7 +122,7 @@ def test_exactness_check_on_a_published_qwen_config(cfg, published_qwen):
     reports the decoding config both sides ran under."""
     import dataclasses
 
-    from vskip_core import visual_tokens as vt
+    from vskip_core.method import pruning as vt
 
     exs = _examples(cfg, 3)
     res = vt.exactness_check(published_qwen, exs, cfg, max_new_tokens=10)

@@ -6,17 +6,24 @@ import numpy as np
 import pytest
 import torch
 
-from vskip_core import scoring as S
 from vskip_core.config import load_params
-from vskip_core.data import make_example
-from vskip_core.models import Loaded, collate, embedded_config, encode, image_processor_for, model_inputs
+from vskip_core.data.embedded import make_example
+from vskip_core.method import scoring as S
+from vskip_core.modeling.loading import (
+    Loaded,
+    collate,
+    embedded_config,
+    encode,
+    image_processor_for,
+    model_inputs,
+)
 
 
 # ------------------------------------------------------------------------------------------ tiny models
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Smoke params, a BPE tokenizer trained on 60 benchmark texts, the image processor, 6 examples."""
-    from vskip_core.models import train_tokenizer
+    from vskip_core.modeling.loading import train_tokenizer
 
     cfg = load_params("params/smoke.yaml", {"runtime.cache_dir": str(tmp_path_factory.mktemp("cache"))})
     exs = [make_example(cfg, "train", i) for i in range(60)]
@@ -541,9 +548,9 @@ def test_auc_matches_pairwise_count():
 
 
 def test_score_rationales_on_mllama_through_the_family_adapter(setup):
-    """Mllama end to end: inputs from vskip_core.adapters (encode / collate), cross-attention key layers,
+    """Mllama end to end: inputs from vskip_core.modeling.adapters (encode / collate), cross-attention key layers,
     batch composition does not change the scores."""
-    adapters = pytest.importorskip("vskip_core.adapters")
+    adapters = pytest.importorskip("vskip_core.modeling.adapters")
     from transformers import MllamaForConditionalGeneration
 
     cfg, _, _, exs = setup

@@ -175,7 +175,7 @@ def test_standin_pipeline_runs_every_stage(name, pipelines):
 def test_plan_agrees_with_stage_01(capsys):
     """--plan counts the rationales stage 01 generates (the whole train split for every real file)."""
     from vskip_core import pipeline
-    from vskip_core.generation import plan_shards
+    from vskip_core.stages.generation import plan_shards
 
     for name in REAL:
         cfg = load_params(f"params/{name}.yaml")

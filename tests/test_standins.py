@@ -1,11 +1,12 @@
-"""In-repo stand-ins for the hub (vskip_core.standins) and the load-time checks the real params files need."""
+"""In-repo stand-ins for the hub (vskip_core.data.standins) and the load-time checks the real params files need."""
 
 import json
 
 import pytest
 
-from vskip_core import standins
 from vskip_core.config import ParamsError, load_params
+from vskip_core.data import standins
+from vskip_core.modeling.standins import resolve
 
 
 def _cfg(tmp_path, name="params/smoke.yaml", **over):
@@ -15,10 +16,10 @@ def _cfg(tmp_path, name="params/smoke.yaml", **over):
 
 @pytest.mark.parametrize("family", standins.MODELS)
 def test_model_standin_is_saved_like_a_hub_checkpoint(tmp_path, family):
-    from vskip_core.models import load_model
+    from vskip_core.modeling.loading import load_model
 
     cfg = _cfg(tmp_path)
-    path = standins.resolve(cfg, f"standin:{family}")
+    path = resolve(cfg, f"standin:{family}")
     files = {
         p.name for p in standins.standin_dir(cfg.path(cfg.runtime.cache_dir), f"standin:{family}").iterdir()
     }
@@ -33,11 +34,11 @@ def test_model_standin_is_saved_like_a_hub_checkpoint(tmp_path, family):
     loaded = load_model(cfg, f"standin:{family}")
     assert loaded.family == family and loaded.path == path
     assert loaded.tokenizer.chat_template  # the family's template travels with the tokenizer
-    assert standins.resolve(cfg, f"standin:{family}") == path  # cached: built once
+    assert resolve(cfg, f"standin:{family}") == path  # cached: built once
 
 
 def test_dataset_standins_load_through_the_hub_loaders(tmp_path):
-    from vskip_core import benchmarks as B
+    from vskip_core.data import real as B
 
     cfg = _cfg(
         tmp_path,
@@ -62,13 +63,13 @@ def test_dataset_standins_load_through_the_hub_loaders(tmp_path):
 
 def test_unknown_standin_names_the_valid_ones(tmp_path):
     with pytest.raises(ValueError, match="standin:qwen2_vl"):
-        standins.resolve(_cfg(tmp_path), "standin:qwen3")
+        resolve(_cfg(tmp_path), "standin:qwen3")
 
 
 def test_embedded_benchmark_with_an_empty_split_builds_and_reloads(tmp_path):
     """Regression (issue 15, finding 1): `data.n_val: 0` made build_benchmark save an empty split that datasets
     cannot reload (IndexError on every rerun)."""
-    from vskip_core.data import build_benchmark
+    from vskip_core.data.embedded import build_benchmark
 
     cfg = _cfg(tmp_path, **{"data.n_val": 0})
     dd, path = build_benchmark(cfg)
@@ -94,8 +95,8 @@ def test_attention_picture_of_a_hub_teacher_under_sdpa(tmp_path, family):
     import torch
     from PIL import Image
 
-    from vskip_core.models import load_model
-    from vskip_core.scoring import anchor_attention_maps, naive_image_attention
+    from vskip_core.method.scoring import anchor_attention_maps, naive_image_attention
+    from vskip_core.modeling.loading import load_model
 
     ex = {
         "id": "pope-1",
@@ -137,8 +138,8 @@ def test_lora_with_gradient_checkpointing_on_llama_vision(tmp_path, quantization
     """Regression: with reentrant gradient checkpointing the Mllama student's backward went through the shared
     cross-attention states twice ("Trying to backward through the graph a second time"), so stage 04 failed
     on params/llama32_11b_vision.yaml (QLoRA, gradient_checkpointing: true)."""
-    from vskip_core import distill
-    from vskip_core.data import make_example
+    from vskip_core.data.embedded import make_example
+    from vskip_core.stages import distillation as distill
 
     cfg = _cfg(
         tmp_path, **{"distill.gradient_checkpointing": True, "distill.target_modules": ["q_proj", "v_proj"]}

@@ -1,4 +1,4 @@
-"""Visual-token pruning (vskip_core.visual_tokens): the selection rules on hand-built features, and the
+"""Visual-token pruning (vskip_core.method.pruning): the selection rules on hand-built features, and the
 decoding engine on tiny random Qwen2-VL / Qwen2.5-VL models against the model's own forward and generate."""
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vskip_core import visual_tokens as vt
+from vskip_core.method import pruning as vt
 
 STEPS = 16
 
@@ -25,7 +25,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tok():
-    from vskip_core.models import train_tokenizer
+    from vskip_core.modeling.loading import train_tokenizer
 
     return train_tokenizer(["the red circle costs $4.20 Answer: yes no blue square left right"] * 20, 320)
 
@@ -34,7 +34,7 @@ def _tiny_model(tok, family: str, layers: int = 3, seed: int = 0):
     """A random model of the real class; init std 0.2 so greedy choices are decisive and the image matters."""
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-    from vskip_core.adapters import get_adapter
+    from vskip_core.modeling.adapters import get_adapter
 
     conf = get_adapter(family).tiny_config(tok, hidden=64, layers=layers, heads=4, kv_heads=2)
     conf.text_config.initializer_range = 0.2
@@ -58,7 +58,7 @@ def qwen2(tok):
 def _inputs(model, tok, lens=(12, 7, 15), size=112, seed=0):
     """A left-padded batch built like `encode` + `collate`: text, <|vision_start|>, image pads, <|vision_end|>,
     text (rows of different lengths, so padding and per-row positions are exercised)."""
-    from vskip_core.adapters import get_adapter
+    from vskip_core.modeling.adapters import get_adapter
 
     proc = get_adapter("qwen2_vl").tiny_image_processor()
     proc.min_pixels = proc.max_pixels = size * size
@@ -422,8 +422,8 @@ def test_mllama_is_refused_with_the_reason():
 
 def test_generate_pruned_on_the_embedded_teacher_matches_generate(tiny_teacher):
     """The benchmark path (encode -> collate -> pruned decoding): retention 1.0 equals generation.generate."""
-    from vskip_core.data import make_example
-    from vskip_core.models import load_model
+    from vskip_core.data.embedded import make_example
+    from vskip_core.modeling.loading import load_model
 
     cfg, _ = tiny_teacher
     loaded = load_model(cfg)

@@ -8,10 +8,11 @@ import types
 import pytest
 from PIL import Image
 
-from vskip_core import adapters as A
-from vskip_core import generation as G
 from vskip_core.config import load_params
-from vskip_core.data import make_example
+from vskip_core.data.embedded import make_example
+from vskip_core.modeling import adapters as A
+from vskip_core.modeling.decoding import params_decoding_config
+from vskip_core.stages import generation as G
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_vllm_gets_the_interleaved_images_the_cap_and_the_hf_decode(tiny_dirs, f
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_dirs["qwen2_vl"])
-    dec = G.params_decoding_config(cfg)
+    dec = params_decoding_config(cfg)
     assert sp.kw["temperature"] == 0.0 and sp.kw["top_p"] == 1.0 and sp.kw["top_k"] in (0, -1)
     assert sp.kw["max_tokens"] == dec["max_new_tokens"] == 33
     assert sp.kw["repetition_penalty"] == dec["repetition_penalty"] == 1.05

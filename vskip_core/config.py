@@ -31,6 +31,17 @@ ENV_PARAMS = "VSKIP_PARAMS"
 ENV_RUN = "VSKIP_RUN"
 
 FAMILIES = ("attribute", "existence", "reading", "multistep")
+# The pipeline's stages: one numbered notebook each in notebooks/, run in this order.
+STAGES = (
+    "00_embedded_teacher",
+    "01_rationale_generation",
+    "02_dual_scoring",
+    "03_gate_ablations",
+    "04_qlora_distillation",
+    "05_evaluation",
+    "06_hallucination_analysis",
+    "07_visual_token_pruning",
+)
 
 
 class ParamsError(ValueError):
@@ -48,7 +59,7 @@ class DataConfig:
     n_train: int = 4000  # examples in the train split (rationale generation + distillation)
     n_val: int = 400  # examples in the validation split
     n_test: int = 800  # examples in the test split (all evaluation)
-    # Real benchmarks (vskip_core.benchmarks): n_train / n_val / n_test are then disjoint seeded subsets of each
+    # Real benchmarks (vskip_core.data.real): n_train / n_val / n_test are then disjoint seeded subsets of each
     # benchmark's answered split, and examples rotate between the listed sources as families do here.
     source: list[str] = field(default_factory=lambda: ["embedded"])  # embedded, or any of mmmu, docvqa, pope
     mmmu_id: str = "MMMU/MMMU"  # hub id, or a local path (save_to_disk folder or a folder of parquet files)
@@ -237,7 +248,7 @@ class EmbeddedConfig:
 
 @dataclass
 class GenerationConfig:
-    """How the frozen teacher writes rationales (vskip_core.generation)."""
+    """How the frozen teacher writes rationales (vskip_core.stages.generation)."""
 
     split: str = "train"  # which split gets teacher rationales (distillation data)
     n_examples: int = 0  # rationales to generate; 0 = the whole split
@@ -275,7 +286,7 @@ class GenerationConfig:
 
 @dataclass
 class ScoringConfig:
-    """Dual scoring of rationale tokens (vskip_core.scoring; the key-layer default is argued there)."""
+    """Dual scoring of rationale tokens (vskip_core.method.scoring; the key-layer default is argued there)."""
 
     key_layers: list[int] = field(default_factory=list)  # explicit decoder layer indices; empty = layer_band
     layer_band: list[float] = field(
@@ -318,7 +329,7 @@ class ScoringConfig:
             _check(getattr(self, k) > 0, f"scoring.{k}", f"must be > 0, got {getattr(self, k)}")
 
 
-# Compression methods of vskip_core.gating (the one list; gating.METHODS is built from it). LLMLingua-2 needs a
+# Compression methods of vskip_core.method.gating (the one list; gating.METHODS is built from it). LLMLingua-2 needs a
 # local model, so it is valid but not in the default comparison.
 GATE_METHODS = ("vskip", "text_only", "external_lm", "visual_only", "intersection", "weighted", "random")
 OPTIONAL_GATE_METHODS = ("llmlingua2",)
@@ -326,7 +337,7 @@ OPTIONAL_GATE_METHODS = ("llmlingua2",)
 
 @dataclass
 class GateConfig:
-    """The union-of-saliency gate and the baselines that share its interface (vskip_core.gating)."""
+    """The union-of-saliency gate and the baselines that share its interface (vskip_core.method.gating)."""
 
     gamma: float = 0.5  # target retention ratio: fraction of rationale tokens kept, in (0, 1]
     threshold_mode: str = "example"  # example (each rationale keeps gamma) or corpus (one threshold per path)
@@ -374,10 +385,10 @@ class GateConfig:
 
 @dataclass
 class DistillConfig:
-    """LoRA / QLoRA distillation of compressed rationales into a student (vskip_core.distill).
+    """LoRA / QLoRA distillation of compressed rationales into a student (vskip_core.stages.distillation).
 
     Defaults are for the embedded 4.9 M-parameter student on 2 CPU cores: all six students (5 methods +
-    the full-rationale control) train in under 10 minutes together (measurements in vskip_core.distill).
+    the full-rationale control) train in under 10 minutes together (measurements in vskip_core.stages.distillation).
     TokenSkip's 7B recipe (r 8, alpha 16, all linear layers, lr 5e-5) is far too timid for a model this
     small: on the default teacher, 80 steps at lr 1e-3 left the student ignoring the ratio in its prompt;
     5e-3 lowered the loss fastest, stayed stable and made outputs shorten with the requested ratio."""
@@ -437,7 +448,7 @@ class DistillConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation of teacher, baselines and students (vskip_core.evaluation)."""
+    """Evaluation of teacher, baselines and students (vskip_core.stages.evaluation)."""
 
     split: str = "test"  # evaluation split
     n_examples: int = 400  # examples evaluated (families rotate, so n/4 each); 0 = the whole split
@@ -458,9 +469,9 @@ class EvalConfig:
 
 @dataclass
 class PruneConfig:
-    """Visual-token pruning: FastV, DivPrune, prompt-aware relevance + diversity, and DSTP (vskip_core.visual_tokens).
+    """Visual-token pruning: FastV, DivPrune, prompt-aware relevance + diversity, and DSTP (vskip_core.method.pruning).
 
-    The exact rules (and which layers each prunes) are in the vskip_core.visual_tokens docstring."""
+    The exact rules (and which layers each prunes) are in the vskip_core.method.pruning docstring."""
 
     methods: list[str] = field(
         default_factory=lambda: ["fastv", "divprune", "zspaprune"]

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import REPO_ROOT, ParamsError, load_params
+from vskip_core.cli import parse_sets
+from vskip_core.config import REPO_ROOT, ParamsError, load_params
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 
@@ -36,26 +37,6 @@ def select_stages(spec: str | None) -> list[str]:
             raise ParamsError(f"unknown stage {s!r}; available: {', '.join(stages)}")
         chosen += [m for m in match if m not in chosen]
     return sorted(chosen)
-
-
-def stage_parser(module: str, doc: str | None):
-    """The command line every `python -m vskip_core.<module>` stage entry point shares: --params, --run, --set
-    (parse the result with `parse_sets(args.set)`); callers add their own options."""
-    ap = argparse.ArgumentParser(prog=f"python -m vskip_core.{module}", description=doc)
-    ap.add_argument("--params", default="params/default.yaml")
-    ap.add_argument("--run", default="default")
-    ap.add_argument("--set", action="append", default=[], help="dotted override, e.g. gate.gamma=0.5")
-    return ap
-
-
-def parse_sets(sets: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for s in sets:
-        if "=" not in s:
-            raise ParamsError(f"--set {s!r}: expected key=value, for example --set gate.gamma=0.5")
-        k, v = s.split("=", 1)
-        out[k.strip()] = v
-    return out
 
 
 def is_complete(stage_dir: Path, fingerprint: str) -> bool:
@@ -138,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         return _plan(args)
 
-    from .runtime import results_dir
+    from vskip_core.runtime import results_dir
 
     try:
         overrides = parse_sets(args.sets)
@@ -161,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import os
 
-    from .config import ENV_PARAMS, ENV_RUN
+    from vskip_core.config import ENV_PARAMS, ENV_RUN
 
     # papermill passes params explicitly; don't let the nbval redirect leak into the stages' kernels. Put the
     # variables back afterwards: a test calling main() in-process must not change what later notebooks see.
@@ -173,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_stages(args, cfg, stages, overrides, out) -> int:
-    from .runtime import stage_fingerprint
+    from vskip_core.runtime import stage_fingerprint
 
     print(f"vskip pipeline: params={args.params} run={args.run} -> {out}")
     rerun_rest = False
@@ -194,7 +175,7 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
         except KeyboardInterrupt:
             print(f"\ninterrupted during {stage}; rerun the same command to resume", file=sys.stderr)
             return 130
-        from .runtime import atomic_write_json
+        from vskip_core.runtime import atomic_write_json
 
         atomic_write_json(sdir / ".done", {"fingerprint": fp, "seconds": round(time.time() - t0, 1)})
         print(f"[{i}/{len(stages)}] {stage}: done in {time.time() - t0:.0f} s", flush=True)
@@ -202,7 +183,7 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
 
 
 def _plan(args) -> int:
-    from .plan import PlanError, print_plan
+    from vskip_core.infra.plan import PlanError, print_plan
 
     try:
         print_plan(load_params(args.params, parse_sets(args.sets)), gpu=args.gpu)

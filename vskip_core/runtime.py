@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import REPO_ROOT, Config
+from vskip_core.config import REPO_ROOT, Config
 
 
 def resolve_device(spec: str = "auto") -> str:

@@ -60,9 +60,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
-from .data import COLOURS, SHAPES, SIZES, make_compare_drill, make_example, make_lookup_drill
-from .models import (
+from vskip_core.config import Config
+from vskip_core.data.embedded import (
+    COLOURS,
+    SHAPES,
+    SIZES,
+    make_compare_drill,
+    make_example,
+    make_lookup_drill,
+)
+from vskip_core.modeling.loading import (
     collate,
     embedded_config,
     embedded_dir,
@@ -78,7 +85,7 @@ LM_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
 
 
 def tokenizer_corpus(cfg: Config, n: int = 3000) -> list[str]:
-    from .models import ANSWER_PREFIX, user_text
+    from vskip_core.modeling.loading import ANSWER_PREFIX, user_text
 
     texts = []
     for i in range(n):
@@ -281,7 +288,7 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
     from tqdm.auto import tqdm
     from transformers import Qwen2VLForConditionalGeneration
 
-    from .runtime import atomic_write_json, resolve_device, seed_everything
+    from vskip_core.runtime import atomic_write_json, resolve_device, seed_everything
 
     out = embedded_dir(cfg)
     if (out / "config.json").exists() and not force:
@@ -535,65 +542,16 @@ def history(path: Path) -> list[dict[str, Any]]:
     return json.loads((path / "history.json").read_text())
 
 
-# ------------------------------------------------------------------------------------------ evaluation
-def chance_levels(examples: list[dict[str, Any]], seed: int = 0) -> dict[str, dict[str, float]]:
-    """What an image-blind guesser scores: uniform over the asked attribute's values (attribute), a fair
-    coin (existence), uniform over options (multistep), a random price from the generator (reading)."""
-    import random
-
-    from .evaluation import anls
-
-    rng = random.Random(seed)
-    n_values = {"colour": len(COLOURS), "shape": len(SHAPES), "size": len(SIZES)}
-    out: dict[str, dict[str, float]] = {}
-    att = [1 / n_values[x["attr_type"]] for x in examples if x["family"] == "attribute"]
-    if att:
-        out["attribute"] = {"accuracy": sum(att) / len(att)}
-    if any(x["family"] == "existence" for x in examples):
-        out["existence"] = {"f1": 0.5, "yes_ratio": 0.5, "accuracy": 0.5}
-    mc = [1 / len(x["options"]) for x in examples if x["family"] == "multistep" and x["options"]]
-    if mc:
-        out["multistep"] = {"accuracy": sum(mc) / len(mc)}
-    rd = [x for x in examples if x["family"] == "reading"]
-    if rd:
-        guesses = [f"${rng.randint(1, 9)}.{rng.randint(0, 99):02d}" for _ in rd]
-        out["reading"] = {
-            "anls": sum(anls(g, x["answers"]) for g, x in zip(guesses, rd)) / len(rd),
-            "accuracy": 1 / 900,
-        }
-    return out
-
-
-def headline(fm: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """The metrics.json layout of issue 3: accuracy / f1 + yes_ratio / anls / accuracy per family."""
-    out: dict[str, dict[str, float]] = {}
-    for fam, m in fm.items():
-        if fam == "existence":
-            out[fam] = {
-                "f1": m["f1"],
-                "yes_ratio": m["yes_ratio"],
-                "accuracy": m["accuracy"],
-                "unparsed": m["unparsed"],
-            }
-        elif fam == "reading":
-            out[fam] = {"anls": m["anls"], "accuracy": m["accuracy"], "unparsed": m["unparsed"]}
-        else:
-            out[fam] = {"accuracy": m["accuracy"], "unparsed": m["unparsed"]}
-            if "random_fallback" in m:
-                out[fam]["random_fallback"] = m["random_fallback"]
-    return out
-
-
 def evaluate_teacher(
     cfg: Config, loaded, n_per_family: int, blank: bool = False, progress: bool = True, split: str = "test"
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Greedy full-rationale generation on `n_per_family` held-out examples per family (per source on the real
     benchmarks; at most the split), with the real images or blank ones (same background, no objects; grey for
     real images). Returns (family metrics, per-example records)."""
-    from .benchmarks import examples as benchmark_examples
-    from .evaluation import family_metrics, score_example
-    from .generation import generate
-    from .scoring import blank_image
+    from vskip_core.data.real import examples as benchmark_examples
+    from vskip_core.method.scoring import blank_image
+    from vskip_core.metrics import family_metrics, score_example
+    from vskip_core.modeling.decoding import generate
 
     embedded = cfg.data.source == ["embedded"]
     n = n_per_family * (len(cfg.data.families) if embedded else len(cfg.data.source))
@@ -628,7 +586,7 @@ def evaluate_teacher(
 def load_teacher(cfg: Config, progress: bool = True):
     """The teacher as a `models.Loaded`: the embedded one (built first if needed, cached) or the configured hub
     checkpoint / local folder / stand-in."""
-    from .models import load_model
+    from vskip_core.modeling.loading import load_model
 
     if cfg.model.teacher == "embedded":
         build_teacher(cfg, progress=progress)

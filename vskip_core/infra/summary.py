@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from .runtime import atomic_write_bytes, atomic_write_json
+from vskip_core.runtime import atomic_write_bytes, atomic_write_json
 
 FAMILY_COLUMNS = ("attribute", "multistep")
 

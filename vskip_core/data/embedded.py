@@ -42,7 +42,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from .config import Config, DataConfig
+from vskip_core.config import Config, DataConfig
 
 COLOURS = {
     "red": (220, 40, 40),

@@ -17,7 +17,7 @@ import `ratio_prefix`, so every stage writes the same prompt:
 `datasets.Dataset` per gate method plus the control `full` (ratio always 1.0). Every method gets the same
 examples and the same ratio draws (`draw_ratios`: balanced per family, seeded by `runtime.seed`), so the only
 difference between students is the compression method. The compression is a callable
-`compress(row, method, ratio) -> str`; notebook 04 passes `GateCompressor` (vskip_core.gating, per-example
+`compress(row, method, ratio) -> str`; notebook 04 passes `GateCompressor` (vskip_core.method.gating, per-example
 budgets). Target = compressed rationale + the original answer line.
 
 **Training** (`train_students`): Hugging Face `Trainer` + peft LoRA on the student's language model
@@ -26,7 +26,7 @@ the same number of optimizer steps for every student; checkpoints every `save_st
 resumes from the last one (bit-identical to an uninterrupted run on CPU, tested). `distill.quantization: nf4`
 loads the base in 4-bit through bitsandbytes (QLoRA). Several GPUs, from the datasets notebook 04 saved:
 
-    accelerate launch -m vskip_core.distill --params params/default.yaml --run default [--methods vskip,full]
+    accelerate launch -m vskip_core.stages.distillation --params params/default.yaml --run default [--methods vskip,full]
 
 **Embedded defaults** (r 16 on q/k/v/o, alpha 32, no dropout, lr 5e-3, batch 16, 80 steps per student,
 sdpa attention while training). TokenSkip's 7B recipe (r 8, alpha 16, lr 5e-5) barely moves a 4.9 M-parameter
@@ -80,9 +80,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config
-from .models import ANSWER_PREFIX, Loaded, collate, encode
-from .runtime import atomic_write_json
+from vskip_core.config import Config
+from vskip_core.modeling.loading import ANSWER_PREFIX, Loaded, collate, encode
+from vskip_core.runtime import atomic_write_json
 
 STAGE = "04_qlora_distillation"
 CONTROL = "full"  # the full-rationale control student: ratio always 1.0, no compression
@@ -338,7 +338,7 @@ def _dataset_readme(card: dict[str, Any]) -> str:
         f"# Distillation data: method `{card['method']}`",
         "",
         f"{card['n']} examples. Prompt: `{RATIO_TEMPLATE.strip()}` + question "
-        "(vskip_core.distill.ratio_prefix); target: compressed teacher rationale + answer line.",
+        "(vskip_core.stages.distillation.ratio_prefix); target: compressed teacher rationale + answer line.",
         "",
         "| ratio | n | mean target tokens | mean full tokens | actual ratio |",
         "|---|---|---|---|---|",
@@ -354,7 +354,7 @@ def _dataset_readme(card: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------ gating as compress
 class GateCompressor:
-    """`compress(row, method, ratio)` through vskip_core.gating on a scores row: `keep_mask` with a
+    """`compress(row, method, ratio)` through vskip_core.method.gating on a scores row: `keep_mask` with a
     per-example budget of round(ratio * n) tokens (every example has its own ratio, so per-corpus thresholds
     do not apply), then `compress_text`. Two cases are counted in `events` rather than raised:
     `no_answer_line` (only with generation.keep = all: gated with force_keep_answer off) and `budget` (the
@@ -370,7 +370,7 @@ class GateCompressor:
         self._scored: dict[str, Any] = {}  # each row converted and unit-split once, shared by the methods
 
     def __call__(self, row: dict[str, Any], method: str, ratio: float) -> str:
-        from .gating import GateError, as_scored, compress_text, forced_tokens, keep_mask
+        from vskip_core.method.gating import GateError, as_scored, compress_text, forced_tokens, keep_mask
 
         key = str(row.get("id"))
         if key not in self._scored:
@@ -395,7 +395,7 @@ class GateCompressor:
 def with_external_surprisal(cfg: Config, rows: list[dict[str, Any]], search_dirs=(), cache_dir=None):
     """Rows with `surprisal_external` (the external_lm method's column): taken from any parquet file with
     `id` and `surprisal_external` columns in `search_dirs` (stage 03's outputs), else computed with
-    SmolLM2 (vskip_core.external_lm) for these rows and cached as `cache_dir/surprisal_external.parquet`.
+    SmolLM2 (vskip_core.method.external_lm) for these rows and cached as `cache_dir/surprisal_external.parquet`.
     Returns (rows, where the column came from)."""
     import pandas as pd
     import pyarrow.parquet as pq
@@ -418,9 +418,9 @@ def with_external_surprisal(cfg: Config, rows: list[dict[str, Any]], search_dirs
                 found, source = got, str(f)
                 break
     if not found:
-        from .external_lm import external_surprisal, load_smollm2
-        from .generation import example_for
-        from .models import user_text
+        from vskip_core.method.external_lm import external_surprisal, load_smollm2
+        from vskip_core.modeling.loading import user_text
+        from vskip_core.stages.generation import example_for
 
         todo = [r for r in rows if str(r["id"]) in need]
         lm = load_smollm2(cfg)
@@ -445,7 +445,7 @@ def with_external_surprisal(cfg: Config, rows: list[dict[str, Any]], search_dirs
 # ----------------------------------------------------------------------------------------- model loading
 def _device(cfg: Config) -> str:
     """The run's device; under `accelerate launch` / torchrun each process takes its own GPU."""
-    from .runtime import resolve_device
+    from vskip_core.runtime import resolve_device
 
     device = resolve_device(cfg.runtime.device)
     if device == "cuda" and "LOCAL_RANK" in os.environ:
@@ -465,7 +465,7 @@ def load_base(
     lm_head out of 4-bit), language-model attention `distill.attn_implementation` (sdpa: training needs no
     attention maps). `model.train()` comes first: a no-grad eval forward would repack 4-bit weights for CPU
     inference, after which LoRA gets zero gradients (../shared/PLATFORM.md)."""
-    from .models import load_model
+    from vskip_core.modeling.loading import load_model
 
     student = student or cfg.distill.student
     quantization = quantization or cfg.distill.quantization
@@ -494,7 +494,7 @@ def check_not_repacked(model) -> None:
             raise DistillError(
                 f"4-bit layer {name} was repacked for CPU inference (a no-grad forward or generate() in eval "
                 f"mode ran before training); LoRA would get zero gradients. Reload the student with "
-                f"vskip_core.distill.load_base (it calls model.train() first) and train before any inference"
+                f"vskip_core.stages.distillation.load_base (it calls model.train() first) and train before any inference"
             )
 
 
@@ -543,7 +543,7 @@ class EncodedDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from .generation import example_for
+        from vskip_core.stages.generation import example_for
 
         r = self.rows[i]
         ex = example_for(self.cfg, {"id": r["id"], "split": r["split"], "index": int(r["index"])})
@@ -626,7 +626,7 @@ def train_student(
     from transformers import PrinterCallback, Trainer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
-    from .runtime import resolve_dtype, seed_everything
+    from vskip_core.runtime import resolve_dtype, seed_everything
 
     if len(ds) == 0:
         raise DistillError(f"method {method!r}: empty training set; nothing to distil")
@@ -747,12 +747,12 @@ def _model_card(cfg: Config, m: dict[str, Any], ds) -> str:
             f"loss on target tokens only.",
             f"Loss {m['first_loss']:.3f} -> {m['last_loss']:.3f} in {m['train_seconds']:.0f} s on {m['device']}.",
             "",
-            f"Prompt: `vskip_core.distill.ratio_prefix(r)` (`{RATIO_TEMPLATE.strip()}`) before the question; "
+            f"Prompt: `vskip_core.stages.distillation.ratio_prefix(r)` (`{RATIO_TEMPLATE.strip()}`) before the question; "
             "1.0 asks for the full rationale.",
             "",
             "```python",
-            "from vskip_core.distill import load_student, ratio_prefix",
-            "from vskip_core.generation import generate",
+            "from vskip_core.stages.distillation import load_student, ratio_prefix",
+            "from vskip_core.stages.generation import generate",
             "student = load_student(cfg, adapter_dir)  # base + adapter, merged unless the base is 4-bit",
             "out = generate(student.model, student.tokenizer, student.processor, examples, "
             "prefix=ratio_prefix(0.5))",
@@ -866,7 +866,7 @@ def plot_token_stats(stats, path=None):
     """Mean target tokens per drawn ratio and method."""
     import seaborn as sns
 
-    from .plots import _save, plt
+    from vskip_core.plots import _save, plt
 
     fig, ax = plt.subplots(figsize=(9, 3.6))
     sns.barplot(data=stats, x="ratio", y="target_tokens", hue="method", ax=ax, errorbar=None)
@@ -885,7 +885,7 @@ def plot_training_curves(histories: dict[str, list[dict[str, Any]]], path=None):
     import pandas as pd
     import seaborn as sns
 
-    from .plots import _save, plt
+    from vskip_core.plots import _save, plt
 
     rows = [
         {"method": m, "step": h["step"], "loss": h["loss"]}
@@ -904,8 +904,8 @@ def student_gallery(cfg: Config, adapters: dict[str, str], examples, ratio: floa
     """Per example: the teacher's full rationale and each student's output at `ratio` (greedy)."""
     import pandas as pd
 
-    from .generation import generate
-    from .models import load_model
+    from vskip_core.modeling.decoding import generate
+    from vskip_core.modeling.loading import load_model
 
     g = cfg.generation
     teacher = teacher or load_model(cfg)
@@ -942,11 +942,11 @@ def student_gallery(cfg: Config, adapters: dict[str, str], examples, ratio: floa
 # ---------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     """Train students from the datasets notebook 04 saved (the multi-GPU path: `accelerate launch -m ...`)."""
-    from .config import load_params
-    from .pipeline import parse_sets, stage_parser
-    from .runtime import results_dir
+    from vskip_core.cli import parse_sets, stage_parser
+    from vskip_core.config import load_params
+    from vskip_core.runtime import results_dir
 
-    ap = stage_parser("distill", main.__doc__)
+    ap = stage_parser("stages.distillation", main.__doc__)
     ap.add_argument("--methods", default="", help="comma-separated; default: every saved dataset")
     a = ap.parse_args(argv)
     cfg = load_params(a.params, parse_sets(a.set))

@@ -5,136 +5,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from .models import collate, encode, model_inputs
-
-
-# ------------------------------------------------------------------------------------------ decoding config
-def decoding_config(
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 0.7,
-    top_p: float = 0.95,
-    repetition_penalty: float = 1.0,
-) -> dict[str, Any]:
-    """The one decoding config every decode in the package runs under, as a plain dict (runs record it):
-    greedy unless `do_sample`, the repetition penalty of `generation.repetition_penalty`. Handed to transformers
-    as an explicit GenerationConfig that also stands in for the model's own during the call, so a checkpoint's
-    generation_config.json (the published Qwen-VL ones carry repetition_penalty 1.05, top_k 1, top_p 0.001,
-    temperature 0.01, do_sample) cannot change it; the pruned decoder (visual_tokens) applies the same."""
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    out: dict[str, Any] = {
-        "max_new_tokens": int(max_new_tokens),
-        "do_sample": bool(do_sample),
-        "num_beams": 1,
-        "repetition_penalty": float(repetition_penalty),
-    }
-    if do_sample:
-        out.update(temperature=float(temperature), top_p=float(top_p), top_k=0)  # top_k 0: off
-    return out
-
-
-def params_decoding_config(cfg, max_new_tokens: int | None = None) -> dict[str, Any]:
-    """`decoding_config` from `cfg.generation` (what stages 00/01/05/06/07 decode with)."""
-    g = cfg.generation
-    n = g.max_new_tokens if max_new_tokens is None else max_new_tokens
-    return decoding_config(n, g.do_sample, g.temperature, g.top_p, g.repetition_penalty)
-
-
-def hf_generation_config(decoding: dict[str, Any], eos_token_id: int, pad_token_id: int):
-    """`decoding` as a transformers GenerationConfig (use it under `_only_this_generation_config`)."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(**decoding, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-
-
-@contextmanager
-def _only_this_generation_config(model, gc):
-    """transformers fills every field a passed config leaves unset from `model.generation_config` (the
-    checkpoint's): for the call, that is `gc` itself (a peft wrapper reads its base model's)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    saved = base.generation_config
-    base.generation_config = gc
-    try:
-        yield
-    finally:
-        base.generation_config = saved
-
-
-@torch.no_grad()
-def generate(
-    model,
-    tok,
-    proc,
-    examples: list[dict[str, Any]],
-    max_new_tokens: int = 192,
-    batch_size: int = 32,
-    do_sample: bool = False,
-    temperature: float = 0.7,
-    top_p: float = 0.95,
-    instruction: str = "",
-    prefix: str | list[str] = "",
-    blank_images: list | None = None,
-    progress: bool = False,
-    desc: str = "generate",
-    assistant_prefill: str = "",
-    repetition_penalty: float = 1.0,
-) -> list[dict[str, Any]]:
-    """Generate one response per example (left-padded batches). Returns, per example, the text, the
-    generated token ids (without the end token) and the batch's wall time divided by its size. Decodes under
-    `decoding_config(...)` of these arguments only (never the checkpoint's generation_config.json)."""
-    from tqdm.auto import tqdm
-
-    device = next(model.parameters()).device
-    prefixes = prefix if isinstance(prefix, list) else [prefix] * len(examples)
-    out: list[dict[str, Any]] = []
-    from .adapters import adapter_for, adapter_for_tokenizer
-
-    eos = adapter_for_tokenizer(tok).end_token_id(tok)  # <|im_end|> (Qwen) or <|eot_id|> (Llama)
-    dec = decoding_config(max_new_tokens, do_sample, temperature, top_p, repetition_penalty)
-    gc = hf_generation_config(dec, eos, tok.pad_token_id)
-    bar = tqdm(total=len(examples), desc=desc, disable=not progress, leave=False)
-    for s in range(0, len(examples), batch_size):
-        chunk = examples[s : s + batch_size]
-        items = [
-            encode(
-                ex,
-                tok,
-                proc,
-                instruction=instruction,
-                prefix=prefixes[s + j],
-                image=None if blank_images is None else blank_images[s + j],
-            )
-            for j, ex in enumerate(chunk)
-        ]
-        if assistant_prefill:  # the assistant turn starts with this text (e.g. "Answer:" = no rationale)
-            pre = torch.tensor(
-                tok(assistant_prefill, add_special_tokens=False)["input_ids"], dtype=torch.long
-            )
-            ad = adapter_for(proc)  # the family's per-token inputs grow with it (Mllama: cross-attention)
-            items = [ad.append_tokens(it, pre) for it in items]
-        batch = collate(items, tok.pad_token_id, padding_side="left")
-        t0 = time.perf_counter()
-        with _only_this_generation_config(model, gc):
-            gen = model.generate(**model_inputs(batch, device), generation_config=gc)
-        dt = (time.perf_counter() - t0) / len(chunk)
-        new = gen[:, batch["input_ids"].shape[1] :].cpu()
-        for row in new:
-            ids = row.tolist()
-            if eos in ids:
-                ids = ids[: ids.index(eos)]
-            ids = [i for i in ids if i != tok.pad_token_id]
-            out.append({"text": tok.decode(ids, skip_special_tokens=True), "token_ids": ids, "time_s": dt})
-        bar.update(len(chunk))
-    bar.close()
-    return out
-
+from vskip_core.modeling.decoding import generate, params_decoding_config
 
 # ------------------------------------------------------------------------------------- vLLM backend
 _VLLM: dict[str, Any] = {}
@@ -148,7 +22,7 @@ def generate_vllm(cfg, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     repetition penalty, max_new_tokens, stop at the end-of-turn token) with the checkpoint's
     generation_config.json ignored; the same record fields as `generate`. Llama-3.2-Vision is refused (vLLM does
     not serve it). Scoring stays in transformers, which exposes attention. One engine per process and cap."""
-    from .adapters import detect_family, get_adapter
+    from vskip_core.modeling.adapters import detect_family, get_adapter
 
     name, g = cfg.model.teacher, cfg.generation
     if name != "embedded":  # refuse an unservable family before anything is installed or loaded
@@ -216,14 +90,14 @@ def generate_vllm(cfg, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------ rationale generation (01)
 def example_for(cfg, rec: dict[str, Any]) -> dict[str, Any]:
     """Rebuild the benchmark example (image, scene, question, gold) behind a rationale record."""
-    from .benchmarks import example_at
+    from vskip_core.data.real import example_at
 
     return example_at(cfg, rec["split"], int(rec["index"]))
 
 
 def _record(ex: dict[str, Any], gen: dict[str, Any], index: int, split: str) -> dict[str, Any]:
-    from .benchmarks import find_anchors_for
-    from .evaluation import score_example
+    from vskip_core.data.real import find_anchors_for
+    from vskip_core.metrics import score_example
 
     s = score_example(ex, gen["text"])
     return {
@@ -263,8 +137,8 @@ def generate_rationales(
     with vLLM from `model.teacher` (a hub id or local folder; `loaded` may then be None)."""
     from tqdm.auto import tqdm
 
-    from .benchmarks import example_at
-    from .runtime import atomic_write_bytes
+    from vskip_core.data.real import example_at
+    from vskip_core.runtime import atomic_write_bytes
 
     g = cfg.generation
     split, n, n_shards = plan_shards(cfg, split, n)
@@ -334,7 +208,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def merge_rationales(out_dir: Path, n_shards: int) -> Path:
     """Join shards into rationales.jsonl (atomic); raises if a shard is missing (another worker's)."""
-    from .runtime import atomic_write_bytes
+    from vskip_core.runtime import atomic_write_bytes
 
     missing = [k for k in range(n_shards) if not shard_path(out_dir, k).exists()]
     if missing:
@@ -373,12 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     results/<run>/01_rationale_generation/shards/ (one process per GPU, `CUDA_VISIBLE_DEVICES=i`); `--merge`
     joins them. The pipeline (or notebook 01) then finds every shard written and only merges and reports."""
 
-    from .config import ParamsError, load_params
-    from .models import load_model
-    from .pipeline import parse_sets, stage_parser
-    from .runtime import results_dir
+    from vskip_core.cli import parse_sets, stage_parser
+    from vskip_core.config import ParamsError, load_params
+    from vskip_core.modeling.loading import load_model
+    from vskip_core.runtime import results_dir
 
-    ap = stage_parser("generation", main.__doc__)
+    ap = stage_parser("stages.generation", main.__doc__)
     ap.add_argument("--shard", default="0/1", help="worker i of n, e.g. 0/4")
     ap.add_argument("--merge", action="store_true", help="only join the shards into rationales.jsonl")
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
@@ -396,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             path = merge_rationales(out, n_shards)
         else:
             if cfg.model.teacher == "embedded":
-                from .teacher import build_teacher
+                from vskip_core.teacher import build_teacher
 
                 build_teacher(cfg)
             loaded = load_model(cfg) if a.backend == "transformers" else None

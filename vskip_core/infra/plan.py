@@ -1,7 +1,7 @@
 """What a params file will load, download, and need in memory and time, per stage, without loading any weights.
 
     python -m vskip_core.pipeline --params params/colab_qwen2vl_2b.yaml --plan [--gpu T4]
-    from vskip_core.plan import check_fits; check_fits(cfg)      # first cell of a notebook on a GPU
+    from vskip_core.infra.plan import check_fits; check_fits(cfg  # first cell of a notebook on a GPU
 
 Model sizes come from the checkpoint's `config.json` when it is local (the built embedded teacher, a downloaded
 model directory), else from `KNOWN_CONFIGS` (the supported hub ids), else from `cfg.embedded` for an embedded
@@ -36,19 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Config
+from vskip_core.config import REPO_ROOT, STAGES, Config
 
 GiB = 1024**3
-STAGES = (
-    "00_embedded_teacher",
-    "01_rationale_generation",
-    "02_dual_scoring",
-    "03_gate_ablations",
-    "04_qlora_distillation",
-    "05_evaluation",
-    "06_hallucination_analysis",
-    "07_visual_token_pruning",
-)
 
 
 @dataclass(frozen=True)
@@ -151,7 +141,7 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
         "image_token_index": 128256,
     },
 }  # fmt: skip
-# Parquet bytes fetched for the split the loaders use (vskip_core.benchmarks fetches only that split).
+# Parquet bytes fetched for the split the loaders use (vskip_core.data.real fetches only that split).
 DATASET_DOWNLOAD_GB = {"mmmu": 0.35, "docvqa": 2.5, "pope": 0.26}
 PROMPT_TEXT_TOKENS = {"embedded": 40, "mmmu": 200, "docvqa": 40, "pope": 30}
 
@@ -207,7 +197,7 @@ def _config_for(name: str, cfg: Config):
     """(config, origin) for a model name: local config.json, the known table, or the embedded params."""
     from transformers import AutoConfig
 
-    from .models import embedded_config, embedded_dir
+    from vskip_core.modeling.loading import embedded_config, embedded_dir
 
     if name == "embedded":
         d = embedded_dir(cfg)
@@ -216,7 +206,8 @@ def _config_for(name: str, cfg: Config):
         return embedded_config(
             cfg, _StubTokenizer(cfg.embedded.vocab_size)
         ), "params (embedded, not built yet)"
-    from .standins import is_standin, resolve
+    from vskip_core.data.standins import is_standin
+    from vskip_core.modeling.standins import resolve
 
     p = Path(resolve(cfg, name)).expanduser()
     if (p / "config.json").exists():
@@ -229,7 +220,7 @@ def _config_for(name: str, cfg: Config):
         cls = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig, "mllama": MllamaConfig}[
             spec.pop("model_type")
         ]
-        return cls(**spec), "vskip_core.plan.KNOWN_CONFIGS"
+        return cls(**spec), "vskip_core.infra.plan.KNOWN_CONFIGS"
     raise PlanError(
         f"cannot size model {name!r}: no local config.json and not a known hub id ({sorted(KNOWN_CONFIGS)}); "
         f"download it (huggingface-cli download {name}) and pass the local directory"
@@ -257,7 +248,7 @@ def model_spec(name: str, cfg: Config) -> ModelSpec:
     import torch
     import transformers
 
-    from .adapters import ADAPTERS
+    from vskip_core.modeling.adapters import ADAPTERS
 
     key = (name, cfg.hash("embedded") if name == "embedded" else "")
     if key in _SPEC_CACHE:
@@ -564,7 +555,6 @@ def make_plan(cfg: Config, gpu: str | None = None) -> Plan:
 
 
 def _plan_on(cfg: Config, dev: Device, why: str) -> Plan:
-    from .pipeline import available_stages
 
     teacher = model_spec(cfg.model.teacher, cfg)
     student_name = cfg.model.teacher if cfg.distill.student == "embedded" else cfg.distill.student
@@ -574,7 +564,7 @@ def _plan_on(cfg: Config, dev: Device, why: str) -> Plan:
     db = _dtype_bytes(cfg, dev)
     tq = cfg.model.quantization == "nf4"
     sq = cfg.distill.quantization == "nf4"
-    present = set(available_stages())
+    present = {s for s in STAGES if (REPO_ROOT / "notebooks" / f"{s}.ipynb").exists()}
     d, g = cfg.data, cfg.generation
     n_gen = g.n_examples or cfg.split_size(g.split)  # what stage 01 generates (config checks <= split)
     n_eval = min(cfg.eval.n_examples or d.n_test, d.n_test)
@@ -601,7 +591,7 @@ def _plan_on(cfg: Config, dev: Device, why: str) -> Plan:
             data_dl += gb
         sizes = "downloads " + ", ".join(parts) + f"; keeps {d.n_train}/{d.n_val}/{d.n_test} examples"
     if hub_teacher:  # loads the teacher and evaluates it on a few test examples, with images and blank
-        from .teacher import SANITY_PER_SOURCE
+        from vskip_core.teacher import SANITY_PER_SOURCE
 
         n_sanity = min(SANITY_PER_SOURCE * len(d.source), d.n_test)
         gen_s, peak = _generation(teacher, seq, dev, n_sanity, g.batch_size, g.max_new_tokens, db, tq, eager)

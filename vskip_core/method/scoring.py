@@ -135,7 +135,7 @@ def _qwen_image_keys(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tens
         if len(c) == 0:
             raise ValueError(
                 f"row {b} of the batch has no image tokens (token id {image_token}); visual anchoring "
-                f"needs the image in the sequence: build inputs with vskip_core.models.encode (it expands "
+                f"needs the image in the sequence: build inputs with vskip_core.modeling.loading.encode (it expands "
                 f"the image pad)"
             )
     return _pad_columns(cols, ids.device)
@@ -187,7 +187,7 @@ def anchor_family(model) -> AnchorFamily:
     if kind not in ANCHOR_FAMILIES:
         raise NotImplementedError(
             f"visual anchoring has no adapter for model_type {kind!r}; supported: {sorted(ANCHOR_FAMILIES)} "
-            f"(add an AnchorFamily to vskip_core.scoring.ANCHOR_FAMILIES)"
+            f"(add an AnchorFamily to vskip_core.method.scoring.ANCHOR_FAMILIES)"
         )
     return ANCHOR_FAMILIES[kind]
 
@@ -515,7 +515,7 @@ def aggregate_words(values, wids: list[int], how: str) -> np.ndarray:
 
 def answer_token_start(text: str, offsets) -> int | None:
     """Index of the first token of the final answer statement (the last `Answer:` / `answer is`), or None."""
-    from .evaluation import ANSWER_RE
+    from vskip_core.metrics import ANSWER_RE
 
     matches = list(ANSWER_RE.finditer(text))
     if not matches:
@@ -539,9 +539,9 @@ def token_anchor_types(offsets, anchors: list[dict[str, Any]]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ the stage
 def _qwen_build_inputs(loaded, examples, texts, images, instruction: str, device):
-    """Default input builder (Qwen2-VL / Qwen2.5-VL, `vskip_core.models.encode`): returns the model inputs of
+    """Default input builder (Qwen2-VL / Qwen2.5-VL, `vskip_core.modeling.loading.encode`): returns the model inputs of
     one left-padded batch and each row's rationale span (start, n)."""
-    from .models import collate, encode, model_inputs
+    from vskip_core.modeling.loading import collate, encode, model_inputs
 
     tok = loaded.tokenizer
     items = [
@@ -561,7 +561,7 @@ def blank_image(ex: dict[str, Any]):
     examples without a scene)."""
     from PIL import Image
 
-    from .data import render_scene
+    from vskip_core.data.embedded import render_scene
 
     if ex.get("scene"):
         return render_scene(ex["scene"], blank=True)
@@ -682,18 +682,18 @@ def score_rationales(
     """Score every rationale (batched teacher-forced passes, `scoring.batch_size` per pass, progress bar).
 
     `records` are 01's rationale records (id, family, rationale, anchors, ...), `examples` the benchmark
-    examples behind them, aligned (`vskip_core.generation.example_for`). Rationales that cannot be scored are
+    examples behind them, aligned (`vskip_core.stages.generation.example_for`). Rationales that cannot be scored are
     skipped and counted in `df.attrs["skipped"]`: empty text, no final answer line, no image. With
     `require_answer_line=False` (smoke runs, `generation.keep: all`) a rationale without an answer line is
     scored anyway with `answer_start` = its length, and counted as `no_answer_line_kept`. With `out_dir`,
     rows are written in shards of `scoring.shard_size` under `out_dir/score_shards/` as they are done; a
     killed run resumes from the shards (no rationale lost or duplicated; `df.attrs["resumed"]` counts them);
     shards written under other params or another version of this module are discarded.
-    `worker=(i, n)` (several GPUs, `python -m vskip_core.scoring --shard i/n`) scores only every n-th scorable
+    `worker=(i, n)` (several GPUs, `python -m vskip_core.stages.scoring --shard i/n`) scores only every n-th scorable
     rationale, writes its own shards beside the others' and returns its rows; a later call with the default
     `(0, 1)` reads every worker's shards back and scores only what is missing.
     `build_inputs(loaded, examples, texts, images, instruction, device) -> (inputs, spans)`
-    builds one batch (default: Qwen2-VL / Qwen2.5-VL through `vskip_core.models.encode`).
+    builds one batch (default: Qwen2-VL / Qwen2.5-VL through `vskip_core.modeling.loading.encode`).
 
     Returns a DataFrame with the columns of the data contract (`CONTRACT_COLUMNS`) plus `surprisal_word`,
     `anchoring_word` (token-aligned word values), `anchor_type` (per token), `key_layers`, and, with
@@ -702,7 +702,7 @@ def score_rationales(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from .runtime import atomic_write_bytes
+    from vskip_core.runtime import atomic_write_bytes
 
     if len(records) != len(examples):
         raise ValueError(f"{len(records)} records but {len(examples)} examples; pass one example per record")
@@ -762,7 +762,7 @@ def _resume(shard_dir: Path, fingerprint: str, prepared: list[_Prepared]) -> tup
     other params (manifest fingerprint) or for other text under the same id are discarded, all of them."""
     import pandas as pd
 
-    from .runtime import atomic_write_json
+    from vskip_core.runtime import atomic_write_json
 
     manifest = shard_dir / "manifest.json"
     shards = sorted(shard_dir.glob("shard-*.parquet"))
@@ -784,9 +784,9 @@ def _resume(shard_dir: Path, fingerprint: str, prepared: list[_Prepared]) -> tup
 
 
 def _adapter_build_inputs(loaded, examples, texts, images, instruction: str, device):
-    """Input builder through the family adapter (`vskip_core.adapters`: encode / collate / model_inputs),
+    """Input builder through the family adapter (`vskip_core.modeling.adapters`: encode / collate / model_inputs),
     for families other than Qwen (Mllama): the target is followed by one end token, as in `models.encode`."""
-    from .adapters import adapter_for
+    from vskip_core.modeling.adapters import adapter_for
 
     ad, tok = adapter_for(loaded.model), loaded.tokenizer
     items = [
@@ -806,7 +806,7 @@ def _builder_for(model) -> Callable:
     if kind in ("qwen2_vl", "qwen2_5_vl"):
         return _qwen_build_inputs
     try:
-        from .adapters import adapter_for
+        from vskip_core.modeling.adapters import adapter_for
 
         adapter_for(model)
     except (ImportError, ValueError) as e:
@@ -827,7 +827,7 @@ def _to_parquet_bytes(df) -> bytes:
 
 def save_scores(stage_dir: str | Path, df) -> Path:
     """Write `scores.parquet` (atomic) into a stage folder."""
-    from .runtime import atomic_write_bytes
+    from vskip_core.runtime import atomic_write_bytes
 
     missing = [c for c in CONTRACT_COLUMNS if c not in df.columns]
     if missing:
@@ -909,7 +909,7 @@ def anchor_attention_maps(
     predicts the token onto the first image's tokens, teacher-forced through the hooked capture (works under
     sdpa), mean over the layers that reach the image, max over heads, as a heat grid (Llama-3.2-Vision: the
     first tile's patches)."""
-    from .benchmarks import find_anchors_for
+    from vskip_core.data.real import find_anchors_for
 
     ad, tok, model = loaded.adapter, loaded.tokenizer, loaded.model
     layers = ad.image_layers(model)
@@ -1049,7 +1049,10 @@ def layer_profile(df):
 
 # ------------------------------------------------------------------------------------------ figures (02)
 def _plt():
-    from .plots import plt, sns  # the project's matplotlib set-up (non-interactive backend outside notebooks)
+    from vskip_core.plots import (  # the project's matplotlib set-up (non-interactive backend outside notebooks)
+        plt,
+        sns,
+    )
 
     return plt, sns
 
@@ -1062,7 +1065,7 @@ def _save_fig(fig, path):
 
 
 def _palette():
-    from .plots import ANCHOR_COLOURS
+    from vskip_core.plots import ANCHOR_COLOURS
 
     return {**ANCHOR_COLOURS, "other": "#9d9d9d"}
 
@@ -1166,53 +1169,3 @@ def token_heat_html(row, fields=(("surprisal", "255,127,14"), ("anchoring", "31,
             )
         parts.append(f"<div style='margin:4px 0'><i>{name}</i>: " + "".join(spans) + "</div>")
     return "".join(parts) + "</div>"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stage 02 outside the notebook, for several GPUs: worker i of n scores every n-th kept rationale of
-    stage 01 and writes its shards under results/<run>/02_dual_scoring/score_shards/ (one process per GPU,
-    `CUDA_VISIBLE_DEVICES=i`). Then run the pipeline (or notebook 02): it reads every worker's shards back,
-    scores only what is missing, and writes scores.parquet and the report."""
-
-    from .config import ParamsError, load_params
-    from .generation import example_for, kept_rationales, parse_shard
-    from .models import load_model
-    from .pipeline import parse_sets, stage_parser
-    from .runtime import results_dir
-
-    ap = stage_parser("scoring", main.__doc__)
-    ap.add_argument("--shard", default="0/1", help="worker i of n, e.g. 0/4")
-    a = ap.parse_args(argv)
-    try:
-        cfg = load_params(a.params, parse_sets(a.set))
-        worker = parse_shard(a.shard)
-    except (ParamsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    run_dir = results_dir(cfg, a.run)
-    gen_dir = run_dir / "01_rationale_generation"
-    try:
-        recs = kept_rationales(cfg, gen_dir)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if cfg.model.teacher == "embedded":
-        from .teacher import build_teacher
-
-        build_teacher(cfg)
-    out = run_dir / "02_dual_scoring"
-    df = score_rationales(
-        load_model(cfg),
-        cfg,
-        recs,
-        [example_for(cfg, r) for r in recs],
-        out_dir=out,
-        require_answer_line=cfg.generation.keep != "all",
-        worker=worker,
-    )
-    print(f"worker {a.shard}: {len(df)} rationales scored ({df.attrs['resumed']} already in shards) -> {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -41,7 +41,7 @@ visually dense rationale keeps more, a formulaic one less), and the corpus keeps
 |--------------|------------------------------------------------------------------------------------|
 | vskip        | surprisal OR anchoring, as above                                                   |
 | text_only    | surprisal (the blind TokenSkip / ASCoT-style metric)                               |
-| external_lm  | `surprisal_external`: a text-only LM that never sees the image (vskip_core.external_lm) |
+| external_lm  | `surprisal_external`: a text-only LM that never sees the image (vskip_core.method.external_lm) |
 | visual_only  | anchoring (the paper's lower bound)                                                |
 | intersection | surprisal AND anchoring: both thresholds lowered together, rank by rank            |
 | weighted     | text_share * pct(surprisal) + (1 - text_share) * pct(anchoring); pct = rank / (units - 1) within the rationale |
@@ -70,8 +70,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .config import GATE_METHODS, OPTIONAL_GATE_METHODS, Config, GateConfig, ScoringConfig
-from .data import ANCHOR_TYPES
+from vskip_core.config import GATE_METHODS, OPTIONAL_GATE_METHODS, Config, GateConfig, ScoringConfig
+from vskip_core.data.embedded import ANCHOR_TYPES
 
 METHODS = (*GATE_METHODS, *OPTIONAL_GATE_METHODS)
 # score columns each method reads, as (path, column)
@@ -94,8 +94,8 @@ _WORD_RULE = {
     "keep_prob_llmlingua2": "mean",
 }
 _FIX = {
-    "surprisal_external": "add it with vskip_core.external_lm.external_surprisal (notebook 03 does)",
-    "keep_prob_llmlingua2": "add it with vskip_core.external_lm.keep_probability (needs LLMLingua-2 locally)",
+    "surprisal_external": "add it with vskip_core.method.external_lm.external_surprisal (notebook 03 does)",
+    "keep_prob_llmlingua2": "add it with vskip_core.method.external_lm.keep_probability (needs LLMLingua-2 locally)",
 }
 
 
@@ -713,8 +713,8 @@ def student_tokenizer(cfg: Config):
     """The student's tokenizer (`distill.student`: the embedded teacher's, or a hub id / local folder)."""
     from transformers import AutoTokenizer
 
-    from .models import embedded_dir
-    from .standins import resolve
+    from vskip_core.modeling.loading import embedded_dir
+    from vskip_core.modeling.standins import resolve
 
     name = resolve(cfg, cfg.distill.student)
     src = embedded_dir(cfg) if name == "embedded" else (cfg.path(name) if cfg.path(name).exists() else name)

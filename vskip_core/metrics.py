@@ -1,18 +1,14 @@
-"""Answer parsing and the benchmarks' metrics, following each benchmark's official conventions.
-
-- `parse_multiple_choice`: MMMU's parser: `(A)`, then `A ` / `A.` bare letters, then option text for
-  responses longer than five words; the last occurrence wins; no match -> a seeded random letter, flagged.
-- `anls`: DocVQA's ANLS (lowercase, collapsed whitespace, normalized Levenshtein, best reference, < 0.5 -> 0).
-- `pope_metrics`: accuracy, precision, recall, F1 and yes-ratio = share of *predicted* yes.
-- `score_example`: the family's metric for one response of the embedded benchmark.
-"""
+"""Metrics: answer parsing, ANLS, POPE, VARR, attribute hallucinations. Pure functions of texts and
+records (no models), used by the teacher's report, evaluation (stage 05) and the hallucination analysis (06)."""
 
 from __future__ import annotations
 
 import random
 import re
-from pathlib import Path
+from collections import Counter, defaultdict
 from typing import Any
+
+from vskip_core.data.embedded import COLOURS, SHAPES, SIZES, find_anchors
 
 ANSWER_RE = re.compile(r"answer\s*(?:is|:)", re.IGNORECASE)
 
@@ -191,7 +187,6 @@ def varr_generated(
     """VARR of a generated rationale: of the scene attributes the gold rationale mentions (distinct
     type/value pairs that are in the scene), how many the generated rationale also mentions. Returns
     {type: (hits, total)}; aggregate hits and totals over examples, then divide."""
-    from .data import find_anchors
 
     gold = {(a["type"], a["value"]) for a in gold_anchors if a.get("in_scene", True)}
     gen = {(a["type"], a["value"]) for a in find_anchors(generated, scene) if a.get("in_scene", True)}
@@ -217,7 +212,6 @@ def aggregate_varr(per_example: list[dict[str, tuple[int, int]]]) -> dict[str, f
 def attribute_hallucinations(text: str, scene: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Mentions that contradict the scene: a colour/shape/price absent from the image, or a colour-shape pair
     bound wrongly ("a blue triangle" when the triangle is red). Needs scene ground truth."""
-    from .data import COLOURS, SHAPES, find_anchors
 
     if not scene:
         return []
@@ -238,207 +232,6 @@ def attribute_hallucinations(text: str, scene: dict[str, Any] | None) -> list[di
     return out
 
 
-def latency(
-    model,
-    tok,
-    proc,
-    examples: list[dict[str, Any]],
-    max_new_tokens: int,
-    prefix: str = "",
-    instruction: str = "",
-    warmup: int = 1,
-    assistant_prefill: str = "",
-    repetition_penalty: float = 1.0,
-) -> dict[str, Any]:
-    """End-to-end `generate` latency per example at batch 1, after `warmup` untimed calls: median and p90
-    (seconds) and generated tokens. A measurement of this machine; label it with env.json's device."""
-    import numpy as np
-
-    from .generation import generate
-
-    for ex in examples[:warmup]:
-        generate(
-            model,
-            tok,
-            proc,
-            [ex],
-            max_new_tokens,
-            1,
-            prefix=prefix,
-            instruction=instruction,
-            assistant_prefill=assistant_prefill,
-            repetition_penalty=repetition_penalty,
-        )
-    times, toks = [], []
-    for ex in examples:
-        g = generate(
-            model,
-            tok,
-            proc,
-            [ex],
-            max_new_tokens,
-            1,
-            prefix=prefix,
-            instruction=instruction,
-            assistant_prefill=assistant_prefill,
-            repetition_penalty=repetition_penalty,
-        )[0]
-        times.append(g["time_s"])
-        toks.append(len(g["token_ids"]))
-    return {
-        "median_s": float(np.median(times)),
-        "p90_s": float(np.percentile(times, 90)),
-        "mean_tokens": float(np.mean(toks)),
-        "n": len(times),
-    }
-
-
-# ------------------------------------------------------------------------------------------ system runs
-def evaluate_system(
-    loaded,
-    examples: list[dict[str, Any]],
-    name: str,
-    ratio: float | None = None,
-    prefix: str = "",
-    max_new_tokens: int = 192,
-    batch_size: int = 32,
-    instruction: str = "",
-    reference_tokens: dict[str, int] | None = None,
-    seed: int = 0,
-    assistant_prefill: str = "",
-    progress: bool = True,
-    repetition_penalty: float = 1.0,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Generate for every example, score with each family's metric, and measure rationale tokens, ActRatio
-    (vs `reference_tokens`, the teacher's full-rationale token counts by id), VARR and hallucinations.
-    `assistant_prefill` starts the answer (e.g. "Answer:" for the direct-answer baseline); pass
-    `repetition_penalty=cfg.generation.repetition_penalty` (the decoding of `generation.decoding_config`)."""
-    from .generation import generate
-
-    tok = loaded.tokenizer
-    gens = generate(
-        loaded.model,
-        tok,
-        loaded.processor,
-        examples,
-        max_new_tokens,
-        batch_size,
-        prefix=prefix,
-        instruction=instruction,
-        progress=progress,
-        desc=name,
-        assistant_prefill=assistant_prefill,
-        repetition_penalty=repetition_penalty,
-    )
-    recs = []
-    for ex, g in zip(examples, gens):
-        text = assistant_prefill + g["text"] if assistant_prefill else g["text"]
-        s = score_example(ex, text, seed)
-        rat = rationale_part(text) if not assistant_prefill else ""
-        n_rat = len(tok(rat, add_special_tokens=False)["input_ids"]) if rat else 0
-        ref = (reference_tokens or {}).get(ex["id"])
-        recs.append(
-            {
-                **s,
-                "system": name,
-                "ratio": ratio,
-                "response": text,
-                "gen_tokens": len(g["token_ids"]),
-                "rationale_tokens": n_rat,
-                "act_ratio": n_rat / ref if ref else None,
-                "varr": varr_generated(ex.get("anchors") or [], rat, ex.get("scene")),
-                "hallucinations": len(attribute_hallucinations(rat, ex.get("scene"))),
-                "time_s": g["time_s"],
-            }
-        )
-    return recs, summarize(examples, recs, name, ratio)
-
-
-def summarize(
-    examples: list[dict[str, Any]], recs: list[dict[str, Any]], name: str, ratio: float | None
-) -> dict[str, Any]:
-    """One summary row: the paper's table layout."""
-    import numpy as np
-
-    fm = family_metrics(examples, recs)
-    acts = [r["act_ratio"] for r in recs if r["act_ratio"] is not None]
-    return {
-        "method": name,
-        "ratio": ratio,
-        "accuracy": {f: m["accuracy"] for f, m in fm.items()},
-        "anls": fm.get("reading", {}).get("anls"),
-        "pope_f1": fm.get("existence", {}).get("f1"),
-        "yes_ratio": fm.get("existence", {}).get("yes_ratio"),
-        "tokens": float(np.mean([r["rationale_tokens"] for r in recs])) if recs else None,
-        "gen_tokens": float(np.mean([r["gen_tokens"] for r in recs])) if recs else None,
-        "act_ratio": float(np.mean(acts)) if acts else None,
-        "varr": aggregate_varr([r["varr"] for r in recs]),
-        "hallucinations_per_example": float(np.mean([r["hallucinations"] for r in recs])) if recs else None,
-        "unparsed": int(sum(r["unparsed"] for r in recs)),
-        "random_fallback": int(sum(bool(r.get("random_fallback")) for r in recs)),
-        "n": len(recs),
-    }
-
-
-def student_adapters(stage04: Path) -> dict[str, str]:
-    """{method: adapter dir} from 04's metrics.json (includes the full-rationale control `full`)."""
-    import json
-
-    m = json.loads((Path(stage04) / "metrics.json").read_text())["methods"]
-    return {k: v["adapter"] for k, v in m.items() if v.get("adapter")}
-
-
-def evaluate_students(
-    cfg,
-    adapters: dict[str, str],
-    examples: list[dict[str, Any]],
-    reference_tokens: dict[str, int],
-    progress: bool = True,
-):
-    """Every student at every `eval.ratios` (the `full` control at 1.0 only). Yields (records, row, loaded)
-    per (method, ratio); the student is merged into its base for generation (no adapter overhead)."""
-    from .distill import load_student, ratio_prefix
-
-    g, e = cfg.generation, cfg.eval
-    for method, path in adapters.items():
-        student = load_student(cfg, path)
-        ratios = [1.0] if method == "full" else list(e.ratios)
-        for r in ratios:
-            recs, row = evaluate_system(
-                student,
-                examples,
-                method,
-                r,
-                prefix=ratio_prefix(r),
-                max_new_tokens=g.max_new_tokens,
-                batch_size=e.batch_size,
-                instruction=g.instruction,
-                reference_tokens=reference_tokens,
-                seed=e.seed,
-                progress=progress,
-                repetition_penalty=g.repetition_penalty,
-            )
-            yield recs, row, student
-
-
-def latency_fields(
-    cfg, loaded, examples: list[dict[str, Any]], prefix: str = "", assistant_prefill: str = ""
-) -> dict[str, float]:
-    """Latency of one system as summary-row fields (median and p90 seconds at batch 1)."""
-    lat = latency(
-        loaded.model,
-        loaded.tokenizer,
-        loaded.processor,
-        examples,
-        cfg.generation.max_new_tokens,
-        prefix=prefix,
-        instruction=cfg.generation.instruction,
-        assistant_prefill=assistant_prefill,
-        repetition_penalty=cfg.generation.repetition_penalty,
-    )
-    return {"latency_s": lat["median_s"], "latency_p90_s": lat["p90_s"]}
-
-
 # -------------------------------------------------------------------------------- hallucination analysis
 def pope_by_split(
     records: list[dict[str, Any]], examples_by_id: dict[str, dict[str, Any]]
@@ -449,7 +242,6 @@ def pope_by_split(
     (real POPE: 1500 yes + 1500 no per category; the embedded benchmark draws the split of every existence
     example, positive or negative, before its answer), so each split is a balanced set whose precision, F1
     and yes-ratio are not shifted by the other splits' positives. Splits without rows get no row."""
-    from collections import defaultdict
 
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
@@ -470,7 +262,6 @@ def hallucination_rows(
     records: list[dict[str, Any]], examples_by_id: dict[str, dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Attribute hallucinations in generated rationales, per (system, ratio) and kind, per example."""
-    from collections import Counter, defaultdict
 
     groups: dict[tuple, Counter] = defaultdict(Counter)
     counts: Counter = Counter()
@@ -493,39 +284,47 @@ def hallucination_rows(
     ]
 
 
-def _survives(row, keep, anchor: dict[str, Any]) -> bool:
-    tok = (row.offsets[:, 0] < anchor["end"]) & (row.offsets[:, 1] > anchor["start"])
-    return bool(tok.any()) and bool(keep[tok].all())
+# ------------------------------------------------------------------------------------------ evaluation
+def chance_levels(examples: list[dict[str, Any]], seed: int = 0) -> dict[str, dict[str, float]]:
+    """What an image-blind guesser scores: uniform over the asked attribute's values (attribute), a fair
+    coin (existence), uniform over options (multistep), a random price from the generator (reading)."""
+
+    rng = random.Random(seed)
+    n_values = {"colour": len(COLOURS), "shape": len(SHAPES), "size": len(SIZES)}
+    out: dict[str, dict[str, float]] = {}
+    att = [1 / n_values[x["attr_type"]] for x in examples if x["family"] == "attribute"]
+    if att:
+        out["attribute"] = {"accuracy": sum(att) / len(att)}
+    if any(x["family"] == "existence" for x in examples):
+        out["existence"] = {"f1": 0.5, "yes_ratio": 0.5, "accuracy": 0.5}
+    mc = [1 / len(x["options"]) for x in examples if x["family"] == "multistep" and x["options"]]
+    if mc:
+        out["multistep"] = {"accuracy": sum(mc) / len(mc)}
+    rd = [x for x in examples if x["family"] == "reading"]
+    if rd:
+        guesses = [f"${rng.randint(1, 9)}.{rng.randint(0, 99):02d}" for _ in rd]
+        out["reading"] = {
+            "anls": sum(anls(g, x["answers"]) for g, x in zip(guesses, rd)) / len(rd),
+            "accuracy": 1 / 900,
+        }
+    return out
 
 
-def gallery_cases(
-    rows,
-    anchors_by_id: dict[str, list[dict[str, Any]]],
-    cfg,
-    gamma: float = 0.5,
-    n: int = 3,
-    a: str = "vskip",
-    b: str = "text_only",
-) -> dict[str, list[dict[str, Any]]]:
-    """Rationales where method `b` drops a visual anchor that `a` keeps (and, honestly, the reverse), at
-    `gamma`. Returns {"a_keeps": [...], "b_keeps": [...]}, each case with both masks and the anchors lost."""
-    from .gating import GateError, as_scored, keep_mask
-
-    out: dict[str, list[dict[str, Any]]] = {"a_keeps": [], "b_keeps": []}
-    for raw in rows:
-        row = as_scored(raw)
-        try:
-            ka, kb = keep_mask(row, a, gamma, cfg), keep_mask(row, b, gamma, cfg)
-        except GateError:
-            continue
-        anchors = anchors_by_id.get(row.id, [])
-        only_a = [x for x in anchors if _survives(row, ka, x) and not _survives(row, kb, x)]
-        only_b = [x for x in anchors if _survives(row, kb, x) and not _survives(row, ka, x)]
-        case = {"row": row, "keep_a": ka, "keep_b": kb}
-        if only_a and len(out["a_keeps"]) < n:
-            out["a_keeps"].append({**case, "lost": only_a})
-        if only_b and len(out["b_keeps"]) < n:
-            out["b_keeps"].append({**case, "lost": only_b})
-        if len(out["a_keeps"]) >= n and len(out["b_keeps"]) >= n:
-            break
+def headline(fm: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """The metrics.json layout of issue 3: accuracy / f1 + yes_ratio / anls / accuracy per family."""
+    out: dict[str, dict[str, float]] = {}
+    for fam, m in fm.items():
+        if fam == "existence":
+            out[fam] = {
+                "f1": m["f1"],
+                "yes_ratio": m["yes_ratio"],
+                "accuracy": m["accuracy"],
+                "unparsed": m["unparsed"],
+            }
+        elif fam == "reading":
+            out[fam] = {"anls": m["anls"], "accuracy": m["accuracy"], "unparsed": m["unparsed"]}
+        else:
+            out[fam] = {"accuracy": m["accuracy"], "unparsed": m["unparsed"]}
+            if "random_fallback" in m:
+                out[fam]["random_fallback"] = m["random_fallback"]
     return out

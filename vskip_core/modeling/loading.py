@@ -19,78 +19,24 @@ from typing import Any
 
 import torch
 
-from .config import Config
-
-IMAGE_TOKEN = "<|image_pad|>"
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
+from vskip_core.config import Config
+from vskip_core.modeling.adapters import adapter_for, adapter_for_tokenizer, detect_family, get_adapter
+from vskip_core.modeling.prompts import (  # noqa: F401  (re-exported: the embedded teacher's text side)
+    ANSWER_PREFIX,
+    CHAT_TEMPLATE,
     IMAGE_TOKEN,
-    "<|video_pad|>",
-]
-# Qwen2-VL's chat template, without the default system turn (it would cost the tiny model ~10 tokens of
-# nothing per example). Hub models use their own template through the same code.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    SPECIAL_TOKENS,
+    n_image_tokens,
+    train_tokenizer,
+    user_text,
 )
-ANSWER_PREFIX = "Answer:"
-
-
-# ------------------------------------------------------------------------------------------- tokenizer
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE trained on benchmark text; digits split into single tokens; Qwen special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tk.train_from_iterator(texts, trainer=trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    tok.padding_side = "left"
-    return tok
-
-
-# ----------------------------------------------------------------------------------------------- prompts
-def user_text(ex: dict[str, Any], instruction: str = "") -> str:
-    text = ex["question"]
-    if ex.get("options"):
-        text += "\n" + "\n".join(f"({L}) {o}" for L, o in zip("ABCDEFGHIJ", ex["options"]))
-    if instruction:
-        text += "\n" + instruction
-    return text
+from vskip_core.modeling.standins import resolve
 
 
 def prompt_text(ex: dict[str, Any], tok, instruction: str = "", prefix: str = "") -> str:
     """The chat prompt up to the assistant turn; `prefix` is put in the user turn before the question
     (distillation writes the target ratio there). Built by the tokenizer's family adapter
-    (`vskip_core.adapters`): images first, or in place of MMMU's `<image N>` placeholders."""
-    from .adapters import adapter_for_tokenizer
+    (`vskip_core.modeling.adapters`): images first, or in place of MMMU's `<image N>` placeholders."""
 
     return adapter_for_tokenizer(tok).prompt_text(ex, tok, instruction, prefix)
 
@@ -104,10 +50,6 @@ def image_processor_for(cfg: Config):
     return Qwen2VLImageProcessorPil(min_pixels=px, max_pixels=px)
 
 
-def n_image_tokens(image_grid_thw: torch.Tensor, merge_size: int) -> int:
-    return int(image_grid_thw.prod()) // merge_size**2
-
-
 def encode(
     ex: dict[str, Any],
     tok,
@@ -119,9 +61,8 @@ def encode(
 ) -> dict[str, Any]:
     """One example -> model inputs. With `target`, the target tokens and the end-of-turn token are appended and
     `target_start` marks where they begin (labels = input_ids from there on). The family adapter of `proc`
-    does the work (`vskip_core.adapters`): for Qwen2-VL / Qwen2.5-VL exactly what Qwen2VLProcessor builds plus
+    does the work (`vskip_core.modeling.adapters`): for Qwen2-VL / Qwen2.5-VL exactly what Qwen2VLProcessor builds plus
     `image_positions`; for Mllama what MllamaProcessor builds (cross_attention_mask, aspect ratios)."""
-    from .adapters import adapter_for
 
     return adapter_for(proc).encode(
         ex, tok, proc, target=target, instruction=instruction, prefix=prefix, image=image
@@ -131,7 +72,6 @@ def encode(
 def collate(items: list[dict[str, Any]], pad_id: int, padding_side: str = "left") -> dict[str, torch.Tensor]:
     """Pad a list of `encode` outputs. Left padding for generation, right for training. `offsets` is the
     shift each row got (add it to that row's positions)."""
-    from .adapters import get_adapter
 
     family = "mllama" if "cross_attention_mask" in items[0] else "qwen2_vl"
     return get_adapter(family).collate(items, pad_id, padding_side)
@@ -196,7 +136,7 @@ def embedded_config(cfg: Config, tok):
 
 def embedded_dir(cfg: Config) -> Path:
     """Cache folder of the embedded teacher, keyed by its architecture/recipe and the data params."""
-    from .data import GENERATOR_VERSION
+    from vskip_core.data.embedded import GENERATOR_VERSION
 
     return cfg.path(cfg.runtime.cache_dir) / f"teacher-{cfg.hash('embedded', 'data')}-g{GENERATOR_VERSION}"
 
@@ -211,8 +151,7 @@ class Loaded:
 
     @property
     def adapter(self):
-        """The family adapter (`vskip_core.adapters`): prompts, encoding, key layers, image keys, LoRA targets."""
-        from .adapters import get_adapter
+        """The family adapter (`vskip_core.modeling.adapters`): prompts, encoding, key layers, image keys, LoRA targets."""
 
         return get_adapter(self.family)
 
@@ -224,8 +163,6 @@ def load_model(
     directory, or a hub id, through its family adapter (`model.family`, or the checkpoint's model_type). Eager
     attention in the language model by default so attention maps exist; `quantization` (default
     `model.quantization`) "nf4" loads it in 4-bit."""
-    from .adapters import detect_family, get_adapter
-    from .standins import resolve
 
     name = name_or_path or cfg.model.teacher
     declared = cfg.model.family if name == cfg.model.teacher and name != "embedded" else "auto"
@@ -246,7 +183,6 @@ def load_model(
 
 def _hub_image_processor(src: str, cfg: Config | None = None):
     """The image processor of a checkpoint, through its family adapter (`cfg` caps Qwen's image tokens)."""
-    from .adapters import detect_family, get_adapter
 
     return get_adapter(detect_family(src)).image_processor(src, cfg)
 

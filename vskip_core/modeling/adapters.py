@@ -51,11 +51,11 @@ from typing import Any
 
 import torch
 
-from .config import Config
-from .models import CHAT_TEMPLATE as QWEN_CHAT_TEMPLATE
-from .models import IMAGE_TOKEN as QWEN_IMAGE_TOKEN
-from .models import SPECIAL_TOKENS as QWEN_SPECIAL_TOKENS
-from .models import n_image_tokens, user_text
+from vskip_core.config import Config
+from vskip_core.modeling.prompts import CHAT_TEMPLATE as QWEN_CHAT_TEMPLATE
+from vskip_core.modeling.prompts import IMAGE_TOKEN as QWEN_IMAGE_TOKEN
+from vskip_core.modeling.prompts import SPECIAL_TOKENS as QWEN_SPECIAL_TOKENS
+from vskip_core.modeling.prompts import n_image_tokens, user_text
 
 IMAGE_REF = re.compile(r"<image (\d+)>")  # MMMU's interleaved image placeholders, `<image 1>` .. `<image 7>`
 VISION_ATTENTION = "sdpa"  # vision towers' maps are never read; eager there costs O(patches^2) per head
@@ -133,7 +133,7 @@ def layers_in_band(
     candidates: list[int], n_layers: int, band: list[float] | tuple[float, float]
 ) -> list[int]:
     """Candidate layers whose centre depth (i + 0.5) / n_layers lies in [lo, hi] (the definition
-    `vskip_core.scoring` argues for); if none does, the candidate nearest the band's centre (a band narrower than
+    `vskip_core.method.scoring` argues for); if none does, the candidate nearest the band's centre (a band narrower than
     the spacing of Mllama's cross-attention layers still gets one)."""
     lo, hi = band
     inside = [i for i in candidates if lo <= (i + 0.5) / n_layers <= hi]
@@ -315,7 +315,7 @@ class Adapter:
         import transformers
         from transformers import AutoTokenizer
 
-        from .runtime import resolve_device, resolve_dtype
+        from vskip_core.runtime import resolve_device, resolve_dtype
 
         device = device or resolve_device(cfg.runtime.device)
         dtype = resolve_dtype(cfg.model.dtype, device)
@@ -501,7 +501,7 @@ class Qwen2VLAdapter(Adapter):
         )
 
     def tiny_tokenizer(self, texts: list[str], vocab_size: int = 400):
-        from .models import train_tokenizer
+        from vskip_core.modeling.prompts import train_tokenizer
 
         return train_tokenizer(texts, vocab_size)
 

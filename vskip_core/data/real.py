@@ -16,7 +16,7 @@
 `answer`, `answers` (DocVQA's references; MMMU open answers that are lists), `question_type`
 (multiple-choice | open), `attr_type` (multistep | text | existence), `pope_split` (POPE's category:
 adversarial | popular | random), `scene=None`, `rationale=""`, `anchors=[]`, `template=0`. MMMU's
-`<image N>` placeholders stay in the text; `vskip_core.adapters.interleave` puts image N there.
+`<image N>` placeholders stay in the text; `vskip_core.modeling.adapters.interleave` puts image N there.
 
 **Splits.** Only answered splits can be scored (DocVQA's and MMMU's test answers are hidden: asking for them is
 an error, not an empty metric). The pipeline's train / val / test are disjoint slices of one seeded permutation
@@ -60,9 +60,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .standins import VERSION as STANDIN_VERSION
-from .standins import is_standin, resolve
+from vskip_core.config import Config
+from vskip_core.data.standins import VERSION as STANDIN_VERSION
+from vskip_core.data.standins import is_standin
+from vskip_core.data.standins import resolve_dataset as resolve
 
 SCHEMA_VERSION = 1  # bump when the normalized schema changes (it keys the cache)
 SOURCE_FAMILY = {"mmmu": "multistep", "docvqa": "reading", "pope": "existence"}
@@ -493,7 +494,7 @@ def build_real_benchmark(cfg: Config, progress: bool = False):
 
     d = cfg.data
     if d.source == ["embedded"]:
-        raise BenchmarkError("data.source is [embedded]: use vskip_core.data.build_benchmark")
+        raise BenchmarkError("data.source is [embedded]: use vskip_core.data.embedded.build_benchmark")
     path = real_cache_dir(cfg)
     if (path / "dataset_dict.json").exists():
         return datasets.load_from_disk(str(path)), path
@@ -545,7 +546,7 @@ def load_benchmark(cfg: Config, progress: bool = True):
     """(DatasetDict, path) of the configured benchmark: the embedded one or the real sources (built and cached
     on first use). Splits of size 0 are absent."""
     if cfg.data.source == ["embedded"]:
-        from .data import build_benchmark
+        from vskip_core.data.embedded import build_benchmark
 
         return build_benchmark(cfg)
     return build_real_benchmark(cfg, progress=progress)
@@ -592,7 +593,7 @@ def benchmark_card(cfg: Config) -> dict[str, Any]:
 
 def examples(cfg: Config, split: str, n: int | None = None) -> list[dict[str, Any]]:
     """The first `n` (default: all) records of a split, for the embedded benchmark or the real sources alike."""
-    from .data import decode_record, make_example
+    from vskip_core.data.embedded import decode_record, make_example
 
     sizes = {"train": cfg.data.n_train, "val": cfg.data.n_val, "test": cfg.data.n_test}
     if split not in sizes:
@@ -608,7 +609,7 @@ def examples(cfg: Config, split: str, n: int | None = None) -> list[dict[str, An
 
 def example_at(cfg: Config, split: str, index: int) -> dict[str, Any]:
     """Record `index` of a split (what `rationales.jsonl` stores as `split` / `index`)."""
-    from .data import decode_record, make_example
+    from vskip_core.data.embedded import decode_record, make_example
 
     if cfg.data.source == ["embedded"]:
         return make_example(cfg, split, index)
@@ -708,7 +709,7 @@ def find_real_anchors(text: str, ex: dict[str, Any]) -> list[dict[str, Any]]:
 
 def find_anchors_for(text: str, ex: dict[str, Any]) -> list[dict[str, Any]]:
     """Anchors of any text for any record: the embedded scene's (`data.find_anchors`) or the lexicon above."""
-    from .data import find_anchors
+    from vskip_core.data.embedded import find_anchors
 
     if ex.get("source", "embedded") == "embedded":
         return find_anchors(text, ex.get("scene"))

@@ -34,9 +34,16 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 PREFIX = "standin:"
+
+
 VERSION = 1  # bump when a stand-in's content changes: its cache folder (and every cache keyed on it) changes
+
+
 MODELS = ("qwen2_vl", "qwen2_5_vl", "mllama")
+
+
 DATASETS = ("mmmu", "docvqa", "pope")
+
 
 COLOURS = [(220, 40, 40), (40, 170, 60), (40, 80, 220), (235, 200, 30), (150, 60, 190)]
 
@@ -237,17 +244,37 @@ def write_all(root: Path) -> dict[str, Path]:
     }
 
 
-# ------------------------------------------------------------------------------------------- resolving
-GENERATION_CONFIGS = {
-    # the sampling fields of the published Qwen2-VL / Qwen2.5-VL Instruct checkpoints
-    "qwen": {"do_sample": True, "repetition_penalty": 1.05, "temperature": 0.01, "top_p": 0.001, "top_k": 1},
-    # meta-llama/Llama-3.2-11B-Vision-Instruct
-    "mllama": {"do_sample": True, "temperature": 0.6, "top_p": 0.9},
-}
-
-
 def is_standin(name: str | None) -> bool:
     return isinstance(name, str) and name.startswith(PREFIX)
+
+
+def resolve_dataset(cfg, name: str) -> str:
+    """The folder of dataset stand-in `name` (written on first use), or `name` unchanged if it is not one."""
+    if not is_standin(name):
+        return name
+    writers = {
+        "mmmu": lambda p: write_mmmu(p, per_subject=10, quirks=True),
+        "docvqa": write_docvqa,
+        "pope": write_pope,
+    }
+    key = name[len(PREFIX) :]
+    if key not in writers:
+        raise ValueError(
+            f"{name!r} is not a dataset stand-in; valid: {', '.join(PREFIX + k for k in DATASETS)}"
+        )
+    return str(build_once(standin_dir(cfg.path(cfg.runtime.cache_dir), name), name, writers[key]))
+
+
+def build_once(path: Path, name: str, build) -> Path:
+    """Run `build(tmp)` once and move the result to `path` (a killed build leaves only its .tmp folder)."""
+    if not (path / ".complete").exists():
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        (tmp / ".complete").write_text(json.dumps({"standin": name, "version": VERSION}))
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    return path
 
 
 def standin_dir(cache_dir: str | Path, name: str) -> Path:
@@ -257,57 +284,3 @@ def standin_dir(cache_dir: str | Path, name: str) -> Path:
             f"unknown stand-in {name!r}; valid: {', '.join(PREFIX + k for k in MODELS + DATASETS)}"
         )
     return Path(cache_dir) / "standins" / f"{key}-v{VERSION}"
-
-
-def resolve(cfg, name: str) -> str:
-    """The folder of stand-in `name` (built on first use), or `name` unchanged if it is not a stand-in."""
-    if not is_standin(name):
-        return name
-    path = standin_dir(cfg.path(cfg.runtime.cache_dir), name)
-    if not (path / ".complete").exists():
-        key = name[len(PREFIX) :]
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if key in MODELS:
-            build_model(key, tmp)
-        else:
-            {"mmmu": lambda p: write_mmmu(p, per_subject=10, quirks=True), "docvqa": write_docvqa,
-             "pope": write_pope}[key](tmp)  # fmt: skip
-        (tmp / ".complete").write_text(json.dumps({"standin": name, "version": VERSION}))
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-    return str(path)
-
-
-def tokenizer_texts() -> list[str]:
-    """Text the stand-in tokenizers are trained on: embedded questions and rationales, and the datasets' words."""
-    from .config import DataConfig
-    from .data import make_example
-
-    exs = [make_example(DataConfig(), "train", i) for i in range(160)]
-    words = [r["question"] + " " + r["options"] for r in mmmu_rows("Art", "validation", 8)]
-    words += ["What is the total amount on the invoice? Is there a dining table in the image? yes no"]
-    return [e["question"] + " " + e["rationale"] for e in exs] + words * 10
-
-
-def build_model(family: str, path: Path) -> Path:
-    """A tiny random-weight checkpoint of `family`'s real class, saved like a hub checkpoint."""
-    from transformers import GenerationConfig
-
-    from .adapters import build_tiny, get_adapter
-
-    ad = get_adapter(family)
-    model, tok, _ = build_tiny(family, tokenizer_texts(), path=path, seed=0)
-    if not tok.chat_template:
-        tok.chat_template = ad.chat_template
-        tok.save_pretrained(path)
-    ids = model.config.text_config
-    eos = [ids.eos_token_id] if isinstance(ids.eos_token_id, int) else list(ids.eos_token_id)
-    gen = GenerationConfig(
-        bos_token_id=ids.bos_token_id,
-        eos_token_id=eos,
-        pad_token_id=tok.pad_token_id,
-        **GENERATION_CONFIGS["mllama" if family == "mllama" else "qwen"],
-    )
-    gen.save_pretrained(path)
-    return path

