@@ -129,3 +129,36 @@ def test_stages_registry_matches_the_notebooks():
     from vskip_core.config import STAGES
 
     assert list(STAGES) == pipeline.available_stages()
+
+
+@pytest.mark.parametrize("run", ["../../x", "a/b", "..", "../x", ".hidden", "a\\b", ""])
+def test_run_name_with_a_path_is_refused_before_anything_is_written(nbdir, capsys, run):
+    """`--run ../../x` used to write a whole stage outside results/: refused, exit 2, nothing written."""
+    res = nbdir / "results"
+    before = sorted(p for p in nbdir.rglob("*"))
+    assert (
+        pipeline.main(["--params", "params/smoke.yaml", "--run", run, "--set", f"runtime.results_dir={res}"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "run name" in err and "plain name" in err and "default" in err
+    assert sorted(p for p in nbdir.rglob("*")) == before  # not even results/ was created
+
+
+@pytest.mark.parametrize("run", ["../x", "a/b", ".x"])
+def test_run_name_checked_wherever_it_enters(smoke_cfg, run):
+    from vskip_core.config import ParamsError
+    from vskip_core.runtime import results_dir, start_stage
+
+    with pytest.raises(ParamsError, match="run name"):
+        results_dir(smoke_cfg, run)
+    with pytest.raises(ParamsError, match="run name"):
+        start_stage(smoke_cfg, run, "00_first")
+    assert not (smoke_cfg.path(smoke_cfg.runtime.results_dir)).exists()
+
+
+@pytest.mark.parametrize("run", ["default", "qwen2vl-2b", "g3", "nbval-smoke", "run.2"])
+def test_plain_run_names_pass(smoke_cfg, run):
+    from vskip_core.runtime import results_dir
+
+    assert results_dir(smoke_cfg, run) == smoke_cfg.path(smoke_cfg.runtime.results_dir) / run

@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--params", default="params/default.yaml", help="params YAML (see params/)")
-    ap.add_argument("--run", default="default", help="run name: outputs go to results/<run>/")
+    ap.add_argument(
+        "--run",
+        default="default",
+        help="run name, one plain folder name (default, qwen2vl-2b): outputs go to results/<run>/",
+    )
     ap.add_argument("--stages", default=None, help="comma list of stage numbers or names (default: all)")
     ap.add_argument(
         "--set",

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from vskip_core.config import REPO_ROOT, Config
+from vskip_core.config import REPO_ROOT, Config, ParamsError
 
 
 def resolve_device(spec: str = "auto") -> str:
@@ -187,8 +187,29 @@ def now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
+def check_run_name(run: str) -> str:
+    """A run name is one plain folder name under results/: no path separator, not `..`, no leading dot
+    (`--run ../../x` would otherwise write a whole stage outside results/). Raises ParamsError."""
+    problem = None
+    if not run:
+        problem = "is empty"
+    elif "/" in run or "\\" in run:
+        problem = "contains a path separator"
+    elif ".." in run:
+        problem = "contains '..'"
+    elif run.startswith("."):
+        problem = "starts with '.'"
+    if problem:
+        raise ParamsError(
+            f"run name {run!r} {problem}: it must be one folder name under results/. "
+            "Use a plain name such as `default` or `qwen2vl-2b` (--run default)"
+        )
+    return run
+
+
 def results_dir(cfg: Config, run: str) -> Path:
-    return cfg.path(cfg.runtime.results_dir) / run
+    """results/<run>/ (under runtime.results_dir); the run name is checked first (check_run_name)."""
+    return cfg.path(cfg.runtime.results_dir) / check_run_name(run)
 
 
 def stage_fingerprint(cfg: Config, notebook: Path) -> str:
