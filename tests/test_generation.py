@@ -102,3 +102,25 @@ def test_generation_cli_workers_then_merge(tiny_teacher, tmp_path, capsys):
 def test_missing_rationales_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="01_rationale_generation"):
         load_rationales(tmp_path)
+
+
+def test_keep_report_counts_what_kept_rationales_hands_on(smoke_cfg):
+    """Notebook 01's filter table and stage 02's input come from one rule (`is_kept`)."""
+    from vskip_core.config import load_params
+    from vskip_core.stages.generation import is_kept, keep_report
+
+    def rec(fam, ids, answered, correct):
+        return {"family": fam, "token_ids": ids, "has_answer_line": answered, "correct": correct}
+
+    recs = [
+        rec("reading", [1], True, True),
+        rec("reading", [1], True, False),
+        rec("reading", [], False, False),
+    ]
+    recs += [rec("existence", [1, 2], False, False)]
+    for keep, kept in (("correct", 1), ("answered", 2), ("all", 3)):
+        cfg = load_params("params/smoke.yaml", {"generation.keep": keep})
+        t = keep_report(cfg, recs)
+        assert t.loc["total", "kept"] == kept == sum(is_kept(cfg, r) for r in recs)
+        assert t.loc["reading", "generated"] == 3 and t.loc["reading", "non-empty"] == 2
+    assert t.loc["total", "kept %"] == 75.0

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from vskip_core.modeling.decoding import generate, params_decoding_config
+from vskip_core.teacher import load_teacher
 
 # ------------------------------------------------------------------------------------- vLLM backend
 _VLLM: dict[str, Any] = {}
@@ -230,16 +231,40 @@ def load_rationales(stage_dir: str | Path, correct_only: bool = False) -> list[d
     return [r for r in recs if r["correct"]] if correct_only else recs
 
 
+def is_kept(cfg, rec: dict[str, Any]) -> bool:
+    """Whether a rationale goes on to scoring and distillation, by `generation.keep`: `correct` (the paper's and
+    TokenSkip's choice, default), `answered` (has an answer line), or `all` (a teacher too small to be right);
+    never an empty one."""
+    if not rec["token_ids"]:
+        return False
+    return {"correct": rec["correct"], "answered": rec["has_answer_line"], "all": True}[cfg.generation.keep]
+
+
 def kept_rationales(cfg, stage_dir: str | Path) -> list[dict[str, Any]]:
-    """The rationales that go on to scoring and distillation, by `generation.keep`: `correct` (the paper's
-    and TokenSkip's choice, default), `answered` (has an answer line), or `all` (smoke tests only: a
-    smoke teacher is too small to be right)."""
-    recs = [r for r in load_rationales(stage_dir) if r["token_ids"]]
-    if cfg.generation.keep == "correct":
-        return [r for r in recs if r["correct"]]
-    if cfg.generation.keep == "answered":
-        return [r for r in recs if r["has_answer_line"]]
-    return recs
+    """The rationales of stage 01 that go on to scoring and distillation (`is_kept`)."""
+    return [r for r in load_rationales(stage_dir) if is_kept(cfg, r)]
+
+
+def keep_report(cfg, recs: list[dict[str, Any]]):
+    """Per family (and in total): rationales generated, non-empty, with an answer line, correct, and kept by
+    `is_kept`, with the kept share in percent."""
+    import pandas as pd
+
+    rows = [
+        {
+            "family": r["family"],
+            "generated": 1,
+            "non-empty": bool(r["token_ids"]),
+            "with answer line": bool(r["token_ids"]) and r["has_answer_line"],
+            "correct": bool(r["token_ids"]) and r["correct"],
+            "kept": is_kept(cfg, r),
+        }
+        for r in recs
+    ]
+    table = pd.DataFrame(rows).groupby("family").sum().astype(int)
+    table.loc["total"] = table.sum()
+    table["kept %"] = (100 * table["kept"] / table["generated"]).round(1)
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +274,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from vskip_core.cli import parse_sets, stage_parser
     from vskip_core.config import ParamsError, load_params
-    from vskip_core.modeling.loading import load_model
     from vskip_core.runtime import results_dir
 
     ap = stage_parser("stages.generation", main.__doc__)
@@ -269,11 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.merge:
             path = merge_rationales(out, n_shards)
         else:
-            if cfg.model.teacher == "embedded":
-                from vskip_core.teacher import build_teacher
-
-                build_teacher(cfg)
-            loaded = load_model(cfg) if a.backend == "transformers" else None
+            loaded = load_teacher(cfg) if a.backend == "transformers" else None
             path = generate_rationales(cfg, loaded, out, shard=shard, backend=a.backend)
     except (ImportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
