@@ -27,10 +27,8 @@ allocator does not count twice; the warm-up at 64 tokens leaves at most a few Mi
 
 **How time is measured.** One more subprocess per length builds every method, calls each once (warm-up), then
 runs `--repeats` rounds calling the methods in turn (interleaved, so load changes hit all alike); wall clock
-(`time.perf_counter`), the median per method reported. The project's machine has 2 CPU cores shared with other jobs;
-there torch at 2 threads per process is oversubscribed (spin-waiting threads made the same forward 2-3x slower
-and far noisier in trials), so the default is one torch thread per measurement (`--threads 0` = torch's
-default). Absolute times stay noisy under load; the ratios are the figures to read. The naive memory
+(`time.perf_counter`), the median per method reported. On a few shared cores torch's spin-waiting threads
+oversubscribe them, so the default is one torch thread per measurement (`--threads 0` = torch's default). Absolute times stay noisy under load; the ratios are the figures to read. The naive memory
 subprocess also runs the hooked path once and reports the largest difference between the two (they must
 agree).
 """
@@ -145,7 +143,7 @@ def method(name: str):
 
         def call(inputs, spans):
             qi, qv = S.query_rows(spans)
-            ki, kv = S.anchor_family(model).image_keys(model, inputs)
+            ki, kv = S.image_key_columns(model, inputs)
             maps = S.naive_anchor_maps(model, inputs, qi, ki, kv, KEY_LAYERS)
             mass = {i: maps[i].sum(-1) for i in KEY_LAYERS}
             return S.reduce_anchoring(mass, KEY_LAYERS, "max")[0].numpy()

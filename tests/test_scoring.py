@@ -1,6 +1,6 @@
 """Dual scoring: the hooked capture equals the output_attentions reference (Qwen2-VL, Qwen2.5-VL, Mllama;
-batched, padded, eager and sdpa), surprisal equals a manual cross-entropy, words, the stage's frame,
-resume after a kill, bad input."""
+batched, padded, eager and sdpa), surprisal equals a manual cross-entropy, words (vskip_core.method.scoring);
+the stage's frame, resume after a kill, bad input (vskip_core.stages.scoring)."""
 
 import numpy as np
 import pytest
@@ -17,6 +17,7 @@ from vskip_core.modeling.loading import (
     image_processor_for,
     model_inputs,
 )
+from vskip_core.stages import scoring as ST
 
 
 # ------------------------------------------------------------------------------------------ tiny models
@@ -156,7 +157,7 @@ def _mllama_batch():
 def _check_hooked_equals_naive(model, inputs, spans, eager_model=None):
     layers = S.candidate_layers(model)
     qi, qv = S.query_rows(spans)
-    ki, kv = S.anchor_family(model).image_keys(model, inputs)
+    ki, kv = S.image_key_columns(model, inputs)
     with torch.no_grad():
         plain = model(**inputs).logits
         with S.capture_image_attention(model, layers, qi, qv, ki, kv, keep_columns=True, chunk=5) as cap:
@@ -244,7 +245,7 @@ def test_hooked_equals_naive_single_matches_notebook00_reference(setup):
     n = len(enc["input_ids"]) - enc["target_start"] - 1
     spans = [(enc["target_start"], n)]
     qi, qv = S.query_rows(spans)
-    ki, kv = S.anchor_family(m).image_keys(m, inputs)
+    ki, kv = S.image_key_columns(m, inputs)
     assert torch.equal(ki[0], enc["image_positions"])
     with torch.no_grad(), S.capture_image_attention(m, [0, 1], qi, qv, ki, kv, keep_columns=True) as cap:
         m(**inputs)
@@ -265,7 +266,7 @@ def test_hooked_equals_naive_mllama_cross_attention(impl):
     inputs, spans = _mllama_batch()
     m = _mllama(impl)
     assert S.candidate_layers(m) == [1, 3]
-    ki, kv = S.anchor_family(m).image_keys(m, inputs)
+    ki, kv = S.image_key_columns(m, inputs)
     # 5 vision tokens per tile (CLS + 4 patches): row 0 keeps tile 0's patches only, row 1 both tiles'
     assert ki[0][kv[0]].tolist() == [1, 2, 3, 4]
     assert ki[1][kv[1]].tolist() == [1, 2, 3, 4, 6, 7, 8, 9]
@@ -281,8 +282,10 @@ def test_mllama_image_keys_drop_padding_images():
         "pixel_values": torch.zeros(1, 2, 2, 3, 28, 28),
         "aspect_ratio_ids": torch.tensor([[2, 0]]),
         "aspect_ratio_mask": torch.tensor([[[1, 1], [1, 0]]]),
+        "attention_mask": torch.ones(1, 3, dtype=torch.long),
+        "cross_attention_mask": torch.ones(1, 3, 2, 2, dtype=torch.long),
     }
-    ki, kv = S.anchor_family(m).image_keys(m, inputs)
+    ki, kv = S.image_key_columns(m, inputs)
     assert ki[0][kv[0]].tolist() == [1, 2, 3, 4, 6, 7, 8, 9]
 
 
@@ -392,9 +395,9 @@ def test_score_rationales_frame_and_roundtrip(setup, tmp_path):
     cfg, tok, proc, exs = setup
     cfg = load_params("params/smoke.yaml", {"scoring.batch_size": 4, "scoring.surprisal_without_image": True})
     loaded = _loaded(cfg, tok, proc)
-    df = S.score_rationales(loaded, cfg, _records(exs), exs, progress=False)
+    df = ST.score_rationales(loaded, cfg, _records(exs), exs, progress=False)
     assert list(df.id) == [e["id"] for e in exs]
-    for c in S.CONTRACT_COLUMNS:
+    for c in ST.CONTRACT_COLUMNS:
         assert c in df.columns
     for r in df.itertuples():
         n = len(r.token_ids)
@@ -406,30 +409,30 @@ def test_score_rationales_frame_and_roundtrip(setup, tmp_path):
         assert np.allclose(S.anchoring_for_layers(r._asdict(), r.key_layers, "max"), r.anchoring, atol=1e-6)
         assert r.generated_ids_match
     # batch composition must not matter (padding, sorting): score one rationale alone
-    alone = S.score_rationales(loaded, cfg, _records(exs)[2:3], exs[2:3], progress=False)
+    alone = ST.score_rationales(loaded, cfg, _records(exs)[2:3], exs[2:3], progress=False)
     assert np.allclose(alone.surprisal[0], df.surprisal[2], atol=1e-4)
     assert np.allclose(alone.anchoring[0], df.anchoring[2], atol=1e-5)
 
-    tokens = S.token_table(df)
+    tokens = ST.token_table(df)
     assert len(tokens) == sum(len(t) for t in df.token_ids)
     assert tokens.is_anchor.sum() == sum(t != "" for ts in df.anchor_type for t in ts) > 0
-    summary = S.anchor_detection_summary(tokens)
+    summary = ST.anchor_detection_summary(tokens)
     assert 0 <= summary["anchoring"]["auc_anchor"] <= 1 and "colour" in summary["anchoring"]["auc_by_type"]
-    profile = S.layer_profile(df)
+    profile = ST.layer_profile(df)
     assert len(profile) == 4 and profile.key_layer.sum() == 2 * len(df.key_layers[0])
-    page = S.token_heat_html(df.iloc[0])
+    page = ST.token_heat_html(df.iloc[0])
     assert page.count("<i>surprisal</i>") == 1 and page.count("<i>anchoring</i>") == 1
     assert page.count("border-bottom") == 2 * sum(t != "" for t in df.anchor_type[0])
 
-    S.save_scores(tmp_path, df)
-    back = S.load_scores(tmp_path)
+    ST.save_scores(tmp_path, df)
+    back = ST.load_scores(tmp_path)
     assert list(back.columns) == list(df.columns)
     for c in ("token_ids", "offsets", "surprisal", "anchoring", "word_ids", "anchoring_by_layer_mean"):
         assert back[c].tolist() == df[c].tolist(), c
         assert isinstance(back[c][0], list)
     assert back.answer_start.tolist() == df.answer_start.tolist()
     with pytest.raises(FileNotFoundError, match="02_dual_scoring"):
-        S.load_scores(tmp_path / "nowhere")
+        ST.load_scores(tmp_path / "nowhere")
 
 
 def test_scoring_resumes_after_a_kill_without_duplicates(setup, tmp_path):
@@ -437,7 +440,7 @@ def test_scoring_resumes_after_a_kill_without_duplicates(setup, tmp_path):
     cfg = load_params("params/smoke.yaml", {"scoring.batch_size": 2, "scoring.shard_size": 2})
     loaded = _loaded(cfg, tok, proc)
     recs = _records(exs)
-    full = S.score_rationales(loaded, cfg, recs, exs, progress=False)
+    full = ST.score_rationales(loaded, cfg, recs, exs, progress=False)
 
     calls = {"n": 0}
     forward = loaded.model.forward
@@ -450,32 +453,32 @@ def test_scoring_resumes_after_a_kill_without_duplicates(setup, tmp_path):
 
     loaded.model.forward = dying_forward
     with pytest.raises(KeyboardInterrupt):
-        S.score_rationales(loaded, cfg, recs, exs, progress=False, out_dir=tmp_path)
-    shards = sorted((tmp_path / S.SHARD_DIR).glob("shard-*.parquet"))
+        ST.score_rationales(loaded, cfg, recs, exs, progress=False, out_dir=tmp_path)
+    shards = sorted((tmp_path / ST.SHARD_DIR).glob("shard-*.parquet"))
     assert len(shards) == 2  # three shards of one batch each: two finished, the third died in its forward
     loaded.model.forward = forward
 
     calls["n"] = 0
-    resumed = S.score_rationales(loaded, cfg, recs, exs, progress=False, out_dir=tmp_path)
+    resumed = ST.score_rationales(loaded, cfg, recs, exs, progress=False, out_dir=tmp_path)
     assert list(resumed.id) == [r["id"] for r in recs]  # all, once, in order
-    assert len(sorted((tmp_path / S.SHARD_DIR).glob("shard-*.parquet"))) == 3
+    assert len(sorted((tmp_path / ST.SHARD_DIR).glob("shard-*.parquet"))) == 3
     for a, b in zip(resumed.anchoring, full.anchoring):
         assert np.allclose(a, b, atol=1e-5)
     # a third call finds everything done and scores nothing
     loaded.model.forward = dying_forward
     calls["n"] = -100
-    again = S.score_rationales(loaded, cfg, recs, exs, progress=False, out_dir=tmp_path)
+    again = ST.score_rationales(loaded, cfg, recs, exs, progress=False, out_dir=tmp_path)
     assert calls["n"] == -100 and list(again.id) == list(resumed.id)
     # other params: the old shards are discarded, not mixed in
     loaded.model.forward = forward
     cfg2 = load_params(
         "params/smoke.yaml", {"scoring.batch_size": 2, "scoring.shard_size": 2, "scoring.head_reduce": "mean"}
     )
-    other = S.score_rationales(loaded, cfg2, recs[:2], exs[:2], progress=False, out_dir=tmp_path)
-    assert len(other) == 2 and len(sorted((tmp_path / S.SHARD_DIR).glob("shard-*.parquet"))) == 1
+    other = ST.score_rationales(loaded, cfg2, recs[:2], exs[:2], progress=False, out_dir=tmp_path)
+    assert len(other) == 2 and len(sorted((tmp_path / ST.SHARD_DIR).glob("shard-*.parquet"))) == 1
     # same params, new text under an old id (01 re-run): re-scored, not taken from the old shard
     changed = [dict(recs[0], rationale=recs[0]["rationale"].replace("I", "we", 1)), recs[1]]
-    fresh = S.score_rationales(loaded, cfg2, changed, exs[:2], progress=False, out_dir=tmp_path)
+    fresh = ST.score_rationales(loaded, cfg2, changed, exs[:2], progress=False, out_dir=tmp_path)
     assert fresh.text.tolist() == [r["rationale"] for r in changed]
     assert isinstance(resumed.surprisal[0], list) and isinstance(resumed.offsets[0][0], list)
 
@@ -485,23 +488,23 @@ def test_scoring_workers_split_the_work_and_the_merge_reads_their_shards(setup, 
     cfg = load_params("params/smoke.yaml", {"scoring.batch_size": 2, "scoring.shard_size": 2})
     loaded = _loaded(cfg, tok, proc)
     recs = _records(exs)
-    full = S.score_rationales(loaded, cfg, recs, exs, progress=False)
+    full = ST.score_rationales(loaded, cfg, recs, exs, progress=False)
     parts = [
-        S.score_rationales(loaded, cfg, recs, exs, progress=False, out_dir=tmp_path, worker=(i, 2))
+        ST.score_rationales(loaded, cfg, recs, exs, progress=False, out_dir=tmp_path, worker=(i, 2))
         for i in (0, 1)
     ]
     assert [list(p.id) for p in parts] == [[r["id"] for r in recs][i::2] for i in (0, 1)]
-    names = sorted(f.name for f in (tmp_path / S.SHARD_DIR).glob("shard-*.parquet"))
+    names = sorted(f.name for f in (tmp_path / ST.SHARD_DIR).glob("shard-*.parquet"))
     assert names and all(n.startswith(("shard-w0of2-", "shard-w1of2-")) for n in names)
     forward = loaded.model.forward
     loaded.model.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("the merge must not score"))
-    merged = S.score_rationales(loaded, cfg, recs, exs, progress=False, out_dir=tmp_path)
+    merged = ST.score_rationales(loaded, cfg, recs, exs, progress=False, out_dir=tmp_path)
     loaded.model.forward = forward
     assert list(merged.id) == [r["id"] for r in recs] and merged.attrs["resumed"] == len(recs)
     for a, b in zip(merged.anchoring, full.anchoring):
         assert np.allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="worker"):
-        S.score_rationales(loaded, cfg, recs, exs, progress=False, worker=(2, 2))
+        ST.score_rationales(loaded, cfg, recs, exs, progress=False, worker=(2, 2))
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -513,15 +516,15 @@ def test_bad_rationales_are_skipped_and_counted(setup):
     recs[1]["rationale"] = "The circle is red and there is no final line"
     exs = [dict(e) for e in exs[:4]]
     exs[2]["image"] = None
-    df = S.score_rationales(loaded, cfg, recs, exs, progress=False)
+    df = ST.score_rationales(loaded, cfg, recs, exs, progress=False)
     assert df.attrs["skipped"] == {"empty_rationale": 1, "no_answer_line": 1, "no_image": 1}
     assert list(df.id) == [recs[3]["id"]]
-    kept = S.score_rationales(loaded, cfg, recs, exs, progress=False, require_answer_line=False)
+    kept = ST.score_rationales(loaded, cfg, recs, exs, progress=False, require_answer_line=False)
     assert kept.attrs["skipped"]["no_answer_line_kept"] == 1 and len(kept) == 2
     no_line = kept[kept.id == recs[1]["id"]].iloc[0]
     assert no_line.answer_start == len(no_line.token_ids)
     with pytest.raises(ValueError, match="aligned"):
-        S.score_rationales(loaded, cfg, recs[:2], exs[1:3], progress=False)
+        ST.score_rationales(loaded, cfg, recs[:2], exs[1:3], progress=False)
 
 
 def test_inputs_without_image_tokens_have_a_clear_error(setup):
@@ -532,8 +535,8 @@ def test_inputs_without_image_tokens_have_a_clear_error(setup):
         S.teacher_forced_scores(m, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, [(3, 4)], [0])
     with pytest.raises(ValueError, match="empty or outside"):
         S.teacher_forced_scores(m, {"input_ids": ids}, [(3, 0)], None)
-    with pytest.raises(NotImplementedError, match="supported"):
-        S.anchor_family(type("M", (), {"config": type("C", (), {"model_type": "llava"})()})())
+    with pytest.raises(ValueError, match="supported"):
+        S.candidate_layers(type("M", (), {"config": type("C", (), {"model_type": "llava"})()})())
 
 
 # ------------------------------------------------------------------------------------------ analysis
@@ -543,8 +546,8 @@ def test_auc_matches_pairwise_count():
     y = rng.random(60) < 0.3
     pos, neg = s[y], s[~y]
     pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
-    assert abs(S.auc(s, y) - pairs) < 1e-12
-    assert S.auc([1, 2, 3], [0, 1, 1]) == 1.0 and np.isnan(S.auc([1, 2], [0, 0]))
+    assert abs(ST.auc(s, y) - pairs) < 1e-12
+    assert ST.auc([1, 2, 3], [0, 1, 1]) == 1.0 and np.isnan(ST.auc([1, 2], [0, 0]))
 
 
 def test_score_rationales_on_mllama_through_the_family_adapter(setup):
@@ -564,10 +567,10 @@ def test_score_rationales_on_mllama_through_the_family_adapter(setup):
             m.model.language_model.layers[i].cross_attn_attn_gate.fill_(0.7)
     loaded = Loaded(m, tok, ad.tiny_image_processor(), "mllama", "tiny")
     cfg = load_params("params/smoke.yaml", {"scoring.batch_size": 3})
-    df = S.score_rationales(loaded, cfg, _records(exs[:4]), exs[:4], progress=False)
+    df = ST.score_rationales(loaded, cfg, _records(exs[:4]), exs[:4], progress=False)
     assert df.all_layers[0] == sorted(conf.text_config.cross_attention_layers)
     assert set(df.key_layers[0]) <= set(df.all_layers[0])
     assert all(0 < a < 1 for r in df.anchoring for a in r)  # patch mass, CLS excluded
-    alone = S.score_rationales(loaded, cfg, _records(exs[1:2]), exs[1:2], progress=False)
+    alone = ST.score_rationales(loaded, cfg, _records(exs[1:2]), exs[1:2], progress=False)
     assert np.allclose(alone.anchoring[0], df.anchoring[1], atol=1e-5)
     assert np.allclose(alone.surprisal[0], df.surprisal[1], atol=1e-4)

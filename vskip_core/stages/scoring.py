@@ -1,12 +1,573 @@
-"""Stage 02 from the command line, for several GPUs (`python -m vskip_core.stages.scoring --shard i/n`)."""
+"""Stage 02, dual scoring: every kept rationale of stage 01 scored by the frozen teacher (batched, sharded,
+resumable), written as `scores.parquet`, plus the analysis tables, figures and HTML of notebook 02.
+
+The equations (surprisal, hooked visual-anchoring capture, key layers, words) are in `vskip_core.method.scoring`.
+For several GPUs: `python -m vskip_core.stages.scoring --params ... --run ... --shard i/n` (one process per GPU).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from vskip_core.method.scoring import score_rationales
+import numpy as np
+import torch
+
+from vskip_core.method import scoring as method_scoring
+from vskip_core.method.scoring import (
+    aggregate_words,
+    answer_token_start,
+    blank_image,
+    candidate_layers,
+    resolve_key_layers,
+    teacher_forced_scores,
+    token_anchor_types,
+    word_ids,
+)
+
+SCORES_FILE = "scores.parquet"
+SHARD_DIR = "score_shards"
+CONTRACT_COLUMNS = (
+    "id",
+    "family",
+    "text",
+    "token_ids",
+    "offsets",
+    "surprisal",
+    "anchoring",
+    "surprisal_noimg",
+    "word_ids",
+    "answer_start",
+)
 
 
+# ------------------------------------------------------------------------------------------ inputs
+def adapter_inputs(loaded, examples, texts, images, instruction: str, device):
+    """One left-padded batch through the family adapter (encode / collate / model_inputs) and each row's
+    rationale span (start, n); the end token after the rationale is not scored."""
+    from vskip_core.modeling.adapters import adapter_for
+
+    ad, tok = adapter_for(loaded.model), loaded.tokenizer
+    items = [
+        ad.encode(ex, tok, loaded.processor, target=t, instruction=instruction, image=img)
+        for ex, t, img in zip(examples, texts, images)
+    ]
+    batch = ad.collate(items, tok.pad_token_id, padding_side="left")
+    spans = [
+        (off + it["target_start"], len(it["input_ids"]) - it["target_start"] - 1)
+        for it, off in zip(items, batch["offsets"].tolist())
+    ]
+    return ad.model_inputs(batch, device), spans
+
+
+# ------------------------------------------------------------------------------------------ one pass per batch
+@dataclass
+class _Prepared:
+    rec: dict[str, Any]
+    ex: dict[str, Any]
+    token_ids: list[int]
+    offsets: list[list[int]]
+    answer_start: int
+
+
+def _prepare(loaded, records, examples, require_answer_line: bool) -> tuple[list[_Prepared], dict[str, int]]:
+    """Tokenize each rationale with offsets; skip (and count) what cannot be scored."""
+    tok = loaded.tokenizer
+    skipped = {"empty_rationale": 0, "no_answer_line": 0, "no_image": 0}
+    if not require_answer_line:
+        skipped["no_answer_line_kept"] = 0
+    ok = []
+    for rec, ex in zip(records, examples):
+        if rec["id"] != ex.get("id", rec["id"]):
+            raise ValueError(f"record {rec['id']} is paired with example {ex.get('id')}; pass aligned lists")
+        text = rec["rationale"] or ""
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], [list(o) for o in enc["offset_mapping"]]
+        if not ids:
+            skipped["empty_rationale"] += 1
+            continue
+        ans = answer_token_start(text, offsets)
+        if ans is None and require_answer_line:
+            skipped["no_answer_line"] += 1
+            continue
+        if ans is None:  # kept on request: answer_start = n (no answer tokens to force-keep)
+            skipped["no_answer_line_kept"] += 1
+            ans = len(ids)
+        if ex.get("image") is None:
+            skipped["no_image"] += 1
+            continue
+        ok.append(_Prepared(rec, ex, ids, offsets, ans))
+    return ok, skipped
+
+
+def _fingerprint(cfg, loaded, require_answer_line: bool) -> str:
+    """Params, checkpoint and the code of both scoring modules: shards written under another are stale."""
+    parts = [
+        cfg.hash("scoring", "model", "data", "embedded", "generation"),
+        str(loaded.path),
+        str(require_answer_line),
+    ]
+    for f in (Path(method_scoring.__file__), Path(__file__)):
+        parts.append(hashlib.sha256(f.read_bytes()).hexdigest())
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _score_chunk(loaded, cfg, chunk: list[_Prepared], key_layers, all_layers, build_inputs) -> list[dict]:
+    """Score one batch: surprisal and anchoring (and, on request, surprisal with a blank image)."""
+    sc = cfg.scoring
+    device = next(loaded.model.parameters()).device
+    texts = [p.rec["rationale"] for p in chunk]
+    exs = [p.ex for p in chunk]
+    inputs, spans = build_inputs(loaded, exs, texts, [None] * len(chunk), cfg.generation.instruction, device)
+    for p, (_, n) in zip(chunk, spans):
+        if n != len(p.token_ids):
+            raise RuntimeError(
+                f"{p.rec['id']}: the input builder placed {n} rationale tokens, the tokenizer gives "
+                f"{len(p.token_ids)}; the builder must tokenize the rationale the same way"
+            )
+    capture = sorted(set(all_layers) | set(key_layers))
+    ps = teacher_forced_scores(loaded.model, inputs, spans, capture, sc.query_position)
+    anchoring = ps.anchoring(key_layers, sc.head_reduce)
+    by_layer = {h: [ps.anchoring([i], h) for i in all_layers] for h in ("max", "mean")} if all_layers else {}
+    noimg = [None] * len(chunk)
+    if sc.surprisal_without_image:
+        blank = [blank_image(ex) for ex in exs]
+        inputs0, spans0 = build_inputs(loaded, exs, texts, blank, cfg.generation.instruction, device)
+        noimg = [s.tolist() for s in teacher_forced_scores(loaded.model, inputs0, spans0, None).surprisal]
+    return [
+        _row(
+            p,
+            ps.surprisal[b],
+            anchoring[b],
+            noimg[b],
+            {h: [v[b] for v in by_layer[h]] for h in by_layer},
+            key_layers,
+            all_layers,
+            sc,
+        )
+        for b, p in enumerate(chunk)
+    ]
+
+
+def _row(p: _Prepared, surprisal, anchoring, noimg, by_layer, key_layers, all_layers, sc) -> dict:
+    """One row of scores.parquet: the contract columns, word values, anchor types, per-layer anchoring."""
+    wids = word_ids(p.rec["rationale"], p.offsets)
+    row = {
+        "id": p.rec["id"],
+        "family": p.rec.get("family", p.ex.get("family")),
+        "text": p.rec["rationale"],
+        "token_ids": p.token_ids,
+        "offsets": p.offsets,
+        "surprisal": surprisal.astype(float).tolist(),
+        "anchoring": anchoring.astype(float).tolist(),
+        "surprisal_noimg": noimg,
+        "word_ids": wids,
+        "answer_start": p.answer_start,
+        "surprisal_word": aggregate_words(surprisal, wids, sc.word_surprisal).tolist(),
+        "anchoring_word": aggregate_words(anchoring, wids, sc.word_anchoring).tolist(),
+        "anchor_type": token_anchor_types(p.offsets, p.rec.get("anchors", [])),
+        "key_layers": list(key_layers),
+        "split": p.rec.get("split"),
+        "index": p.rec.get("index"),
+        "generated_ids_match": p.rec.get("token_ids") is None or p.rec["token_ids"] == p.token_ids,
+    }
+    if all_layers:
+        row["all_layers"] = list(all_layers)
+        for h, per_layer in by_layer.items():
+            row[f"anchoring_by_layer_{h}"] = [v.astype(float).tolist() for v in per_layer]
+    return row
+
+
+# ------------------------------------------------------------------------------------------ the stage
+def score_rationales(
+    loaded,
+    cfg,
+    records: list[dict[str, Any]],
+    examples: list[dict[str, Any]],
+    progress: bool = True,
+    out_dir: str | Path | None = None,
+    build_inputs: Callable | None = None,
+    require_answer_line: bool = True,
+    worker: tuple[int, int] = (0, 1),
+):
+    """Score every rationale (batched teacher-forced passes, `scoring.batch_size` per pass, progress bar).
+
+    `records` are 01's rationale records (id, family, rationale, anchors, ...), `examples` the benchmark
+    examples behind them, aligned (`vskip_core.stages.generation.example_for`). Rationales that cannot be
+    scored are skipped and counted in `df.attrs["skipped"]`: empty text, no final answer line, no image. With
+    `require_answer_line=False` (smoke runs, `generation.keep: all`) a rationale without an answer line is
+    scored anyway with `answer_start` = its length, and counted as `no_answer_line_kept`. With `out_dir`,
+    rows are written in shards of `scoring.shard_size` under `out_dir/score_shards/` as they are done; a
+    killed run resumes from the shards (`df.attrs["resumed"]` counts them); shards written under other params
+    or another version of the scoring code are discarded.
+    `worker=(i, n)` (several GPUs, `python -m vskip_core.stages.scoring --shard i/n`) scores only every n-th
+    scorable rationale, writes its own shards beside the others' and returns its rows; a later call with the
+    default `(0, 1)` reads every worker's shards back and scores only what is missing.
+    `build_inputs(loaded, examples, texts, images, instruction, device) -> (inputs, spans)` builds one batch
+    (default: `adapter_inputs`, through the family adapter).
+
+    Returns a DataFrame with the columns of the data contract (`CONTRACT_COLUMNS`) plus `surprisal_word`,
+    `anchoring_word` (token-aligned word values), `anchor_type` (per token), `key_layers`, and, with
+    `scoring.store_all_layers`, `all_layers` and `anchoring_by_layer_max/mean` (candidate layers x tokens).
+    """
+    import pandas as pd
+
+    if len(records) != len(examples):
+        raise ValueError(f"{len(records)} records but {len(examples)} examples; pass one example per record")
+    if not (0 <= worker[0] < worker[1]):
+        raise ValueError(f"worker {worker}: need (i, n) with 0 <= i < n")
+    key_layers = resolve_key_layers(loaded.model, cfg.scoring)
+    all_layers = candidate_layers(loaded.model) if cfg.scoring.store_all_layers else []
+    prepared, skipped = _prepare(loaded, records, examples, require_answer_line)
+    ids = [p.rec["id"] for p in prepared]
+    if len(set(ids)) != len(ids):
+        raise ValueError("duplicate record ids; each rationale must have a unique id")
+    shards = _Shards(out_dir, worker, _fingerprint(cfg, loaded, require_answer_line), prepared)
+    mine = [p for j, p in enumerate(prepared) if j % worker[1] == worker[0]]
+    todo = [p for p in mine if p.rec["id"] not in shards.done]
+
+    def score(chunk: list[_Prepared]) -> list[dict]:
+        return _score_chunk(loaded, cfg, chunk, key_layers, all_layers, build_inputs or adapter_inputs)
+
+    new_rows = _score_in_shards(todo, score, shards, cfg.scoring, len(mine), progress)
+    by_id = {**shards.done, **{r["id"]: r for r in new_rows}}
+    df = pd.DataFrame([by_id[p.rec["id"]] for p in mine])
+    df.attrs["skipped"] = skipped
+    df.attrs["key_layers"] = key_layers
+    df.attrs["resumed"] = len(mine) - len(todo)  # rows read back from shards of an earlier run
+    return df
+
+
+def _score_in_shards(todo: list[_Prepared], score, shards: _Shards, sc, total: int, progress: bool):
+    """Score `todo` shard by shard (each sorted by length for less padding, then batched), writing each
+    shard as it is done. Returns the new rows in `todo`'s order."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=total - len(todo), desc="scoring", disable=not progress)
+    new_rows: list[dict] = []
+    with torch.no_grad():
+        for s in range(0, len(todo), sc.shard_size):
+            shard = todo[s : s + sc.shard_size]
+            order = sorted(range(len(shard)), key=lambda j: len(shard[j].token_ids))
+            rows: dict[int, dict] = {}
+            for b in range(0, len(order), sc.batch_size):
+                idx = order[b : b + sc.batch_size]
+                rows.update(zip(idx, score([shard[j] for j in idx])))
+                bar.update(len(idx))
+            shard_rows = [rows[j] for j in range(len(shard))]
+            shards.write(shard_rows)
+            new_rows += shard_rows
+    bar.close()
+    return new_rows
+
+
+class _Shards:
+    """The shard folder of one scoring call: rows done by earlier (killed) runs, and where new shards go."""
+
+    def __init__(self, out_dir, worker: tuple[int, int], fingerprint: str, prepared: list[_Prepared]):
+        self.dir = Path(out_dir) / SHARD_DIR if out_dir is not None else None
+        self.tag = "" if worker == (0, 1) else f"w{worker[0]}of{worker[1]}-"
+        self.done, self.n = _resume(self.dir, fingerprint, prepared) if self.dir is not None else ({}, 0)
+
+    def write(self, rows: list[dict]) -> None:
+        import pandas as pd
+
+        from vskip_core.runtime import atomic_write_bytes
+
+        if self.dir is None:
+            return
+        while (self.dir / f"shard-{self.tag}{self.n:05d}.parquet").exists():  # another worker's number
+            self.n += 1
+        atomic_write_bytes(
+            self.dir / f"shard-{self.tag}{self.n:05d}.parquet", _to_parquet_bytes(pd.DataFrame(rows))
+        )
+        self.n += 1
+
+
+def _resume(shard_dir: Path, fingerprint: str, prepared: list[_Prepared]) -> tuple[dict[str, dict], int]:
+    """Rows already written by an earlier (killed) run, by id, and the number of shards. Shards written under
+    other params (manifest fingerprint) or for other text under the same id are discarded, all of them."""
+    import pandas as pd
+
+    from vskip_core.runtime import atomic_write_json
+
+    manifest = shard_dir / "manifest.json"
+    shards = sorted(shard_dir.glob("shard-*.parquet"))
+    done: dict[str, dict] = {}
+    stale = manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") != fingerprint
+    if not stale:
+        text = {p.rec["id"]: p.rec["rationale"] for p in prepared}
+        for f in shards:
+            for r in pd.read_parquet(f).to_dict("records"):
+                done.setdefault(r["id"], {k: _to_list(v) for k, v in r.items()})
+        stale = any(i in text and r["text"] != text[i] for i, r in done.items())
+    if stale:
+        for f in shards:
+            f.unlink()
+        done, shards = {}, []
+    if not manifest.exists() or stale:
+        atomic_write_json(manifest, {"fingerprint": fingerprint})
+    return done, len(shards)
+
+
+def _to_parquet_bytes(df) -> bytes:
+    buf = io.BytesIO()
+    df.to_parquet(buf, index=False)
+    return buf.getvalue()
+
+
+def save_scores(stage_dir: str | Path, df) -> Path:
+    """Write `scores.parquet` (atomic) into a stage folder."""
+    from vskip_core.runtime import atomic_write_bytes
+
+    missing = [c for c in CONTRACT_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"scores frame lacks contract columns {missing}")
+    path = Path(stage_dir) / SCORES_FILE
+    atomic_write_bytes(path, _to_parquet_bytes(df))
+    return path
+
+
+def load_scores(stage_dir: str | Path):
+    """Read `scores.parquet` of stage 02 back as a DataFrame; list columns come back as Python lists."""
+    import pandas as pd
+
+    path = Path(stage_dir) / SCORES_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run stage 02_dual_scoring first")
+    df = pd.read_parquet(path)
+    for c in df.columns:
+        if len(df) and isinstance(df[c].iloc[0], np.ndarray):
+            df[c] = df[c].map(_to_list)
+    return df
+
+
+def _to_list(v):
+    if isinstance(v, np.ndarray):
+        return [_to_list(x) for x in v] if v.dtype == object else v.tolist()
+    return v
+
+
+# ------------------------------------------------------------------------------------------ analysis
+TOKEN_CLASSES = ("colour", "shape", "size", "position", "text", "other")
+
+
+def auc(scores, labels) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tied ranks averaged); nan if one class is empty."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = ((ends - counts + 1 + ends) / 2)[inverse]  # average rank of each tie group
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def nan_to_none(x: float) -> float | None:
+    return None if x is None or np.isnan(x) else float(x)
+
+
+def token_table(df):
+    """One row per token of a scores frame: id, family, position, the scores, word values, anchor type and
+    `token_class` (the anchor type, or `other`)."""
+    import pandas as pd
+
+    cols = ["surprisal", "anchoring", "surprisal_word", "anchoring_word", "anchor_type"]
+    if df["surprisal_noimg"].notna().any():
+        cols.append("surprisal_noimg")
+    parts = []
+    for r in df.itertuples(index=False):
+        n = len(r.token_ids)
+        d = {c: getattr(r, c) for c in cols}
+        d.update(id=[r.id] * n, family=[r.family] * n, pos=list(range(n)))
+        d["answer_line"] = [j >= r.answer_start for j in range(n)]
+        parts.append(pd.DataFrame(d))
+    t = pd.concat(parts, ignore_index=True)
+    t["is_anchor"] = t["anchor_type"] != ""
+    t["token_class"] = t["anchor_type"].where(t["is_anchor"], "other")
+    return t
+
+
+def anchor_detection_summary(tokens) -> dict[str, Any]:
+    """Mean scores on anchor vs other tokens, and the AUC of each score for telling anchor tokens apart
+    (overall, and per anchor type against all non-anchor tokens). None where a class is empty."""
+    scores = ["anchoring", "surprisal", "anchoring_word", "surprisal_word", "surprisal_noimg"]
+    out: dict[str, Any] = {"n_tokens": int(len(tokens)), "n_anchor_tokens": int(tokens["is_anchor"].sum())}
+    other = ~tokens.is_anchor
+    for c in [c for c in scores if c in tokens]:
+        by_type = {}
+        for t in sorted(set(tokens.anchor_type) - {""}):
+            sel = (tokens.anchor_type == t) | other
+            by_type[t] = nan_to_none(auc(tokens.loc[sel, c], tokens.loc[sel, "is_anchor"]))
+        out[c] = {
+            "mean_anchor": nan_to_none(tokens.loc[tokens.is_anchor, c].mean()),
+            "mean_other": nan_to_none(tokens.loc[other, c].mean()),
+            "auc_anchor": nan_to_none(auc(tokens[c], tokens.is_anchor)),
+            "auc_by_type": by_type,
+        }
+    return out
+
+
+def layer_profile(df):
+    """Per candidate layer and head reduction: the AUC of that single layer's anchoring for anchor tokens,
+    and its mean on anchor / other tokens (needs `scoring.store_all_layers`). Checks the key-layer band."""
+    import pandas as pd
+
+    if "anchoring_by_layer_max" not in df:
+        raise KeyError("no per-layer anchoring stored; run stage 02 with scoring.store_all_layers: true")
+    is_anchor = np.concatenate([np.asarray(t) != "" for t in df.anchor_type])
+    rows = []
+    layers = list(df.all_layers.iloc[0])
+    for h in ("max", "mean"):
+        col = f"anchoring_by_layer_{h}"
+        for k, layer in enumerate(layers):
+            v = np.concatenate([np.asarray(x[k], dtype=np.float64) for x in df[col]])
+            rows.append(
+                {
+                    "layer": layer,
+                    "head_reduce": h,
+                    "auc_anchor": auc(v, is_anchor),
+                    "mean_anchor": float(v[is_anchor].mean()) if is_anchor.any() else float("nan"),
+                    "mean_other": float(v[~is_anchor].mean()) if (~is_anchor).any() else float("nan"),
+                    "key_layer": layer in list(df.key_layers.iloc[0]),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------------------------ figures (02)
+def _plt():
+    from vskip_core.plots import (  # the project's matplotlib set-up (non-interactive backend outside notebooks)
+        plt,
+        sns,
+    )
+
+    return plt, sns
+
+
+def _save_fig(fig, path):
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+    return fig
+
+
+def _palette():
+    from vskip_core.plots import ANCHOR_COLOURS
+
+    return {**ANCHOR_COLOURS, "other": "#9d9d9d"}
+
+
+def plot_score_distributions(tokens, path=None):
+    """Box plots of surprisal and anchoring per token class (each anchor type vs the rest)."""
+    plt, sns = _plt()
+    order = [c for c in TOKEN_CLASSES if c in set(tokens.token_class)]
+    counts = tokens.token_class.value_counts()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6))
+    for ax, col, title in [
+        (axes[0], "anchoring", "visual anchoring (image attention mass)"),
+        (axes[1], "surprisal", "surprisal (nats, image in context)"),
+    ]:
+        sns.boxplot(
+            data=tokens,
+            x="token_class",
+            y=col,
+            order=order,
+            hue="token_class",
+            palette=_palette(),
+            ax=ax,
+            showfliers=False,
+            legend=False,
+        )
+        ax.set_xticks(range(len(order)), [f"{c}\n(n={counts[c]})" for c in order])
+        ax.set_title(title)
+        ax.set_xlabel("")
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def plot_surprisal_vs_anchoring(tokens, path=None, max_points: int = 20000, seed: int = 0):
+    """Scatter of the two paths per token, anchor tokens coloured by type (a random subsample if large)."""
+    plt, sns = _plt()
+    t = tokens.sample(n=min(max_points, len(tokens)), random_state=seed)
+    t = t.sort_values("is_anchor")  # anchors drawn on top
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    sns.scatterplot(
+        data=t,
+        x="surprisal",
+        y="anchoring",
+        hue="token_class",
+        palette=_palette(),
+        hue_order=[c for c in TOKEN_CLASSES if c in set(t.token_class)],
+        s=9,
+        alpha=0.5,
+        linewidth=0,
+        ax=ax,
+    )
+    ax.set_xlabel("surprisal (nats)")
+    ax.set_ylabel("visual anchoring")
+    ax.set_title(f"two paths per token ({len(t)} of {len(tokens)} tokens)")
+    ax.legend(title="", markerscale=2, fontsize=8)
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def plot_layer_profile(profile, path=None):
+    """AUC for anchor tokens of each candidate layer alone, max vs mean over heads; key layers marked."""
+    plt, sns = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.2))
+    sns.barplot(data=profile, x="layer", y="auc_anchor", hue="head_reduce", ax=ax)
+    layers = sorted(profile.layer.unique())
+    key = set(profile.layer[profile.key_layer])
+    ax.set_xticks(range(len(layers)), [f"{i}\n(key)" if i in key else str(i) for i in layers])
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("AUC (anchor tokens)")
+    ax.set_title("which layers' image attention marks visual-anchor tokens")
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def _ranks01(v) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    if len(v) < 2:
+        return np.ones_like(v)
+    return np.argsort(np.argsort(v, kind="mergesort"), kind="mergesort") / (len(v) - 1)
+
+
+def token_heat_html(row, fields=(("surprisal", "255,127,14"), ("anchoring", "31,119,180"))) -> str:
+    """One rationale rendered once per score, each token's background as dark as its rank within the
+    rationale; anchor tokens underlined, values in the tooltip."""
+    import html
+
+    parts = [
+        f"<div style='font-family:monospace;font-size:12px'><b>{html.escape(str(row['id']))}</b> "
+        f"({html.escape(str(row['family']))})"
+    ]
+    for name, rgb in fields:
+        vals = row[name]
+        heat = _ranks01(vals)
+        spans = []
+        for j, (s, e) in enumerate(row["offsets"]):
+            piece = html.escape(row["text"][s:e]).replace("\n", "&#9166;<br>")
+            line = "border-bottom:2px solid black;" if row["anchor_type"][j] else ""
+            spans.append(
+                f"<span title='{name}={vals[j]:.3f} {row['anchor_type'][j]}' "
+                f"style='background:rgba({rgb},{0.85 * heat[j]:.2f});{line}'>{piece}</span>"
+            )
+        parts.append(f"<div style='margin:4px 0'><i>{name}</i>: " + "".join(spans) + "</div>")
+    return "".join(parts) + "</div>"
+
+
+# ------------------------------------------------------------------------------------------ command line
 def main(argv: list[str] | None = None) -> int:
     """Stage 02 outside the notebook, for several GPUs: worker i of n scores every n-th kept rationale of
     stage 01 and writes its shards under results/<run>/02_dual_scoring/score_shards/ (one process per GPU,
