@@ -164,3 +164,89 @@ def test_open_question_scoring_needs_no_options():
     ex2 = {**ex, "answer": "photosynthesis", "answers": ["photosynthesis"]}
     assert score_example(ex2, "Answer: Photosynthesis.")["correct"] == 1.0
     assert score_example(ex2, "Answer: respiration")["correct"] == 0.0
+
+
+# ------------------------------------------------------------------------------------ one answer line
+HUB_ENDING = "The board shows a red circle and a blue square, so the answer is B."
+
+
+def test_answer_line_start_is_the_one_definition():
+    from vskip_core.modeling.prompts import ANSWER_PREFIX, answer_line_start
+
+    assert answer_line_start("It is red. So the answer is red. Answer: red") == 33  # the last one
+    assert answer_line_start(f"x {ANSWER_PREFIX} y") == 2
+    assert answer_line_start(HUB_ENDING) == HUB_ENDING.index("answer is")
+    assert answer_line_start("no final statement here") is None
+
+
+def test_hub_ending_is_read_the_same_by_scoring_and_distillation():
+    """'... so the answer is B.' is scored (metrics) and kept for training (distillation) alike; it used to
+    be scored by 'answer is' and dropped by distillation's 'Answer:' search."""
+    from vskip_core.metrics import final_answer, rationale_part
+    from vskip_core.stages.distillation import select_rows, split_answer
+
+    assert final_answer(HUB_ENDING) == "B"
+    body, sep, answer = split_answer(HUB_ENDING)
+    assert answer == "answer is B." and sep == " "
+    assert body == rationale_part(HUB_ENDING) == "The board shows a red circle and a blue square, so the"
+    rows = [
+        {"id": "t-1", "family": "multistep", "rationale": HUB_ENDING, "correct": True},
+        {"id": "t-2", "family": "multistep", "rationale": "no final statement", "correct": True},
+    ]
+    kept, report = select_rows(rows, keep="answered")
+    assert [r["id"] for r in kept] == ["t-1"] and report["kept_with_answer_line"] == 1
+    assert [r["id"] for r in rows if final_answer(r["rationale"]) is not None] == ["t-1"]
+
+
+# ------------------------------------------------------------------------------------------------- ANLS
+def _levenshtein_reference(a: str, b: str) -> int:
+    """The hand-written dynamic programme metrics.py used before rapidfuzz (kept as the reference)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def _anls_reference(prediction, references, threshold=0.5):
+    from vskip_core.metrics import normalize_text
+
+    if prediction is None:
+        return 0.0
+    p = normalize_text(prediction)
+    best = 0.0
+    for r in references:
+        r = normalize_text(r)
+        denom = max(len(p), len(r))
+        nl = _levenshtein_reference(p, r) / denom if denom else 0.0
+        best = max(best, 1.0 - nl if nl < threshold else 0.0)
+    return best
+
+
+def test_anls_with_rapidfuzz_equals_the_old_implementation():
+    import random
+
+    rng = random.Random(16)
+    alphabet = "ab$4.57 Xé"  # few symbols, so that pairs are often close (ANLS > 0) and the threshold bites
+
+    def s():
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+
+    def edit(x):  # a few random insertions, deletions and substitutions: near misses across the threshold
+        x = list(x)
+        for _ in range(rng.randint(0, 4)):
+            i = rng.randint(0, len(x))
+            op = rng.choice("ids") if x and i < len(x) else "i"
+            x[i : i + (op != "i")] = [] if op == "d" else [rng.choice(alphabet)]
+        return "".join(x)
+
+    refs = [[s() for _ in range(rng.randint(1, 3))] for _ in range(400)]
+    cases = [(edit(rng.choice(r)) if k % 4 else s(), r) for k, r in enumerate(refs)]
+    cases += [("", [""]), ("", ["a"]), ("$4.57", ["$4.75", "4.57"]), (None, ["x"])]
+    got = [anls(p, refs) for p, refs in cases]
+    assert got == [_anls_reference(p, refs) for p, refs in cases]
+    assert sum(0 < v < 1 for v in got) > 50  # partial matches were exercised, not only 0 and 1

@@ -8,17 +8,19 @@ import re
 from collections import Counter, defaultdict
 from typing import Any
 
-from vskip_core.data.embedded import COLOURS, SHAPES, SIZES, find_anchors
+from rapidfuzz.distance import Levenshtein
 
-ANSWER_RE = re.compile(r"answer\s*(?:is|:)", re.IGNORECASE)
+from vskip_core.data.embedded import COLOURS, SHAPES, SIZES, find_anchors
+from vskip_core.modeling.prompts import ANSWER_RE, answer_line_start  # noqa: F401  (ANSWER_RE re-exported)
 
 
 def final_answer(response: str) -> str | None:
-    """The text after the last 'Answer:' / 'answer is' in a chain-of-thought output (None if absent)."""
-    matches = list(ANSWER_RE.finditer(response))
-    if not matches:
+    """The first line after the final answer statement (`prompts.answer_line_start`: the last 'Answer:' /
+    'answer is'), without a trailing period; None if there is none."""
+    i = answer_line_start(response)
+    if i is None:
         return None
-    rest = response[matches[-1].end() :].strip()
+    rest = response[ANSWER_RE.match(response, i).end() :].strip()
     ans = rest.splitlines()[0].strip() if rest else ""
     return ans.rstrip(".").strip() or None
 
@@ -48,18 +50,6 @@ def normalize_text(s: str) -> str:
     return " ".join(s.lower().strip().split())
 
 
-def levenshtein(a: str, b: str) -> int:
-    if len(a) < len(b):
-        a, b = b, a
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
 def anls(prediction: str | None, references: list[str], threshold: float = 0.5) -> float:
     """Average Normalized Levenshtein Similarity of one prediction (best over references)."""
     if prediction is None:
@@ -69,7 +59,7 @@ def anls(prediction: str | None, references: list[str], threshold: float = 0.5) 
     for r in references:
         r = normalize_text(r)
         denom = max(len(p), len(r))
-        nl = levenshtein(p, r) / denom if denom else 0.0
+        nl = Levenshtein.distance(p, r) / denom if denom else 0.0
         best = max(best, 1.0 - nl if nl < threshold else 0.0)
     return best
 
@@ -176,9 +166,10 @@ VARR_TYPES = ("colour", "shape", "size", "position", "text")
 
 
 def rationale_part(response: str) -> str:
-    """The reasoning before the final `Answer:` marker (the whole response if there is none)."""
-    i = response.lower().rfind("answer:")
-    return response[:i].rstrip() if i >= 0 else response
+    """The reasoning before the final answer statement (`prompts.answer_line_start`; the whole response if
+    there is none)."""
+    i = answer_line_start(response)
+    return response[:i].rstrip() if i is not None else response
 
 
 def varr_generated(

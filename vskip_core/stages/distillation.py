@@ -81,7 +81,8 @@ import numpy as np
 import torch
 
 from vskip_core.config import Config
-from vskip_core.modeling.loading import ANSWER_PREFIX, Loaded, collate, encode
+from vskip_core.modeling.loading import Loaded, collate, encode
+from vskip_core.modeling.prompts import ANSWER_PREFIX, answer_line_start
 from vskip_core.runtime import atomic_write_json
 
 STAGE = "04_qlora_distillation"
@@ -124,10 +125,11 @@ def ratio_prefix(ratio: float) -> str:
 
 # ------------------------------------------------------------------------------------------ training data
 def split_answer(text: str) -> tuple[str, str, str]:
-    """(body, separator, answer line) of a rationale; the answer line is the text from the last `Answer:`
-    on, the separator the whitespace before it. Without an answer line: (text, "", "")."""
-    i = text.rfind(ANSWER_PREFIX)
-    if i < 0:
+    """(body, separator, answer line) of a rationale; the answer line is the text from the final answer
+    statement on (`prompts.answer_line_start`: the last `Answer:` / `answer is`, as the metrics read it), the
+    separator the whitespace before it. Without an answer line: (text, "", "")."""
+    i = answer_line_start(text)
+    if i is None:
         return text.rstrip(), "", ""
     body = text[:i].rstrip()
     return body, text[len(body) : i] or " ", text[i:].strip()
@@ -138,8 +140,8 @@ def make_target(compressed: str, answer_line: str, sep: str = " ") -> str:
     it when `gate.force_keep_answer`) is replaced by the original line, so every target ends with it. The
     body keeps its leading space, if any: `gating.compress_text` keeps the first kept token verbatim so that
     the student's tokens are the kept teacher tokens."""
-    j = compressed.rfind(ANSWER_PREFIX) if answer_line else -1
-    body = (compressed[:j] if j >= 0 else compressed).rstrip()
+    j = answer_line_start(compressed) if answer_line else None
+    body = (compressed[:j] if j is not None else compressed).rstrip()
     if not body.strip():
         return answer_line
     return f"{body}{sep}{answer_line}" if answer_line else body
@@ -182,7 +184,7 @@ def select_rows(rows, keep: str = "correct", max_examples: int = 0) -> tuple[lis
         kept = [r for r in kept if bool(r.get("correct", True))]
         report["kept_correct"] = len(kept)
     if keep != "all":
-        kept = [r for r in kept if ANSWER_PREFIX in _text(r)]
+        kept = [r for r in kept if answer_line_start(_text(r)) is not None]
         report["kept_with_answer_line"] = len(kept)
     kept = sorted(kept, key=lambda r: str(r["id"]))
     if max_examples > 0:
@@ -196,8 +198,9 @@ def select_rows(rows, keep: str = "correct", max_examples: int = 0) -> tuple[lis
         )
         raise DistillError(
             f"empty training set after filtering ({report['rows_in']} rows in; kept: {steps}). Distillation "
-            f"needs the teacher's rationales with an '{ANSWER_PREFIX}' line: check stage 01's accuracy "
-            f"(rationales.jsonl `correct`), generation.max_new_tokens and generation.keep"
+            f"needs the teacher's rationales with a final answer ('{ANSWER_PREFIX} ...' or '... answer is "
+            f"...'): check stage 01's accuracy (rationales.jsonl `correct`), generation.max_new_tokens and "
+            f"generation.keep"
         )
     return kept, report
 
