@@ -250,3 +250,147 @@ def test_anls_with_rapidfuzz_equals_the_old_implementation():
     got = [anls(p, refs) for p, refs in cases]
     assert got == [_anls_reference(p, refs) for p, refs in cases]
     assert sum(0 < v < 1 for v in got) > 50  # partial matches were exercised, not only 0 and 1
+
+
+# --------------------------------------------------------------- what produces the headline numbers
+def _ex(i, family, answer, answers=None, options=(), anchors=(), **kw):
+    return {"id": f"t-{i}", "family": family, "answer": answer, "answers": answers or [answer],
+            "options": list(options), "anchors": list(anchors), "scene": SCENE, **kw}  # fmt: skip
+
+
+HAND_EXAMPLES = [  # (example, the stub model's output, the teacher's full-rationale tokens)
+    (_ex(1, "attribute", "red", anchors=[{"type": "colour", "value": "red"}, {"type": "shape", "value": "triangle"}]),
+     "The triangle is red. Answer: red", 8),
+    (_ex(2, "attribute", "blue", anchors=[{"type": "colour", "value": "blue"}]),
+     "The circle is green. Answer: green", 4),
+    (_ex(3, "reading", "$4.57"), "The label says $4.52. Answer: $4.52", None),
+    (_ex(4, "existence", "yes"), "I see it. Answer: yes", 6),
+    (_ex(5, "existence", "no"), "Answer: yes", 5),
+    (_ex(6, "multistep", "B", options=["a", "b", "c", "d"]), "So the answer is (B).", 4),
+]  # fmt: skip
+
+
+class _WordTokenizer:
+    """One token per whitespace-separated word: rationale token counts can be read off the texts."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+
+def _stub_generate(outputs):
+    def generate(model, tok, proc, examples, max_new_tokens, batch_size, **kw):
+        return [{"text": outputs[ex["id"]], "token_ids": list(range(7)), "time_s": 0.25} for ex in examples]
+
+    return generate
+
+
+def test_evaluate_system_row_equals_hand_computed(monkeypatch):
+    """Stage 05's row from known outputs (generate stubbed): every headline field computed by hand."""
+    from types import SimpleNamespace
+
+    from vskip_core.modeling import decoding
+    from vskip_core.stages.evaluation import evaluate_system
+
+    examples = [e for e, _, _ in HAND_EXAMPLES]
+    monkeypatch.setattr(decoding, "generate", _stub_generate({e["id"]: out for e, out, _ in HAND_EXAMPLES}))
+    loaded = SimpleNamespace(model=None, tokenizer=_WordTokenizer(), processor=None)
+    ref = {e["id"]: n for e, _, n in HAND_EXAMPLES if n}
+    recs, row = evaluate_system(loaded, examples, "stub", 0.5, reference_tokens=ref, progress=False)
+
+    # rationales (before the final answer statement): 4, 4, 4, 3, 0 and 2 ("So the") words
+    assert [r["rationale_tokens"] for r in recs] == [4, 4, 4, 3, 0, 2]
+    # ActRatio: 4/8, 4/4, none (no reference), 3/6, 0/5, 2/4
+    assert [r["act_ratio"] for r in recs] == [0.5, 1.0, None, 0.5, 0.0, 0.5]
+    assert row["method"] == "stub" and row["ratio"] == 0.5 and row["n"] == 6
+    # attribute 1 of 2; reading exact 0 of 1; existence 1 of 2; multistep (B) 1 of 1
+    assert row["accuracy"] == {"attribute": 0.5, "existence": 0.5, "multistep": 1.0, "reading": 0.0}
+    assert row["anls"] == pytest.approx(0.8)  # $4.52 vs $4.57: 1 edit / 5 characters
+    # POPE: predictions yes, yes; labels yes, no -> TP 1, FP 1: precision 1/2, recall 1, F1 2/3
+    assert row["pope_f1"] == pytest.approx(2 / 3) and row["yes_ratio"] == 1.0
+    assert row["tokens"] == pytest.approx(17 / 6) and row["gen_tokens"] == 7.0
+    assert row["act_ratio"] == pytest.approx((0.5 + 1.0 + 0.5 + 0.0 + 0.5) / 5)
+    # VARR: colour red kept (1/1), blue lost (0/1); shape triangle kept (1/1) -> overall 2/3
+    assert row["varr"]["colour"] == 0.5 and row["varr"]["shape"] == 1.0
+    assert row["varr"]["overall"] == pytest.approx(2 / 3) and row["varr"]["size"] is None
+    # hallucinations: green (absent colour) in 2, $4.52 (absent price) in 3
+    assert [r["hallucinations"] for r in recs] == [0, 1, 1, 0, 0, 0]
+    assert row["hallucinations_per_example"] == pytest.approx(2 / 6)
+    assert row["unparsed"] == 0 and row["random_fallback"] == 0
+
+    # the direct-answer baseline: the prefill starts the answer, so there is no rationale to count
+    monkeypatch.setattr(decoding, "generate", _stub_generate({"t-4": " yes"}))
+    recs, row = evaluate_system(loaded, examples[3:4], "direct", assistant_prefill="Answer:", progress=False)
+    assert recs[0]["response"] == "Answer: yes" and recs[0]["parsed"] == "yes"
+    assert row["tokens"] == 0.0 and row["act_ratio"] is None and row["accuracy"] == {"existence": 1.0}
+
+
+def test_chance_levels_hand_computed():
+    import random
+
+    from vskip_core.metrics import chance_levels
+
+    rng = random.Random(3)  # chance_levels(seed=3) draws one price per reading example, in order
+    guess = f"${rng.randint(1, 9)}.{rng.randint(0, 99):02d}"
+    examples = [
+        {"family": "attribute", "attr_type": "colour"},  # 1/6 colours
+        {"family": "attribute", "attr_type": "shape"},  # 1/4 shapes
+        {"family": "attribute", "attr_type": "size"},  # 1/2 sizes
+        {"family": "multistep", "options": ["a", "b", "c", "d"]},
+        {"family": "multistep", "options": ["a", "b"]},
+        {"family": "multistep", "options": []},  # an open question: no options, no guess
+        {"family": "reading", "answers": [guess]},  # the guess itself: ANLS 1
+        {"family": "reading", "answers": ["no price at all"]},  # ANLS 0
+        {"family": "existence"},
+    ]
+    c = chance_levels(examples, seed=3)
+    assert c["attribute"]["accuracy"] == pytest.approx((1 / 6 + 1 / 4 + 1 / 2) / 3)
+    assert c["multistep"]["accuracy"] == pytest.approx((1 / 4 + 1 / 2) / 2)
+    assert c["reading"] == {"anls": 0.5, "accuracy": 1 / 900}
+    assert c["existence"] == {"f1": 0.5, "yes_ratio": 0.5, "accuracy": 0.5}
+    assert chance_levels([{"family": "existence"}]).keys() == {"existence"}
+
+
+def test_summary_from_hand_made_metrics_files(tmp_path):
+    """results/<run>/summary.{md,json} from stage 05's metrics.json rows: every value where it belongs."""
+    import json
+
+    from vskip_core.infra.summary import write_summary
+
+    def row(method, ratio, attr, multi, anls, f1, yes, tokens, act, lat):
+        return {"method": method, "ratio": ratio, "accuracy": {"attribute": attr, "multistep": multi},
+                "anls": anls, "pope_f1": f1, "yes_ratio": yes, "tokens": tokens, "act_ratio": act,
+                "latency_s": lat, "varr": {"colour": 0.75, "overall": 0.5},
+                "hallucinations_per_example": 0.25}  # fmt: skip
+
+    run = tmp_path / "hand"
+    for name, rows in {
+        "teacher": [row("teacher", None, 1.0, 0.25, 0.8, 2 / 3, 0.5, 60.0, None, 0.2)],
+        "students": [row("vskip", 0.5, 0.5, 0.125, 1.0, 0.0, 0.0, 30.0, 0.5, 0.1)],
+    }.items():
+        (run / name).mkdir(parents=True)
+        (run / name / "metrics.json").write_text(json.dumps({"rows": rows}))
+    rows = [
+        r for d in ("teacher", "students") for r in json.loads((run / d / "metrics.json").read_text())["rows"]
+    ]
+    env = {"device": "cpu", "machine": "x86_64", "cpu_count": 2, "torch_threads": 1,
+           "versions": {"torch": "2.13.0"}, "git": {"commit": "0123456789abcdef", "dirty": False}}  # fmt: skip
+    df = write_summary(run, rows, env, {"gate": {"gamma": 0.5}}, notes=["a hand-made note"])
+
+    assert list(df["method"]) == ["teacher", "vskip"]
+    assert df.loc[1, "acc_attribute"] == 0.5 and df.loc[1, "acc_multistep"] == 0.125
+    assert df.loc[0, "pope_f1"] == pytest.approx(2 / 3) and df.loc[1, "act_ratio"] == 0.5
+    assert df.loc[0, "varr_colour"] == 0.75 and df.loc[1, "halluc/ex"] == 0.25
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["rows"] == rows and saved["params"] == {"gate": {"gamma": 0.5}} and saved["env"] == env
+    md = (run / "summary.md").read_text().splitlines()
+    header = next(line for line in md if line.startswith("| method"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    body = [line for line in md if line.startswith("| teacher") or line.startswith("| vskip")]
+    teacher, vskip = ({k: v.strip() for k, v in zip(cols, b.strip("|").split("|"))} for b in body)
+    assert teacher["ratio"] == "" and vskip["ratio"] == "0.5"
+    assert (
+        teacher["acc_multistep"] == "0.250" and teacher["pope_f1"] == "0.667" and teacher["act_ratio"] == ""
+    )
+    assert vskip["anls"] == "1.000" and vskip["latency_s"] == "0.100" and vskip["tokens"] == "30.000"
+    assert md[0] == "# vskip run summary: `hand`"
+    assert any("Git 0123456789 (dirty: False)" in line for line in md) and md[-1] == "a hand-made note"

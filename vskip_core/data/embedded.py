@@ -20,7 +20,7 @@ category), *popular* (the absent category most frequent in the train split; the 
 "popular" is close to random here, unlike COCO), *adversarial* (an absent category that shares its colour
 or shape with an object in the scene: the near miss a model that half-looks gets wrong). As in POPE, each
 split has its own positives: the split of every existence example, yes or no, is drawn first (uniformly), and
-`evaluation.pope_by_split` scores each split on its own rows.
+`metrics.pope_by_split` scores each split on its own rows.
 
 Every rationale looks the asked object up by what it looks like ("The triangle is a small red triangle with
 the price $4.57, at the top left."), then reasons to a final `Answer: ...` line; existence puts the found and

@@ -1,11 +1,7 @@
-"""Answer parsing and the benchmarks' metrics, following each benchmark's official conventions.
-
-- `parse_multiple_choice`: MMMU's parser: `(A)`, then `A ` / `A.` bare letters, then option text for
-  responses longer than five words; the last occurrence wins; no match -> a seeded random letter, flagged.
-- `anls`: DocVQA's ANLS (lowercase, collapsed whitespace, normalized Levenshtein, best reference, < 0.5 -> 0).
-- `pope_metrics`: accuracy, precision, recall, F1 and yes-ratio = share of *predicted* yes.
-- `score_example`: the family's metric for one response of the embedded benchmark.
-"""
+"""Stage 05's work: run a system (teacher, direct answer, each student at each ratio) over the test examples,
+score every response with `vskip_core.metrics`, and reduce the records to one summary row (accuracy, ANLS,
+POPE F1 / yes-ratio, rationale tokens, ActRatio, VARR, hallucinations); latency at batch 1; the gate gallery.
+Notebook 05 calls it; the parsing and the metrics themselves are pure functions in `vskip_core.metrics`."""
 
 from __future__ import annotations
 
