@@ -13,7 +13,7 @@ its answers at 448 px would mean nothing anyway, and the decode length is fixed 
   `vskip_core.modeling.adapters` (`tiny_config`: 8 decoder layers, hidden 512, 8 heads, 2 key/value heads, vision depth 2).
   Qwen2.5-VL differs in its windowed vision tower and its rotary index code; the language model is the same.
 - Llama-3.2-Vision (Mllama) is not measured: its image is read through cross-attention layers, not tokens in
-  the sequence, so these pruners (and positions-preserving DSTP swaps) do not apply (vskip_core.method.pruning).
+  the sequence, so these pruners (and position-preserving DSTP swaps) do not apply (vskip_core.method.pruning).
 
 **Inputs.** Benchmark examples (test split) rendered at the job's size in px (448 -> a 32x32 patch grid -> 256
 visual tokens after the 2x2 merge; 896 -> 1024) through the project's own encoder (`encode` + `collate`),
@@ -31,8 +31,8 @@ of `--examples` examples (interleaved, so load changes hit all alike). Wall cloc
 `pruned_generate`: `prefill_s` = vision tower + selection + language-model prefill up to the first token;
 `lm_prefill_s` = the language-model part alone; `decode_s_per_token` = the rest over the decoded steps.
 Medians over all rounds and examples (also the minima, `*_min`, the figure least disturbed by other jobs on a
-shared machine; `*_ratio_min` compares minima). One torch thread by default: on the project's 2 shared cores, 2 threads
-spin-wait against other jobs (several times slower and noisier).
+shared machine; `*_ratio_min` compares minima). One torch thread by default: more threads spin-wait against other
+jobs on a shared machine.
 
 **Ratios.** `*_ratio` = setting / unpruned (medians). Ideals: `ideal_visual` = the retained fraction of visual tokens
 (k / n); `ideal_seq_prefill` = kept prompt tokens / all prompt tokens, averaged over decoder layers (FastV keeps
@@ -40,7 +40,7 @@ everything in layers < K); `ideal_seq_decode` = the same for the KV length at th
 `closeness_*` = achieved saving / ideal saving = (1 - ratio) / (1 - ideal), 1.0 = ideal. The ideals are linear in
 the tokens kept; prefill attention is quadratic in the sequence length, so a prefill saving can beat them
 (closeness > 1) once attention dominates (long prompts); decoding also pays a fixed cost per token (weights,
-per-layer overhead) that no pruning removes, so decode savings stay far below them at these sizes.
+per-layer overhead) that no pruning removes.
 """
 
 from __future__ import annotations

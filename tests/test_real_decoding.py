@@ -122,15 +122,15 @@ def test_exactness_check_on_a_published_qwen_config(cfg, published_qwen):
     reports the decoding config both sides ran under."""
     import dataclasses
 
-    from vskip_core.method import pruning as vt
+    from vskip_core.stages import pruning as stage
 
     exs = _examples(cfg, 3)
-    res = vt.exactness_check(published_qwen, exs, cfg, max_new_tokens=10)
+    res = stage.exactness_check(published_qwen, exs, cfg, max_new_tokens=10)
     dec = res.pop("generation_config")
     assert dec["do_sample"] is False and dec["repetition_penalty"] == 1.0
     assert res and all(res.values()), res
     c2 = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, repetition_penalty=1.05))
-    res2 = vt.exactness_check(published_qwen, exs, c2, max_new_tokens=10)
+    res2 = stage.exactness_check(published_qwen, exs, c2, max_new_tokens=10)
     assert res2.pop("generation_config")["repetition_penalty"] == 1.05
     assert res2 and all(res2.values()), res2
     lo = published_qwen

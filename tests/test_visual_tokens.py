@@ -1,5 +1,6 @@
-"""Visual-token pruning (vskip_core.method.pruning): the selection rules on hand-built features, and the
-decoding engine on tiny random Qwen2-VL / Qwen2.5-VL models against the model's own forward and generate."""
+"""Visual-token pruning (vskip_core.method.pruning, stage plumbing in vskip_core.stages.pruning): the selection
+rules on hand-built features, and the decoding engine on tiny random Qwen2-VL / Qwen2.5-VL models against the
+model's own forward and generate."""
 
 import math
 
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 
 from vskip_core.method import pruning as vt
+from vskip_core.stages import pruning as stage
 
 STEPS = 16
 
@@ -16,7 +18,7 @@ STEPS = 16
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny models: one thread is several times faster than two on a shared 2-core machine (no spinning)."""
+    """Tiny models run on one thread: two threads spin-wait against other jobs on a shared machine."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -221,12 +223,12 @@ def test_rvis_overlaps_and_summary():
         {"id": "a", "family": "attribute", "steps": 3, "score_layer": 1, "overlap": {"0.5": [1.0, 1.0, 1.0]}},
         {"id": "b", "family": "multistep", "steps": 3, "score_layer": 1, "overlap": {"0.5": [1.0, 0.5, 0.0]}},
     ]
-    s = vt.rvis_summary(recs, n_bins=3, min_count=1)["by_retention"]["0.5"]
+    s = stage.rvis_summary(recs, n_bins=3, min_count=1)["by_retention"]["0.5"]
     assert s["simple"]["mean"] == 1.0 and s["reasoning"]["mean"] == 0.5 and "chance" not in s
     recs = [{**r, "n_visual": 4} for r in recs]
-    summary = vt.rvis_summary(recs, n_bins=3, min_count=1)
+    summary = stage.rvis_summary(recs, n_bins=3, min_count=1)
     assert summary["by_retention"]["0.5"]["chance"] == pytest.approx(vt.random_jaccard(4, 2))
-    assert vt.rvis_table(summary).loc["random top-k", "0.5"] == pytest.approx(vt.random_jaccard(4, 2))
+    assert stage.rvis_table(summary).loc["random top-k", "0.5"] == pytest.approx(vt.random_jaccard(4, 2))
     assert s["multistep"]["curve"] == [1.0, 0.5, 0.0] and s["reasoning"]["final_decile"] == 0.0
 
 
@@ -428,9 +430,9 @@ def test_generate_pruned_on_the_embedded_teacher_matches_generate(tiny_teacher):
     cfg, _ = tiny_teacher
     loaded = load_model(cfg)
     exs = [make_example(cfg, "test", i) for i in range(6)]
-    res = vt.exactness_check(loaded, exs, cfg, max_new_tokens=12)
+    res = stage.exactness_check(loaded, exs, cfg, max_new_tokens=12)
     assert res and all(res.values()), res
-    gens = vt.generate_pruned(
+    gens = stage.generate_pruned(
         loaded, exs, vt.PruneSpec.from_config(cfg, "zspaprune", 0.333, dstp=True), 12, 3
     )
     n = gens[0]["n_visual"]
@@ -445,7 +447,113 @@ def test_headline_text_with_a_decile_too_short_to_measure():
         "unpruned": {"1.0": {"accuracy": {"attribute": {"accuracy": 1.0}}, **timing}},
     }
     rv = {"mean": 0.5, "final_decile": None}
-    text = vt.headline_text(
+    text = stage.headline_text(
         {"methods": methods, "rvis": {"by_retention": {"0.333": {"simple": rv, "reasoning": rv}}}}, 0.333
     )
     assert "last decile: simple n/a" in text and "random top-k sets: n/a" in text
+
+
+# Recorded with the pre-refactor `pruned_generate` (commit 7962155) on the `tiny_teacher` fixture: per setting,
+# each example's generated ids, then (kept at prefill | DSTP re-selections | DSTP swapped-in) per example.
+_RECORDED = {
+    "fastv": (
+        [
+            "452 364 451 349 265 304 20 324 32 280 20 324",
+            "452 364 451 349 265 304 20 324 32 280 26 20",
+            "452 364 451 349 265 304 20 324 32 280 20 324",
+            "47 417 406 359 416 359 416 359 265 304 20 324",
+            "452 364 451 349 265 304 20 324 32 280 26 20",
+            "452 364 451 349 265 304 20 324 32 280 26 20",
+        ],
+        "11 12 13 14 15 / 8 12 13 14 15 / 10 11 12 13 14 / 0 1 2 3 14 / 2 3 11 14 15 / 4 6 7 9 12",
+        [0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+    ),
+    "fastv+dstp": (
+        [
+            "452 364 451 349 265 304 20 324 32 280 26 20",
+            "452 364 451 349 265 304 20 324 32 280 26 20",
+            "452 364 451 349 265 304 20 324 32 280 20 324",
+            "47 417 406 359 416 359 265 304 20 324 32 280",
+            "452 364 451 349 265 304 20 324 32 280 26 20",
+            "452 364 451 349 265 304 20 324 32 280 26 20",
+        ],
+        "11 12 13 14 15 / 8 12 13 14 15 / 10 11 12 13 14 / 0 1 2 3 14 / 2 3 11 14 15 / 4 6 7 9 12",
+        [7, 7, 7, 8, 7, 9],
+        [26, 31, 29, 30, 25, 39],
+    ),
+    "divprune": (
+        [
+            "402 341 313 181 540 324 32 280 23 20 324 32",
+            "82 441 289 240 289 240 289 240 289 240 289 240",
+            "452 364 451 349 265 304 20 324 32 280 23 20",
+            "47 417 406 359 416 359 416 359 416 359 416 359",
+            "82 441 441 528 267 527 546 188 546 546 546 546",
+            "402 426 192 205 402 426 192 205 402 181 267 527",
+        ],
+        "0 2 3 6 11 / 2 3 4 5 9 / 0 5 10 11 12 / 0 4 5 6 12 / 7 8 10 11 15 / 2 3 8 12 15",
+        [0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+    ),
+    "divprune+dstp": (
+        [
+            "402 341 313 181 540 265 304 20 324 32 280 23",
+            "82 441 276 267 527 546 546 546 546 546 546 546",
+            "452 364 451 349 265 304 20 324 32 280 23 20",
+            "47 417 406 359 416 359 416 359 416 359 416 359",
+            "82 441 289 240 188 546 546 546 546 546 546 334",
+            "402 181 267 222 101 410 551 247 463 463 463 463",
+        ],
+        "0 2 3 6 11 / 2 3 4 5 9 / 0 5 10 11 12 / 0 4 5 6 12 / 7 8 10 11 15 / 2 3 8 12 15",
+        [9, 7, 8, 8, 9, 7],
+        [31, 29, 31, 29, 34, 24],
+    ),
+    "zspaprune": (
+        [
+            "402 341 313 181 530 173 410 51 89 316 240 93",
+            "82 441 289 240 289 240 289 240 289 289 240 289",
+            "452 364 451 349 265 304 20 324 32 280 23 20",
+            "47 417 406 359 416 359 416 359 416 359 416 359",
+            "82 441 441 289 240 188 546 546 546 546 546 546",
+            "402 426 192 205 402 426 192 205 402 181 267 527",
+        ],
+        "0 2 6 10 11 / 1 2 3 4 5 / 0 5 10 11 13 / 0 4 5 6 11 / 8 10 11 14 15 / 2 3 10 12 15",
+        [0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0],
+    ),
+    "zspaprune+dstp": (
+        [
+            "402 341 313 181 530 173 410 51 89 267 546 334",
+            "82 441 276 267 527 546 546 546 546 546 546 546",
+            "452 364 451 349 265 304 20 324 32 280 23 20",
+            "47 417 406 359 416 359 416 359 416 359 416 359",
+            "82 441 289 240 188 546 289 240 188 546 546 546",
+            "402 181 267 222 101 410 551 247 463 463 463 463",
+        ],
+        "0 2 6 10 11 / 1 2 3 4 5 / 0 5 10 11 13 / 0 4 5 6 11 / 8 10 11 14 15 / 2 3 10 12 15",
+        [9, 7, 8, 8, 9, 7],
+        [39, 28, 31, 28, 34, 24],
+    ),
+}
+
+
+def test_pruned_decoder_is_deterministic_and_matches_the_pre_refactor_output(tiny_teacher):
+    """FastV, DivPrune and prompt-aware, with and without DSTP, at retention 0.333 on the embedded teacher: two
+    runs agree, and both equal `_RECORDED`, the ids produced by the code before `pruned_generate` became
+    `PrunedDecoder` (same fixture, 6 test examples, 12 tokens, batch 3)."""
+    from vskip_core.data.embedded import make_example
+    from vskip_core.modeling.loading import load_model
+
+    cfg, _ = tiny_teacher
+    loaded = load_model(cfg)
+    exs = [make_example(cfg, "test", i) for i in range(6)]
+    for name, (ids, kept, reselections, swapped_in) in _RECORDED.items():
+        method, dstp = name.removesuffix("+dstp"), name.endswith("+dstp")
+        spec = vt.PruneSpec.from_config(cfg, method, 0.333, dstp=dstp)
+        runs = [stage.generate_pruned(loaded, exs, spec, 12, 3) for _ in range(2)]
+        assert [g["token_ids"] for g in runs[0]] == [g["token_ids"] for g in runs[1]], name
+        gens = runs[0]
+        assert [" ".join(map(str, g["token_ids"])) for g in gens] == ids, name
+        assert " / ".join(" ".join(map(str, g["kept"])) for g in gens) == kept, name
+        assert [g["reselections"] for g in gens] == reselections, name
+        assert [g["swapped_in"] for g in gens] == swapped_in, name
