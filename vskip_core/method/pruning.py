@@ -211,9 +211,7 @@ class PruneSpec:
     core_fraction: float = 0.6  # prompt-aware: share of the budget chosen by relevance
     dstp_interval: int = 8  # DSTP: re-select every this many decoding steps
     dstp_shift_threshold: float = 0.5  # DSTP: re-select when the top-k Jaccard overlap falls below this
-    repetition_penalty: float = (
-        1.0  # the decoding's (generation.repetition_penalty), applied as generate() does
-    )
+    repetition_penalty: float = 1.0  # generation.repetition_penalty, applied as generate() does
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -478,9 +476,8 @@ class PrunedDecoder:
             image_grid_thw=inputs["image_grid_thw"],
             attention_mask=self.attn,
         )
-        self.max_pos = self.pos3.amax(
-            dim=(0, 2)
-        )  # (B,): decoded token t sits at max_pos + t, as in generate()
+        # (B,): decoded token t sits at max_pos + t, as in generate()
+        self.max_pos = self.pos3.amax(dim=(0, 2))
         self.valid_prompt = self.attn.bool()
         self.k = kept_count(self.spec.retention, n_vis)
         self.active = torch.arange(n_vis, device=self.device)[None].expand(B, n_vis)
@@ -700,10 +697,8 @@ class PrunedDecoder:
             return
         in_old = torch.zeros(B, self.n_vis, dtype=torch.bool, device=dev).scatter_(1, old, True)
         in_new = torch.zeros(B, self.n_vis, dtype=torch.bool, device=dev).scatter_(1, new, True)
-        out_idx, in_idx = (
-            torch.nonzero(in_old & ~in_new),
-            torch.nonzero(in_new & ~in_old),
-        )  # row-major, paired
+        # evicted and swapped-in tokens, row-major, so the i-th of each pair up within a row
+        out_idx, in_idx = torch.nonzero(in_old & ~in_new), torch.nonzero(in_new & ~in_old)
         rows = out_idx[:, 0]
         p_out, p_in = self.vis_pos[rows, out_idx[:, 1]], self.vis_pos[rows, in_idx[:, 1]]
         slots = self.slot_of[rows, p_out]
