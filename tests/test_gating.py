@@ -1,6 +1,7 @@
 """The union-of-saliency gate and its baselines: exact budgets (per example and per corpus), the union's
 point (a visually anchored, predictable token survives), forced keeps, word-level decisions, text rebuilding,
-VARR, seeding, bad input, and the external text-only scorers (offset mapping, SmolLM2, LLMLingua-2)."""
+VARR, seeding, bad input, and the external text-only scorers (offset mapping, SmolLM2, LLMLingua-2); stage 03's
+sweeps and ablations (vskip_core.stages.gating)."""
 
 import importlib.util
 
@@ -12,6 +13,7 @@ from vskip_core.data.embedded import make_example
 from vskip_core.method import external_lm as X
 from vskip_core.method import gating as G
 from vskip_core.method.scoring import answer_token_start, word_ids
+from vskip_core.stages import gating as SG
 
 GAMMAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.9)
 MAIN = ("vskip", "text_only", "external_lm", "visual_only", "intersection", "weighted", "random")
@@ -155,9 +157,9 @@ def test_text_share_spans_text_only_to_visual_only(corpus):
 def test_union_retains_more_anchors_than_text_only(corpus):
     cfg, tok, rows, anchors = corpus
     rs = [G.as_scored(r) for r in rows]
-    v = G.evaluate(rs, anchors, "vskip", 0.4, cfg, tok)["varr"]["overall"]
-    t = G.evaluate(rs, anchors, "text_only", 0.4, cfg, tok)["varr"]["overall"]
-    r = G.evaluate(rs, anchors, "random", 0.4, cfg, tok)["varr"]["overall"]
+    v = SG.evaluate(rs, anchors, "vskip", 0.4, cfg, tok)["varr"]["overall"]
+    t = SG.evaluate(rs, anchors, "text_only", 0.4, cfg, tok)["varr"]["overall"]
+    r = SG.evaluate(rs, anchors, "random", 0.4, cfg, tok)["varr"]["overall"]
     assert v > t > r
 
 
@@ -285,27 +287,27 @@ def test_varr_hand_computed():
 def test_strikethrough_marks_pruned_tokens():
     pieces = ["The", " red", " <b>", " Answer", ":", " red"]
     row = _row("".join(pieces), pieces, [1.0] * 6, [0.0] * 6, answer_start=3)
-    out = G.strikethrough_html(row, np.array([True, False, False, True, True, True]))
+    out = SG.strikethrough_html(row, np.array([True, False, False, True, True, True]))
     assert out.count("<s ") == 2 and "&lt;b&gt;" in out and out.startswith("The<s")
 
 
 def test_sweep_gives_the_metrics_json_of_the_issue(corpus):
     cfg, tok, rows, anchors = corpus
     rs = [G.as_scored(r) for r in rows]
-    df = G.sweep(rs, anchors, ["vskip", "random"], [0.3, 0.5], cfg, tok, modes=("example", "corpus"))
+    df = SG.sweep(rs, anchors, ["vskip", "random"], [0.3, 0.5], cfg, tok, modes=("example", "corpus"))
     assert len(df) == 8 and (df["actual_ratio"] - df["gamma"]).abs().max() <= 0.01
-    m = G.metrics_from_sweep(df[df["mode"] == "example"])
+    m = SG.metrics_from_sweep(df[df["mode"] == "example"])
     assert set(m) == {"vskip", "random"} and set(m["vskip"]) == {"0.3", "0.5"}
     cell = m["vskip"]["0.5"]
     assert isinstance(cell["actual_ratio"], float)
     assert set(cell["varr"]) == {"colour", "shape", "size", "position", "text", "overall"}
     assert all(isinstance(v, float) and 0 <= v <= 1 for v in cell["varr"].values())
-    same = G.evaluate(rs, anchors, "vskip", 0.5, cfg, tok)
+    same = SG.evaluate(rs, anchors, "vskip", 0.5, cfg, tok)
     assert same["varr"]["overall"] == pytest.approx(cell["varr"]["overall"])
     with pytest.raises(ValueError, match="one threshold mode"):
-        G.metrics_from_sweep(df)
+        SG.metrics_from_sweep(df)
     keeps = G.gate_rows(rs, "vskip", 0.5, cfg)
-    table = G.decision_table(rs, keeps, cfg, anchors)
+    table = SG.decision_table(rs, keeps, cfg, anchors)
     assert len(table) == sum(r.n for r in rs) and table["kept"].mean() == pytest.approx(same["mask_ratio"])
     assert set(table["anchor"]) >= {"", "colour", "shape", "text"}
 
@@ -451,3 +453,98 @@ def test_smollm2_surprisal_is_real_and_maps_onto_teacher_tokens(tmp_path, corpus
         X.external_surprisal(half, texts, [r["offsets"] for r in rows[:4]], ["What is shown?"] * 4)[0]
     )
     assert np.corrcoef(fast, np.concatenate(mapped))[0, 1] > 0.99
+
+
+# ------------------------------------------------------------------------------------------ stage 03
+def test_gateable_rows_switches_off_the_forced_answer_line_only_when_nothing_is_usable(corpus, capsys):
+    cfg, _, rows, _ = corpus
+    usable, skipped, same = SG.gateable_rows(rows[:10], cfg)
+    assert len(usable) == 10 and same is cfg and same.gate.force_keep_answer
+    assert "10 of 10" in capsys.readouterr().out
+    no_line = [{**r, "answer_start": None} for r in rows[:10]]
+    usable, skipped, off = SG.gateable_rows(no_line, cfg)
+    out = capsys.readouterr().out
+    assert len(usable) == 10 and not off.gate.force_keep_answer and cfg.gate.force_keep_answer
+    assert "force_keep_answer switched OFF" in out and "no_answer_line" in out  # says what and why
+    assert G.keep_mask(usable[0], "vskip", 0.5, off).any()  # the returned Config gates them
+    with pytest.raises(G.GateError, match="no final answer line"):
+        G.keep_mask(usable[0], "vskip", 0.5, cfg)
+    strict = _cfg(force_keep_answer=False)
+    assert SG.gateable_rows(no_line, strict)[2] is strict  # nothing to switch off: no message
+    assert "switched OFF" not in capsys.readouterr().out
+
+
+def test_external_scores_fill_the_column_from_stage_outputs(corpus, tmp_path):
+    import pandas as pd
+
+    cfg, _, rows, _ = corpus
+    scores = pd.DataFrame([{k: v for k, v in r.items() if k != "surprisal_external"} for r in rows[:3]])
+    want = [[float(i)] * len(r["offsets"]) for i, r in enumerate(rows[:3])]
+    pd.DataFrame({"id": scores["id"], "surprisal_external": want}).to_parquet(tmp_path / "ext.parquet")
+    cfg = load_params("params/default.yaml", {"gate.llmlingua2_path": str(tmp_path / "nowhere")})
+    out, info = SG.external_scores(cfg, scores, search_dirs=[tmp_path])
+    assert out["surprisal_external"].tolist() == want and "surprisal_external" not in scores
+    assert info["source"].endswith("ext.parquet") and info["texts"] == 3
+    assert "LLMLingua-2 scorer unavailable" in info["llmlingua2"] and "keep_prob_llmlingua2" not in out
+    keep = G.keep_mask(out.iloc[0], "external_lm", 0.5, cfg)
+    assert keep.sum() == round(0.5 * len(rows[0]["offsets"]))
+
+
+def test_share_ablation_spans_the_budget_split(corpus):
+    cfg, tok, rows, anchors = corpus
+    rs = [G.as_scored(r) for r in rows[:30]]
+    table = SG.share_ablation(rs, anchors[:30], tok, cfg, shares=(0.0, 1.0), methods=("vskip",))
+    assert len(table) == 2 and set(table.text_share) == {0.0, 1.0}
+    text_only = SG.evaluate(rs, anchors[:30], "text_only", 0.5, cfg, tok)["varr"]["overall"]
+    assert table[table.text_share == 1.0]["overall"].item() == pytest.approx(text_only)  # share 1 = text_only
+
+
+def test_band_ablation_recomputes_the_visual_path_per_band(corpus, capsys):
+    cfg, tok, rows, anchors = corpus
+    rng = np.random.default_rng(1)
+    layers = [0, 1, 2, 3]
+    raw = []
+    for r in rows[:20]:
+        n = len(r["offsets"])
+        by_layer = {h: [rng.random(n).tolist() for _ in layers] for h in ("max", "mean")}
+        raw.append(
+            {
+                **r,
+                "all_layers": layers,
+                "key_layers": [1, 2],
+                "anchoring_by_layer_max": by_layer["max"],
+                "anchoring_by_layer_mean": by_layer["mean"],
+            }
+        )
+    assert list(SG.layer_bands(layers, [1, 2])) == [
+        "layer 0",
+        "layer 1",
+        "layer 2",
+        "layer 3",
+        "all",
+        "key [1, 2] (this run)",
+    ]
+    assert list(SG.layer_bands(range(12), [5]))[:2] == ["early", "late"]
+    rs = [G.as_scored(r) for r in raw]
+    table = SG.band_ablation(rs, raw, anchors[:20], tok, cfg, methods=("visual_only",))
+    assert len(table) == 6 * 2 and set(table.heads) == {"max", "mean"}
+    # the key band, max over heads, equals gating on the anchoring recomputed by hand
+    hand = [
+        r.with_scores(anchoring=np.mean([x["anchoring_by_layer_max"][i] for i in (1, 2)], 0))
+        for r, x in zip(rs, raw)
+    ]
+    want = SG.evaluate(hand, anchors[:20], "visual_only", 0.5, cfg, tok)["varr"]["overall"]
+    got = table[(table.band == "key [1, 2] (this run)") & (table.heads == "max")]["overall"].item()
+    assert got == pytest.approx(want)
+    assert SG.band_ablation(rs, rows[:20], anchors[:20], tok, cfg).empty
+    assert "band ablation skipped" in capsys.readouterr().out
+
+
+def test_gamma_table_writes_csv_and_markdown(corpus, tmp_path):
+    cfg, tok, rows, anchors = corpus
+    rs = [G.as_scored(r) for r in rows[:20]]
+    df = SG.sweep(rs, anchors[:20], ["vskip", "random"], [0.5], cfg, tok)
+    table = SG.gamma_table(df, 0.5, tmp_path)
+    assert list(table.index) == ["vskip", "random"] and table.columns[0] == "actual ratio"
+    md = (tmp_path / "table_gamma_0.5.md").read_text().splitlines()
+    assert len(md) == 4 and md[2].startswith("| vskip | ") and (tmp_path / "table_gamma_0.5.csv").exists()

@@ -12,12 +12,16 @@ the total surprisal of the rationale is conserved (nothing counted twice when on
 teacher tokens), and a teacher token that covers two external tokens gets both of them. Characters no
 teacher token covers lose their share (offsets from a tokenizer cover every character, so in practice none).
 
-    lm = load_smollm2(cfg)                              # ~25 s the first time, <1 s once cached
+    lm = load_smollm2(cfg)                              # converted once, then cached
     per_row = score_texts(lm, texts, contexts)          # surprisal + offsets in the LM's own tokens
     ext = to_teacher_tokens(per_row[0], row_offsets)    # one float per teacher token
 
 LLMLingua-2 (a token classifier giving p(keep) per subword, word probability = mean over its subwords) is
 offered the same way when its model is present locally; `llmlingua2_status()` says what is missing if not.
+
+The loading and batching stay here (small) rather than in a stage: `stages.distillation.with_external_surprisal`
+calls them, and `stages.gating` calls that, so moving them up into `stages.gating` would make the two stages
+import each other.
 """
 
 from __future__ import annotations
@@ -70,9 +74,9 @@ def smollm2_gguf() -> Path:
 
 
 def load_smollm2(cfg: Config, device: str | None = None) -> ExternalLM:
-    """Load SmolLM2-135M-Instruct. The GGUF is dequantized to fp32 once (~25 s, mostly tokenizer conversion)
-    and saved under `<runtime.cache_dir>/smollm2-135m-instruct-fp32/`; later loads take under a second.
-    dtype comes from `gate.external_dtype` through `runtime.fast_dtype` (float32 on CPUs without native bf16)."""
+    """Load SmolLM2-135M-Instruct. The GGUF is dequantized to fp32 once and saved under
+    `<runtime.cache_dir>/smollm2-135m-instruct-fp32/`, which later loads read instead. dtype comes from
+    `gate.external_dtype` through `runtime.fast_dtype` (float32 on CPUs without native bf16)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
@@ -124,7 +128,7 @@ def score_texts(
 
     Returns per text {"surprisal": (m,), "offsets": (m, 2)} in the LM's own tokens, offsets into the text.
     Batches are formed by length (little padding), right-padded; logits are computed only at the positions
-    that predict text tokens (the 49k-word output layer over the context would double the cost)."""
+    that predict text tokens (the output layer over the context positions would be wasted work)."""
     from tqdm.auto import tqdm
 
     tok, model = lm.tokenizer, lm.model

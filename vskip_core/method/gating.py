@@ -25,15 +25,15 @@ toward k. A row that cannot meet k (empty, no answer line, forced tokens > k, k 
    tau_visual is the score of the last unit taken.
 3. Margin. A unit longer than what is left is passed over for the next one that fits (first fit, in both
    walks). If the count still ends more than one token short of gamma * n (only long units left, e.g.
-   6-token prices), the best-ranked of them goes in and the lowest-ranked units of the visual walk come out,
-   exactly as many tokens as needed. The kept count is gamma * n within one token (tested for every method
-   and gamma); the margin is the only place where the gate departs from two pure thresholds.
+   multi-token prices), the best-ranked of them goes in and the lowest-ranked units of the visual walk come
+   out, exactly as many tokens as needed, so the kept count is gamma * n within one token. The margin is the
+   only place where the gate departs from two pure thresholds.
 text_share = 1 gives exactly `text_only`, 0 exactly `visual_only`; 0.5 (default) splits the free budget
-evenly, and units both paths rank high leave more room for the visual path.
+evenly.
 
 **Per corpus** (`threshold_mode: corpus`, `fit_corpus_thresholds`): the same walk over the units of all rows
-pooled fixes one tau_text and one tau_visual for the corpus; each row then keeps what clears them (a
-visually dense rationale keeps more, a formulaic one less), and the corpus keeps gamma of its tokens.
+pooled fixes one tau_text and one tau_visual for the corpus; each row then keeps what clears them, and the
+corpus keeps gamma of its tokens.
 
 **Methods** (`METHODS`), all through the same budget and forced keeps:
 
@@ -41,7 +41,7 @@ visually dense rationale keeps more, a formulaic one less), and the corpus keeps
 |--------------|------------------------------------------------------------------------------------|
 | vskip        | surprisal OR anchoring, as above                                                   |
 | text_only    | surprisal (the blind TokenSkip / ASCoT-style metric)                               |
-| external_lm  | `surprisal_external`: a text-only LM that never sees the image (vskip_core.method.external_lm) |
+| external_lm  | `surprisal_external`: a text-only LM that never sees the image (method.external_lm) |
 | visual_only  | anchoring (the paper's lower bound)                                                |
 | intersection | surprisal AND anchoring: both thresholds lowered together, rank by rank            |
 | weighted     | text_share * pct(surprisal) + (1 - text_share) * pct(anchoring); pct = rank / (units - 1) within the rationale |
@@ -50,9 +50,10 @@ visually dense rationale keeps more, a formulaic one less), and the corpus keeps
 
 **Measures.** `compress_text` rebuilds the kept tokens as text from their character offsets; `actual_ratio`
 counts the student tokenizer's tokens on rebuilt vs full texts; `varr` is the fraction of the rationale's
-anchor mentions (char spans) whose tokens all survive, per attribute type and overall.
+anchor mentions (char spans) whose tokens all survive. Sweeps over methods and gammas, and notebook 03's
+ablations, are in `vskip_core.stages.gating`.
 
-    rows, skipped = usable_rows(load_scores(stage_dir), gamma=0.3, gate_cfg=cfg)
+    rows, skipped = usable_rows(scores.to_dict("records"), gamma=0.3, gate_cfg=cfg)
     keep = keep_mask(rows[0], "vskip", 0.5, cfg)
     compress_text(rows[0], keep), varr(rows[0], keep, anchors)
 """
@@ -60,7 +61,6 @@ anchor mentions (char spans) whose tokens all survive, per attribute type and ov
 from __future__ import annotations
 
 import dataclasses
-import html
 import math
 import zlib
 from collections import Counter
@@ -94,7 +94,7 @@ _WORD_RULE = {
     "keep_prob_llmlingua2": "mean",
 }
 _FIX = {
-    "surprisal_external": "add it with vskip_core.method.external_lm.external_surprisal (notebook 03 does)",
+    "surprisal_external": "add it with vskip_core.stages.gating.external_scores (notebook 03 does)",
     "keep_prob_llmlingua2": "add it with vskip_core.method.external_lm.keep_probability (needs LLMLingua-2 locally)",
 }
 
@@ -249,6 +249,14 @@ def unit_scores(row: Scored, method: str, cfg: Config | GateConfig, unit: np.nda
         w = gate.text_share
         return {"weighted": w * _pct(out["text"]) + (1 - w) * _pct(out["visual"])}
     return out
+
+
+def gate_values(row: Any, column: str, cfg: Config | GateConfig) -> np.ndarray:
+    """Token-aligned values of a score column as the gate ranks them (the word's value at word level)."""
+    row, scoring = as_scored(row), _sections(cfg)[1]
+    unit, cost = _units(row, scoring.word_level)
+    rule = _WORD_RULE[column]
+    return _unit_values(row.column(column), unit, len(cost), getattr(scoring, rule, rule))[unit]
 
 
 def _pct(x: np.ndarray) -> np.ndarray:
@@ -560,10 +568,11 @@ def anchor_tokens(row: Any, anchors: Sequence[dict]) -> list[tuple[str, np.ndarr
 
 def varr_counts(row: Any, keep: np.ndarray, anchors: Sequence[dict]) -> dict[str, list[int]]:
     """Per attribute type: [mentions whose tokens all survive, mentions]."""
-    return _count_kept(np.asarray(keep, dtype=bool), anchor_tokens(row, anchors))
+    return count_kept(np.asarray(keep, dtype=bool), anchor_tokens(row, anchors))
 
 
-def _count_kept(keep: np.ndarray, spans: list[tuple[str, np.ndarray]]) -> dict[str, list[int]]:
+def count_kept(keep: np.ndarray, spans: list[tuple[str, np.ndarray]]) -> dict[str, list[int]]:
+    """Per attribute type: [mentions whose tokens all survive, mentions], from `anchor_tokens` spans."""
     counts = {t: [0, 0] for t in ANCHOR_TYPES}
     for kind, tokens in spans:
         c = counts.setdefault(kind, [0, 0])
@@ -590,132 +599,3 @@ def pool_varr(counts: Iterable[dict[str, list[int]]]) -> dict[str, float | None]
 def varr(row: Any, keep: np.ndarray, anchors: Sequence[dict]) -> dict[str, float | None]:
     """VARR of one compressed rationale: {type: fraction of its mentions kept, "overall": fraction}."""
     return pool_varr([varr_counts(row, keep, anchors)])
-
-
-def evaluate(
-    rows: Sequence[Any],
-    anchors: Sequence[Sequence[dict]],
-    method: str,
-    gamma: float,
-    cfg: Config,
-    tokenizer,
-    seed: int = 0,
-    mode: str | None = None,
-) -> dict[str, Any]:
-    """Gate every row and measure: actual ratio (student tokenizer on rebuilt vs full texts), the mask's
-    own ratio (teacher tokens), and VARR pooled over the corpus."""
-    return Evaluator(rows, anchors, tokenizer)(method, gamma, cfg, seed, mode)
-
-
-class Evaluator:
-    """`evaluate` for many settings of one corpus: full-text token counts and anchor tokens computed once.
-    `Evaluator(rows, anchors, tokenizer)(method, gamma, cfg, seed, mode)` -> the dict of `evaluate`."""
-
-    def __init__(self, rows: Sequence[Any], anchors: Sequence[Sequence[dict]], tokenizer) -> None:
-        self.rows = [as_scored(r) for r in rows]
-        if len(anchors) != len(self.rows):
-            raise ValueError(f"{len(self.rows)} rows but {len(anchors)} anchor lists; pass one per row")
-        if not self.rows:
-            raise ValueError("no rows to evaluate (did every row get skipped? see usable_rows' counts)")
-        self.tokenizer = tokenizer
-        self.n_full = sum(
-            map(len, tokenizer([r.text for r in self.rows], add_special_tokens=False)["input_ids"])
-        )
-        self.spans = [anchor_tokens(r, a) for r, a in zip(self.rows, anchors)]
-
-    def __call__(self, method, gamma, cfg, seed=0, mode=None) -> dict[str, Any]:
-        keeps = gate_rows(self.rows, method, gamma, cfg, seed, mode)
-        texts = [compress_text(r, k) for r, k in zip(self.rows, keeps)]
-        n_kept = sum(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
-        return {
-            "actual_ratio": n_kept / self.n_full,
-            "mask_ratio": sum(int(k.sum()) for k in keeps) / sum(r.n for r in self.rows),
-            "varr": pool_varr(_count_kept(k, s) for k, s in zip(keeps, self.spans)),
-        }
-
-
-def sweep(
-    rows: Sequence[Any],
-    anchors: Sequence[Sequence[dict]],
-    methods: Sequence[str],
-    gammas: Sequence[float],
-    cfg: Config,
-    tokenizer,
-    seed: int = 0,
-    modes: Sequence[str] = ("example",),
-):
-    """Every method at every gamma and threshold mode: a DataFrame with one row each (method, gamma, mode,
-    actual_ratio, mask_ratio, varr_<type>..., varr_overall; NaN for a type the corpus never mentions)."""
-    import pandas as pd
-
-    measure, out = Evaluator(rows, anchors, tokenizer), []
-    for mode in modes:
-        for method in methods:
-            for gamma in gammas:
-                m = measure(method, gamma, cfg, seed, mode)
-                varr_cols = {f"varr_{k}": v for k, v in m.pop("varr").items()}
-                out.append({"method": method, "gamma": gamma, "mode": mode, **m, **varr_cols})
-    df = pd.DataFrame(out)
-    return df.astype({c: float for c in df.columns if c.startswith("varr_")})  # None (no mention) -> NaN
-
-
-def metrics_from_sweep(df) -> dict[str, dict]:
-    """{method: {"<gamma>": {"actual_ratio": float, "varr": {type: float, "overall": float}}}} of one mode."""
-    if df["mode"].nunique() != 1:
-        raise ValueError(f"pass the rows of one threshold mode, got {sorted(df['mode'].unique())}")
-    out: dict[str, dict] = {}
-    for r in df.to_dict("records"):
-        varr_ = {
-            k[5:]: (None if v is None or v != v else float(v)) for k, v in r.items() if k.startswith("varr_")
-        }
-        out.setdefault(r["method"], {})[f"{r['gamma']:g}"] = {
-            "actual_ratio": float(r["actual_ratio"]),
-            "varr": varr_,
-        }
-    return out
-
-
-def decision_table(rows: Sequence[Any], keeps: Sequence[np.ndarray], cfg: Config, anchors=None):
-    """One line per token: the values the gate saw (word values when word-level), kept or not, and the
-    anchor type the token belongs to ('' if none). For the kept/pruned scatter."""
-    import pandas as pd
-
-    scoring = _sections(cfg)[1]
-    frames = []
-    for i, (row, keep) in enumerate(zip(rows, keeps)):
-        row = as_scored(row)
-        unit, cost = _units(row, scoring.word_level)
-        d = {"id": row.id, "kept": np.asarray(keep, dtype=bool)}
-        for col in ("surprisal", "anchoring"):
-            d[col] = _unit_values(row.column(col), unit, len(cost), getattr(scoring, _WORD_RULE[col]))[unit]
-        kinds = np.full(row.n, "", dtype=object)
-        for kind, tokens in anchor_tokens(row, anchors[i]) if anchors is not None else []:
-            kinds[tokens] = kind
-        d["anchor"] = kinds
-        frames.append(pd.DataFrame(d))
-    return pd.concat(frames, ignore_index=True)
-
-
-def strikethrough_html(row: Any, keep: np.ndarray) -> str:
-    """The full rationale as HTML with pruned tokens struck through (kept ones plain)."""
-    row = as_scored(row)
-    out, pos = [], 0
-    for j, (s, e) in enumerate(row.offsets):
-        out.append(html.escape(row.text[pos:s]))
-        piece = html.escape(row.text[s:e])
-        out.append(piece if keep[j] else f'<s style="color:#999">{piece}</s>')
-        pos = e
-    out.append(html.escape(row.text[pos:]))
-    return "".join(out)
-
-
-def student_tokenizer(cfg: Config):
-    """The student's tokenizer (`distill.student`: the embedded teacher's, or a hub id / local folder)."""
-    from transformers import AutoTokenizer
-
-    from vskip_core.modeling.loading import embedded_dir
-    from vskip_core.modeling.standins import resolve
-
-    name = resolve(cfg, cfg.distill.student)
-    src = embedded_dir(cfg) if name == "embedded" else (cfg.path(name) if cfg.path(name).exists() else name)
-    return AutoTokenizer.from_pretrained(src)

@@ -1,0 +1,291 @@
+"""Stage 03, gate ablations: every gate method at every gamma measured (actual ratio, VARR), notebook 03's
+ablations (budget split, key-layer band), the rows the gate can serve, the external scorers' columns, and
+the HTML / tables of the notebook. The gates themselves are in `vskip_core.method.gating`."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from vskip_core.config import Config
+from vskip_core.method.gating import (
+    Scored,
+    anchor_tokens,
+    as_scored,
+    compress_text,
+    count_kept,
+    gate_rows,
+    gate_values,
+    pool_varr,
+    usable_rows,
+)
+from vskip_core.method.scoring import anchoring_for_layers
+
+
+# --------------------------------------------------------------------------------------------- measures
+def evaluate(
+    rows: Sequence[Any],
+    anchors: Sequence[Sequence[dict]],
+    method: str,
+    gamma: float,
+    cfg: Config,
+    tokenizer,
+    seed: int = 0,
+    mode: str | None = None,
+) -> dict[str, Any]:
+    """Gate every row and measure: actual ratio (student tokenizer on rebuilt vs full texts), the mask's
+    own ratio (teacher tokens), and VARR pooled over the corpus."""
+    return Evaluator(rows, anchors, tokenizer)(method, gamma, cfg, seed, mode)
+
+
+class Evaluator:
+    """`evaluate` for many settings of one corpus: full-text token counts and anchor tokens computed once.
+    `Evaluator(rows, anchors, tokenizer)(method, gamma, cfg, seed, mode)` -> the dict of `evaluate`."""
+
+    def __init__(self, rows: Sequence[Any], anchors: Sequence[Sequence[dict]], tokenizer) -> None:
+        self.rows = [as_scored(r) for r in rows]
+        if len(anchors) != len(self.rows):
+            raise ValueError(f"{len(self.rows)} rows but {len(anchors)} anchor lists; pass one per row")
+        if not self.rows:
+            raise ValueError("no rows to evaluate (did every row get skipped? see usable_rows' counts)")
+        self.tokenizer = tokenizer
+        self.n_full = sum(
+            map(len, tokenizer([r.text for r in self.rows], add_special_tokens=False)["input_ids"])
+        )
+        self.spans = [anchor_tokens(r, a) for r, a in zip(self.rows, anchors)]
+
+    def __call__(self, method, gamma, cfg, seed=0, mode=None) -> dict[str, Any]:
+        keeps = gate_rows(self.rows, method, gamma, cfg, seed, mode)
+        texts = [compress_text(r, k) for r, k in zip(self.rows, keeps)]
+        n_kept = sum(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
+        return {
+            "actual_ratio": n_kept / self.n_full,
+            "mask_ratio": sum(int(k.sum()) for k in keeps) / sum(r.n for r in self.rows),
+            "varr": pool_varr(count_kept(k, s) for k, s in zip(keeps, self.spans)),
+        }
+
+
+def sweep(
+    rows: Sequence[Any],
+    anchors: Sequence[Sequence[dict]],
+    methods: Sequence[str],
+    gammas: Sequence[float],
+    cfg: Config,
+    tokenizer,
+    seed: int = 0,
+    modes: Sequence[str] = ("example",),
+):
+    """Every method at every gamma and threshold mode: a DataFrame with one row each (method, gamma, mode,
+    actual_ratio, mask_ratio, varr_<type>..., varr_overall; NaN for a type the corpus never mentions)."""
+    import pandas as pd
+
+    measure, out = Evaluator(rows, anchors, tokenizer), []
+    for mode in modes:
+        for method in methods:
+            for gamma in gammas:
+                m = measure(method, gamma, cfg, seed, mode)
+                varr_cols = {f"varr_{k}": v for k, v in m.pop("varr").items()}
+                out.append({"method": method, "gamma": gamma, "mode": mode, **m, **varr_cols})
+    df = pd.DataFrame(out)
+    return df.astype({c: float for c in df.columns if c.startswith("varr_")})  # None (no mention) -> NaN
+
+
+def metrics_from_sweep(df) -> dict[str, dict]:
+    """{method: {"<gamma>": {"actual_ratio": float, "varr": {type: float, "overall": float}}}} of one mode."""
+    if df["mode"].nunique() != 1:
+        raise ValueError(f"pass the rows of one threshold mode, got {sorted(df['mode'].unique())}")
+    out: dict[str, dict] = {}
+    for r in df.to_dict("records"):
+        varr_ = {
+            k[5:]: (None if v is None or v != v else float(v)) for k, v in r.items() if k.startswith("varr_")
+        }
+        out.setdefault(r["method"], {})[f"{r['gamma']:g}"] = {
+            "actual_ratio": float(r["actual_ratio"]),
+            "varr": varr_,
+        }
+    return out
+
+
+def decision_table(rows: Sequence[Any], keeps: Sequence[np.ndarray], cfg: Config, anchors=None):
+    """One line per token: the values the gate saw (word values when word-level), kept or not, and the
+    anchor type the token belongs to ('' if none). For the kept/pruned scatter."""
+    import pandas as pd
+
+    frames = []
+    for i, (row, keep) in enumerate(zip(rows, keeps)):
+        row = as_scored(row)
+        d = {"id": row.id, "kept": np.asarray(keep, dtype=bool)}
+        for col in ("surprisal", "anchoring"):
+            d[col] = gate_values(row, col, cfg)
+        kinds = np.full(row.n, "", dtype=object)
+        for kind, tokens in anchor_tokens(row, anchors[i]) if anchors is not None else []:
+            kinds[tokens] = kind
+        d["anchor"] = kinds
+        frames.append(pd.DataFrame(d))
+    return pd.concat(frames, ignore_index=True)
+
+
+def strikethrough_html(row: Any, keep: np.ndarray) -> str:
+    """The full rationale as HTML with pruned tokens struck through (kept ones plain)."""
+    row = as_scored(row)
+    out, pos = [], 0
+    for j, (s, e) in enumerate(row.offsets):
+        out.append(html.escape(row.text[pos:s]))
+        piece = html.escape(row.text[s:e])
+        out.append(piece if keep[j] else f'<s style="color:#999">{piece}</s>')
+        pos = e
+    out.append(html.escape(row.text[pos:]))
+    return "".join(out)
+
+
+def student_tokenizer(cfg: Config):
+    """The student's tokenizer (`distill.student`: the embedded teacher's, or a hub id / local folder)."""
+    from transformers import AutoTokenizer
+
+    from vskip_core.modeling.loading import embedded_dir
+    from vskip_core.modeling.standins import resolve
+
+    name = resolve(cfg, cfg.distill.student)
+    src = embedded_dir(cfg) if name == "embedded" else (cfg.path(name) if cfg.path(name).exists() else name)
+    return AutoTokenizer.from_pretrained(src)
+
+
+# ------------------------------------------------------------------------------------------ notebook 03
+def gateable_rows(records: Sequence[dict], cfg: Config) -> tuple[list[Scored], Counter, Config]:
+    """The rows the gate can serve at every gamma of `gate.gammas` (`usable_rows` at the smallest), their
+    drop counts, and the Config to gate them with. If no row is usable and `gate.force_keep_answer` is on
+    (a teacher that writes no final answer line), the answer line is no longer forced, and this says so."""
+    gamma_min = min(cfg.gate.gammas)
+    rows, skipped = usable_rows(records, gamma_min, cfg)
+    print(
+        f"usable at every gamma >= {gamma_min}: {len(rows)} of {len(records)} rationales; dropped: {dict(skipped)}"
+    )
+    if rows or not cfg.gate.force_keep_answer:
+        return rows, skipped, cfg
+    before = dict(skipped)
+    cfg = dataclasses.replace(cfg, gate=dataclasses.replace(cfg.gate, force_keep_answer=False))
+    rows, skipped = usable_rows(records, gamma_min, cfg)
+    print(
+        f"gate.force_keep_answer switched OFF for this stage: with it no rationale was usable (dropped: {before}; "
+        f"no_answer_line = no final answer line to keep, budget = forced tokens over gamma). Without it "
+        f"{len(rows)} rationales are usable (dropped: {dict(skipped)}); their answer lines may be pruned."
+    )
+    return rows, skipped, cfg
+
+
+def external_scores(cfg: Config, scores, search_dirs=()):
+    """`scores` (stage 02's frame) with `surprisal_external` from SmolLM2 (`stages.distillation.
+    with_external_surprisal`: the question as context, no image) and, when LLMLingua-2 is present locally,
+    `keep_prob_llmlingua2`. Returns (frame, facts for metrics.json: source, timings, LLMLingua-2 status)."""
+    import torch
+
+    from vskip_core.method import external_lm
+    from vskip_core.stages.distillation import with_external_surprisal
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    rows, source = with_external_surprisal(cfg, scores.to_dict("records"), search_dirs)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0  # model load included
+    out = scores.copy()
+    out["surprisal_external"] = [[float(v) for v in r["surprisal_external"]] for r in rows]
+    n_tokens = int(sum(len(o) for o in scores["offsets"]))
+    info = {
+        "model": "SmolLM2-135M-Instruct",
+        "dtype": cfg.gate.external_dtype,
+        "source": source,
+        "texts": len(rows),
+        "teacher_tokens": n_tokens,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "teacher_tokens_per_s": n_tokens / max(seconds, 1e-9),
+        "threads": torch.get_num_threads(),
+    }
+    ok, info["llmlingua2"] = external_lm.llmlingua2_status(cfg)
+    if ok:
+        clf = external_lm.load_llmlingua2(cfg)
+        probs = external_lm.keep_probability(clf, out["text"].tolist(), out["offsets"].tolist())
+        out["keep_prob_llmlingua2"] = [p.tolist() for p in probs]
+    return out, info
+
+
+def share_ablation(
+    rows, anchors, tokenizer, cfg: Config, seed: int = 0, gamma: float = 0.5,
+    shares=(0.0, 0.25, 0.5, 0.75, 1.0), methods=("vskip", "intersection", "weighted"),
+):  # fmt: skip
+    """Union vs intersection vs weighted sum at `gamma`, each at every `gate.text_share` in `shares`: one row
+    per (method, text_share) with the actual ratio and VARR per type and overall."""
+    import pandas as pd
+
+    measure, out = Evaluator(rows, anchors, tokenizer), []
+    for share in shares:
+        c = dataclasses.replace(cfg, gate=dataclasses.replace(cfg.gate, text_share=share))
+        for method in methods:
+            m = measure(method, gamma, c, seed, "example")
+            out.append(
+                {"method": method, "text_share": share, "actual_ratio": m["actual_ratio"], **m["varr"]}
+            )
+    return pd.DataFrame(out)
+
+
+def layer_bands(all_layers: Sequence[int], key_layers: Sequence[int]) -> dict[str, list[int]]:
+    """Key-layer bands to ablate: each candidate layer alone (up to 8), else the first and last third of
+    the candidates; then all of them and this run's key layers."""
+    layers = list(all_layers)
+    third = max(1, len(layers) // 3)
+    if len(layers) <= 8:
+        bands = {f"layer {i}": [i] for i in layers}
+    else:
+        bands = {"early": layers[:third], "late": layers[-third:]}
+    return bands | {"all": layers, f"key {list(key_layers)} (this run)": list(key_layers)}
+
+
+def band_ablation(
+    rows: Sequence[Scored], score_records: Sequence[dict], anchors, tokenizer, cfg: Config, seed: int = 0,
+    gamma: float = 0.5, methods=("vskip", "visual_only"),
+):  # fmt: skip
+    """VARR at `gamma` with the visual path recomputed for other key-layer bands and head reductions from
+    stage 02's per-layer anchoring (`method.scoring.anchoring_for_layers`), without re-scoring: one row per
+    (band, heads, method). Empty, with a printed reason, when stage 02 stored no per-layer anchoring."""
+    import pandas as pd
+
+    raw = {r["id"]: r for r in score_records}
+    stored = [raw[r.id].get("anchoring_by_layer_max") for r in rows]
+    if not rows or any(v is None or (isinstance(v, float) and v != v) for v in stored):
+        print(
+            "stage 02 stored no per-layer anchoring (scoring.store_all_layers: false): band ablation skipped"
+        )
+        return pd.DataFrame()
+    first = raw[rows[0].id]
+    out = []
+    for name, band in layer_bands(first["all_layers"], first["key_layers"]).items():
+        for head in ("max", "mean"):
+            variant = [r.with_scores(anchoring=anchoring_for_layers(raw[r.id], band, head)) for r in rows]
+            measure = Evaluator(variant, anchors, tokenizer)
+            for method in methods:
+                m = measure(method, gamma, cfg, seed, "example")
+                out.append({"band": name, "heads": head, "method": method, **m["varr"]})
+    return pd.DataFrame(out)
+
+
+def gamma_table(main, gamma: float, out_dir=None):
+    """The table at one gamma: actual ratio and VARR per type, one row per method (per-example thresholds'
+    sweep rows); with `out_dir`, also written as `table_gamma_<gamma>.csv` and `.md`."""
+    types = [c for c in main.columns if c.startswith("varr_")]
+    table = main[main["gamma"] == gamma].set_index("method")[["actual_ratio", *types]]
+    table.columns = ["actual ratio", *[t[5:] for t in types]]
+    if out_dir is not None:
+        from pathlib import Path
+
+        table.to_csv(Path(out_dir) / f"table_gamma_{gamma:g}.csv")
+        header = "| method | " + " | ".join(table.columns) + " |\n|---|" + "---|" * len(table.columns) + "\n"
+        lines = [
+            f"| {m} | " + " | ".join("-" if v != v else f"{v:.3f}" for v in r) + " |"
+            for m, r in table.iterrows()
+        ]
+        (Path(out_dir) / f"table_gamma_{gamma:g}.md").write_text(header + "\n".join(lines) + "\n")
+    return table
