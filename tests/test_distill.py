@@ -313,7 +313,6 @@ def _scores_row(tok, ex, rng):
 
 
 def test_gate_compressor_hits_the_ratio_and_keeps_the_answer(tiny_teacher):
-    pytest.importorskip("vskip_core.method.gating")
     import numpy as np
 
     cfg, _ = tiny_teacher
