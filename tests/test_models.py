@@ -157,12 +157,19 @@ def test_length_buckets_give_the_whole_batch_loss(tiny_teacher):
     assert torch.allclose(sum(loss(b, denom) for _, b in parts), loss(full), atol=1e-5)
 
 
-def test_tiny_teacher_trains_on_lookup_drills_first(tiny_teacher):
+def test_tiny_teacher_runs_the_four_phases_in_order(tiny_teacher):
+    from vskip_core.config import TEACHER_PHASES
+
     cfg, path = tiny_teacher
-    phases = [h["phase"] for h in history(path) if h["phase"] != "vision"]
+    tags = [h["phase"] for h in history(path)]
     e = cfg.embedded
     assert e.verdict_steps > 0  # smoke.yaml runs a short verdict phase, so the test covers it
-    assert phases == ["drill"] * e.drill_steps + ["lm"] * e.train_steps + ["verdict"] * e.verdict_steps
+    steps = [e.pretrain_steps, e.drill_steps, e.train_steps, e.verdict_steps]
+    assert tags == [t for t, n in zip(TEACHER_PHASES.values(), steps) for _ in range(n)]
+    assert list(TEACHER_PHASES) == ["vision_pretraining", "lookup_drills", "end_to_end", "verdict"]
+    # lookup_drills and end_to_end share one lr schedule: one warm-up, then one cosine over both
+    lr = [h["lr"] for h in history(path) if h["phase"] in ("drill", "lm")]
+    assert lr[: e.warmup_steps] == sorted(lr[: e.warmup_steps]) and lr[-1] < lr[e.warmup_steps]
 
 
 def test_family_weights_shape_the_teachers_stream():
@@ -215,7 +222,7 @@ def test_compare_drills_put_their_loss_on_the_verdict_only(tiny_teacher):
 
 
 def test_teacher_build_resumes_after_a_kill_in_the_verdict_phase(tiny_teacher, tmp_path, monkeypatch):
-    """A build killed mid-way (here: in phase 4) resumes from its last checkpoint to the same weights as the
+    """A build killed mid-way (here: in the verdict phase) resumes from its last checkpoint to the same weights as the
     uninterrupted build of the `tiny_teacher` fixture."""
     import dataclasses
 

@@ -42,6 +42,14 @@ STAGES = (
     "06_hallucination_analysis",
     "07_visual_token_pruning",
 )
+# The embedded teacher's build phases in order (vskip_core.teacher, docs/TEACHER.md), each with the tag its rows
+# carry in the build's history.json (the tags of the first builds, so every cached history reads the same).
+TEACHER_PHASES = {
+    "vision_pretraining": "vision",
+    "lookup_drills": "drill",
+    "end_to_end": "lm",
+    "verdict": "verdict",
+}
 
 
 class ParamsError(ValueError):

@@ -1,49 +1,20 @@
 """Build the embedded teacher: a tiny `Qwen2VLForConditionalGeneration` trained in-repo on the benchmark.
 
-Recipe (each step measured in the notebook 00 report):
-1. A byte-level BPE tokenizer trained on benchmark text (digits are single tokens).
-2. **Vision pretraining**: the vision tower + merger learn dense per-token labels: for every merged image
-   token, the colour, shape, size and the three price digits of the object in its cell, and the cell index.
-   The colour, shape and size heads are *tied to the language model's word embeddings* (`VisionProbe`), so
-   each visual token lands next to the embeddings of the words that describe its object.
-3. **Look-up drills**: `drill_steps` steps of "Describe the triangle." -> "The triangle is a small red
-   triangle with the price $4.57, at the top left." (`data.make_lookup_drill`): the one skill every family
-   needs, at a third of a full example's length.
-4. **End to end**: next-token loss on rationale + answer only (prompt and image tokens masked), tokens
-   inside visual-anchor spans and the answer line weighted `anchor_weight`x, vision lr x`vision_lr_mult`,
-   plus `probe_weight` x the phase-2 probe loss so the visual tokens stay decodable. Batches are cut into
-   two micro-batches by length (same loss, a quarter less padding).
-   A fresh stream of examples (split "teacher", disjoint from train/val/test), never repeated.
-5. **Verdict phase**: `verdict_steps` steps of 16 colour-comparison drills on blank images ("It is blue; we
-   need red: different.", loss on the verdict only, `data.make_compare_drill`) + 16 full examples, language
-   model only, lr 5e-4 decaying (cosine) to a tenth.
+    from vskip_core.teacher import build_teacher; build_teacher(load_params("params/default.yaml"))
 
-Measured (greedy; 200 test examples per family for the first and last, 100 otherwise): untied probe, no
-drills, 1000 full steps: attribute 0.41, reading ANLS 0.49; tied probe, 730 full steps: attribute 1.00,
-ANLS 0.84; tied + 300 drills + 500 full steps: attribute 1.00, ANLS 1.00 (exact 1.00), existence F1 0.65
-("It is orange, not red." needed a comparison with a colour 25 tokens back, which stayed at chance); with
-existence rationales that put the two colours side by side and `decision_weight` on the verdict: F1 0.67-0.80
-over rebuilds and family shares (0.80 with `family_weights` [1, 2, 1, 2], 200 per family).
-Why the verdict phase: after step 4 the teacher wrote both colours right and then the wrong verdict in 34 of
-175 shape-present existence examples ("It is blue; we need blue: different."); teacher-forced on blank images
-it gave "different" to all 36 colour pairs: the verdict came from the image and question, not from the two
-words beside it. The same comparison drills mixed into steps 3-4 at their lr taught nothing (blank pairs
-still all one verdict, existence F1 0.42 and 0.41, 25% of drills / + 4 per full step); alone on the built
-teacher at lr 3e-4 they are learned in ~100 steps. As a fifth phase (measured on the default teacher, 200 per
-family): constant lr 3e-4, 8 full examples a step: existence F1 0.85-0.88, attribute 0.97-0.98; constant
-5e-4: F1 0.89-0.97 but attribute 0.81-0.91 (the answer copy of one template broke); 5e-4 with the cosine decay
-and 16 full: F1 0.99, attribute 0.99, ANLS 1.00 (0.975 / 0.985 / 1.00 with drills on unrelated real scenes).
-The default build (all five phases): attribute 0.965, existence F1 0.995 (yes-ratio 0.48), ANLS 1.00.
-Multi-step (options A-D, most / least expensive) stays near chance (0.24-0.30) with every recipe and every
-rationale design tried (see `data._multistep`).
-The default build takes 16.5 min at 1 torch thread on an idle 2-core VM (pretraining 800 steps ~2.5 min, drills
-~0.7 s/step, full steps ~0.8 s/step, then 150 verdict steps), and is deterministic there: two builds (one from a
-clean clone), bit-identical weights.
+A byte-level BPE tokenizer is trained on benchmark text, then four phases (`phases`) run through one training
+loop (`run_phase`: lr schedule, clipping, history, checkpoints):
 
-The result is saved with `save_pretrained` (model, tokenizer, image processor) under
-`.cache/teacher-<hash of embedded + data params>-g<data.GENERATOR_VERSION>/`, so later runs and stages load
-it like a hub model.
-Training checkpoints every `CKPT_EVERY` steps; a killed build resumes from the last one.
+1. `vision_pretraining`: the vision tower learns dense per-token labels (colour, shape, size, price digits,
+   cell) through `VisionProbe`, whose colour/shape/size heads are tied to the language model's word embeddings.
+2. `lookup_drills`: short "Describe the triangle." -> "The triangle is a small red triangle ..." examples.
+3. `end_to_end`: question -> rationale + answer, anchors and verdict words weighted, the probe loss alongside
+   (2 and 3 share one optimizer and one lr schedule).
+4. `verdict`: colour-comparison drills (loss on "same" / "different" only) + full examples, language model only.
+
+Why each phase is there, and what was tried and measured: docs/TEACHER.md. The result is saved with
+`save_pretrained` under `.cache/teacher-<hash of embedded + data params>-g<data.GENERATOR_VERSION>/`, so later
+stages load it like a hub model; a killed build resumes from its last checkpoint (every `CKPT_EVERY` steps).
 """
 
 from __future__ import annotations
@@ -53,6 +24,8 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vskip_core.config import Config
+from vskip_core.config import TEACHER_PHASES, Config
 from vskip_core.data.embedded import (
     COLOURS,
     SHAPES,
@@ -85,6 +58,7 @@ LM_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
 
 
 def tokenizer_corpus(cfg: Config, n: int = 3000) -> list[str]:
+    """The text the teacher's BPE tokenizer is trained on: prompts, rationales and answers of the stream."""
     from vskip_core.modeling.loading import ANSWER_PREFIX, user_text
 
     texts = []
@@ -99,13 +73,10 @@ def tokenizer_corpus(cfg: Config, n: int = 3000) -> list[str]:
 class VisionProbe(nn.Module):
     """Heads on merged visual tokens: colour, shape, size, 3 digits (each with a 'none' class), cell.
 
-    With `words` (head -> one token-id list per class, from `probe_words`), the colour, shape and size heads
-    are *tied to the language model's input embeddings*: the logit of class k is the scaled cosine between the
-    visual token and the embedding of the word naming k (" purple", " diamond"), plus a free 'none' vector.
-    Vision pretraining then puts each visual token near the embeddings of the words that describe its object,
-    so the language model reads an image token like the words it would write, and copying "purple" from the
-    image is the same operation as copying it from text. The three price digits stay linear heads: tied to the
-    same ten digit embeddings, d0, d1 and d2 would be one function and could not tell $4.57 from $7.54."""
+    With `words` (from `probe_words`) the colour, shape and size heads are tied to the language model's input
+    embeddings: class k's logit is the scaled cosine between the visual token and the embedding of the word
+    naming k, so pretraining puts each visual token next to the words describing its object. The price digits
+    stay linear heads (tied to the same ten digit embeddings, d0, d1 and d2 could not differ)."""
 
     def __init__(
         self,
@@ -234,8 +205,8 @@ def lm_batch(
 def length_buckets(
     examples: list[dict[str, Any]], tok, proc, anchor_weight: float, decision_weight: float | None = None
 ) -> list[tuple[list[dict[str, Any]], dict[str, torch.Tensor]]]:
-    """One training batch as two micro-batches of similar length, cut where the padded token count is least.
-    A multi-step example is ~155 tokens, the others ~90: padded together, a third of the compute is padding."""
+    """One training batch as two micro-batches of similar length, cut where the padded token count is least
+    (multi-step examples are much longer than the rest: padded together, much of the compute is padding)."""
     items = [encode(ex, tok, proc, target=ex["rationale"]) for ex in examples]
     order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
     lens = [len(items[i]["input_ids"]) for i in order]
@@ -267,6 +238,10 @@ def weighted_lm_loss(
 
 
 # -------------------------------------------------------------------------------------------- training
+FULL_OFFSET = 5_000_000  # teacher-stream indices of end_to_end's full examples (disjoint from pretraining's)
+VERDICT_OFFSET = 7_000_000  # and of the verdict phase's full examples (none seen in end_to_end)
+
+
 def family_for(cfg: Config, i: int) -> str | None:
     """Family of example `i` of the teacher's stream: drawn by `embedded.family_weights` (a pure function of
     `i`, so a resumed build sees the same stream), or None (the benchmark's own rotation) without weights."""
@@ -277,33 +252,66 @@ def family_for(cfg: Config, i: int) -> str | None:
 
 
 def _lr(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to a tenth at `total` (a factor of the peak lr)."""
     if step < warmup:
         return (step + 1) / warmup
     p = (step - warmup) / max(1, total - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
 
-def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Path:
-    """Train (or reuse from cache) the embedded teacher; returns its folder. Resumes a killed build."""
-    from tqdm.auto import tqdm
-    from transformers import Qwen2VLForConditionalGeneration
+def _verdict_lr(step: int, total: int) -> float:
+    """The verdict phase's factor: no warm-up, cosine to a tenth counted from step + 1."""
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step + 1) / total))
 
-    from vskip_core.runtime import atomic_write_json, resolve_device, seed_everything
 
-    out = embedded_dir(cfg)
-    if (out / "config.json").exists() and not force:
-        return out
-    work = out.with_name(out.name + ".building")
-    work.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.runtime.seed)
-    device = resolve_device(cfg.runtime.device)
+@dataclass
+class Build:
+    """What a build trains, and the state a killed build resumes from (`work/ckpt.pt`)."""
+
+    cfg: Config
+    work: Path  # the .building folder
+    device: str
+    tok: Any
+    proc: Any
+    model: nn.Module
+    probe: VisionProbe
+    vision: list[nn.Parameter]  # vision tower + merger
+    language: list[nn.Parameter]  # the rest of the model (the language model and its embeddings)
+    optimizers: dict[str, torch.optim.Optimizer]  # "vision", "joint", "language" (see `_setup`)
+    state: dict[str, Any]  # step counters, history, seconds
+    t_start: float  # when this run of the build started (a resumed build adds the seconds before)
+
+    def save(self) -> None:
+        self.state["seconds"] = self.state.get("seconds_base", 0.0) + (time.time() - self.t_start)
+        blob = {"model": self.model.state_dict(), "probe": self.probe.state_dict()}
+        blob |= {_CKPT_KEYS[k]: opt.state_dict() for k, opt in self.optimizers.items()}
+        blob |= {"state": self.state, "rng": torch.get_rng_state()}
+        torch.save(blob, self.work / "ckpt.pt.tmp")
+        (self.work / "ckpt.pt.tmp").replace(self.work / "ckpt.pt")
+
+    def resume(self) -> None:
+        ckpt = self.work / "ckpt.pt"
+        if ckpt.exists():
+            blob = torch.load(ckpt, map_location=self.device, weights_only=False)
+            self.model.load_state_dict(blob["model"])
+            self.probe.load_state_dict(blob["probe"])
+            for k, opt in self.optimizers.items():
+                opt.load_state_dict(blob[_CKPT_KEYS[k]])
+            self.state = blob["state"]
+            torch.set_rng_state(blob["rng"])
+        self.state["seconds_base"] = self.state.get("seconds", 0.0)
+
+
+_CKPT_KEYS = {"vision": "opt_v", "joint": "opt", "language": "opt_p"}  # the optimizers' keys in ckpt.pt
+
+
+def _setup(cfg: Config, work: Path, device: str, t_start: float) -> Build:
+    """Tokenizer (trained on benchmark text, or the one saved by a killed build), model, probe, optimizers."""
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
     e = cfg.embedded
-    t_start = time.time()
-
     tok_dir = work / "tokenizer"
     if (tok_dir / "tokenizer.json").exists():
-        from transformers import AutoTokenizer
-
         tok = AutoTokenizer.from_pretrained(tok_dir)
     else:
         tok = train_tokenizer(tokenizer_corpus(cfg), e.vocab_size)
@@ -315,223 +323,223 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
         probe = VisionProbe(e.hidden_size, n_cells, model.get_input_embeddings(), probe_words(tok)).to(device)
     else:
         probe = VisionProbe(e.hidden_size, n_cells).to(device)
-
-    vis_params = list(model.model.visual.parameters())
-    vis_ids = {id(p) for p in vis_params}
-    lm_params = [p for p in model.parameters() if id(p) not in vis_ids]
-    opt_v = torch.optim.AdamW(vis_params + list(probe.parameters()), lr=e.pretrain_lr, weight_decay=0.01)
-    opt = torch.optim.AdamW(
-        [
-            {"params": lm_params, "lr": e.lr},
-            {"params": vis_params + list(probe.parameters()), "lr": e.lr * e.vision_lr_mult},
-        ],
-        lr=e.lr,
-        betas=(0.9, 0.98),
-        weight_decay=0.01,
-    )
-    # Phase 3 (the verdict phase, recipe step 5): the language model alone, its own optimizer.
-    opt_p = torch.optim.AdamW(lm_params, lr=e.verdict_lr, weight_decay=0.01)
-    state: dict[str, Any] = {
-        "pretrain_step": 0,
-        "train_step": 0,
-        "verdict_step": 0,
-        "history": [],
-        "seconds": 0.0,
+    vision = list(model.model.visual.parameters())
+    vision_ids = {id(p) for p in vision}
+    language = [p for p in model.parameters() if id(p) not in vision_ids]
+    optimizers = {
+        # vision_pretraining: the vision tower and the probe
+        "vision": torch.optim.AdamW(vision + list(probe.parameters()), lr=e.pretrain_lr, weight_decay=0.01),
+        # lookup_drills and end_to_end: everything, the vision side at lr x vision_lr_mult
+        "joint": torch.optim.AdamW(
+            [
+                {"params": language, "lr": e.lr},
+                {"params": vision + list(probe.parameters()), "lr": e.lr * e.vision_lr_mult},
+            ],
+            lr=e.lr,
+            betas=(0.9, 0.98),
+            weight_decay=0.01,
+        ),
+        # verdict: the language model alone
+        "language": torch.optim.AdamW(language, lr=e.verdict_lr, weight_decay=0.01),
     }
-    ckpt = work / "ckpt.pt"
-    if ckpt.exists():
-        blob = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(blob["model"])
-        probe.load_state_dict(blob["probe"])
-        opt_v.load_state_dict(blob["opt_v"])
-        opt.load_state_dict(blob["opt"])
-        opt_p.load_state_dict(blob["opt_p"])
-        state = blob["state"]
-        torch.set_rng_state(blob["rng"])
+    state = {"pretrain_step": 0, "train_step": 0, "verdict_step": 0, "history": [], "seconds": 0.0}
+    return Build(cfg, work, device, tok, proc, model, probe, vision, language, optimizers, state, t_start)
 
-    def save_ckpt() -> None:
-        state["seconds"] = state.get("seconds_base", 0.0) + (time.time() - t_start)
-        blob = {
-            "model": model.state_dict(),
-            "probe": probe.state_dict(),
-            "opt_v": opt_v.state_dict(),
-            "opt": opt.state_dict(),
-            "opt_p": opt_p.state_dict(),
-            "state": state,
-            "rng": torch.get_rng_state(),
-        }
-        torch.save(blob, work / "ckpt.pt.tmp")
-        (work / "ckpt.pt.tmp").replace(ckpt)
 
-    state["seconds_base"] = state.get("seconds", 0.0)
-    model.train()
-    # Phase 1: vision pretraining on dense per-token labels.
-    bar = tqdm(
-        total=e.pretrain_steps,
-        initial=state["pretrain_step"],
-        desc="vision pretraining",
-        disable=not progress,
-    )
-    while state["pretrain_step"] < e.pretrain_steps:
-        step = state["pretrain_step"]
-        exs = [make_example(cfg, "teacher", step * e.batch_size + j) for j in range(e.batch_size)]
-        vis = proc(images=[x["image"] for x in exs], return_tensors="pt")
-        feats = visual_features(model, vis["pixel_values"].to(device), vis["image_grid_thw"].to(device))
-        labels = [token_labels(x["scene"], cfg.data.image_size) for x in exs]
-        logits = probe(feats)
-        loss = sum(
-            F.cross_entropy(logits[k], torch.cat([lab[k] for lab in labels]).to(device)) for k in logits
-        )
-        for g in opt_v.param_groups:
-            g["lr"] = e.pretrain_lr * _lr(step, e.pretrain_steps, min(50, e.warmup_steps))
-        opt_v.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vis_params, 1.0)
-        opt_v.step()
-        with torch.no_grad():
-            acc = {
-                k: (logits[k].argmax(-1).cpu() == torch.cat([lab[k] for lab in labels])).float().mean().item()
-                for k in logits
-            }
-        state["history"].append(
-            {"phase": "vision", "step": step, "loss": loss.item(), **{f"acc_{k}": v for k, v in acc.items()}}
-        )
-        state["pretrain_step"] += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", digits=f"{acc['d2']:.2f}")
-        if state["pretrain_step"] % CKPT_EVERY == 0:
-            save_ckpt()
-    bar.close()
+# ---------------------------------------------------------------------------------------------- phases
+@dataclass
+class Phase:
+    """One phase of the build: which steps of which counter, which optimizer and lr schedule, what one step
+    trains (`step`: forward and backward, returns the history fields), which parameters it clips and freezes."""
 
-    # Phase 2: end to end. The first `drill_steps` steps train on short look-up drills ("Describe the
-    # triangle." -> "The triangle is a small red triangle with the price $4.57, ..."), the rest on full
-    # question -> rationale + answer examples; one optimizer and one lr schedule over both.
-    offset = 5_000_000  # stream indices disjoint from phase 1
-    total = e.drill_steps + e.train_steps
-    bar = tqdm(total=total, initial=state["train_step"], desc="end-to-end", disable=not progress)
-    captured: dict[str, torch.Tensor] = {}  # the merged visual tokens of the current step, for the probe loss
-    hook = model.model.visual.register_forward_hook(
-        lambda _m, _i, out: captured.__setitem__("feats", getattr(out, "pooler_output", out))
-    )
-    while state["train_step"] < total:
-        step = state["train_step"]
-        drill = step < e.drill_steps
-        if drill:
-            n = e.drill_batch_size
-            exs = [make_lookup_drill(cfg, "teacher", step * n + j) for j in range(n)]
-        else:
-            k, n = step - e.drill_steps, e.batch_size
-            exs = [
-                make_example(cfg, "teacher", i, family_for(cfg, i))
-                for i in range(offset + k * n, offset + k * n + n)
-            ]
+    name: str  # a key of config.TEACHER_PHASES
+    counter: str  # state key counting its steps (lookup_drills and end_to_end share one, and their schedule)
+    start: int
+    stop: int
+    optimizer: str  # a key of Build.optimizers
+    lrs: Callable[[int], list[float]]  # lr of each param group at a step of the counter
+    step: Callable[[Build, int], dict[str, float]]
+    clip: list[nn.Parameter]  # gradient norm clipped to 1 over these
+    frozen: list[nn.Parameter] = field(default_factory=list)  # requires_grad off during the phase
+    log_lr: bool = True  # history rows carry the first group's lr
+
+
+def phases(b: Build) -> list[Phase]:
+    """The recipe, in order (docs/TEACHER.md says why each phase is there)."""
+    e = b.cfg.embedded
+    total = e.drill_steps + e.train_steps  # lookup_drills + end_to_end: one warm-up and cosine over both
+
+    def joint(step: int) -> list[float]:
         f = _lr(step, total, e.warmup_steps)
-        opt.param_groups[0]["lr"] = e.lr * f
-        opt.param_groups[1]["lr"] = e.lr * e.vision_lr_mult * f
-        opt.zero_grad(set_to_none=True)
-        parts = length_buckets(exs, tok, proc, e.anchor_weight, e.decision_weight)
-        denom = sum(b["weights"][:, 1:].sum() for _, b in parts)
-        lm_total, probe_total = 0.0, 0.0
-        for part, batch in parts:  # gradient accumulation over the micro-batches: the loss of the whole batch
-            res = model(**{k: batch[k].to(device) for k in LM_INPUTS})
-            lm_loss = weighted_lm_loss(
-                res.logits, batch["labels"].to(device), batch["weights"].to(device), denom
-            )
-            probe_loss = torch.zeros((), device=device)
-            if e.probe_weight > 0:  # keep the dense scene labels decodable from the visual tokens
-                labels = [token_labels(x["scene"], cfg.data.image_size) for x in part]
-                logits = probe(captured["feats"])
-                probe_loss = sum(
-                    F.cross_entropy(logits[k], torch.cat([lab[k] for lab in labels]).to(device))
-                    for k in logits
-                ) * (len(part) / len(exs))
-            (lm_loss + e.probe_weight * probe_loss).backward()
-            lm_total += lm_loss.item()
-            probe_total += probe_loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        state["history"].append(
-            {
-                "phase": "drill" if drill else "lm",
-                "step": step,
-                "loss": lm_total,
-                "probe_loss": probe_total,
-                "lr": e.lr * f,
-            }
-        )
-        state["train_step"] += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{lm_total:.3f}", phase="drill" if drill else "full")
-        if state["train_step"] % CKPT_EVERY == 0:
-            save_ckpt()
-    bar.close()
-    hook.remove()
+        return [e.lr * f, e.lr * e.vision_lr_mult * f]
 
-    # Phase 3: the verdict phase. After phase 2 the teacher writes "It is blue; we need blue:" and then
-    # "different" about one time in five: it takes the verdict from weaker cues (the image, the question) and
-    # never learned to compare the two words (on blank images it says "different" to all 36 colour pairs).
-    # Comparison drills on blank images leave the two words as the only cue; mixed with full examples, at a
-    # low lr decaying to a tenth, with the vision tower frozen. Mixed into phase 2 at its lr, the same drills
-    # taught nothing (blank pairs still all one verdict, existence F1 0.42; README, teacher).
-    bar = tqdm(total=e.verdict_steps, initial=state["verdict_step"], desc="verdict", disable=not progress)
-    for p in vis_params:
+    def pretrain(step: int) -> list[float]:
+        return [e.pretrain_lr * _lr(step, e.pretrain_steps, min(50, e.warmup_steps))]
+
+    def verdict_lr(step: int) -> list[float]:
+        return [e.verdict_lr * _verdict_lr(step, e.verdict_steps)]
+
+    every = list(b.model.parameters())
+    return [
+        Phase("vision_pretraining", "pretrain_step", 0, e.pretrain_steps, "vision", pretrain,
+              vision_pretraining, b.vision, log_lr=False),
+        Phase("lookup_drills", "train_step", 0, e.drill_steps, "joint", joint, lookup_drills, every),
+        Phase("end_to_end", "train_step", e.drill_steps, total, "joint", joint, end_to_end, every),
+        Phase("verdict", "verdict_step", 0, e.verdict_steps, "language", verdict_lr, verdict, b.language,
+              frozen=b.vision),
+    ]  # fmt: skip
+
+
+def run_phase(b: Build, phase: Phase, progress: bool = True) -> None:
+    """The one training loop: lr schedule, one step, clipping, history, a checkpoint every `CKPT_EVERY`."""
+    from tqdm.auto import tqdm
+
+    st, opt = b.state, b.optimizers[phase.optimizer]
+    done = min(max(st[phase.counter], phase.start), phase.stop) - phase.start
+    bar = tqdm(total=phase.stop - phase.start, initial=done, desc=phase.name, disable=not progress)
+    for p in phase.frozen:
         p.requires_grad_(False)
-    offset_v = 7_000_000  # full examples of the teacher stream not seen in phase 2
-    while state["verdict_step"] < e.verdict_steps:
-        step = state["verdict_step"]
-        nc, nf = e.verdict_compare, e.verdict_full
-        exs = [make_compare_drill(cfg, "teacher", step * nc + j, blank=e.verdict_blank) for j in range(nc)]
-        exs += [
-            make_example(cfg, "teacher", i, family_for(cfg, i))
-            for i in range(offset_v + step * nf, offset_v + (step + 1) * nf)
-        ]
-        opt_p.zero_grad(set_to_none=True)
-        parts = length_buckets(exs, tok, proc, e.anchor_weight, e.decision_weight)
-        denom = sum(b["weights"][:, 1:].sum() for _, b in parts)
-        lm_total = 0.0
-        for _, batch in parts:
-            res = model(**{k: batch[k].to(device) for k in LM_INPUTS})
-            loss = weighted_lm_loss(
-                res.logits, batch["labels"].to(device), batch["weights"].to(device), denom
-            )
-            loss.backward()
-            lm_total += loss.item()
-        torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
-        lr_v = e.verdict_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step + 1) / e.verdict_steps)))
-        for g in opt_p.param_groups:
-            g["lr"] = lr_v
-        opt_p.step()
-        state["history"].append({"phase": "verdict", "step": step, "loss": lm_total, "lr": lr_v})
-        state["verdict_step"] += 1
+    while st[phase.counter] < phase.stop:
+        step = st[phase.counter]
+        lrs = phase.lrs(step)
+        for g, lr in zip(opt.param_groups, lrs, strict=True):
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        logged = phase.step(b, step)
+        torch.nn.utils.clip_grad_norm_(phase.clip, 1.0)
+        opt.step()
+        logged |= {"lr": lrs[0]} if phase.log_lr else {}
+        st["history"].append({"phase": TEACHER_PHASES[phase.name], "step": step, **logged})
+        st[phase.counter] += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{lm_total:.3f}")
-        if state["verdict_step"] % CKPT_EVERY == 0:
-            save_ckpt()
+        bar.set_postfix(loss=f"{logged['loss']:.3f}")
+        if st[phase.counter] % CKPT_EVERY == 0:
+            b.save()
     bar.close()
-    for p in vis_params:
+    for p in phase.frozen:
         p.requires_grad_(True)
 
-    model.eval()
-    seconds = state.get("seconds_base", 0.0) + (time.time() - t_start)
+
+def _probe_loss(b: Build, exs: list[dict[str, Any]], feats: torch.Tensor):
+    """Summed cross-entropy of every probe head on the examples' merged visual tokens: (loss, logits, labels)."""
+    per = [token_labels(x["scene"], b.cfg.data.image_size) for x in exs]
+    labels = {k: torch.cat([lab[k] for lab in per]) for k in per[0]}
+    logits = b.probe(feats)
+    loss = sum(F.cross_entropy(logits[k], labels[k].to(b.device)) for k in logits)
+    return loss, logits, labels
+
+
+def _lm_step(b: Build, exs: list[dict[str, Any]], probe_weight: float | None) -> dict[str, float]:
+    """Forward and backward of a batch of rationale examples as two length buckets (gradient accumulation: the
+    loss of the whole batch), plus `probe_weight` x the probe loss on their visual tokens (None: no probe)."""
+    e, device = b.cfg.embedded, b.device
+    parts = length_buckets(exs, b.tok, b.proc, e.anchor_weight, e.decision_weight)
+    denom = sum(batch["weights"][:, 1:].sum() for _, batch in parts)
+    captured: dict[str, torch.Tensor] = {}  # the merged visual tokens of the current forward
+    hook = b.model.model.visual.register_forward_hook(
+        lambda _m, _i, out: captured.__setitem__("feats", getattr(out, "pooler_output", out))
+    )
+    lm_total, probe_total = 0.0, 0.0
+    try:
+        for part, batch in parts:
+            res = b.model(**{k: batch[k].to(device) for k in LM_INPUTS})
+            w = batch["weights"].to(device)
+            lm_loss = weighted_lm_loss(res.logits, batch["labels"].to(device), w, denom)
+            if probe_weight is None:
+                lm_loss.backward()
+            else:
+                probe_loss = torch.zeros((), device=device)
+                if probe_weight > 0:
+                    probe_loss = _probe_loss(b, part, captured["feats"])[0] * (len(part) / len(exs))
+                (lm_loss + probe_weight * probe_loss).backward()
+                probe_total += probe_loss.item()
+            lm_total += lm_loss.item()
+    finally:
+        hook.remove()
+    return {"loss": lm_total} if probe_weight is None else {"loss": lm_total, "probe_loss": probe_total}
+
+
+def vision_pretraining(b: Build, step: int) -> dict[str, float]:
+    """The vision tower learns, for every merged image token, the colour, shape, size and price digits of the
+    object in its cell and the cell itself (through `VisionProbe`)."""
+    cfg, n = b.cfg, b.cfg.embedded.batch_size
+    exs = [make_example(cfg, "teacher", step * n + j) for j in range(n)]
+    vis = b.proc(images=[x["image"] for x in exs], return_tensors="pt")
+    feats = visual_features(b.model, vis["pixel_values"].to(b.device), vis["image_grid_thw"].to(b.device))
+    loss, logits, labels = _probe_loss(b, exs, feats)
+    loss.backward()
+    with torch.no_grad():
+        acc = {k: (logits[k].argmax(-1).cpu() == labels[k]).float().mean().item() for k in logits}
+    return {"loss": loss.item(), **{f"acc_{k}": v for k, v in acc.items()}}
+
+
+def lookup_drills(b: Build, step: int) -> dict[str, float]:
+    """Short look-up drills ("Describe the triangle." -> "The triangle is a small red triangle with the price
+    $4.57, at the top left."): the step every family's rationale contains."""
+    n = b.cfg.embedded.drill_batch_size
+    exs = [make_lookup_drill(b.cfg, "teacher", step * n + j) for j in range(n)]
+    return _lm_step(b, exs, b.cfg.embedded.probe_weight)
+
+
+def end_to_end(b: Build, step: int) -> dict[str, float]:
+    """Question -> rationale + answer, anchors, answer and decision words weighted, the probe loss alongside."""
+    cfg, e = b.cfg, b.cfg.embedded
+    first = FULL_OFFSET + (step - e.drill_steps) * e.batch_size
+    exs = [make_example(cfg, "teacher", i, family_for(cfg, i)) for i in range(first, first + e.batch_size)]
+    return _lm_step(b, exs, e.probe_weight)
+
+
+def verdict(b: Build, step: int) -> dict[str, float]:
+    """Colour-comparison drills ("It is blue; we need red: different.", loss on the verdict only) + full
+    examples, the language model alone."""
+    cfg, e = b.cfg, b.cfg.embedded
+    nc, nf = e.verdict_compare, e.verdict_full
+    exs = [make_compare_drill(cfg, "teacher", step * nc + j, blank=e.verdict_blank) for j in range(nc)]
+    first = VERDICT_OFFSET + step * nf
+    exs += [make_example(cfg, "teacher", i, family_for(cfg, i)) for i in range(first, first + nf)]
+    return _lm_step(b, exs, None)
+
+
+# ------------------------------------------------------------------------------------------- the build
+def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Path:
+    """Train (or reuse from cache) the embedded teacher; returns its folder. Resumes a killed build."""
+    from vskip_core.runtime import resolve_device, seed_everything
+
+    out = embedded_dir(cfg)
+    if (out / "config.json").exists() and not force:
+        return out
+    work = out.with_name(out.name + ".building")
+    work.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.runtime.seed)
+    b = _setup(cfg, work, resolve_device(cfg.runtime.device), time.time())
+    b.resume()
+    b.model.train()
+    for phase in phases(b):
+        run_phase(b, phase, progress)
+    b.model.eval()
+    _save_final(b, out)
+    return out
+
+
+def _save_final(b: Build, out: Path) -> None:
+    """Save like a hub checkpoint (model, tokenizer, image processor, the build's params), then swap it in."""
+    from vskip_core.runtime import atomic_write_json
+
+    cfg = b.cfg
+    seconds = b.state.get("seconds_base", 0.0) + (time.time() - b.t_start)
     final = out.with_name(out.name + ".final")
     if final.exists():
         shutil.rmtree(final)
-    save_model(
-        model,
-        tok,
-        proc,
-        final,
-        extra={
-            "build_seconds": seconds,
-            "config_hash": cfg.hash("embedded", "data"),
-            "embedded": cfg.to_dict()["embedded"],
-            "data": cfg.to_dict()["data"],
-        },
-    )
-    atomic_write_json(final / "history.json", state["history"])
+    extra = {
+        "build_seconds": seconds,
+        "config_hash": cfg.hash("embedded", "data"),
+        "embedded": cfg.to_dict()["embedded"],
+        "data": cfg.to_dict()["data"],
+    }
+    save_model(b.model, b.tok, b.proc, final, extra=extra)
+    atomic_write_json(final / "history.json", b.state["history"])
     final.rename(out)
-    shutil.rmtree(work, ignore_errors=True)
-    return out
+    shutil.rmtree(b.work, ignore_errors=True)
 
 
 def build_info(path: Path) -> dict[str, Any]:
