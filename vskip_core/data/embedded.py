@@ -43,6 +43,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from vskip_core.config import Config, DataConfig
+from vskip_core.data.answers import ANSWER_PREFIX
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -441,7 +442,7 @@ def make_example(data: DataConfig | Config, split: str, i: int, family: str | No
     else:
         raise ValueError(f"unknown family {family!r}")
     w: _Writer = ex.pop("writer")
-    w.add(f"Answer: {ex['answer']}")
+    w.add(f"{ANSWER_PREFIX} {ex['answer']}")
     return {
         "id": f"{split}-{i:06d}",
         "family": family,

@@ -3,8 +3,10 @@ the answer line, and the one byte-level BPE tokenizer trainer (the embedded teac
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
+
+# the answer line has one definition (data.answers); re-exported for the prompt side
+from vskip_core.data.answers import ANSWER_PREFIX, ANSWER_RE, answer_line_start  # noqa: F401
 
 if TYPE_CHECKING:
     import torch
@@ -33,19 +35,6 @@ CHAT_TEMPLATE = (
     "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-# The answer line, the one definition every stage shares. Prompts and gold rationales *write* ANSWER_PREFIX;
-# a model's output is *read* by ANSWER_RE, which also takes a sentence like "... so the answer is B." (hub
-# models often end so). Scoring (the gate's force-kept answer), distillation and the metrics all cut there.
-ANSWER_PREFIX = "Answer:"
-ANSWER_RE = re.compile(r"answer\s*(?:is|:)", re.IGNORECASE)
-
-
-def answer_line_start(text: str) -> int | None:
-    """Character index where the final answer statement starts (the last `Answer:` / `answer is`), or None."""
-    starts = [m.start() for m in ANSWER_RE.finditer(text)]
-    return starts[-1] if starts else None
 
 
 # ------------------------------------------------------------------------------------------- tokenizer
