@@ -131,7 +131,7 @@ def score_texts(
     that predict text tokens (the output layer over the context positions would be wasted work)."""
     from tqdm.auto import tqdm
 
-    tok, model = lm.tokenizer, lm.model
+    tok = lm.tokenizer
     contexts = contexts if contexts is not None else [""] * len(texts)
     if len(contexts) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(contexts)} contexts; pass one context per text")
@@ -140,45 +140,44 @@ def score_texts(
         tok(chat_context(tok, c), add_special_tokens=False)["input_ids"] if c else [tok.bos_token_id]
         for c in contexts
     ]
-    out: list[dict[str, np.ndarray] | None] = [None] * len(texts)
     order = sorted(range(len(texts)), key=lambda i: len(ctx_ids[i]) + len(enc["input_ids"][i]))
-    device = next(model.parameters()).device
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out: list[dict[str, np.ndarray] | None] = [None] * len(texts)
     bar = tqdm(total=len(texts), desc="external LM", disable=not progress, leave=False)
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        seqs = [ctx_ids[i] + enc["input_ids"][i] for i in idx]
-        width = max(len(q) for q in seqs)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for r, q in enumerate(seqs):
-            ids[r, : len(q)] = torch.tensor(q)
-            mask[r, : len(q)] = 1
-        hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-        # the hidden state at position p predicts token p + 1: gather the rows that predict text tokens
-        rows, cols, targets = [], [], []
-        for r, i in enumerate(idx):
-            c, m = len(ctx_ids[i]), len(enc["input_ids"][i])
-            rows += [r] * m
-            cols += range(c - 1, c + m - 1)
-            targets += enc["input_ids"][i]
-        logits = head(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
-        nll = torch.nn.functional.cross_entropy(
-            logits, torch.tensor(targets, device=device), reduction="none"
-        )
-        nll = nll.cpu().numpy()
-        start = 0
-        for i in idx:
-            m = len(enc["input_ids"][i])
-            out[i] = {
-                "surprisal": nll[start : start + m].astype(np.float64),
-                "offsets": np.asarray(enc["offset_mapping"][i], dtype=np.int64).reshape(-1, 2),
-            }
-            start += m
+        nll = _text_nll(lm, [ctx_ids[i] for i in idx], [enc["input_ids"][i] for i in idx])
+        for i, v in zip(idx, nll):
+            offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)
+            out[i] = {"surprisal": v, "offsets": offsets}
         bar.update(len(idx))
     bar.close()
     return out  # type: ignore[return-value]
+
+
+def _text_nll(lm: ExternalLM, contexts: list[list[int]], texts: list[list[int]]) -> list[np.ndarray]:
+    """One right-padded batch of context + text token ids -> the NLL (nats) of each text's tokens."""
+    tok, model = lm.tokenizer, lm.model
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    seqs = [c + t for c, t in zip(contexts, texts)]
+    width = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, q in enumerate(seqs):
+        ids[r, : len(q)] = torch.tensor(q)
+        mask[r, : len(q)] = 1
+    hidden = model.get_decoder()(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    # the hidden state at position p predicts token p + 1: gather the rows that predict text tokens
+    rows, cols, targets = [], [], []
+    for r, (c, t) in enumerate(zip(contexts, texts)):
+        rows += [r] * len(t)
+        cols += range(len(c) - 1, len(c) + len(t) - 1)
+        targets += t
+    logits = model.get_output_embeddings()(hidden[torch.tensor(rows), torch.tensor(cols)]).float()
+    nll = torch.nn.functional.cross_entropy(logits, torch.tensor(targets, device=device), reduction="none")
+    nll = nll.cpu().numpy().astype(np.float64)
+    ends = np.cumsum([len(t) for t in texts])
+    return [nll[e - len(t) : e] for t, e in zip(texts, ends)]
 
 
 def to_teacher_tokens(
