@@ -162,3 +162,27 @@ def test_plain_run_names_pass(smoke_cfg, run):
     from vskip_core.runtime import results_dir
 
     assert results_dir(smoke_cfg, run) == smoke_cfg.path(smoke_cfg.runtime.results_dir) / run
+
+
+def test_progress_is_mirrored_on_the_pipeline_terminal(monkeypatch, capsys):
+    """Under the pipeline (VSKIP_LIVE_PROGRESS) a bar also prints plain lines on the real stderr: phase,
+    step/total and rate, at most every LIVE_EVERY_S and once when it finishes; outside it prints nothing there."""
+    import io
+    import sys
+
+    from vskip_core import runtime
+
+    fake = io.StringIO()
+    monkeypatch.setattr(sys, "__stderr__", fake)
+    monkeypatch.setenv(runtime.ENV_LIVE, "1")
+    bar = runtime.progress(total=5, desc="teacher: drills", file=io.StringIO())
+    for _ in range(5):
+        bar.update(1)
+    bar.close()
+    lines = [x for x in fake.getvalue().splitlines() if x.strip()]
+    assert len(lines) == 2 and "teacher: drills" in lines[-1] and "5/5" in lines[-1]
+    monkeypatch.delenv(runtime.ENV_LIVE)
+    fake.truncate(0)
+    quiet = runtime.progress(total=2, desc="x", file=io.StringIO())
+    quiet.update(2)
+    assert fake.getvalue() == ""

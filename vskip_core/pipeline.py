@@ -71,6 +71,8 @@ def run_stage(
             progress_bar=verbose,
             log_output=verbose,
             kernel_name="python3",
+            # the kernel's log (e.g. its warning about unencrypted TCP on loopback) is noise to a reader
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except pm.PapermillExecutionError as e:
         failed = stage_dir / "failed.ipynb"
@@ -150,10 +152,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # papermill passes params explicitly; don't let the nbval redirect leak into the stages' kernels. Put the
     # variables back afterwards: a test calling main() in-process must not change what later notebooks see.
-    saved = {k: os.environ.pop(k) for k in (ENV_PARAMS, ENV_RUN) if k in os.environ}
+    from vskip_core.runtime import ENV_LIVE
+
+    saved = {k: os.environ.pop(k) for k in (ENV_PARAMS, ENV_RUN, ENV_LIVE) if k in os.environ}
+    os.environ[ENV_LIVE] = "1"  # the stages' progress bars are mirrored on this terminal
     try:
         return _run_stages(args, cfg, stages, overrides, out)
     finally:
+        os.environ.pop(ENV_LIVE, None)
         os.environ.update(saved)
 
 

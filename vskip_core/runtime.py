@@ -16,6 +16,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time as _time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,33 @@ from typing import Any
 import numpy as np
 
 from vskip_core.config import REPO_ROOT, Config, ParamsError
+
+# Set by the pipeline for the notebooks it runs: progress bars are then also printed on its terminal.
+ENV_LIVE = "VSKIP_LIVE_PROGRESS"
+LIVE_EVERY_S = 15.0  # at most one terminal line per bar this often (and one when it finishes)
+
+
+def progress(*args, **kwargs):
+    """A tqdm bar (a widget in Jupyter). Under `python -m vskip_core.pipeline` each bar is also mirrored as a
+    plain line (phase, step/total, rate, ETA) on the pipeline's terminal: the kernel's own stderr."""
+    from tqdm.auto import tqdm
+
+    if not os.environ.get(ENV_LIVE):
+        return tqdm(*args, **kwargs)
+
+    class _Live(tqdm):
+        def update(self, n=1):
+            out = super().update(n)
+            if not self.disable:
+                now = _time.monotonic()
+                done = self.total is not None and self.n >= self.total
+                if done or now - getattr(self, "_vskip_last", 0.0) >= LIVE_EVERY_S:
+                    self._vskip_last = now
+                    meter = tqdm.format_meter(**{**self.format_dict, "ncols": 100})
+                    print(f"      {meter}", file=sys.__stderr__, flush=True)
+            return out
+
+    return _Live(*args, **kwargs)
 
 
 def resolve_device(spec: str = "auto") -> str:

@@ -490,7 +490,8 @@ def build_real_benchmark(cfg: Config, progress: bool = False):
     """The train / val / test DatasetDict of the configured real sources (built once, then read from the cache):
     (DatasetDict, path). `card.json` in the folder has every filter's counts."""
     import datasets
-    from tqdm.auto import tqdm
+
+    from vskip_core.runtime import progress as tqdm
 
     d = cfg.data
     if d.source == ["embedded"]:

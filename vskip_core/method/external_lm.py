@@ -129,7 +129,7 @@ def score_texts(
     Returns per text {"surprisal": (m,), "offsets": (m, 2)} in the LM's own tokens, offsets into the text.
     Batches are formed by length (little padding), right-padded; logits are computed only at the positions
     that predict text tokens (the output layer over the context positions would be wasted work)."""
-    from tqdm.auto import tqdm
+    from vskip_core.runtime import progress as tqdm
 
     tok = lm.tokenizer
     contexts = contexts if contexts is not None else [""] * len(texts)

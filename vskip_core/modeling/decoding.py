@@ -88,7 +88,7 @@ def generate(
     """Generate one response per example (left-padded batches). Returns, per example, the text, the
     generated token ids (without the end token) and the batch's wall time divided by its size. Decodes under
     `decoding_config(...)` of these arguments only (never the checkpoint's generation_config.json)."""
-    from tqdm.auto import tqdm
+    from vskip_core.runtime import progress as tqdm
 
     device = next(model.parameters()).device
     prefixes = prefix if isinstance(prefix, list) else [prefix] * len(examples)

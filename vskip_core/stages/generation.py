@@ -136,10 +136,9 @@ def generate_rationales(
     lost, none duplicated. `shard=(i, n)` takes every n-th shard (several workers/GPUs), `merge_rationales`
     joins them. Returns the merged `rationales.jsonl` when every shard exists. `backend="vllm"` generates
     with vLLM from `model.teacher` (a hub id or local folder; `loaded` may then be None)."""
-    from tqdm.auto import tqdm
-
     from vskip_core.data.real import example_at
     from vskip_core.runtime import atomic_write_bytes
+    from vskip_core.runtime import progress as tqdm
 
     g = cfg.generation
     split, n, n_shards = plan_shards(cfg, split, n)

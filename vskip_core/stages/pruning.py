@@ -41,9 +41,8 @@ def generate_pruned(
     """`generation.generate` with pruning: per example the text, generated ids (no end token), the batch's
     timings divided by its size, the visual tokens in use, DSTP re-selections/swaps, and (with
     `record_relevance`) the score layer's attention over the visual tokens at prefill and each step."""
-    from tqdm.auto import tqdm
-
     from vskip_core.modeling.loading import collate, encode, model_inputs
+    from vskip_core.runtime import progress as tqdm
 
     tok, proc, model = loaded.tokenizer, loaded.processor, loaded.model
     device = next(model.parameters()).device

@@ -247,7 +247,7 @@ def score_rationales(
 def _score_in_shards(todo: list[_Prepared], score, shards: _Shards, sc, total: int, progress: bool):
     """Score `todo` shard by shard (each sorted by length for less padding, then batched), writing each
     shard as it is done. Returns the new rows in `todo`'s order."""
-    from tqdm.auto import tqdm
+    from vskip_core.runtime import progress as tqdm
 
     bar = tqdm(total=total, initial=total - len(todo), desc="scoring", disable=not progress)
     new_rows: list[dict] = []
