@@ -392,7 +392,7 @@ def test_lora_targets_language_model_only(cfg, texts, family):
 def test_qlora_4bit_on_cpu(cfg, tiny, family):
     """4-bit (nf4) load of a saved tiny model through models.load_model, LoRA, 3 steps: the loss moves.
     model.train() comes before any forward: an eval no-grad forward repacks the 4-bit weights for CPU inference
-    and LoRA then gets exactly zero gradients (../shared/PLATFORM.md)."""
+    and LoRA then gets exactly zero gradients (bitsandbytes 0.50 on CPU)."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 

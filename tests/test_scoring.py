@@ -553,8 +553,9 @@ def test_auc_matches_pairwise_count():
 def test_score_rationales_on_mllama_through_the_family_adapter(setup):
     """Mllama end to end: inputs from vskip_core.modeling.adapters (encode / collate), cross-attention key layers,
     batch composition does not change the scores."""
-    adapters = pytest.importorskip("vskip_core.modeling.adapters")
     from transformers import MllamaForConditionalGeneration
+
+    from vskip_core.modeling import adapters
 
     cfg, _, _, exs = setup
     ad = adapters.get_adapter("mllama")

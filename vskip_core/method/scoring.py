@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vskip_core.data.answers import answer_line_start
 from vskip_core.modeling.adapters import adapter_for, layers_in_band
 
 CAPTURE_IMPLEMENTATION = "vskip_capture"
@@ -400,12 +401,9 @@ def aggregate_words(values, wids: list[int], how: str) -> np.ndarray:
 
 def answer_token_start(text: str, offsets) -> int | None:
     """Index of the first token of the final answer statement (the last `Answer:` / `answer is`), or None."""
-    from vskip_core.metrics import ANSWER_RE
-
-    matches = list(ANSWER_RE.finditer(text))
-    if not matches:
+    pos = answer_line_start(text)
+    if pos is None:
         return None
-    pos = matches[-1].start()
     for j, (_, e) in enumerate(offsets):
         if e > pos:
             return j

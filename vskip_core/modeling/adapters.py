@@ -33,7 +33,7 @@ only as a sink.
 
 Device and dtype only through `vskip_core.runtime.resolve_device / resolve_dtype`; 4-bit (nf4) loading through
 bitsandbytes when `model.quantization: nf4`, keeping the vision tower and lm_head in the compute dtype. Mind the
-CPU trap in ../shared/PLATFORM.md: an eval-mode no-grad forward on a 4-bit model repacks its weights and later
+CPU trap of bitsandbytes 0.50: an eval-mode no-grad forward on a 4-bit model repacks its weights and later
 LoRA training gets zero gradients (call `model.train()` before any inference, or reload).
 
 Adding a family = subclassing `Adapter` (prompt, encode, collate, layers, image keys, tiny config) and adding it

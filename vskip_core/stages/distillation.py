@@ -467,7 +467,7 @@ def load_base(
     4-bit nf4 when `distill.quantization` says so (QLoRA; the family adapter keeps the vision tower and
     lm_head out of 4-bit), language-model attention `distill.attn_implementation` (sdpa: training needs no
     attention maps). `model.train()` comes first: a no-grad eval forward would repack 4-bit weights for CPU
-    inference, after which LoRA gets zero gradients (../shared/PLATFORM.md)."""
+    inference, after which LoRA gets zero gradients (bitsandbytes 0.50 on CPU)."""
     from vskip_core.modeling.loading import load_model
 
     student = student or cfg.distill.student
