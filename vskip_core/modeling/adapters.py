@@ -55,7 +55,7 @@ from vskip_core.config import Config
 from vskip_core.modeling.prompts import CHAT_TEMPLATE as QWEN_CHAT_TEMPLATE
 from vskip_core.modeling.prompts import IMAGE_TOKEN as QWEN_IMAGE_TOKEN
 from vskip_core.modeling.prompts import SPECIAL_TOKENS as QWEN_SPECIAL_TOKENS
-from vskip_core.modeling.prompts import n_image_tokens, user_text
+from vskip_core.modeling.prompts import n_image_tokens, train_tokenizer, user_text
 
 IMAGE_REF = re.compile(r"<image (\d+)>")  # MMMU's interleaved image placeholders, `<image 1>` .. `<image 7>`
 VISION_ATTENTION = "sdpa"  # vision towers' maps are never read; eager there costs O(patches^2) per head
@@ -369,29 +369,6 @@ def _checkpoint_chat_template(src: str) -> str | None:
     return None
 
 
-def _bpe_tokenizer(texts: list[str], vocab_size: int, specials: list[str], **named):
-    """Byte-level BPE on `texts` with `specials` (the shape of models.train_tokenizer, for other families)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tk.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, **named)
-
-
 # --------------------------------------------------------------------------------------------- Qwen
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
@@ -501,7 +478,6 @@ class Qwen2VLAdapter(Adapter):
         )
 
     def tiny_tokenizer(self, texts: list[str], vocab_size: int = 400):
-        from vskip_core.modeling.prompts import train_tokenizer
 
         return train_tokenizer(texts, vocab_size)
 
@@ -767,18 +743,16 @@ class MllamaAdapter(Adapter):
         )
 
     def tiny_tokenizer(self, texts: list[str], vocab_size: int = 400):
-        tok = _bpe_tokenizer(
+        return train_tokenizer(
             texts,
             vocab_size,
             MLLAMA_SPECIAL_TOKENS,
+            chat_template=self.chat_template,
             bos_token="<|begin_of_text|>",
             eos_token="<|eot_id|>",
             pad_token=self.pad_token,
             extra_special_tokens={"image_token": self.image_token},
         )
-        tok.chat_template = self.chat_template
-        tok.padding_side = "left"
-        return tok
 
     def tiny_config(self, tok, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2, **kw):
         from transformers import MllamaConfig

@@ -38,11 +38,27 @@ CHAT_TEMPLATE = (
 
 
 # ------------------------------------------------------------------------------------------- tokenizer
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE trained on benchmark text; digits split into single tokens; Qwen special tokens."""
+def train_tokenizer(
+    texts: list[str],
+    vocab_size: int,
+    specials: list[str] | None = None,
+    chat_template: str | None = None,
+    **named,
+):
+    """Byte-level BPE trained on `texts`, digits split into single tokens. By default the Qwen special tokens
+    and chat template (the embedded teacher); another family passes its own `specials`, template and named
+    tokens (bos/eos/pad/extra_special_tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if specials is None:
+        specials, chat_template = SPECIAL_TOKENS, chat_template or CHAT_TEMPLATE
+        named = {
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "extra_special_tokens": {"image_token": IMAGE_TOKEN},
+            **named,
+        }
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -53,18 +69,14 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tk.train_from_iterator(texts, trainer=trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-    )
-    tok.chat_template = CHAT_TEMPLATE
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, **named)
+    if chat_template:
+        tok.chat_template = chat_template
     tok.padding_side = "left"
     return tok
 
