@@ -626,10 +626,10 @@ def train_student(
     """Train one LoRA student on `ds`; save the adapter to `out_root/adapters/<method>/` with params.json,
     metrics.json, history.json and a model card. Resumes from `out_root/checkpoints/<method>/` after a kill;
     a finished student with the same fingerprint is reused. Returns its metrics."""
-    from transformers import PrinterCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, Trainer
     from transformers.trainer_utils import get_last_checkpoint
 
-    from vskip_core.runtime import resolve_dtype, seed_everything
+    from vskip_core.runtime import seed_everything
 
     if len(ds) == 0:
         raise DistillError(f"method {method!r}: empty training set; nothing to distil")
@@ -644,7 +644,6 @@ def train_student(
     if ckpt_dir.exists() and (not stamp.exists() or json.loads(stamp.read_text()).get("fingerprint") != fp):
         shutil.rmtree(ckpt_dir)  # checkpoints of other params or data: start over
 
-    d = cfg.distill
     seed_everything(cfg.runtime.seed)  # every student starts from the same LoRA initialisation
     base = base or load_base(cfg)
     model = apply_lora(base, cfg)
@@ -655,9 +654,46 @@ def train_student(
     atomic_write_json(stamp, {"fingerprint": fp})
 
     device = _device(cfg)
-    dtype = resolve_dtype(cfg.model.dtype, device)
     steps = planned_steps(cfg, len(ds))
-    args = TrainingArguments(
+    args = training_arguments(cfg, ckpt_dir, steps, device, progress)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=callbacks or []
+    )
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # no per-log print lines either (the history is kept)
+    last = get_last_checkpoint(str(ckpt_dir))
+    resumed = int(last.rsplit("-", 1)[-1]) if last else 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    trainer.train(resume_from_checkpoint=last)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+
+    metrics = {
+        **run_record(cfg, trainer, model, steps, resumed, seconds, cpu_seconds),
+        "method": method,
+        "train_size": len(ds),
+        "adapter": str(adapter_dir),
+        "base_path": base.path,
+        "device": device,
+        "fingerprint": fp,
+    }
+    if trainer.is_world_process_zero():
+        save_adapter(trainer.model, cfg, adapter_dir, metrics, trainer.state.log_history, ds)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        if ckpt_dir.parent.exists() and not any(ckpt_dir.parent.iterdir()):
+            ckpt_dir.parent.rmdir()
+    return metrics
+
+
+def training_arguments(cfg: Config, ckpt_dir: Path, steps: int, device: str, progress: bool):
+    """The Trainer's arguments for one student: `distill.*`, cosine schedule, checkpoints every `save_steps`
+    (two kept), the compute dtype of `model.dtype` on GPU."""
+    from transformers import TrainingArguments
+
+    from vskip_core.runtime import resolve_dtype
+
+    d = cfg.distill
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    return TrainingArguments(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=d.batch_size,
         gradient_accumulation_steps=d.grad_accum,
@@ -681,29 +717,20 @@ def train_student(
         bf16=dtype == torch.bfloat16 and device != "cpu",
         fp16=dtype == torch.float16,
     )
-    trainer = Trainer(
-        model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=callbacks or []
-    )
-    if not progress:
-        trainer.remove_callback(PrinterCallback)  # no per-log print lines either (the history is kept)
-    last = get_last_checkpoint(str(ckpt_dir))
-    resumed = int(last.rsplit("-", 1)[-1]) if last else 0
-    t0, c0 = time.perf_counter(), time.process_time()
-    trainer.train(resume_from_checkpoint=last)
-    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
 
+
+def run_record(cfg: Config, trainer, model, steps: int, resumed: int, seconds: float, cpu_seconds: float):
+    """What one training run did: steps, examples seen, first/last loss, time per step (wall and process CPU:
+    on a shared machine wall time depends on who else runs), threads, resumed step, parameter counts."""
+    d = cfg.distill
     hist = [h for h in trainer.state.log_history if "loss" in h]
-    metrics = {
-        "method": method,
-        "train_size": len(ds),
+    return {
         "steps": steps,
         "examples_seen": steps * d.batch_size * d.grad_accum * _world(),
         "first_loss": float(hist[0]["loss"]) if hist else float("nan"),
         "last_loss": float(hist[-1]["loss"]) if hist else float("nan"),
-        "adapter": str(adapter_dir),
         "train_seconds": seconds,
         "seconds_per_step": seconds / max(steps - resumed, 1),
-        # process CPU time (all threads) per step: on a shared machine, wall time depends on who else runs
         "cpu_seconds_per_step": cpu_seconds / max(steps - resumed, 1),
         "threads": torch.get_num_threads(),
         "resumed_from_step": resumed,
@@ -711,16 +738,7 @@ def train_student(
         "total_params": sum(p.numel() for p in model.parameters()),
         "quantization": d.quantization,
         "student": d.student,
-        "base_path": base.path,
-        "device": device,
-        "fingerprint": fp,
     }
-    if trainer.is_world_process_zero():
-        save_adapter(trainer.model, cfg, adapter_dir, metrics, trainer.state.log_history, ds)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        if ckpt_dir.parent.exists() and not any(ckpt_dir.parent.iterdir()):
-            ckpt_dir.parent.rmdir()
-    return metrics
 
 
 def save_adapter(model, cfg: Config, adapter_dir: Path, metrics, log_history, ds) -> None:
