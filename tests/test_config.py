@@ -28,12 +28,41 @@ def test_overrides_are_typed():
         ({"data.n_test": "many"}, "data.n_test"),
         ({"embedded.batch_size": 0}, "embedded.batch_size"),
         ({"model.quantization": "int3"}, "model.quantization"),
+        ({"model.dtype": "bf16"}, r"model\.dtype: must be one of .*'bfloat16'.*did you mean 'bfloat16'"),
+        ({"data.mmmu_split": "test"}, r"data\.mmmu_split: .*test answers are hidden"),
+        ({"gate.methods": ["vskip", "vskp"]}, r"gate\.methods\[1\]: .*'llmlingua2'.*did you mean 'vskip'"),
+        ({"data.families": ["colour"]}, r"data\.families\[0\]: must be one of \['attribute'"),
+        ({"distill.methods": ["full"]}, r"distill\.methods\[0\]"),
         ({"gamma": 0.5}, "section.field"),
     ],
 )
 def test_bad_values_name_the_key(over, needle):
     with pytest.raises(ParamsError, match=needle):
         load_params("params/default.yaml", over)
+
+
+def test_default_params_are_the_dataclass_defaults():
+    """Defaults live in one place: params/default.yaml sets nothing, so it loads as `Config()`."""
+    from vskip_core.config import Config
+
+    d = load_params(DEFAULT_PARAMS)
+    assert d.to_dict() == {**Config().to_dict(), "source": DEFAULT_PARAMS}
+    assert d.embedded.verdict_steps > 0 and d.runtime.num_threads == 1  # what the yaml used to set
+
+
+def test_choices_are_checked_from_the_type_however_the_config_was_built():
+    import typing
+
+    from vskip_core.config import ModelFamily, PruneMethod
+    from vskip_core.method.pruning import METHODS
+    from vskip_core.modeling.adapters import ADAPTERS
+
+    cfg = load_params("params/smoke.yaml")
+    cfg.model.attn_implementation = "flash"
+    with pytest.raises(ParamsError, match=r"model\.attn_implementation: must be one of \['eager', 'sdpa'\]"):
+        cfg.validate()
+    assert set(typing.get_args(ModelFamily)) == {"auto", *ADAPTERS}  # the choices follow the registries
+    assert set(typing.get_args(PruneMethod)) == set(METHODS) - {"none"}
 
 
 def test_bad_files(tmp_path):
