@@ -16,6 +16,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from vskip_core.config import TEACHER_PHASES  # noqa: E402
+
 ANCHOR_COLOURS = {
     "colour": "#e45756",
     "shape": "#4c78a8",
@@ -109,13 +111,15 @@ def training_curves(history: list[dict[str, Any]], path=None):
     e2e = h[h.phase != "vision"].reset_index(drop=True)
     if len(e2e):  # look-up drills, full examples, verdict phase: one x axis, one colour each
         colours = {"drill": "#f58518", "lm": "#4c78a8", "verdict": "#54a24b"}
+        names = {tag: name for name, tag in TEACHER_PHASES.items()}  # history tag -> phase name
         for phase, part in e2e.groupby("phase", sort=False):
             c = colours.get(phase, "grey")
             axes[1].plot(part.index, part.loss, alpha=0.3, color=c)
-            axes[1].plot(part.index, part.loss.rolling(25, min_periods=1).mean(), color=c, label=phase)
+            label = names.get(phase, phase)
+            axes[1].plot(part.index, part.loss.rolling(25, min_periods=1).mean(), color=c, label=label)
         axes[1].set_yscale("log")
-        axes[1].set_title("end-to-end: weighted next-token loss (rationale + answer)")
-        axes[1].set_xlabel("step (drills, full examples, verdict phase)")
+        axes[1].set_title("weighted next-token loss (rationale + answer)")
+        axes[1].set_xlabel("step (lookup_drills, end_to_end, verdict)")
         axes[1].legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
