@@ -1,3 +1,4 @@
+import copy
 import importlib.util
 import json
 
@@ -41,6 +42,55 @@ def test_rationales_resume_after_kill_without_loss_or_duplicates(tiny_teacher, t
     assert example_for(cfg, rec)["id"] == rec["id"]
     assert {"rationale", "parsed_answer", "correct", "time_s", "anchors", "family"} <= set(rec)
     assert load_rationales(tmp_path / "a", correct_only=True) == [r for r in resumed if r["correct"]]
+
+
+def test_params_change_discards_stale_rationale_shards(tiny_teacher, tmp_path, capsys):
+    """Shards written under other params (here max_new_tokens) are discarded, not merged: the pipeline reruns
+    stage 01 after a params change and must get the new rationales."""
+    cfg = copy.deepcopy(tiny_teacher[0])
+    cfg.generation.shard_size = 4
+    cfg.generation.max_new_tokens = 4
+    loaded = load_model(cfg)
+    generate_rationales(cfg, loaded, tmp_path / "a", split="train", n=6, progress=False)
+    capsys.readouterr()
+    cfg.generation.max_new_tokens = 12
+    done = []
+    generate_rationales(
+        cfg, loaded, tmp_path / "a", split="train", n=6, progress=False, on_shard_done=done.append
+    )
+    assert done == [0, 1]  # both shards generated again
+    assert "discarded 2 shards" in capsys.readouterr().out
+    generate_rationales(cfg, loaded, tmp_path / "b", split="train", n=6, progress=False)
+    straight = load_rationales(tmp_path / "b")
+    assert [r["token_ids"] for r in load_rationales(tmp_path / "a")] == [r["token_ids"] for r in straight]
+
+
+def test_sharded_writer_workers_resume_and_stale_shards(tmp_path, capsys):
+    """The one shard writer of stages 01 and 02: workers write beside each other, every worker's rows come
+    back (lists as lists), merge joins them, and shards of another fingerprint (or none) are all discarded."""
+    from vskip_core.runtime import ShardedWriter
+
+    for fmt in ShardedWriter.FORMATS:
+        d = tmp_path / fmt
+        w0, w1 = (ShardedWriter(d, "a", fmt, worker=(i, 2)) for i in (0, 1))
+        w0.write([{"id": "x", "v": [1.5, 2.0]}])
+        w1.write([{"id": "y", "v": [3.0]}])
+        w0.write([{"id": "z", "v": []}])
+        assert [f.name for f in w0.shards()] == [f"shard-w0of2-0000{k}.{fmt}" for k in (0, 1)] + [
+            f"shard-w1of2-00000.{fmt}"
+        ]
+        rows = ShardedWriter(d, "a", fmt).rows()
+        assert rows == [{"id": "x", "v": [1.5, 2.0]}, {"id": "z", "v": []}, {"id": "y", "v": [3.0]}]
+        merged = ShardedWriter(d, "a", fmt).merge(tmp_path / f"all.{fmt}")
+        assert ShardedWriter(d, "a", fmt).rows([merged]) == rows
+        capsys.readouterr()
+        assert ShardedWriter(d, "b", fmt).shards() == []
+        assert "discarded 3 shards" in capsys.readouterr().out
+    (tmp_path / "old").mkdir()  # shards from before fingerprints (no manifest.json) are not trusted
+    (tmp_path / "old" / "shard-00000.jsonl").write_text('{"id": "x"}\n')
+    assert ShardedWriter(tmp_path / "old", "a").rows() == []
+    with pytest.raises(ValueError, match="format"):
+        ShardedWriter(tmp_path, "a", "csv")
 
 
 def test_sharded_workers_then_merge(tiny_teacher, tmp_path):

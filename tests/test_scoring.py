@@ -435,7 +435,7 @@ def test_score_rationales_frame_and_roundtrip(setup, tmp_path):
         ST.load_scores(tmp_path / "nowhere")
 
 
-def test_scoring_resumes_after_a_kill_without_duplicates(setup, tmp_path):
+def test_scoring_resumes_after_a_kill_without_duplicates(setup, tmp_path, capsys):
     cfg, tok, proc, exs = setup
     cfg = load_params("params/smoke.yaml", {"scoring.batch_size": 2, "scoring.shard_size": 2})
     loaded = _loaded(cfg, tok, proc)
@@ -475,6 +475,7 @@ def test_scoring_resumes_after_a_kill_without_duplicates(setup, tmp_path):
         "params/smoke.yaml", {"scoring.batch_size": 2, "scoring.shard_size": 2, "scoring.head_reduce": "mean"}
     )
     other = ST.score_rationales(loaded, cfg2, recs[:2], exs[:2], progress=False, out_dir=tmp_path)
+    assert "discarded 3 shards" in capsys.readouterr().out  # the note says how many and why
     assert len(other) == 2 and len(sorted((tmp_path / ST.SHARD_DIR).glob("shard-*.parquet"))) == 1
     # same params, new text under an old id (01 re-run): re-scored, not taken from the old shard
     changed = [dict(recs[0], rationale=recs[0]["rationale"].replace("I", "we", 1)), recs[1]]

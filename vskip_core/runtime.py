@@ -3,7 +3,8 @@
 Every stage (notebook) opens with `stage = start_stage(cfg, run, "02_dual_scoring")`, writes its outputs
 under `stage.dir`, and ends with `stage.finish(metrics)`. `.finished` marks a stage whose outputs are complete;
 the pipeline adds `.done` with a fingerprint (resolved params + notebook source) and skips a stage whose
-fingerprint matches, which is how a killed run resumes.
+fingerprint matches, which is how a killed run resumes. Inside a stage, `ShardedWriter` writes rows in shards
+that a killed run (or another worker) resumes from.
 """
 
 from __future__ import annotations
@@ -141,6 +142,91 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(
         path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode()
     )
+
+
+class ShardedWriter:
+    """Rows written in shards (`shard-NNNNN.jsonl` or `.parquet`, atomic) under one folder, so a killed run
+    resumes from the shards it finished. `manifest.json` holds the fingerprint of what the rows depend on;
+    shards written under another fingerprint, or with none, are all discarded (with a note). Worker i of n
+    (`--shard i/n`) names its shards `shard-w<i>of<n>-NNNNN`, beside the others'; `rows()` reads them all."""
+
+    FORMATS = ("jsonl", "parquet")
+
+    def __init__(self, folder, fingerprint: str, fmt: str = "jsonl", worker: tuple[int, int] = (0, 1)):
+        if fmt not in self.FORMATS:
+            raise ValueError(f"shard format {fmt!r}: expected one of {self.FORMATS}")
+        if not (0 <= worker[0] < worker[1]):
+            raise ValueError(f"worker {worker}: need (i, n) with 0 <= i < n")
+        self.dir, self.fingerprint, self.fmt = Path(folder), fingerprint, fmt
+        self.tag = "" if worker == (0, 1) else f"w{worker[0]}of{worker[1]}-"
+        manifest = self.dir / "manifest.json"
+        old = json.loads(manifest.read_text()).get("fingerprint") if manifest.exists() else None
+        if old != fingerprint:
+            why = f"fingerprint {old}, now {fingerprint}" if old else "no manifest.json"
+            self.discard(f"written under other params ({why})")
+            atomic_write_json(manifest, {"fingerprint": fingerprint})
+
+    def path(self, key: int) -> Path:
+        """This worker's shard number `key`."""
+        return self.dir / f"shard-{self.tag}{key:05d}.{self.fmt}"
+
+    def shards(self) -> list[Path]:
+        """Every worker's shards, by name."""
+        return sorted(self.dir.glob(f"shard-*.{self.fmt}"))
+
+    def write(self, rows: list[dict[str, Any]], key: int | None = None) -> Path:
+        """Write one shard atomically: number `key`, or this worker's first free number."""
+        if key is None:
+            key = 0
+            while self.path(key).exists():
+                key += 1
+        atomic_write_bytes(self.path(key), self._encode(rows))
+        return self.path(key)
+
+    def rows(self, shards: list[Path] | None = None) -> list[dict[str, Any]]:
+        """The rows of `shards` (default: every worker's), in order; lists come back as Python lists."""
+        import pandas as pd
+
+        out: list[dict[str, Any]] = []
+        for f in self.shards() if shards is None else shards:
+            if self.fmt == "jsonl":
+                out += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            else:
+                out += [
+                    {k: to_python(v) for k, v in r.items()} for r in pd.read_parquet(f).to_dict("records")
+                ]
+        return out
+
+    def merge(self, dest: str | os.PathLike, shards: list[Path] | None = None) -> Path:
+        """Join the rows of `shards` (default: every worker's) into one file (atomic) in this format."""
+        atomic_write_bytes(dest, self._encode(self.rows(shards)))
+        return Path(dest)
+
+    def discard(self, why: str) -> None:
+        """Delete every worker's shards, saying how many and why."""
+        stale = self.shards()
+        for f in stale:
+            f.unlink()
+        if stale:
+            print(f"note: discarded {len(stale)} shards in {self.dir}: {why}")
+
+    def _encode(self, rows: list[dict[str, Any]]) -> bytes:
+        if self.fmt == "jsonl":
+            return "".join(json.dumps(r, default=_json_default) + "\n" for r in rows).encode()
+        import io
+
+        import pandas as pd
+
+        buf = io.BytesIO()
+        pd.DataFrame(rows).to_parquet(buf, index=False)
+        return buf.getvalue()
+
+
+def to_python(v: Any) -> Any:
+    """A numpy array (as read from parquet, nested or not) as Python lists; anything else as it is."""
+    if isinstance(v, np.ndarray):
+        return [to_python(x) for x in v] if v.dtype == object else v.tolist()
+    return v
 
 
 def _json_default(o: Any) -> Any:

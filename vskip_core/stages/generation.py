@@ -116,8 +116,15 @@ def _record(ex: dict[str, Any], gen: dict[str, Any], index: int, split: str) -> 
     }
 
 
-def shard_path(out_dir: Path, k: int) -> Path:
-    return out_dir / "shards" / f"shard-{k:05d}.jsonl"
+def rationale_shards(cfg, out_dir: str | Path, split: str | None = None, n: int | None = None):
+    """Stage 01's shard folder (out_dir/shards/, `shard-NNNNN.jsonl`, shard k = examples k*size ...): its
+    fingerprint is what the rationales depend on (generation, data, model and teacher params, split and
+    examples), so shards written under other params are discarded."""
+    from vskip_core.runtime import ShardedWriter
+
+    split, n, _ = plan_shards(cfg, split, n)
+    fingerprint = f"{cfg.hash('generation', 'data', 'model', 'embedded')}-{split}-{n}"
+    return ShardedWriter(Path(out_dir) / "shards", fingerprint, "jsonl")
 
 
 def generate_rationales(
@@ -132,12 +139,12 @@ def generate_rationales(
     backend: str = "transformers",
 ) -> Path:
     """Teacher rationales for examples 0..n-1 of `split`, written in shards of `generation.shard_size`
-    (atomic files under out_dir/shards/). A killed run resumes at the first missing shard: no example
-    lost, none duplicated. `shard=(i, n)` takes every n-th shard (several workers/GPUs), `merge_rationales`
-    joins them. Returns the merged `rationales.jsonl` when every shard exists. `backend="vllm"` generates
-    with vLLM from `model.teacher` (a hub id or local folder; `loaded` may then be None)."""
+    (`rationale_shards`). A killed run resumes at the first missing shard: no example lost, none duplicated;
+    shards written under other params are discarded. `shard=(i, n)` takes every n-th shard (several
+    workers/GPUs), `merge_rationales` joins them. Returns the merged `rationales.jsonl` when every shard
+    exists. `backend="vllm"` generates with vLLM from `model.teacher` (a hub id or local folder; `loaded` may
+    then be None)."""
     from vskip_core.data.real import example_at
-    from vskip_core.runtime import atomic_write_bytes
     from vskip_core.runtime import progress as tqdm
 
     g = cfg.generation
@@ -146,9 +153,9 @@ def generate_rationales(
         raise ValueError(f"shard {shard[0]}/{shard[1]}: need 0 <= i < n (worker i of n)")
     if backend not in ("transformers", "vllm"):
         raise ValueError(f"backend {backend!r}: expected 'transformers' or 'vllm'")
-    out_dir = Path(out_dir)
+    shards = rationale_shards(cfg, out_dir, split, n)
     mine = [k for k in range(n_shards) if k % shard[1] == shard[0]]
-    todo = [k for k in mine if not shard_path(out_dir, k).exists()]
+    todo = [k for k in mine if not shards.path(k).exists()]
     bar = tqdm(
         total=sum(min(g.shard_size, n - k * g.shard_size) for k in mine),
         desc=f"rationales ({split})",
@@ -178,12 +185,11 @@ def generate_rationales(
                     repetition_penalty=g.repetition_penalty,
                 )
                 bar.update(len(exs[s : s + g.batch_size]))
-        lines = [json.dumps(_record(ex, gen, i, split)) for ex, gen, i in zip(exs, gens, idx)]
-        atomic_write_bytes(shard_path(out_dir, k), ("\n".join(lines) + "\n").encode())
+        shards.write([_record(ex, gen, i, split) for ex, gen, i in zip(exs, gens, idx)], key=k)
         if on_shard_done is not None:
             on_shard_done(k)
     bar.close()
-    return merge_rationales(out_dir, n_shards)
+    return merge_rationales(cfg, out_dir, split, n)
 
 
 def plan_shards(cfg, split: str | None = None, n: int | None = None) -> tuple[str, int, int]:
@@ -206,19 +212,17 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def merge_rationales(out_dir: Path, n_shards: int) -> Path:
-    """Join shards into rationales.jsonl (atomic); raises if a shard is missing (another worker's)."""
-    from vskip_core.runtime import atomic_write_bytes
-
-    missing = [k for k in range(n_shards) if not shard_path(out_dir, k).exists()]
+def merge_rationales(cfg, out_dir: str | Path, split: str | None = None, n: int | None = None) -> Path:
+    """Join the shards into rationales.jsonl (atomic); raises if a shard is missing (another worker's)."""
+    shards = rationale_shards(cfg, out_dir, split, n)
+    n_shards = plan_shards(cfg, split, n)[2]
+    missing = [k for k in range(n_shards) if not shards.path(k).exists()]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} of {n_shards} shards missing in {out_dir / 'shards'} (first: "
+            f"{len(missing)} of {n_shards} shards missing in {shards.dir} (first: "
             f"{missing[0]}); run the other --shard workers, then merge again"
         )
-    data = b"".join(shard_path(out_dir, k).read_bytes() for k in range(n_shards))
-    atomic_write_bytes(out_dir / "rationales.jsonl", data)
-    return out_dir / "rationales.jsonl"
+    return shards.merge(Path(out_dir) / "rationales.jsonl", [shards.path(k) for k in range(n_shards)])
 
 
 def load_rationales(stage_dir: str | Path, correct_only: bool = False) -> list[dict[str, Any]]:
@@ -290,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     _, _, n_shards = plan_shards(cfg)
     try:
         if a.merge:
-            path = merge_rationales(out, n_shards)
+            path = merge_rationales(cfg, out)
         else:
             loaded = load_teacher(cfg) if a.backend == "transformers" else None
             path = generate_rationales(cfg, loaded, out, shard=shard, backend=a.backend)
@@ -301,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.merge:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        have = len(list((out / "shards").glob("*.jsonl")))
+        have = len(rationale_shards(cfg, out).shards())
         print(f"worker {a.shard}: done; {have} of {n_shards} shards written under {out / 'shards'}")
         return 0
     print(f"all {n_shards} shards written -> {path}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from vskip_core.method.scoring import (
     token_anchor_types,
     word_ids,
 )
+from vskip_core.runtime import ShardedWriter, to_python
 
 SCORES_FILE = "scores.parquet"
 SHARD_DIR = "score_shards"
@@ -228,15 +228,19 @@ def score_rationales(
     ids = [p.rec["id"] for p in prepared]
     if len(set(ids)) != len(ids):
         raise ValueError("duplicate record ids; each rationale must have a unique id")
-    shards = _Shards(out_dir, worker, _fingerprint(cfg, loaded, require_answer_line), prepared)
+    shards = None
+    if out_dir is not None:
+        fingerprint = _fingerprint(cfg, loaded, require_answer_line)
+        shards = ShardedWriter(Path(out_dir) / SHARD_DIR, fingerprint, "parquet", worker)
+    done = _resume(shards, prepared)
     mine = [p for j, p in enumerate(prepared) if j % worker[1] == worker[0]]
-    todo = [p for p in mine if p.rec["id"] not in shards.done]
+    todo = [p for p in mine if p.rec["id"] not in done]
 
     def score(chunk: list[_Prepared]) -> list[dict]:
         return _score_chunk(loaded, cfg, chunk, key_layers, all_layers, build_inputs or adapter_inputs)
 
     new_rows = _score_in_shards(todo, score, shards, cfg.scoring, len(mine), progress)
-    by_id = {**shards.done, **{r["id"]: r for r in new_rows}}
+    by_id = {**done, **{r["id"]: r for r in new_rows}}
     df = pd.DataFrame([by_id[p.rec["id"]] for p in mine])
     df.attrs["skipped"] = skipped
     df.attrs["key_layers"] = key_layers
@@ -244,9 +248,11 @@ def score_rationales(
     return df
 
 
-def _score_in_shards(todo: list[_Prepared], score, shards: _Shards, sc, total: int, progress: bool):
+def _score_in_shards(
+    todo: list[_Prepared], score, shards: ShardedWriter | None, sc, total: int, progress: bool
+):
     """Score `todo` shard by shard (each sorted by length for less padding, then batched), writing each
-    shard as it is done. Returns the new rows in `todo`'s order."""
+    shard as it is done (with `shards`). Returns the new rows in `todo`'s order."""
     from vskip_core.runtime import progress as tqdm
 
     bar = tqdm(total=total, initial=total - len(todo), desc="scoring", disable=not progress)
@@ -261,59 +267,26 @@ def _score_in_shards(todo: list[_Prepared], score, shards: _Shards, sc, total: i
                 rows.update(zip(idx, score([shard[j] for j in idx])))
                 bar.update(len(idx))
             shard_rows = [rows[j] for j in range(len(shard))]
-            shards.write(shard_rows)
+            if shards is not None:
+                shards.write(shard_rows)
             new_rows += shard_rows
     bar.close()
     return new_rows
 
 
-class _Shards:
-    """The shard folder of one scoring call: rows done by earlier (killed) runs, and where new shards go."""
-
-    def __init__(self, out_dir, worker: tuple[int, int], fingerprint: str, prepared: list[_Prepared]):
-        self.dir = Path(out_dir) / SHARD_DIR if out_dir is not None else None
-        self.tag = "" if worker == (0, 1) else f"w{worker[0]}of{worker[1]}-"
-        self.done, self.n = _resume(self.dir, fingerprint, prepared) if self.dir is not None else ({}, 0)
-
-    def write(self, rows: list[dict]) -> None:
-        import pandas as pd
-
-        from vskip_core.runtime import atomic_write_bytes
-
-        if self.dir is None:
-            return
-        while (self.dir / f"shard-{self.tag}{self.n:05d}.parquet").exists():  # another worker's number
-            self.n += 1
-        atomic_write_bytes(
-            self.dir / f"shard-{self.tag}{self.n:05d}.parquet", _to_parquet_bytes(pd.DataFrame(rows))
-        )
-        self.n += 1
-
-
-def _resume(shard_dir: Path, fingerprint: str, prepared: list[_Prepared]) -> tuple[dict[str, dict], int]:
-    """Rows already written by an earlier (killed) run, by id, and the number of shards. Shards written under
-    other params (manifest fingerprint) or for other text under the same id are discarded, all of them."""
-    import pandas as pd
-
-    from vskip_core.runtime import atomic_write_json
-
-    manifest = shard_dir / "manifest.json"
-    shards = sorted(shard_dir.glob("shard-*.parquet"))
+def _resume(shards: ShardedWriter | None, prepared: list[_Prepared]) -> dict[str, dict]:
+    """Rows already written (by a killed run or by other workers), by id. Shards holding other text under
+    one of these ids (stage 01 re-run under the same params) are discarded, all of them."""
+    if shards is None:
+        return {}
     done: dict[str, dict] = {}
-    stale = manifest.exists() and json.loads(manifest.read_text()).get("fingerprint") != fingerprint
-    if not stale:
-        text = {p.rec["id"]: p.rec["rationale"] for p in prepared}
-        for f in shards:
-            for r in pd.read_parquet(f).to_dict("records"):
-                done.setdefault(r["id"], {k: _to_list(v) for k, v in r.items()})
-        stale = any(i in text and r["text"] != text[i] for i, r in done.items())
-    if stale:
-        for f in shards:
-            f.unlink()
-        done, shards = {}, []
-    if not manifest.exists() or stale:
-        atomic_write_json(manifest, {"fingerprint": fingerprint})
-    return done, len(shards)
+    for r in shards.rows():
+        done.setdefault(r["id"], r)
+    text = {p.rec["id"]: p.rec["rationale"] for p in prepared}
+    if any(i in text and r["text"] != text[i] for i, r in done.items()):
+        shards.discard("written for other rationale text under the same ids (stage 01 re-run)")
+        return {}
+    return done
 
 
 def _to_parquet_bytes(df) -> bytes:
@@ -344,14 +317,8 @@ def load_scores(stage_dir: str | Path):
     df = pd.read_parquet(path)
     for c in df.columns:
         if len(df) and isinstance(df[c].iloc[0], np.ndarray):
-            df[c] = df[c].map(_to_list)
+            df[c] = df[c].map(to_python)
     return df
-
-
-def _to_list(v):
-    if isinstance(v, np.ndarray):
-        return [_to_list(x) for x in v] if v.dtype == object else v.tolist()
-    return v
 
 
 # ------------------------------------------------------------------------------------------ analysis
