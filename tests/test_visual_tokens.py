@@ -1,6 +1,6 @@
-"""Visual-token pruning (vskip_core.method.pruning, stage plumbing in vskip_core.stages.pruning): the selection
-rules on hand-built features, and the decoding engine on tiny random Qwen2-VL / Qwen2.5-VL models against the
-model's own forward and generate."""
+"""Visual-token pruning (rules in vskip_core.method.pruning, the decoder in vskip_core.modeling.pruned_decoding,
+stage plumbing in vskip_core.stages.pruning): the selection rules on hand-built features, and the decoding engine
+on tiny random Qwen2-VL / Qwen2.5-VL models against the model's own forward and generate."""
 
 import math
 
@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from vskip_core.method import pruning as vt
+from vskip_core.modeling import pruned_decoding as dec
 from vskip_core.stages import pruning as stage
 
 STEPS = 16
@@ -93,7 +94,7 @@ def _inputs(model, tok, lens=(12, 7, 15), size=112, seed=0):
 
 
 def _run(model, x, tok, spec, steps=STEPS, **kw):
-    return vt.pruned_generate(model, x, spec, steps, None, tok.pad_token_id, **kw)
+    return dec.pruned_generate(model, x, spec, steps, None, tok.pad_token_id, **kw)
 
 
 def _hf_greedy(model, x, tok, steps=STEPS):
@@ -419,7 +420,7 @@ def test_mllama_is_refused_with_the_reason():
         config = type("C", (), {"model_type": "mllama"})()
 
     with pytest.raises(NotImplementedError, match="cross-attention"):
-        vt._model_parts(Fake())
+        dec._model_parts(Fake())
 
 
 def test_generate_pruned_on_the_embedded_teacher_matches_generate(tiny_teacher):

@@ -1,16 +1,20 @@
-"""Metrics: answer parsing, ANLS, POPE, VARR, attribute hallucinations. Pure functions of texts and
-records (no models), used by the teacher's report, evaluation (stage 05) and the hallucination analysis (06)."""
+"""Metrics: answer parsing, ANLS, POPE, VARR, attribute hallucinations, and the measures of a compressed
+rationale (rebuilt text, actual ratio, VARR of a keep mask). Pure functions of texts and records (no models),
+used by the teacher's report, the gate ablations (stage 03), distillation (04), evaluation (05) and the
+hallucination analysis (06)."""
 
 from __future__ import annotations
 
 import random
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 from rapidfuzz.distance import Levenshtein
 
-from vskip_core.data.embedded import COLOURS, SHAPES, SIZES, find_anchors
+from vskip_core.data.embedded import ANCHOR_TYPES, COLOURS, SHAPES, SIZES, find_anchors
 from vskip_core.modeling.prompts import ANSWER_RE, answer_line_start  # noqa: F401  (ANSWER_RE re-exported)
 
 
@@ -161,8 +165,133 @@ def family_metrics(
     return out
 
 
+VARR_TYPES = ANCHOR_TYPES  # colour, shape, size, position, text: the attribute types both VARRs count
+
+
+# --------------------------------------------------------------------------- compressed rationales (stage 03)
+# What a keep mask over the teacher's tokens leaves: the rebuilt text, its token ratio, and its VARR.
+def _token_spans(row: Any) -> tuple[str, str, np.ndarray]:
+    """(id, text, (n, 2) token char offsets) of a scores row: a `method.gating.Scored` (already checked) or a
+    mapping (dict, pandas Series) with `text` and `offsets`, checked as `gating.as_scored` checks them."""
+    if not hasattr(row, "get"):
+        return row.id, row.text, row.offsets
+    rid, text, offsets = str(row.get("id", "?")), row.get("text"), row.get("offsets")
+    if not isinstance(text, str):
+        raise ValueError(f"{rid}: `text` must be the rationale string, got {type(text).__name__}")
+    offsets = np.asarray([tuple(o) for o in ([] if offsets is None else offsets)], dtype=np.int64).reshape(
+        -1, 2
+    )
+    if len(offsets) and (
+        offsets.min() < 0 or offsets.max() > len(text) or (offsets[:, 1] < offsets[:, 0]).any()
+    ):
+        raise ValueError(f"{rid}: token offsets fall outside the {len(text)}-character text")
+    return rid, text, offsets
+
+
+def compress_text(row: Any, keep: np.ndarray) -> str:
+    """The kept tokens as text. Kept neighbours in the original are joined as they were; across a pruned
+    stretch the pieces are joined by one space (a newline if the stretch held one) when a word boundary was
+    crossed, and glued when it was not (a pruned piece inside a word). No double spaces, no glued words.
+
+    The first kept token stays verbatim, with its own leading space (" top" when "First, ..." was pruned):
+    stripping it changes how the word tokenizes (the embedded vocabulary has " top" but not "top", 1 token
+    becomes 3), so the student would be trained on, and the actual ratio would count, tokens the gate never
+    chose. Kept as is, the student's tokens of the rebuilt text are exactly the kept teacher tokens when the
+    two share a tokenizer. `.strip()` it for display."""
+    rid, text, offsets = _token_spans(row)
+    keep = np.asarray(keep, dtype=bool)
+    if len(keep) != len(offsets):
+        raise ValueError(f"{rid}: keep mask has {len(keep)} entries for {len(offsets)} tokens")
+    out, prev_end = "", None
+    for j in np.flatnonzero(keep):
+        s, e = offsets[j]
+        piece = text[s:e]
+        if prev_end is None:
+            out = piece
+        elif s == prev_end:
+            out += piece
+        else:
+            gap = text[prev_end:s]
+            head = piece[: len(piece) - len(piece.lstrip())]
+            tail = out[len(out.rstrip()) :]
+            if any(c.isspace() for c in tail + gap + head):
+                sep = "\n" if "\n" in tail + gap + head else " "
+                out = out.rstrip() + sep + piece.lstrip()
+            else:
+                out += piece
+        prev_end = e
+    return out.rstrip()
+
+
+def actual_ratio(full: str | Sequence[str], compressed: str | Sequence[str], tokenizer) -> float:
+    """Tokens of the compressed text(s) / tokens of the full text(s), both counted with the same (student's)
+    tokenizer, summed over a corpus. Never compare counts of two tokenizers."""
+    full = [full] if isinstance(full, str) else list(full)
+    compressed = [compressed] if isinstance(compressed, str) else list(compressed)
+    if len(full) != len(compressed):
+        raise ValueError(f"{len(full)} full texts but {len(compressed)} compressed ones")
+    n_full = sum(len(x) for x in tokenizer(full, add_special_tokens=False)["input_ids"])
+    n_kept = sum(len(x) for x in tokenizer(compressed, add_special_tokens=False)["input_ids"]) if full else 0
+    if n_full == 0:
+        raise ValueError("the full texts have no tokens; nothing to compare")
+    return n_kept / n_full
+
+
+def anchor_tokens(row: Any, anchors: Sequence[dict]) -> list[tuple[str, np.ndarray]]:
+    """Each anchor (a char span {type, start, end} of the full rationale) as (type, indices of the tokens
+    overlapping it)."""
+    rid, text, offsets = _token_spans(row)
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    out = []
+    for a in anchors:
+        if a["end"] > len(text) or a["start"] >= a["end"]:
+            raise ValueError(f"{rid}: anchor {a} is not a span of this {len(text)}-character rationale")
+        out.append((a["type"], np.flatnonzero((starts < a["end"]) & (ends > a["start"]))))
+    return out
+
+
+def varr_counts(row: Any, keep: np.ndarray, anchors: Sequence[dict]) -> dict[str, list[int]]:
+    """Per attribute type: [mentions whose tokens all survive, mentions] (VARR of a kept mask)."""
+    return count_kept(np.asarray(keep, dtype=bool), anchor_tokens(row, anchors))
+
+
+def count_kept(keep: np.ndarray, spans: list[tuple[str, np.ndarray]]) -> dict[str, list[int]]:
+    """Per attribute type: [mentions whose tokens all survive, mentions], from `anchor_tokens` spans."""
+    counts = {t: [0, 0] for t in VARR_TYPES}
+    for kind, tokens in spans:
+        c = counts.setdefault(kind, [0, 0])
+        c[0] += bool(len(tokens)) and bool(keep[tokens].all())
+        c[1] += 1
+    return counts
+
+
+def pool_varr(counts: Iterable[dict[str, list[int]]]) -> dict[str, float | None]:
+    """Corpus VARR (mentions kept / mentions, pooled over rows) per type and overall; None for a type
+    with no mention."""
+    total: dict[str, list[int]] = {t: [0, 0] for t in VARR_TYPES}
+    for c in counts:
+        for t, (k, n) in c.items():
+            total.setdefault(t, [0, 0])
+            total[t][0] += k
+            total[t][1] += n
+    out: dict[str, float | None] = {t: (k / n if n else None) for t, (k, n) in total.items()}
+    k, n = sum(v[0] for v in total.values()), sum(v[1] for v in total.values())
+    out["overall"] = k / n if n else None
+    return out
+
+
+def varr(row: Any, keep: np.ndarray, anchors: Sequence[dict]) -> dict[str, float | None]:
+    """VARR of one compressed rationale: {type: fraction of its mentions kept, "overall": fraction}.
+
+    Two VARRs live side by side here. This one (the gate's, stage 03) reads a keep *mask* over the teacher's
+    tokens: a mention counts when every token of its char span survives, each mention counted (a colour said
+    twice counts twice). `varr_generated` (stages 05-06) reads a *generated* text: a gold scene attribute
+    counts when the text mentions it anywhere, distinct type/value pairs counted once, attributes absent from
+    the scene left out. The same rationale can therefore score differently under the two."""
+    return pool_varr([varr_counts(row, keep, anchors)])
+
+
 # ---------------------------------------------------------------------------------- rationale-level metrics
-VARR_TYPES = ("colour", "shape", "size", "position", "text")
 
 
 def rationale_part(response: str) -> str:

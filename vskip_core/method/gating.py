@@ -48,14 +48,13 @@ corpus keeps gamma of its tokens.
 | random       | uniform scores seeded by (seed, row id): the same row gets the same draw in any order |
 | llmlingua2   | LLMLingua-2's p(keep) (`keep_prob_llmlingua2`, word value = mean), when its model is local |
 
-**Measures.** `compress_text` rebuilds the kept tokens as text from their character offsets; `actual_ratio`
-counts the student tokenizer's tokens on rebuilt vs full texts; `varr` is the fraction of the rationale's
-anchor mentions (char spans) whose tokens all survive. Sweeps over methods and gammas, and notebook 03's
-ablations, are in `vskip_core.stages.gating`.
+**Measures** of what a mask keeps (the rebuilt text `compress_text`, `actual_ratio`, `varr`) are pure functions
+in `vskip_core.metrics`; sweeps over methods and gammas, and notebook 03's ablations, in
+`vskip_core.stages.gating`.
 
     rows, skipped = usable_rows(scores.to_dict("records"), gamma=0.3, gate_cfg=cfg)
     keep = keep_mask(rows[0], "vskip", 0.5, cfg)
-    compress_text(rows[0], keep), varr(rows[0], keep, anchors)
+    metrics.compress_text(rows[0], keep), metrics.varr(rows[0], keep, anchors)
 """
 
 from __future__ import annotations
@@ -71,7 +70,6 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vskip_core.config import GATE_METHODS, OPTIONAL_GATE_METHODS, Config, GateConfig, ScoringConfig
-from vskip_core.data.embedded import ANCHOR_TYPES
 
 METHODS = (*GATE_METHODS, *OPTIONAL_GATE_METHODS)
 # score columns each method reads, as (path, column)
@@ -499,103 +497,3 @@ def usable_rows(
             continue
         kept.append(p.row)
     return kept, skipped
-
-
-# --------------------------------------------------------------------------------------------- measures
-def compress_text(row: Any, keep: np.ndarray) -> str:
-    """The kept tokens as text. Kept neighbours in the original are joined as they were; across a pruned
-    stretch the pieces are joined by one space (a newline if the stretch held one) when a word boundary was
-    crossed, and glued when it was not (a pruned piece inside a word). No double spaces, no glued words.
-
-    The first kept token stays verbatim, with its own leading space (" top" when "First, ..." was pruned):
-    stripping it changes how the word tokenizes (the embedded vocabulary has " top" but not "top", 1 token
-    becomes 3), so the student would be trained on, and the actual ratio would count, tokens the gate never
-    chose. Kept as is, the student's tokens of the rebuilt text are exactly the kept teacher tokens when the
-    two share a tokenizer. `.strip()` it for display."""
-    row = as_scored(row)
-    keep = np.asarray(keep, dtype=bool)
-    if len(keep) != row.n:
-        raise ValueError(f"{row.id}: keep mask has {len(keep)} entries for {row.n} tokens")
-    out, prev_end = "", None
-    for j in np.flatnonzero(keep):
-        s, e = row.offsets[j]
-        piece = row.text[s:e]
-        if prev_end is None:
-            out = piece
-        elif s == prev_end:
-            out += piece
-        else:
-            gap = row.text[prev_end:s]
-            head = piece[: len(piece) - len(piece.lstrip())]
-            tail = out[len(out.rstrip()) :]
-            if any(c.isspace() for c in tail + gap + head):
-                sep = "\n" if "\n" in tail + gap + head else " "
-                out = out.rstrip() + sep + piece.lstrip()
-            else:
-                out += piece
-        prev_end = e
-    return out.rstrip()
-
-
-def actual_ratio(full: str | Sequence[str], compressed: str | Sequence[str], tokenizer) -> float:
-    """Tokens of the compressed text(s) / tokens of the full text(s), both counted with the same (student's)
-    tokenizer, summed over a corpus. Never compare counts of two tokenizers."""
-    full = [full] if isinstance(full, str) else list(full)
-    compressed = [compressed] if isinstance(compressed, str) else list(compressed)
-    if len(full) != len(compressed):
-        raise ValueError(f"{len(full)} full texts but {len(compressed)} compressed ones")
-    n_full = sum(len(x) for x in tokenizer(full, add_special_tokens=False)["input_ids"])
-    n_kept = sum(len(x) for x in tokenizer(compressed, add_special_tokens=False)["input_ids"]) if full else 0
-    if n_full == 0:
-        raise ValueError("the full texts have no tokens; nothing to compare")
-    return n_kept / n_full
-
-
-def anchor_tokens(row: Any, anchors: Sequence[dict]) -> list[tuple[str, np.ndarray]]:
-    """Each anchor (a char span {type, start, end} of the full rationale) as (type, indices of the tokens
-    overlapping it)."""
-    row = as_scored(row)
-    starts, ends = row.offsets[:, 0], row.offsets[:, 1]
-    out = []
-    for a in anchors:
-        if a["end"] > len(row.text) or a["start"] >= a["end"]:
-            raise ValueError(
-                f"{row.id}: anchor {a} is not a span of this {len(row.text)}-character rationale"
-            )
-        out.append((a["type"], np.flatnonzero((starts < a["end"]) & (ends > a["start"]))))
-    return out
-
-
-def varr_counts(row: Any, keep: np.ndarray, anchors: Sequence[dict]) -> dict[str, list[int]]:
-    """Per attribute type: [mentions whose tokens all survive, mentions]."""
-    return count_kept(np.asarray(keep, dtype=bool), anchor_tokens(row, anchors))
-
-
-def count_kept(keep: np.ndarray, spans: list[tuple[str, np.ndarray]]) -> dict[str, list[int]]:
-    """Per attribute type: [mentions whose tokens all survive, mentions], from `anchor_tokens` spans."""
-    counts = {t: [0, 0] for t in ANCHOR_TYPES}
-    for kind, tokens in spans:
-        c = counts.setdefault(kind, [0, 0])
-        c[0] += bool(len(tokens)) and bool(keep[tokens].all())
-        c[1] += 1
-    return counts
-
-
-def pool_varr(counts: Iterable[dict[str, list[int]]]) -> dict[str, float | None]:
-    """Corpus VARR (mentions kept / mentions, pooled over rows) per type and overall; None for a type
-    with no mention."""
-    total: dict[str, list[int]] = {t: [0, 0] for t in ANCHOR_TYPES}
-    for c in counts:
-        for t, (k, n) in c.items():
-            total.setdefault(t, [0, 0])
-            total[t][0] += k
-            total[t][1] += n
-    out: dict[str, float | None] = {t: (k / n if n else None) for t, (k, n) in total.items()}
-    k, n = sum(v[0] for v in total.values()), sum(v[1] for v in total.values())
-    out["overall"] = k / n if n else None
-    return out
-
-
-def varr(row: Any, keep: np.ndarray, anchors: Sequence[dict]) -> dict[str, float | None]:
-    """VARR of one compressed rationale: {type: fraction of its mentions kept, "overall": fraction}."""
-    return pool_varr([varr_counts(row, keep, anchors)])

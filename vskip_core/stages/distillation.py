@@ -373,7 +373,8 @@ class GateCompressor:
         self._scored: dict[str, Any] = {}  # each row converted and unit-split once, shared by the methods
 
     def __call__(self, row: dict[str, Any], method: str, ratio: float) -> str:
-        from vskip_core.method.gating import GateError, as_scored, compress_text, forced_tokens, keep_mask
+        from vskip_core.method.gating import GateError, as_scored, forced_tokens, keep_mask
+        from vskip_core.metrics import compress_text
 
         key = str(row.get("id"))
         if key not in self._scored:
@@ -421,7 +422,8 @@ def with_external_surprisal(cfg: Config, rows: list[dict[str, Any]], search_dirs
                 found, source = got, str(f)
                 break
     if not found:
-        from vskip_core.method.external_lm import external_surprisal, load_smollm2
+        from vskip_core.method.external_lm import external_surprisal
+        from vskip_core.modeling.external_lm import load_smollm2
         from vskip_core.modeling.loading import user_text
         from vskip_core.stages.generation import example_for
 

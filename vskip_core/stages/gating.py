@@ -14,18 +14,9 @@ from typing import Any
 import numpy as np
 
 from vskip_core.config import Config
-from vskip_core.method.gating import (
-    Scored,
-    anchor_tokens,
-    as_scored,
-    compress_text,
-    count_kept,
-    gate_rows,
-    gate_values,
-    pool_varr,
-    usable_rows,
-)
+from vskip_core.method.gating import Scored, as_scored, gate_rows, gate_values, usable_rows
 from vskip_core.method.scoring import anchoring_for_layers
+from vskip_core.metrics import anchor_tokens, compress_text, count_kept, pool_varr
 
 
 # --------------------------------------------------------------------------------------------- measures
@@ -185,7 +176,8 @@ def external_scores(cfg: Config, scores, search_dirs=()):
     `keep_prob_llmlingua2`. Returns (frame, facts for metrics.json: source, timings, LLMLingua-2 status)."""
     import torch
 
-    from vskip_core.method import external_lm
+    from vskip_core.method.external_lm import keep_probability
+    from vskip_core.modeling.external_lm import llmlingua2_status, load_llmlingua2
     from vskip_core.stages.distillation import with_external_surprisal
 
     t0, c0 = time.perf_counter(), time.process_time()
@@ -205,10 +197,10 @@ def external_scores(cfg: Config, scores, search_dirs=()):
         "teacher_tokens_per_s": n_tokens / max(seconds, 1e-9),
         "threads": torch.get_num_threads(),
     }
-    ok, info["llmlingua2"] = external_lm.llmlingua2_status(cfg)
+    ok, info["llmlingua2"] = llmlingua2_status(cfg)
     if ok:
-        clf = external_lm.load_llmlingua2(cfg)
-        probs = external_lm.keep_probability(clf, out["text"].tolist(), out["offsets"].tolist())
+        clf = load_llmlingua2(cfg)
+        probs = keep_probability(clf, out["text"].tolist(), out["offsets"].tolist())
         out["keep_prob_llmlingua2"] = [p.tolist() for p in probs]
     return out, info
 

@@ -1,4 +1,5 @@
-"""Stage 07 plumbing around the pruning methods of `vskip_core.method.pruning`: pruned decoding batched over
+"""Stage 07 plumbing around the pruning methods of `vskip_core.method.pruning` (run by the decoder of
+`vskip_core.modeling.pruned_decoding`): pruned decoding batched over
 examples, batch-1 latency, the accuracy grid over methods and retentions, the retention-1.0 exactness check,
 RVIS records and summaries, tables, plots, and the distilled student to combine the methods with."""
 
@@ -11,14 +12,13 @@ from typing import Any
 from vskip_core.method.pruning import (
     METHODS,
     VARIANTS,
-    PrunedOutput,
     PruneSpec,
     kept_count,
-    pruned_generate,
     random_jaccard,
     rvis_overlaps,
     user_text_mask,
 )
+from vskip_core.modeling.pruned_decoding import PrunedOutput, pruned_generate
 
 SIMPLE_FAMILIES = ("attribute", "existence")
 REASONING_FAMILIES = ("multistep", "reading")
