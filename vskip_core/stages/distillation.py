@@ -138,7 +138,7 @@ def split_answer(text: str) -> tuple[str, str, str]:
 def make_target(compressed: str, answer_line: str, sep: str = " ") -> str:
     """Compressed rationale followed by the answer line. Whatever the gate kept of the answer line (all of
     it when `gate.force_keep_answer`) is replaced by the original line, so every target ends with it. The
-    body keeps its leading space, if any: `gating.compress_text` keeps the first kept token verbatim so that
+    body keeps its leading space, if any: `metrics.compress_text` keeps the first kept token verbatim so that
     the student's tokens are the kept teacher tokens."""
     j = answer_line_start(compressed) if answer_line else None
     body = (compressed[:j] if j is not None else compressed).rstrip()
@@ -399,7 +399,7 @@ class GateCompressor:
 def with_external_surprisal(cfg: Config, rows: list[dict[str, Any]], search_dirs=(), cache_dir=None):
     """Rows with `surprisal_external` (the external_lm method's column): taken from any parquet file with
     `id` and `surprisal_external` columns in `search_dirs` (stage 03's outputs), else computed with
-    SmolLM2 (vskip_core.method.external_lm) for these rows and cached as `cache_dir/surprisal_external.parquet`.
+    SmolLM2 (vskip_core.modeling.external_lm) for these rows and cached as `cache_dir/surprisal_external.parquet`.
     Returns (rows, where the column came from)."""
     import pandas as pd
     import pyarrow.parquet as pq
