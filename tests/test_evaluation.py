@@ -288,11 +288,11 @@ def test_evaluate_system_row_equals_hand_computed(monkeypatch):
     """Stage 05's row from known outputs (generate stubbed): every headline field computed by hand."""
     from types import SimpleNamespace
 
-    from vskip_core.modeling import decoding
+    from vskip_core.stages import evaluation as stage05  # generate is patched where stage 05 looks it up
     from vskip_core.stages.evaluation import evaluate_system
 
     examples = [e for e, _, _ in HAND_EXAMPLES]
-    monkeypatch.setattr(decoding, "generate", _stub_generate({e["id"]: out for e, out, _ in HAND_EXAMPLES}))
+    monkeypatch.setattr(stage05, "generate", _stub_generate({e["id"]: out for e, out, _ in HAND_EXAMPLES}))
     loaded = SimpleNamespace(model=None, tokenizer=_WordTokenizer(), processor=None)
     ref = {e["id"]: n for e, _, n in HAND_EXAMPLES if n}
     recs, row = evaluate_system(loaded, examples, "stub", 0.5, reference_tokens=ref, progress=False)
@@ -318,7 +318,7 @@ def test_evaluate_system_row_equals_hand_computed(monkeypatch):
     assert row["unparsed"] == 0 and row["random_fallback"] == 0
 
     # the direct-answer baseline: the prefill starts the answer, so there is no rationale to count
-    monkeypatch.setattr(decoding, "generate", _stub_generate({"t-4": " yes"}))
+    monkeypatch.setattr(stage05, "generate", _stub_generate({"t-4": " yes"}))
     recs, row = evaluate_system(loaded, examples[3:4], "direct", assistant_prefill="Answer:", progress=False)
     assert recs[0]["response"] == "Answer: yes" and recs[0]["parsed"] == "yes"
     assert row["tokens"] == 0.0 and row["act_ratio"] is None and row["accuracy"] == {"existence": 1.0}

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from vskip_core.cli import parse_sets
-from vskip_core.config import REPO_ROOT, ParamsError, load_params
+from vskip_core.config import ENV_PARAMS, ENV_RUN, REPO_ROOT, ParamsError, load_params
+from vskip_core.infra.plan import PlanError, print_plan
+from vskip_core.runtime import ENV_LIVE, atomic_write_json, results_dir, stage_fingerprint
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 
@@ -125,8 +127,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan:
         return _plan(args)
 
-    from vskip_core.runtime import results_dir
-
     try:
         overrides = parse_sets(args.sets)
         cfg = load_params(args.params, overrides)
@@ -148,11 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import os
 
-    from vskip_core.config import ENV_PARAMS, ENV_RUN
-
     # papermill passes params explicitly; don't let the nbval redirect leak into the stages' kernels. Put the
     # variables back afterwards: a test calling main() in-process must not change what later notebooks see.
-    from vskip_core.runtime import ENV_LIVE
 
     saved = {k: os.environ.pop(k) for k in (ENV_PARAMS, ENV_RUN, ENV_LIVE) if k in os.environ}
     os.environ[ENV_LIVE] = "1"  # the stages' progress bars are mirrored on this terminal
@@ -164,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_stages(args, cfg, stages, overrides, out) -> int:
-    from vskip_core.runtime import stage_fingerprint
 
     print(f"vskip pipeline: params={args.params} run={args.run} -> {out}")
     rerun_rest = False
@@ -185,7 +181,6 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
         except KeyboardInterrupt:
             print(f"\ninterrupted during {stage}; rerun the same command to resume", file=sys.stderr)
             return 130
-        from vskip_core.runtime import atomic_write_json
 
         atomic_write_json(sdir / ".done", {"fingerprint": fp, "seconds": round(time.time() - t0, 1)})
         print(f"[{i}/{len(stages)}] {stage}: done in {time.time() - t0:.0f} s", flush=True)
@@ -193,7 +188,6 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
 
 
 def _plan(args) -> int:
-    from vskip_core.infra.plan import PlanError, print_plan
 
     try:
         print_plan(load_params(args.params, parse_sets(args.sets)), gpu=args.gpu)

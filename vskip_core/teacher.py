@@ -42,15 +42,23 @@ from vskip_core.data.embedded import (
     make_example,
     make_lookup_drill,
 )
+from vskip_core.data.real import examples as benchmark_examples
+from vskip_core.method.scoring import blank_image
+from vskip_core.metrics import family_metrics, score_example
+from vskip_core.modeling.decoding import generate
 from vskip_core.modeling.loading import (
+    ANSWER_PREFIX,
     collate,
     embedded_config,
     embedded_dir,
     encode,
     image_processor_for,
+    load_model,
     save_model,
     train_tokenizer,
+    user_text,
 )
+from vskip_core.runtime import atomic_write_json, resolve_device, seed_everything
 
 CKPT_EVERY = 200
 SANITY_PER_SOURCE = 10  # notebook 00's short evaluation of a hub teacher: test examples per real source
@@ -59,7 +67,6 @@ LM_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
 
 def tokenizer_corpus(cfg: Config, n: int = 3000) -> list[str]:
     """The text the teacher's BPE tokenizer is trained on: prompts, rationales and answers of the stream."""
-    from vskip_core.modeling.loading import ANSWER_PREFIX, user_text
 
     texts = []
     for i in range(n):
@@ -503,7 +510,6 @@ def verdict(b: Build, step: int) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------- the build
 def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Path:
     """Train (or reuse from cache) the embedded teacher; returns its folder. Resumes a killed build."""
-    from vskip_core.runtime import resolve_device, seed_everything
 
     out = embedded_dir(cfg)
     if (out / "config.json").exists() and not force:
@@ -523,7 +529,6 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Pa
 
 def _save_final(b: Build, out: Path) -> None:
     """Save like a hub checkpoint (model, tokenizer, image processor, the build's params), then swap it in."""
-    from vskip_core.runtime import atomic_write_json
 
     cfg = b.cfg
     seconds = b.state.get("seconds_base", 0.0) + (time.time() - b.t_start)
@@ -556,10 +561,6 @@ def evaluate_teacher(
     """Greedy full-rationale generation on `n_per_family` held-out examples per family (per source on the real
     benchmarks; at most the split), with the real images or blank ones (same background, no objects; grey for
     real images). Returns (family metrics, per-example records)."""
-    from vskip_core.data.real import examples as benchmark_examples
-    from vskip_core.method.scoring import blank_image
-    from vskip_core.metrics import family_metrics, score_example
-    from vskip_core.modeling.decoding import generate
 
     embedded = cfg.data.source == ["embedded"]
     n = n_per_family * (len(cfg.data.families) if embedded else len(cfg.data.source))
@@ -594,7 +595,6 @@ def evaluate_teacher(
 def load_teacher(cfg: Config, progress: bool = True):
     """The teacher as a `models.Loaded`: the embedded one (built first if needed, cached) or the configured hub
     checkpoint / local folder / stand-in."""
-    from vskip_core.modeling.loading import load_model
 
     if cfg.model.teacher == "embedded":
         build_teacher(cfg, progress=progress)

@@ -61,9 +61,11 @@ from pathlib import Path
 from typing import Any
 
 from vskip_core.config import Config
+from vskip_core.data.embedded import build_benchmark, decode_record, find_anchors, make_example
 from vskip_core.data.standins import VERSION as STANDIN_VERSION
 from vskip_core.data.standins import is_standin
 from vskip_core.data.standins import resolve_dataset as resolve
+from vskip_core.runtime import progress as tqdm
 
 SCHEMA_VERSION = 1  # bump when the normalized schema changes (it keys the cache)
 SOURCE_FAMILY = {"mmmu": "multistep", "docvqa": "reading", "pope": "existence"}
@@ -491,8 +493,6 @@ def build_real_benchmark(cfg: Config, progress: bool = False):
     (DatasetDict, path). `card.json` in the folder has every filter's counts."""
     import datasets
 
-    from vskip_core.runtime import progress as tqdm
-
     d = cfg.data
     if d.source == ["embedded"]:
         raise BenchmarkError("data.source is [embedded]: use vskip_core.data.embedded.build_benchmark")
@@ -547,8 +547,6 @@ def load_benchmark(cfg: Config, progress: bool = True):
     """(DatasetDict, path) of the configured benchmark: the embedded one or the real sources (built and cached
     on first use). Splits of size 0 are absent."""
     if cfg.data.source == ["embedded"]:
-        from vskip_core.data.embedded import build_benchmark
-
         return build_benchmark(cfg)
     return build_real_benchmark(cfg, progress=progress)
 
@@ -594,7 +592,6 @@ def benchmark_card(cfg: Config) -> dict[str, Any]:
 
 def examples(cfg: Config, split: str, n: int | None = None) -> list[dict[str, Any]]:
     """The first `n` (default: all) records of a split, for the embedded benchmark or the real sources alike."""
-    from vskip_core.data.embedded import decode_record, make_example
 
     sizes = {"train": cfg.data.n_train, "val": cfg.data.n_val, "test": cfg.data.n_test}
     if split not in sizes:
@@ -610,7 +607,6 @@ def examples(cfg: Config, split: str, n: int | None = None) -> list[dict[str, An
 
 def example_at(cfg: Config, split: str, index: int) -> dict[str, Any]:
     """Record `index` of a split (what `rationales.jsonl` stores as `split` / `index`)."""
-    from vskip_core.data.embedded import decode_record, make_example
 
     if cfg.data.source == ["embedded"]:
         return make_example(cfg, split, index)
@@ -710,7 +706,6 @@ def find_real_anchors(text: str, ex: dict[str, Any]) -> list[dict[str, Any]]:
 
 def find_anchors_for(text: str, ex: dict[str, Any]) -> list[dict[str, Any]]:
     """Anchors of any text for any record: the embedded scene's (`data.find_anchors`) or the lexicon above."""
-    from vskip_core.data.embedded import find_anchors
 
     if ex.get("source", "embedded") == "embedded":
         return find_anchors(text, ex.get("scene"))

@@ -37,6 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from vskip_core.config import REPO_ROOT, STAGES, Config
+from vskip_core.data.standins import is_standin
+from vskip_core.modeling.adapters import ADAPTERS
+from vskip_core.modeling.loading import embedded_config, embedded_dir
+from vskip_core.modeling.standins import resolve
+from vskip_core.teacher import SANITY_PER_SOURCE
 
 GiB = 1024**3
 
@@ -197,8 +202,6 @@ def _config_for(name: str, cfg: Config):
     """(config, origin) for a model name: local config.json, the known table, or the embedded params."""
     from transformers import AutoConfig
 
-    from vskip_core.modeling.loading import embedded_config, embedded_dir
-
     if name == "embedded":
         d = embedded_dir(cfg)
         if (d / "config.json").exists():
@@ -206,8 +209,6 @@ def _config_for(name: str, cfg: Config):
         return embedded_config(
             cfg, _StubTokenizer(cfg.embedded.vocab_size)
         ), "params (embedded, not built yet)"
-    from vskip_core.data.standins import is_standin
-    from vskip_core.modeling.standins import resolve
 
     p = Path(resolve(cfg, name)).expanduser()
     if (p / "config.json").exists():
@@ -247,8 +248,6 @@ _SPEC_CACHE: dict[tuple[str, str], ModelSpec] = {}
 def model_spec(name: str, cfg: Config) -> ModelSpec:
     import torch
     import transformers
-
-    from vskip_core.modeling.adapters import ADAPTERS
 
     key = (name, cfg.hash("embedded") if name == "embedded" else "")
     if key in _SPEC_CACHE:
@@ -620,8 +619,6 @@ def _stage_00(r: _Run) -> Estimate:
     d, g, teacher, seq = r.cfg.data, r.cfg.generation, r.teacher, r.seq
     sizes, data_dl = _benchmark(d)
     if r.hub_teacher:  # loads the teacher and evaluates it on a few test examples, with images and blank
-        from vskip_core.teacher import SANITY_PER_SOURCE
-
         n_sanity = min(SANITY_PER_SOURCE * len(d.source), d.n_test)
         gen_s, peak = _generation(
             teacher, seq, r.dev, n_sanity, g.batch_size, g.max_new_tokens, r.db, r.tq, r.eager

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 
 from vskip_core.data.answers import answer_line_start
+from vskip_core.data.embedded import render_scene
+from vskip_core.data.real import find_anchors_for
 from vskip_core.modeling.adapters import adapter_for, layers_in_band
 
 CAPTURE_IMPLEMENTATION = "vskip_capture"
@@ -426,8 +428,6 @@ def blank_image(ex: dict[str, Any]):
     examples without a scene)."""
     from PIL import Image
 
-    from vskip_core.data.embedded import render_scene
-
     if ex.get("scene"):
         return render_scene(ex["scene"], blank=True)
     return Image.new("RGB", ex["image"].size, (128, 128, 128))
@@ -485,7 +485,6 @@ def anchor_attention_maps(
     predicts the token onto the first image's tokens, teacher-forced through the hooked capture (works under
     sdpa), mean over the layers that reach the image, max over heads, as a heat grid (Llama-3.2-Vision: the
     first tile's patches)."""
-    from vskip_core.data.real import find_anchors_for
 
     ad, tok, model = loaded.adapter, loaded.tokenizer, loaded.model
     layers = ad.image_layers(model)

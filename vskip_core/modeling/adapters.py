@@ -56,6 +56,7 @@ from vskip_core.modeling.prompts import CHAT_TEMPLATE as QWEN_CHAT_TEMPLATE
 from vskip_core.modeling.prompts import IMAGE_TOKEN as QWEN_IMAGE_TOKEN
 from vskip_core.modeling.prompts import SPECIAL_TOKENS as QWEN_SPECIAL_TOKENS
 from vskip_core.modeling.prompts import n_image_tokens, train_tokenizer, user_text
+from vskip_core.runtime import resolve_device, resolve_dtype
 
 IMAGE_REF = re.compile(r"<image (\d+)>")  # MMMU's interleaved image placeholders, `<image 1>` .. `<image 7>`
 VISION_ATTENTION = "sdpa"  # vision towers' maps are never read; eager there costs O(patches^2) per head
@@ -314,8 +315,6 @@ class Adapter:
         `cfg.model.quantization`) is nf4. The model is in eval mode."""
         import transformers
         from transformers import AutoTokenizer
-
-        from vskip_core.runtime import resolve_device, resolve_dtype
 
         device = device or resolve_device(cfg.runtime.device)
         dtype = resolve_dtype(cfg.model.dtype, device)

@@ -11,6 +11,7 @@ import torch
 
 from vskip_core.modeling.adapters import adapter_for, adapter_for_tokenizer
 from vskip_core.modeling.loading import collate, encode, model_inputs
+from vskip_core.runtime import progress as tqdm
 
 
 # ------------------------------------------------------------------------------------------ decoding config
@@ -88,7 +89,6 @@ def generate(
     """Generate one response per example (left-padded batches). Returns, per example, the text, the
     generated token ids (without the end token) and the batch's wall time divided by its size. Decodes under
     `decoding_config(...)` of these arguments only (never the checkpoint's generation_config.json)."""
-    from vskip_core.runtime import progress as tqdm
 
     device = next(model.parameters()).device
     prefixes = prefix if isinstance(prefix, list) else [prefix] * len(examples)

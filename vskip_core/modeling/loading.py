@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from vskip_core.config import Config
+from vskip_core.data.embedded import GENERATOR_VERSION
 from vskip_core.modeling.adapters import adapter_for, adapter_for_tokenizer, detect_family, get_adapter
 from vskip_core.modeling.prompts import (  # noqa: F401  (re-exported: the embedded teacher's text side)
     ANSWER_PREFIX,
@@ -136,7 +137,6 @@ def embedded_config(cfg: Config, tok):
 
 def embedded_dir(cfg: Config) -> Path:
     """Cache folder of the embedded teacher, keyed by its architecture/recipe and the data params."""
-    from vskip_core.data.embedded import GENERATOR_VERSION
 
     return cfg.path(cfg.runtime.cache_dir) / f"teacher-{cfg.hash('embedded', 'data')}-g{GENERATOR_VERSION}"
 

@@ -31,6 +31,8 @@ from typing import Protocol
 
 import torch
 
+from vskip_core.modeling.adapters import _unwrap
+
 SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
@@ -123,7 +125,6 @@ def unsupported_reason(model) -> str | None:
 
 
 def _model_parts(model):
-    from vskip_core.modeling.adapters import _unwrap
 
     model = _unwrap(model)  # a peft student: its LoRA layers live inside the base model
     why = unsupported_reason(model)

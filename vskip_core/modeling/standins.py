@@ -29,6 +29,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vskip_core.config import DataConfig
+from vskip_core.data.embedded import make_example
 from vskip_core.data.standins import (
     MODELS,
     PREFIX,
@@ -62,8 +64,6 @@ def resolve(cfg, name: str) -> str:
 
 def tokenizer_texts() -> list[str]:
     """Text the stand-in tokenizers are trained on: embedded questions and rationales, and the datasets' words."""
-    from vskip_core.config import DataConfig
-    from vskip_core.data.embedded import make_example
 
     exs = [make_example(DataConfig(), "train", i) for i in range(160)]
     words = [r["question"] + " " + r["options"] for r in mmmu_rows("Art", "validation", 8)]

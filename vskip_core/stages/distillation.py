@@ -80,10 +80,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from vskip_core.config import Config
-from vskip_core.modeling.loading import Loaded, collate, encode
+from vskip_core.cli import parse_sets, stage_parser
+from vskip_core.config import Config, load_params
+from vskip_core.method.external_lm import external_surprisal
+from vskip_core.method.gating import GateError, as_scored, forced_tokens, keep_mask
+from vskip_core.metrics import compress_text
+from vskip_core.modeling.decoding import generate
+from vskip_core.modeling.external_lm import load_smollm2
+from vskip_core.modeling.loading import Loaded, collate, encode, load_model, user_text
 from vskip_core.modeling.prompts import ANSWER_PREFIX, answer_line_start
-from vskip_core.runtime import atomic_write_json
+from vskip_core.plots import _save, plt
+from vskip_core.runtime import atomic_write_json, resolve_device, resolve_dtype, results_dir, seed_everything
+from vskip_core.stages.generation import example_for
 
 STAGE = "04_qlora_distillation"
 CONTROL = "full"  # the full-rationale control student: ratio always 1.0, no compression
@@ -373,8 +381,6 @@ class GateCompressor:
         self._scored: dict[str, Any] = {}  # each row converted and unit-split once, shared by the methods
 
     def __call__(self, row: dict[str, Any], method: str, ratio: float) -> str:
-        from vskip_core.method.gating import GateError, as_scored, forced_tokens, keep_mask
-        from vskip_core.metrics import compress_text
 
         key = str(row.get("id"))
         if key not in self._scored:
@@ -422,11 +428,6 @@ def with_external_surprisal(cfg: Config, rows: list[dict[str, Any]], search_dirs
                 found, source = got, str(f)
                 break
     if not found:
-        from vskip_core.method.external_lm import external_surprisal
-        from vskip_core.modeling.external_lm import load_smollm2
-        from vskip_core.modeling.loading import user_text
-        from vskip_core.stages.generation import example_for
-
         todo = [r for r in rows if str(r["id"]) in need]
         lm = load_smollm2(cfg)
         # the same context as stage 03: the user turn (question and options), no image
@@ -450,7 +451,6 @@ def with_external_surprisal(cfg: Config, rows: list[dict[str, Any]], search_dirs
 # ----------------------------------------------------------------------------------------- model loading
 def _device(cfg: Config) -> str:
     """The run's device; under `accelerate launch` / torchrun each process takes its own GPU."""
-    from vskip_core.runtime import resolve_device
 
     device = resolve_device(cfg.runtime.device)
     if device == "cuda" and "LOCAL_RANK" in os.environ:
@@ -470,7 +470,6 @@ def load_base(
     lm_head out of 4-bit), language-model attention `distill.attn_implementation` (sdpa: training needs no
     attention maps). `model.train()` comes first: a no-grad eval forward would repack 4-bit weights for CPU
     inference, after which LoRA gets zero gradients (bitsandbytes 0.50 on CPU)."""
-    from vskip_core.modeling.loading import load_model
 
     student = student or cfg.distill.student
     quantization = quantization or cfg.distill.quantization
@@ -548,7 +547,6 @@ class EncodedDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        from vskip_core.stages.generation import example_for
 
         r = self.rows[i]
         ex = example_for(self.cfg, {"id": r["id"], "split": r["split"], "index": int(r["index"])})
@@ -631,8 +629,6 @@ def train_student(
     from transformers import PrinterCallback, Trainer
     from transformers.trainer_utils import get_last_checkpoint
 
-    from vskip_core.runtime import seed_everything
-
     if len(ds) == 0:
         raise DistillError(f"method {method!r}: empty training set; nothing to distil")
     check_ratios(sorted(set(ds["ratio"])))
@@ -690,8 +686,6 @@ def training_arguments(cfg: Config, ckpt_dir: Path, steps: int, device: str, pro
     """The Trainer's arguments for one student: `distill.*`, cosine schedule, checkpoints every `save_steps`
     (two kept), the compute dtype of `model.dtype` on GPU."""
     from transformers import TrainingArguments
-
-    from vskip_core.runtime import resolve_dtype
 
     d = cfg.distill
     dtype = resolve_dtype(cfg.model.dtype, device)
@@ -889,8 +883,6 @@ def plot_token_stats(stats, path=None):
     """Mean target tokens per drawn ratio and method."""
     import seaborn as sns
 
-    from vskip_core.plots import _save, plt
-
     fig, ax = plt.subplots(figsize=(9, 3.6))
     sns.barplot(data=stats, x="ratio", y="target_tokens", hue="method", ax=ax, errorbar=None)
     ax.set_title("target tokens (compressed rationale + answer line) per drawn ratio")
@@ -908,8 +900,6 @@ def plot_training_curves(histories: dict[str, list[dict[str, Any]]], path=None):
     import pandas as pd
     import seaborn as sns
 
-    from vskip_core.plots import _save, plt
-
     rows = [
         {"method": m, "step": h["step"], "loss": h["loss"]}
         for m, hs in histories.items()
@@ -926,9 +916,6 @@ def plot_training_curves(histories: dict[str, list[dict[str, Any]]], path=None):
 def student_gallery(cfg: Config, adapters: dict[str, str], examples, ratio: float = 0.5, teacher=None):
     """Per example: the teacher's full rationale and each student's output at `ratio` (greedy)."""
     import pandas as pd
-
-    from vskip_core.modeling.decoding import generate
-    from vskip_core.modeling.loading import load_model
 
     g = cfg.generation
     teacher = teacher or load_model(cfg)
@@ -965,9 +952,6 @@ def student_gallery(cfg: Config, adapters: dict[str, str], examples, ratio: floa
 # ---------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     """Train students from the datasets notebook 04 saved (the multi-GPU path: `accelerate launch -m ...`)."""
-    from vskip_core.cli import parse_sets, stage_parser
-    from vskip_core.config import load_params
-    from vskip_core.runtime import results_dir
 
     ap = stage_parser("stages.distillation", main.__doc__)
     ap.add_argument("--methods", default="", help="comma-separated; default: every saved dataset")

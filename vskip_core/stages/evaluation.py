@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vskip_core.method.gating import GateError, as_scored, keep_mask
 from vskip_core.metrics import (
     aggregate_varr,
     attribute_hallucinations,
@@ -16,6 +17,8 @@ from vskip_core.metrics import (
     score_example,
     varr_generated,
 )
+from vskip_core.modeling.decoding import generate
+from vskip_core.stages.distillation import load_student, ratio_prefix
 
 
 def latency(
@@ -33,8 +36,6 @@ def latency(
     """End-to-end `generate` latency per example at batch 1, after `warmup` untimed calls: median and p90
     (seconds) and generated tokens. A measurement of this machine; label it with env.json's device."""
     import numpy as np
-
-    from vskip_core.modeling.decoding import generate
 
     for ex in examples[:warmup]:
         generate(
@@ -93,7 +94,6 @@ def evaluate_system(
     (vs `reference_tokens`, the teacher's full-rationale token counts by id), VARR and hallucinations.
     `assistant_prefill` starts the answer (e.g. "Answer:" for the direct-answer baseline); pass
     `repetition_penalty=cfg.generation.repetition_penalty` (the decoding of `generation.decoding_config`)."""
-    from vskip_core.modeling.decoding import generate
 
     tok = loaded.tokenizer
     gens = generate(
@@ -177,7 +177,6 @@ def evaluate_students(
 ):
     """Every student at every `eval.ratios` (the `full` control at 1.0 only). Yields (records, row, loaded)
     per (method, ratio); the student is merged into its base for generation (no adapter overhead)."""
-    from vskip_core.stages.distillation import load_student, ratio_prefix
 
     g, e = cfg.generation, cfg.eval
     for method, path in adapters.items():
@@ -235,7 +234,6 @@ def gallery_cases(
 ) -> dict[str, list[dict[str, Any]]]:
     """Rationales where method `b` drops a visual anchor that `a` keeps (and, honestly, the reverse), at
     `gamma`. Returns {"a_keeps": [...], "b_keeps": [...]}, each case with both masks and the anchors lost."""
-    from vskip_core.method.gating import GateError, as_scored, keep_mask
 
     out: dict[str, list[dict[str, Any]]] = {"a_keeps": [], "b_keeps": []}
     for raw in rows:

@@ -14,9 +14,14 @@ from typing import Any
 import numpy as np
 
 from vskip_core.config import Config
+from vskip_core.method.external_lm import keep_probability
 from vskip_core.method.gating import Scored, as_scored, gate_rows, gate_values, usable_rows
 from vskip_core.method.scoring import anchoring_for_layers
 from vskip_core.metrics import anchor_tokens, compress_text, count_kept, pool_varr
+from vskip_core.modeling.external_lm import llmlingua2_status, load_llmlingua2
+from vskip_core.modeling.loading import embedded_dir
+from vskip_core.modeling.standins import resolve
+from vskip_core.stages.distillation import with_external_surprisal
 
 
 # --------------------------------------------------------------------------------------------- measures
@@ -139,9 +144,6 @@ def student_tokenizer(cfg: Config):
     """The student's tokenizer (`distill.student`: the embedded teacher's, or a hub id / local folder)."""
     from transformers import AutoTokenizer
 
-    from vskip_core.modeling.loading import embedded_dir
-    from vskip_core.modeling.standins import resolve
-
     name = resolve(cfg, cfg.distill.student)
     src = embedded_dir(cfg) if name == "embedded" else (cfg.path(name) if cfg.path(name).exists() else name)
     return AutoTokenizer.from_pretrained(src)
@@ -175,10 +177,6 @@ def external_scores(cfg: Config, scores, search_dirs=()):
     with_external_surprisal`: the question as context, no image) and, when LLMLingua-2 is present locally,
     `keep_prob_llmlingua2`. Returns (frame, facts for metrics.json: source, timings, LLMLingua-2 status)."""
     import torch
-
-    from vskip_core.method.external_lm import keep_probability
-    from vskip_core.modeling.external_lm import llmlingua2_status, load_llmlingua2
-    from vskip_core.stages.distillation import with_external_surprisal
 
     t0, c0 = time.perf_counter(), time.process_time()
     rows, source = with_external_surprisal(cfg, scores.to_dict("records"), search_dirs)

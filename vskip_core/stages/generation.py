@@ -8,7 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vskip_core.cli import parse_sets, stage_parser
+from vskip_core.config import ParamsError, load_params
+from vskip_core.data.real import example_at, find_anchors_for
+from vskip_core.metrics import score_example
+from vskip_core.modeling.adapters import detect_family, get_adapter
 from vskip_core.modeling.decoding import generate, params_decoding_config
+from vskip_core.runtime import ShardedWriter, results_dir
+from vskip_core.runtime import progress as tqdm
 from vskip_core.teacher import load_teacher
 
 # ------------------------------------------------------------------------------------- vLLM backend
@@ -23,7 +30,6 @@ def generate_vllm(cfg, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     repetition penalty, max_new_tokens, stop at the end-of-turn token) with the checkpoint's
     generation_config.json ignored; the same record fields as `generate`. Llama-3.2-Vision is refused (vLLM does
     not serve it). Scoring stays in transformers, which exposes attention. One engine per process and cap."""
-    from vskip_core.modeling.adapters import detect_family, get_adapter
 
     name, g = cfg.model.teacher, cfg.generation
     if name != "embedded":  # refuse an unservable family before anything is installed or loaded
@@ -91,14 +97,11 @@ def generate_vllm(cfg, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------ rationale generation (01)
 def example_for(cfg, rec: dict[str, Any]) -> dict[str, Any]:
     """Rebuild the benchmark example (image, scene, question, gold) behind a rationale record."""
-    from vskip_core.data.real import example_at
 
     return example_at(cfg, rec["split"], int(rec["index"]))
 
 
 def _record(ex: dict[str, Any], gen: dict[str, Any], index: int, split: str) -> dict[str, Any]:
-    from vskip_core.data.real import find_anchors_for
-    from vskip_core.metrics import score_example
 
     s = score_example(ex, gen["text"])
     return {
@@ -120,7 +123,6 @@ def rationale_shards(cfg, out_dir: str | Path, split: str | None = None, n: int 
     """Stage 01's shard folder (out_dir/shards/, `shard-NNNNN.jsonl`, shard k = examples k*size ...): its
     fingerprint is what the rationales depend on (generation, data, model and teacher params, split and
     examples), so shards written under other params are discarded."""
-    from vskip_core.runtime import ShardedWriter
 
     split, n, _ = plan_shards(cfg, split, n)
     fingerprint = f"{cfg.hash('generation', 'data', 'model', 'embedded')}-{split}-{n}"
@@ -144,8 +146,6 @@ def generate_rationales(
     workers/GPUs), `merge_rationales` joins them. Returns the merged `rationales.jsonl` when every shard
     exists. `backend="vllm"` generates with vLLM from `model.teacher` (a hub id or local folder; `loaded` may
     then be None)."""
-    from vskip_core.data.real import example_at
-    from vskip_core.runtime import progress as tqdm
 
     g = cfg.generation
     split, n, n_shards = plan_shards(cfg, split, n)
@@ -274,10 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     """Stage 01 outside the notebook, for several GPUs: each worker writes its shards of the rationales into
     results/<run>/01_rationale_generation/shards/ (one process per GPU, `CUDA_VISIBLE_DEVICES=i`); `--merge`
     joins them. The pipeline (or notebook 01) then finds every shard written and only merges and reports."""
-
-    from vskip_core.cli import parse_sets, stage_parser
-    from vskip_core.config import ParamsError, load_params
-    from vskip_core.runtime import results_dir
 
     ap = stage_parser("stages.generation", main.__doc__)
     ap.add_argument("--shard", default="0/1", help="worker i of n, e.g. 0/4")

@@ -18,7 +18,14 @@ from vskip_core.method.pruning import (
     rvis_overlaps,
     user_text_mask,
 )
+from vskip_core.metrics import family_metrics, headline, score_example
+from vskip_core.modeling.decoding import decoding_config, generate
+from vskip_core.modeling.loading import collate, encode, model_inputs
 from vskip_core.modeling.pruned_decoding import PrunedOutput, pruned_generate
+from vskip_core.plots import _save
+from vskip_core.runtime import progress as tqdm
+from vskip_core.stages.distillation import load_student as _load
+from vskip_core.stages.distillation import ratio_prefix
 
 SIMPLE_FAMILIES = ("attribute", "existence")
 REASONING_FAMILIES = ("multistep", "reading")
@@ -41,8 +48,6 @@ def generate_pruned(
     """`generation.generate` with pruning: per example the text, generated ids (no end token), the batch's
     timings divided by its size, the visual tokens in use, DSTP re-selections/swaps, and (with
     `record_relevance`) the score layer's attention over the visual tokens at prefill and each step."""
-    from vskip_core.modeling.loading import collate, encode, model_inputs
-    from vskip_core.runtime import progress as tqdm
 
     tok, proc, model = loaded.tokenizer, loaded.processor, loaded.model
     device = next(model.parameters()).device
@@ -141,7 +146,6 @@ def evaluate(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Accuracy per family (batched greedy), batch-1 timing, visual tokens in use: one metrics.json entry
     `{"accuracy", "prefill_s", "decode_s_per_token", "visual_tokens"}` and per-example records."""
-    from vskip_core.metrics import family_metrics, headline, score_example
 
     gens = generate_pruned(
         loaded,
@@ -222,7 +226,6 @@ def exactness_check(loaded, examples: list[dict[str, Any]], cfg, max_new_tokens:
     """At retention 1.0, does every method (and +dstp, both variants) reproduce `generation.generate`?
     {"<method> (<variant>)": bool, ..., "generation_config": the greedy decoding config both sides ran under
     (`generation.decoding_config`; the checkpoint's generation_config.json plays no part)}."""
-    from vskip_core.modeling.decoding import decoding_config, generate
 
     ins = cfg.generation.instruction
     tok, proc = loaded.tokenizer, loaded.processor
@@ -427,8 +430,6 @@ def plot_accuracy(table, path=None):
     """Score per family against retention, one line per method (+dstp dashed)."""
     import seaborn as sns
 
-    from vskip_core.plots import _save
-
     t = table[table["method"] != "unpruned"].copy()
     t["dstp"] = t["method"].str.endswith("+dstp")
     t["base"] = t["method"].str.replace("+dstp", "", regex=False)
@@ -459,8 +460,6 @@ def plot_rvis(summary: dict[str, Any], path=None):
     """RVIS overlap against relative decoding progress, one panel per retention, one line per family."""
     import matplotlib.pyplot as plt
     import seaborn as sns
-
-    from vskip_core.plots import _save
 
     rets = list(summary["by_retention"])
     fig, axes = plt.subplots(1, len(rets), figsize=(3.6 * len(rets), 3.0), squeeze=False, sharey=True)
@@ -501,11 +500,6 @@ def load_student(cfg, run_dir) -> tuple[Any, str, str]:
     if not name:
         return None, "", "prune.student_adapter is empty: student combination skipped"
     adapter = Path(run_dir) / "04_qlora_distillation" / "adapters" / name
-    try:
-        from vskip_core.stages.distillation import load_student as _load
-        from vskip_core.stages.distillation import ratio_prefix
-    except ImportError as e:
-        return None, "", f"vskip_core.stages.distillation is not available ({e}): student combination skipped"
     if not (adapter / "adapter_config.json").exists():
         return None, "", f"no student adapter at {adapter} (run stage 04 first): student combination skipped"
     prefix = ratio_prefix(cfg.prune.student_ratio)

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vskip_core.cli import parse_sets, stage_parser
+from vskip_core.config import ParamsError, load_params
 from vskip_core.method import scoring as method_scoring
 from vskip_core.method.scoring import (
     aggregate_words,
@@ -29,7 +31,17 @@ from vskip_core.method.scoring import (
     token_anchor_types,
     word_ids,
 )
-from vskip_core.runtime import ShardedWriter, to_python
+from vskip_core.modeling.adapters import adapter_for
+from vskip_core.modeling.loading import load_model
+from vskip_core.plots import (  # the project's matplotlib set-up (non-interactive backend outside notebooks)
+    ANCHOR_COLOURS,
+    plt,
+    sns,
+)
+from vskip_core.runtime import ShardedWriter, atomic_write_bytes, results_dir, to_python
+from vskip_core.runtime import progress as tqdm
+from vskip_core.stages.generation import example_for, kept_rationales, parse_shard
+from vskip_core.teacher import build_teacher
 
 SCORES_FILE = "scores.parquet"
 SHARD_DIR = "score_shards"
@@ -51,7 +63,6 @@ CONTRACT_COLUMNS = (
 def adapter_inputs(loaded, examples, texts, images, instruction: str, device):
     """One left-padded batch through the family adapter (encode / collate / model_inputs) and each row's
     rationale span (start, n); the end token after the rationale is not scored."""
-    from vskip_core.modeling.adapters import adapter_for
 
     ad, tok = adapter_for(loaded.model), loaded.tokenizer
     items = [
@@ -253,7 +264,6 @@ def _score_in_shards(
 ):
     """Score `todo` shard by shard (each sorted by length for less padding, then batched), writing each
     shard as it is done (with `shards`). Returns the new rows in `todo`'s order."""
-    from vskip_core.runtime import progress as tqdm
 
     bar = tqdm(total=total, initial=total - len(todo), desc="scoring", disable=not progress)
     new_rows: list[dict] = []
@@ -297,7 +307,6 @@ def _to_parquet_bytes(df) -> bytes:
 
 def save_scores(stage_dir: str | Path, df) -> Path:
     """Write `scores.parquet` (atomic) into a stage folder."""
-    from vskip_core.runtime import atomic_write_bytes
 
     missing = [c for c in CONTRACT_COLUMNS if c not in df.columns]
     if missing:
@@ -412,10 +421,6 @@ def layer_profile(df):
 
 # ------------------------------------------------------------------------------------------ figures (02)
 def _plt():
-    from vskip_core.plots import (  # the project's matplotlib set-up (non-interactive backend outside notebooks)
-        plt,
-        sns,
-    )
 
     return plt, sns
 
@@ -428,7 +433,6 @@ def _save_fig(fig, path):
 
 
 def _palette():
-    from vskip_core.plots import ANCHOR_COLOURS
 
     return {**ANCHOR_COLOURS, "other": "#9d9d9d"}
 
@@ -541,12 +545,6 @@ def main(argv: list[str] | None = None) -> int:
     `CUDA_VISIBLE_DEVICES=i`). Then run the pipeline (or notebook 02): it reads every worker's shards back,
     scores only what is missing, and writes scores.parquet and the report."""
 
-    from vskip_core.cli import parse_sets, stage_parser
-    from vskip_core.config import ParamsError, load_params
-    from vskip_core.modeling.loading import load_model
-    from vskip_core.runtime import results_dir
-    from vskip_core.stages.generation import example_for, kept_rationales, parse_shard
-
     ap = stage_parser("stages.scoring", main.__doc__)
     ap.add_argument("--shard", default="0/1", help="worker i of n, e.g. 0/4")
     a = ap.parse_args(argv)
@@ -564,8 +562,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if cfg.model.teacher == "embedded":
-        from vskip_core.teacher import build_teacher
-
         build_teacher(cfg)
     out = run_dir / "02_dual_scoring"
     df = score_rationales(
