@@ -31,7 +31,9 @@ def _cfg(**over):
 @pytest.fixture(scope="module")
 def corpus():
     """120 gold rationales tokenized by a BPE trained on benchmark text (like the embedded teacher's), rows in
-    the 02 contract with heuristic scores: anchor tokens look at the image, half of them are also surprising."""
+    the 02 contract with seeded random scores drawn independently of the anchor labels (issue 16: the anchors
+    must not be built into the anchoring). Tests on these rows check the gate's mechanics, which hold whatever
+    the scores are; whether the visual path finds anchors is checked on real scores (`teacher_scored`)."""
     from vskip_core.modeling.loading import train_tokenizer
 
     cfg = _cfg()
@@ -44,9 +46,6 @@ def corpus():
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         off = [list(o) for o in enc["offset_mapping"]]
         n = len(off)
-        anc = np.zeros(n, dtype=bool)
-        for a in ex["anchors"]:
-            anc |= np.array([s < a["end"] and e > a["start"] for s, e in off])
         rows.append(
             {
                 "id": ex["id"],
@@ -54,8 +53,8 @@ def corpus():
                 "text": text,
                 "token_ids": enc["input_ids"],
                 "offsets": off,
-                "surprisal": (rng.gamma(1.0, 1.0, n) + 3.0 * (anc & (rng.random(n) < 0.5))).tolist(),
-                "anchoring": (rng.beta(1, 8, n) + 0.4 * anc).tolist(),
+                "surprisal": rng.gamma(1.0, 1.0, n).tolist(),
+                "anchoring": rng.beta(1, 8, n).tolist(),
                 "surprisal_noimg": None,
                 "word_ids": word_ids(text, off),
                 "answer_start": answer_token_start(text, off),
@@ -64,6 +63,24 @@ def corpus():
         )
         anchors.append(ex["anchors"])
     return cfg, tok, rows, anchors
+
+
+@pytest.fixture(scope="module")
+def teacher_scored(tiny_teacher):
+    """48 gold rationales scored by the real path (stage 02's score_rationales on the smoke-size embedded
+    teacher): the only rows on which a claim about what the visual path finds may be tested."""
+    from vskip_core.modeling.loading import load_model
+    from vskip_core.stages.scoring import score_rationales
+
+    cfg, _ = tiny_teacher
+    loaded = load_model(cfg)
+    exs = [make_example(cfg, "test", i) for i in range(48)]
+    recs = [
+        {**{k: e[k] for k in ("id", "family", "rationale", "anchors")}, "index": i} for i, e in enumerate(exs)
+    ]
+    df = score_rationales(loaded, cfg, recs, exs, progress=False)
+    by_id = {e["id"]: e["anchors"] for e in exs}
+    return cfg, loaded.tokenizer, df, [by_id[i] for i in df.id]
 
 
 def _row(text, pieces, surprisal, anchoring, word=None, answer_start=None, rid="hand-0"):
@@ -156,13 +173,123 @@ def test_text_share_spans_text_only_to_visual_only(corpus):
             assert (only_visual == G.keep_mask(r, "visual_only", gamma, _cfg())).all()
 
 
-def test_union_retains_more_anchors_than_text_only(corpus):
-    cfg, tok, rows, anchors = corpus
-    rs = [G.as_scored(r) for r in rows]
-    v = SG.evaluate(rs, anchors, "vskip", 0.4, cfg, tok)["varr"]["overall"]
-    t = SG.evaluate(rs, anchors, "text_only", 0.4, cfg, tok)["varr"]["overall"]
-    r = SG.evaluate(rs, anchors, "random", 0.4, cfg, tok)["varr"]["overall"]
-    assert v > t > r
+def _hand_union(r, gamma, share):
+    """The per-example union at token level, from the module doc's rule alone: forced = the answer line;
+    k = round(gamma * n); the text path takes the floor(share * (k - forced)) most surprising free tokens, the
+    visual path the most anchored of the rest up to k. Returns both thresholds and OR of the two decisions."""
+    s, a = np.asarray(r["surprisal"]), np.asarray(r["anchoring"])
+    n = len(s)
+    forced = np.arange(n) >= r["answer_start"]
+    k, f = round(gamma * n), int(forced.sum())
+    free = np.flatnonzero(~forced)
+    m_text = int(np.floor(share * (k - f) + 1e-9))
+    text = free[np.argsort(-s[free], kind="stable")][:m_text]
+    rest = np.setdiff1d(free, text)
+    visual = rest[np.argsort(-a[rest], kind="stable")][: k - f - m_text]
+    tau_t = s[text].min() if len(text) else np.inf
+    tau_v = a[visual].min() if len(visual) else np.inf
+    return tau_t, tau_v, forced | (s >= tau_t) | (a >= tau_v)
+
+
+@pytest.mark.parametrize("share", [0.5, 0.3])
+def test_union_is_the_or_of_two_hand_computed_thresholds(corpus, share):
+    """Whatever the scores (these are independent of the anchors), V-Skip per example keeps exactly the
+    tokens that clear the text threshold OR the visual threshold (or are forced), both thresholds computed by
+    hand; and the OR matters: tokens below the text threshold are kept by the visual path alone."""
+    _, _, rows, _ = corpus
+    cfg = _cfg(text_share=share, **{"scoring.word_level": False})
+    visual_alone = differs = 0
+    for gamma in (0.3, 0.5, 0.7):
+        for r in rows:
+            tau_t, tau_v, want = _hand_union(r, gamma, share)
+            keep = G.keep_mask(r, "vskip", gamma, cfg)
+            assert (keep == want).all(), (gamma, r["id"])
+            assert keep.sum() == round(gamma * len(keep))
+            s, a = np.asarray(r["surprisal"]), np.asarray(r["anchoring"])
+            free = np.arange(len(s)) < r["answer_start"]
+            assert (s[keep & free] >= tau_t).sum() == int(
+                np.floor(share * (keep.sum() - (~free).sum()) + 1e-9)
+            )
+            visual_alone += int((keep & free & (s < tau_t) & (a >= tau_v)).sum())
+            differs += int((keep != G.keep_mask(r, "text_only", gamma, cfg)).any())
+    assert visual_alone > 0 and differs > 0.9 * 3 * len(rows)
+
+
+def test_corpus_union_is_the_or_of_the_fitted_thresholds(corpus):
+    """Per corpus, at word level: each row keeps its forced tokens plus every token whose word value clears
+    the fitted text threshold OR the fitted visual threshold; and the thresholds are the lowest values the
+    pooled walk took (some word sits exactly on each)."""
+    cfg, _, rows, _ = corpus
+    for gamma in (0.3, 0.6):
+        th = G.fit_corpus_thresholds(rows, "vskip", gamma, cfg)
+        tau_t, tau_v = th["thresholds"]["text"], th["thresholds"]["visual"]
+        on_t = on_v = 0
+        for r in rows:
+            s, a = G.gate_values(r, "surprisal", cfg), G.gate_values(r, "anchoring", cfg)
+            forced = np.arange(len(s)) >= r["answer_start"]
+            keep = G.keep_mask(r, "vskip", gamma, cfg, thresholds=th)
+            assert (keep == (forced | (s >= tau_t) | (a >= tau_v))).all(), (gamma, r["id"])
+            on_t += int((s == tau_t).any())
+            on_v += int((a == tau_v).any())
+        assert on_t >= 1 and on_v >= 1
+        assert abs(th["kept_fraction"] - gamma) <= 0.01
+
+
+def test_union_grows_monotonically_with_gamma(corpus):
+    """A larger budget keeps a superset (token level: both walks only go further down their rankings), so
+    VARR cannot fall and the corpus text threshold cannot rise, whatever the scores."""
+    cfg, _, rows, anchors = corpus
+    tok_cfg = _cfg(**{"scoring.word_level": False})
+    for r, anc in zip(rows, anchors):
+        masks = [G.keep_mask(r, "vskip", g, tok_cfg) for g in GAMMAS]
+        for small, big in zip(masks, masks[1:]):
+            assert (big >= small).all() and big.sum() > small.sum(), r["id"]
+        covered = [M.varr_counts(r, m, anc) for m in masks]
+        for small, big in zip(covered, covered[1:]):
+            assert all(big[t][0] >= small[t][0] for t in small), r["id"]  # mentions kept, per type
+    taus = [G.fit_corpus_thresholds(rows, "vskip", g, cfg)["thresholds"]["text"] for g in GAMMAS]
+    assert all(a > b for a, b in zip(taus, taus[1:])), taus
+
+
+def test_visual_path_keeps_anchor_tokens_on_real_teacher_scores(teacher_scored):
+    """The claim behind the headline numbers, on scores from the real scoring path (not built from the
+    labels): the teacher's anchoring ranks colour / shape / size mentions above other tokens, so the visual
+    path keeps more anchor mentions than chance and the union keeps more than text-only. On this 40-step
+    teacher the union's lead over text-only holds from gamma 0.5 up; at 0.3 it does not (VARR 0.20 vs 0.25
+    on 60 rationales), so that budget is not asserted here."""
+    from vskip_core.stages.scoring import anchor_detection_summary, token_table
+
+    cfg, tok, df, anchors = teacher_scored
+    assert len(df) == 48
+    auc = anchor_detection_summary(token_table(df))["anchoring"]["auc_by_type"]
+    assert min(auc["colour"], auc["shape"], auc["size"]) > 0.58, auc
+    rows = df.to_dict("records")
+    ev = SG.Evaluator(rows, anchors, tok)
+    varr = {
+        (m, g): ev(m, g, cfg)["varr"]["overall"]
+        for m in ("vskip", "text_only", "visual_only", "random")
+        for g in (0.4, 0.5, 0.6, 0.7)
+    }
+    for g in (0.4, 0.5, 0.6, 0.7):
+        assert varr["visual_only", g] > varr["random", g] + 0.05, (g, varr)
+    for g in (0.5, 0.6, 0.7):
+        assert varr["vskip", g] > varr["text_only", g] + 0.05, (g, varr)
+
+
+def test_fixture_scores_carry_no_anchor_information(corpus):
+    """Guard against issue 16 coming back: the synthetic rows' scores do not single out anchor tokens, so a
+    test on them cannot pass because the anchors were built into the input."""
+    from vskip_core.method.scoring import token_anchor_types
+    from vskip_core.stages.scoring import auc
+
+    _, _, rows, anchors = corpus
+    is_anchor = np.concatenate(
+        [[t != "" for t in token_anchor_types(r["offsets"], a)] for r, a in zip(rows, anchors)]
+    )
+    assert 0.15 < is_anchor.mean() < 0.6
+    for col in ("surprisal", "anchoring"):
+        values = np.concatenate([r[col] for r in rows])
+        assert abs(auc(values, is_anchor) - 0.5) < 0.05, col
 
 
 # ------------------------------------------------------------------------------------------ forced, words
