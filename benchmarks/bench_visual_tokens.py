@@ -3,7 +3,7 @@
 `results/bench/visual_tokens.json`.
 
     .venv/bin/python benchmarks/bench_visual_tokens.py [--jobs embedded@448 embedded@896 qwen2_vl@448
-        qwen2_5_vl@448] [--repeats 5] [--new-tokens 32] [--examples 1] [--threads 1]
+        qwen2_5_vl@448] [--size 448] [--repeats 5] [--new-tokens 32] [--examples 1] [--threads 1]
 
 **Models** (random weights: time does not depend on training; the embedded teacher was trained at 112 px, so
 its answers at 448 px would mean nothing anyway, and the decode length is fixed by ignoring the end token):
@@ -18,7 +18,7 @@ its answers at 448 px would mean nothing anyway, and the decode length is fixed 
 **Inputs.** Benchmark examples (test split) rendered at the job's size in px (448 -> a 32x32 patch grid -> 256
 visual tokens after the 2x2 merge; 896 -> 1024) through the project's own encoder (`encode` + `collate`),
 batch 1. Default jobs: the embedded architecture at S and 2S px, the two real classes at S px, where S =
-`prune.image_size` (448 when 0).
+`--size` (448).
 
 **Settings.** `unpruned`, then each method (FastV K = `prune.fastv_layer`, DivPrune, prompt-aware) at each
 retention of `prune.retentions`, in the `drop` variant (the sequence and KV cache really shorten), with and
@@ -238,16 +238,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params/default.yaml")
     ap.add_argument("--jobs", nargs="+", default=None, help="model@pixels, e.g. embedded@448 qwen2_5_vl@448")
-    ap.add_argument("--repeats", type=int, default=0, help="0 = prune.bench_repeats")
-    ap.add_argument("--new-tokens", type=int, default=0, help="0 = prune.bench_new_tokens")
+    ap.add_argument("--size", type=int, default=448, help="S px of the default jobs (448: 256 visual tokens)")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds per setting (medians reported)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="decoded tokens per run (end token ignored)")
     ap.add_argument("--examples", type=int, default=1, help="distinct examples per round")
     ap.add_argument(
-        "--threads", type=int, default=-1, help="torch threads; -1 = prune.num_threads, 0 = default"
+        "--threads", type=int, default=-1, help="torch threads; -1 = runtime.num_threads, 0 = default"
     )
     ap.add_argument("--out", default=str(ROOT / "results" / "bench" / "visual_tokens.json"))
     args = ap.parse_args(argv)
     cfg = load_params(args.params)
-    size = cfg.prune.image_size or 448
+    size = args.size
     jobs = args.jobs or [f"embedded@{size}", f"embedded@{2 * size}", f"qwen2_vl@{size}", f"qwen2_5_vl@{size}"]
     for j in jobs:
         name, _, px = j.partition("@")
@@ -255,9 +256,7 @@ def main(argv=None) -> int:
             ap.error(
                 f"bad job {j!r}: use model@pixels, model in embedded|qwen2_vl|qwen2_5_vl, pixels a multiple of 28"
             )
-    args.repeats = args.repeats or cfg.prune.bench_repeats
-    args.new_tokens = args.new_tokens or cfg.prune.bench_new_tokens
-    threads = cfg.prune.num_threads if args.threads < 0 else args.threads
+    threads = cfg.runtime.num_threads if args.threads < 0 else args.threads
     if threads > 0:
         torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -50,6 +50,24 @@ def test_default_params_are_the_dataclass_defaults():
     assert d.embedded.verdict_steps > 0 and d.runtime.num_threads == 1  # what the yaml used to set
 
 
+def test_removed_keys_are_refused_with_their_replacement(tmp_path):
+    """An old params file that still sets a removed field fails, saying it was removed and what replaces it;
+    no removed key is still a field, and none came from the sections that key the cached teacher."""
+    from vskip_core.config import REMOVED_KEYS, Config
+
+    old = tmp_path / "old.yaml"
+    old.write_text("extends: params/smoke.yaml\nprune:\n  bench_repeats: 3\n")
+    with pytest.raises(
+        ParamsError, match=r"prune\.bench_repeats was removed; .*bench_visual_tokens\.py --repeats"
+    ):
+        load_params(old)
+    with pytest.raises(ParamsError, match=r"eval\.seed was removed; use runtime\.seed"):
+        load_params(DEFAULT_PARAMS, {"eval.seed": 1})
+    fields = {f"{s}.{k}" for s, body in Config().to_dict().items() if isinstance(body, dict) for k in body}
+    assert not fields & set(REMOVED_KEYS)
+    assert not {k.split(".")[0] for k in REMOVED_KEYS} & {"embedded", "data"}
+
+
 def test_choices_are_checked_from_the_type_however_the_config_was_built():
     import typing
 

@@ -54,6 +54,22 @@ OPTIONAL_GATE_METHODS = typing.get_args(OptionalGateMethod)
 PruneMethod = Literal["fastv", "divprune", "zspaprune"]  # the base pruners of vskip_core.method.pruning
 # Why a choice is limited, added to the error for a value outside it.
 _CHOICE_NOTES = {"data.mmmu_split": "test answers are hidden"}
+# Fields removed from the params (issue 16: knobs nobody set, duplicates, benchmark-only settings) and what
+# replaces each; a params file or override that still sets one is refused with this note.
+REMOVED_KEYS = {
+    "generation.do_sample": "nothing: every decode is greedy (modeling.decoding.decoding_config)",
+    "generation.temperature": "nothing: every decode is greedy (modeling.decoding.decoding_config)",
+    "generation.top_p": "nothing: every decode is greedy (modeling.decoding.decoding_config)",
+    "scoring.word_anchoring": "nothing: a word's anchoring is the max over its tokens (method.gating._WORD_RULE)",
+    "scoring.store_all_layers": "nothing: stage 02 always stores every candidate layer's anchoring",
+    "gate.external_batch_size": "stages.distillation.EXTERNAL_BATCH_SIZE (32)",
+    "eval.seed": "runtime.seed (seeds the MMMU random-choice fallback)",
+    "prune.num_threads": "runtime.num_threads (benchmarks/bench_visual_tokens.py --threads)",
+    "prune.student_adapter": "nothing: stage 07 combines the vskip student (stages.pruning.STUDENT_ADAPTER)",
+    "prune.image_size": "benchmarks/bench_visual_tokens.py --size",
+    "prune.bench_repeats": "benchmarks/bench_visual_tokens.py --repeats",
+    "prune.bench_new_tokens": "benchmarks/bench_visual_tokens.py --new-tokens",
+}
 # The pipeline's stages: one numbered notebook each in notebooks/, run in this order.
 STAGES = (
     "00_embedded_teacher",
@@ -265,9 +281,6 @@ class GenerationConfig:
     )
     max_new_tokens: int = 192  # cap on rationale + answer tokens
     batch_size: int = 32  # examples per generate() call
-    do_sample: bool = False  # greedy by default; sampling uses temperature / top_p
-    temperature: float = 0.7  # sampling temperature (do_sample only)
-    top_p: float = 0.95  # nucleus sampling (do_sample only)
     repetition_penalty: float = (
         1.0  # every decode (also pruned, vLLM); never the checkpoint's generation_config
     )
@@ -284,9 +297,7 @@ class GenerationConfig:
             _check(getattr(self, k) >= 0, f"generation.{k}", f"must be >= 0, got {getattr(self, k)}")
         for k in ("max_new_tokens", "batch_size", "shard_size"):
             _check(getattr(self, k) > 0, f"generation.{k}", f"must be > 0, got {getattr(self, k)}")
-        _check(self.temperature > 0, "generation.temperature", "must be > 0")
         _check(self.repetition_penalty > 0, "generation.repetition_penalty", "must be > 0 (1.0 = off)")
-        _check(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
 
 
 @dataclass
@@ -307,10 +318,6 @@ class ScoringConfig:
     word_surprisal: Reduce = (
         "sum"  # word surprisal from its tokens: sum (= -log p(word), chain rule), mean, max
     )
-    word_anchoring: Reduce = (
-        "max"  # word anchoring from its tokens: max (a token looks at the image), mean, sum
-    )
-    store_all_layers: bool = True  # also store every candidate layer's anchoring (03 ablates band / heads)
     shard_size: int = 256  # rationales per written shard (a killed run resumes at the next shard)
 
     def validate(self) -> None:
@@ -344,7 +351,6 @@ class GateConfig:
     external_dtype: Dtype = (
         "bfloat16"  # SmolLM2 scorer: 1.7x fp32 on AMX CPUs (corr 0.9998); fp32 on CPUs without bf16
     )
-    external_batch_size: int = 32  # rationales per external-LM forward pass
     llmlingua2_path: str = ""  # local LLMLingua-2 model folder; empty = <runtime.cache_dir>/llmlingua-2
 
     def validate(self) -> None:
@@ -355,7 +361,6 @@ class GateConfig:
             "gate.gammas",
             f"every gamma must be in (0, 1], got {self.gammas}",
         )
-        _check(self.external_batch_size > 0, "gate.external_batch_size", "must be > 0")
 
 
 @dataclass
@@ -422,7 +427,6 @@ class EvalConfig:
     ratios: list[float] = field(default_factory=lambda: [0.9, 0.7, 0.5, 0.3])  # student ratios evaluated
     latency_examples: int = 10  # examples timed at batch 1 (after one warm-up) for latency
     batch_size: int = 32  # generation batch for accuracy runs
-    seed: int = 0  # seed of the MMMU random-choice fallback
 
     def validate(self) -> None:
         _check(self.n_examples >= 0 and self.latency_examples >= 0, "eval.n_examples", "must be >= 0")
@@ -456,12 +460,7 @@ class PruneConfig:
     n_examples: int = 120  # evaluation examples (families rotate); 0 = the whole eval.split
     batch_size: int = 32  # examples per pruned greedy-decoding batch (accuracy runs)
     latency_examples: int = 4  # examples timed at batch 1 (after one warm-up) per method and retention
-    num_threads: int = 1  # CPU threads in 07 and its benchmark (1: no spin-waits on shared cores); 0 = keep
-    student_adapter: str = "vskip"  # adapter in 04_qlora_distillation/adapters/ to combine; "" = skip
     student_ratio: float = 0.5  # the compression ratio the student is asked for (distill.ratio_prefix)
-    image_size: int = 0  # timing benchmark: render benchmark images at this size; 0 = 448 (256 visual tokens)
-    bench_repeats: int = 5  # timing benchmark: repeats per setting (medians reported)
-    bench_new_tokens: int = 32  # timing benchmark: decoded tokens per run (end token ignored)
 
     def validate(self) -> None:
         _check(
@@ -486,17 +485,11 @@ class PruneConfig:
             "prune.dstp_shift_threshold",
             f"must be in [0, 1] (a Jaccard overlap), got {self.dstp_shift_threshold}",
         )
-        for k in ("n_examples", "latency_examples", "num_threads"):
+        for k in ("n_examples", "latency_examples"):
             _check(getattr(self, k) >= 0, f"prune.{k}", f"must be >= 0, got {getattr(self, k)}")
-        for k in ("batch_size", "bench_repeats", "bench_new_tokens"):
-            _check(getattr(self, k) > 0, f"prune.{k}", f"must be > 0, got {getattr(self, k)}")
+        _check(self.batch_size > 0, "prune.batch_size", f"must be > 0, got {self.batch_size}")
         _check(
             0 < self.student_ratio <= 1, "prune.student_ratio", f"must be in (0, 1], got {self.student_ratio}"
-        )
-        _check(
-            self.image_size == 0 or (self.image_size % 28 == 0 and self.image_size >= 56),
-            "prune.image_size",
-            f"must be 0 or a multiple of 28 >= 56, got {self.image_size}",
         )
 
 
@@ -715,6 +708,8 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS, overrides: dict[str, A
         hints = _section_types(type(section))
         valid = [f.name for f in dataclasses.fields(section)]
         for k, v in body.items():
+            if f"{sname}.{k}" in REMOVED_KEYS:
+                raise ParamsError(f"{sname}.{k} was removed; use {REMOVED_KEYS[f'{sname}.{k}']}")
             if k not in valid:
                 raise ParamsError(f"unknown key {sname}.{k}{_nearest(k, valid)}")
             setattr(section, k, _coerce(v, hints[k], f"{sname}.{k}"))

@@ -10,7 +10,7 @@ where a text-only compressor drops it.
 
 **Units.** With `scoring.word_level` on and the row's `word_ids`, the unit of decision is the whitespace word
 (its tokens share one decision); word values follow stage 02's rules (`scoring.word_surprisal`, default sum
-= -log p(word); `scoring.word_anchoring`, default max). Otherwise each token is a unit. Budgets are counted
+= -log p(word); anchoring, the max: a word is anchored if any of its tokens is). Otherwise each token is a unit. Budgets are counted
 in tokens: a unit costs its number of tokens.
 
 **Budget.** gamma is the fraction of the rationale's tokens kept: k = round(gamma * n). Forced tokens (the
@@ -88,7 +88,7 @@ SCORE_COLUMNS = ("surprisal", "anchoring", "surprisal_external", "keep_prob_llml
 _WORD_RULE = {
     "surprisal": "word_surprisal",
     "surprisal_external": "word_surprisal",
-    "anchoring": "word_anchoring",
+    "anchoring": "max",
     "keep_prob_llmlingua2": "mean",
 }
 _FIX = {

@@ -435,10 +435,10 @@ def blank_image(ex: dict[str, Any]):
 
 def anchoring_for_layers(row, layers: list[int], head_reduce: str = "max") -> np.ndarray:
     """Anchoring of one scores row recomputed for another key-layer set / head reduction (needs the row's
-    `anchoring_by_layer_*`, written when `scoring.store_all_layers`)."""
+    `anchoring_by_layer_*`, which stage 02 writes)."""
     col = f"anchoring_by_layer_{head_reduce}"
     if col not in row or row[col] is None:
-        raise KeyError(f"{col} not stored; re-run stage 02 with scoring.store_all_layers: true")
+        raise KeyError(f"{col} not stored (scores from before stage 02 kept it); re-run stage 02")
     avail = list(row["all_layers"])
     bad = [i for i in layers if i not in avail]
     if bad:

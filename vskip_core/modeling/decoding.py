@@ -44,7 +44,7 @@ def params_decoding_config(cfg, max_new_tokens: int | None = None) -> dict[str, 
     """`decoding_config` from `cfg.generation` (what stages 00/01/05/06/07 decode with)."""
     g = cfg.generation
     n = g.max_new_tokens if max_new_tokens is None else max_new_tokens
-    return decoding_config(n, g.do_sample, g.temperature, g.top_p, g.repetition_penalty)
+    return decoding_config(n, repetition_penalty=g.repetition_penalty)  # greedy: the params have no sampling
 
 
 def hf_generation_config(decoding: dict[str, Any], eos_token_id: int, pad_token_id: int):

@@ -95,6 +95,7 @@ from vskip_core.stages.generation import example_for
 
 STAGE = "04_qlora_distillation"
 CONTROL = "full"  # the full-rationale control student: ratio always 1.0, no compression
+EXTERNAL_BATCH_SIZE = 32  # rationales per SmolLM2 forward when external surprisal is computed here
 RATIO_TEMPLATE = "Keep {ratio} of the reasoning.\n"
 
 Compress = Callable[[dict[str, Any], str, float], str]
@@ -433,7 +434,7 @@ def with_external_surprisal(cfg: Config, rows: list[dict[str, Any]], search_dirs
         # the same context as stage 03: the user turn (question and options), no image
         contexts = [user_text(example_for(cfg, {"split": s, "index": i})) for s, i in map(example_ref, todo)]
         texts, offsets = [r["text"] for r in todo], [r["offsets"] for r in todo]
-        vals, _ = external_surprisal(lm, texts, offsets, contexts, cfg.gate.external_batch_size)
+        vals, _ = external_surprisal(lm, texts, offsets, contexts, EXTERNAL_BATCH_SIZE)
         found = {str(r["id"]): v for r, v in zip(todo, vals)}
         source = "computed with SmolLM2-135M-Instruct"
         if cache_dir is not None:

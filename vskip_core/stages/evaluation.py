@@ -193,7 +193,7 @@ def evaluate_students(
                 batch_size=e.batch_size,
                 instruction=g.instruction,
                 reference_tokens=reference_tokens,
-                seed=e.seed,
+                seed=cfg.runtime.seed,
                 progress=progress,
                 repetition_penalty=g.repetition_penalty,
             )

@@ -246,9 +246,7 @@ def band_ablation(
     raw = {r["id"]: r for r in score_records}
     stored = [raw[r.id].get("anchoring_by_layer_max") for r in rows]
     if not rows or any(v is None or (isinstance(v, float) and v != v) for v in stored):
-        print(
-            "stage 02 stored no per-layer anchoring (scoring.store_all_layers: false): band ablation skipped"
-        )
+        print("stage 02 stored no per-layer anchoring (scores from an older run): band ablation skipped")
         return pd.DataFrame()
     first = raw[rows[0].id]
     out = []

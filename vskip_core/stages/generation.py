@@ -178,10 +178,7 @@ def generate_rationales(
                     exs[s : s + g.batch_size],
                     g.max_new_tokens,
                     g.batch_size,
-                    g.do_sample,
-                    g.temperature,
-                    g.top_p,
-                    g.instruction,
+                    instruction=g.instruction,
                     repetition_penalty=g.repetition_penalty,
                 )
                 bar.update(len(exs[s : s + g.batch_size]))

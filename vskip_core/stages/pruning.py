@@ -29,6 +29,7 @@ from vskip_core.stages.distillation import ratio_prefix
 
 SIMPLE_FAMILIES = ("attribute", "existence")
 REASONING_FAMILIES = ("multistep", "reading")
+STUDENT_ADAPTER = "vskip"  # the stage 04 student combined with pruning (the V-Skip one)
 
 
 # ------------------------------------------------------------------------------------------- decoding
@@ -493,13 +494,10 @@ def plot_rvis(summary: dict[str, Any], path=None):
 # ---------------------------------------------------------------------------------------------- student
 def load_student(cfg, run_dir) -> tuple[Any, str, str]:
     """The V-Skip student to combine with pruning: (loaded or None, prompt prefix, what happened). Looks for
-    `<run_dir>/04_qlora_distillation/adapters/<prune.student_adapter>/`; absent module or adapter -> None."""
+    `<run_dir>/04_qlora_distillation/adapters/vskip/`; absent module or adapter -> None."""
     from pathlib import Path
 
-    name = cfg.prune.student_adapter
-    if not name:
-        return None, "", "prune.student_adapter is empty: student combination skipped"
-    adapter = Path(run_dir) / "04_qlora_distillation" / "adapters" / name
+    adapter = Path(run_dir) / "04_qlora_distillation" / "adapters" / STUDENT_ADAPTER
     if not (adapter / "adapter_config.json").exists():
         return None, "", f"no student adapter at {adapter} (run stage 04 first): student combination skipped"
     prefix = ratio_prefix(cfg.prune.student_ratio)

@@ -181,7 +181,7 @@ def _row(p: _Prepared, surprisal, anchoring, noimg, by_layer, key_layers, all_la
         "word_ids": wids,
         "answer_start": p.answer_start,
         "surprisal_word": aggregate_words(surprisal, wids, sc.word_surprisal).tolist(),
-        "anchoring_word": aggregate_words(anchoring, wids, sc.word_anchoring).tolist(),
+        "anchoring_word": aggregate_words(anchoring, wids, "max").tolist(),  # anchored if any token is
         "anchor_type": token_anchor_types(p.offsets, p.rec.get("anchors", [])),
         "key_layers": list(key_layers),
         "split": p.rec.get("split"),
@@ -224,8 +224,8 @@ def score_rationales(
     (default: `adapter_inputs`, through the family adapter).
 
     Returns a DataFrame with the columns of the data contract (`CONTRACT_COLUMNS`) plus `surprisal_word`,
-    `anchoring_word` (token-aligned word values), `anchor_type` (per token), `key_layers`, and, with
-    `scoring.store_all_layers`, `all_layers` and `anchoring_by_layer_max/mean` (candidate layers x tokens).
+    `anchoring_word` (token-aligned word values), `anchor_type` (per token), `key_layers`, `all_layers` and
+    `anchoring_by_layer_max/mean` (candidate layers x tokens; stage 03 ablates the band and head reduction).
     """
     import pandas as pd
 
@@ -234,7 +234,7 @@ def score_rationales(
     if not (0 <= worker[0] < worker[1]):
         raise ValueError(f"worker {worker}: need (i, n) with 0 <= i < n")
     key_layers = resolve_key_layers(loaded.model, cfg.scoring)
-    all_layers = candidate_layers(loaded.model) if cfg.scoring.store_all_layers else []
+    all_layers = candidate_layers(loaded.model)
     prepared, skipped = _prepare(loaded, records, examples, require_answer_line)
     ids = [p.rec["id"] for p in prepared]
     if len(set(ids)) != len(ids):
@@ -394,11 +394,13 @@ def anchor_detection_summary(tokens) -> dict[str, Any]:
 
 def layer_profile(df):
     """Per candidate layer and head reduction: the AUC of that single layer's anchoring for anchor tokens,
-    and its mean on anchor / other tokens (needs `scoring.store_all_layers`). Checks the key-layer band."""
+    and its mean on anchor / other tokens (needs the per-layer columns stage 02 writes). Checks the key-layer band."""
     import pandas as pd
 
     if "anchoring_by_layer_max" not in df:
-        raise KeyError("no per-layer anchoring stored; run stage 02 with scoring.store_all_layers: true")
+        raise KeyError(
+            "no per-layer anchoring stored (scores written before stage 02 kept it); re-run stage 02"
+        )
     is_anchor = np.concatenate([np.asarray(t) != "" for t in df.anchor_type])
     rows = []
     layers = list(df.all_layers.iloc[0])
