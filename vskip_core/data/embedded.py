@@ -238,9 +238,8 @@ def _key(w: _Writer, o: dict[str, Any], key: str) -> _Writer:
 
 def _locate(w: _Writer, o: dict[str, Any], key: str, t: int) -> None:
     """The look-up step: find the asked object by what it looks like, describe it fully, then say where it is.
-    Position comes last: reading an object's cell off the image is a content-to-position hop that a small
-    model learns far more slowly than content-to-content (measured: 0.27 teacher-forced accuracy on the cell
-    when it came first), and no answer depends on it."""
+    Position comes last: a small model learns the content-to-position hop far more slowly than
+    content-to-content, and no answer depends on it (docs/TEACHER.md)."""
     w.add("The ")
     _key(w, o, key)
     w.add((" is a ", " in the image is a ", " here is a ")[t]).obj(o, size=True)
@@ -325,13 +324,7 @@ def _multistep(rng: random.Random, scene: dict[str, Any], t: int) -> dict[str, A
     options = [f"the {c} {s}" for c, s in opts]
     w = _Writer(q + " " + " ".join(f"({L}) {x}" for L, x in zip("ABCD", options)))
     w.add(_OPENINGS[t]).add(_NEED[t]).add(f"the {word} option. ")
-    # The embedded teacher stays at chance on this family (0.245, 200 test examples). Two rewrites with every
-    # step local were built with the default recipe (no family weights) and measured, and were no better
-    # (README, issue 3): per-option "the circle is blue; we need green: different" + "is it more than $4.57?
-    # yes, take (C)" (multi-step 0.23; the teacher copied its own colour into "we need": 0 of 109 "different"
-    # steps right), and the option restated first with a "Leader (C) $9.65." carried through every step
-    # (0.24 on 100 per family, reading ANLS down to 0.83; the price misread in 82 of 100 first priced steps):
-    # 500 mixed steps are too few for a four-step chain at this size.
+    # the rationale designs tried for this family and their figures: docs/TEACHER.md
     for L, k in zip("ABCD", opts):
         w.add(f"({L}) the ").anchor("colour", k[0]).add(" ").anchor("shape", k[1])
         if k in by_name:
@@ -390,9 +383,7 @@ def _existence(rng: random.Random, scene: dict[str, Any], t: int, popular: list[
     if same_shape is None:
         w.decision("There is no").add(" ").anchor("shape", shape).add(" in the image. ")
     else:
-        # The found colour and the asked one side by side, then the verdict. With "It is orange, not red." /
-        # "..., as asked." (the asked colour 25 tokens back) the embedded teacher's verdict stayed at chance
-        # (existence F1 0.643, 200 test examples); side by side, the same recipe reaches F1 0.985.
+        # the found colour and the asked one side by side, then the verdict (why: docs/TEACHER.md)
         _locate(w, same_shape, "shape", t)
         w.add("It is ").anchor("colour", same_shape["colour"]).add("; we need ").anchor("colour", colour)
         w.add(": ").decision("same" if positive else "different").add(". ")

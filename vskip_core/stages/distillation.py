@@ -28,22 +28,9 @@ loads the base in 4-bit through bitsandbytes (QLoRA). Several GPUs, from the dat
 
     accelerate launch -m vskip_core.stages.distillation --params params/default.yaml --run default [--methods vskip,full]
 
-**Embedded defaults** (r 16 on q/k/v/o, alpha 32, no dropout, lr 5e-3, batch 16, 80 steps per student,
-sdpa attention while training). TokenSkip's 7B recipe (r 8, alpha 16, lr 5e-5) barely moves a 4.9 M-parameter
-model. Learning rate, measured on the default teacher with gold rationales and a stand-in gate (random word
-drop), 80 steps, 32 test examples: lr 1e-3 took the loss from 3.16 to 1.65 and the student wrote the same
-~63 tokens at every requested ratio; 3e-3 reached 1.35 (65.5 / 60.1 / 57.6 tokens at ratio 1.0 / 0.5 / 0.3);
-5e-3 reached 1.27, stable (65.3 / 55.1 / 54.8 tokens).
-
-**Budget**, measured on the project's 2-core CPU with one torch thread: all six students (5 methods + `full`),
-80 steps each at batch 16, on the default-size student (the default teacher: 4.90 M parameters, 115 k
-trainable) with 3,000 default-sized rationales (~180-token sequences) and a stand-in gate, trained in 7.2 min
-wall (5.6 min of CPU time; load 1-3 from other jobs): 0.65-1.0 s per step wall, 0.65-0.73 s of CPU time per
-step (eager attention and LoRA dropout 0.05 cost 1.01 s). Two torch threads were always slower on this shared
-machine: 5.7 s per step at load ~1 and 10.8 s at load 4-6 (OpenMP threads waiting for each other;
-`OMP_WAIT_POLICY=PASSIVE` brought the latter to 1.9 s), so use `runtime.num_threads: 1` unless the cores are
-idle. Each run's own figures land in notebook 04's `metrics.json` (`seconds_per_step`, `cpu_seconds_per_step`,
-`total_train_minutes`).
+**Embedded defaults**: r 16 on q/k/v/o, alpha 32, no dropout, lr 5e-3, batch 16, 80 steps per student, sdpa
+attention while training (TokenSkip's 7B recipe barely moves a 4.9 M-parameter model). Why these values and
+what a run costs on 2 CPU cores: docs/RESULTS.md (distillation recipe).
 
 **QLoRA on a T4 (16 GB) for Qwen2-VL-2B** (`params/colab_qwen2vl_2b.yaml`: nf4, r 8 on q/k/v/o, batch 1 x
 accumulation 16, gradient checkpointing, <= 640 visual tokens per image, <= 2 images, 256 new tokens).
