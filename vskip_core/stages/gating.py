@@ -21,6 +21,7 @@ from vskip_core.metrics import anchor_tokens, compress_text, count_kept, pool_va
 from vskip_core.modeling.external_lm import llmlingua2_status, load_llmlingua2
 from vskip_core.modeling.loading import embedded_dir
 from vskip_core.modeling.standins import resolve
+from vskip_core.runtime import fast_dtype, resolve_device
 from vskip_core.stages.distillation import with_external_surprisal
 
 
@@ -186,7 +187,9 @@ def external_scores(cfg: Config, scores, search_dirs=()):
     n_tokens = int(sum(len(o) for o in scores["offsets"]))
     info = {
         "model": "SmolLM2-135M-Instruct",
-        "dtype": cfg.gate.external_dtype,
+        "dtype": str(fast_dtype(cfg.gate.external_dtype, resolve_device(cfg.runtime.device))).removeprefix(
+            "torch."
+        ),
         "source": source,
         "texts": len(rows),
         "teacher_tokens": n_tokens,
