@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from vskip_core.config import REPO_ROOT, load_params
+from vskip_core.config import REPO_ROOT, STAGES, load_params
 
 REAL = ("colab_qwen2vl_2b", "qwen2vl_7b", "qwen25vl_7b", "llama32_11b_vision")
 # what a stand-in twin may change, and why: where the model and data come from, how much of them, and the
@@ -37,16 +37,6 @@ ALLOWED = {
     "prune.n_examples",
 }
 PIPELINES = ("colab_qwen2vl_2b", "qwen25vl_7b", "llama32_11b_vision")  # one per model class
-STAGES = (
-    "00_embedded_teacher",
-    "01_rationale_generation",
-    "02_dual_scoring",
-    "03_gate_ablations",
-    "04_qlora_distillation",
-    "05_evaluation",
-    "06_hallucination_analysis",
-    "07_visual_token_pruning",
-)
 
 
 def _flat(d, prefix=""):

@@ -93,6 +93,9 @@ def cpu_has_native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+_FAST_DTYPE_NOTED: set[str] = set()
+
+
 def fast_dtype(spec: str, device: str):
     """`resolve_dtype`, except that a 16-bit dtype asked for on a CPU without native bfloat16 becomes float32
     (with a note): for optional speed-ups such as the external scorer's `gate.external_dtype`."""
@@ -100,9 +103,11 @@ def fast_dtype(spec: str, device: str):
 
     dtype = resolve_dtype(spec, device)
     if device == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_native_bf16():
-        print(
-            f"note: {spec} asked for on a CPU without native bfloat16 (no AMX / AVX512-BF16): using float32"
-        )
+        if spec not in _FAST_DTYPE_NOTED:  # once per process: callers may ask again to record the dtype
+            _FAST_DTYPE_NOTED.add(spec)
+            print(
+                f"note: {spec} asked for on a CPU without native bfloat16 (no AMX / AVX512-BF16): using float32"
+            )
         return torch.float32
     return dtype
 

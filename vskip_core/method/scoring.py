@@ -508,7 +508,8 @@ def anchor_attention_maps(
             grid = (int(g[1]) // 2, int(g[2]) // 2)
             key_index = torch.nonzero(keys.key_mask[0]).T[:, : grid[0] * grid[1]]
         offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        rows = [enc["target_start"] + token_index_for_anchor(offsets, text, a) - 1 for a in wanted]
+        tokens = [token_index_for_anchor(offsets, text, a) for a in wanted]
+        rows = [enc["target_start"] + j - 1 for j in tokens]  # the row that predicts token j
         qi = torch.tensor([rows], device=device)
         ki = key_index.to(device)
         with capture_image_attention(
@@ -518,8 +519,8 @@ def anchor_attention_maps(
             model(**ad.model_inputs(batch, device))
         w = torch.stack([cap.maps[layer][0].float() for layer in layers]).mean(0).amax(0)  # (R, K)
         image = ad.messages(ex)[1][0]
-        for a, j, row in zip(wanted, rows, w):
-            piece = text[offsets[j - enc["target_start"] + 1][0] : offsets[j - enc["target_start"] + 1][1]]
+        for a, j, row in zip(wanted, tokens, w):
+            piece = text[offsets[j][0] : offsets[j][1]]
             items.append(
                 {
                     "image": image,

@@ -1,29 +1,6 @@
-"""Stand-ins for the model hub: tiny random-weight checkpoints of the real model classes and small local copies of
-the hub benchmarks in their exact schemas, so the real-model path (params/colab_*.yaml, qwen*_7b.yaml,
-llama32_*.yaml) runs end to end on a CPU with no hub access.
-
-A params file names a stand-in where it would name a hub id, and it builds itself on first use (cached under
-`<runtime.cache_dir>/standins/`), as the embedded teacher does:
-
-    model.teacher: standin:qwen2_vl      # also standin:qwen2_5_vl, standin:mllama (distill.student likewise)
-    data.mmmu_id: standin:mmmu           # also standin:docvqa, standin:pope
-
-Checkpoints are saved like hub ones: `save_pretrained` model, tokenizer with the family's chat template and
-special tokens, image-processor config, and a `generation_config.json` carrying the published checkpoints'
-sampling fields (Qwen-VL: repetition_penalty 1.05, top_k 1, top_p 0.001; Llama-3.2-Vision: temperature 0.6,
-top_p 0.9), so code that lets a checkpoint's generation config leak into greedy decoding is caught on CPU.
-
-Datasets are written by `datasets.Dataset.to_parquet` (image bytes and features embedded, as on the hub):
-- MMMU/MMMU: one config per subject, `<Subject>/<split>-00000-of-00001.parquet`; columns id, question, options
-  (a *string* holding a Python list), explanation, image_1 .. image_7 (Image, mostly None), img_type, answer,
-  topic_difficulty, question_type, subfield. The test split's answers are hidden ("?"). Rows include
-  out-of-order, repeated and unreferenced `<image N>` references.
-- DocVQA: config DocVQA, `DocVQA/<split>-00000-of-00001.parquet`; questionId (string), question, question_types
-  (list of string), image, docId (int64), ucsf_document_id, ucsf_document_page_no, answers (list of string;
-  None on the test split), data_split.
-- POPE: default config, `data/test-00000-of-00001.parquet`; id, question_id, question, answer (yes/no),
-  image_source, image, category (adversarial / popular / random), each category with its own positives.
-"""
+"""Model stand-ins: tiny random-weight checkpoints of the real model classes, saved like hub checkpoints (with
+the published generation configs), and `resolve`, which turns any `standin:<name>` into its built folder. What
+stand-ins are and how params files name them: `vskip_core.data.standins`."""
 
 from __future__ import annotations
 

@@ -37,22 +37,8 @@ def latency(
     (seconds) and generated tokens. A measurement of this machine; label it with env.json's device."""
     import numpy as np
 
-    for ex in examples[:warmup]:
-        generate(
-            model,
-            tok,
-            proc,
-            [ex],
-            max_new_tokens,
-            1,
-            prefix=prefix,
-            instruction=instruction,
-            assistant_prefill=assistant_prefill,
-            repetition_penalty=repetition_penalty,
-        )
-    times, toks = [], []
-    for ex in examples:
-        g = generate(
+    def one(ex):
+        return generate(
             model,
             tok,
             proc,
@@ -64,6 +50,12 @@ def latency(
             assistant_prefill=assistant_prefill,
             repetition_penalty=repetition_penalty,
         )[0]
+
+    for ex in examples[:warmup]:
+        one(ex)
+    times, toks = [], []
+    for ex in examples:
+        g = one(ex)
         times.append(g["time_s"])
         toks.append(len(g["token_ids"]))
     return {
