@@ -15,15 +15,9 @@ from vskip_core.runtime import progress as tqdm
 
 
 # ------------------------------------------------------------------------------------------ decoding config
-def decoding_config(
-    max_new_tokens: int,
-    do_sample: bool = False,
-    temperature: float = 0.7,
-    top_p: float = 0.95,
-    repetition_penalty: float = 1.0,
-) -> dict[str, Any]:
+def decoding_config(max_new_tokens: int, repetition_penalty: float = 1.0) -> dict[str, Any]:
     """The one decoding config every decode in the package runs under, as a plain dict (runs record it):
-    greedy unless `do_sample`, the repetition penalty of `generation.repetition_penalty`. Handed to transformers
+    greedy, with the repetition penalty of `generation.repetition_penalty`. Handed to transformers
     as an explicit GenerationConfig that also stands in for the model's own during the call, so a checkpoint's
     generation_config.json (the published Qwen-VL ones carry repetition_penalty 1.05, top_k 1, top_p 0.001,
     temperature 0.01, do_sample) cannot change it; the pruned decoder (visual_tokens) applies the same."""
@@ -31,12 +25,10 @@ def decoding_config(
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
     out: dict[str, Any] = {
         "max_new_tokens": int(max_new_tokens),
-        "do_sample": bool(do_sample),
+        "do_sample": False,
         "num_beams": 1,
         "repetition_penalty": float(repetition_penalty),
     }
-    if do_sample:
-        out.update(temperature=float(temperature), top_p=float(top_p), top_k=0)  # top_k 0: off
     return out
 
 
@@ -44,7 +36,7 @@ def params_decoding_config(cfg, max_new_tokens: int | None = None) -> dict[str, 
     """`decoding_config` from `cfg.generation` (what stages 00/01/05/06/07 decode with)."""
     g = cfg.generation
     n = g.max_new_tokens if max_new_tokens is None else max_new_tokens
-    return decoding_config(n, repetition_penalty=g.repetition_penalty)  # greedy: the params have no sampling
+    return decoding_config(n, repetition_penalty=g.repetition_penalty)
 
 
 def hf_generation_config(decoding: dict[str, Any], eos_token_id: int, pad_token_id: int):
@@ -75,9 +67,6 @@ def generate(
     examples: list[dict[str, Any]],
     max_new_tokens: int = 192,
     batch_size: int = 32,
-    do_sample: bool = False,
-    temperature: float = 0.7,
-    top_p: float = 0.95,
     instruction: str = "",
     prefix: str | list[str] = "",
     blank_images: list | None = None,
@@ -95,7 +84,7 @@ def generate(
     out: list[dict[str, Any]] = []
 
     eos = adapter_for_tokenizer(tok).end_token_id(tok)  # <|im_end|> (Qwen) or <|eot_id|> (Llama)
-    dec = decoding_config(max_new_tokens, do_sample, temperature, top_p, repetition_penalty)
+    dec = decoding_config(max_new_tokens, repetition_penalty)
     gc = hf_generation_config(dec, eos, tok.pad_token_id)
     bar = tqdm(total=len(examples), desc=desc, disable=not progress, leave=False)
     for s in range(0, len(examples), batch_size):

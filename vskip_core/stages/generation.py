@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vskip_core.cli import parse_sets, stage_parser
+from vskip_core.cli import parse_sets, parse_shard, stage_parser
 from vskip_core.config import ParamsError, load_params
 from vskip_core.data.real import example_at, find_anchors_for
 from vskip_core.metrics import score_example
@@ -71,9 +71,9 @@ def generate_vllm(cfg, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     dec = params_decoding_config(cfg)
     sp = SamplingParams(
         max_tokens=dec["max_new_tokens"],
-        temperature=dec.get("temperature", 0.0) if dec["do_sample"] else 0.0,  # 0 = greedy
-        top_p=dec.get("top_p", 1.0),
-        top_k=-1,  # off (transformers: top_k 0 when sampling)
+        temperature=0.0,  # greedy, as every decode (decoding_config)
+        top_p=1.0,
+        top_k=-1,  # off
         repetition_penalty=dec["repetition_penalty"],  # transformers' semantics: prompt and output tokens
         stop_token_ids=[end],
         seed=cfg.runtime.seed,
@@ -198,17 +198,6 @@ def plan_shards(cfg, split: str | None = None, n: int | None = None) -> tuple[st
     return split, n, (n + g.shard_size - 1) // g.shard_size
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    """'i/n' -> (i, n), worker i of n (0-based)."""
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard {text!r}: expected i/n, e.g. 0/4 (worker 0 of 4)") from None
-    if not (0 <= i < n):
-        raise ValueError(f"--shard {text!r}: need 0 <= i < n")
-    return i, n
-
-
 def merge_rationales(cfg, out_dir: str | Path, split: str | None = None, n: int | None = None) -> Path:
     """Join the shards into rationales.jsonl (atomic); raises if a shard is missing (another worker's)."""
     shards = rationale_shards(cfg, out_dir, split, n)
@@ -272,8 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     results/<run>/01_rationale_generation/shards/ (one process per GPU, `CUDA_VISIBLE_DEVICES=i`); `--merge`
     joins them. The pipeline (or notebook 01) then finds every shard written and only merges and reports."""
 
-    ap = stage_parser("stages.generation", main.__doc__)
-    ap.add_argument("--shard", default="0/1", help="worker i of n, e.g. 0/4")
+    ap = stage_parser("stages.generation", main.__doc__, workers=True)
     ap.add_argument("--merge", action="store_true", help="only join the shards into rationales.jsonl")
     ap.add_argument("--backend", default="transformers", choices=["transformers", "vllm"])
     a = ap.parse_args(argv)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vskip_core.cli import parse_sets, stage_parser
+from vskip_core.cli import parse_sets, parse_shard, stage_parser
 from vskip_core.config import ParamsError, load_params
 from vskip_core.method import scoring as method_scoring
 from vskip_core.method.scoring import (
@@ -40,7 +40,7 @@ from vskip_core.plots import (  # the project's matplotlib set-up (non-interacti
 )
 from vskip_core.runtime import ShardedWriter, atomic_write_bytes, results_dir, to_python
 from vskip_core.runtime import progress as tqdm
-from vskip_core.stages.generation import example_for, kept_rationales, parse_shard
+from vskip_core.stages.generation import example_for, kept_rationales
 from vskip_core.teacher import build_teacher
 
 SCORES_FILE = "scores.parquet"
@@ -547,8 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     `CUDA_VISIBLE_DEVICES=i`). Then run the pipeline (or notebook 02): it reads every worker's shards back,
     scores only what is missing, and writes scores.parquet and the report."""
 
-    ap = stage_parser("stages.scoring", main.__doc__)
-    ap.add_argument("--shard", default="0/1", help="worker i of n, e.g. 0/4")
+    ap = stage_parser("stages.scoring", main.__doc__, workers=True)
     a = ap.parse_args(argv)
     try:
         cfg = load_params(a.params, parse_sets(a.set))
