@@ -367,11 +367,8 @@ class GateConfig:
 class DistillConfig:
     """LoRA / QLoRA distillation of compressed rationales into a student (vskip_core.stages.distillation).
 
-    Defaults are for the embedded 4.9 M-parameter student on 2 CPU cores: all six students (5 methods +
-    the full-rationale control) train in under 10 minutes together (measurements in vskip_core.stages.distillation).
-    TokenSkip's 7B recipe (r 8, alpha 16, all linear layers, lr 5e-5) is far too timid for a model this
-    small: on the default teacher, 80 steps at lr 1e-3 left the student ignoring the ratio in its prompt;
-    5e-3 lowered the loss fastest, stayed stable and made outputs shorten with the requested ratio."""
+    Defaults are for the embedded 4.9 M-parameter student on 2 CPU cores; why these values and what they were
+    measured against: docs/RESULTS.md ("Distillation recipe on the embedded student")."""
 
     student: str = "embedded"  # student base model: embedded (the teacher's weights) or a hub id / local dir
     methods: list[AnyGateMethod] = field(
