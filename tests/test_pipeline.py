@@ -186,3 +186,19 @@ def test_progress_is_mirrored_on_the_pipeline_terminal(monkeypatch, capsys):
     quiet = runtime.progress(total=2, desc="x", file=io.StringIO())
     quiet.update(2)
     assert fake.getvalue() == ""
+
+
+def test_metrics_json_is_strict_json_with_nan_as_null(tmp_path):
+    import json as _json
+
+    import numpy as _np
+
+    from vskip_core.runtime import atomic_write_json
+
+    p = tmp_path / "m.json"
+    atomic_write_json(
+        p, {"ratio": float("nan"), "rows": [{"x": _np.float32("inf"), "y": _np.array([1.0, _np.nan])}]}
+    )
+    text = p.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert _json.loads(text) == {"ratio": None, "rows": [{"x": None, "y": [1.0, None]}]}
