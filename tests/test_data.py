@@ -169,3 +169,54 @@ def test_existence_rationale_puts_found_and_asked_colour_side_by_side(cfg):
         assert f"It is {found}; we need {asked}: " in e["rationale"]
         assert verdicts == ["same" if e["answer"] == "yes" else "different"]
         assert (found == asked) == (e["answer"] == "yes")
+
+
+def _multistep_example(cfg, want, style="local"):
+    import dataclasses
+
+    from vskip_core.data.embedded import make_example
+
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, multistep_rationale=style))
+    for i in range(400):
+        ex = make_example(cfg, "test", i, family="multistep")
+        if want(ex):
+            return ex
+    raise AssertionError("no such example in 400")
+
+
+def test_local_multistep_rationale_checks_each_option_and_compares_two_digits_at_a_time(cfg):
+    from vskip_core.metrics import multistep_steps
+
+    ex = _multistep_example(cfg, lambda e: "different" in e["rationale"] and "there is no" in e["rationale"])
+    rows = multistep_steps(ex["rationale"], ex["scene"], "most" in ex["question"])
+    assert {r["option"] for r in rows} == {"A", "B", "C", "D"} and all(r["ok"] for r in rows)
+    present = {(o["colour"], o["shape"]) for o in ex["scene"]["objects"]}
+    n_present = sum(tuple(o.split()[1:]) in present for o in ex["options"])
+    assert (
+        sum(r["step"] == "compare" for r in rows) == n_present - 1
+    )  # one comparison per price after the first
+    assert ex["rationale"].endswith(f"the answer is {ex['answer']}. Answer: {ex['answer']}")
+    said = [ex["rationale"][d["start"] : d["end"]] for d in ex["decisions"]]
+    assert (
+        "different" in said and "there is no" in said and ex["answer"] in said
+    )  # the teacher's loss weights
+
+
+@pytest.mark.parametrize("style", ["list", "local"])
+def test_multistep_steps_flag_a_misread_price_and_colour(cfg, style):
+    from vskip_core.metrics import facts_right, multistep_report, multistep_steps
+
+    ex = _multistep_example(cfg, lambda e: e["rationale"].count("$") >= 2, style)
+    most = "most" in ex["question"]
+    rows = multistep_steps(ex["rationale"], ex["scene"], most)
+    assert rows and all(r["ok"] for r in rows) and facts_right(rows)
+    obj = next(o for o in ex["scene"]["objects"] if o["price"] in ex["rationale"])
+    misread = ex["rationale"].replace(obj["price"], "$0.00")
+    bad = {r["step"] for r in multistep_steps(misread, ex["scene"], most) if not r["ok"]}
+    assert "price" in bad
+    if style == "local":
+        other = next(c for c in ("red", "green", "blue") if c != obj["colour"])
+        wrong = ex["rationale"].replace(f"it is {obj['colour']};", f"it is {other};")
+        assert "look-up" in {r["step"] for r in multistep_steps(wrong, ex["scene"], most) if not r["ok"]}
+    report = multistep_report([ex["rationale"], misread], [ex, ex])
+    assert report["n"] == 2 and report["facts_right"] == 0.5

@@ -106,6 +106,9 @@ class DataConfig:
     n_train: int = 4000  # examples in the train split (rationale generation + distillation)
     n_val: int = 400  # examples in the validation split
     n_test: int = 800  # examples in the test split (all evaluation)
+    # multi-step rationale design: list (each option's price, then the extreme one) or local (each option
+    # checked like an existence question, a running leader by two-digit comparisons); docs/TEACHER.md
+    multistep_rationale: Literal["list", "local"] = "list"
     # Real benchmarks (vskip_core.data.real): n_train / n_val / n_test are then disjoint seeded subsets of each
     # benchmark's answered split, and examples rotate between the listed sources as families do here.
     source: list[Source] = field(
@@ -215,6 +218,7 @@ class EmbeddedConfig:
     verdict_full: int = 16
     verdict_lr: float = 5e-4
     verdict_blank: bool = True
+    verdict_reasoning: int = 0  # + this many multi-step reasoning drills a step (data.make_reasoning_drill)
     # relative share of each family (in data.families order) in the full-example stream; [] = equal shares.
     # Twice the share for existence and multi-step (attribute and reading saturate first; docs/TEACHER.md).
     family_weights: list[float] = field(default_factory=lambda: [1.0, 2.0, 1.0, 2.0])
@@ -251,10 +255,10 @@ class EmbeddedConfig:
             "embedded.family_weights",
             f"must be non-negative with a positive sum, got {self.family_weights}",
         )
-        for k in ("verdict_steps", "verdict_compare", "verdict_full"):
+        for k in ("verdict_steps", "verdict_compare", "verdict_full", "verdict_reasoning"):
             _check(getattr(self, k) >= 0, f"embedded.{k}", f"must be >= 0, got {getattr(self, k)}")
         _check(
-            self.verdict_steps == 0 or self.verdict_compare + self.verdict_full > 0,
+            self.verdict_steps == 0 or self.verdict_compare + self.verdict_full + self.verdict_reasoning > 0,
             "embedded.verdict_compare",
             "a verdict phase needs verdict_compare + verdict_full > 0 examples per step",
         )
@@ -535,6 +539,12 @@ class Config:
             "embedded.family_weights",
             f"needs one weight per family in data.families {self.data.families}, got {fw}",
         )
+        _check(
+            self.embedded.verdict_reasoning == 0 or self.data.multistep_rationale == "local",
+            "embedded.verdict_reasoning",
+            "reasoning drills train the decisions of the local multi-step design; set "
+            "data.multistep_rationale: local, or embedded.verdict_reasoning: 0",
+        )
         g = self.generation
         split_size = self.split_size(g.split)
         _check(
@@ -555,6 +565,9 @@ class Config:
         """Short stable hash of the given sections (all when none), used to key caches and resume."""
         d = self.to_dict()
         d.pop("source", None)
+        for (section, key), neutral in HASH_NEUTRAL.items():
+            if d[section][key] == neutral:
+                del d[section][key]
         if sections:
             d = {k: d[k] for k in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -563,6 +576,14 @@ class Config:
         """Resolve a path from params relative to the repository root (never the current directory)."""
         p = Path(p)
         return p if p.is_absolute() else REPO_ROOT / p
+
+
+# Fields added after caches were keyed on their sections: at these values they change nothing, so they are
+# left out of `Config.hash` and the teachers and datasets already built stay valid.
+HASH_NEUTRAL: dict[tuple[str, str], Any] = {
+    ("data", "multistep_rationale"): "list",
+    ("embedded", "verdict_reasoning"): 0,
+}
 
 
 def _check(ok: bool, key: str, msg: str) -> None:

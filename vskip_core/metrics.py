@@ -448,3 +448,106 @@ def headline(fm: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
             if "random_fallback" in m:
                 out[fam]["random_fallback"] = m["random_fallback"]
     return out
+
+
+_OPTION_RE = re.compile(
+    r"\(([A-D])\) the (\w+) (\w+)(:? )(.*?)(?=\([A-D]\) the |\([A-D]\) \d or |The (?:highest|lowest)|So the|"
+    r"Therefore the|This means|Answer:|$)",
+    re.S,
+)
+_CHECK_RE = re.compile(r"it is (\w+); we need (\w+): (same|different)")
+_PRICE_RE_ANY = re.compile(r"\$\d+\.\d\d")
+_COMPARE_RE = re.compile(r"\(([A-D])\) (\d) or \(([A-D])\) (\d), (higher|lower): leader \(([A-D])\) (\d)")
+_LEADER_RE = re.compile(r"leader \(([A-D])\) (\d)")
+_EXTREME_RE = re.compile(r"The (highest|lowest) price is (\$\d+\.\d\d), option \(([A-D])\)")
+
+
+def multistep_steps(text: str, scene: dict[str, Any], most: bool) -> list[dict[str, Any]]:
+    """Each step of an embedded multi-step rationale checked against the scene, for both designs
+    (`data.multistep_rationale`). Per option: the presence claim ("costs $4.57" / "is not in the image" /
+    "there is no circle"), the look-up ("it is blue"), the colour verdict, the price read; then the
+    comparison(s) and the leader. One row per step: option, step, claim, ok."""
+    objs = {o["shape"]: o for o in scene["objects"]}
+    present = {(o["colour"], o["shape"]): o for o in scene["objects"]}
+    rows: list[dict[str, Any]] = []
+    lead: tuple[str, int] | None = None  # the true running leader over the options read so far
+    for m in _OPTION_RE.finditer(text):
+        letter, colour, shape, _sep, body = m.groups()
+        o, obj = objs.get(shape), present.get((colour, shape))
+
+        def add(step: str, claim: str, ok: bool, letter: str = letter) -> None:
+            rows.append({"option": letter, "step": step, "claim": claim.strip(), "ok": ok})
+
+        if body.startswith("there is no"):
+            add("presence", body.split(".")[0], o is None)
+            continue
+        if body.startswith("is not in the image"):
+            add("presence", "not in the image", obj is None)
+            continue
+        check = _CHECK_RE.search(body)
+        if check:
+            seen, need, verdict = check.groups()
+            add("look-up", f"it is {seen}", o is not None and o["colour"] == seen)
+            add(
+                "verdict",
+                f"{seen} vs {need}: {verdict}",
+                (seen == need) == (verdict == "same") and need == colour,
+            )
+            if verdict != "same":
+                continue
+        elif body.startswith("costs"):
+            add("presence", "in the image", obj is not None)
+        price = _PRICE_RE_ANY.search(body)
+        add(
+            "price",
+            price.group(0) if price else "(none)",
+            bool(price and obj and price.group(0) == obj["price"]),
+        )
+        if obj is not None and (lead is None or (int(obj["price"][1]) > lead[1]) == most):
+            lead = (letter, int(obj["price"][1]))
+        cmp_ = _COMPARE_RE.search(text, m.end(5)) if m.end(5) < len(text) else None
+        if cmp_ and cmp_.start() == m.end(5):
+            p, dp, q, dq, direction, win, dw = cmp_.groups()
+            best = (p, dp) if (int(dp) > int(dq)) == (direction == "higher") else (q, dq)
+            add("compare", cmp_.group(0), (win, dw) == best and (direction == "higher") == most)
+        elif (leader := _LEADER_RE.search(body)) is not None:
+            add("leader", leader.group(0), lead is not None and leader.group(1) == lead[0])
+            continue
+        if cmp_ and cmp_.start() == m.end(5):
+            add("leader", f"leader ({cmp_.group(6)})", lead is not None and cmp_.group(6) == lead[0])
+    extreme = _EXTREME_RE.search(text)
+    if extreme and present:
+        direction, price, letter = extreme.groups()
+        opts_prices = [o["price"] for o in present.values()]
+        best = (
+            max(opts_prices, key=lambda v: float(v[1:]))
+            if most
+            else min(opts_prices, key=lambda v: float(v[1:]))
+        )
+        rows.append({"option": letter, "step": "compare", "claim": extreme.group(0), "ok": price == best})
+    return rows
+
+
+def facts_right(rows: list[dict[str, Any]]) -> bool:
+    """Whether every fact read off the image in a multi-step rationale is right (presence, colour, price)."""
+    facts = [r for r in rows if r["step"] in ("presence", "look-up", "price")]
+    return bool(facts) and all(r["ok"] for r in facts)
+
+
+def multistep_report(texts: Sequence[str], examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The steps of embedded multi-step rationales checked against their scenes (`multistep_steps`): the share
+    of rationales whose facts read off the image are all right, and each step kind's accuracy. Examples of
+    other families, or without a scene (real benchmarks), are left out; `n` counts the ones checked."""
+    facts, ok, total = 0, Counter(), Counter()
+    n = 0
+    for text, ex in zip(texts, examples, strict=True):
+        if ex.get("family") != "multistep" or not ex.get("scene") or not ex.get("options"):
+            continue
+        n += 1
+        rows = multistep_steps(text, ex["scene"], "most" in ex["question"])
+        facts += facts_right(rows)
+        for r in rows:
+            total[r["step"]] += 1
+            ok[r["step"]] += bool(r["ok"])
+    steps = {k: ok[k] / total[k] for k in total}
+    return {"n": n, "facts_right": facts / n if n else None, "step_accuracy": steps}

@@ -306,7 +306,7 @@ def _reading(rng: random.Random, scene: dict[str, Any], t: int) -> dict[str, Any
     }
 
 
-def _multistep(rng: random.Random, scene: dict[str, Any], t: int) -> dict[str, Any]:
+def _multistep(rng: random.Random, scene: dict[str, Any], t: int, style: str = "list") -> dict[str, Any]:
     objs = scene["objects"]
     most = rng.random() < 0.5
     by_name = {(o["colour"], o["shape"]): o for o in objs}
@@ -325,14 +325,17 @@ def _multistep(rng: random.Random, scene: dict[str, Any], t: int) -> dict[str, A
     w = _Writer(q + " " + " ".join(f"({L}) {x}" for L, x in zip("ABCD", options)))
     w.add(_OPENINGS[t]).add(_NEED[t]).add(f"the {word} option. ")
     # the rationale designs tried for this family and their figures: docs/TEACHER.md
-    for L, k in zip("ABCD", opts):
-        w.add(f"({L}) the ").anchor("colour", k[0]).add(" ").anchor("shape", k[1])
-        if k in by_name:
-            w.add(" costs ").anchor("text", by_name[k]["price"]).add(". ")
-        else:
-            w.add(" is not in the image. ")
-    w.add(f"The {'highest' if most else 'lowest'} price is ").anchor("text", by_name[target]["price"])
-    w.add(f", option ({letter}). ")
+    if style == "local":
+        _multistep_local(w, objs, opts, most)
+    else:
+        for L, k in zip("ABCD", opts):
+            w.add(f"({L}) the ").anchor("colour", k[0]).add(" ").anchor("shape", k[1])
+            if k in by_name:
+                w.add(" costs ").anchor("text", by_name[k]["price"]).add(". ")
+            else:
+                w.add(" is not in the image. ")
+        w.add(f"The {'highest' if most else 'lowest'} price is ").anchor("text", by_name[target]["price"])
+        w.add(f", option ({letter}). ")
     _finish(w, scene, t, letter, None)
     return {
         "question": q,
@@ -342,6 +345,32 @@ def _multistep(rng: random.Random, scene: dict[str, Any], t: int) -> dict[str, A
         "writer": w,
         "attr_type": "multistep",
     }
+
+
+def _multistep_local(w: _Writer, objs: list[dict[str, Any]], opts: list[tuple[str, str]], most: bool) -> None:
+    """Every step local: each option checked with the existence verdict's own words ("(A) the red circle: it
+    is blue; we need red: different."), then a running leader updated by comparing two dollar digits
+    ("(A) 9 or (C) 4, higher: leader (A) 9."): no step compares more than two things or copies cents."""
+    leader: tuple[str, str] | None = None
+    for L, (colour, shape) in zip("ABCD", opts):
+        w.add(f"({L}) the ").anchor("colour", colour).add(" ").anchor("shape", shape).add(": ")
+        o = next((o for o in objs if o["shape"] == shape), None)
+        if o is None:
+            w.decision("there is no").add(" ").anchor("shape", shape).add(". ")
+            continue
+        w.add("it is ").anchor("colour", o["colour"]).add("; we need ").anchor("colour", colour).add(": ")
+        if o["colour"] != colour:
+            w.decision("different").add(". ")
+            continue
+        w.decision("same").add(", ").anchor("text", o["price"]).add(". ")
+        digit = o["price"][1]
+        if leader is not None:
+            w.add(f"({leader[0]}) {leader[1]} or ({L}) {digit}, {'higher' if most else 'lower'}: ")
+            if (int(digit) > int(leader[1])) == most:
+                leader = (L, digit)
+        else:
+            leader = (L, digit)
+        w.add("leader (").decision(leader[0]).add(") ").decision(leader[1]).add(". ")
 
 
 def popular_categories(data: DataConfig, n: int = 2000) -> list[tuple[str, str]]:
@@ -427,7 +456,7 @@ def make_example(data: DataConfig | Config, split: str, i: int, family: str | No
     elif family == "reading":
         ex = _reading(rng, scene, t)
     elif family == "multistep":
-        ex = _multistep(rng, scene, t)
+        ex = _multistep(rng, scene, t, data.multistep_rationale)
     elif family == "existence":
         ex = _existence(rng, scene, t, _popular(data))
     else:
@@ -526,6 +555,17 @@ def make_compare_drill(data: DataConfig | Config, split: str, i: int, blank: boo
         "loss_on": "decisions",
         "template": 0,
     }
+
+
+def make_reasoning_drill(data: DataConfig | Config, split: str, i: int) -> dict[str, Any]:
+    """A multi-step rationale on a blank image with the loss on its decisions only (verdicts, winning prices,
+    leaders, the final letter): each decision then has to come from the words before it, as the comparison
+    drills teach the existence verdict."""
+    data = data.data if isinstance(data, Config) else data
+    ex = make_example(data, split, 20_000_000 + i, family="multistep")
+    ex.update(id=f"{split}-reason-{i:06d}", family="drill", loss_on="decisions")
+    ex["image"] = render_scene(ex["scene"], blank=True)
+    return ex
 
 
 def iter_examples(data: DataConfig | Config, split: str, n: int, start: int = 0) -> Iterator[dict[str, Any]]:
