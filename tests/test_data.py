@@ -169,3 +169,50 @@ def test_existence_rationale_puts_found_and_asked_colour_side_by_side(cfg):
         assert f"It is {found}; we need {asked}: " in e["rationale"]
         assert verdicts == ["same" if e["answer"] == "yes" else "different"]
         assert (found == asked) == (e["answer"] == "yes")
+
+
+def _multistep_example(cfg, want):
+    from vskip_core.data.embedded import make_example
+
+    for i in range(400):
+        ex = make_example(cfg, "test", i, family="multistep")
+        if want(ex):
+            return ex
+    raise AssertionError("no such example in 400")
+
+
+def test_multistep_rationale_checks_each_option_and_compares_two_prices_at_a_time(cfg):
+    from vskip_core.metrics import multistep_steps
+
+    ex = _multistep_example(cfg, lambda e: "different" in e["rationale"] and "there is no" in e["rationale"])
+    rows = multistep_steps(ex["rationale"], ex["scene"], "most" in ex["question"])
+    assert {r["option"] for r in rows} == {"A", "B", "C", "D"} and all(r["ok"] for r in rows)
+    present = {(o["colour"], o["shape"]) for o in ex["scene"]["objects"]}
+    n_present = sum(tuple(o.split()[1:]) in present for o in ex["options"])
+    assert (
+        sum(r["step"] == "compare" for r in rows) == n_present - 1
+    )  # one comparison per price after the first
+    assert ex["rationale"].endswith(f"So the answer is {ex['answer']}. Answer: {ex['answer']}")
+    # every decision word (verdicts, winning prices, leaders, the final letter) is marked for the teacher's loss
+    said = [ex["rationale"][d["start"] : d["end"]] for d in ex["decisions"]]
+    assert "different" in said and "there is no" in said and said[-1] == ex["answer"]
+
+
+def test_multistep_steps_flag_a_wrong_colour_price_and_comparison(cfg):
+    from vskip_core.metrics import facts_right, multistep_report, multistep_steps
+
+    ex = _multistep_example(cfg, lambda e: e["rationale"].count(" or $") >= 1)
+    most = "most" in ex["question"]
+    obj = next(o for o in ex["scene"]["objects"] if o["price"] in ex["rationale"])
+    wrong_price = "$0.00"
+    text = ex["rationale"].replace(obj["price"], wrong_price)  # a misread price, repeated in the comparisons
+    rows = multistep_steps(text, ex["scene"], most)
+    bad = {r["step"] for r in rows if not r["ok"]}
+    assert "price" in bad and not facts_right(rows)
+    wrong_colour = next(c for c in ("red", "green", "blue") if c != obj["colour"])
+    text = ex["rationale"].replace(
+        f"the {obj['shape']} is {obj['colour']}", f"the {obj['shape']} is {wrong_colour}"
+    )
+    assert "look-up" in {r["step"] for r in multistep_steps(text, ex["scene"], most) if not r["ok"]}
+    report = multistep_report([ex["rationale"], text], [ex, ex])
+    assert report["n"] == 2 and report["facts_right"] == 0.5

@@ -221,6 +221,26 @@ def test_compare_drills_put_their_loss_on_the_verdict_only(tiny_teacher):
     assert sum(w > 0).item() == len(hit)  # the colours, copied from nowhere, carry no loss
 
 
+def test_reasoning_drills_are_blank_and_carry_loss_on_their_decisions_only(tiny_teacher):
+    from vskip_core.data.embedded import BACKGROUND, make_reasoning_drill
+    from vskip_core.teacher import target_weights
+
+    cfg, _ = tiny_teacher
+    tok = load_model(cfg).tokenizer
+    d = make_reasoning_drill(cfg, "teacher", 5)
+    assert set(d["image"].getdata()) == {BACKGROUND}  # nothing to see: each decision follows from the text
+    w = target_weights(tok, d, anchor_weight=3.0, decision_weight=7.0)
+    enc = tok(d["rationale"], add_special_tokens=False, return_offsets_mapping=True)
+    hit = {
+        j
+        for v in d["decisions"]
+        for j, (s, e) in enumerate(enc["offset_mapping"])
+        if s < v["end"] and e > v["start"]
+    }
+    assert hit and {j for j in range(len(enc["input_ids"])) if w[j] > 0} == hit
+    assert len(d["decisions"]) >= 4  # verdicts, leaders and the final letter at least
+
+
 def test_teacher_build_resumes_after_a_kill_in_the_verdict_phase(tiny_teacher, tmp_path, monkeypatch):
     """A build killed mid-way (here: in the verdict phase) resumes from its last checkpoint to the same weights as the
     uninterrupted build of the `tiny_teacher` fixture."""

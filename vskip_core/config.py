@@ -215,6 +215,7 @@ class EmbeddedConfig:
     verdict_full: int = 16
     verdict_lr: float = 5e-4
     verdict_blank: bool = True
+    verdict_reasoning: int = 0  # + this many multi-step reasoning drills a step (data.make_reasoning_drill)
     # relative share of each family (in data.families order) in the full-example stream; [] = equal shares.
     # Twice the share for existence and multi-step (attribute and reading saturate first; docs/TEACHER.md).
     family_weights: list[float] = field(default_factory=lambda: [1.0, 2.0, 1.0, 2.0])
@@ -251,10 +252,10 @@ class EmbeddedConfig:
             "embedded.family_weights",
             f"must be non-negative with a positive sum, got {self.family_weights}",
         )
-        for k in ("verdict_steps", "verdict_compare", "verdict_full"):
+        for k in ("verdict_steps", "verdict_compare", "verdict_full", "verdict_reasoning"):
             _check(getattr(self, k) >= 0, f"embedded.{k}", f"must be >= 0, got {getattr(self, k)}")
         _check(
-            self.verdict_steps == 0 or self.verdict_compare + self.verdict_full > 0,
+            self.verdict_steps == 0 or self.verdict_compare + self.verdict_full + self.verdict_reasoning > 0,
             "embedded.verdict_compare",
             "a verdict phase needs verdict_compare + verdict_full > 0 examples per step",
         )

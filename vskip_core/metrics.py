@@ -448,3 +448,88 @@ def headline(fm: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
             if "random_fallback" in m:
                 out[fam]["random_fallback"] = m["random_fallback"]
     return out
+
+
+_OPTION_RE = re.compile(
+    r"\(([A-D])\) the (\w+) (\w+): (.*?)(?=\([A-D]\) the |So the answer is|Answer:|$)", re.S
+)
+_CHECK_RE = re.compile(r"we need (\w+); the (\w+) is (\w+): (same|different)")
+_PRICE_AFTER_RE = re.compile(r"same, (\$\d+\.\d\d)")
+_COMPARE_RE = re.compile(r"(\$\d+\.\d\d) or (\$\d+\.\d\d), (higher|lower): (\$\d+\.\d\d)")
+_LEADER_RE = re.compile(r"leader \(([A-D])\)")
+
+
+def multistep_steps(text: str, scene: dict[str, Any], most: bool) -> list[dict[str, Any]]:
+    """Each step of an embedded multi-step rationale checked against the scene: per option line, the presence
+    claim ("there is no circle" / "the circle is blue"), the colour verdict, the price read, the two-price
+    comparison and the running leader. One row per step: option, step, claim, ok (None: not stated)."""
+    objs = {o["shape"]: o for o in scene["objects"]}
+    rows: list[dict[str, Any]] = []
+    leader: tuple[str, float] | None = None
+    for m in _OPTION_RE.finditer(text):
+        letter, colour, shape, body = m.groups()
+        o = objs.get(shape)
+
+        def add(step: str, claim: str, ok: bool | None, letter: str = letter) -> None:
+            rows.append({"option": letter, "step": step, "claim": claim.strip(), "ok": ok})
+
+        if body.startswith("there is no"):
+            add("presence", body.split(".")[0], o is None)
+            continue
+        c = _CHECK_RE.search(body)
+        if not c:
+            add("presence", body[:40], None)
+            continue
+        need, said_shape, seen, verdict = c.groups()
+        add(
+            "look-up",
+            f"the {said_shape} is {seen}",
+            o is not None and said_shape == shape and o["colour"] == seen,
+        )
+        add(
+            "verdict",
+            f"{seen} vs {need}: {verdict}",
+            (seen == need) == (verdict == "same") and need == colour,
+        )
+        if verdict != "same":
+            continue
+        p = _PRICE_AFTER_RE.search(body)
+        add("price", p.group(1) if p else "(no price)", bool(p and o and p.group(1) == o["price"]))
+        true_price = float(o["price"][1:]) if o and o["colour"] == colour else None
+        cmp_ = _COMPARE_RE.search(body)
+        if cmp_:
+            a, b_, direction, win = cmp_.groups()
+            best = max if direction == "higher" else min
+            right = win == best((a, b_), key=lambda s: float(s[1:])) and (direction == "higher") == most
+            add("compare", cmp_.group(0), right)
+        if true_price is not None and (leader is None or (true_price > leader[1]) == most):
+            leader = (letter, true_price)
+        lead = _LEADER_RE.search(body)
+        if lead:
+            add("leader", f"leader ({lead.group(1)})", leader is not None and lead.group(1) == leader[0])
+    return rows
+
+
+def facts_right(rows: list[dict[str, Any]]) -> bool:
+    """Whether every fact read off the image in a multi-step rationale is right (presence, colour, price)."""
+    facts = [r for r in rows if r["step"] in ("presence", "look-up", "price")]
+    return bool(facts) and all(r["ok"] for r in facts)
+
+
+def multistep_report(texts: Sequence[str], examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The steps of embedded multi-step rationales checked against their scenes (`multistep_steps`): the share
+    of rationales whose facts read off the image are all right, and each step kind's accuracy. Examples of
+    other families, or without a scene (real benchmarks), are left out; `n` counts the ones checked."""
+    facts, ok, total = 0, Counter(), Counter()
+    n = 0
+    for text, ex in zip(texts, examples, strict=True):
+        if ex.get("family") != "multistep" or not ex.get("scene") or not ex.get("options"):
+            continue
+        n += 1
+        rows = multistep_steps(text, ex["scene"], "most" in ex["question"])
+        facts += facts_right(rows)
+        for r in rows:
+            total[r["step"]] += 1
+            ok[r["step"]] += bool(r["ok"])
+    steps = {k: ok[k] / total[k] for k in total}
+    return {"n": n, "facts_right": facts / n if n else None, "step_accuracy": steps}

@@ -41,6 +41,7 @@ from vskip_core.data.embedded import (
     make_compare_drill,
     make_example,
     make_lookup_drill,
+    make_reasoning_drill,
 )
 from vskip_core.data.real import examples as benchmark_examples
 from vskip_core.method.scoring import blank_image
@@ -502,6 +503,8 @@ def verdict(b: Build, step: int) -> dict[str, float]:
     cfg, e = b.cfg, b.cfg.embedded
     nc, nf = e.verdict_compare, e.verdict_full
     exs = [make_compare_drill(cfg, "teacher", step * nc + j, blank=e.verdict_blank) for j in range(nc)]
+    nr = e.verdict_reasoning
+    exs += [make_reasoning_drill(cfg, "teacher", step * nr + j) for j in range(nr)]
     first = VERDICT_OFFSET + step * nf
     exs += [make_example(cfg, "teacher", i, family_for(cfg, i)) for i in range(first, first + nf)]
     return _lm_step(b, exs, None)

@@ -59,8 +59,9 @@ BACKGROUND = (238, 238, 232)
 # Bumped whenever the generator's output changes for the same params: it is part of every cache key built on
 # the benchmark (the benchmark on disk, the embedded teacher), so an old cache is never read as a new one.
 # 2: existence rationales compare the found and the asked colour side by side ("It is orange; we need red:
-# different."), and records carry `decisions`.
-GENERATOR_VERSION = 2
+# different."), and records carry `decisions`. 3: multi-step rationales check each option like an existence
+# question and keep a running leader by two-price comparisons.
+GENERATOR_VERSION = 3
 INK = (20, 20, 20)
 SPLIT_OFFSETS = {"train": 0, "val": 1, "test": 2, "teacher": 3}
 ANCHOR_TYPES = ("colour", "shape", "size", "position", "text")
@@ -212,6 +213,11 @@ class _Writer:
         self.text += value
         return self
 
+    def decision_anchor(self, kind: str, value: str) -> _Writer:
+        """A visual-attribute mention that is also a decision (the winning price of a comparison)."""
+        self.decisions.append({"value": value, "start": len(self.text), "end": len(self.text) + len(value)})
+        return self.anchor(kind, value)
+
     def obj(self, o: dict[str, Any], size: bool = False) -> _Writer:
         if size:
             self.anchor("size", o["size"]).add(" ")
@@ -324,16 +330,32 @@ def _multistep(rng: random.Random, scene: dict[str, Any], t: int) -> dict[str, A
     options = [f"the {c} {s}" for c, s in opts]
     w = _Writer(q + " " + " ".join(f"({L}) {x}" for L, x in zip("ABCD", options)))
     w.add(_OPENINGS[t]).add(_NEED[t]).add(f"the {word} option. ")
-    # the rationale designs tried for this family and their figures: docs/TEACHER.md
-    for L, k in zip("ABCD", opts):
-        w.add(f"({L}) the ").anchor("colour", k[0]).add(" ").anchor("shape", k[1])
-        if k in by_name:
-            w.add(" costs ").anchor("text", by_name[k]["price"]).add(". ")
+    # Every step is local (docs/TEACHER.md): each option is checked like an existence question, and a running
+    # leader is updated by one two-price comparison, so no step compares more than two things.
+    leader: tuple[str, str] | None = None
+    for L, (colour, shape) in zip("ABCD", opts):
+        w.add(f"({L}) the ").anchor("colour", colour).add(" ").anchor("shape", shape).add(": ")
+        o = next((o for o in objs if o["shape"] == shape), None)
+        if o is None:
+            w.decision("there is no").add(" ").anchor("shape", shape).add(". ")
+            continue
+        w.add("we need ").anchor("colour", colour).add("; the ").anchor("shape", shape).add(" is ")
+        w.anchor("colour", o["colour"]).add(": ")
+        if o["colour"] != colour:
+            w.decision("different").add(". ")
+            continue
+        w.decision("same").add(", ").anchor("text", o["price"]).add("; ")
+        if leader is not None:
+            w.anchor("text", leader[1]).add(" or ").anchor("text", o["price"])
+            w.add(", higher: " if most else ", lower: ")
+            better = (float(o["price"][1:]) > float(leader[1][1:])) == most
+            leader = (L, o["price"]) if better else leader
+            w.decision_anchor("text", leader[1]).add("; ")
         else:
-            w.add(" is not in the image. ")
-    w.add(f"The {'highest' if most else 'lowest'} price is ").anchor("text", by_name[target]["price"])
-    w.add(f", option ({letter}). ")
-    _finish(w, scene, t, letter, None)
+            leader = (L, o["price"])
+        w.add("leader (").decision(leader[0]).add("). ")
+    assert leader is not None and leader[0] == letter
+    w.add("So the answer is ").decision(letter).add(". ")
     return {
         "question": q,
         "answer": letter,
@@ -526,6 +548,17 @@ def make_compare_drill(data: DataConfig | Config, split: str, i: int, blank: boo
         "loss_on": "decisions",
         "template": 0,
     }
+
+
+def make_reasoning_drill(data: DataConfig | Config, split: str, i: int) -> dict[str, Any]:
+    """A multi-step rationale on a blank image with the loss on its decisions only (verdicts, winning prices,
+    leaders, the final letter): each decision then has to come from the words before it, as the comparison
+    drills teach the existence verdict."""
+    data = data.data if isinstance(data, Config) else data
+    ex = make_example(data, split, 20_000_000 + i, family="multistep")
+    ex.update(id=f"{split}-reason-{i:06d}", family="drill", loss_on="decisions")
+    ex["image"] = render_scene(ex["scene"], blank=True)
+    return ex
 
 
 def iter_examples(data: DataConfig | Config, split: str, n: int, start: int = 0) -> Iterator[dict[str, Any]]:
