@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 
-from vskip_core.data.embedded import ANCHOR_TYPES, COLOURS, SHAPES, SIZES, find_anchors
+from vskip_core.data.embedded import ANCHOR_TYPES, COLOURS, PRICE_RE, SHAPES, SIZES, find_anchors
 from vskip_core.modeling.prompts import ANSWER_RE, answer_line_start  # noqa: F401  (ANSWER_RE re-exported)
 
 
@@ -456,7 +456,6 @@ _OPTION_RE = re.compile(
     re.S,
 )
 _CHECK_RE = re.compile(r"it is (\w+); we need (\w+): (same|different)")
-_PRICE_RE_ANY = re.compile(r"\$\d+\.\d\d")
 _COMPARE_RE = re.compile(r"\(([A-D])\) (\d) or \(([A-D])\) (\d), (higher|lower): leader \(([A-D])\) (\d)")
 _LEADER_RE = re.compile(r"leader \(([A-D])\) (\d)")
 _EXTREME_RE = re.compile(r"The (highest|lowest) price is (\$\d+\.\d\d), option \(([A-D])\)")
@@ -497,7 +496,7 @@ def multistep_steps(text: str, scene: dict[str, Any], most: bool) -> list[dict[s
                 continue
         elif body.startswith("costs"):
             add("presence", "in the image", obj is not None)
-        price = _PRICE_RE_ANY.search(body)
+        price = PRICE_RE.search(body)
         add(
             "price",
             price.group(0) if price else "(none)",
@@ -505,19 +504,17 @@ def multistep_steps(text: str, scene: dict[str, Any], most: bool) -> list[dict[s
         )
         if obj is not None and (lead is None or (int(obj["price"][1]) > lead[1]) == most):
             lead = (letter, int(obj["price"][1]))
-        cmp_ = _COMPARE_RE.search(text, m.end(5)) if m.end(5) < len(text) else None
-        if cmp_ and cmp_.start() == m.end(5):
+        cmp_ = _COMPARE_RE.match(text, m.end(5))  # the comparison right after this option's line, if any
+        if cmp_:
             p, dp, q, dq, direction, win, dw = cmp_.groups()
             best = (p, dp) if (int(dp) > int(dq)) == (direction == "higher") else (q, dq)
             add("compare", cmp_.group(0), (win, dw) == best and (direction == "higher") == most)
-        elif (leader := _LEADER_RE.search(body)) is not None:
-            add("leader", leader.group(0), lead is not None and leader.group(1) == lead[0])
-            continue
-        if cmp_ and cmp_.start() == m.end(5):
-            add("leader", f"leader ({cmp_.group(6)})", lead is not None and cmp_.group(6) == lead[0])
+        leader = cmp_.group(6) if cmp_ else (x.group(1) if (x := _LEADER_RE.search(body)) else None)
+        if leader is not None:
+            add("leader", f"leader ({leader})", lead is not None and leader == lead[0])
     extreme = _EXTREME_RE.search(text)
     if extreme and present:
-        direction, price, letter = extreme.groups()
+        _, price, letter = extreme.groups()
         opts_prices = [o["price"] for o in present.values()]
         best = (
             max(opts_prices, key=lambda v: float(v[1:]))

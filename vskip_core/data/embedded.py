@@ -665,7 +665,7 @@ def build_benchmark(cfg: Config, splits: tuple[str, ...] = ("train", "val", "tes
     return datasets.load_from_disk(str(path)), path
 
 
-_PRICE_RE = re.compile(r"\$\d+\.\d\d")
+PRICE_RE = re.compile(r"\$\d+\.\d\d")  # a printed price, as the scenes write it
 
 
 def find_anchors(text: str, scene: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -685,7 +685,7 @@ def find_anchors(text: str, scene: dict[str, Any] | None) -> list[dict[str, Any]
                 continue
             taken[m.start() : m.end()] = [True] * (m.end() - m.start())
             found.append({"type": kind, "value": value, "start": m.start(), "end": m.end()})
-    for m in _PRICE_RE.finditer(text):
+    for m in PRICE_RE.finditer(text):
         found.append({"type": "text", "value": m.group(0), "start": m.start(), "end": m.end()})
     if scene:
         objs = scene["objects"]
