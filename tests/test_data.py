@@ -202,7 +202,30 @@ def test_local_multistep_rationale_checks_each_option_and_compares_two_digits_at
     )  # the teacher's loss weights
 
 
-@pytest.mark.parametrize("style", ["list", "local"])
+def test_scan_multistep_rationale_scans_dollar_digits_to_the_first_price_written(cfg):
+    from vskip_core.metrics import multistep_steps
+
+    ex = _multistep_example(cfg, lambda e: ": none" in e["rationale"] and "different" in e["rationale"], "scan")
+    most = "most" in ex["question"]
+    rows = multistep_steps(ex["rationale"], ex["scene"], most)
+    assert all(r["ok"] for r in rows)
+    present = {(o["colour"], o["shape"]): o["price"] for o in ex["scene"]["objects"]}
+    prices = [present[tuple(o.split()[1:])] for o in ex["options"] if tuple(o.split()[1:]) in present]
+    best = (max if most else min)(prices, key=lambda p: float(p[1:]))
+    misses = [r["claim"] for r in rows if r["step"] == "scan"]
+    start = 9 if most else 1
+    assert misses == [f"${d}: none" for d in range(start, int(best[1]), -1 if most else 1)]
+    assert [r["claim"] for r in rows if r["step"] == "compare"] == [best]
+    said = [ex["rationale"][d["start"] : d["end"]] for d in ex["decisions"]]
+    assert said[-2:] == [best[2:], ex["answer"]] and ": none" in said
+    other = next(p for p in prices if p != best)
+    head, _, tail = ex["rationale"].rpartition(f"{best} for (")  # the scan's hit, not the option's line
+    wrong = f"{head}{other} for ({tail}"
+    bad = {r["step"] for r in multistep_steps(wrong, ex["scene"], most) if not r["ok"]}
+    assert bad == {"compare"}  # the letter still names the right option
+
+
+@pytest.mark.parametrize("style", ["list", "local", "scan"])
 def test_multistep_steps_flag_a_misread_price_and_colour(cfg, style):
     from vskip_core.metrics import facts_right, multistep_report, multistep_steps
 
@@ -214,7 +237,7 @@ def test_multistep_steps_flag_a_misread_price_and_colour(cfg, style):
     misread = ex["rationale"].replace(obj["price"], "$0.00")
     bad = {r["step"] for r in multistep_steps(misread, ex["scene"], most) if not r["ok"]}
     assert "price" in bad
-    if style == "local":
+    if style != "list":
         other = next(c for c in ("red", "green", "blue") if c != obj["colour"])
         wrong = ex["rationale"].replace(f"it is {obj['colour']};", f"it is {other};")
         assert "look-up" in {r["step"] for r in multistep_steps(wrong, ex["scene"], most) if not r["ok"]}

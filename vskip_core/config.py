@@ -106,9 +106,10 @@ class DataConfig:
     n_train: int = 4000  # examples in the train split (rationale generation + distillation)
     n_val: int = 400  # examples in the validation split
     n_test: int = 800  # examples in the test split (all evaluation)
-    # multi-step rationale design: list (each option's price, then the extreme one) or local (each option
-    # checked like an existence question, a running leader by two-digit comparisons); docs/TEACHER.md
-    multistep_rationale: Literal["list", "local"] = "list"
+    # multi-step rationale design: list (each option's price, then the extreme one), local (each option
+    # checked like an existence question, a running leader by two-digit comparisons) or scan (the same checks,
+    # then the dollar digits scanned from the extreme end to the first price written); docs/TEACHER.md
+    multistep_rationale: Literal["list", "local", "scan"] = "list"
     # Real benchmarks (vskip_core.data.real): n_train / n_val / n_test are then disjoint seeded subsets of each
     # benchmark's answered split, and examples rotate between the listed sources as families do here.
     source: list[Source] = field(
@@ -540,10 +541,10 @@ class Config:
             f"needs one weight per family in data.families {self.data.families}, got {fw}",
         )
         _check(
-            self.embedded.verdict_reasoning == 0 or self.data.multistep_rationale == "local",
+            self.embedded.verdict_reasoning == 0 or self.data.multistep_rationale != "list",
             "embedded.verdict_reasoning",
-            "reasoning drills train the decisions of the local multi-step design; set "
-            "data.multistep_rationale: local, or embedded.verdict_reasoning: 0",
+            "reasoning drills train the decisions of the local and scan multi-step designs; set "
+            "data.multistep_rationale: local or scan, or embedded.verdict_reasoning: 0",
         )
         g = self.generation
         split_size = self.split_size(g.split)

@@ -451,28 +451,34 @@ def headline(fm: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
 
 
 _OPTION_RE = re.compile(
-    r"\(([A-D])\) the (\w+) (\w+)(:? )(.*?)(?=\([A-D]\) the |\([A-D]\) \d or |The (?:highest|lowest)|So the|"
+    r"\(([A-D])\) the (\w+) (\w+)(:? )(.*?)(?=\([A-D]\) the |\([A-D]\) \d or |The (?:highest|lowest)|From \$|So the|"
     r"Therefore the|This means|Answer:|$)",
     re.S,
 )
 _CHECK_RE = re.compile(r"it is (\w+); we need (\w+): (same|different)")
 _COMPARE_RE = re.compile(r"\(([A-D])\) (\d) or \(([A-D])\) (\d), (higher|lower): leader \(([A-D])\) (\d)")
 _LEADER_RE = re.compile(r"leader \(([A-D])\) (\d)")
+_SCAN_RE = re.compile(r"From \$\d (?:down|up): (.*?)(?=So the|Therefore the|This means|Answer:|$)", re.S)
+_SCAN_STEP_RE = re.compile(r"\$(\d): none|(\$\d\.\d\d) for \(([A-D])\)")
 _EXTREME_RE = re.compile(r"The (highest|lowest) price is (\$\d+\.\d\d), option \(([A-D])\)")
 
 
 def multistep_steps(text: str, scene: dict[str, Any], most: bool) -> list[dict[str, Any]]:
-    """Each step of an embedded multi-step rationale checked against the scene, for both designs
+    """Each step of an embedded multi-step rationale checked against the scene, for every design
     (`data.multistep_rationale`). Per option: the presence claim ("costs $4.57" / "is not in the image" /
     "there is no circle"), the look-up ("it is blue"), the colour verdict, the price read; then the
-    comparison(s) and the leader. One row per step: option, step, claim, ok."""
+    comparison(s) and the leader, or the scan's misses ("$9: none") and its hit ("$7.63 for (B)": compare,
+    leader). One row per step: option, step, claim, ok."""
     objs = {o["shape"]: o for o in scene["objects"]}
     present = {(o["colour"], o["shape"]): o for o in scene["objects"]}
     rows: list[dict[str, Any]] = []
     lead: tuple[str, int] | None = None  # the true running leader over the options read so far
+    named: dict[str, str] = {}  # option letter -> price of the object it names, when present
     for m in _OPTION_RE.finditer(text):
         letter, colour, shape, _sep, body = m.groups()
         o, obj = objs.get(shape), present.get((colour, shape))
+        if obj is not None:
+            named[letter] = obj["price"]
 
         def add(step: str, claim: str, ok: bool, letter: str = letter) -> None:
             rows.append({"option": letter, "step": step, "claim": claim.strip(), "ok": ok})
@@ -512,6 +518,18 @@ def multistep_steps(text: str, scene: dict[str, Any], most: bool) -> list[dict[s
         leader = cmp_.group(6) if cmp_ else (x.group(1) if (x := _LEADER_RE.search(body)) else None)
         if leader is not None:
             add("leader", f"leader ({leader})", lead is not None and leader == lead[0])
+    scan = _SCAN_RE.search(text)
+    if scan and named:
+        best = (max if most else min)(named.values(), key=lambda v: float(v[1:]))
+        for st in _SCAN_STEP_RE.finditer(scan.group(1)):
+            miss, price, letter = st.groups()
+            if miss is not None:
+                ok = all(p[1] != miss for p in named.values())
+                rows.append({"option": "", "step": "scan", "claim": st.group(0), "ok": ok})
+                continue
+            rows.append({"option": letter, "step": "compare", "claim": price, "ok": price == best})
+            ok = named.get(letter) == best
+            rows.append({"option": letter, "step": "leader", "claim": f"({letter})", "ok": ok})
     extreme = _EXTREME_RE.search(text)
     if extreme and present:
         _, price, letter = extreme.groups()

@@ -327,6 +327,8 @@ def _multistep(rng: random.Random, scene: dict[str, Any], t: int, style: str = "
     # the rationale designs tried for this family and their figures: docs/TEACHER.md
     if style == "local":
         _multistep_local(w, objs, opts, most)
+    elif style == "scan":
+        _multistep_scan(w, objs, opts, most)
     else:
         for L, k in zip("ABCD", opts):
             w.add(f"({L}) the ").anchor("colour", k[0]).add(" ").anchor("shape", k[1])
@@ -371,6 +373,37 @@ def _multistep_local(w: _Writer, objs: list[dict[str, Any]], opts: list[tuple[st
         else:
             leader = (L, digit)
         w.add("leader (").decision(leader[0]).add(") ").decision(leader[1]).add(". ")
+
+
+def _multistep_scan(w: _Writer, objs: list[dict[str, Any]], opts: list[tuple[str, str]], most: bool) -> None:
+    """Each option checked as in `local`, its price closed by its letter ("same, $7.63 for (B)."); then the
+    dollar digits scanned from $9 down (cheapest: from $1 up) until one was written: "$9: none. $7.63 for (B)."
+    A miss or a hit is decided by whether "$7" occurs earlier, and a hit copies what followed it there, so no
+    step compares two values or copies a look-alike token from an unmatched place."""
+    written: dict[str, tuple[str, str]] = {}
+    for L, (colour, shape) in zip("ABCD", opts):
+        w.add(f"({L}) the ").anchor("colour", colour).add(" ").anchor("shape", shape).add(": ")
+        o = next((o for o in objs if o["shape"] == shape), None)
+        if o is None:
+            w.decision("there is no").add(" ").anchor("shape", shape).add(". ")
+            continue
+        w.add("it is ").anchor("colour", o["colour"]).add("; we need ").anchor("colour", colour).add(": ")
+        if o["colour"] != colour:
+            w.decision("different").add(". ")
+            continue
+        w.decision("same").add(", ").anchor("text", o["price"]).add(f" for ({L}). ")
+        written[o["price"][1]] = (L, o["price"])
+    w.add("From $9 down: " if most else "From $1 up: ")
+    for d in "987654321" if most else "123456789":
+        if d not in written:
+            w.add(f"${d}").decision(": none").add(". ")
+            continue
+        L, price = written[d]
+        w.anchor("text", price)
+        end = len(w.text)
+        w.decisions.append({"value": price[2:], "start": end - 3, "end": end})  # ".63": the hit
+        w.add(" for (").decision(L).add("). ")
+        return
 
 
 def popular_categories(data: DataConfig, n: int = 2000) -> list[tuple[str, str]]:
