@@ -205,7 +205,9 @@ def test_local_multistep_rationale_checks_each_option_and_compares_two_digits_at
 def test_scan_multistep_rationale_scans_dollar_digits_to_the_first_price_written(cfg):
     from vskip_core.metrics import multistep_steps
 
-    ex = _multistep_example(cfg, lambda e: ": none" in e["rationale"] and "different" in e["rationale"], "scan")
+    ex = _multistep_example(
+        cfg, lambda e: ": none" in e["rationale"] and "different" in e["rationale"], "scan"
+    )
     most = "most" in ex["question"]
     rows = multistep_steps(ex["rationale"], ex["scene"], most)
     assert all(r["ok"] for r in rows)
