@@ -25,6 +25,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -366,7 +367,8 @@ class Phase:
     stop: int
     optimizer: str  # a key of Build.optimizers
     lrs: Callable[[int], list[float]]  # lr of each param group at a step of the counter
-    step: Callable[[Build, int], dict[str, float]]
+    batch: Callable[[Build, int], Any]  # a step's examples, encoded (pure data: prefetched in a thread)
+    step: Callable[[Build, Any], dict[str, float]]  # forward and backward of one batch; the history fields
     clip: list[nn.Parameter]  # gradient norm clipped to 1 over these
     frozen: list[nn.Parameter] = field(default_factory=list)  # requires_grad off during the phase
     log_lr: bool = True  # history rows carry the first group's lr
@@ -390,16 +392,19 @@ def phases(b: Build) -> list[Phase]:
     every = list(b.model.parameters())
     return [
         Phase("vision_pretraining", "pretrain_step", 0, e.pretrain_steps, "vision", pretrain,
-              vision_pretraining, b.vision, log_lr=False),
-        Phase("lookup_drills", "train_step", 0, e.drill_steps, "joint", joint, lookup_drills, every),
-        Phase("end_to_end", "train_step", e.drill_steps, total, "joint", joint, end_to_end, every),
-        Phase("verdict", "verdict_step", 0, e.verdict_steps, "language", verdict_lr, verdict, b.language,
-              frozen=b.vision),
+              pretraining_batch, vision_pretraining, b.vision, log_lr=False),
+        Phase("lookup_drills", "train_step", 0, e.drill_steps, "joint", joint, drill_batch, lookup_drills,
+              every),
+        Phase("end_to_end", "train_step", e.drill_steps, total, "joint", joint, full_batch, end_to_end, every),
+        Phase("verdict", "verdict_step", 0, e.verdict_steps, "language", verdict_lr, verdict_batch, verdict,
+              b.language, frozen=b.vision),
     ]  # fmt: skip
 
 
 def run_phase(b: Build, phase: Phase, progress: bool = True) -> None:
-    """The one training loop: lr schedule, one step, clipping, history, a checkpoint every `CKPT_EVERY`."""
+    """The one training loop: lr schedule, one step, clipping, history, a checkpoint every `CKPT_EVERY`. The next
+    step's batch is built in a second thread while this one trains (the data are a function of the step alone,
+    so the weights are the same as without it)."""
     from tqdm.auto import tqdm
 
     st, opt = b.state, b.optimizers[phase.optimizer]
@@ -407,25 +412,35 @@ def run_phase(b: Build, phase: Phase, progress: bool = True) -> None:
     bar = tqdm(total=phase.stop - phase.start, initial=done, desc=phase.name, disable=not progress)
     for p in phase.frozen:
         p.requires_grad_(False)
-    while st[phase.counter] < phase.stop:
-        step = st[phase.counter]
-        lrs = phase.lrs(step)
-        for g, lr in zip(opt.param_groups, lrs, strict=True):
-            g["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        logged = phase.step(b, step)
-        torch.nn.utils.clip_grad_norm_(phase.clip, 1.0)
-        opt.step()
-        logged |= {"lr": lrs[0]} if phase.log_lr else {}
-        st["history"].append({"phase": TEACHER_PHASES[phase.name], "step": step, **logged})
-        st[phase.counter] += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{logged['loss']:.3f}")
-        if st[phase.counter] % CKPT_EVERY == 0:
-            b.save()
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(phase.batch, b, st[phase.counter]) if st[phase.counter] < phase.stop else None
+        while st[phase.counter] < phase.stop:
+            step = st[phase.counter]
+            data = ahead.result()  # type: ignore[union-attr]
+            if step + 1 < phase.stop:
+                ahead = pool.submit(phase.batch, b, step + 1)
+            _train_step(b, phase, opt, step, data)
+            bar.update(1)
+            bar.set_postfix(loss=f"{st['history'][-1]['loss']:.3f}")
+            if st[phase.counter] % CKPT_EVERY == 0:
+                b.save()
     bar.close()
     for p in phase.frozen:
         p.requires_grad_(True)
+
+
+def _train_step(b: Build, phase: Phase, opt, step: int, data: Any) -> None:
+    """lr schedule, forward and backward, clipping, the optimizer step and the history row."""
+    lrs = phase.lrs(step)
+    for g, lr in zip(opt.param_groups, lrs, strict=True):
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    logged = phase.step(b, data)
+    torch.nn.utils.clip_grad_norm_(phase.clip, 1.0)
+    opt.step()
+    logged |= {"lr": lrs[0]} if phase.log_lr else {}
+    b.state["history"].append({"phase": TEACHER_PHASES[phase.name], "step": step, **logged})
+    b.state[phase.counter] += 1
 
 
 def _probe_loss(b: Build, exs: list[dict[str, Any]], feats: torch.Tensor):
@@ -437,11 +452,20 @@ def _probe_loss(b: Build, exs: list[dict[str, Any]], feats: torch.Tensor):
     return loss, logits, labels
 
 
-def _lm_step(b: Build, exs: list[dict[str, Any]], probe_weight: float | None) -> dict[str, float]:
+LmBatch = tuple[list[dict[str, Any]], list[tuple[list[dict[str, Any]], dict[str, torch.Tensor]]]]
+
+
+def _lm_batch(b: Build, exs: list[dict[str, Any]]) -> LmBatch:
+    """Rationale examples and their two length buckets (`length_buckets`), encoded."""
+    e = b.cfg.embedded
+    return exs, length_buckets(exs, b.tok, b.proc, e.anchor_weight, e.decision_weight)
+
+
+def _lm_step(b: Build, data: LmBatch, probe_weight: float | None) -> dict[str, float]:
     """Forward and backward of a batch of rationale examples as two length buckets (gradient accumulation: the
     loss of the whole batch), plus `probe_weight` x the probe loss on their visual tokens (None: no probe)."""
-    e, device = b.cfg.embedded, b.device
-    parts = length_buckets(exs, b.tok, b.proc, e.anchor_weight, e.decision_weight)
+    device = b.device
+    exs, parts = data
     denom = sum(batch["weights"][:, 1:].sum() for _, batch in parts)
     captured: dict[str, torch.Tensor] = {}  # the merged visual tokens of the current forward
     hook = b.model.model.visual.register_forward_hook(
@@ -467,12 +491,16 @@ def _lm_step(b: Build, exs: list[dict[str, Any]], probe_weight: float | None) ->
     return {"loss": lm_total} if probe_weight is None else {"loss": lm_total, "probe_loss": probe_total}
 
 
-def vision_pretraining(b: Build, step: int) -> dict[str, float]:
+def pretraining_batch(b: Build, step: int) -> tuple[list[dict[str, Any]], Any]:
+    n = b.cfg.embedded.batch_size
+    exs = [make_example(b.cfg, "teacher", step * n + j) for j in range(n)]
+    return exs, b.proc(images=[x["image"] for x in exs], return_tensors="pt")
+
+
+def vision_pretraining(b: Build, data: tuple[list[dict[str, Any]], Any]) -> dict[str, float]:
     """The vision tower learns, for every merged image token, the colour, shape, size and price digits of the
     object in its cell and the cell itself (through `VisionProbe`)."""
-    cfg, n = b.cfg, b.cfg.embedded.batch_size
-    exs = [make_example(cfg, "teacher", step * n + j) for j in range(n)]
-    vis = b.proc(images=[x["image"] for x in exs], return_tensors="pt")
+    exs, vis = data
     feats = visual_features(b.model, vis["pixel_values"].to(b.device), vis["image_grid_thw"].to(b.device))
     loss, logits, labels = _probe_loss(b, exs, feats)
     loss.backward()
@@ -481,33 +509,44 @@ def vision_pretraining(b: Build, step: int) -> dict[str, float]:
     return {"loss": loss.item(), **{f"acc_{k}": v for k, v in acc.items()}}
 
 
-def lookup_drills(b: Build, step: int) -> dict[str, float]:
+def drill_batch(b: Build, step: int) -> LmBatch:
+    n = b.cfg.embedded.drill_batch_size
+    return _lm_batch(b, [make_lookup_drill(b.cfg, "teacher", step * n + j) for j in range(n)])
+
+
+def lookup_drills(b: Build, data: LmBatch) -> dict[str, float]:
     """Short look-up drills ("Describe the triangle." -> "The triangle is a small red triangle with the price
     $4.57, at the top left."): the step every family's rationale contains."""
-    n = b.cfg.embedded.drill_batch_size
-    exs = [make_lookup_drill(b.cfg, "teacher", step * n + j) for j in range(n)]
-    return _lm_step(b, exs, b.cfg.embedded.probe_weight)
+    return _lm_step(b, data, b.cfg.embedded.probe_weight)
 
 
-def end_to_end(b: Build, step: int) -> dict[str, float]:
-    """Question -> rationale + answer, anchors, answer and decision words weighted, the probe loss alongside."""
+def full_batch(b: Build, step: int) -> LmBatch:
     cfg, e = b.cfg, b.cfg.embedded
     first = FULL_OFFSET + (step - e.drill_steps) * e.batch_size
-    exs = [make_example(cfg, "teacher", i, family_for(cfg, i)) for i in range(first, first + e.batch_size)]
-    return _lm_step(b, exs, e.probe_weight)
+    return _lm_batch(
+        b, [make_example(cfg, "teacher", i, family_for(cfg, i)) for i in range(first, first + e.batch_size)]
+    )
 
 
-def verdict(b: Build, step: int) -> dict[str, float]:
-    """Colour-comparison drills ("It is blue; we need red: different.", loss on the verdict only) + full
-    examples, the language model alone."""
+def end_to_end(b: Build, data: LmBatch) -> dict[str, float]:
+    """Question -> rationale + answer, anchors, answer and decision words weighted, the probe loss alongside."""
+    return _lm_step(b, data, b.cfg.embedded.probe_weight)
+
+
+def verdict_batch(b: Build, step: int) -> LmBatch:
     cfg, e = b.cfg, b.cfg.embedded
-    nc, nf = e.verdict_compare, e.verdict_full
+    nc, nf, nr = e.verdict_compare, e.verdict_full, e.verdict_reasoning
     exs = [make_compare_drill(cfg, "teacher", step * nc + j, blank=e.verdict_blank) for j in range(nc)]
-    nr = e.verdict_reasoning
     exs += [make_reasoning_drill(cfg, "teacher", step * nr + j) for j in range(nr)]
     first = VERDICT_OFFSET + step * nf
     exs += [make_example(cfg, "teacher", i, family_for(cfg, i)) for i in range(first, first + nf)]
-    return _lm_step(b, exs, None)
+    return _lm_batch(b, exs)
+
+
+def verdict(b: Build, data: LmBatch) -> dict[str, float]:
+    """Colour-comparison drills ("It is blue; we need red: different.", loss on the verdict only) + full
+    examples, the language model alone."""
+    return _lm_step(b, data, None)
 
 
 # ------------------------------------------------------------------------------------------- the build
