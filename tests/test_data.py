@@ -227,6 +227,31 @@ def test_scan_multistep_rationale_scans_dollar_digits_to_the_first_price_written
     assert bad == {"compare"}  # the letter still names the right option
 
 
+def test_image_multistep_rationale_names_the_extreme_object_then_its_letter(cfg):
+    from vskip_core.metrics import multistep_steps
+    from vskip_core.teacher import token_labels
+
+    ex = _multistep_example(cfg, lambda e: len(e["scene"]["objects"]) >= 3, "image")
+    most = "most" in ex["question"]
+    rows = multistep_steps(ex["rationale"], ex["scene"], most, ex["options"])
+    assert [r["step"] for r in rows] == ["compare", "price", "leader"] and all(r["ok"] for r in rows)
+    price = {o["price"]: o for o in ex["scene"]["objects"]}
+    best = (max if most else min)(price, key=lambda p: float(p[1:]))
+    other = next(p for p in price if p != best)
+    o, x = price[best], price[other]
+    wrong = ex["rationale"].replace(
+        f"the {o['colour']} {o['shape']}, with", f"the {x['colour']} {x['shape']}, with"
+    )
+    assert {r["step"] for r in multistep_steps(wrong, ex["scene"], most, ex["options"]) if not r["ok"]} == {
+        "compare",
+        "price",
+        "leader",
+    }
+    rank = token_labels(ex["scene"], cfg.data.image_size, rank=True)["rank"]
+    assert set(rank.tolist()) == {0, 1, 2, 3} - ({0} if len(ex["scene"]["objects"]) == 4 else set())
+    assert "rank" not in token_labels(ex["scene"], cfg.data.image_size)  # other designs: labels unchanged
+
+
 @pytest.mark.parametrize("style", ["list", "local", "scan"])
 def test_multistep_steps_flag_a_misread_price_and_colour(cfg, style):
     from vskip_core.metrics import facts_right, multistep_report, multistep_steps

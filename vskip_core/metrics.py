@@ -459,16 +459,23 @@ _CHECK_RE = re.compile(r"it is (\w+); we need (\w+): (same|different)")
 _COMPARE_RE = re.compile(r"\(([A-D])\) (\d) or \(([A-D])\) (\d), (higher|lower): leader \(([A-D])\) (\d)")
 _LEADER_RE = re.compile(r"leader \(([A-D])\) (\d)")
 _SCAN_RE = re.compile(r"From \$\d (?:down|up): (.*?)(?=So the|Therefore the|This means|Answer:|$)", re.S)
+_IMAGE_RE = re.compile(
+    r"The (?:most expensive|cheapest) object in the image is the (\w+) (\w+), with the price (\$\d+\.\d\d); "
+    r"it is option \(([A-D])\)"
+)
 _SCAN_STEP_RE = re.compile(r"\$(\d): none|(\$\d\.\d\d) for \(([A-D])\)")
 _EXTREME_RE = re.compile(r"The (highest|lowest) price is (\$\d+\.\d\d), option \(([A-D])\)")
 
 
-def multistep_steps(text: str, scene: dict[str, Any], most: bool) -> list[dict[str, Any]]:
+def multistep_steps(
+    text: str, scene: dict[str, Any], most: bool, options: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     """Each step of an embedded multi-step rationale checked against the scene, for every design
     (`data.multistep_rationale`). Per option: the presence claim ("costs $4.57" / "is not in the image" /
     "there is no circle"), the look-up ("it is blue"), the colour verdict, the price read; then the
     comparison(s) and the leader, or the scan's misses ("$9: none") and its hit ("$7.63 for (B)": compare,
-    leader). One row per step: option, step, claim, ok."""
+    leader), or the image design's extreme object (compare), its price and its letter (leader: checked against
+    `options`, the question's option texts). One row per step: option, step, claim, ok."""
     objs = {o["shape"]: o for o in scene["objects"]}
     present = {(o["colour"], o["shape"]): o for o in scene["objects"]}
     rows: list[dict[str, Any]] = []
@@ -518,6 +525,25 @@ def multistep_steps(text: str, scene: dict[str, Any], most: bool) -> list[dict[s
         leader = cmp_.group(6) if cmp_ else (x.group(1) if (x := _LEADER_RE.search(body)) else None)
         if leader is not None:
             add("leader", f"leader ({leader})", lead is not None and leader == lead[0])
+    image = _IMAGE_RE.search(text)
+    if image and present:
+        colour, shape, price, letter = image.groups()
+        value = {k: float(o["price"][1:]) for k, o in present.items()}
+        best = (max if most else min)(value, key=value.get)
+        found = present.get((colour, shape))
+        rows.append(
+            {"option": letter, "step": "compare", "claim": f"{colour} {shape}", "ok": (colour, shape) == best}
+        )
+        rows.append(
+            {"option": letter, "step": "price", "claim": price, "ok": bool(found and found["price"] == price)}
+        )
+        if options:
+            ok = (
+                options["ABCD".index(letter)] == f"the {colour} {shape}"
+                if "ABCD".index(letter) < len(options)
+                else False
+            )
+            rows.append({"option": letter, "step": "leader", "claim": f"({letter})", "ok": ok})
     scan = _SCAN_RE.search(text)
     if scan and named:
         best = (max if most else min)(named.values(), key=lambda v: float(v[1:]))
@@ -559,7 +585,7 @@ def multistep_report(texts: Sequence[str], examples: Sequence[dict[str, Any]]) -
         if ex.get("family") != "multistep" or not ex.get("scene") or not ex.get("options"):
             continue
         n += 1
-        rows = multistep_steps(text, ex["scene"], "most" in ex["question"])
+        rows = multistep_steps(text, ex["scene"], "most" in ex["question"], ex["options"])
         facts += facts_right(rows)
         for r in rows:
             total[r["step"]] += 1

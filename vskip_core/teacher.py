@@ -80,7 +80,8 @@ def tokenizer_corpus(cfg: Config, n: int = 3000) -> list[str]:
 
 # ---------------------------------------------------------------------------------------- vision labels
 class VisionProbe(nn.Module):
-    """Heads on merged visual tokens: colour, shape, size, 3 digits (each with a 'none' class), cell.
+    """Heads on merged visual tokens: colour, shape, size, 3 digits (each with a 'none' class), cell, and with
+    `rank` the object's price rank in its scene (for the `image` multi-step design).
 
     With `words` (from `probe_words`) the colour, shape and size heads are tied to the language model's input
     embeddings: class k's logit is the scaled cosine between the visual token and the embedding of the word
@@ -93,6 +94,7 @@ class VisionProbe(nn.Module):
         n_cells: int,
         embed: nn.Embedding | None = None,
         words: dict[str, list[list[int]]] | None = None,
+        rank: bool = False,
     ) -> None:
         super().__init__()
         n_classes = {"colour": len(COLOURS), "shape": len(SHAPES), "size": len(SIZES)}
@@ -107,6 +109,8 @@ class VisionProbe(nn.Module):
             {k: nn.Linear(hidden, n + 1) for k, n in n_classes.items() if k not in tied}
         )
         self.heads["cell"] = nn.Linear(hidden, n_cells)
+        if rank:  # the price rank of the token's object: most expensive / cheapest / other (+ none)
+            self.heads["rank"] = nn.Linear(hidden, 4)
         if self.tied:
             self.none = nn.ParameterDict({k: nn.Parameter(torch.randn(hidden) * 0.02) for k in tied})
             self.scale = nn.Parameter(torch.tensor(10.0))
@@ -136,19 +140,26 @@ def probe_words(tok) -> dict[str, list[list[int]]]:
     }
 
 
-def token_labels(scene: dict[str, Any], image_size: int) -> dict[str, torch.Tensor]:
-    """Labels per merged token (raster order over the (H/28, W/28) grid), 0 = no object in that cell."""
+def token_labels(scene: dict[str, Any], image_size: int, rank: bool = False) -> dict[str, torch.Tensor]:
+    """Labels per merged token (raster order over the (H/28, W/28) grid), 0 = no object in that cell. `rank`:
+    also the price rank of the cell's object in the scene (1 most expensive, 2 cheapest, 3 other)."""
     g = image_size // 28
     cell_px = image_size // scene["grid"]
     by_cell = {o["cell"]: o for o in scene["objects"]}
     colours, shapes = list(COLOURS), list(SHAPES)
     lab: dict[str, list[int]] = {k: [] for k in ("colour", "shape", "size", "d0", "d1", "d2", "cell")}
+    value = {o["cell"]: float(o["price"][1:]) for o in scene["objects"]}
+    top, bottom = max(value, key=value.get), min(value, key=value.get)
     for r in range(g):
         for c in range(g):
             cy, cx = r * 28 + 14, c * 28 + 14
             cell = (cy // cell_px) * scene["grid"] + cx // cell_px
             o = by_cell.get(cell)
             lab["cell"].append(cell)
+            if rank:
+                lab.setdefault("rank", []).append(
+                    0 if o is None else 1 if cell == top else 2 if cell == bottom else 3
+                )
             if o is None:
                 for k in ("colour", "shape", "size", "d0", "d1", "d2"):
                     lab[k].append(0)
@@ -160,6 +171,11 @@ def token_labels(scene: dict[str, Any], image_size: int) -> dict[str, torch.Tens
             for j in range(3):
                 lab[f"d{j}"].append(int(digits[j]) + 1)
     return {k: torch.tensor(v) for k, v in lab.items()}
+
+
+def _rank(cfg: Config) -> bool:
+    """The vision tower also learns each object's price rank when the multi-step rationale reads it off the image."""
+    return cfg.data.multistep_rationale == "image"
 
 
 def visual_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -329,9 +345,11 @@ def _setup(cfg: Config, work: Path, device: str, t_start: float) -> Build:
     model = Qwen2VLForConditionalGeneration(embedded_config(cfg, tok)).to(device)
     n_cells = cfg.data.grid**2
     if e.probe_tied:
-        probe = VisionProbe(e.hidden_size, n_cells, model.get_input_embeddings(), probe_words(tok)).to(device)
+        probe = VisionProbe(
+            e.hidden_size, n_cells, model.get_input_embeddings(), probe_words(tok), rank=_rank(cfg)
+        ).to(device)
     else:
-        probe = VisionProbe(e.hidden_size, n_cells).to(device)
+        probe = VisionProbe(e.hidden_size, n_cells, rank=_rank(cfg)).to(device)
     vision = list(model.model.visual.parameters())
     vision_ids = {id(p) for p in vision}
     language = [p for p in model.parameters() if id(p) not in vision_ids]
@@ -445,7 +463,7 @@ def _train_step(b: Build, phase: Phase, opt, step: int, data: Any) -> None:
 
 def _probe_loss(b: Build, exs: list[dict[str, Any]], feats: torch.Tensor):
     """Summed cross-entropy of every probe head on the examples' merged visual tokens: (loss, logits, labels)."""
-    per = [token_labels(x["scene"], b.cfg.data.image_size) for x in exs]
+    per = [token_labels(x["scene"], b.cfg.data.image_size, _rank(b.cfg)) for x in exs]
     labels = {k: torch.cat([lab[k] for lab in per]) for k in per[0]}
     logits = b.probe(feats)
     loss = sum(F.cross_entropy(logits[k], labels[k].to(b.device)) for k in logits)
