@@ -107,10 +107,11 @@ class DataConfig:
     n_val: int = 400  # examples in the validation split
     n_test: int = 800  # examples in the test split (all evaluation)
     # multi-step rationale design: list (each option's price, then the extreme one), local (each option
-    # checked like an existence question, a running leader by two-digit comparisons) or scan (the same checks,
-    # then the dollar digits scanned from the extreme end to the first price written) or image (the extreme
-    # object read off the image, whose vision tower learns each object's price rank, then its letter); docs/TEACHER.md
-    multistep_rationale: Literal["list", "local", "scan", "image"] = "list"
+    # checked like an existence question, a running leader by two-digit comparisons), scan (the same checks,
+    # then the dollar digits scanned from the extreme end to the first price written), image (the extreme object
+    # read off the image, whose vision tower learns each object's price rank, then its letter) or pick (that
+    # object, then the options in order until one is it); docs/TEACHER.md
+    multistep_rationale: Literal["list", "local", "scan", "image", "pick"] = "list"
     # Real benchmarks (vskip_core.data.real): n_train / n_val / n_test are then disjoint seeded subsets of each
     # benchmark's answered split, and examples rotate between the listed sources as families do here.
     source: list[Source] = field(
@@ -544,8 +545,8 @@ class Config:
         _check(
             self.embedded.verdict_reasoning == 0 or self.data.multistep_rationale != "list",
             "embedded.verdict_reasoning",
-            "reasoning drills train the decisions of the local, scan and image multi-step designs; set "
-            "data.multistep_rationale: local, scan or image, or embedded.verdict_reasoning: 0",
+            "reasoning drills train the decisions of the local, scan, image and pick multi-step designs; set "
+            "data.multistep_rationale: local, scan, image or pick, or embedded.verdict_reasoning: 0",
         )
         g = self.generation
         split_size = self.split_size(g.split)

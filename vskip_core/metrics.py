@@ -460,8 +460,8 @@ _COMPARE_RE = re.compile(r"\(([A-D])\) (\d) or \(([A-D])\) (\d), (higher|lower):
 _LEADER_RE = re.compile(r"leader \(([A-D])\) (\d)")
 _SCAN_RE = re.compile(r"From \$\d (?:down|up): (.*?)(?=So the|Therefore the|This means|Answer:|$)", re.S)
 _IMAGE_RE = re.compile(
-    r"The (?:most expensive|cheapest) object in the image is the (\w+) (\w+), with the price (\$\d+\.\d\d); "
-    r"it is option \(([A-D])\)"
+    r"The (?:most expensive|cheapest) object in the image is the (\w+) (\w+), with the price (\$\d+\.\d\d)"
+    r"(?:; it is option \(([A-D])\))?"
 )
 _SCAN_STEP_RE = re.compile(r"\$(\d): none|(\$\d\.\d\d) for \(([A-D])\)")
 _EXTREME_RE = re.compile(r"The (highest|lowest) price is (\$\d+\.\d\d), option \(([A-D])\)")
@@ -481,6 +481,8 @@ def multistep_steps(
     rows: list[dict[str, Any]] = []
     lead: tuple[str, int] | None = None  # the true running leader over the options read so far
     named: dict[str, str] = {}  # option letter -> price of the object it names, when present
+    image = _IMAGE_RE.search(text)
+    picked = None  # the pick design's letter: the option it says "yes" to
     for m in _OPTION_RE.finditer(text):
         letter, colour, shape, _sep, body = m.groups()
         o, obj = objs.get(shape), present.get((colour, shape))
@@ -489,6 +491,12 @@ def multistep_steps(
 
         def add(step: str, claim: str, ok: bool, letter: str = letter) -> None:
             rows.append({"option": letter, "step": step, "claim": claim.strip(), "ok": ok})
+
+        if image and body.startswith(("yes", "no")):  # pick: is this option the object found?
+            yes = body.startswith("yes")
+            add("pick", body.split(".")[0], yes == ((colour, shape) == image.group(1, 2)))
+            picked = picked or (letter if yes else None)
+            continue
 
         if body.startswith("there is no"):
             add("presence", body.split(".")[0], o is None)
@@ -525,9 +533,9 @@ def multistep_steps(
         leader = cmp_.group(6) if cmp_ else (x.group(1) if (x := _LEADER_RE.search(body)) else None)
         if leader is not None:
             add("leader", f"leader ({leader})", lead is not None and leader == lead[0])
-    image = _IMAGE_RE.search(text)
     if image and present:
         colour, shape, price, letter = image.groups()
+        letter = letter or picked or "?"
         value = {k: float(o["price"][1:]) for k, o in present.items()}
         best = (max if most else min)(value, key=value.get)
         found = present.get((colour, shape))
@@ -540,7 +548,7 @@ def multistep_steps(
         if options:
             ok = (
                 options["ABCD".index(letter)] == f"the {colour} {shape}"
-                if "ABCD".index(letter) < len(options)
+                if letter in "ABCD" and "ABCD".index(letter) < len(options)
                 else False
             )
             rows.append({"option": letter, "step": "leader", "claim": f"({letter})", "ok": ok})

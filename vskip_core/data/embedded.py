@@ -329,13 +329,21 @@ def _multistep(rng: random.Random, scene: dict[str, Any], t: int, style: str = "
         _multistep_local(w, objs, opts, most)
     elif style == "scan":
         _multistep_scan(w, objs, opts, most)
-    elif style == "image":
-        # the extreme object read off the image (the vision tower learns each object's price rank), then its letter
+    elif style in ("image", "pick"):
+        # the extreme object read off the image (the vision tower learns each object's price rank), then its
+        # letter: `image` names it at once, `pick` goes through the options in order until one is that object
         o = by_name[target]
         w.add(f"The {word} object in the image is the ").obj(o).add(", with the price ").anchor(
             "text", o["price"]
         )
-        w.add("; it is option (").decision(letter).add("). ")
+        if style == "image":
+            w.add("; it is option (").decision(letter).add("). ")
+        else:
+            w.add(". ")
+            for L, k in zip("ABCD", opts):
+                w.add(f"({L}) the {k[0]} {k[1]}: ").decision("yes" if k == target else "no").add(". ")
+                if k == target:
+                    break
     else:
         for L, k in zip("ABCD", opts):
             w.add(f"({L}) the ").anchor("colour", k[0]).add(" ").anchor("shape", k[1])
