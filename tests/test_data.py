@@ -252,6 +252,19 @@ def test_image_multistep_rationale_names_the_extreme_object_then_its_letter(cfg)
     assert "rank" not in token_labels(ex["scene"], cfg.data.image_size)  # other designs: labels unchanged
 
 
+def test_pick_multistep_rationale_goes_through_the_options_until_the_object_found(cfg):
+    from vskip_core.metrics import multistep_steps
+
+    ex = _multistep_example(cfg, lambda e: e["answer"] in "CD", "pick")
+    most = "most" in ex["question"]
+    rows = multistep_steps(ex["rationale"], ex["scene"], most, ex["options"])
+    picks = [r["claim"] for r in rows if r["step"] == "pick"]
+    assert picks == ["no"] * "ABCD".index(ex["answer"]) + ["yes"] and all(r["ok"] for r in rows)
+    wrong = ex["rationale"].replace(": no.", ": yes.", 1)
+    bad = {r["step"] for r in multistep_steps(wrong, ex["scene"], most, ex["options"]) if not r["ok"]}
+    assert bad == {"pick", "leader"}  # a wrong "yes" comes first, so its letter is taken
+
+
 @pytest.mark.parametrize("style", ["list", "local", "scan"])
 def test_multistep_steps_flag_a_misread_price_and_colour(cfg, style):
     from vskip_core.metrics import facts_right, multistep_report, multistep_steps
