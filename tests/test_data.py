@@ -265,6 +265,23 @@ def test_pick_multistep_rationale_goes_through_the_options_until_the_object_foun
     assert bad == {"pick", "leader"}  # a wrong "yes" comes first, so its letter is taken
 
 
+def test_rank_multistep_rationale_asks_each_present_option_whether_it_is_the_extreme_one(cfg):
+    from vskip_core.metrics import facts_right, multistep_steps
+
+    ex = _multistep_example(cfg, lambda e: e["answer"] in "CD" and ": same; " in e["rationale"], "rank")
+    most = "most" in ex["question"]
+    rows = multistep_steps(ex["rationale"], ex["scene"], most, ex["options"])
+    assert all(r["ok"] for r in rows) and facts_right(rows)
+    assert rows[-1] == {"option": ex["answer"], "step": "leader", "claim": f"({ex['answer']})", "ok": True}
+    ranks = [r["claim"].rsplit(" ", 1)[1] for r in rows if r["step"] == "rank"]
+    assert ranks[-1] == "yes" and set(ranks[:-1]) <= {"no"}  # read in order until the first yes
+    said = [ex["rationale"][d["start"] : d["end"]] for d in ex["decisions"]]
+    assert said[-2:] == ["same", "yes"]  # the decisions the teacher weights
+    wrong = ex["rationale"].replace("? yes.", "? no.")
+    bad = {r["step"] for r in multistep_steps(wrong, ex["scene"], most, ex["options"]) if not r["ok"]}
+    assert bad == {"rank"}  # no yes, so no letter is taken
+
+
 @pytest.mark.parametrize("style", ["list", "local", "scan"])
 def test_multistep_steps_flag_a_misread_price_and_colour(cfg, style):
     from vskip_core.metrics import facts_right, multistep_report, multistep_steps

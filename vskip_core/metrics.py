@@ -456,6 +456,7 @@ _OPTION_RE = re.compile(
     re.S,
 )
 _CHECK_RE = re.compile(r"it is (\w+); we need (\w+): (same|different)")
+_RANK_RE = re.compile(r"; is it the (?:most expensive|cheapest)\? (yes|no)")
 _COMPARE_RE = re.compile(r"\(([A-D])\) (\d) or \(([A-D])\) (\d), (higher|lower): leader \(([A-D])\) (\d)")
 _LEADER_RE = re.compile(r"leader \(([A-D])\) (\d)")
 _SCAN_RE = re.compile(r"From \$\d (?:down|up): (.*?)(?=So the|Therefore the|This means|Answer:|$)", re.S)
@@ -475,7 +476,8 @@ def multistep_steps(
     "there is no circle"), the look-up ("it is blue"), the colour verdict, the price read; then the
     comparison(s) and the leader, or the scan's misses ("$9: none") and its hit ("$7.63 for (B)": compare,
     leader), or the image design's extreme object (compare), its price and its letter (leader: checked against
-    `options`, the question's option texts). One row per step: option, step, claim, ok."""
+    `options`, the question's option texts), or the rank design's "is it the most expensive? yes" (rank) and the
+    letter of its first yes (leader). One row per step: option, step, claim, ok."""
     objs = {o["shape"]: o for o in scene["objects"]}
     present = {(o["colour"], o["shape"]): o for o in scene["objects"]}
     rows: list[dict[str, Any]] = []
@@ -515,6 +517,12 @@ def multistep_steps(
             )
             if verdict != "same":
                 continue
+            rank = _RANK_RE.search(body)
+            if rank:  # rank: is this option the extreme object (read off its image tokens)?
+                yes, best = rank.group(1) == "yes", _extreme(present, most)
+                add("rank", rank.group(0)[2:], yes == ((colour, shape) == best))
+                picked = picked or (letter if yes else None)
+                continue
         elif body.startswith("costs"):
             add("presence", "in the image", obj is not None)
         price = PRICE_RE.search(body)
@@ -533,11 +541,17 @@ def multistep_steps(
         leader = cmp_.group(6) if cmp_ else (x.group(1) if (x := _LEADER_RE.search(body)) else None)
         if leader is not None:
             add("leader", f"leader ({leader})", lead is not None and leader == lead[0])
+    if picked and not image and present and options:  # rank: the letter of the first yes
+        best = _extreme(present, most)
+        ok = (
+            "ABCD".index(picked) < len(options)
+            and options["ABCD".index(picked)] == f"the {best[0]} {best[1]}"
+        )
+        rows.append({"option": picked, "step": "leader", "claim": f"({picked})", "ok": ok})
     if image and present:
         colour, shape, price, letter = image.groups()
         letter = letter or picked or "?"
-        value = {k: float(o["price"][1:]) for k, o in present.items()}
-        best = (max if most else min)(value, key=value.get)
+        best = _extreme(present, most)
         found = present.get((colour, shape))
         rows.append(
             {"option": letter, "step": "compare", "claim": f"{colour} {shape}", "ok": (colour, shape) == best}
@@ -577,9 +591,15 @@ def multistep_steps(
     return rows
 
 
+def _extreme(present: dict[tuple[str, str], dict[str, Any]], most: bool) -> tuple[str, str]:
+    """(colour, shape) of the most expensive (or cheapest) object present."""
+    value = {k: float(o["price"][1:]) for k, o in present.items()}
+    return (max if most else min)(value, key=value.get)
+
+
 def facts_right(rows: list[dict[str, Any]]) -> bool:
-    """Whether every fact read off the image in a multi-step rationale is right (presence, colour, price)."""
-    facts = [r for r in rows if r["step"] in ("presence", "look-up", "price")]
+    """Whether every fact read off the image in a multi-step rationale is right (presence, colour, price, rank)."""
+    facts = [r for r in rows if r["step"] in ("presence", "look-up", "price", "rank")]
     return bool(facts) and all(r["ok"] for r in facts)
 
 

@@ -327,6 +327,8 @@ def _multistep(rng: random.Random, scene: dict[str, Any], t: int, style: str = "
     # the rationale designs tried for this family and their figures: docs/TEACHER.md
     if style == "local":
         _multistep_local(w, objs, opts, most)
+    elif style == "rank":
+        _multistep_rank(w, objs, opts, target, word)
     elif style == "scan":
         _multistep_scan(w, objs, opts, most)
     elif style in ("image", "pick"):
@@ -388,6 +390,29 @@ def _multistep_local(w: _Writer, objs: list[dict[str, Any]], opts: list[tuple[st
         else:
             leader = (L, digit)
         w.add("leader (").decision(leader[0]).add(") ").decision(leader[1]).add(". ")
+
+
+def _multistep_rank(
+    w: _Writer, objs: list[dict[str, Any]], opts: list[tuple[str, str]], target: tuple[str, str], word: str
+) -> None:
+    """Each option checked with the existence verdict's words; a present one is then asked whether it is the
+    extreme object, a fact of its own image tokens (the vision tower learns each object's price rank), so no
+    step compares values or looks back into the rationale: "(B) the red circle: it is red; we need red: same;
+    is it the most expensive? yes." The options are read in order until the first yes."""
+    for L, (colour, shape) in zip("ABCD", opts):
+        w.add(f"({L}) the ").anchor("colour", colour).add(" ").anchor("shape", shape).add(": ")
+        o = next((o for o in objs if o["shape"] == shape), None)
+        if o is None:
+            w.decision("there is no").add(" ").anchor("shape", shape).add(". ")
+            continue
+        w.add("it is ").anchor("colour", o["colour"]).add("; we need ").anchor("colour", colour).add(": ")
+        if o["colour"] != colour:
+            w.decision("different").add(". ")
+            continue
+        w.decision("same").add(f"; is it the {word}? ").decision("yes" if (colour, shape) == target else "no")
+        w.add(". ")
+        if (colour, shape) == target:
+            return
 
 
 def _multistep_scan(w: _Writer, objs: list[dict[str, Any]], opts: list[tuple[str, str]], most: bool) -> None:
