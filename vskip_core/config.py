@@ -546,7 +546,7 @@ class Config:
         _check(
             self.embedded.verdict_reasoning == 0 or self.data.multistep_rationale != "list",
             "embedded.verdict_reasoning",
-            "reasoning drills train the decisions of the local, scan, image and pick multi-step designs; set "
+            "reasoning drills train the decisions of the local, scan, image, pick and rank multi-step designs; set "
             "data.multistep_rationale: local, scan, image, pick or rank, or embedded.verdict_reasoning: 0",
         )
         g = self.generation
