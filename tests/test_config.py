@@ -139,16 +139,17 @@ def test_fast_dtype_falls_back_to_float32_on_cpus_without_bf16(monkeypatch):
 def test_fields_added_at_their_neutral_value_keep_the_cache_keys():
     from vskip_core.config import HASH_NEUTRAL
 
-    base = load_params("params/default.yaml")
-    for (section, key), neutral in HASH_NEUTRAL.items():
-        assert getattr(getattr(base, section), key) == neutral  # the default is the neutral value
+    neutral = {f"{section}.{key}": v for (section, key), v in HASH_NEUTRAL.items()}
+    base = load_params("params/default.yaml", neutral)
     assert (
         base.hash("embedded", "data") == "35b9aa594292"
-    )  # the default teacher's key before the fields existed
+    )  # at their neutral values: the default teacher's key before the fields existed
     changed = load_params("params/default.yaml", {"data.multistep_rationale": "local"})
     assert changed.hash("embedded", "data") != base.hash("embedded", "data")
     with pytest.raises(ParamsError, match="data.multistep_rationale: local"):
-        load_params("params/default.yaml", {"embedded.verdict_reasoning": 4})
+        load_params(
+            "params/default.yaml", {"embedded.verdict_reasoning": 4, "data.multistep_rationale": "list"}
+        )
     changed = load_params(
         "params/default.yaml", {"embedded.verdict_reasoning": 4, "data.multistep_rationale": "local"}
     )
