@@ -282,6 +282,23 @@ def test_rank_multistep_rationale_asks_each_present_option_whether_it_is_the_ext
     assert bad == {"rank"}  # no yes, so no letter is taken
 
 
+def test_verify_multistep_rationale_checks_each_option_then_compares_it_with_the_object_found(cfg):
+    from vskip_core.metrics import facts_right, multistep_steps
+
+    ex = _multistep_example(
+        cfg, lambda e: e["answer"] in "CD" and ": same; " in e["rationale"].split("(C)")[0], "verify"
+    )
+    most = "most" in ex["question"]
+    rows = multistep_steps(ex["rationale"], ex["scene"], most, ex["options"])
+    assert all(r["ok"] for r in rows) and facts_right(rows)
+    assert {"look-up", "verdict", "pick", "compare", "price", "leader"} <= {r["step"] for r in rows}
+    picks = [r["claim"].rsplit(" ", 1)[1] for r in rows if r["step"] == "pick"]
+    assert picks[-1] == "yes" and set(picks[:-1]) == {"no"}
+    wrong = ex["rationale"].replace("? no.", "? yes.", 1)
+    bad = {r["step"] for r in multistep_steps(wrong, ex["scene"], most, ex["options"]) if not r["ok"]}
+    assert bad == {"pick", "leader"}  # a wrong yes comes first, so its letter is taken
+
+
 @pytest.mark.parametrize("style", ["list", "local", "scan"])
 def test_multistep_steps_flag_a_misread_price_and_colour(cfg, style):
     from vskip_core.metrics import facts_right, multistep_report, multistep_steps

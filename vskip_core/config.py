@@ -111,8 +111,9 @@ class DataConfig:
     # then the dollar digits scanned from the extreme end to the first price written), image (the extreme object
     # read off the image, whose vision tower learns each object's price rank, then its letter) or pick (that
     # object, then the options in order until one is it) or rank (each option checked like an existence
-    # question, then asked whether its own image tokens say it is the extreme one); docs/TEACHER.md
-    multistep_rationale: Literal["list", "local", "scan", "image", "pick", "rank"] = "list"
+    # question, then asked whether its own image tokens say it is the extreme one) or verify (pick's object,
+    # then rank's option checks, each present option compared with that object named beside it); docs/TEACHER.md
+    multistep_rationale: Literal["list", "local", "scan", "image", "pick", "rank", "verify"] = "list"
     # Real benchmarks (vskip_core.data.real): n_train / n_val / n_test are then disjoint seeded subsets of each
     # benchmark's answered split, and examples rotate between the listed sources as families do here.
     source: list[Source] = field(
@@ -546,8 +547,8 @@ class Config:
         _check(
             self.embedded.verdict_reasoning == 0 or self.data.multistep_rationale != "list",
             "embedded.verdict_reasoning",
-            "reasoning drills train the decisions of the local, scan, image, pick and rank multi-step designs; set "
-            "data.multistep_rationale: local, scan, image, pick or rank, or embedded.verdict_reasoning: 0",
+            "reasoning drills train the decisions of the local, scan, image, pick, rank and verify multi-step designs; "
+            "set data.multistep_rationale: local, scan, image, pick, rank or verify, or embedded.verdict_reasoning: 0",
         )
         g = self.generation
         split_size = self.split_size(g.split)

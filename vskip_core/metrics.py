@@ -457,6 +457,7 @@ _OPTION_RE = re.compile(
 )
 _CHECK_RE = re.compile(r"it is (\w+); we need (\w+): (same|different)")
 _RANK_RE = re.compile(r"; is it the (?:most expensive|cheapest)\? (yes|no)")
+_VERIFY_RE = re.compile(r"; is it the (\w+) (\w+)\? (yes|no)")
 _COMPARE_RE = re.compile(r"\(([A-D])\) (\d) or \(([A-D])\) (\d), (higher|lower): leader \(([A-D])\) (\d)")
 _LEADER_RE = re.compile(r"leader \(([A-D])\) (\d)")
 _SCAN_RE = re.compile(r"From \$\d (?:down|up): (.*?)(?=So the|Therefore the|This means|Answer:|$)", re.S)
@@ -477,7 +478,7 @@ def multistep_steps(
     comparison(s) and the leader, or the scan's misses ("$9: none") and its hit ("$7.63 for (B)": compare,
     leader), or the image design's extreme object (compare), its price and its letter (leader: checked against
     `options`, the question's option texts), or the rank design's "is it the most expensive? yes" (rank) and the
-    letter of its first yes (leader). One row per step: option, step, claim, ok."""
+    letter of its first yes (leader); the verify design's option checks and picks. One row per step: option, step, claim, ok."""
     objs = {o["shape"]: o for o in scene["objects"]}
     present = {(o["colour"], o["shape"]): o for o in scene["objects"]}
     rows: list[dict[str, Any]] = []
@@ -516,6 +517,12 @@ def multistep_steps(
                 (seen == need) == (verdict == "same") and need == colour,
             )
             if verdict != "same":
+                continue
+            same = _VERIFY_RE.search(body) if image else None
+            if same:  # verify: is this option the object found in the image (named beside it)?
+                yes = same.group(3) == "yes"
+                add("pick", same.group(0)[2:], yes == ((colour, shape) == image.group(1, 2)))
+                picked = picked or (letter if yes else None)
                 continue
             rank = _RANK_RE.search(body)
             if rank:  # rank: is this option the extreme object (read off its image tokens)?

@@ -175,7 +175,7 @@ def token_labels(scene: dict[str, Any], image_size: int, rank: bool = False) -> 
 
 def _rank(cfg: Config) -> bool:
     """The vision tower also learns each object's price rank when the multi-step rationale reads it off the image."""
-    return cfg.data.multistep_rationale in ("image", "pick", "rank")
+    return cfg.data.multistep_rationale in ("image", "pick", "rank", "verify")
 
 
 def visual_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

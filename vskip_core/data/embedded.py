@@ -331,6 +331,8 @@ def _multistep(rng: random.Random, scene: dict[str, Any], t: int, style: str = "
         _multistep_rank(w, objs, opts, target, word)
     elif style == "scan":
         _multistep_scan(w, objs, opts, most)
+    elif style == "verify":
+        _multistep_verify(w, objs, opts, by_name[target], word)
     elif style in ("image", "pick"):
         # the extreme object read off the image (the vision tower learns each object's price rank), then its
         # letter: `image` names it at once, `pick` goes through the options in order until one is that object
@@ -390,6 +392,33 @@ def _multistep_local(w: _Writer, objs: list[dict[str, Any]], opts: list[tuple[st
         else:
             leader = (L, digit)
         w.add("leader (").decision(leader[0]).add(") ").decision(leader[1]).add(". ")
+
+
+def _multistep_verify(
+    w: _Writer, objs: list[dict[str, Any]], opts: list[tuple[str, str]], found: dict[str, Any], word: str
+) -> None:
+    """`pick` with `rank`'s option checks: the extreme object read off the image, then each option checked with
+    the existence verdict's words and, when present, compared with that object named beside it ("(B) the red
+    circle: it is red; we need red: same; is it the orange square? no."), until the first yes."""
+    w.add(f"The {word} object in the image is the ").obj(found).add(", with the price ")
+    w.anchor("text", found["price"]).add(". ")
+    for L, (colour, shape) in zip("ABCD", opts):
+        w.add(f"({L}) the ").anchor("colour", colour).add(" ").anchor("shape", shape).add(": ")
+        o = next((o for o in objs if o["shape"] == shape), None)
+        if o is None:
+            w.decision("there is no").add(" ").anchor("shape", shape).add(". ")
+            continue
+        w.add("it is ").anchor("colour", o["colour"]).add("; we need ").anchor("colour", colour).add(": ")
+        if o["colour"] != colour:
+            w.decision("different").add(". ")
+            continue
+        hit = o is found
+        w.decision("same").add(f"; is it the {found['colour']} {found['shape']}? ").decision(
+            "yes" if hit else "no"
+        )
+        w.add(". ")
+        if hit:
+            return
 
 
 def _multistep_rank(
