@@ -113,7 +113,7 @@ class DataConfig:
     # object, then the options in order until one is it) or rank (each option checked like an existence
     # question, then asked whether its own image tokens say it is the extreme one) or verify (pick's object,
     # then rank's option checks, each present option compared with that object named beside it); docs/TEACHER.md
-    multistep_rationale: Literal["list", "local", "scan", "image", "pick", "rank", "verify"] = "list"
+    multistep_rationale: Literal["list", "local", "scan", "image", "pick", "rank", "verify"] = "verify"
     # Real benchmarks (vskip_core.data.real): n_train / n_val / n_test are then disjoint seeded subsets of each
     # benchmark's answered split, and examples rotate between the listed sources as families do here.
     source: list[Source] = field(
@@ -223,7 +223,7 @@ class EmbeddedConfig:
     verdict_full: int = 16
     verdict_lr: float = 5e-4
     verdict_blank: bool = True
-    verdict_reasoning: int = 0  # + this many multi-step reasoning drills a step (data.make_reasoning_drill)
+    verdict_reasoning: int = 12  # + this many multi-step reasoning drills a step (data.make_reasoning_drill)
     # relative share of each family (in data.families order) in the full-example stream; [] = equal shares.
     # Twice the share for existence and multi-step (attribute and reading saturate first; docs/TEACHER.md).
     family_weights: list[float] = field(default_factory=lambda: [1.0, 2.0, 1.0, 2.0])
