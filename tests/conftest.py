@@ -32,6 +32,9 @@ def tiny_teacher(tmp_path_factory):
             "embedded.train_steps": 40,
             "embedded.pretrain_steps": 10,
             "embedded.lr": 3e-3,
+            # the design the recorded outputs in test_visual_tokens / test_gating were made with
+            "data.multistep_rationale": "list",
+            "embedded.verdict_reasoning": 0,
         },
     )
     path = build_teacher(cfg, progress=False)
