@@ -37,6 +37,9 @@ FAMILIES = typing.get_args(Family)
 Source = Literal["embedded", "mmmu", "docvqa", "pope"]
 PopeCategory = Literal["adversarial", "popular", "random"]
 Split = Literal["train", "val", "test"]
+# multi-step rationale designs of the embedded benchmark (data.multistep_rationale; docs/TEACHER.md)
+MultistepDesign = Literal["list", "local", "scan", "image", "pick", "rank", "verify"]
+RANK_DESIGNS = ("image", "pick", "rank", "verify")  # designs whose vision tower also learns each price rank
 ModelFamily = Literal[
     "auto", "qwen2_vl", "qwen2_5_vl", "mllama"
 ]  # auto, or a key of modeling.adapters.ADAPTERS
@@ -113,7 +116,7 @@ class DataConfig:
     # object, then the options in order until one is it) or rank (each option checked like an existence
     # question, then asked whether its own image tokens say it is the extreme one) or verify (pick's object,
     # then rank's option checks, each present option compared with that object named beside it); docs/TEACHER.md
-    multistep_rationale: Literal["list", "local", "scan", "image", "pick", "rank", "verify"] = "verify"
+    multistep_rationale: MultistepDesign = "verify"
     # Real benchmarks (vskip_core.data.real): n_train / n_val / n_test are then disjoint seeded subsets of each
     # benchmark's answered split, and examples rotate between the listed sources as families do here.
     source: list[Source] = field(
@@ -547,8 +550,9 @@ class Config:
         _check(
             self.embedded.verdict_reasoning == 0 or self.data.multistep_rationale != "list",
             "embedded.verdict_reasoning",
-            "reasoning drills train the decisions of the local, scan, image, pick, rank and verify multi-step designs; "
-            "set data.multistep_rationale: local, scan, image, pick, rank or verify, or embedded.verdict_reasoning: 0",
+            "reasoning drills train the decisions of a multi-step design, and `list` has none; set "
+            f"data.multistep_rationale: {', '.join(d for d in typing.get_args(MultistepDesign) if d != 'list')}, "
+            "or embedded.verdict_reasoning: 0",
         )
         g = self.generation
         split_size = self.split_size(g.split)

@@ -481,6 +481,7 @@ def multistep_steps(
     letter of its first yes (leader); the verify design's option checks and picks. One row per step: option, step, claim, ok."""
     objs = {o["shape"]: o for o in scene["objects"]}
     present = {(o["colour"], o["shape"]): o for o in scene["objects"]}
+    right = _extreme(present, most) if present else None  # the right answer's (colour, shape)
     rows: list[dict[str, Any]] = []
     lead: tuple[str, int] | None = None  # the true running leader over the options read so far
     named: dict[str, str] = {}  # option letter -> price of the object it names, when present
@@ -526,8 +527,8 @@ def multistep_steps(
                 continue
             rank = _RANK_RE.search(body)
             if rank:  # rank: is this option the extreme object (read off its image tokens)?
-                yes, best = rank.group(1) == "yes", _extreme(present, most)
-                add("rank", rank.group(0)[2:], yes == ((colour, shape) == best))
+                yes = rank.group(1) == "yes"
+                add("rank", rank.group(0)[2:], yes == ((colour, shape) == right))
                 picked = picked or (letter if yes else None)
                 continue
         elif body.startswith("costs"):
@@ -549,29 +550,25 @@ def multistep_steps(
         if leader is not None:
             add("leader", f"leader ({leader})", lead is not None and leader == lead[0])
     if picked and not image and present and options:  # rank: the letter of the first yes
-        best = _extreme(present, most)
-        ok = (
-            "ABCD".index(picked) < len(options)
-            and options["ABCD".index(picked)] == f"the {best[0]} {best[1]}"
-        )
+        ok = _names(options, picked, right)
         rows.append({"option": picked, "step": "leader", "claim": f"({picked})", "ok": ok})
     if image and present:
         colour, shape, price, letter = image.groups()
         letter = letter or picked or "?"
-        best = _extreme(present, most)
         found = present.get((colour, shape))
         rows.append(
-            {"option": letter, "step": "compare", "claim": f"{colour} {shape}", "ok": (colour, shape) == best}
+            {
+                "option": letter,
+                "step": "compare",
+                "claim": f"{colour} {shape}",
+                "ok": (colour, shape) == right,
+            }
         )
         rows.append(
             {"option": letter, "step": "price", "claim": price, "ok": bool(found and found["price"] == price)}
         )
         if options:
-            ok = (
-                options["ABCD".index(letter)] == f"the {colour} {shape}"
-                if letter in "ABCD" and "ABCD".index(letter) < len(options)
-                else False
-            )
+            ok = _names(options, letter, (colour, shape))
             rows.append({"option": letter, "step": "leader", "claim": f"({letter})", "ok": ok})
     scan = _SCAN_RE.search(text)
     if scan and named:
@@ -602,6 +599,12 @@ def _extreme(present: dict[tuple[str, str], dict[str, Any]], most: bool) -> tupl
     """(colour, shape) of the most expensive (or cheapest) object present."""
     value = {k: float(o["price"][1:]) for k, o in present.items()}
     return (max if most else min)(value, key=value.get)
+
+
+def _names(options: Sequence[str], letter: str, obj: tuple[str, str]) -> bool:
+    """Whether option `letter` of the question is the (colour, shape) object."""
+    i = "ABCD".find(letter) if len(letter) == 1 else -1
+    return 0 <= i < len(options) and options[i] == f"the {obj[0]} {obj[1]}"
 
 
 def facts_right(rows: list[dict[str, Any]]) -> bool:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vskip_core.config import TEACHER_PHASES, Config
+from vskip_core.config import RANK_DESIGNS, TEACHER_PHASES, Config
 from vskip_core.data.embedded import (
     COLOURS,
     SHAPES,
@@ -175,7 +175,7 @@ def token_labels(scene: dict[str, Any], image_size: int, rank: bool = False) -> 
 
 def _rank(cfg: Config) -> bool:
     """The vision tower also learns each object's price rank when the multi-step rationale reads it off the image."""
-    return cfg.data.multistep_rationale in ("image", "pick", "rank", "verify")
+    return cfg.data.multistep_rationale in RANK_DESIGNS
 
 
 def visual_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

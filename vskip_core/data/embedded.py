@@ -327,19 +327,17 @@ def _multistep(rng: random.Random, scene: dict[str, Any], t: int, style: str = "
     # the rationale designs tried for this family and their figures: docs/TEACHER.md
     if style == "local":
         _multistep_local(w, objs, opts, most)
-    elif style == "rank":
-        _multistep_rank(w, objs, opts, target, word)
+    elif style == "rank":  # each present option asked of its own image tokens
+        _multistep_until_yes(w, objs, opts, target, word)
     elif style == "scan":
         _multistep_scan(w, objs, opts, most)
-    elif style == "verify":
-        _multistep_verify(w, objs, opts, by_name[target], word)
+    elif style == "verify":  # the extreme object found first, then each present option compared with it
+        _found_object(w, by_name[target], word).add(". ")
+        _multistep_until_yes(w, objs, opts, target, " ".join(target))
     elif style in ("image", "pick"):
         # the extreme object read off the image (the vision tower learns each object's price rank), then its
         # letter: `image` names it at once, `pick` goes through the options in order until one is that object
-        o = by_name[target]
-        w.add(f"The {word} object in the image is the ").obj(o).add(", with the price ").anchor(
-            "text", o["price"]
-        )
+        _found_object(w, by_name[target], word)
         if style == "image":
             w.add("; it is option (").decision(letter).add("). ")
         else:
@@ -368,20 +366,42 @@ def _multistep(rng: random.Random, scene: dict[str, Any], t: int, style: str = "
     }
 
 
+def _found_object(w: _Writer, o: dict[str, Any], word: str) -> _Writer:
+    """The extreme object read off the image (image, pick, verify): "The most expensive object in the image is
+    the orange square, with the price $9.13"."""
+    return (
+        w.add(f"The {word} object in the image is the ")
+        .obj(o)
+        .add(", with the price ")
+        .anchor("text", o["price"])
+    )
+
+
+def _check_option(
+    w: _Writer, objs: list[dict[str, Any]], L: str, colour: str, shape: str
+) -> dict[str, Any] | None:
+    """One option checked with the existence verdict's words ("(A) the red circle: it is blue; we need red:
+    different." / "...: there is no circle."); returns the object when the colours match, before its "same"."""
+    w.add(f"({L}) the ").anchor("colour", colour).add(" ").anchor("shape", shape).add(": ")
+    o = next((o for o in objs if o["shape"] == shape), None)
+    if o is None:
+        w.decision("there is no").add(" ").anchor("shape", shape).add(". ")
+        return None
+    w.add("it is ").anchor("colour", o["colour"]).add("; we need ").anchor("colour", colour).add(": ")
+    if o["colour"] != colour:
+        w.decision("different").add(". ")
+        return None
+    return o
+
+
 def _multistep_local(w: _Writer, objs: list[dict[str, Any]], opts: list[tuple[str, str]], most: bool) -> None:
     """Every step local: each option checked with the existence verdict's own words ("(A) the red circle: it
     is blue; we need red: different."), then a running leader updated by comparing two dollar digits
     ("(A) 9 or (C) 4, higher: leader (A) 9."): no step compares more than two things or copies cents."""
     leader: tuple[str, str] | None = None
     for L, (colour, shape) in zip("ABCD", opts):
-        w.add(f"({L}) the ").anchor("colour", colour).add(" ").anchor("shape", shape).add(": ")
-        o = next((o for o in objs if o["shape"] == shape), None)
+        o = _check_option(w, objs, L, colour, shape)
         if o is None:
-            w.decision("there is no").add(" ").anchor("shape", shape).add(". ")
-            continue
-        w.add("it is ").anchor("colour", o["colour"]).add("; we need ").anchor("colour", colour).add(": ")
-        if o["colour"] != colour:
-            w.decision("different").add(". ")
             continue
         w.decision("same").add(", ").anchor("text", o["price"]).add(". ")
         digit = o["price"][1]
@@ -394,53 +414,19 @@ def _multistep_local(w: _Writer, objs: list[dict[str, Any]], opts: list[tuple[st
         w.add("leader (").decision(leader[0]).add(") ").decision(leader[1]).add(". ")
 
 
-def _multistep_verify(
-    w: _Writer, objs: list[dict[str, Any]], opts: list[tuple[str, str]], found: dict[str, Any], word: str
+def _multistep_until_yes(
+    w: _Writer, objs: list[dict[str, Any]], opts: list[tuple[str, str]], target: tuple[str, str], asked: str
 ) -> None:
-    """`pick` with `rank`'s option checks: the extreme object read off the image, then each option checked with
-    the existence verdict's words and, when present, compared with that object named beside it ("(B) the red
-    circle: it is red; we need red: same; is it the orange square? no."), until the first yes."""
-    w.add(f"The {word} object in the image is the ").obj(found).add(", with the price ")
-    w.anchor("text", found["price"]).add(". ")
+    """The options in order until the first yes: each checked with the existence verdict's words, a present one
+    then asked "is it the <asked>?": `rank` asks "the most expensive" (a fact of the option's own image tokens,
+    whose price rank the vision tower learns), `verify` names the extreme object found before ("is it the
+    orange square?"), so the two things compared stand side by side."""
     for L, (colour, shape) in zip("ABCD", opts):
-        w.add(f"({L}) the ").anchor("colour", colour).add(" ").anchor("shape", shape).add(": ")
-        o = next((o for o in objs if o["shape"] == shape), None)
-        if o is None:
-            w.decision("there is no").add(" ").anchor("shape", shape).add(". ")
+        if _check_option(w, objs, L, colour, shape) is None:
             continue
-        w.add("it is ").anchor("colour", o["colour"]).add("; we need ").anchor("colour", colour).add(": ")
-        if o["colour"] != colour:
-            w.decision("different").add(". ")
-            continue
-        hit = o is found
-        w.decision("same").add(f"; is it the {found['colour']} {found['shape']}? ").decision(
-            "yes" if hit else "no"
-        )
-        w.add(". ")
+        hit = (colour, shape) == target
+        w.decision("same").add(f"; is it the {asked}? ").decision("yes" if hit else "no").add(". ")
         if hit:
-            return
-
-
-def _multistep_rank(
-    w: _Writer, objs: list[dict[str, Any]], opts: list[tuple[str, str]], target: tuple[str, str], word: str
-) -> None:
-    """Each option checked with the existence verdict's words; a present one is then asked whether it is the
-    extreme object, a fact of its own image tokens (the vision tower learns each object's price rank), so no
-    step compares values or looks back into the rationale: "(B) the red circle: it is red; we need red: same;
-    is it the most expensive? yes." The options are read in order until the first yes."""
-    for L, (colour, shape) in zip("ABCD", opts):
-        w.add(f"({L}) the ").anchor("colour", colour).add(" ").anchor("shape", shape).add(": ")
-        o = next((o for o in objs if o["shape"] == shape), None)
-        if o is None:
-            w.decision("there is no").add(" ").anchor("shape", shape).add(". ")
-            continue
-        w.add("it is ").anchor("colour", o["colour"]).add("; we need ").anchor("colour", colour).add(": ")
-        if o["colour"] != colour:
-            w.decision("different").add(". ")
-            continue
-        w.decision("same").add(f"; is it the {word}? ").decision("yes" if (colour, shape) == target else "no")
-        w.add(". ")
-        if (colour, shape) == target:
             return
 
 
@@ -451,14 +437,8 @@ def _multistep_scan(w: _Writer, objs: list[dict[str, Any]], opts: list[tuple[str
     step compares two values or copies a look-alike token from an unmatched place."""
     written: dict[str, tuple[str, str]] = {}
     for L, (colour, shape) in zip("ABCD", opts):
-        w.add(f"({L}) the ").anchor("colour", colour).add(" ").anchor("shape", shape).add(": ")
-        o = next((o for o in objs if o["shape"] == shape), None)
+        o = _check_option(w, objs, L, colour, shape)
         if o is None:
-            w.decision("there is no").add(" ").anchor("shape", shape).add(". ")
-            continue
-        w.add("it is ").anchor("colour", o["colour"]).add("; we need ").anchor("colour", colour).add(": ")
-        if o["colour"] != colour:
-            w.decision("different").add(". ")
             continue
         w.decision("same").add(", ").anchor("text", o["price"]).add(f" for ({L}). ")
         written[o["price"][1]] = (L, o["price"])
