@@ -227,6 +227,7 @@ class EmbeddedConfig:
     verdict_lr: float = 5e-4
     verdict_blank: bool = True
     verdict_reasoning: int = 12  # + this many multi-step reasoning drills a step (data.make_reasoning_drill)
+    reasoning_presence: bool = False  # the drills' option presence words ("there is no") carry loss too
     # relative share of each family (in data.families order) in the full-example stream; [] = equal shares.
     # Twice the share for existence and multi-step (attribute and reading saturate first; docs/TEACHER.md).
     family_weights: list[float] = field(default_factory=lambda: [1.0, 2.0, 1.0, 2.0])
@@ -592,6 +593,7 @@ class Config:
 HASH_NEUTRAL: dict[tuple[str, str], Any] = {
     ("data", "multistep_rationale"): "list",
     ("embedded", "verdict_reasoning"): 0,
+    ("embedded", "reasoning_presence"): True,
 }
 
 

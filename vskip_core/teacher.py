@@ -555,7 +555,7 @@ def verdict_batch(b: Build, step: int) -> LmBatch:
     cfg, e = b.cfg, b.cfg.embedded
     nc, nf, nr = e.verdict_compare, e.verdict_full, e.verdict_reasoning
     exs = [make_compare_drill(cfg, "teacher", step * nc + j, blank=e.verdict_blank) for j in range(nc)]
-    exs += [make_reasoning_drill(cfg, "teacher", step * nr + j) for j in range(nr)]
+    exs += [make_reasoning_drill(cfg, "teacher", step * nr + j, e.reasoning_presence) for j in range(nr)]
     first = VERDICT_OFFSET + step * nf
     exs += [make_example(cfg, "teacher", i, family_for(cfg, i)) for i in range(first, first + nf)]
     return _lm_batch(b, exs)

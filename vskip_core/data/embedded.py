@@ -377,6 +377,11 @@ def _found_object(w: _Writer, o: dict[str, Any], word: str) -> _Writer:
     )
 
 
+OPTION_ABSENT = (
+    "there is no"  # an option line's presence decision ("(A) the red circle: there is no circle.")
+)
+
+
 def _check_option(
     w: _Writer, objs: list[dict[str, Any]], L: str, colour: str, shape: str
 ) -> dict[str, Any] | None:
@@ -385,7 +390,7 @@ def _check_option(
     w.add(f"({L}) the ").anchor("colour", colour).add(" ").anchor("shape", shape).add(": ")
     o = next((o for o in objs if o["shape"] == shape), None)
     if o is None:
-        w.decision("there is no").add(" ").anchor("shape", shape).add(". ")
+        w.decision(OPTION_ABSENT).add(" ").anchor("shape", shape).add(". ")
         return None
     w.add("it is ").anchor("colour", o["colour"]).add("; we need ").anchor("colour", colour).add(": ")
     if o["colour"] != colour:
@@ -639,13 +644,19 @@ def make_compare_drill(data: DataConfig | Config, split: str, i: int, blank: boo
     }
 
 
-def make_reasoning_drill(data: DataConfig | Config, split: str, i: int) -> dict[str, Any]:
+def make_reasoning_drill(
+    data: DataConfig | Config, split: str, i: int, presence: bool = False
+) -> dict[str, Any]:
     """A multi-step rationale on a blank image with the loss on its decisions only (verdicts, winning prices,
     leaders, the final letter): each decision then has to come from the words before it, as the comparison
-    drills teach the existence verdict."""
+    drills teach the existence verdict. An option's presence ("there is no circle") cannot come from the words,
+    so it carries no loss unless `presence` (trained on a blank image, it taught the teacher to say "There is
+    no" without looking: docs/TEACHER.md)."""
     data = data.data if isinstance(data, Config) else data
     ex = make_example(data, split, 20_000_000 + i, family="multistep")
     ex.update(id=f"{split}-reason-{i:06d}", family="drill", loss_on="decisions")
+    if not presence:
+        ex["decisions"] = [d for d in ex["decisions"] if d["value"] != OPTION_ABSENT]
     ex["image"] = render_scene(ex["scene"], blank=True)
     return ex
 
