@@ -244,6 +244,38 @@ def test_reasoning_drills_are_blank_and_carry_loss_on_their_decisions_only(tiny_
     assert len(d["decisions"]) >= 4  # verdicts, leaders and the final letter at least
 
 
+def test_reasoning_drills_leave_an_options_presence_without_loss():
+    """A blank image cannot say whether an option is there: "there is no" carries loss only when asked for."""
+    from vskip_core.config import load_params
+    from vskip_core.data.embedded import OPTION_ABSENT, make_reasoning_drill
+
+    cfg = load_params("params/default.yaml", {"data.multistep_rationale": "verify"})
+    off = [make_reasoning_drill(cfg, "teacher", i) for i in range(40)]
+    on = [make_reasoning_drill(cfg, "teacher", i, presence=True) for i in range(40)]
+    assert all(OPTION_ABSENT not in [d["value"] for d in x["decisions"]] for x in off)
+    assert sum(OPTION_ABSENT in [d["value"] for d in x["decisions"]] for x in on) >= 5
+    assert all(
+        OPTION_ABSENT in x["rationale"]
+        for x in off
+        if OPTION_ABSENT in [d["value"] for d in next(y for y in on if y["id"] == x["id"])["decisions"]]
+    )  # the words stay, only the loss goes
+    for a, b in zip(off, on):
+        assert [d for d in b["decisions"] if d["value"] != OPTION_ABSENT] == a["decisions"]
+
+
+def test_torch_threads_restores_the_count():
+    import torch
+
+    from vskip_core.runtime import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with torch_threads(0):  # 0 leaves the count alone
+        assert torch.get_num_threads() == before
+
+
 def test_teacher_build_resumes_after_a_kill_in_the_verdict_phase(tiny_teacher, tmp_path, monkeypatch):
     """A build killed mid-way (here: in the verdict phase) resumes from its last checkpoint to the same weights as the
     uninterrupted build of the `tiny_teacher` fixture."""

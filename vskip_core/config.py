@@ -364,11 +364,17 @@ class GateConfig:
     external_dtype: Dtype = (
         "bfloat16"  # SmolLM2 scorer: 1.7x fp32 on AMX CPUs (corr 0.9998); fp32 on CPUs without bf16
     )
+    # torch threads while the external scorers run (large matmuls: 1.64x at 2 threads on an idle 2-core VM with
+    # OMP_WAIT_POLICY=PASSIVE, benchmarks/bench_external.py); 0 = runtime.num_threads
+    external_threads: int = 2
     llmlingua2_path: str = ""  # local LLMLingua-2 model folder; empty = <runtime.cache_dir>/llmlingua-2
 
     def validate(self) -> None:
         _check(0 < self.gamma <= 1, "gate.gamma", f"must be in (0, 1], got {self.gamma}")
         _check(0 <= self.text_share <= 1, "gate.text_share", f"must be in [0, 1], got {self.text_share}")
+        _check(
+            self.external_threads >= 0, "gate.external_threads", f"must be >= 0, got {self.external_threads}"
+        )
         _check(
             len(self.gammas) > 0 and all(0 < g <= 1 for g in self.gammas),
             "gate.gammas",

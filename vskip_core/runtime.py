@@ -9,6 +9,7 @@ that a killed run (or another worker) resumes from.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
@@ -128,6 +129,19 @@ def configure_threads(n: int) -> None:
 
     if n > 0:
         torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with `n` torch threads (0: leave as is), then restore the count."""
+    import torch
+
+    before = torch.get_num_threads()
+    configure_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -77,7 +77,14 @@ from vskip_core.modeling.external_lm import load_smollm2
 from vskip_core.modeling.loading import Loaded, collate, encode, load_model, user_text
 from vskip_core.modeling.prompts import ANSWER_PREFIX, answer_line_start
 from vskip_core.plots import _save, plt
-from vskip_core.runtime import atomic_write_json, resolve_device, resolve_dtype, results_dir, seed_everything
+from vskip_core.runtime import (
+    atomic_write_json,
+    resolve_device,
+    resolve_dtype,
+    results_dir,
+    seed_everything,
+    torch_threads,
+)
 from vskip_core.stages.generation import example_for
 
 STAGE = "04_qlora_distillation"
@@ -421,7 +428,8 @@ def with_external_surprisal(cfg: Config, rows: list[dict[str, Any]], search_dirs
         # the same context as stage 03: the user turn (question and options), no image
         contexts = [user_text(example_for(cfg, {"split": s, "index": i})) for s, i in map(example_ref, todo)]
         texts, offsets = [r["text"] for r in todo], [r["offsets"] for r in todo]
-        vals, _ = external_surprisal(lm, texts, offsets, contexts, EXTERNAL_BATCH_SIZE)
+        with torch_threads(cfg.gate.external_threads):
+            vals, _ = external_surprisal(lm, texts, offsets, contexts, EXTERNAL_BATCH_SIZE)
         found = {str(r["id"]): v for r, v in zip(todo, vals)}
         source = "computed with SmolLM2-135M-Instruct"
         if cache_dir is not None:

@@ -21,7 +21,7 @@ from vskip_core.metrics import anchor_tokens, compress_text, count_kept, pool_va
 from vskip_core.modeling.external_lm import llmlingua2_status, load_llmlingua2
 from vskip_core.modeling.loading import embedded_dir
 from vskip_core.modeling.standins import resolve
-from vskip_core.runtime import fast_dtype, resolve_device
+from vskip_core.runtime import fast_dtype, resolve_device, torch_threads
 from vskip_core.stages.distillation import with_external_surprisal
 
 
@@ -196,12 +196,13 @@ def external_scores(cfg: Config, scores, search_dirs=()):
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "teacher_tokens_per_s": n_tokens / max(seconds, 1e-9),
-        "threads": torch.get_num_threads(),
+        "threads": cfg.gate.external_threads or torch.get_num_threads(),
     }
     ok, info["llmlingua2"] = llmlingua2_status(cfg)
     if ok:
         clf = load_llmlingua2(cfg)
-        probs = keep_probability(clf, out["text"].tolist(), out["offsets"].tolist())
+        with torch_threads(cfg.gate.external_threads):
+            probs = keep_probability(clf, out["text"].tolist(), out["offsets"].tolist())
         out["keep_prob_llmlingua2"] = [p.tolist() for p in probs]
     return out, info
 
