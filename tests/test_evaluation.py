@@ -91,18 +91,58 @@ def test_rationale_part():
     assert rationale_part("no line") == "no line"
 
 
-def test_varr_generated_hand_computed():
-    from vskip_core.data.embedded import find_anchors
-    from vskip_core.metrics import aggregate_varr, varr_generated
+def test_varr_text_hand_computed():
+    """Mention-level and binding-aware: a value counts when the candidate says it of the same object, as often
+    as the reference does; the answer line and the question's words are left out."""
+    from vskip_core.metrics import aggregate_varr, bound_mentions, varr_text
 
-    gold_text = "The triangle is at the top left; it is a small red triangle marked $4.57."
-    gold = find_anchors(gold_text, SCENE)
-    v = varr_generated(gold, "The triangle is red, marked $4.75.", SCENE)
-    # gold mentions shape triangle, position top left, size small, colour red, price $4.57
-    assert v["colour"] == (1, 1) and v["shape"] == (1, 1) and v["position"] == (0, 1) and v["size"] == (0, 1)
-    assert v["text"] == (0, 1)  # $4.75 is not the scene's price
-    agg = aggregate_varr([v, varr_generated(gold, gold_text, SCENE)])
-    assert agg["colour"] == 1.0 and agg["position"] == 0.5 and agg["overall"] == pytest.approx(7 / 10)
+    ref = (
+        "The triangle is a small red triangle marked $4.57, at the top left. It is red; we need red: same. "
+        "So the answer is yes. Answer: yes"
+    )
+    q = "Is there a red triangle in the image?"
+    # red and triangle are the question's; the answer line holds nothing
+    assert bound_mentions(ref, SCENE, q) == [
+        ("triangle", "size", "small"),
+        ("triangle", "text", "$4.57"),
+        ("triangle", "position", "top left"),
+    ]
+    assert varr_text(ref, ref, SCENE) == {
+        "colour": (3, 3),
+        "shape": (2, 2),
+        "size": (1, 1),
+        "position": (1, 1),
+        "text": (1, 1),
+    }
+    # the purple triangle keeps neither its colour nor its shape; $4.57 said of the circle is not kept
+    bad = varr_text(ref, "A small purple triangle. The blue circle is marked $4.57, at the top left.", SCENE)
+    assert bad == {"colour": (0, 3), "shape": (0, 2), "size": (1, 1), "position": (0, 1), "text": (0, 1)}
+    # "red" said once keeps one of three mentions; the answer line alone keeps nothing
+    once = varr_text(ref, "The red triangle. Answer: small red triangle $4.57 top left", SCENE)
+    assert once["colour"] == (1, 3) and once["shape"] == (1, 2) and once["text"] == (0, 1)
+    assert aggregate_varr([bad, once])["colour"] == 1 / 6
+    assert varr_text(ref, ref, None) == {t: (0, 0) for t in ("colour", "shape", "size", "position", "text")}
+
+
+def test_varr_text_is_complete_on_gold_rationales():
+    """Every family's gold rationale keeps all of its own mentions, and each counted mention is true of the
+    scene (the binding rule reads the generator's sentences right)."""
+    from vskip_core.config import load_params
+    from vskip_core.data.embedded import make_example
+    from vskip_core.metrics import question_words, varr_text
+
+    cfg = load_params("params/default.yaml")
+    totals = {}
+    for i in range(80):
+        ex = make_example(cfg, "test", i)
+        v = varr_text(ex["rationale"], ex["rationale"], ex["scene"], question_words(ex))
+        assert all(k == n for k, n in v.values()), (ex["rationale"], v)
+        for t, (_, n) in v.items():
+            totals[ex["family"], t] = totals.get((ex["family"], t), 0) + n
+    assert (
+        totals["multistep", "text"] == 20
+    )  # the found object's price; the options' words are the question's
+    assert totals["attribute", "position"] == 20 and totals["existence", "shape"] == 0
 
 
 def test_attribute_hallucinations():

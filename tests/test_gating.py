@@ -61,8 +61,8 @@ def corpus():
                 "surprisal_external": rng.gamma(1.0, 1.0, n).tolist(),
             }
         )
-        anchors.append(ex["anchors"])
-    return cfg, tok, rows, anchors
+        anchors.append(ex)
+    return cfg, tok, rows, anchors  # the rows' benchmark examples (scene, question, gold `anchors`)
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def teacher_scored(tiny_teacher):
         {**{k: e[k] for k in ("id", "family", "rationale", "anchors")}, "index": i} for i, e in enumerate(exs)
     ]
     df = score_rationales(loaded, cfg, recs, exs, progress=False)
-    by_id = {e["id"]: e["anchors"] for e in exs}
+    by_id = {e["id"]: e for e in exs}
     return cfg, loaded.tokenizer, df, [by_id[i] for i in df.id]
 
 
@@ -238,15 +238,12 @@ def test_corpus_union_is_the_or_of_the_fitted_thresholds(corpus):
 def test_union_grows_monotonically_with_gamma(corpus):
     """A larger budget keeps a superset (token level: both walks only go further down their rankings), so
     VARR cannot fall and the corpus text threshold cannot rise, whatever the scores."""
-    cfg, _, rows, anchors = corpus
+    cfg, _, rows, _ = corpus
     tok_cfg = _cfg(**{"scoring.word_level": False})
-    for r, anc in zip(rows, anchors):
+    for r in rows:
         masks = [G.keep_mask(r, "vskip", g, tok_cfg) for g in GAMMAS]
         for small, big in zip(masks, masks[1:]):
             assert (big >= small).all() and big.sum() > small.sum(), r["id"]
-        covered = [M.varr_counts(r, m, anc) for m in masks]
-        for small, big in zip(covered, covered[1:]):
-            assert all(big[t][0] >= small[t][0] for t in small), r["id"]  # mentions kept, per type
     taus = [G.fit_corpus_thresholds(rows, "vskip", g, cfg)["thresholds"]["text"] for g in GAMMAS]
     assert all(a > b for a, b in zip(taus, taus[1:])), taus
 
@@ -284,7 +281,7 @@ def test_fixture_scores_carry_no_anchor_information(corpus):
 
     _, _, rows, anchors = corpus
     is_anchor = np.concatenate(
-        [[t != "" for t in token_anchor_types(r["offsets"], a)] for r, a in zip(rows, anchors)]
+        [[t != "" for t in token_anchor_types(r["offsets"], a["anchors"])] for r, a in zip(rows, anchors)]
     )
     assert 0.15 < is_anchor.mean() < 0.6
     for col in ("surprisal", "anchoring"):
@@ -374,7 +371,15 @@ def test_compress_text_never_doubles_spaces_or_glues_words(corpus):
         assert "".join(text.split()) == "".join(kept_words)
 
 
-def test_varr_hand_computed():
+def test_gate_varr_is_the_one_varr_of_the_rebuilt_text():
+    """03's VARR of a keep mask is `metrics.varr_text` of the rebuilt text against the full one."""
+    scene = {
+        "grid": 2,
+        "image_size": 112,
+        "objects": [
+            {"position": "top left", "colour": "red", "shape": "square", "size": "small", "price": "$4.57"},
+        ],
+    }
     pieces = [
         "The",
         " red",
@@ -395,22 +400,22 @@ def test_varr_hand_computed():
     text = "".join(pieces)
     assert text == "The red square is small at $4.57. Answer: red"
     row = _row(text, pieces, [1.0] * 15, [0.0] * 15, answer_start=12)
-    anchors = [
-        {"type": "colour", "start": 4, "end": 7},
-        {"type": "shape", "start": 8, "end": 14},
-        {"type": "size", "start": 18, "end": 23},
-        {"type": "text", "start": 27, "end": 32},
-        {"type": "colour", "start": 42, "end": 45},
-    ]
     keep = np.ones(15, dtype=bool)
     keep[[2, 8]] = False  # drop "square" and the price's "."
-    v = M.varr(row, keep, anchors)
-    assert v["colour"] == 1.0 and v["shape"] == 0.0 and v["size"] == 1.0 and v["text"] == 0.0
-    assert v["position"] is None and v["overall"] == pytest.approx(3 / 5)
-    pooled = M.pool_varr([M.varr_counts(row, keep, anchors), M.varr_counts(row, np.ones(15, bool), anchors)])
-    assert pooled["shape"] == 0.5 and pooled["overall"] == pytest.approx(8 / 10)
-    with pytest.raises(ValueError, match="not a span"):
-        M.varr(row, keep, [{"type": "colour", "start": 40, "end": 99}])
+    assert M.compress_text(row, keep) == "The red is small at $457. Answer: red"
+    ex = {"question": "What colour is the square?", "options": [], "scene": scene}
+
+    class Words:  # a whitespace tokenizer: the ratio is not what is tested here
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [t.split() for t in texts]}
+
+    got = SG.Evaluator([row], [ex], Words())
+    # the reference: "red" (bound to the square) and "small", "$4.57"; "square" is the question's word
+    v = M.varr_text(text, M.compress_text(row, keep), scene, M.question_words(ex))
+    assert v == {"colour": (0, 1), "shape": (0, 0), "size": (0, 1), "position": (0, 0), "text": (0, 1)}
+    assert got.refs[0] == M.varr_reference(text, scene, M.question_words(ex))
+    with_all = SG.evaluate([row], [ex], "random", 1.0, _cfg(), Words())["varr"]
+    assert with_all["overall"] == 1.0 and with_all["position"] is None
 
 
 def test_strikethrough_marks_pruned_tokens():
@@ -436,7 +441,7 @@ def test_sweep_gives_the_metrics_json_of_the_issue(corpus):
     with pytest.raises(ValueError, match="one threshold mode"):
         SG.metrics_from_sweep(df)
     keeps = G.gate_rows(rs, "vskip", 0.5, cfg)
-    table = SG.decision_table(rs, keeps, cfg, anchors)
+    table = SG.decision_table(rs, keeps, cfg, [e["anchors"] for e in anchors])
     assert len(table) == sum(r.n for r in rs) and table["kept"].mean() == pytest.approx(same["mask_ratio"])
     assert set(table["anchor"]) >= {"", "colour", "shape", "text"}
 

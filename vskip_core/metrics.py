@@ -1,5 +1,6 @@
-"""Metrics: answer parsing, ANLS, POPE, VARR, attribute hallucinations, and the measures of a compressed
-rationale (rebuilt text, actual ratio, VARR of a keep mask). Pure functions of texts and records (no models),
+"""Metrics: answer parsing, ANLS, POPE, VARR (one definition, `varr_text`, for compressed and generated
+rationales alike), attribute hallucinations, and the measures of a compressed rationale (rebuilt text, actual
+ratio). Pure functions of texts and records (no models),
 used by the teacher's report, the gate ablations (stage 03), distillation (04), evaluation (05) and the
 hallucination analysis (06)."""
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -165,7 +166,7 @@ def family_metrics(
     return out
 
 
-VARR_TYPES = ANCHOR_TYPES  # colour, shape, size, position, text: the attribute types both VARRs count
+VARR_TYPES = ANCHOR_TYPES  # colour, shape, size, position, text: the attribute types VARR counts
 
 
 # --------------------------------------------------------------------------- compressed rationales (stage 03)
@@ -250,47 +251,6 @@ def anchor_tokens(row: Any, anchors: Sequence[dict]) -> list[tuple[str, np.ndarr
     return out
 
 
-def varr_counts(row: Any, keep: np.ndarray, anchors: Sequence[dict]) -> dict[str, list[int]]:
-    """Per attribute type: [mentions whose tokens all survive, mentions] (VARR of a kept mask)."""
-    return count_kept(np.asarray(keep, dtype=bool), anchor_tokens(row, anchors))
-
-
-def count_kept(keep: np.ndarray, spans: list[tuple[str, np.ndarray]]) -> dict[str, list[int]]:
-    """Per attribute type: [mentions whose tokens all survive, mentions], from `anchor_tokens` spans."""
-    counts = {t: [0, 0] for t in VARR_TYPES}
-    for kind, tokens in spans:
-        c = counts.setdefault(kind, [0, 0])
-        c[0] += bool(len(tokens)) and bool(keep[tokens].all())
-        c[1] += 1
-    return counts
-
-
-def pool_varr(counts: Iterable[dict[str, list[int]]]) -> dict[str, float | None]:
-    """Corpus VARR (mentions kept / mentions, pooled over rows) per type and overall; None for a type
-    with no mention."""
-    total: dict[str, list[int]] = {t: [0, 0] for t in VARR_TYPES}
-    for c in counts:
-        for t, (k, n) in c.items():
-            total.setdefault(t, [0, 0])
-            total[t][0] += k
-            total[t][1] += n
-    out: dict[str, float | None] = {t: (k / n if n else None) for t, (k, n) in total.items()}
-    k, n = sum(v[0] for v in total.values()), sum(v[1] for v in total.values())
-    out["overall"] = k / n if n else None
-    return out
-
-
-def varr(row: Any, keep: np.ndarray, anchors: Sequence[dict]) -> dict[str, float | None]:
-    """VARR of one compressed rationale: {type: fraction of its mentions kept, "overall": fraction}.
-
-    Two VARRs live side by side here. This one (the gate's, stage 03) reads a keep *mask* over the teacher's
-    tokens: a mention counts when every token of its char span survives, each mention counted (a colour said
-    twice counts twice). `varr_generated` (stages 05-06) reads a *generated* text: a gold scene attribute
-    counts when the text mentions it anywhere, distinct type/value pairs counted once, attributes absent from
-    the scene left out. The same rationale can therefore score differently under the two."""
-    return pool_varr([varr_counts(row, keep, anchors)])
-
-
 # ---------------------------------------------------------------------------------- rationale-level metrics
 
 
@@ -301,19 +261,94 @@ def rationale_part(response: str) -> str:
     return response[:i].rstrip() if i is not None else response
 
 
-def varr_generated(
-    gold_anchors: list[dict[str, Any]], generated: str, scene: dict[str, Any] | None
-) -> dict[str, tuple[int, int]]:
-    """VARR of a generated rationale: of the scene attributes the gold rationale mentions (distinct
-    type/value pairs that are in the scene), how many the generated rationale also mentions. Returns
-    {type: (hits, total)}; aggregate hits and totals over examples, then divide."""
+# -------------------------------------------------------------------- VARR: one definition for 03 and 05
+def bound_mentions(text: str, scene: dict[str, Any] | None, question: str = "") -> list[tuple[str, str, str]]:
+    """(object, type, value) for each visual-attribute mention of `text` before its answer line, the object
+    named by its shape (shapes are distinct within a scene). A colour or size binds to the shape right after
+    it ("a large blue circle"); any other mention to the last shape named before it ("..., marked $5.75",
+    "It is blue"). Mentions whose value the question names, or bound to no shape of the scene, are left out."""
+    if not scene:
+        return []
+    shapes = {o["shape"] for o in scene["objects"]}
+    q = question.lower()
+    found = find_anchors(rationale_part(text), scene)
+    out, last = [], None
+    for i, a in enumerate(found):
+        if a["type"] == "shape":
+            last = a["value"]
+            obj = a["value"]
+        elif a["type"] in ("colour", "size"):
+            obj, j = last, i + 1  # through the adjectives that follow ("large blue") to the shape
+            while (
+                j < len(found)
+                and found[j]["type"] in ("colour", "size")
+                and found[j]["start"] - found[j - 1]["end"] <= 1
+            ):
+                j += 1
+            if (
+                j < len(found)
+                and found[j]["type"] == "shape"
+                and found[j]["start"] - found[j - 1]["end"] <= 1
+            ):
+                obj = found[j]["value"]
+        else:
+            obj = last
+        if obj in shapes and not _in_question(a["value"], q):
+            out.append((obj, a["type"], a["value"]))
+    return out
 
-    gold = {(a["type"], a["value"]) for a in gold_anchors if a.get("in_scene", True)}
-    gen = {(a["type"], a["value"]) for a in find_anchors(generated, scene) if a.get("in_scene", True)}
-    return {
-        t: (len({g for g in gold if g[0] == t} & gen), len({g for g in gold if g[0] == t}))
-        for t in VARR_TYPES
-    }
+
+def question_words(ex: dict[str, Any]) -> str:
+    """What the prompt gives the model to copy: the question and its options (`varr_text`'s `question`)."""
+    return " ".join([ex.get("question") or "", *(ex.get("options") or [])])
+
+
+def _in_question(value: str, question: str) -> bool:
+    return (
+        bool(question) and re.search(rf"(?<![a-z]){re.escape(value.lower())}(?![a-z])", question) is not None
+    )
+
+
+def varr_text(
+    reference: str, candidate: str, scene: dict[str, Any] | None, question: str = ""
+) -> dict[str, tuple[int, int]]:
+    """VARR counts of one rationale, {type: (kept, total)}: of the reference's mentions of the scene's
+    objects' true attributes (`bound_mentions`: answer line and question words left out), how many the
+    candidate still says of the same object, mention by mention (a value said twice counts twice). An
+    object's shape counts as kept only when the candidate binds nothing false to it: "the purple circle" for
+    a red circle keeps neither. The one VARR of the gate's compressed rationales (03, candidate =
+    `compress_text`) and the students' generated ones (05, reference = the gold rationale); pool with
+    `aggregate_varr`. No scene (real benchmarks): all totals 0."""
+    return varr_kept(varr_reference(reference, scene, question), candidate, scene, question)
+
+
+def varr_reference(reference: str, scene: dict[str, Any] | None, question: str = "") -> Counter:
+    """The reference's side of `varr_text` (computed once when many candidates share a reference)."""
+    return Counter(m for m in bound_mentions(reference, scene, question) if _true_of(m, scene))
+
+
+def varr_kept(ref: Counter, candidate: str, scene: dict[str, Any] | None, question: str = "") -> dict:
+    """The candidate's side of `varr_text`, against a `varr_reference`."""
+    out = {t: [0, 0] for t in VARR_TYPES}
+    if scene:
+        said = bound_mentions(candidate, scene, question)
+        wrong = {m[0] for m in said if not _true_of(m, scene)}
+        cand = Counter(m for m in said if _true_of(m, scene) and not (m[1] == "shape" and m[0] in wrong))
+        for m, n in ref.items():
+            out[m[1]][0] += min(n, cand[m])
+            out[m[1]][1] += n
+    return {t: (k, n) for t, (k, n) in out.items()}
+
+
+def _true_of(m: tuple[str, str, str], scene: dict[str, Any]) -> bool:
+    """Whether a bound mention (object shape, type, value) is true of that object."""
+    if m[1] == "shape":
+        return True
+    o = next(o for o in scene["objects"] if o["shape"] == m[0])
+    return o[_SCENE_KEY[m[1]]] == m[2]
+
+
+_SCENE_KEY = {"colour": "colour", "size": "size", "position": "position", "text": "price"}
 
 
 def aggregate_varr(per_example: list[dict[str, tuple[int, int]]]) -> dict[str, float | None]:

@@ -48,13 +48,14 @@ corpus keeps gamma of its tokens.
 | random       | uniform scores seeded by (seed, row id): the same row gets the same draw in any order |
 | llmlingua2   | LLMLingua-2's p(keep) (`keep_prob_llmlingua2`, word value = mean), when its model is local |
 
-**Measures** of what a mask keeps (the rebuilt text `compress_text`, `actual_ratio`, `varr`) are pure functions
+**Measures** of what a mask keeps (the rebuilt text `compress_text`, `actual_ratio`, `varr_text`) are pure functions
 in `vskip_core.metrics`; sweeps over methods and gammas, and notebook 03's ablations, in
 `vskip_core.stages.gating`.
 
     rows, skipped = usable_rows(scores.to_dict("records"), gamma=0.3, gate_cfg=cfg)
     keep = keep_mask(rows[0], "vskip", 0.5, cfg)
-    metrics.compress_text(rows[0], keep), metrics.varr(rows[0], keep, anchors)
+    text = metrics.compress_text(rows[0], keep)
+    metrics.varr_text(rows[0].text, text, example["scene"], metrics.question_words(example))  # example: its benchmark example
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ from vskip_core.metrics import (
     aggregate_varr,
     attribute_hallucinations,
     family_metrics,
+    question_words,
     rationale_part,
     score_example,
-    varr_generated,
+    varr_text,
 )
 from vskip_core.modeling.decoding import generate
 from vskip_core.stages.distillation import load_student, ratio_prefix
@@ -118,7 +119,9 @@ def evaluate_system(
                 "gen_tokens": len(g["token_ids"]),
                 "rationale_tokens": n_rat,
                 "act_ratio": n_rat / ref if ref else None,
-                "varr": varr_generated(ex.get("anchors") or [], rat, ex.get("scene")),
+                "varr": varr_text(
+                    ex.get("rationale") or "", text if rat else "", ex.get("scene"), question_words(ex)
+                ),
                 "hallucinations": len(attribute_hallucinations(rat, ex.get("scene"))),
                 "time_s": g["time_s"],
             }

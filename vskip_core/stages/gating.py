@@ -17,7 +17,14 @@ from vskip_core.config import Config
 from vskip_core.method.external_lm import keep_probability
 from vskip_core.method.gating import Scored, as_scored, gate_rows, gate_values, usable_rows
 from vskip_core.method.scoring import anchoring_for_layers
-from vskip_core.metrics import anchor_tokens, compress_text, count_kept, pool_varr
+from vskip_core.metrics import (
+    aggregate_varr,
+    anchor_tokens,
+    compress_text,
+    question_words,
+    varr_kept,
+    varr_reference,
+)
 from vskip_core.modeling.external_lm import llmlingua2_status, load_llmlingua2
 from vskip_core.modeling.loading import embedded_dir
 from vskip_core.modeling.standins import resolve
@@ -28,7 +35,7 @@ from vskip_core.stages.distillation import with_external_surprisal
 # --------------------------------------------------------------------------------------------- measures
 def evaluate(
     rows: Sequence[Any],
-    anchors: Sequence[Sequence[dict]],
+    examples: Sequence[dict],
     method: str,
     gamma: float,
     cfg: Config,
@@ -37,40 +44,44 @@ def evaluate(
     mode: str | None = None,
 ) -> dict[str, Any]:
     """Gate every row and measure: actual ratio (student tokenizer on rebuilt vs full texts), the mask's
-    own ratio (teacher tokens), and VARR pooled over the corpus."""
-    return Evaluator(rows, anchors, tokenizer)(method, gamma, cfg, seed, mode)
+    own ratio (teacher tokens), and VARR (`metrics.varr_text`: the rebuilt text against the full one, each
+    row's scene and question from its benchmark example in `examples`) pooled over the corpus."""
+    return Evaluator(rows, examples, tokenizer)(method, gamma, cfg, seed, mode)
 
 
 class Evaluator:
-    """`evaluate` for many settings of one corpus: full-text token counts and anchor tokens computed once.
-    `Evaluator(rows, anchors, tokenizer)(method, gamma, cfg, seed, mode)` -> the dict of `evaluate`."""
+    """`evaluate` for many settings of one corpus: full-text token counts and the reference side of VARR
+    computed once. `Evaluator(rows, examples, tokenizer)(method, gamma, cfg, seed, mode)` -> the dict of
+    `evaluate`."""
 
-    def __init__(self, rows: Sequence[Any], anchors: Sequence[Sequence[dict]], tokenizer) -> None:
+    def __init__(self, rows: Sequence[Any], examples: Sequence[dict], tokenizer) -> None:
         self.rows = [as_scored(r) for r in rows]
-        if len(anchors) != len(self.rows):
-            raise ValueError(f"{len(self.rows)} rows but {len(anchors)} anchor lists; pass one per row")
+        if len(examples) != len(self.rows):
+            raise ValueError(f"{len(self.rows)} rows but {len(examples)} examples; pass one per row")
         if not self.rows:
             raise ValueError("no rows to evaluate (did every row get skipped? see usable_rows' counts)")
         self.tokenizer = tokenizer
         self.n_full = sum(
             map(len, tokenizer([r.text for r in self.rows], add_special_tokens=False)["input_ids"])
         )
-        self.spans = [anchor_tokens(r, a) for r, a in zip(self.rows, anchors)]
+        self.context = [(ex.get("scene"), question_words(ex)) for ex in examples]
+        self.refs = [varr_reference(r.text, sc, q) for r, (sc, q) in zip(self.rows, self.context)]
 
     def __call__(self, method, gamma, cfg, seed=0, mode=None) -> dict[str, Any]:
         keeps = gate_rows(self.rows, method, gamma, cfg, seed, mode)
         texts = [compress_text(r, k) for r, k in zip(self.rows, keeps)]
         n_kept = sum(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
+        counts = [varr_kept(ref, t, sc, q) for ref, t, (sc, q) in zip(self.refs, texts, self.context)]
         return {
             "actual_ratio": n_kept / self.n_full,
             "mask_ratio": sum(int(k.sum()) for k in keeps) / sum(r.n for r in self.rows),
-            "varr": pool_varr(count_kept(k, s) for k, s in zip(keeps, self.spans)),
+            "varr": aggregate_varr(counts),
         }
 
 
 def sweep(
     rows: Sequence[Any],
-    anchors: Sequence[Sequence[dict]],
+    examples: Sequence[dict],
     methods: Sequence[str],
     gammas: Sequence[float],
     cfg: Config,
@@ -82,7 +93,7 @@ def sweep(
     actual_ratio, mask_ratio, varr_<type>..., varr_overall; NaN for a type the corpus never mentions)."""
     import pandas as pd
 
-    measure, out = Evaluator(rows, anchors, tokenizer), []
+    measure, out = Evaluator(rows, examples, tokenizer), []
     for mode in modes:
         for method in methods:
             for gamma in gammas:
@@ -208,14 +219,14 @@ def external_scores(cfg: Config, scores, search_dirs=()):
 
 
 def share_ablation(
-    rows, anchors, tokenizer, cfg: Config, seed: int = 0, gamma: float = 0.5,
+    rows, examples, tokenizer, cfg: Config, seed: int = 0, gamma: float = 0.5,
     shares=(0.0, 0.25, 0.5, 0.75, 1.0), methods=("vskip", "intersection", "weighted"),
 ):  # fmt: skip
     """Union vs intersection vs weighted sum at `gamma`, each at every `gate.text_share` in `shares`: one row
     per (method, text_share) with the actual ratio and VARR per type and overall."""
     import pandas as pd
 
-    measure, out = Evaluator(rows, anchors, tokenizer), []
+    measure, out = Evaluator(rows, examples, tokenizer), []
     for share in shares:
         c = dataclasses.replace(cfg, gate=dataclasses.replace(cfg.gate, text_share=share))
         for method in methods:
@@ -239,7 +250,7 @@ def layer_bands(all_layers: Sequence[int], key_layers: Sequence[int]) -> dict[st
 
 
 def band_ablation(
-    rows: Sequence[Scored], score_records: Sequence[dict], anchors, tokenizer, cfg: Config, seed: int = 0,
+    rows: Sequence[Scored], score_records: Sequence[dict], examples, tokenizer, cfg: Config, seed: int = 0,
     gamma: float = 0.5, methods=("vskip", "visual_only"),
 ):  # fmt: skip
     """VARR at `gamma` with the visual path recomputed for other key-layer bands and head reductions from
@@ -257,7 +268,7 @@ def band_ablation(
     for name, band in layer_bands(first["all_layers"], first["key_layers"]).items():
         for head in ("max", "mean"):
             variant = [r.with_scores(anchoring=anchoring_for_layers(raw[r.id], band, head)) for r in rows]
-            measure = Evaluator(variant, anchors, tokenizer)
+            measure = Evaluator(variant, examples, tokenizer)
             for method in methods:
                 m = measure(method, gamma, cfg, seed, "example")
                 out.append({"band": name, "heads": head, "method": method, **m["varr"]})
