@@ -299,9 +299,9 @@ def _ex(i, family, answer, answers=None, options=(), anchors=(), **kw):
 
 
 HAND_EXAMPLES = [  # (example, the stub model's output, the teacher's full-rationale tokens)
-    (_ex(1, "attribute", "red", anchors=[{"type": "colour", "value": "red"}, {"type": "shape", "value": "triangle"}]),
+    (_ex(1, "attribute", "red", rationale="The triangle is red. Answer: red"),
      "The triangle is red. Answer: red", 8),
-    (_ex(2, "attribute", "blue", anchors=[{"type": "colour", "value": "blue"}]),
+    (_ex(2, "attribute", "blue", rationale="The circle is blue. Answer: blue"),
      "The circle is green. Answer: green", 4),
     (_ex(3, "reading", "$4.57"), "The label says $4.52. Answer: $4.52", None),
     (_ex(4, "existence", "yes"), "I see it. Answer: yes", 6),
@@ -349,9 +349,10 @@ def test_evaluate_system_row_equals_hand_computed(monkeypatch):
     assert row["pope_f1"] == pytest.approx(2 / 3) and row["yes_ratio"] == 1.0
     assert row["tokens"] == pytest.approx(17 / 6) and row["gen_tokens"] == 7.0
     assert row["act_ratio"] == pytest.approx((0.5 + 1.0 + 0.5 + 0.0 + 0.5) / 5)
-    # VARR: colour red kept (1/1), blue lost (0/1); shape triangle kept (1/1) -> overall 2/3
-    assert row["varr"]["colour"] == 0.5 and row["varr"]["shape"] == 1.0
-    assert row["varr"]["overall"] == pytest.approx(2 / 3) and row["varr"]["size"] is None
+    # VARR against the gold rationales: red and the triangle kept; blue lost, and "the circle is green"
+    # binds a false colour to the circle, so its shape is lost too -> colour 1/2, shape 1/2, overall 2/4
+    assert row["varr"]["colour"] == 0.5 and row["varr"]["shape"] == 0.5
+    assert row["varr"]["overall"] == pytest.approx(2 / 4) and row["varr"]["size"] is None
     # hallucinations: green (absent colour) in 2, $4.52 (absent price) in 3
     assert [r["hallucinations"] for r in recs] == [0, 1, 1, 0, 0, 0]
     assert row["hallucinations_per_example"] == pytest.approx(2 / 6)
@@ -434,3 +435,73 @@ def test_summary_from_hand_made_metrics_files(tmp_path):
     assert vskip["anls"] == "1.000" and vskip["latency_s"] == "0.100" and vskip["tokens"] == "30.000"
     assert md[0] == "# vskip run summary: `hand`"
     assert any("Git 0123456789 (dirty: False)" in line for line in md) and md[-1] == "a hand-made note"
+
+
+def test_bootstrap_ci_covers_the_estimate_and_pairs_by_example():
+    import numpy as np
+
+    from vskip_core.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    x = rng.random(400) < 0.7
+    lo, hi = bootstrap_ci(lambda i: x[i].mean(), len(x), reps=500)
+    assert lo < x.mean() < hi and 0.03 < hi - lo < 0.12  # +-1.96 * sqrt(0.21 / 400) = +-0.045
+    # the same examples on both sides: a paired difference of a system with itself is exactly 0
+    assert bootstrap_ci(lambda i: x[i].mean() - x[i].mean(), len(x), reps=200) == [0.0, 0.0]
+    assert bootstrap_ci(lambda i: float("nan"), 10, reps=20) == [None, None]
+    assert bootstrap_ci(lambda i: 1.0, 0) == [None, None]
+
+
+def test_add_intervals_pairs_students_with_the_full_control():
+    from vskip_core.stages.evaluation import add_intervals
+
+    fams = ["attribute", "existence", "reading", "multistep"]
+    n = 200
+
+    def recs(system, ratio, right, yes, kept):
+        return [
+            {
+                "id": f"t{i}",
+                "family": fams[i % 4],
+                "system": system,
+                "ratio": ratio,
+                "correct": float(right(i)),
+                "parsed": ("yes" if yes(i) else "no") if fams[i % 4] == "existence" else "x",
+                "act_ratio": None if ratio is None else ratio,
+                "varr": {"colour": [kept(i), 1], "shape": [0, 0]},
+            }
+            for i in range(n)
+        ]
+
+    records = (
+        recs("teacher", None, lambda i: True, lambda i: i % 8 == 1, lambda i: 1)
+        + recs("full", 1.0, lambda i: i % 5 != 0, lambda i: i % 8 == 1, lambda i: 1)
+        + recs(
+            "vskip", 0.5, lambda i: i % 5 != 0 and i % 7 != 0, lambda i: i % 8 == 1, lambda i: int(i % 2 == 0)
+        )
+        + recs("text_only", 0.5, lambda i: i % 5 != 0, lambda i: True, lambda i: int(i % 4 == 0))
+    )
+    rows = [
+        {"method": m, "ratio": r}
+        for m, r in (("teacher", None), ("full", 1.0), ("vskip", 0.5), ("text_only", 0.5))
+    ]
+    add_intervals(rows, records, reps=300)
+    teacher, full, vskip, text_only = rows
+    assert (
+        teacher["accuracy_mean"] == 1.0
+        and teacher["accuracy_mean_ci"] == [1.0, 1.0]
+        and "vs_full" not in teacher
+    )
+    lo, hi = full["accuracy_ci"]["attribute"]
+    assert lo <= full["accuracy_mean"] <= hi or lo <= 0.8 <= hi
+    d = vskip["vs_full"]
+    assert d["accuracy_mean_diff"] < 0 and d["accuracy_mean_diff_ci"][1] <= 0  # never better than full here
+    assert d["yes_ratio_diff"] == 0.0 and d["yes_ratio_diff_ci"] == [0.0, 0.0]  # the same answers: paired
+    assert text_only["vs_full"]["yes_ratio_diff"] == 0.5  # yes to everything against yes to half
+    assert vskip["vs_text_only"]["varr_diff"] == 0.25 and vskip["vs_text_only"]["varr_diff_ci"][0] > 0.1
+    assert all(k.endswith("_ci") or "ci" not in k for k in vskip)
+    from vskip_core.infra.summary import comparisons
+
+    md = comparisons(rows)
+    assert md[-2].startswith("| vskip | 0.5 | -0.") and "[+0." in md[-2].split("|")[5]  # VARR vs text-only
+    assert comparisons(rows[:2]) == []

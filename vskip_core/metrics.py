@@ -364,6 +364,22 @@ def aggregate_varr(per_example: list[dict[str, tuple[int, int]]]) -> dict[str, f
     return out
 
 
+def bootstrap_ci(stat, n: int, reps: int = 2000, seed: int = 0, level: float = 0.95) -> list[float | None]:
+    """Percentile bootstrap interval of `stat(idx)` over `reps` resamples of `n` example indices (with
+    replacement). `stat` takes the indices, so a paired comparison resamples the same examples for both
+    systems (stat = metric of A on idx - metric of B on idx). NaN draws (a family absent from a resample) are
+    dropped; [None, None] when nothing is left."""
+    if n <= 0:
+        return [None, None]
+    rng = np.random.default_rng(seed)
+    vals = np.array([stat(rng.integers(0, n, n)) for _ in range(reps)], dtype=float)
+    vals = vals[~np.isnan(vals)]
+    if not len(vals):
+        return [None, None]
+    lo, hi = np.percentile(vals, [50 * (1 - level), 50 * (1 + level)])
+    return [float(lo), float(hi)]
+
+
 def attribute_hallucinations(text: str, scene: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Mentions that contradict the scene: a colour/shape/price absent from the image, or a colour-shape pair
     bound wrongly ("a blue triangle" when the triangle is red). Needs scene ground truth."""

@@ -68,10 +68,41 @@ def write_summary(
         f"Versions: {', '.join(f'{k} {v}' for k, v in env.get('versions', {}).items() if v)}. "
         f"Git {str(env.get('git', {}).get('commit'))[:10]} (dirty: {env.get('git', {}).get('dirty')}).",
     ]
+    md += comparisons(rows)
     if notes:
         md += ["", *notes]
     atomic_write_bytes(run_dir / "summary.md", ("\n".join(md) + "\n").encode())
     return df
+
+
+def comparisons(rows: list[dict[str, Any]]) -> list[str]:
+    """The paired comparisons of `stages.evaluation.add_intervals` as markdown lines (none if absent)."""
+
+    def cell(d: dict[str, Any] | None, name: str) -> str:
+        if not d or d.get(f"{name}_diff") is None:
+            return ""
+        lo, hi = d[f"{name}_diff_ci"]
+        ci = "" if lo is None else f" [{lo:+.3f}, {hi:+.3f}]"
+        return f"{d[f'{name}_diff']:+.3f}{ci}"
+
+    lines = [
+        f"| {r['method']} | {r['ratio']:g} | {cell(r.get('vs_full'), 'accuracy_mean')} | "
+        f"{cell(r.get('vs_full'), 'yes_ratio')} | {cell(r.get('vs_text_only'), 'varr')} |"
+        for r in rows
+        if r.get("vs_full") or r.get("vs_text_only")
+    ]
+    if not lines:
+        return []
+    return [
+        "",
+        "Paired comparisons (difference, bootstrap 95% interval over the same test examples): accuracy (mean",
+        "over families) and yes-ratio against the `full` control; VARR against the text-only student at the",
+        "same ratio.",
+        "",
+        "| method | ratio | accuracy vs full | yes-ratio vs full | VARR vs text-only |",
+        "|---|---|---|---|---|",
+        *lines,
+    ]
 
 
 def _markdown(df: pd.DataFrame) -> str:

@@ -8,10 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from vskip_core.method.gating import GateError, as_scored, keep_mask
 from vskip_core.metrics import (
     aggregate_varr,
     attribute_hallucinations,
+    bootstrap_ci,
     family_metrics,
     question_words,
     rationale_part,
@@ -153,6 +156,92 @@ def summarize(
         "random_fallback": int(sum(bool(r.get("random_fallback")) for r in recs)),
         "n": len(recs),
     }
+
+
+# ------------------------------------------------------------------------------------ intervals
+class _Arrays:
+    """One system's per-example values, in a fixed example order (so two systems pair by index)."""
+
+    def __init__(self, recs: list[dict[str, Any]], ids: list[str]) -> None:
+        by_id = {r["id"]: r for r in recs}
+        rs = [by_id[i] for i in ids]
+        self.family = np.array([r["family"] for r in rs])
+        self.correct = np.array([float(r["correct"]) for r in rs])
+        self.yes = np.array([r.get("parsed") == "yes" for r in rs], dtype=float)
+        self.act = np.array(
+            [np.nan if r.get("act_ratio") is None else r["act_ratio"] for r in rs], dtype=float
+        )
+        self.varr_kept = np.array([sum(v[0] for v in r["varr"].values()) for r in rs], dtype=float)
+        self.varr_total = np.array([sum(v[1] for v in r["varr"].values()) for r in rs], dtype=float)
+        self.families = sorted(set(self.family))
+
+    def accuracy(self, idx, fam: str) -> float:
+        sel = self.family[idx] == fam
+        return float(self.correct[idx][sel].mean()) if sel.any() else float("nan")
+
+    def accuracy_mean(self, idx) -> float:
+        return (
+            float(np.nanmean([self.accuracy(idx, f) for f in self.families]))
+            if self.families
+            else float("nan")
+        )
+
+    def yes_ratio(self, idx) -> float:
+        sel = self.family[idx] == "existence"
+        return float(self.yes[idx][sel].mean()) if sel.any() else float("nan")
+
+    def act_ratio(self, idx) -> float:
+        a = self.act[idx]
+        return float(np.nanmean(a)) if (~np.isnan(a)).any() else float("nan")
+
+    def varr(self, idx) -> float:
+        n = self.varr_total[idx].sum()
+        return float(self.varr_kept[idx].sum() / n) if n else float("nan")
+
+
+def add_intervals(rows: list[dict[str, Any]], records: list[dict[str, Any]], reps: int = 2000, seed: int = 0):
+    """Bootstrap 95% intervals (`metrics.bootstrap_ci`, resampling test examples) on every summary row:
+    `accuracy_mean` (mean over families) and `*_ci` fields for it, each family's accuracy, yes-ratio, ActRatio
+    and VARR; and, paired by example, each student against the `full` control (`vs_full`: accuracy_mean and
+    yes-ratio differences) and each V-Skip student against the text-only student at its ratio (`vs_text_only`:
+    VARR difference). Rows are updated in place."""
+
+    def key(r):
+        return (r["method"], r["ratio"])
+
+    ids = [r["id"] for r in records if (r["system"], r["ratio"]) == key(rows[0])]
+    arrays = {
+        key(row): _Arrays([r for r in records if (r["system"], r["ratio"]) == key(row)], ids) for row in rows
+    }
+    n, every = len(ids), np.arange(len(ids))
+
+    def ci(a: _Arrays, metric: str, *args) -> list[float | None]:
+        return bootstrap_ci(lambda i: getattr(a, metric)(i, *args), n, reps, seed)
+
+    def diff(a: _Arrays, b: _Arrays, metric: str, name: str) -> dict[str, Any]:
+        fa, fb = getattr(a, metric), getattr(b, metric)
+        return {
+            f"{name}_diff": fa(every) - fb(every),
+            f"{name}_diff_ci": bootstrap_ci(lambda i: fa(i) - fb(i), n, reps, seed),
+        }
+
+    full = arrays.get(("full", 1.0))
+    for row in rows:
+        a = arrays[key(row)]
+        row["accuracy_mean"] = a.accuracy_mean(every)
+        row["accuracy_mean_ci"] = ci(a, "accuracy_mean")
+        row["accuracy_ci"] = {f: ci(a, "accuracy", f) for f in a.families}
+        row["yes_ratio_ci"] = ci(a, "yes_ratio")
+        row["act_ratio_ci"] = ci(a, "act_ratio")
+        row["varr_overall_ci"] = ci(a, "varr")
+        if full is not None and row["method"] not in ("teacher", "direct", "full"):
+            row["vs_full"] = diff(a, full, "accuracy_mean", "accuracy_mean") | diff(
+                a, full, "yes_ratio", "yes_ratio"
+            )
+        text_only = arrays.get(("text_only", row["ratio"]))
+        if row["method"] == "vskip" and text_only is not None:
+            row["vs_text_only"] = diff(a, text_only, "varr", "varr")
+    return rows
 
 
 def student_adapters(stage04: Path) -> dict[str, str]:
