@@ -215,6 +215,36 @@ def test_union_is_the_or_of_two_hand_computed_thresholds(corpus, share):
     assert visual_alone > 0 and differs > 0.9 * 3 * len(rows)
 
 
+def test_symmetric_split_lowers_one_percentile_on_both_paths(corpus):
+    """`gate.split: symmetric`: per example, exactly gamma of the tokens, and every kept free token is in the
+    top of its rationale on surprisal or on anchoring by the same percentile p (ranked among the row's
+    tokens); per corpus, the union of the two fitted thresholds. It differs from the share split."""
+    _, tok, rows, examples = corpus
+    cfg = _cfg(split="symmetric", **{"scoring.word_level": False})
+    share_cfg = _cfg(**{"scoring.word_level": False})
+    differs = 0
+    for gamma in (0.3, 0.5):
+        for r in rows[:40]:
+            keep = G.keep_mask(r, "vskip", gamma, cfg)
+            assert keep.sum() == round(gamma * len(keep))
+            s, a = np.asarray(r["surprisal"]), np.asarray(r["anchoring"])
+            free = np.arange(len(s)) < r["answer_start"]
+            m, kept = np.maximum(G._pct(s), G._pct(a))[free], keep[free]
+            if kept.any() and (~kept).any():  # the margin may swap a unit or two; the rule holds up to it
+                assert (m[kept] >= np.sort(m[~kept])[-3]).mean() > 0.9, r["id"]
+            differs += int((keep != G.keep_mask(r, "vskip", gamma, share_cfg)).any())
+    assert differs > 40
+    th = G.fit_corpus_thresholds(rows, "vskip", 0.5, cfg)
+    for r in rows[:20]:
+        s, a = np.asarray(r["surprisal"]), np.asarray(r["anchoring"])
+        forced = np.arange(len(s)) >= r["answer_start"]
+        keep = G.keep_mask(r, "vskip", 0.5, cfg, thresholds=th)
+        want = forced | (s >= th["thresholds"]["text"]) | (a >= th["thresholds"]["visual"])
+        assert (keep == want).all()
+    table = SG.split_ablation([G.as_scored(r) for r in rows[:30]], examples[:30], tok, _cfg(), gammas=(0.5,))
+    assert list(table.split) == ["share", "symmetric"] and (table.actual_ratio - 0.5).abs().max() < 0.02
+
+
 def test_corpus_union_is_the_or_of_the_fitted_thresholds(corpus):
     """Per corpus, at word level: each row keeps its forced tokens plus every token whose word value clears
     the fitted text threshold OR the fitted visual threshold; and the thresholds are the lowest values the

@@ -353,6 +353,9 @@ class GateConfig:
         "example"  # example (each rationale keeps gamma) or corpus (one threshold per path)
     )
     text_share: float = 0.5  # share of the free budget the text path fills first (0 visual_only, 1 text_only)
+    # how vskip's budget reaches the two thresholds: share (text_share of it to the text path first, then the
+    # visual path) or symmetric (one shared percentile on both paths, lowered until gamma); method.gating
+    split: Literal["share", "symmetric"] = "share"
     force_keep_answer: bool = True  # always keep the final answer line
     force_keep_digits: bool = False  # always keep digit tokens
     methods: list[AnyGateMethod] = field(

@@ -29,7 +29,9 @@ toward k. A row that cannot meet k (empty, no answer line, forced tokens > k, k 
    out, exactly as many tokens as needed, so the kept count is gamma * n within one token. The margin is the
    only place where the gate departs from two pure thresholds.
 text_share = 1 gives exactly `text_only`, 0 exactly `visual_only`; 0.5 (default) splits the free budget
-evenly.
+evenly. The paper does not say how the two thresholds share gamma; `gate.split: symmetric` is the other
+reading: one percentile p on both paths (a unit is kept when its surprisal or its anchoring is in the top
+1 - p of its rationale), lowered until the union holds k tokens; notebook 03 compares the two.
 
 **Per corpus** (`threshold_mode: corpus`, `fit_corpus_thresholds`): the same walk over the units of all rows
 pooled fixes one tau_text and one tau_visual for the corpus; each row then keeps what clears them, and the
@@ -315,12 +317,23 @@ def _select(
     budget: int,
     text_share: float,
     target: float | None = None,
+    split: str = "share",
 ) -> tuple[np.ndarray, dict[str, float]]:
     """The gate proper: which units to keep so that `budget` tokens are kept, and the thresholds reached.
     With `target` (= gamma * n, per example) the margin is filled to the token; per corpus the thresholds
     alone decide."""
     taken, locked = forced.copy(), forced.copy()
-    if method == "vskip":
+    if method == "vskip" and split == "symmetric":
+        t, v = scores["text"], scores["visual"]
+        pt, pv = _pct(t), _pct(v)
+        margin = _desc(np.maximum(pt, pv))  # one percentile p lowered on both paths at once
+        both = _take_prefix(margin, cost, taken, budget)
+        p = float(np.maximum(pt, pv)[both].min()) if len(both) else math.inf
+        thresholds = {
+            "text": _lowest(t, np.flatnonzero(pt >= p)),
+            "visual": _lowest(v, np.flatnonzero(pv >= p)),
+        }
+    elif method == "vskip":
         t, v = scores["text"], scores["visual"]
         f = cost[forced].sum()
         share = lambda total: f + text_share * (total - f)  # noqa: E731  (forced + the text path's share)
@@ -426,7 +439,7 @@ def keep_mask(
             "(or use gate_rows, which does both)"
         )
     budget = _budget(row, gamma, cost, forced)
-    taken, _ = _select(scores, method, cost, forced, budget, gate.text_share, target=gamma * row.n)
+    taken, _ = _select(scores, method, cost, forced, budget, gate.text_share, gamma * row.n, gate.split)
     return taken[unit]
 
 
@@ -449,7 +462,7 @@ def fit_corpus_thresholds(
         raise GateError(
             "budget", f"the corpus's {cost[forced].sum()} forced tokens exceed gamma={gamma} of {n}"
         )
-    taken, thresholds = _select(scores, method, cost, forced, k, gate.text_share)
+    taken, thresholds = _select(scores, method, cost, forced, k, gate.text_share, split=gate.split)
     return {
         "method": method,
         "gamma": gamma,

@@ -218,6 +218,21 @@ def external_scores(cfg: Config, scores, search_dirs=()):
     return out, info
 
 
+def split_ablation(rows, examples, tokenizer, cfg: Config, seed: int = 0, gammas=None):
+    """V-Skip's two readings of how gamma reaches the thresholds (`gate.split`): share (`gate.text_share` of
+    the free budget to the text path first) and symmetric (one shared percentile), at every gamma: one row per
+    (split, gamma) with the actual ratio and VARR per type and overall."""
+    import pandas as pd
+
+    measure, out = Evaluator(rows, examples, tokenizer), []
+    for split in ("share", "symmetric"):
+        c = dataclasses.replace(cfg, gate=dataclasses.replace(cfg.gate, split=split))
+        for gamma in gammas or cfg.gate.gammas:
+            m = measure("vskip", gamma, c, seed, "example")
+            out.append({"split": split, "gamma": gamma, "actual_ratio": m["actual_ratio"], **m["varr"]})
+    return pd.DataFrame(out)
+
+
 def share_ablation(
     rows, examples, tokenizer, cfg: Config, seed: int = 0, gamma: float = 0.5,
     shares=(0.0, 0.25, 0.5, 0.75, 1.0), methods=("vskip", "intersection", "weighted"),
