@@ -278,19 +278,14 @@ def bound_mentions(text: str, scene: dict[str, Any] | None, question: str = "") 
             last = a["value"]
             obj = a["value"]
         elif a["type"] in ("colour", "size"):
-            obj, j = last, i + 1  # through the adjectives that follow ("large blue") to the shape
-            while (
-                j < len(found)
-                and found[j]["type"] in ("colour", "size")
-                and found[j]["start"] - found[j - 1]["end"] <= 1
-            ):
+            obj, j = last, i + 1  # through the adjectives right after it ("large blue") to the shape
+            while j < len(found) and found[j]["start"] - found[j - 1]["end"] <= 1:
+                if found[j]["type"] == "shape":
+                    obj = found[j]["value"]
+                    break
+                if found[j]["type"] not in ("colour", "size"):
+                    break
                 j += 1
-            if (
-                j < len(found)
-                and found[j]["type"] == "shape"
-                and found[j]["start"] - found[j - 1]["end"] <= 1
-            ):
-                obj = found[j]["value"]
         else:
             obj = last
         if obj in shapes and not _in_question(a["value"], q):
