@@ -40,7 +40,7 @@ def corpus():
     exs = [make_example(cfg, "train", i) for i in range(120)]
     tok = train_tokenizer([e["question"] + "\n" + e["rationale"] for e in exs], 640)
     rng = np.random.default_rng(0)
-    rows, anchors = [], []
+    rows, examples = [], []
     for ex in exs:
         text = ex["rationale"]
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -61,8 +61,8 @@ def corpus():
                 "surprisal_external": rng.gamma(1.0, 1.0, n).tolist(),
             }
         )
-        anchors.append(ex)
-    return cfg, tok, rows, anchors  # the rows' benchmark examples (scene, question, gold `anchors`)
+        examples.append(ex)
+    return cfg, tok, rows, examples  # each row's benchmark example (scene, question, gold `anchors`)
 
 
 @pytest.fixture(scope="module")
@@ -315,9 +315,9 @@ def test_fixture_scores_carry_no_anchor_information(corpus):
     from vskip_core.method.scoring import token_anchor_types
     from vskip_core.stages.scoring import auc
 
-    _, _, rows, anchors = corpus
+    _, _, rows, examples = corpus
     is_anchor = np.concatenate(
-        [[t != "" for t in token_anchor_types(r["offsets"], a["anchors"])] for r, a in zip(rows, anchors)]
+        [[t != "" for t in token_anchor_types(r["offsets"], a["anchors"])] for r, a in zip(rows, examples)]
     )
     assert 0.15 < is_anchor.mean() < 0.6
     for col in ("surprisal", "anchoring"):
@@ -462,9 +462,9 @@ def test_strikethrough_marks_pruned_tokens():
 
 
 def test_sweep_gives_the_metrics_json_of_the_issue(corpus):
-    cfg, tok, rows, anchors = corpus
+    cfg, tok, rows, examples = corpus
     rs = [G.as_scored(r) for r in rows]
-    df = SG.sweep(rs, anchors, ["vskip", "random"], [0.3, 0.5], cfg, tok, modes=("example", "corpus"))
+    df = SG.sweep(rs, examples, ["vskip", "random"], [0.3, 0.5], cfg, tok, modes=("example", "corpus"))
     assert len(df) == 8 and (df["actual_ratio"] - df["gamma"]).abs().max() <= 0.01
     m = SG.metrics_from_sweep(df[df["mode"] == "example"])
     assert set(m) == {"vskip", "random"} and set(m["vskip"]) == {"0.3", "0.5"}
@@ -472,12 +472,12 @@ def test_sweep_gives_the_metrics_json_of_the_issue(corpus):
     assert isinstance(cell["actual_ratio"], float)
     assert set(cell["varr"]) == {"colour", "shape", "size", "position", "text", "overall"}
     assert all(isinstance(v, float) and 0 <= v <= 1 for v in cell["varr"].values())
-    same = SG.evaluate(rs, anchors, "vskip", 0.5, cfg, tok)
+    same = SG.evaluate(rs, examples, "vskip", 0.5, cfg, tok)
     assert same["varr"]["overall"] == pytest.approx(cell["varr"]["overall"])
     with pytest.raises(ValueError, match="one threshold mode"):
         SG.metrics_from_sweep(df)
     keeps = G.gate_rows(rs, "vskip", 0.5, cfg)
-    table = SG.decision_table(rs, keeps, cfg, [e["anchors"] for e in anchors])
+    table = SG.decision_table(rs, keeps, cfg, [e["anchors"] for e in examples])
     assert len(table) == sum(r.n for r in rs) and table["kept"].mean() == pytest.approx(same["mask_ratio"])
     assert set(table["anchor"]) >= {"", "colour", "shape", "text"}
 
@@ -663,16 +663,16 @@ def test_external_scores_fill_the_column_from_stage_outputs(corpus, tmp_path):
 
 
 def test_share_ablation_spans_the_budget_split(corpus):
-    cfg, tok, rows, anchors = corpus
+    cfg, tok, rows, examples = corpus
     rs = [G.as_scored(r) for r in rows[:30]]
-    table = SG.share_ablation(rs, anchors[:30], tok, cfg, shares=(0.0, 1.0), methods=("vskip",))
+    table = SG.share_ablation(rs, examples[:30], tok, cfg, shares=(0.0, 1.0), methods=("vskip",))
     assert len(table) == 2 and set(table.text_share) == {0.0, 1.0}
-    text_only = SG.evaluate(rs, anchors[:30], "text_only", 0.5, cfg, tok)["varr"]["overall"]
+    text_only = SG.evaluate(rs, examples[:30], "text_only", 0.5, cfg, tok)["varr"]["overall"]
     assert table[table.text_share == 1.0]["overall"].item() == pytest.approx(text_only)  # share 1 = text_only
 
 
 def test_band_ablation_recomputes_the_visual_path_per_band(corpus, capsys):
-    cfg, tok, rows, anchors = corpus
+    cfg, tok, rows, examples = corpus
     rng = np.random.default_rng(1)
     layers = [0, 1, 2, 3]
     raw = []
@@ -698,24 +698,24 @@ def test_band_ablation_recomputes_the_visual_path_per_band(corpus, capsys):
     ]
     assert list(SG.layer_bands(range(12), [5]))[:2] == ["early", "late"]
     rs = [G.as_scored(r) for r in raw]
-    table = SG.band_ablation(rs, raw, anchors[:20], tok, cfg, methods=("visual_only",))
+    table = SG.band_ablation(rs, raw, examples[:20], tok, cfg, methods=("visual_only",))
     assert len(table) == 6 * 2 and set(table.heads) == {"max", "mean"}
     # the key band, max over heads, equals gating on the anchoring recomputed by hand
     hand = [
         r.with_scores(anchoring=np.mean([x["anchoring_by_layer_max"][i] for i in (1, 2)], 0))
         for r, x in zip(rs, raw)
     ]
-    want = SG.evaluate(hand, anchors[:20], "visual_only", 0.5, cfg, tok)["varr"]["overall"]
+    want = SG.evaluate(hand, examples[:20], "visual_only", 0.5, cfg, tok)["varr"]["overall"]
     got = table[(table.band == "key [1, 2] (this run)") & (table.heads == "max")]["overall"].item()
     assert got == pytest.approx(want)
-    assert SG.band_ablation(rs, rows[:20], anchors[:20], tok, cfg).empty
+    assert SG.band_ablation(rs, rows[:20], examples[:20], tok, cfg).empty
     assert "band ablation skipped" in capsys.readouterr().out
 
 
 def test_gamma_table_writes_csv_and_markdown(corpus, tmp_path):
-    cfg, tok, rows, anchors = corpus
+    cfg, tok, rows, examples = corpus
     rs = [G.as_scored(r) for r in rows[:20]]
-    df = SG.sweep(rs, anchors[:20], ["vskip", "random"], [0.5], cfg, tok)
+    df = SG.sweep(rs, examples[:20], ["vskip", "random"], [0.5], cfg, tok)
     table = SG.gamma_table(df, 0.5, tmp_path)
     assert list(table.index) == ["vskip", "random"] and table.columns[0] == "actual ratio"
     md = (tmp_path / "table_gamma_0.5.md").read_text().splitlines()
