@@ -1,10 +1,11 @@
-"""Does a student follow the requested ratio? Trains students on a finished run's stage-04 datasets with a
-given LoRA budget and evaluates ActRatio, accuracy, yes-ratio and VARR per requested ratio on the test split
-(against the teacher's own rationale lengths). A probe for the distillation recipe (issue 18), not a stage:
-nothing of the run is changed. Writes <out>/probe.json.
+"""Does a student follow the requested ratio? Builds the distillation data from a finished run's stages 01 and
+02 (no stage 03 or 04 needed) under the given overrides (`--set distill.ratio_position=turn_start`, ...),
+trains one student per method, and evaluates ActRatio, accuracy, yes-ratio and VARR per requested ratio on
+the test split (against the teacher's own rationale lengths). A probe for the distillation recipe (issue 18),
+not a stage: nothing of the run is changed. Writes <out>/probe.json.
 
-    .venv/bin/python benchmarks/probe_ratio_following.py --run-dir results/default --steps 320 \\
-        --methods vskip text_only --per-family 30 --out results/bench/probe_320
+    .venv/bin/python benchmarks/probe_ratio_following.py --run-dir results/default \\
+        --set distill.max_steps=160 --methods vskip text_only --per-family 20 --out results/bench/probe_a
 """
 
 from __future__ import annotations
@@ -14,29 +15,45 @@ import json
 import time
 from pathlib import Path
 
+from vskip_core.cli import parse_sets
 from vskip_core.config import load_params
 from vskip_core.data.real import examples as benchmark_examples
 from vskip_core.runtime import atomic_write_json, configure_threads, environment, seed_everything
 from vskip_core.stages import distillation as distill
 from vskip_core.stages.evaluation import evaluate_system
+from vskip_core.stages.gating import student_tokenizer
+from vskip_core.stages.generation import load_rationales
+from vskip_core.stages.scoring import load_scores
 from vskip_core.teacher import load_teacher
+
+
+def training_rows(run_dir: Path) -> list[dict]:
+    """Stage 02's scored rationales joined with stage 01's `correct` flags (what notebook 04 distils from)."""
+    records = {r["id"]: r for r in load_rationales(run_dir / "01_rationale_generation")}
+    scores = load_scores(run_dir / "02_dual_scoring").to_dict("records")
+    return [{**r, "correct": records[r["id"]]["correct"]} for r in scores if r["id"] in records]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run-dir", default="results/default", help="a run whose stage 04 saved its datasets")
+    ap.add_argument("--run-dir", default="results/default", help="a run whose stages 01 and 02 finished")
     ap.add_argument("--params", default="params/default.yaml")
-    ap.add_argument("--steps", type=int, default=320, help="distill.max_steps of each student")
+    ap.add_argument("--set", action="append", default=[], help="dotted override, e.g. distill.max_steps=160")
     ap.add_argument("--methods", nargs="+", default=["vskip", "text_only"])
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
-    ap.add_argument("--per-family", type=int, default=30, help="test examples per family")
+    ap.add_argument("--per-family", type=int, default=20, help="test examples per family")
     ap.add_argument("--out", default="results/bench/probe_ratio_following")
     args = ap.parse_args()
-    out = Path(args.out)
-    cfg = load_params(args.params, {"distill.max_steps": args.steps})
+    out, run_dir = Path(args.out), Path(args.run_dir)
+    cfg = load_params(args.params, parse_sets(args.set))
     configure_threads(cfg.runtime.num_threads)
     seed_everything(cfg.runtime.seed)
-    datasets = distill.load_datasets(Path(args.run_dir) / "04_qlora_distillation" / "datasets", args.methods)
+    d = cfg.distill
+    datasets, _ = distill.build_datasets(
+        cfg, training_rows(run_dir), args.methods, d.ratios, distill.GateCompressor(cfg),
+        student_tokenizer(cfg), seed=cfg.runtime.seed, keep=cfg.generation.keep, max_examples=d.max_examples,
+    )  # fmt: skip
+    datasets = {m: datasets[m] for m in args.methods}
     t0 = time.time()
     trained = distill.train_students(cfg, datasets, out)
     train_minutes = (time.time() - t0) / 60
@@ -49,18 +66,19 @@ def main() -> None:
     for m in args.methods:
         student = distill.load_student(cfg, trained[m]["adapter"])
         for r in args.ratios:
-            prefix = distill.ratio_prefix(r)
-            _, row = evaluate_system(student, exs, m, r, prefix=prefix, reference_tokens=reference, **kw)
-            rows.append(
-                {k: row[k] for k in ("method", "ratio", "act_ratio", "accuracy", "yes_ratio", "anls")}
-            )
-            rows[-1]["varr"] = row["varr"]["overall"]
+            prompt = distill.ratio_prompt(cfg, 1.0 if m == distill.CONTROL else r)
+            _, row = evaluate_system(student, exs, m, r, **prompt, reference_tokens=reference, **kw)
+            keys = ("method", "ratio", "act_ratio", "accuracy", "yes_ratio", "anls")
+            rows.append({k: row[k] for k in keys} | {"varr": row["varr"]["overall"]})
             print(json.dumps(rows[-1]), flush=True)
+            if m == distill.CONTROL:
+                break
     atomic_write_json(
         out / "probe.json",
         {
-            "steps": args.steps,
+            "overrides": args.set,
             "train_minutes": train_minutes,
+            "last_loss": {m: t["last_loss"] for m, t in trained.items()},
             "n_test": len(exs),
             "rows": rows,
             "env": environment(cfg),

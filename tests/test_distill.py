@@ -24,7 +24,7 @@ from vskip_core.stages.distillation import (
     load_datasets,
     load_student,
     make_target,
-    ratio_prefix,
+    ratio_prompt,
     save_datasets,
     split_answer,
     train_student,
@@ -64,19 +64,25 @@ def _lora_state(model):
 
 
 # --------------------------------------------------------------------------------------------- prompt
-def test_ratio_prefix_format_and_place(tiny_teacher):
-    assert ratio_prefix(1.0) == "Keep 1.0 of the reasoning.\n"
-    assert ratio_prefix(0.5) == "Keep 0.5 of the reasoning.\n"
-    assert ratio_prefix(0.333) == "Keep 0.33 of the reasoning.\n"
+def test_ratio_prompt_format_and_place(tiny_teacher):
+    cfg, _ = tiny_teacher
+    assert ratio_prompt(cfg, 1.0) == {"prefix": "", "instruction": "Keep 1.0 of the reasoning."}
+    assert ratio_prompt(cfg, 0.5)["instruction"] == "Keep 0.5 of the reasoning."
+    assert ratio_prompt(cfg, 0.333)["instruction"] == "Keep 0.33 of the reasoning."
+    start = ratio_prompt(cfg, 0.5, "turn_start")
+    assert start == {"prefix": "Keep 0.5 of the reasoning.\n", "instruction": cfg.generation.instruction}
+    hub = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, instruction="Think."))
+    assert ratio_prompt(hub, 0.5)["instruction"] == "Think.\nKeep 0.5 of the reasoning."
     for bad in (0.0, 1.5, -0.2):
         with pytest.raises(DistillError, match=r"\(0, 1\]"):
-            ratio_prefix(bad)
-    cfg, _ = tiny_teacher
+            ratio_prompt(cfg, bad)
     tok = load_model(cfg).tokenizer
     ex = make_example(cfg, "test", 0)
-    text = prompt_text(ex, tok, prefix=ratio_prefix(0.7))
-    user = text.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
-    assert user.split("<|vision_end|>", 1)[1].startswith("Keep 0.7 of the reasoning.\n" + ex["question"])
+    user = prompt_text(ex, tok, **ratio_prompt(cfg, 0.7)).split("<|im_start|>user\n", 1)[1]
+    user = user.split("<|im_end|>", 1)[0].split("<|vision_end|>", 1)[1]
+    assert user.startswith(ex["question"]) and user.endswith("\nKeep 0.7 of the reasoning.")
+    user = prompt_text(ex, tok, **ratio_prompt(cfg, 0.7, "turn_start")).split("<|vision_end|>", 1)[1]
+    assert user.startswith("Keep 0.7 of the reasoning.\n" + ex["question"])
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -84,7 +90,7 @@ def test_datasets_share_examples_and_ratio_draws(tiny_teacher, tmp_path):
     cfg, _ = tiny_teacher
     tok = load_model(cfg).tokenizer
     rows = _rows(cfg, 60, wrong_every=6)  # 10 incorrect rationales are filtered out
-    dss, report = build_datasets(rows, ["text_only", "random"], RATIOS, _compress, tok, seed=3)
+    dss, report = build_datasets(cfg, rows, ["text_only", "random"], RATIOS, _compress, tok, seed=3)
     assert set(dss) == {"text_only", "random", CONTROL}
     assert report["rows_in"] == 60 and report["kept"] == 50
     ref = dss["text_only"]
@@ -94,7 +100,7 @@ def test_datasets_share_examples_and_ratio_draws(tiny_teacher, tmp_path):
         for r, full in zip(ds, rows_by_id(rows, ds["id"])):
             body, sep, answer = split_answer(full["text"])
             assert r["target"].endswith(sep + answer) and r["target"].count("Answer:") == 1
-            assert r["prefix"] == ratio_prefix(r["ratio"])
+            assert {k: r[k] for k in ("prefix", "instruction")} == ratio_prompt(cfg, r["ratio"])
             if r["ratio"] == 1.0:
                 assert r["target"] == full["text"]
             else:
@@ -137,12 +143,12 @@ def test_bad_input_fails_before_training(tiny_teacher, tmp_path):
     with pytest.raises(
         DistillError, match=r"empty training set after filtering \(12 rows in; kept: non_empty 12, correct 0"
     ):
-        build_datasets(_rows(cfg, 12, wrong_every=1), ["vskip"], RATIOS, _compress, tok)
+        build_datasets(cfg, _rows(cfg, 12, wrong_every=1), ["vskip"], RATIOS, _compress, tok)
     with pytest.raises(DistillError, match=r"in \(0, 1\].*bad: \[1.5\]"):
-        build_datasets(_rows(cfg, 12), ["vskip"], [1.0, 1.5], _compress, tok)
+        build_datasets(cfg, _rows(cfg, 12), ["vskip"], [1.0, 1.5], _compress, tok)
     with pytest.raises(ParamsError, match="distill.ratios"):
         load_params("params/smoke.yaml", {"distill.ratios": "[0.0, 0.5]"})
-    dss, _ = build_datasets(_rows(cfg, 8), ["text_only"], RATIOS, _compress, tok)
+    dss, _ = build_datasets(cfg, _rows(cfg, 8), ["text_only"], RATIOS, _compress, tok)
     bad = _cfg(tiny_teacher, target_modules=["q_proj", "qkv_proj"])
     with pytest.raises(DistillError, match=r"\['qkv_proj'\] match no linear layer.*'q_proj'"):
         train_students(bad, dss, tmp_path / "stage", progress=False)
@@ -158,7 +164,7 @@ def trained(tiny_teacher, tmp_path_factory):
     its attention-only LoRA lowers it slowly but steadily; lr 1e-2 is unstable on it)."""
     cfg = _cfg(tiny_teacher, max_steps=16, lr=3e-3, batch_size=8, lora_dropout=0.0)
     tok = load_model(cfg).tokenizer
-    dss, _ = build_datasets(_rows(cfg, 8), ["text_only"], RATIOS, _compress, tok)
+    dss, _ = build_datasets(cfg, _rows(cfg, 8), ["text_only"], RATIOS, _compress, tok)
     out = tmp_path_factory.mktemp("distill")
     metrics = train_student(cfg, dss["text_only"], "text_only", out, progress=False)
     return cfg, dss, metrics
@@ -210,7 +216,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_teacher, tmp_path):
 
     cfg = _cfg(tiny_teacher, max_steps=8, save_steps=2, lr=5e-3)
     tok = load_model(cfg).tokenizer
-    ds = build_datasets(_rows(cfg, 12), ["text_only"], RATIOS, _compress, tok)[0]["text_only"]
+    ds = build_datasets(cfg, _rows(cfg, 12), ["text_only"], RATIOS, _compress, tok)[0]["text_only"]
     with pytest.raises(_Kill):
         train_student(cfg, ds, "text_only", tmp_path / "a", progress=False, callbacks=[KillAt()])
     ckpts = sorted(p.name for p in (tmp_path / "a" / "checkpoints" / "text_only").glob("checkpoint-*"))
@@ -240,7 +246,7 @@ def test_qlora_nf4_loss_moves_on_cpu(tiny_teacher, tmp_path):
     base = load_base(cfg)
     assert base.model.is_loaded_in_4bit
     assert any(type(mod).__name__ == "Linear4bit" for mod in base.model.modules())
-    ds = build_datasets(_rows(cfg, 8), ["text_only"], RATIOS, _compress, base.tokenizer)[0]["text_only"]
+    ds = build_datasets(cfg, _rows(cfg, 8), ["text_only"], RATIOS, _compress, base.tokenizer)[0]["text_only"]
     m = train_student(cfg, ds, "text_only", tmp_path, progress=False, base=base)
     hist = [h["loss"] for h in json.loads(open(m["adapter"] + "/history.json").read()) if "loss" in h]
     assert len(hist) == 8 and max(hist) - min(hist) > 1e-3  # the trap would leave it constant
@@ -284,8 +290,8 @@ def test_keep_policy_all_keeps_rationales_without_answer_line(tiny_teacher):
         {"id": f"train-{i:06d}", "family": "attribute", "text": "....", "correct": False} for i in range(6)
     ]
     with pytest.raises(DistillError, match="empty training set"):
-        build_datasets(rows, ["random"], RATIOS, _compress, tok, keep="answered")
-    dss, report = build_datasets(rows, ["random"], RATIOS, _compress, tok, keep="all")
+        build_datasets(cfg, rows, ["random"], RATIOS, _compress, tok, keep="answered")
+    dss, report = build_datasets(cfg, rows, ["random"], RATIOS, _compress, tok, keep="all")
     assert report["kept"] == 6 and len(dss["random"]) == 6
     assert all(t.strip() for t in dss["random"]["target"])
 
@@ -320,7 +326,7 @@ def test_gate_compressor_hits_the_ratio_and_keeps_the_answer(tiny_teacher):
     rng = np.random.default_rng(0)
     rows = [_scores_row(tok, make_example(cfg, "train", i), rng) for i in range(12)]
     gate = GateCompressor(cfg)
-    dss, _ = build_datasets(rows, ["vskip", "text_only", "visual_only", "random"], RATIOS, gate, tok)
+    dss, _ = build_datasets(cfg, rows, ["vskip", "text_only", "visual_only", "random"], RATIOS, gate, tok)
     for m in ("vskip", "text_only", "visual_only", "random"):
         for r in dss[m]:
             _, sep, answer = split_answer(r["full_rationale"])

@@ -576,3 +576,22 @@ def test_score_rationales_on_mllama_through_the_family_adapter(setup):
     alone = ST.score_rationales(loaded, cfg, _records(exs[1:2]), exs[1:2], progress=False)
     assert np.allclose(alone.anchoring[0], df.anchoring[1], atol=1e-5)
     assert np.allclose(alone.surprisal[0], df.surprisal[1], atol=1e-4)
+
+
+def test_both_query_rows_give_the_predict_and_self_readings(setup):
+    """Stage 02 captures `both` (one row more per rationale); each reading equals a capture of that mode alone,
+    and `self` is `predict` shifted by one token."""
+    cfg, tok, proc, exs = setup
+    m = _qwen2vl(cfg, tok, "sdpa")
+    inputs, spans = _qwen_batch(tok, proc, exs[:3])
+    layers = S.candidate_layers(m)
+    both = S.teacher_forced_scores(m, inputs, spans, layers, "both")
+    for mode in ("predict", "self"):
+        one = S.teacher_forced_scores(m, inputs, spans, layers, mode)
+        for got, want, (_, n) in zip(both.anchoring(layers, "max", mode), one.anchoring(layers), spans):
+            assert len(got) == n
+            np.testing.assert_allclose(got, want, atol=1e-6)
+    pred, self_ = both.anchoring(layers, "max", "predict"), both.anchoring(layers, "max", "self")
+    assert all(not np.allclose(p, s) for p, s in zip(pred, self_))
+    with pytest.raises(ValueError, match="needs query_mode='both'"):
+        one.anchoring(layers, "max", "predict")

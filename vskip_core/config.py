@@ -397,6 +397,9 @@ class DistillConfig:
         default_factory=lambda: ["vskip", "text_only", "external_lm", "visual_only", "random"]
     )  # gate methods, one student each (the full-rationale control `full` is always added)
     ratios: list[float] = field(default_factory=lambda: [1.0, 0.9, 0.7, 0.5, 0.3])  # one drawn per example
+    ratio_position: Literal["question_end", "turn_start"] = (
+        "question_end"  # where `Keep <r> of the reasoning.` goes: after the question (TokenSkip) or before
+    )
     max_examples: int = 0  # > 0 caps the training set (the first N kept rationales, by id); 0 = all
     quantization: Quantization = "none"  # none or nf4 (QLoRA: student base in 4-bit through bitsandbytes)
     lora_r: int = 16  # LoRA rank
@@ -479,7 +482,7 @@ class PruneConfig:
     n_examples: int = 120  # evaluation examples (families rotate); 0 = the whole eval.split
     batch_size: int = 32  # examples per pruned greedy-decoding batch (accuracy runs)
     latency_examples: int = 4  # examples timed at batch 1 (after one warm-up) per method and retention
-    student_ratio: float = 0.5  # the compression ratio the student is asked for (distill.ratio_prefix)
+    student_ratio: float = 0.5  # the compression ratio the student is asked for (distill.ratio_prompt)
 
     def validate(self) -> None:
         _check(

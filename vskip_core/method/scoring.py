@@ -54,6 +54,9 @@ WORD_AGGREGATIONS = ("sum", "mean", "max")
 
 
 # ------------------------------------------------------------------------------------------ model families
+QUERY_MODES = ("predict", "self", "both")
+
+
 def attention_modules(model) -> dict[int, torch.nn.Module]:
     """{decoder layer index: attention module whose softmax rows are the anchoring}, for every candidate."""
     ad = adapter_for(model)
@@ -255,11 +258,13 @@ def query_rows(
     spans: list[tuple[int, int]], mode: str = "predict", device=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rationale spans [(start, n)] in the padded batch -> (query_index (B, R), query_valid (B, R)).
-    `predict`: the row that predicts token j (start + j - 1); `self`: the token's own row."""
-    if mode not in ("predict", "self"):
-        raise ValueError(f"query mode must be predict or self, got {mode!r}")
-    R = max(n for _, n in spans)
-    shift = -1 if mode == "predict" else 0
+    `predict`: the row that predicts token j (start + j - 1); `self`: the token's own row; `both`: the n + 1
+    rows start - 1 .. start + n - 1, from which `PassScores.anchoring` takes either reading."""
+    if mode not in QUERY_MODES:
+        raise ValueError(f"query mode must be one of {QUERY_MODES}, got {mode!r}")
+    extra = 1 if mode == "both" else 0
+    R = max(n for _, n in spans) + extra
+    shift = 0 if mode == "self" else -1
     index = torch.zeros((len(spans), R), dtype=torch.long)
     valid = torch.zeros((len(spans), R), dtype=torch.bool)
     for b, (start, n) in enumerate(spans):
@@ -267,9 +272,9 @@ def query_rows(
             raise ValueError(
                 f"row {b}: the rationale starts at position {start}; it needs a prompt before it"
             )
-        index[b, :n] = torch.arange(start + shift, start + shift + n)
-        index[b, n:] = start + shift
-        valid[b, :n] = True
+        index[b, : n + extra] = torch.arange(start + shift, start + shift + n + extra)
+        index[b, n + extra :] = start + shift
+        valid[b, : n + extra] = True
     return index.to(device), valid.to(device)
 
 
@@ -317,10 +322,21 @@ class PassScores:
     surprisal: list[np.ndarray]
     mass: dict[int, torch.Tensor]  # layer -> (B, H, R) image mass of the captured layers
     query_valid: torch.Tensor  # (B, R)
+    query_mode: str = "predict"  # the rows captured (`query_rows`); `both` holds either reading
 
-    def anchoring(self, layers: list[int], head_reduce: str = "max") -> list[np.ndarray]:
+    def anchoring(
+        self, layers: list[int], head_reduce: str = "max", mode: str | None = None
+    ) -> list[np.ndarray]:
+        """Per row, each rationale token's anchoring read from its `mode` row (default: the captured one)."""
+        mode = mode or self.query_mode
+        if mode != self.query_mode and self.query_mode != "both":
+            raise ValueError(f"rows were captured for {self.query_mode!r}; {mode!r} needs query_mode='both'")
         a = reduce_anchoring(self.mass, layers, head_reduce).cpu().numpy()
-        return [a[b, : int(v.sum())] for b, v in enumerate(self.query_valid.cpu())]
+        n = [int(v.sum()) for v in self.query_valid.cpu()]
+        if self.query_mode != "both":
+            return [a[b, : n[b]] for b in range(len(n))]
+        first = 1 if mode == "self" else 0  # `both` starts at the predicting row of the first token
+        return [a[b, first : first + n[b] - 1] for b in range(len(n))]
 
 
 @torch.no_grad()
@@ -360,7 +376,7 @@ def teacher_forced_scores(
         target = ids[b, start : start + n]
         nll = -torch.log_softmax(rows, dim=-1).gather(-1, target[:, None])[:, 0]
         surprisal.append(nll.cpu().numpy())
-    return PassScores(surprisal=surprisal, mass=mass, query_valid=qv)
+    return PassScores(surprisal=surprisal, mass=mass, query_valid=qv, query_mode=query_mode)
 
 
 # ------------------------------------------------------------------------------------------ words and tokens

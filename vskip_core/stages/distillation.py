@@ -5,13 +5,13 @@ its prompt and, as target, the teacher's rationale compressed to that ratio by o
 the answer line. At inference the student is asked for a ratio and writes a short rationale directly, with
 no scoring at run time.
 
-**Prompt format** (`ratio_prefix`): the user turn starts with `Keep <ratio> of the reasoning.` and a newline,
-then the question; the ratio is written with up to two decimals (`1.0`, `0.9`, `0.33`); 1.0 asks for the
-full rationale. TokenSkip puts the ratio after the question between end-of-turn tokens; a plain sentence
-before the question uses only tokens every chat template already has. Evaluation and visual-token pruning
-import `ratio_prefix`, so every stage writes the same prompt:
+**Prompt format** (`ratio_prompt`): the sentence `Keep <ratio> of the reasoning.` ends the user turn, after
+the question, its options and `generation.instruction` (`distill.ratio_position: question_end`, TokenSkip's
+place), or starts it (`turn_start`); the ratio is written with up to two decimals (`1.0`, `0.9`, `0.33`); 1.0
+asks for the full rationale. A plain sentence uses only tokens every chat template already has. Evaluation and
+visual-token pruning import `ratio_prompt`, so every stage writes the same prompt:
 
-    generate(model, tok, proc, examples, prefix=ratio_prefix(0.5))
+    generate(model, tok, proc, examples, **ratio_prompt(cfg, 0.5))
 
 **Data** (`build_datasets`): from the teacher's rationales (those stage 01 kept: `generation.keep`), one
 `datasets.Dataset` per gate method plus the control `full` (ratio always 1.0). Every method gets the same
@@ -90,7 +90,7 @@ from vskip_core.stages.generation import example_for
 STAGE = "04_qlora_distillation"
 CONTROL = "full"  # the full-rationale control student: ratio always 1.0, no compression
 EXTERNAL_BATCH_SIZE = 32  # rationales per SmolLM2 forward when external surprisal is computed here
-RATIO_TEMPLATE = "Keep {ratio} of the reasoning.\n"
+RATIO_TEMPLATE = "Keep {ratio} of the reasoning."
 
 Compress = Callable[[dict[str, Any], str, float], str]
 
@@ -118,12 +118,17 @@ def format_ratio(ratio: float) -> str:
     return s + "0" if s.endswith(".") else s
 
 
-def ratio_prefix(ratio: float) -> str:
-    """The text put before the question in the user turn to ask for a rationale compressed to `ratio`:
-    `Keep 0.5 of the reasoning.\\n`. Use it as `encode(..., prefix=ratio_prefix(r))` or
-    `generate(..., prefix=ratio_prefix(r))`; 1.0 asks for the full rationale."""
+def ratio_prompt(cfg: Config, ratio: float, position: str | None = None) -> dict[str, str]:
+    """The `prefix` and `instruction` that ask for a rationale compressed to `ratio` (`Keep 0.5 of the
+    reasoning.`), placed by `distill.ratio_position`: after the question, options and
+    `generation.instruction` (question_end) or before the question (turn_start). Pass them on as
+    `generate(..., **ratio_prompt(cfg, r))` or `encode(...)`; 1.0 asks for the full rationale."""
     check_ratios([ratio])
-    return RATIO_TEMPLATE.format(ratio=format_ratio(ratio))
+    sentence = RATIO_TEMPLATE.format(ratio=format_ratio(ratio))
+    instruction = cfg.generation.instruction
+    if (position or cfg.distill.ratio_position) == "turn_start":
+        return {"prefix": sentence + "\n", "instruction": instruction}
+    return {"prefix": "", "instruction": f"{instruction}\n{sentence}" if instruction else sentence}
 
 
 # ------------------------------------------------------------------------------------------ training data
@@ -224,9 +229,12 @@ def draw_ratios(rows: list[dict[str, Any]], ratios: list[float], seed: int) -> d
     return out
 
 
-def build_dataset(rows: list[dict[str, Any]], method: str, draws: dict[str, float], compress, tokenizer):
-    """Instruction data for one method: prompt prefix from the drawn ratio, target = compressed rationale +
-    answer line. Ratio 1.0 (and the control `full`) keeps the full rationale without calling `compress`."""
+def build_dataset(
+    cfg: Config, rows: list[dict[str, Any]], method: str, draws: dict[str, float], compress, tokenizer
+):
+    """Instruction data for one method: the ratio prompt (`ratio_prompt`) of the drawn ratio, target =
+    compressed rationale + answer line. Ratio 1.0 (and the control `full`) keeps the full rationale without
+    calling `compress`."""
     from datasets import Dataset
 
     def n_tokens(text: str) -> int:
@@ -253,7 +261,7 @@ def build_dataset(rows: list[dict[str, Any]], method: str, draws: dict[str, floa
                 "family": str(row["family"]),
                 "method": method,
                 "ratio": ratio,
-                "prefix": ratio_prefix(ratio),
+                **ratio_prompt(cfg, ratio),
                 "target": target,
                 "full_rationale": text,
                 "target_tokens": n_tokens(target),
@@ -265,6 +273,7 @@ def build_dataset(rows: list[dict[str, Any]], method: str, draws: dict[str, floa
 
 
 def build_datasets(
+    cfg: Config,
     rows,
     methods: list[str],
     ratios: list[float],
@@ -280,7 +289,7 @@ def build_datasets(
     kept, report = select_rows(rows, keep, max_examples)
     draws = draw_ratios(kept, ratios, seed)
     names = list(dict.fromkeys([*methods, CONTROL]))
-    return {m: build_dataset(kept, m, draws, compress, tokenizer) for m in names}, report
+    return {m: build_dataset(cfg, kept, m, draws, compress, tokenizer) for m in names}, report
 
 
 def data_card(ds) -> dict[str, Any]:
@@ -343,8 +352,8 @@ def _dataset_readme(card: dict[str, Any]) -> str:
     lines = [
         f"# Distillation data: method `{card['method']}`",
         "",
-        f"{card['n']} examples. Prompt: `{RATIO_TEMPLATE.strip()}` + question "
-        "(vskip_core.stages.distillation.ratio_prefix); target: compressed teacher rationale + answer line.",
+        f"{card['n']} examples. Prompt: question + `{RATIO_TEMPLATE}` "
+        "(vskip_core.stages.distillation.ratio_prompt); target: compressed teacher rationale + answer line.",
         "",
         "| ratio | n | mean target tokens | mean full tokens | actual ratio |",
         "|---|---|---|---|---|",
@@ -551,7 +560,7 @@ class EncodedDataset(torch.utils.data.Dataset):
             self.tok,
             self.proc,
             target=r["target"],
-            instruction=self.cfg.generation.instruction,
+            instruction=r["instruction"],
             prefix=r["prefix"],
         )
 
@@ -594,7 +603,9 @@ def fingerprint(cfg: Config, ds, method: str) -> str:
     h = hashlib.sha256()
     h.update(cfg.hash("distill", "embedded", "data", "generation", "model").encode())
     h.update(f"{cfg.runtime.seed}/{method}".encode())
-    h.update(json.dumps(list(zip(ds["id"], ds["ratio"], ds["prefix"], ds["target"]))).encode())
+    h.update(
+        json.dumps(list(zip(ds["id"], ds["ratio"], ds["prefix"], ds["instruction"], ds["target"]))).encode()
+    )
     return h.hexdigest()[:16]
 
 
@@ -760,15 +771,15 @@ def _model_card(cfg: Config, m: dict[str, Any], ds) -> str:
             f"loss on target tokens only.",
             f"Loss {m['first_loss']:.3f} -> {m['last_loss']:.3f} in {m['train_seconds']:.0f} s on {m['device']}.",
             "",
-            f"Prompt: `vskip_core.stages.distillation.ratio_prefix(r)` (`{RATIO_TEMPLATE.strip()}`) before the question; "
-            "1.0 asks for the full rationale.",
+            f"Prompt: `vskip_core.stages.distillation.ratio_prompt(cfg, r)` (`{RATIO_TEMPLATE}`, "
+            f"{d.ratio_position}); 1.0 asks for the full rationale.",
             "",
             "```python",
-            "from vskip_core.stages.distillation import load_student, ratio_prefix",
+            "from vskip_core.stages.distillation import load_student, ratio_prompt",
             "from vskip_core.stages.generation import generate",
             "student = load_student(cfg, adapter_dir)  # base + adapter, merged unless the base is 4-bit",
             "out = generate(student.model, student.tokenizer, student.processor, examples, "
-            "prefix=ratio_prefix(0.5))",
+            "**ratio_prompt(cfg, 0.5))",
             "```",
             "",
         ]
@@ -937,8 +948,7 @@ def student_gallery(cfg: Config, adapters: dict[str, str], examples, ratio: floa
             examples,
             g.max_new_tokens,
             g.batch_size,
-            instruction=g.instruction,
-            prefix=ratio_prefix(r),
+            **ratio_prompt(cfg, r),
             repetition_penalty=g.repetition_penalty,
         )
         table[f"{m} @ {format_ratio(r)}"] = [o["text"] for o in outs]

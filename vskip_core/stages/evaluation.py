@@ -22,7 +22,7 @@ from vskip_core.metrics import (
     varr_text,
 )
 from vskip_core.modeling.decoding import generate
-from vskip_core.stages.distillation import load_student, ratio_prefix
+from vskip_core.stages.distillation import load_student, ratio_prompt
 
 
 def latency(
@@ -272,10 +272,9 @@ def evaluate_students(
                 examples,
                 method,
                 r,
-                prefix=ratio_prefix(r),
+                **ratio_prompt(cfg, r),
                 max_new_tokens=g.max_new_tokens,
                 batch_size=e.batch_size,
-                instruction=g.instruction,
                 reference_tokens=reference_tokens,
                 seed=cfg.runtime.seed,
                 progress=progress,
@@ -285,17 +284,18 @@ def evaluate_students(
 
 
 def latency_fields(
-    cfg, loaded, examples: list[dict[str, Any]], prefix: str = "", assistant_prefill: str = ""
+    cfg, loaded, examples: list[dict[str, Any]], ratio: float | None = None, assistant_prefill: str = ""
 ) -> dict[str, float]:
-    """Latency of one system as summary-row fields (median and p90 seconds at batch 1)."""
+    """Latency of one system as summary-row fields (median and p90 seconds at batch 1); a student is asked
+    for `ratio` (`distillation.ratio_prompt`)."""
+    prompt = ratio_prompt(cfg, ratio) if ratio is not None else {"instruction": cfg.generation.instruction}
     lat = latency(
         loaded.model,
         loaded.tokenizer,
         loaded.processor,
         examples,
         cfg.generation.max_new_tokens,
-        prefix=prefix,
-        instruction=cfg.generation.instruction,
+        **prompt,
         assistant_prefill=assistant_prefill,
         repetition_penalty=cfg.generation.repetition_penalty,
     )

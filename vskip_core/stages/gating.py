@@ -252,6 +252,34 @@ def share_ablation(
     return pd.DataFrame(out)
 
 
+def query_ablation(
+    rows: Sequence[Scored], score_records: Sequence[dict], examples, tokenizer, cfg: Config, seed: int = 0,
+    gammas=None, methods=("vskip", "visual_only"),
+):  # fmt: skip
+    """The anchoring query row (`scoring.query_position`): `predict` (the row that writes the token) vs `self`
+    (the token's own row), from stage 02's `anchoring_predict` / `anchoring_self`: one row per (query, method,
+    gamma) with the actual ratio and VARR per type and overall. Empty, with a printed reason, when stage 02
+    stored only one reading."""
+    import pandas as pd
+
+    raw = {r["id"]: r for r in score_records}
+    if not rows or any(not isinstance(raw[r.id].get("anchoring_self"), list | np.ndarray) for r in rows):
+        print("stage 02 stored one query row only (scores from an older run): query ablation skipped")
+        return pd.DataFrame()
+    out = []
+    for query in ("predict", "self"):
+        variant = [r.with_scores(anchoring=np.asarray(raw[r.id][f"anchoring_{query}"], float)) for r in rows]
+        measure = Evaluator(variant, examples, tokenizer)
+        for method in methods:
+            for gamma in gammas or cfg.gate.gammas:
+                m = measure(method, gamma, cfg, seed, "example")
+                out.append(
+                    {"query": query, "method": method, "gamma": gamma, "actual_ratio": m["actual_ratio"],
+                     **m["varr"]}
+                )  # fmt: skip
+    return pd.DataFrame(out)
+
+
 def layer_bands(all_layers: Sequence[int], key_layers: Sequence[int]) -> dict[str, list[int]]:
     """Key-layer bands to ablate: each candidate layer alone (up to 8), else the first and last third of
     the candidates; then all of them and this run's key layers."""

@@ -25,7 +25,7 @@ from vskip_core.modeling.pruned_decoding import PrunedOutput, pruned_generate
 from vskip_core.plots import _save
 from vskip_core.runtime import progress as tqdm
 from vskip_core.stages.distillation import load_student as _load
-from vskip_core.stages.distillation import ratio_prefix
+from vskip_core.stages.distillation import ratio_prompt
 
 SIMPLE_FAMILIES = ("attribute", "existence")
 REASONING_FAMILIES = ("multistep", "reading")
@@ -196,18 +196,20 @@ def run_grid(
     cfg,
     retentions: list[float] | None = None,
     methods: list[str] | None = None,
-    prefix: str = "",
+    prompt: dict[str, str] | None = None,
     name_prefix: str = "",
     progress: bool = False,
 ) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Every method with and without DSTP at every retention, plus the unpruned model: the `methods` block of
     metrics.json (`{"<name_prefix><method>[+dstp]": {"<retention>": entry}}`, unpruned as "<name_prefix>unpruned"
-    at "1.0") and all per-example records."""
+    at "1.0") and all per-example records. `prompt`: a student's `ratio_prompt` (prefix and instruction)."""
     p = cfg.prune
     retentions = p.retentions if retentions is None else retentions
     methods = p.methods if methods is None else methods
     n_lat = min(p.latency_examples, len(examples))
-    args = (cfg.generation.max_new_tokens, p.batch_size, n_lat, prefix, progress, cfg.generation.instruction)
+    prompt = prompt or {"prefix": "", "instruction": cfg.generation.instruction}
+    args = (cfg.generation.max_new_tokens, p.batch_size, n_lat, prompt.get("prefix", ""), progress,
+            prompt["instruction"])  # fmt: skip
     table: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
     entry, recs = evaluate(loaded, examples, PruneSpec.from_config(cfg, "none"), *args)
@@ -493,12 +495,13 @@ def plot_rvis(summary: dict[str, Any], path=None):
 
 # ---------------------------------------------------------------------------------------------- student
 def load_student(cfg, run_dir) -> tuple[Any, str, str]:
-    """The V-Skip student to combine with pruning: (loaded or None, prompt prefix, what happened). Looks for
+    """The V-Skip student to combine with pruning: (loaded or None, its `ratio_prompt`, what happened). Looks for
     `<run_dir>/04_qlora_distillation/adapters/vskip/`; absent module or adapter -> None."""
     from pathlib import Path
 
     adapter = Path(run_dir) / "04_qlora_distillation" / "adapters" / STUDENT_ADAPTER
     if not (adapter / "adapter_config.json").exists():
-        return None, "", f"no student adapter at {adapter} (run stage 04 first): student combination skipped"
-    prefix = ratio_prefix(cfg.prune.student_ratio)
-    return _load(cfg, adapter), prefix, f"student {adapter} prompted with {prefix.strip()!r}"
+        return None, {}, f"no student adapter at {adapter} (run stage 04 first): student combination skipped"
+    prompt = ratio_prompt(cfg, cfg.prune.student_ratio)
+    said = " / ".join(v.strip() for v in prompt.values() if v.strip())
+    return _load(cfg, adapter), prompt, f"student {adapter} prompted with {said!r}"

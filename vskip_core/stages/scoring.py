@@ -143,9 +143,14 @@ def _score_chunk(loaded, cfg, chunk: list[_Prepared], key_layers, all_layers, bu
                 f"{len(p.token_ids)}; the builder must tokenize the rationale the same way"
             )
     capture = sorted(set(all_layers) | set(key_layers))
-    ps = teacher_forced_scores(loaded.model, inputs, spans, capture, sc.query_position)
-    anchoring = ps.anchoring(key_layers, sc.head_reduce)
-    by_layer = {h: [ps.anchoring([i], h) for i in all_layers] for h in ("max", "mean")} if all_layers else {}
+    # both query rows of every token (one row more per rationale): stage 03 compares predict with self
+    ps = teacher_forced_scores(loaded.model, inputs, spans, capture, "both")
+    q = sc.query_position
+    by_query = {m: ps.anchoring(key_layers, sc.head_reduce, m) for m in ("predict", "self")}
+    anchoring = by_query[q]
+    by_layer = (
+        {h: [ps.anchoring([i], h, q) for i in all_layers] for h in ("max", "mean")} if all_layers else {}
+    )
     noimg = [None] * len(chunk)
     if sc.surprisal_without_image:
         blank = [blank_image(ex) for ex in exs]
@@ -156,6 +161,7 @@ def _score_chunk(loaded, cfg, chunk: list[_Prepared], key_layers, all_layers, bu
             p,
             ps.surprisal[b],
             anchoring[b],
+            {m: v[b] for m, v in by_query.items()},
             noimg[b],
             {h: [v[b] for v in by_layer[h]] for h in by_layer},
             key_layers,
@@ -166,7 +172,7 @@ def _score_chunk(loaded, cfg, chunk: list[_Prepared], key_layers, all_layers, bu
     ]
 
 
-def _row(p: _Prepared, surprisal, anchoring, noimg, by_layer, key_layers, all_layers, sc) -> dict:
+def _row(p: _Prepared, surprisal, anchoring, by_query, noimg, by_layer, key_layers, all_layers, sc) -> dict:
     """One row of scores.parquet: the contract columns, word values, anchor types, per-layer anchoring."""
     wids = word_ids(p.rec["rationale"], p.offsets)
     row = {
@@ -177,6 +183,7 @@ def _row(p: _Prepared, surprisal, anchoring, noimg, by_layer, key_layers, all_la
         "offsets": p.offsets,
         "surprisal": surprisal.astype(float).tolist(),
         "anchoring": anchoring.astype(float).tolist(),
+        **{f"anchoring_{m}": v.astype(float).tolist() for m, v in by_query.items()},  # both query rows
         "surprisal_noimg": noimg,
         "word_ids": wids,
         "answer_start": p.answer_start,
@@ -225,7 +232,8 @@ def score_rationales(
 
     Returns a DataFrame with the columns of the data contract (`CONTRACT_COLUMNS`) plus `surprisal_word`,
     `anchoring_word` (token-aligned word values), `anchor_type` (per token), `key_layers`, `all_layers` and
-    `anchoring_by_layer_max/mean` (candidate layers x tokens; stage 03 ablates the band and head reduction).
+    `anchoring_by_layer_max/mean` (candidate layers x tokens; stage 03 ablates the band and head reduction),
+    `anchoring_predict` and `anchoring_self` (the key layers read from either query row; stage 03 compares).
     """
     import pandas as pd
 
