@@ -426,7 +426,7 @@ def test_summary_from_hand_made_metrics_files(tmp_path):
     md = (run / "summary.md").read_text().splitlines()
     header = next(line for line in md if line.startswith("| method"))
     cols = [c.strip() for c in header.strip("|").split("|")]
-    body = [line for line in md if line.startswith("| teacher") or line.startswith("| vskip")]
+    body = [line for line in md if line.startswith("| teacher |") or line.startswith("| vskip |")]
     teacher, vskip = ({k: v.strip() for k, v in zip(cols, b.strip("|").split("|"))} for b in body)
     assert teacher["ratio"] == "" and vskip["ratio"] == "0.5"
     assert (
@@ -435,6 +435,10 @@ def test_summary_from_hand_made_metrics_files(tmp_path):
     assert vskip["anls"] == "1.000" and vskip["latency_s"] == "0.100" and vskip["tokens"] == "30.000"
     assert md[0] == "# vskip run summary: `hand`"
     assert any("Git 0123456789 (dirty: False)" in line for line in md) and md[-1] == "a hand-made note"
+    assert saved["claims"] == [
+        {"claim": "vskip ActRatio at 0.5", "value": 0.5, "ci": None, "target": "0.5 +- 0.05", "met": True}
+    ]
+    assert "| vskip ActRatio at 0.5 | 0.500 |  | 0.5 +- 0.05 | yes |" in md
 
 
 def test_bootstrap_ci_covers_the_estimate_and_pairs_by_example():
@@ -505,3 +509,33 @@ def test_add_intervals_pairs_students_with_the_full_control():
     md = comparisons(rows)
     assert md[-2].startswith("| vskip | 0.5 | -0.") and "[+0." in md[-2].split("|")[5]  # VARR vs text-only
     assert comparisons(rows[:2]) == []
+    from vskip_core.infra.summary import claims
+
+    found = {c["claim"]: c for c in claims(rows)}
+    assert found["vskip VARR - text_only's"]["met"] is True
+    assert found["text_only yes-ratio - full's"]["met"] is False  # +0.5
+    assert "teacher ActRatio at None" not in found and not any(k.startswith("full") for k in found)
+    # a sweep row on the first 80 examples only: its own n, and paired with the control on those 80
+    sweep = recs("vskip", 0.3, lambda i: i % 5 != 0, lambda i: i % 8 == 1, lambda i: 1)[:80]
+    rows = [{"method": "full", "ratio": 1.0}, {"method": "vskip", "ratio": 0.3}]
+    add_intervals(rows, records + sweep, reps=100)
+    assert rows[0]["n_examples"] == 200 and rows[1]["n_examples"] == 80
+    assert (
+        rows[1]["vs_full"]["accuracy_mean_diff"] == 0.0 and rows[1]["vs_full"]["accuracy_mean_diff_n"] == 80
+    )
+
+
+def test_speedups_pair_the_timed_examples_with_the_full_control():
+    from vskip_core.stages.evaluation import add_speedups
+
+    full = [0.4, 0.5, 0.6, 0.5, 0.45, 0.55]
+    rows = [
+        {"method": "teacher", "latency_times_s": [0.5] * 6},
+        {"method": "full", "latency_times_s": full},
+        {"method": "vskip", "latency_times_s": [t / 2 for t in full]},
+        {"method": "direct"},
+    ]
+    add_speedups(rows, reps=200)
+    assert rows[1]["speedup_vs_full"] == 1.0 and rows[1]["speedup_vs_full_ci"] == [1.0, 1.0]
+    assert rows[2]["speedup_vs_full"] == 2.0 and rows[2]["speedup_vs_full_ci"] == [2.0, 2.0]  # paired: exact
+    assert rows[3]["speedup_vs_full"] is None

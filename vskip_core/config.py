@@ -445,8 +445,10 @@ class EvalConfig:
     """Evaluation of teacher, baselines and students (vskip_core.stages.evaluation)."""
 
     split: Split = "test"  # evaluation split
-    n_examples: int = 240  # examples evaluated (families rotate, so n/4 each); 0 = the whole split
+    n_examples: int = 416  # examples of the main rows (families rotate: 104 each, one < 0.01); 0 = the split
     ratios: list[float] = field(default_factory=lambda: [0.9, 0.7, 0.5, 0.3])  # student ratios evaluated
+    main_ratio: float = 0.5  # the students' ratio evaluated on all n_examples (the claims' rows)
+    sweep_examples: int = 240  # the other ratios: the first N of the same examples (paired); 0 = all
     latency_examples: int = 10  # examples timed at batch 1 (after one warm-up) for latency
     batch_size: int = 32  # generation batch for accuracy runs
 
@@ -456,6 +458,12 @@ class EvalConfig:
             all(0 < r <= 1 for r in self.ratios),
             "eval.ratios",
             f"every ratio must be in (0, 1], got {self.ratios}",
+        )
+        _check(self.sweep_examples >= 0, "eval.sweep_examples", f"must be >= 0, got {self.sweep_examples}")
+        _check(
+            self.main_ratio in self.ratios,
+            "eval.main_ratio",
+            f"must be one of eval.ratios {self.ratios}, got {self.main_ratio}",
         )
 
 

@@ -5,6 +5,7 @@ Notebook 05 calls it; the parsing and the metrics themselves are pure functions 
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ def latency(
         "p90_s": float(np.percentile(times, 90)),
         "mean_tokens": float(np.mean(toks)),
         "n": len(times),
+        "times_s": [float(t) for t in times],
     }
 
 
@@ -174,6 +176,7 @@ class _Arrays:
         self.varr_kept = np.array([sum(v[0] for v in r["varr"].values()) for r in rs], dtype=float)
         self.varr_total = np.array([sum(v[1] for v in r["varr"].values()) for r in rs], dtype=float)
         self.families = sorted(set(self.family))
+        self.n = len(rs)
 
     def accuracy(self, idx, fam: str) -> float:
         sel = self.family[idx] == fam
@@ -202,32 +205,36 @@ class _Arrays:
 def add_intervals(rows: list[dict[str, Any]], records: list[dict[str, Any]], reps: int = 2000, seed: int = 0):
     """Bootstrap 95% intervals (`metrics.bootstrap_ci`, resampling test examples) on every summary row:
     `accuracy_mean` (mean over families) and `*_ci` fields for it, each family's accuracy, yes-ratio, ActRatio
-    and VARR; and, paired by example, each student against the `full` control (`vs_full`: accuracy_mean and
-    yes-ratio differences) and each V-Skip student against the text-only student at its ratio (`vs_text_only`:
-    VARR difference). Rows are updated in place."""
+    and VARR; and, paired by example (on the examples both rows have), each student against the `full` control
+    (`vs_full`: accuracy_mean and yes-ratio differences) and each V-Skip student against the text-only student
+    at its ratio (`vs_text_only`: VARR difference). Rows are updated in place."""
 
     def key(r):
         return (r["method"], r["ratio"])
 
-    ids = [r["id"] for r in records if (r["system"], r["ratio"]) == key(rows[0])]
-    arrays = {
-        key(row): _Arrays([r for r in records if (r["system"], r["ratio"]) == key(row)], ids) for row in rows
-    }
-    n, every = len(ids), np.arange(len(ids))
+    by_key: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_key[(r["system"], r["ratio"])].append(r)
+    ids = {k: [r["id"] for r in v] for k, v in by_key.items()}
 
     def ci(a: _Arrays, metric: str, *args) -> list[float | None]:
-        return bootstrap_ci(lambda i: getattr(a, metric)(i, *args), n, reps, seed)
+        return bootstrap_ci(lambda i: getattr(a, metric)(i, *args), a.n, reps, seed)
 
-    def diff(a: _Arrays, b: _Arrays, metric: str, name: str) -> dict[str, Any]:
-        fa, fb = getattr(a, metric), getattr(b, metric)
+    def diff(ka, kb, metric: str, name: str) -> dict[str, Any]:
+        other = set(ids[kb])
+        common = [i for i in ids[ka] if i in other]
+        fa, fb = getattr(_Arrays(by_key[ka], common), metric), getattr(_Arrays(by_key[kb], common), metric)
         return {
-            f"{name}_diff": fa(every) - fb(every),
-            f"{name}_diff_ci": bootstrap_ci(lambda i: fa(i) - fb(i), n, reps, seed),
+            f"{name}_diff": fa(np.arange(len(common))) - fb(np.arange(len(common))),
+            f"{name}_diff_ci": bootstrap_ci(lambda i: fa(i) - fb(i), len(common), reps, seed),
+            f"{name}_diff_n": len(common),
         }
 
-    full = arrays.get(("full", 1.0))
+    full = ("full", 1.0) if ("full", 1.0) in by_key else None
     for row in rows:
-        a = arrays[key(row)]
+        a = _Arrays(by_key[key(row)], ids[key(row)])
+        every = np.arange(a.n)
+        row["n_examples"] = a.n
         row["accuracy_mean"] = a.accuracy_mean(every)
         row["accuracy_mean_ci"] = ci(a, "accuracy_mean")
         row["accuracy_ci"] = {f: ci(a, "accuracy", f) for f in a.families}
@@ -235,12 +242,12 @@ def add_intervals(rows: list[dict[str, Any]], records: list[dict[str, Any]], rep
         row["act_ratio_ci"] = ci(a, "act_ratio")
         row["varr_overall_ci"] = ci(a, "varr")
         if full is not None and row["method"] not in ("teacher", "direct", "full"):
-            row["vs_full"] = diff(a, full, "accuracy_mean", "accuracy_mean") | diff(
-                a, full, "yes_ratio", "yes_ratio"
+            row["vs_full"] = diff(key(row), full, "accuracy_mean", "accuracy_mean") | diff(
+                key(row), full, "yes_ratio", "yes_ratio"
             )
-        text_only = arrays.get(("text_only", row["ratio"]))
-        if row["method"] == "vskip" and text_only is not None:
-            row["vs_text_only"] = diff(a, text_only, "varr", "varr")
+        text_only = ("text_only", row["ratio"])
+        if row["method"] == "vskip" and text_only in by_key:
+            row["vs_text_only"] = diff(key(row), text_only, "varr", "varr")
     return rows
 
 
@@ -259,17 +266,20 @@ def evaluate_students(
     reference_tokens: dict[str, int],
     progress: bool = True,
 ):
-    """Every student at every `eval.ratios` (the `full` control at 1.0 only). Yields (records, row, loaded)
-    per (method, ratio); the student is merged into its base for generation (no adapter overhead)."""
+    """Every student at every `eval.ratios` (the `full` control at 1.0 only): on all `examples` at
+    `eval.main_ratio` (and the control), on the first `eval.sweep_examples` of them at the other ratios.
+    Yields (records, row, loaded) per (method, ratio); the student is merged into its base for generation
+    (no adapter overhead)."""
 
     g, e = cfg.generation, cfg.eval
+    sweep = examples[: e.sweep_examples] if e.sweep_examples else examples
     for method, path in adapters.items():
         student = load_student(cfg, path)
         ratios = [1.0] if method == "full" else list(e.ratios)
         for r in ratios:
             recs, row = evaluate_system(
                 student,
-                examples,
+                examples if method == "full" or r == e.main_ratio else sweep,
                 method,
                 r,
                 **ratio_prompt(cfg, r),
@@ -299,7 +309,24 @@ def latency_fields(
         assistant_prefill=assistant_prefill,
         repetition_penalty=cfg.generation.repetition_penalty,
     )
-    return {"latency_s": lat["median_s"], "latency_p90_s": lat["p90_s"]}
+    return {"latency_s": lat["median_s"], "latency_p90_s": lat["p90_s"], "latency_times_s": lat["times_s"]}
+
+
+def add_speedups(rows: list[dict[str, Any]], reps: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """`speedup_vs_full` (the full control's median batch-1 latency / the row's) and its bootstrap 95%
+    interval, paired by timed example (the same examples time every system). Rows updated in place."""
+    full = next((r for r in rows if r["method"] == "full" and r.get("latency_times_s")), None)
+    for r in rows:
+        t = np.asarray(r.get("latency_times_s") or [], float)
+        if full is None or not len(t):
+            r["speedup_vs_full"], r["speedup_vs_full_ci"] = None, [None, None]
+            continue
+        f = np.asarray(full["latency_times_s"], float)[: len(t)]
+        r["speedup_vs_full"] = float(np.median(f) / np.median(t))
+        r["speedup_vs_full_ci"] = bootstrap_ci(
+            lambda i, f=f, t=t: float(np.median(f[i]) / np.median(t[i])), len(t), reps, seed
+        )
+    return rows
 
 
 def _survives(row, keep, anchor: dict[str, Any]) -> bool:
