@@ -122,6 +122,11 @@ def test_varr_text_hand_computed():
     assert once["colour"] == (1, 3) and once["shape"] == (1, 2) and once["text"] == (0, 1)
     assert aggregate_varr([bad, once])["colour"] == 1 / 6
     assert varr_text(ref, ref, None) == {t: (0, 0) for t in ("colour", "shape", "size", "position", "text")}
+    # a teacher's misread price ($9.99) is not counted, and keeping it does not cost the shape; adding one does
+    misread = "The small red triangle is marked $9.99, at the top left."
+    assert varr_text(misread, misread, SCENE)["shape"] == (1, 1)
+    assert varr_text(misread, misread, SCENE)["text"] == (0, 0)
+    assert varr_text(misread, "The small red triangle is marked $1.11.", SCENE)["shape"] == (0, 1)
 
 
 def test_varr_text_is_complete_on_gold_rationales():

@@ -310,16 +310,18 @@ def varr_text(
     """VARR counts of one rationale, {type: (kept, total)}: of the reference's mentions of the scene's
     objects' true attributes (`bound_mentions`: answer line and question words left out), how many the
     candidate still says of the same object, mention by mention (a value said twice counts twice). An
-    object's shape counts as kept only when the candidate binds nothing false to it: "the purple circle" for
-    a red circle keeps neither. The one VARR of the gate's compressed rationales (03, candidate =
+    object's shape counts as kept only when the candidate binds nothing false to it that the reference does
+    not: "the purple circle" for a red circle keeps neither, while a compression that keeps the teacher's own
+    misread price is not charged for it. The one VARR of the gate's compressed rationales (03, candidate =
     `compress_text`) and the students' generated ones (05, reference = the gold rationale); pool with
     `aggregate_varr`. No scene (real benchmarks): all totals 0."""
     return varr_kept(varr_reference(reference, scene, question), candidate, scene, question)
 
 
 def varr_reference(reference: str, scene: dict[str, Any] | None, question: str = "") -> Counter:
-    """The reference's side of `varr_text` (computed once when many candidates share a reference)."""
-    return Counter(m for m in bound_mentions(reference, scene, question) if _true_of(m, scene))
+    """The reference's side of `varr_text`, its bound mentions true or not (computed once when many
+    candidates share a reference)."""
+    return Counter(bound_mentions(reference, scene, question))
 
 
 def varr_kept(ref: Counter, candidate: str, scene: dict[str, Any] | None, question: str = "") -> dict:
@@ -327,11 +329,12 @@ def varr_kept(ref: Counter, candidate: str, scene: dict[str, Any] | None, questi
     out = {t: [0, 0] for t in VARR_TYPES}
     if scene:
         said = bound_mentions(candidate, scene, question)
-        wrong = {m[0] for m in said if not _true_of(m, scene)}
+        wrong = {m[0] for m in said if not _true_of(m, scene) and m not in ref}
         cand = Counter(m for m in said if _true_of(m, scene) and not (m[1] == "shape" and m[0] in wrong))
         for m, n in ref.items():
-            out[m[1]][0] += min(n, cand[m])
-            out[m[1]][1] += n
+            if _true_of(m, scene):
+                out[m[1]][0] += min(n, cand[m])
+                out[m[1]][1] += n
     return {t: (k, n) for t, (k, n) in out.items()}
 
 
