@@ -15,7 +15,9 @@ def test_overrides_are_typed():
     cfg = load_params("params/default.yaml", {"gate.gamma": "0.3", "data.n_test": 10})
     assert cfg.gate.gamma == 0.3 and cfg.data.n_test == 10
     assert load_params("params/default.yaml", {"gate.gamma": 1}).gate.gamma == 1.0  # int accepted for float
-    assert load_params("params/default.yaml", {"distill.lr": "1e-2"}).distill.lr == 0.01  # YAML 1.1 reads a str
+    assert (
+        load_params("params/default.yaml", {"distill.lr": "1e-2"}).distill.lr == 0.01
+    )  # YAML 1.1 reads a str
 
 
 @pytest.mark.parametrize(

@@ -162,7 +162,12 @@ def test_bad_input_fails_before_training(tiny_teacher, tmp_path):
 def trained(tiny_teacher, tmp_path_factory):
     """A LoRA student fitting 8 examples for 16 full-batch steps (the 40-step tiny teacher sits near loss 3.1;
     its attention-only LoRA lowers it slowly but steadily; lr 1e-2 is unstable on it)."""
-    cfg = _cfg(tiny_teacher, max_steps=16, lr=3e-3, batch_size=8, lora_dropout=0.0)
+    attention_lora = {
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "lora_r": 16,
+        "lora_alpha": 32,
+    }
+    cfg = _cfg(tiny_teacher, max_steps=16, lr=3e-3, batch_size=8, lora_dropout=0.0, **attention_lora)
     tok = load_model(cfg).tokenizer
     dss, _ = build_datasets(cfg, _rows(cfg, 8), ["text_only"], RATIOS, _compress, tok)
     out = tmp_path_factory.mktemp("distill")

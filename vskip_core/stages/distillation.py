@@ -28,9 +28,11 @@ loads the base in 4-bit through bitsandbytes (QLoRA). Several GPUs, from the dat
 
     accelerate launch -m vskip_core.stages.distillation --params params/default.yaml --run default [--methods vskip,full]
 
-**Embedded defaults**: r 16 on q/k/v/o, alpha 32, no dropout, lr 5e-3, batch 16, 80 steps per student, sdpa
-attention while training (TokenSkip's 7B recipe barely moves a 4.9 M-parameter model). Why these values and
-what a run costs on 2 CPU cores: docs/RESULTS.md (distillation recipe).
+**Embedded defaults**: r 32 on every linear layer of the language model (the 4.8 M student follows the ratio
+only with its MLPs adapted too), alpha 64, no dropout, lr 5e-3, batch 16, 160 steps per student, ratios 0.9 /
+0.7 / 0.5 / 0.3 (1.0 is the `full` control's), sdpa attention while training. Hub params keep the paper's
+attention-only LoRA and TokenSkip's mix with 1.0. Why these values and what a run costs on 2 CPU cores:
+docs/RESULTS.md ("Issue 18: the distillation recipe").
 
 **QLoRA on a T4 (16 GB) for Qwen2-VL-2B** (`params/colab_qwen2vl_2b.yaml`: nf4, r 8 on q/k/v/o, batch 1 x
 accumulation 16, gradient checkpointing, <= 640 visual tokens per image, <= 2 images, 256 new tokens).
