@@ -541,8 +541,9 @@ _RECORDED = {
 def test_pruned_decoder_is_deterministic_and_matches_the_pre_refactor_output(tiny_teacher):
     """FastV, DivPrune and prompt-aware, with and without DSTP, at retention 0.333 on the embedded teacher: two
     runs agree exactly, and both equal `_RECORDED` up to CPU rounding (below), the ids produced by the code
-    before `pruned_generate` became `PrunedDecoder` (same fixture, 6 test examples, 12 tokens, batch 3, OMP_NUM_THREADS=1). The ids also pin
-    the teacher's training: if that changes on purpose, re-record them with an unchanged decoder."""
+    before `pruned_generate` became `PrunedDecoder` (same fixture, 6 test examples, 12 tokens, batch 3,
+    OMP_NUM_THREADS=1). The ids also pin the teacher's training: if that changes on purpose, re-record them
+    with an unchanged decoder."""
     from vskip_core.data.embedded import make_example
     from vskip_core.modeling.loading import load_model
 
