@@ -489,6 +489,7 @@ class PruneConfig:
     core_fraction: float = 0.6  # prompt-aware: share of the budget chosen by relevance (rest by diversity)
     dstp_interval: int = 8  # DSTP: re-select visual tokens every this many decoding steps
     dstp_shift_threshold: float = 0.5  # DSTP: also re-select when top-k Jaccard overlap drops below this
+    dstp_window: int = 4  # DSTP, prompt-aware host: the last N decoded tokens' embeddings are the state
     variant: Literal["drop", "mask"] = (
         "drop"  # drop (sequence and KV cache really shorten) or mask (full length, keys masked)
     )
@@ -515,6 +516,7 @@ class PruneConfig:
         )
         _check(self.score_layer >= -1, "prune.score_layer", f"must be >= -1, got {self.score_layer}")
         _check(self.dstp_interval > 0, "prune.dstp_interval", f"must be > 0, got {self.dstp_interval}")
+        _check(self.dstp_window > 0, "prune.dstp_window", f"must be > 0, got {self.dstp_window}")
         _check(
             0 <= self.dstp_shift_threshold <= 1,
             "prune.dstp_shift_threshold",

@@ -23,12 +23,15 @@ Rules (each a pure function below)
   `<|im_end|>`). Core = the round(`prune.core_fraction` * k) most relevant tokens; the remaining budget is
   filled by greedy max-min cosine diversity against everything chosen so far (core included). Before the
   language model; every layer sees only the chosen k.
-- DSTP (`dstp_update`, add-on to any method; the paper gives no code, this is the rule implemented):
-  let l = `prune.score_layer` (-1: K - 1, the FastV ranking layer). At decoding step t = 1, 2, ... (step t
-  feeds generated token t), before layer l runs, compute the current token's attention at layer l over the
-  FULL visual KV cache (every visual token's key, plus the text and generated keys and its own key in the
-  softmax; mean over heads) and take its top k, T_t. With S the set in use and
-  J = |T_t ∩ S| / |T_t ∪ S|: if t % `prune.dstp_interval` == 0 or J < `prune.dstp_shift_threshold`,
+- DSTP (`host_reselect` + `dstp_update`, an add-on that lets any method re-select; the paper gives no code,
+  this is the rule implemented): let l = `prune.score_layer` (-1: K - 1, the FastV ranking layer). At
+  decoding step t = 1, 2, ... (step t feeds generated token t), before layer l runs, the HOST's own rule
+  re-selects k tokens T_t with the decoding state in place of the prompt: FastV, the top k of the current
+  token's attention at layer l over the FULL visual KV cache (every visual token's key, plus the text and
+  generated keys and its own key in the softmax; mean over heads); prompt-aware, its core + diversity rule
+  with relevance to the mean LM input embedding of the last `prune.dstp_window` decoded tokens; DivPrune, its
+  max-min diversity rule started from the visual token the current token attends to most. With S the set in
+  use and J = |T_t ∩ S| / |T_t ∪ S|: if t % `prune.dstp_interval` == 0 or J < `prune.dstp_shift_threshold`,
   then S <- T_t. The new S is used from layer l of step t on (layers below l already ran with the old S)
   and by every pruned layer of the following steps. The budget k never changes. Which layers are pruned is
   the base method's (FastV: K.., the others: all).
@@ -176,16 +179,41 @@ def rvis_overlaps(relevance: torch.Tensor, k: int) -> list[float]:
     return [jaccard(ref, _top_indices(r, k)) for r in relevance[1:]]
 
 
+def host_reselect(
+    method: str,
+    relevance: torch.Tensor,
+    k: int,
+    features: torch.Tensor | None = None,
+    state: torch.Tensor | None = None,
+    core_fraction: float = 0.6,
+) -> torch.Tensor:
+    """The host method's own selection of k visual tokens during decoding (DSTP's candidate set): FastV, the
+    top k of `relevance` (the current token's attention over every visual token); prompt-aware, core +
+    diversity fill with relevance to `state` (embeddings of the recent decoded tokens, (m, d) or (d,)) in
+    place of the prompt; DivPrune, greedy max-min diversity on `features` started from the most attended
+    token. Returns k sorted indices."""
+    if method in ("fastv", "none"):  # none: nothing pruned, the set is every token
+        return torch.sort(_top_indices(relevance, k)).values
+    if features is None:
+        raise ValueError(f"{method}: re-selection needs the visual features")
+    if method == "zspaprune":
+        if state is None:
+            raise ValueError("zspaprune: re-selection needs the decoding state's embeddings")
+        return prompt_aware_select(features, state, k, core_fraction)
+    if method == "divprune":
+        return max_min_diversity(features, k, selected=[int(torch.argmax(relevance))])
+    raise ValueError(f"no re-selection rule for method {method!r}")
+
+
 def dstp_update(
-    relevance: torch.Tensor, active: torch.Tensor, step: int, interval: int, threshold: float
+    candidate: torch.Tensor, active: torch.Tensor, step: int, interval: int, threshold: float
 ) -> tuple[torch.Tensor, bool, float]:
-    """DSTP's rule for one row: top-k of the current token's relevance over all visual tokens; re-select
-    (set in use <- that top-k) when `step % interval == 0` or its Jaccard overlap with the set in use is
-    below `threshold`. Returns (set in use, re-selected?, overlap)."""
-    top = _top_indices(relevance, len(active))
-    overlap = jaccard(top, active)
+    """DSTP's trigger for one row: adopt the host's new selection `candidate` when `step % interval == 0` or
+    its Jaccard overlap with the set in use is below `threshold`. Returns (set in use, re-selected?,
+    overlap)."""
+    overlap = jaccard(candidate, active)
     if step % interval == 0 or overlap < threshold:
-        return top, True, overlap
+        return candidate, True, overlap
     return active, False, overlap
 
 
@@ -203,6 +231,7 @@ class PruneSpec:
     core_fraction: float = 0.6  # prompt-aware: share of the budget chosen by relevance
     dstp_interval: int = 8  # DSTP: re-select every this many decoding steps
     dstp_shift_threshold: float = 0.5  # DSTP: re-select when the top-k Jaccard overlap falls below this
+    dstp_window: int = 4  # DSTP with the prompt-aware host: decoded tokens whose embeddings are the state
     repetition_penalty: float = 1.0  # generation.repetition_penalty, applied as generate() does
 
     def __post_init__(self) -> None:
@@ -215,6 +244,8 @@ class PruneSpec:
             raise ValueError(f"fastv_layer must be >= 1 (layer K-1 ranks the tokens), got {self.fastv_layer}")
         if self.dstp_interval < 1:
             raise ValueError(f"dstp_interval must be >= 1, got {self.dstp_interval}")
+        if self.dstp_window < 1:
+            raise ValueError(f"dstp_window must be >= 1, got {self.dstp_window}")
         if not 0 <= self.core_fraction <= 1:
             raise ValueError(f"core_fraction must be in [0, 1], got {self.core_fraction}")
         if not self.repetition_penalty > 0:
@@ -256,9 +287,18 @@ class PruneSpec:
         return fastv_select(attention, k)
 
     def reselect(
-        self, relevance: torch.Tensor, active: torch.Tensor, step: int
+        self,
+        relevance: torch.Tensor,
+        active: torch.Tensor,
+        step: int,
+        features: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, bool, float]:
-        return dstp_update(relevance, active, step, self.dstp_interval, self.dstp_shift_threshold)
+        """DSTP for one row: the host's own rule on the decoding state (`host_reselect`), then the trigger."""
+        cand = host_reselect(self.method, relevance, len(active), features, state, self.core_fraction)
+        return dstp_update(
+            cand.to(active.device), active, step, self.dstp_interval, self.dstp_shift_threshold
+        )
 
     @classmethod
     def from_config(
@@ -277,6 +317,7 @@ class PruneSpec:
             core_fraction=p.core_fraction,
             dstp_interval=p.dstp_interval,
             dstp_shift_threshold=p.dstp_shift_threshold,
+            dstp_window=p.dstp_window,
             repetition_penalty=cfg.generation.repetition_penalty,
         )
 

@@ -52,8 +52,16 @@ class PruningRules(Protocol):
         self, features: torch.Tensor, prompt_embeddings: torch.Tensor | None, k: int
     ) -> torch.Tensor: ...
     def rank(self, attention: torch.Tensor, k: int) -> torch.Tensor: ...
+
+    dstp_window: int  # decoded tokens whose embeddings form the decoding state (prompt-aware host)
+
     def reselect(
-        self, relevance: torch.Tensor, active: torch.Tensor, step: int
+        self,
+        relevance: torch.Tensor,
+        active: torch.Tensor,
+        step: int,
+        features: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, bool, float]: ...
 
 
@@ -417,8 +425,11 @@ class PrunedDecoder:
         every pruned layer."""
         spec, active = self.spec, self.active
         new_rows, changed = [], False
+        recent = torch.stack(self.out_tokens[-spec.dstp_window :], 1)  # (B, <= window) decoded token ids
+        state = self.inner.get_input_embeddings()(recent)
         for b in range(self.B):
-            a, fired, _ = spec.reselect(rel[b], active[b], t)
+            feats = self.embeds[b, self.vis_pos[b]]
+            a, fired, _ = spec.reselect(rel[b], active[b], t, feats, state[b])
             if fired and bool(self.unfinished[b]):
                 self.reselections[b] += 1
                 n_new = len(set(a.tolist()) - set(active[b].tolist()))
