@@ -587,3 +587,13 @@ def test_pruned_decoder_is_deterministic_and_matches_the_pre_refactor_output(tin
             assert len(got) == len(want) and len(got - want) <= 1, (name, sorted(got), sorted(want))
         for key, want in (("reselections", reselections), ("swapped_in", swapped_in)):
             assert [g[key] for g, ok in zip(gens, same) if ok] == [n for n, ok in zip(want, same) if ok], name
+
+
+def test_dstp_records_how_much_of_the_host_selection_each_reselection_keeps(qwen2, tok):
+    x = _inputs(qwen2, tok)
+    out = _run(qwen2, x, tok, vt.PruneSpec("divprune", 0.333, dstp=True, dstp_interval=3))
+    for b in range(3):
+        assert len(out.host_overlap[b]) == out.reselections[b] > 0
+        assert all(0.0 <= j <= 1.0 for j in out.host_overlap[b])
+    none = _run(qwen2, x, tok, vt.PruneSpec("divprune", 0.333))
+    assert none.host_overlap == [[], [], []]

@@ -115,6 +115,9 @@ class PrunedOutput:
     visual_tokens: float  # visual tokens attended during decoding, averaged over layers
     reselections: list[int]  # DSTP: re-selections per row
     swapped_in: list[int]  # DSTP: visual tokens swapped in per row
+    host_overlap: list[
+        list[float]
+    ]  # DSTP: per row, Jaccard(set adopted, the prefill selection) per re-selection
     timings: dict[str, float]  # vision_s, select_s, lm_prefill_s, prefill_s, decode_s, decode_steps
     layers: dict[str, int]  # effective fastv_layer and score_layer
     relevance: list[torch.Tensor] | None = None  # per row (1 + steps, n_visual) at the score layer
@@ -322,6 +325,7 @@ class PrunedDecoder:
         self.unfinished = first != self.eos
         self.relevance_trace = [[rel0[b].float().cpu()] for b in range(B)] if self.record_relevance else None
         self.reselections, self.swapped_in = [0] * B, [0] * B
+        self.host_overlap: list[list[float]] = [[] for _ in range(B)]
         return first
 
     def start_decoding(self) -> None:
@@ -371,6 +375,7 @@ class PrunedDecoder:
             visual_tokens=sum(vis_per_layer) / self.n_layers,
             reselections=self.reselections,
             swapped_in=self.swapped_in,
+            host_overlap=self.host_overlap,
             timings=timings,
             layers={"fastv_layer": self.K, "score_layer": self.S},
             relevance=[torch.stack(r) for r in trace] if trace is not None else None,
@@ -432,6 +437,9 @@ class PrunedDecoder:
             a, fired, _ = spec.reselect(rel[b], active[b], t, feats, state[b])
             if fired and bool(self.unfinished[b]):
                 self.reselections[b] += 1
+                kept = set(self.kept[b].tolist())
+                new = set(a.tolist())
+                self.host_overlap[b].append(len(kept & new) / len(kept | new))
                 n_new = len(set(a.tolist()) - set(active[b].tolist()))
                 self.swapped_in[b] += n_new
                 changed = changed or n_new > 0

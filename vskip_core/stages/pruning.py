@@ -102,6 +102,7 @@ def _records(res: PrunedOutput, tok, n: int, record_relevance: bool) -> list[dic
             "kept": res.kept[b].tolist(),
             "reselections": res.reselections[b],
             "swapped_in": res.swapped_in[b],
+            "host_overlap": res.host_overlap[b],  # Jaccard with the prefill selection, per re-selection
             "layers": res.layers,
         }
         if record_relevance:
@@ -179,6 +180,7 @@ def evaluate(
             "kept": g["kept"],
             "reselections": g["reselections"],
             "swapped_in": g["swapped_in"],
+            "host_overlap": statistics.fmean(g["host_overlap"]) if g["host_overlap"] else None,
         }
         for x, g, s in zip(examples, gens, scored)
     ]
