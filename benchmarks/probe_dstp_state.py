@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--params", default="params/default.yaml")
     ap.add_argument("--method", default="zspaprune")
     ap.add_argument("--windows", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--state", default="decoded", choices=["decoded", "prompt+decoded"])
     ap.add_argument("--retentions", type=float, nargs="+", default=[0.333, 0.111])
     ap.add_argument("--per-family", type=int, default=30)
     ap.add_argument("--out", default="results/bench/probe_dstp_state")
@@ -40,7 +41,7 @@ def main() -> None:
         for w in [0, *args.windows]:  # 0: the host without DSTP
             spec = PruneSpec.from_config(cfg, args.method, r, dstp=w > 0)
             if w:
-                spec = PruneSpec(**{**spec.__dict__, "dstp_window": w})
+                spec = PruneSpec(**{**spec.__dict__, "dstp_window": w, "dstp_state": args.state})
             gens = generate_pruned(loaded, exs, spec, cfg.generation.max_new_tokens, cfg.prune.batch_size)
             scored = [score_example(x, g["text"]) for x, g in zip(exs, gens)]
             overlaps = [o for g in gens for o in g["host_overlap"]]
@@ -48,6 +49,7 @@ def main() -> None:
                 {
                     "retention": r,
                     "window": w or None,
+                    "state": args.state if w else None,
                     "accuracy": headline(family_metrics(exs, scored)),
                     "reselections": statistics.fmean(g["reselections"] for g in gens),
                     "swapped_in": statistics.fmean(g["swapped_in"] for g in gens),

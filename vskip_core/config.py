@@ -490,6 +490,9 @@ class PruneConfig:
     dstp_interval: int = 8  # DSTP: re-select visual tokens every this many decoding steps
     dstp_shift_threshold: float = 0.5  # DSTP: also re-select when top-k Jaccard overlap drops below this
     dstp_window: int = 4  # DSTP, prompt-aware host: the last N decoded tokens' embeddings are the state
+    dstp_state: Literal["decoded", "prompt+decoded"] = (
+        "prompt+decoded"  # DSTP, prompt-aware host: the decoded tokens alone, or averaged with the prompt
+    )
     variant: Literal["drop", "mask"] = (
         "drop"  # drop (sequence and KV cache really shorten) or mask (full length, keys masked)
     )

@@ -29,7 +29,8 @@ Rules (each a pure function below)
   re-selects k tokens T_t with the decoding state in place of the prompt: FastV, the top k of the current
   token's attention at layer l over the FULL visual KV cache (every visual token's key, plus the text and
   generated keys and its own key in the softmax; mean over heads); prompt-aware, its core + diversity rule
-  with relevance to the mean LM input embedding of the last `prune.dstp_window` decoded tokens; DivPrune, its
+  with relevance to the decoding state (`prune.dstp_state`: the mean LM input embedding of the last
+  `prune.dstp_window` decoded tokens, by default averaged with the prompt's mean embedding); DivPrune, its
   max-min diversity rule started from the visual token the current token attends to most. With S the set in
   use and J = |T_t ∩ S| / |T_t ∪ S|: if t % `prune.dstp_interval` == 0 or J < `prune.dstp_shift_threshold`,
   then S <- T_t. The new S is used from layer l of step t on (layers below l already ran with the old S)
@@ -232,6 +233,9 @@ class PruneSpec:
     dstp_interval: int = 8  # DSTP: re-select every this many decoding steps
     dstp_shift_threshold: float = 0.5  # DSTP: re-select when the top-k Jaccard overlap falls below this
     dstp_window: int = 4  # DSTP with the prompt-aware host: decoded tokens whose embeddings are the state
+    dstp_state: str = (
+        "prompt+decoded"  # prompt-aware host's state: decoded, or prompt+decoded (equal weights)
+    )
     repetition_penalty: float = 1.0  # generation.repetition_penalty, applied as generate() does
 
     def __post_init__(self) -> None:
@@ -246,6 +250,8 @@ class PruneSpec:
             raise ValueError(f"dstp_interval must be >= 1, got {self.dstp_interval}")
         if self.dstp_window < 1:
             raise ValueError(f"dstp_window must be >= 1, got {self.dstp_window}")
+        if self.dstp_state not in ("decoded", "prompt+decoded"):
+            raise ValueError(f"dstp_state must be decoded or prompt+decoded, got {self.dstp_state!r}")
         if not 0 <= self.core_fraction <= 1:
             raise ValueError(f"core_fraction must be in [0, 1], got {self.core_fraction}")
         if not self.repetition_penalty > 0:
@@ -318,6 +324,7 @@ class PruneSpec:
             dstp_interval=p.dstp_interval,
             dstp_shift_threshold=p.dstp_shift_threshold,
             dstp_window=p.dstp_window,
+            dstp_state=p.dstp_state,
             repetition_penalty=cfg.generation.repetition_penalty,
         )
 

@@ -54,6 +54,7 @@ class PruningRules(Protocol):
     def rank(self, attention: torch.Tensor, k: int) -> torch.Tensor: ...
 
     dstp_window: int  # decoded tokens whose embeddings form the decoding state (prompt-aware host)
+    dstp_state: str  # decoded | prompt+decoded (the prompt's mean embedding and the decoded tokens', equally)
 
     def reselect(
         self,
@@ -261,6 +262,7 @@ class PrunedDecoder:
     def select(self, prompt_mask: torch.Tensor | None = None) -> None:
         """DivPrune / prompt-aware: choose the k visual tokens per row on the LM input embeddings."""
         spec = self.spec
+        self.prompt_means: list[torch.Tensor] = []  # per row, the mean embedding of the prompt text (DSTP state)
         if not spec.pre_lm:
             return
         if spec.uses_prompt and prompt_mask is None:
@@ -272,6 +274,7 @@ class PrunedDecoder:
             f, p = self.embeds[b, self.vis_pos[b]], None
             if spec.uses_prompt:
                 p = self.embeds[b, prompt_mask[b].to(self.device)]
+                self.prompt_means.append(p.mean(0))
                 if p.shape[0] == 0:
                     raise ValueError("prompt-aware pruning found no prompt text tokens in a row")
             rows.append(spec.select(f, p, self.k))
@@ -434,7 +437,12 @@ class PrunedDecoder:
         state = self.inner.get_input_embeddings()(recent)
         for b in range(self.B):
             feats = self.embeds[b, self.vis_pos[b]]
-            a, fired, _ = spec.reselect(rel[b], active[b], t, feats, state[b])
+            st = state[b]
+            if (
+                spec.dstp_state == "prompt+decoded" and self.prompt_means
+            ):  # the question and the words written
+                st = torch.stack([self.prompt_means[b], state[b].mean(0)])
+            a, fired, _ = spec.reselect(rel[b], active[b], t, feats, st)
             if fired and bool(self.unfinished[b]):
                 self.reselections[b] += 1
                 kept = set(self.kept[b].tolist())
