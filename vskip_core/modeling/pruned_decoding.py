@@ -262,7 +262,7 @@ class PrunedDecoder:
     def select(self, prompt_mask: torch.Tensor | None = None) -> None:
         """DivPrune / prompt-aware: choose the k visual tokens per row on the LM input embeddings."""
         spec = self.spec
-        self.prompt_means: list[torch.Tensor] = []  # per row, the mean embedding of the prompt text (DSTP state)
+        self.prompt_means: list[torch.Tensor] = []  # per row: the prompt text's mean embedding (DSTP)
         if not spec.pre_lm:
             return
         if spec.uses_prompt and prompt_mask is None:
