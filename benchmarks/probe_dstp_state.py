@@ -9,6 +9,7 @@ and how much of the host's prefill set each re-selection keeps. A probe, not a s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -41,7 +42,7 @@ def main() -> None:
         for w in [0, *args.windows]:  # 0: the host without DSTP
             spec = PruneSpec.from_config(cfg, args.method, r, dstp=w > 0)
             if w:
-                spec = PruneSpec(**{**spec.__dict__, "dstp_window": w, "dstp_state": args.state})
+                spec = dataclasses.replace(spec, dstp_window=w, dstp_state=args.state)
             gens = generate_pruned(loaded, exs, spec, cfg.generation.max_new_tokens, cfg.prune.batch_size)
             scored = [score_example(x, g["text"]) for x, g in zip(exs, gens)]
             overlaps = [o for g in gens for o in g["host_overlap"]]

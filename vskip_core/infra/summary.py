@@ -88,7 +88,15 @@ def claims(rows: list[dict[str, Any]], ratio: float = 0.5) -> list[dict[str, Any
 
     def add(claim, value, ci, target, met):
         value = None if value is None else float(value)
-        out.append({"claim": claim, "value": value, "ci": ci, "target": target, "met": met and bool(met)})
+        out.append(
+            {
+                "claim": claim,
+                "value": value,
+                "ci": ci,
+                "target": target,
+                "met": None if met is None else bool(met),
+            }
+        )
 
     for r in rows:
         if r.get("act_ratio") is None or r["method"] in ("teacher", "direct", "full"):

@@ -298,9 +298,15 @@ class PruneSpec:
         active: torch.Tensor,
         step: int,
         features: torch.Tensor | None = None,
-        state: torch.Tensor | None = None,
+        decoded: torch.Tensor | None = None,
+        prompt: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, bool, float]:
-        """DSTP for one row: the host's own rule on the decoding state (`host_reselect`), then the trigger."""
+        """DSTP for one row: the host's own rule (`host_reselect`) on the decoding state, then the trigger.
+        The state is the recent `decoded` tokens' embeddings, averaged with the `prompt`'s mean embedding
+        when `dstp_state` is prompt+decoded."""
+        state = decoded
+        if decoded is not None and prompt is not None and self.dstp_state == "prompt+decoded":
+            state = torch.stack([prompt, decoded.mean(0)])  # the question and the words written, equally
         cand = host_reselect(self.method, relevance, len(active), features, state, self.core_fraction)
         return dstp_update(
             cand.to(active.device), active, step, self.dstp_interval, self.dstp_shift_threshold

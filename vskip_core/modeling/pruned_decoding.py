@@ -53,8 +53,7 @@ class PruningRules(Protocol):
     ) -> torch.Tensor: ...
     def rank(self, attention: torch.Tensor, k: int) -> torch.Tensor: ...
 
-    dstp_window: int  # decoded tokens whose embeddings form the decoding state (prompt-aware host)
-    dstp_state: str  # decoded | prompt+decoded (the prompt's mean embedding and the decoded tokens', equally)
+    dstp_window: int  # decoded tokens whose embeddings the prompt-aware host re-selects with
 
     def reselect(
         self,
@@ -62,7 +61,8 @@ class PruningRules(Protocol):
         active: torch.Tensor,
         step: int,
         features: torch.Tensor | None = None,
-        state: torch.Tensor | None = None,
+        decoded: torch.Tensor | None = None,
+        prompt: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, bool, float]: ...
 
 
@@ -247,6 +247,7 @@ class PrunedDecoder:
         self.dtype = self.embeds.dtype
         self.n_vis = n_vis = int(n_img[0])
         self.vis_pos = torch.nonzero(is_img)[:, 1].view(B, n_vis)  # (B, n_vis) positions in the padded prompt
+        self.vis_feats = feats.view(B, n_vis, -1)  # (B, n_vis, d) the projected visual features, row by row
         self.pos3, _ = inner.get_rope_index(
             self.input_ids,
             mm_token_type_ids=inputs["mm_token_type_ids"],
@@ -271,7 +272,7 @@ class PrunedDecoder:
             )
         rows = []
         for b in range(self.B):
-            f, p = self.embeds[b, self.vis_pos[b]], None
+            f, p = self.vis_feats[b], None
             if spec.uses_prompt:
                 p = self.embeds[b, prompt_mask[b].to(self.device)]
                 self.prompt_means.append(p.mean(0))
@@ -433,22 +434,24 @@ class PrunedDecoder:
         every pruned layer."""
         spec, active = self.spec, self.active
         new_rows, changed = [], False
-        recent = torch.stack(self.out_tokens[-spec.dstp_window :], 1)  # (B, <= window) decoded token ids
-        state = self.inner.get_input_embeddings()(recent)
+        decoded = None
+        if spec.uses_prompt:  # the prompt-aware host re-selects with the recent decoded tokens' embeddings
+            recent = torch.stack(self.out_tokens[-spec.dstp_window :], 1)  # (B, <= window) token ids
+            decoded = self.inner.get_input_embeddings()(recent)
         for b in range(self.B):
-            feats = self.embeds[b, self.vis_pos[b]]
-            st = state[b]
-            if (
-                spec.dstp_state == "prompt+decoded" and self.prompt_means
-            ):  # the question and the words written
-                st = torch.stack([self.prompt_means[b], state[b].mean(0)])
-            a, fired, _ = spec.reselect(rel[b], active[b], t, feats, st)
+            a, fired, _ = spec.reselect(
+                rel[b],
+                active[b],
+                t,
+                self.vis_feats[b],
+                None if decoded is None else decoded[b],
+                self.prompt_means[b] if self.prompt_means else None,
+            )
             if fired and bool(self.unfinished[b]):
                 self.reselections[b] += 1
-                kept = set(self.kept[b].tolist())
-                new = set(a.tolist())
+                kept, new = set(self.kept[b].tolist()), set(a.tolist())
                 self.host_overlap[b].append(len(kept & new) / len(kept | new))
-                n_new = len(set(a.tolist()) - set(active[b].tolist()))
+                n_new = len(new - set(active[b].tolist()))
                 self.swapped_in[b] += n_new
                 changed = changed or n_new > 0
                 new_rows.append(a.to(self.device))
