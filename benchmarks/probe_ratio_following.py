@@ -22,16 +22,7 @@ from vskip_core.runtime import atomic_write_json, configure_threads, environment
 from vskip_core.stages import distillation as distill
 from vskip_core.stages.evaluation import evaluate_system
 from vskip_core.stages.gating import student_tokenizer
-from vskip_core.stages.generation import load_rationales
-from vskip_core.stages.scoring import load_scores
 from vskip_core.teacher import load_teacher
-
-
-def training_rows(run_dir: Path) -> list[dict]:
-    """Stage 02's scored rationales joined with stage 01's `correct` flags (what notebook 04 distils from)."""
-    records = {r["id"]: r for r in load_rationales(run_dir / "01_rationale_generation")}
-    scores = load_scores(run_dir / "02_dual_scoring").to_dict("records")
-    return [{**r, "correct": records[r["id"]]["correct"]} for r in scores if r["id"] in records]
 
 
 def main() -> None:
@@ -50,7 +41,8 @@ def main() -> None:
     seed_everything(cfg.runtime.seed)
     d = cfg.distill
     datasets, _ = distill.build_datasets(
-        cfg, training_rows(run_dir), args.methods, d.ratios, distill.GateCompressor(cfg),
+        cfg, distill.training_rows(run_dir / "01_rationale_generation", run_dir / "02_dual_scoring")[0],
+        args.methods, d.ratios, distill.GateCompressor(cfg),
         student_tokenizer(cfg), seed=cfg.runtime.seed, keep=cfg.generation.keep, max_examples=d.max_examples,
     )  # fmt: skip
     datasets = {m: datasets[m] for m in args.methods}

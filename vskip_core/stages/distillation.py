@@ -177,6 +177,24 @@ def _text(row: dict[str, Any]) -> str:
     return t
 
 
+def training_rows(rationales_dir: str | Path, scores_dir: str | Path) -> tuple[list[dict[str, Any]], dict]:
+    """Stage 02's scored rationales with stage 01's `correct` flag (what distillation filters by), and counts:
+    {"rationales", "correct", "scored", "matched"}."""
+    from vskip_core.stages.generation import load_rationales
+    from vskip_core.stages.scoring import load_scores
+
+    records = {r["id"]: r for r in load_rationales(rationales_dir)}
+    scores = load_scores(scores_dir).to_dict("records")
+    rows = [{**r, "correct": records[r["id"]]["correct"]} for r in scores if r["id"] in records]
+    counts = {
+        "rationales": len(records),
+        "correct": sum(bool(r["correct"]) for r in records.values()),
+        "scored": len(scores),
+        "matched": len(rows),
+    }
+    return rows, counts
+
+
 def select_rows(rows, keep: str = "correct", max_examples: int = 0) -> tuple[list[dict[str, Any]], dict]:
     """The rows to distil from, by `generation.keep`: `correct` (rows marked correct=False dropped, and
     rows without an answer line), `answered` (rows without an answer line dropped), `all` (only empty
