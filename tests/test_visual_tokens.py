@@ -597,3 +597,91 @@ def test_dstp_records_how_much_of_the_host_selection_each_reselection_keeps(qwen
         assert all(0.0 <= j <= 1.0 for j in out.host_overlap[b])
     none = _run(qwen2, x, tok, vt.PruneSpec("divprune", 0.333))
     assert none.host_overlap == [[], [], []]
+
+
+def test_dstp_records_the_host_rule_shift_at_every_step(qwen2, tok):
+    """`host_rvis`: one Jaccard(host's candidate, prefill selection) per decoding step, whether or not the trigger
+    adopts the candidate; every adopted set's overlap (`host_overlap`) is one of them; at retention 1.0 the host
+    can only pick every token (1.0); nothing without DSTP."""
+    x = _inputs(qwen2, tok)
+    for method in ("fastv", "divprune", "zspaprune"):
+        out = _run(qwen2, x, tok, vt.PruneSpec(method, 0.333, dstp=True, dstp_interval=1000))
+        for b in range(3):
+            assert len(out.host_rvis[b]) == STEPS - 1, method  # steps t = 1 .. STEPS - 1 (no end token)
+            assert all(0.0 <= j <= 1.0 for j in out.host_rvis[b])
+            assert all(any(o == pytest.approx(j) for j in out.host_rvis[b]) for o in out.host_overlap[b])
+        full = _run(qwen2, x, tok, vt.PruneSpec(method, 1.0, dstp=True))
+        assert all(j == 1.0 for row in full.host_rvis for j in row) and full.host_rvis[0]
+    assert _run(qwen2, x, tok, vt.PruneSpec("fastv", 0.333)).host_rvis == [[], [], []]
+
+
+def _claim_records(delta_reasoning: float, n: int = 40) -> list[dict]:
+    """Per-example records of a scripted grid: unpruned right everywhere; the host loses reasoning examples;
+    host + DSTP wins back `delta_reasoning` of them (negative: loses more), simple untouched."""
+    fams = ("attribute", "existence", "multistep", "reading")
+    out = []
+    for m, ret in (("unpruned", 1.0), ("fastv", 0.666), ("fastv", 0.333), ("fastv+dstp", 0.333)):
+        for i in range(n):
+            fam = fams[i % 4]
+            right = True
+            if m != "unpruned" and fam in ("multistep", "reading"):
+                frac = 0.5 + (delta_reasoning if m.endswith("+dstp") else 0.0) + (0.3 if ret == 0.666 else 0)
+                right = (i // 4) < frac * (n // 4)
+            out.append({"id": f"e{i}", "family": fam, "method": m, "retention": ret, "correct": float(right),
+                        "anls": float(right) if fam == "reading" else None,
+                        "parsed": ("yes" if i % 8 == 1 else "no") if fam == "existence" else None,
+                        "label": ("yes" if i % 8 == 1 else "no") if fam == "existence" else None,
+                        "decode_s_per_token": 0.011 if m.endswith("+dstp") else 0.01})  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("delta,verdict", [(0.4, "agrees"), (0.0, "undecided"), (-0.4, "disagrees")])
+def test_claims_judge_each_comparison_by_its_paired_interval(delta, verdict):
+    found = stage.claims(_claim_records(delta), {}, [0.666, 0.333], batch_size=32, reps=300)
+    by = {(c["claim"], c["retention"]): c for c in found}
+    dstp = by[("DSTP limits the reasoning drop", "0.333")]
+    assert dstp["verdict"] == verdict and dstp["n"] == 40 and dstp["value"] == pytest.approx(delta, abs=0.01)
+    simple = by[
+        ("DSTP gains on simple understanding", "0.333")
+    ]  # untouched: a zero-width interval, undecided
+    assert simple["value"] == 0.0 and simple["ci"] == [0.0, 0.0] and simple["verdict"] == "undecided"
+    hurt = by[("pruning hurts reasoning more than simple understanding", "0.333")]
+    assert hurt["value"] == pytest.approx(-0.5) and hurt["verdict"] == "agrees"
+    beats = by[("DSTP at 33.3% beats FastV at 66.6%", "0.333")]
+    assert beats["value"] == pytest.approx((0.5 + delta - 0.8) / 2, abs=0.01)
+    over = by[("DSTP's overhead is minimal", "0.333")]
+    assert over["value"] == pytest.approx(1.1) and over["ci"] is None
+    assert stage.claims_table(found).shape[1] == 2  # one column per retention
+
+
+def test_family_scores_match_the_reported_metrics():
+    """The bootstrap's per-example scorer gives, on every example, what `family_metrics` / `headline` report."""
+    from vskip_core.metrics import FAMILY_SCORE, FamilyScores, family_metrics, headline
+
+    rng = np.random.default_rng(1)
+    exs, scored = [], []
+    for i in range(60):
+        fam = ("attribute", "existence", "multistep", "reading")[i % 4]
+        label, pred = rng.choice(["yes", "no"]), rng.choice(["yes", "no", None])
+        exs.append({"id": str(i), "family": fam, "answer": label})
+        scored.append({"id": str(i), "family": fam, "correct": float(rng.random() < 0.5), "anls": rng.random(),
+                       "parsed": pred, "unparsed": pred is None})  # fmt: skip
+    want = headline(family_metrics(exs, scored))
+    recs = [s | {"label": e["answer"] if e["family"] == "existence" else None} for e, s in zip(exs, scored)]
+    fs = FamilyScores(recs, [r["id"] for r in recs])
+    for fam, key in FAMILY_SCORE.items():
+        assert fs.score(np.arange(60), fam) == pytest.approx(want[fam][key]), fam
+
+
+def test_rvis_shift_stats_read_the_direction_of_the_shift():
+    """Reasoning examples overlap less with their prefill set than simple ones, and every example's overlap
+    falls over the rationale: both stats come out on the claimed side with intervals away from 0."""
+    rv = []
+    for i in range(40):
+        fam = ("attribute", "existence", "multistep", "reading")[i % 4]
+        start = 0.8 if fam in ("attribute", "existence") else 0.5
+        rv.append({"id": str(i), "family": fam, "overlap": {"0.333": [start - 0.02 * t for t in range(20)]}})
+    st = stage.rvis_shift_stats(rv, "0.333", reps=300)
+    assert st["simple_minus_reasoning"] == pytest.approx(0.3) and st["simple_minus_reasoning_ci"][0] > 0
+    assert st["last_minus_first_tenth"] == pytest.approx(-0.36) and st["last_minus_first_tenth_ci"][1] < 0
+    assert st["n"] == 40

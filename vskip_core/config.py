@@ -496,7 +496,8 @@ class PruneConfig:
     variant: Literal["drop", "mask"] = (
         "drop"  # drop (sequence and KV cache really shorten) or mask (full length, keys masked)
     )
-    n_examples: int = 120  # evaluation examples (families rotate); 0 = the whole eval.split
+    n_examples: int = 416  # teacher grid's examples (families rotate: 104 each); 0 = the whole eval.split
+    student_examples: int = 120  # the V-Skip student's grid: the first N of them (0 = all n_examples)
     batch_size: int = 32  # examples per pruned greedy-decoding batch (accuracy runs)
     latency_examples: int = 4  # examples timed at batch 1 (after one warm-up) per method and retention
     student_ratio: float = 0.5  # the compression ratio the student is asked for (distill.ratio_prompt)
@@ -525,7 +526,7 @@ class PruneConfig:
             "prune.dstp_shift_threshold",
             f"must be in [0, 1] (a Jaccard overlap), got {self.dstp_shift_threshold}",
         )
-        for k in ("n_examples", "latency_examples"):
+        for k in ("n_examples", "student_examples", "latency_examples"):
             _check(getattr(self, k) >= 0, f"prune.{k}", f"must be >= 0, got {getattr(self, k)}")
         _check(self.batch_size > 0, "prune.batch_size", f"must be > 0, got {self.batch_size}")
         _check(

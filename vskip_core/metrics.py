@@ -378,6 +378,46 @@ def bootstrap_ci(stat, n: int, reps: int = 2000, seed: int = 0, level: float = 0
     return [float(lo), float(hi)]
 
 
+FAMILY_SCORE = {"attribute": "accuracy", "existence": "f1", "multistep": "accuracy", "reading": "anls"}
+# each family's headline score (POPE F1 for existence, DocVQA's ANLS for reading), as `headline` reports them
+
+
+class FamilyScores:
+    """One system's per-example outcomes in a fixed example order (so two systems on the same ids pair by
+    index), scored on any resample `idx` with each family's headline metric (`FAMILY_SCORE`). Records need
+    `id`, `family`, `correct`; reading also `anls`; existence `parsed` and `label` (yes / no)."""
+
+    def __init__(self, records: Sequence[dict[str, Any]], ids: Sequence[str]) -> None:
+        by_id = {r["id"]: r for r in records}
+        rs = [by_id[i] for i in ids]
+        self.family = np.array([r["family"] for r in rs])
+        self.correct = np.array([float(r["correct"]) for r in rs])
+        self.anls = np.array([float(r.get("anls") or 0.0) for r in rs])
+        self.yes = np.array([r.get("parsed") == "yes" for r in rs])
+        self.label_yes = np.array([r.get("label") == "yes" for r in rs])
+        self.n = len(rs)
+
+    def score(self, idx, family: str) -> float:
+        """The family's headline score on examples `idx` (NaN when none of them is of that family)."""
+        sel = idx[self.family[idx] == family]
+        if not len(sel):
+            return float("nan")
+        if family == "reading":
+            return float(self.anls[sel].mean())
+        if family == "existence":  # POPE F1, yes positive: 2 tp / (2 tp + fp + fn)
+            yes, lab = self.yes[sel], self.label_yes[sel]
+            tp = float((yes & lab).sum())
+            wrong = float((yes & ~lab).sum() + (~yes & lab).sum())
+            return 2 * tp / (2 * tp + wrong) if tp else 0.0
+        return float(self.correct[sel].mean())
+
+    def group(self, idx, families: Sequence[str]) -> float:
+        """Mean of the families' headline scores (families absent from `idx` are left out)."""
+        vals = [self.score(idx, f) for f in families]
+        vals = [v for v in vals if v == v]
+        return float(np.mean(vals)) if vals else float("nan")
+
+
 def attribute_hallucinations(text: str, scene: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Mentions that contradict the scene: a colour/shape/price absent from the image, or a colour-shape pair
     bound wrongly ("a blue triangle" when the triangle is red). Needs scene ground truth."""

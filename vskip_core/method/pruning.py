@@ -41,6 +41,8 @@ Rules (each a pure function below)
   DSTP saves decode time, not prefill.
 - RVIS (`rvis_overlaps`): at step t, Jaccard(top-k relevance at prefill, top-k relevance at step t), the
   relevance being the score layer's attention over the visual tokens (mean over heads), unpruned decoding.
+  Per host (`host_rvis`, recorded by host + DSTP runs): at every step t, Jaccard(the host's prefill selection,
+  the host's own candidate T_t), whether or not the trigger adopts it.
 
 Execution (`PrunedDecoder`, the "drop" and "mask" variants, positions, KV-cache swaps, and why Mllama has no
 visual-token pruning) is model plumbing, in `vskip_core.modeling.pruned_decoding`: it runs whatever a
@@ -300,17 +302,17 @@ class PruneSpec:
         features: torch.Tensor | None = None,
         decoded: torch.Tensor | None = None,
         prompt: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, bool, float]:
+    ) -> tuple[torch.Tensor, bool, torch.Tensor]:
         """DSTP for one row: the host's own rule (`host_reselect`) on the decoding state, then the trigger.
         The state is the recent `decoded` tokens' embeddings, averaged with the `prompt`'s mean embedding
-        when `dstp_state` is prompt+decoded."""
+        when `dstp_state` is prompt+decoded. Returns (set in use, re-selected?, the host's candidate set)."""
         state = decoded
         if decoded is not None and prompt is not None and self.dstp_state == "prompt+decoded":
             state = torch.stack([prompt, decoded.mean(0)])  # the question and the words written, equally
         cand = host_reselect(self.method, relevance, len(active), features, state, self.core_fraction)
-        return dstp_update(
-            cand.to(active.device), active, step, self.dstp_interval, self.dstp_shift_threshold
-        )
+        cand = cand.to(active.device)
+        now, fired, _ = dstp_update(cand, active, step, self.dstp_interval, self.dstp_shift_threshold)
+        return now, fired, cand
 
     @classmethod
     def from_config(

@@ -63,7 +63,7 @@ class PruningRules(Protocol):
         features: torch.Tensor | None = None,
         decoded: torch.Tensor | None = None,
         prompt: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, bool, float]: ...
+    ) -> tuple[torch.Tensor, bool, torch.Tensor]: ...  # (set in use, re-selected?, host's candidate)
 
 
 class _Cache:
@@ -119,6 +119,7 @@ class PrunedOutput:
     host_overlap: list[
         list[float]
     ]  # DSTP: per row, Jaccard(set adopted, the prefill selection) per re-selection
+    host_rvis: list[list[float]]  # DSTP: per row and step, Jaccard(host's candidate, the prefill selection)
     timings: dict[str, float]  # vision_s, select_s, lm_prefill_s, prefill_s, decode_s, decode_steps
     layers: dict[str, int]  # effective fastv_layer and score_layer
     relevance: list[torch.Tensor] | None = None  # per row (1 + steps, n_visual) at the score layer
@@ -330,6 +331,7 @@ class PrunedDecoder:
         self.relevance_trace = [[rel0[b].float().cpu()] for b in range(B)] if self.record_relevance else None
         self.reselections, self.swapped_in = [0] * B, [0] * B
         self.host_overlap: list[list[float]] = [[] for _ in range(B)]
+        self.host_rvis: list[list[float]] = [[] for _ in range(B)]
         return first
 
     def start_decoding(self) -> None:
@@ -380,6 +382,7 @@ class PrunedDecoder:
             reselections=self.reselections,
             swapped_in=self.swapped_in,
             host_overlap=self.host_overlap,
+            host_rvis=self.host_rvis,
             timings=timings,
             layers={"fastv_layer": self.K, "score_layer": self.S},
             relevance=[torch.stack(r) for r in trace] if trace is not None else None,
@@ -439,7 +442,7 @@ class PrunedDecoder:
             recent = torch.stack(self.out_tokens[-spec.dstp_window :], 1)  # (B, <= window) token ids
             decoded = self.inner.get_input_embeddings()(recent)
         for b in range(self.B):
-            a, fired, _ = spec.reselect(
+            a, fired, cand = spec.reselect(
                 rel[b],
                 active[b],
                 t,
@@ -447,9 +450,13 @@ class PrunedDecoder:
                 None if decoded is None else decoded[b],
                 self.prompt_means[b] if self.prompt_means else None,
             )
+            kept = set(self.kept[b].tolist())
+            if bool(self.unfinished[b]):
+                c = set(cand.tolist())
+                self.host_rvis[b].append(len(kept & c) / len(kept | c))
             if fired and bool(self.unfinished[b]):
                 self.reselections[b] += 1
-                kept, new = set(self.kept[b].tolist()), set(a.tolist())
+                new = set(a.tolist())
                 self.host_overlap[b].append(len(kept & new) / len(kept | new))
                 n_new = len(new - set(active[b].tolist()))
                 self.swapped_in[b] += n_new

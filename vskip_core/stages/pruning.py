@@ -9,6 +9,8 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from vskip_core.method.pruning import (
     METHODS,
     VARIANTS,
@@ -18,7 +20,14 @@ from vskip_core.method.pruning import (
     rvis_overlaps,
     user_text_mask,
 )
-from vskip_core.metrics import family_metrics, headline, score_example
+from vskip_core.metrics import (
+    FAMILY_SCORE,
+    FamilyScores,
+    bootstrap_ci,
+    family_metrics,
+    headline,
+    score_example,
+)
 from vskip_core.modeling.decoding import decoding_config, generate
 from vskip_core.modeling.loading import collate, encode, model_inputs
 from vskip_core.modeling.pruned_decoding import PrunedOutput, pruned_generate
@@ -103,6 +112,7 @@ def _records(res: PrunedOutput, tok, n: int, record_relevance: bool) -> list[dic
             "reselections": res.reselections[b],
             "swapped_in": res.swapped_in[b],
             "host_overlap": res.host_overlap[b],  # Jaccard with the prefill selection, per re-selection
+            "host_rvis": res.host_rvis[b],  # Jaccard(host's candidate, prefill selection), per step
             "layers": res.layers,
         }
         if record_relevance:
@@ -176,11 +186,17 @@ def evaluate(
             "retention": spec.retention,
             "response": g["text"],
             "correct": s["correct"],
+            "anls": s.get("anls"),
+            "parsed": s["parsed"],
+            "label": x.get("answer") if x["family"] == "existence" else None,
             "tokens": len(g["token_ids"]),
+            "decode_s_per_token": g["decode_s_per_token"],  # its batch's decode time / steps
+            "n_visual": g["n_visual"],
             "kept": g["kept"],
             "reselections": g["reselections"],
             "swapped_in": g["swapped_in"],
             "host_overlap": statistics.fmean(g["host_overlap"]) if g["host_overlap"] else None,
+            "host_rvis": [round(v, 4) for v in g["host_rvis"]],
         }
         for x, g, s in zip(examples, gens, scored)
     ]
@@ -358,6 +374,239 @@ def rvis_summary(records: list[dict[str, Any]], n_bins: int = 10, min_count: int
     return out
 
 
+# ------------------------------------------------------------------------------------------------ claims
+# DSTP's claims (issue 19) on the teacher grid's per-example records, with bootstrap 95% intervals over test
+# examples (`metrics.bootstrap_ci`); comparisons are paired on the examples both systems ran.
+GROUPS = {"simple": SIMPLE_FAMILIES, "reasoning": REASONING_FAMILIES}
+
+
+def _systems(records: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        out.setdefault((r["method"], retention_key(r["retention"])), []).append(r)
+    return out
+
+
+def _paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[FamilyScores, FamilyScores, int]:
+    """Two systems' per-example scores on the examples both ran, in one order."""
+    ids_b = {r["id"] for r in b}
+    ids = [r["id"] for r in a if r["id"] in ids_b]
+    return FamilyScores(a, ids), FamilyScores(b, ids), len(ids)
+
+
+def _verdict(ci: list[float | None] | None, direction: int) -> str:
+    """agrees (the interval lies on the claimed side of 0), disagrees (on the other side), or undecided."""
+    if not ci or ci[0] is None:
+        return "undecided"
+    lo, hi = (ci[0], ci[1]) if direction > 0 else (-ci[1], -ci[0])
+    return "agrees" if lo > 0 else "disagrees" if hi < 0 else "undecided"
+
+
+def score_intervals(records: list[dict[str, Any]], reps: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """{method: {retention: {"score": {family: headline score}, "score_ci": {family: [lo, hi]}}}} per system
+    (families plus the simple / reasoning means)."""
+    out: dict[str, Any] = {}
+    for (m, r), recs in _systems(records).items():
+        fs = FamilyScores(recs, [x["id"] for x in recs])
+        every = np.arange(fs.n)
+        fams = {f: (f,) for f in sorted(set(fs.family))} | GROUPS
+        out.setdefault(m, {})[r] = {
+            "score": {g: fs.group(every, f) for g, f in fams.items()},
+            "score_ci": {
+                g: bootstrap_ci(lambda i, f=f, fs=fs: fs.group(i, f), fs.n, reps, seed)
+                for g, f in fams.items()
+            },
+        }
+    return out
+
+
+def dstp_vs_host(records: list[dict[str, Any]], reps: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """{host: {retention: {family or group: {"diff", "ci", "n", "host", "dstp"}}}}: host + DSTP minus the host,
+    paired per example, for each family, the simple and reasoning means, and the mean of all four."""
+    sys_ = _systems(records)
+    out: dict[str, Any] = {}
+    for (m, r), recs in sys_.items():
+        if not m.endswith("+dstp") or (m.removesuffix("+dstp"), r) not in sys_:
+            continue
+        host = m.removesuffix("+dstp")
+        A, B, n = _paired(recs, sys_[(host, r)])
+        every = np.arange(n)
+        fams = {f: (f,) for f in sorted(set(A.family))} | GROUPS
+        fams["all"] = tuple(sorted(set(A.family)))
+        out.setdefault(host, {})[r] = {
+            g: {
+                "diff": A.group(every, f) - B.group(every, f),
+                "ci": bootstrap_ci(lambda i, f=f, A=A, B=B: A.group(i, f) - B.group(i, f), n, reps, seed),
+                "n": n,
+                "host": B.group(every, f),
+                "dstp": A.group(every, f),
+            }
+            for g, f in fams.items()
+        }
+    return out
+
+
+def rvis_shift_stats(
+    rv: list[dict[str, Any]], retention: str, reps: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """From RVIS records (`rvis_records`, or a host's `host_rvis_records`) at one retention: the mean overlap
+    of simple minus reasoning examples (> 0: reasoning shifts more) and, per example, the last tenth of the
+    rationale minus the first tenth (< 0: the shift grows), each with a bootstrap interval over examples."""
+    rows = [r for r in rv if r["overlap"].get(retention)]
+    fam = np.array([r["family"] for r in rows])
+    mean = np.array([statistics.fmean(r["overlap"][retention]) for r in rows])
+
+    def tenth(ov: list[float], last: bool) -> float:
+        m = max(1, -(-len(ov) // 10))
+        return statistics.fmean(ov[-m:] if last else ov[:m])
+
+    growth = np.array(
+        [tenth(r["overlap"][retention], True) - tenth(r["overlap"][retention], False) for r in rows]
+    )
+    simple, reasoning = np.isin(fam, SIMPLE_FAMILIES), np.isin(fam, REASONING_FAMILIES)
+
+    def gap(i) -> float:
+        s, q = mean[i][simple[i]], mean[i][reasoning[i]]
+        return float(s.mean() - q.mean()) if len(s) and len(q) else float("nan")
+
+    every = np.arange(len(rows))
+    return {
+        "simple_minus_reasoning": gap(every) if len(rows) else None,
+        "simple_minus_reasoning_ci": bootstrap_ci(gap, len(rows), reps, seed),
+        "last_minus_first_tenth": float(growth.mean()) if len(rows) else None,
+        "last_minus_first_tenth_ci": bootstrap_ci(lambda i: float(growth[i].mean()), len(rows), reps, seed),
+        "n": len(rows),
+    }
+
+
+def host_rvis_records(records: list[dict[str, Any]], score_layer: int) -> dict[str, list[dict[str, Any]]]:
+    """RVIS under each host's own rule, from its + DSTP runs: {host: records shaped as `rvis_records`'}, the
+    overlap per retention being Jaccard(host's prefill selection, host's candidate at each step)."""
+    by: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in records:
+        if not r["method"].endswith("+dstp") or not r.get("host_rvis"):
+            continue
+        host = r["method"].removesuffix("+dstp")
+        row = by.setdefault(host, {}).setdefault(
+            r["id"],
+            {"id": r["id"], "family": r["family"], "n_visual": r["n_visual"], "overlap": {},
+             "score_layer": "input embeddings" if host == "zspaprune" else score_layer},
+        )  # fmt: skip
+        row["overlap"][retention_key(r["retention"])] = r["host_rvis"]
+        row["steps"] = max(row.get("steps", 0), len(r["host_rvis"]))
+    return {h: list(rows.values()) for h, rows in by.items()}
+
+
+def claims(
+    records: list[dict[str, Any]],
+    rvis: dict[str, list[dict[str, Any]]],
+    retentions: list[float],
+    batch_size: int,
+    reps: int = 2000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """DSTP's claims (issue 19) on this run, one row each: `claim`, `comparison`, `retention`, `value`, its
+    95% `ci`, `n` examples, the `target` direction and `verdict` (agrees / disagrees / undecided: the interval
+    against 0; `met` = agrees). `rvis`: {source name: `rvis_records`-shaped records}. Overhead: the ratio of
+    median decode times per token of the accuracy runs (batches of `batch_size`; no interval;
+    `benchmarks/bench_visual_tokens.py` measures batch 1 at 256 visual tokens)."""
+    sys_, out = _systems(records), []
+    one = retention_key(1.0)
+
+    def add(claim, comparison, retention, value, ci, n, target, direction):
+        v = _verdict(ci, direction)
+        out.append({"claim": claim, "comparison": comparison, "retention": retention, "value": value,
+                    "ci": ci, "n": n, "target": target, "verdict": v, "met": v == "agrees"})  # fmt: skip
+
+    hosts = sorted({m.removesuffix("+dstp") for m, _ in sys_ if m != "unpruned"})
+    rets = [retention_key(r) for r in retentions]
+    for h in hosts:
+        for r in rets:
+            if (h, r) not in sys_ or ("unpruned", one) not in sys_:
+                continue
+            A, B, n = _paired(sys_[(h, r)], sys_[("unpruned", one)])
+            S, R = GROUPS["simple"], GROUPS["reasoning"]
+
+            def f(i, A=A, B=B, S=S, R=R):
+                return (A.group(i, R) - B.group(i, R)) - (A.group(i, S) - B.group(i, S))
+
+            add("pruning hurts reasoning more than simple understanding",
+                f"{h}: (reasoning - unpruned) - (simple - unpruned)", r, f(np.arange(n)),
+                bootstrap_ci(f, n, reps, seed), n, "< 0", -1)  # fmt: skip
+    vs = dstp_vs_host(records, reps, seed)
+    for h in hosts:
+        for r in rets:
+            d = vs.get(h, {}).get(r)
+            if not d:
+                continue
+            g = d["reasoning"]
+            add(
+                "DSTP limits the reasoning drop",
+                f"{h}+dstp - {h}, reasoning",
+                r,
+                g["diff"],
+                g["ci"],
+                g["n"],
+                "> 0",
+                1,
+            )
+            g = d["simple"]
+            add("DSTP gains on simple understanding", f"{h}+dstp - {h}, simple", r, g["diff"], g["ci"], g["n"],
+                "> 0", 1)  # fmt: skip
+    lo, hi = retention_key(min(retentions, key=lambda x: abs(x - 0.333))), retention_key(max(retentions))
+    for h in hosts:
+        if (h + "+dstp", lo) in sys_ and ("fastv", hi) in sys_:
+            A, B, n = _paired(sys_[(h + "+dstp", lo)], sys_[("fastv", hi)])
+            fams = tuple(sorted(set(A.family)))
+
+            def f(i, A=A, B=B, fams=fams):
+                return A.group(i, fams) - B.group(i, fams)
+
+            add("DSTP at 33.3% beats FastV at 66.6%", f"{h}+dstp @ {lo} - fastv @ {hi}, mean of families", lo,
+                f(np.arange(n)), bootstrap_ci(f, n, reps, seed), n, "> 0", 1)  # fmt: skip
+    for name, rv in rvis.items():
+        for r in rets:
+            st = rvis_shift_stats(rv, r, reps, seed)
+            if not st["n"]:
+                continue
+            add("RVIS is larger on reasoning than on simple tasks", f"{name}: overlap simple - reasoning", r,
+                st["simple_minus_reasoning"], st["simple_minus_reasoning_ci"], st["n"], "> 0", 1)  # fmt: skip
+            add("RVIS grows over the rationale", f"{name}: overlap last tenth - first tenth", r,
+                st["last_minus_first_tenth"], st["last_minus_first_tenth_ci"], st["n"], "< 0", -1)  # fmt: skip
+    for h in hosts:
+        for r in rets:
+            a, b = sys_.get((h + "+dstp", r)), sys_.get((h, r))
+            if a and b:
+                ratio = statistics.median(x["decode_s_per_token"] for x in a) / statistics.median(
+                    x["decode_s_per_token"] for x in b
+                )
+                out.append({"claim": "DSTP's overhead is minimal", "comparison":
+                            f"{h}+dstp / {h}: decode time per token (batch {batch_size}, median)", "retention": r,
+                            "value": ratio, "ci": None, "n": len(a), "target": "<= 1.10",
+                            "verdict": "agrees" if ratio <= 1.10 else "disagrees", "met": ratio <= 1.10})  # fmt: skip
+    return out
+
+
+def claims_table(found: list[dict[str, Any]]):
+    """The claims as a DataFrame, one row per claim and comparison, one column per retention: the value, its
+    95% interval and the verdict (+ agrees, - disagrees, ? undecided)."""
+    import pandas as pd
+
+    mark = {"agrees": "+", "disagrees": "-", "undecided": "?"}
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    order = list(dict.fromkeys(c["claim"] for c in found))
+    for c in sorted(found, key=lambda c: order.index(c["claim"])):
+        ci = "" if not c["ci"] or c["ci"][0] is None else f" [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}]"
+        value = f"{c['value']:.3f}" if c["ci"] is None else f"{c['value']:+.3f}"  # a ratio, or a difference
+        cell = f"{value}{ci} {mark[c['verdict']]}" if c["value"] is not None else ""
+        rows.setdefault((c["claim"], f"{c['comparison']} ({c['target']})"), {})[
+            f"{float(c['retention']):.1%}"
+        ] = cell
+    t = pd.DataFrame.from_dict(rows, orient="index")
+    t.index = pd.MultiIndex.from_tuples(t.index, names=["claim", "comparison (target)"])
+    return t.fillna("")
+
+
 # ------------------------------------------------------------------------------------------------- tables
 def rvis_table(summary: dict[str, Any]):
     """Mean RVIS overlap per family / group (rows) and retention (columns), with the random-top-k row."""
@@ -376,7 +625,7 @@ def metrics_table(methods: dict[str, Any], key: dict[str, str] | None = None):
     visual_tokens (score = each family's headline metric: accuracy, F1 for existence, ANLS for reading)."""
     import pandas as pd
 
-    key = key or {"attribute": "accuracy", "existence": "f1", "reading": "anls", "multistep": "accuracy"}
+    key = key or FAMILY_SCORE
     rows = []
     for m, by_r in methods.items():
         for r, e in by_r.items():
@@ -431,67 +680,114 @@ def headline_text(metrics: dict[str, Any], retention: float = 0.333) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- plots
-def plot_accuracy(table, path=None):
-    """Score per family against retention, one line per method (+dstp dashed)."""
-    import seaborn as sns
-
-    t = table[table["method"] != "unpruned"].copy()
-    t["dstp"] = t["method"].str.endswith("+dstp")
-    t["base"] = t["method"].str.replace("+dstp", "", regex=False)
-    g = sns.relplot(
-        data=t,
-        x="retention",
-        y="score",
-        hue="base",
-        style="dstp",
-        col="family",
-        kind="line",
-        marker="o",
-        height=2.8,
-        aspect=1.0,
-    )
-    ref = table[table["method"] == "unpruned"]
-    for ax, fam in zip(g.axes.flat, g.col_names):
-        v = ref[ref["family"] == fam]["score"]
-        if len(v):
-            ax.axhline(float(v.iloc[0]), color="grey", ls=":", lw=1, label="unpruned")
-        rets = sorted(t["retention"].unique())
-        ax.set_xticks(rets, [f"{r:.1%}" for r in rets])
-    g.set_titles("{col_name}")
-    return _save(g.figure, path)
-
-
-def plot_rvis(summary: dict[str, Any], path=None):
-    """RVIS overlap against relative decoding progress, one panel per retention, one line per family."""
+def plot_accuracy(
+    scores: dict[str, Any], path=None, families: tuple[str, ...] = (*SIMPLE_FAMILIES, *REASONING_FAMILIES)
+):
+    """Each family's score against retention (evenly spaced, most kept on the left), one row per host: the host
+    solid, host + DSTP dashed, 95% intervals as bars, the unpruned model dotted. `scores`: `score_intervals`."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
-    rets = list(summary["by_retention"])
-    fig, axes = plt.subplots(1, len(rets), figsize=(3.6 * len(rets), 3.0), squeeze=False, sharey=True)
-    palette = sns.color_palette("tab10")
-    for ax, r in zip(axes[0], rets):
-        by = summary["by_retention"][r]
-        for j, (fam, s) in enumerate(by.items()):
-            if fam in ("simple", "reasoning", "chance"):
-                continue
-            ys = s["progress_curve"]
-            xs = [(i + 0.5) / len(ys) for i in range(len(ys))]
-            ax.plot(
-                xs,
-                [y if y is not None else float("nan") for y in ys],
-                marker="o",
-                ms=3,
-                color=palette[j % 10],
-                label=f"{fam} (n={s['n']})",
-            )
-        if "chance" in by:
-            ax.axhline(by["chance"], color="grey", ls=":", lw=1, label="random top-k")
-        ax.set_title(f"top-k at retention {r}")
-        ax.set_xlabel("decoding progress")
-        ax.set_ylim(0, 1.02)
-    axes[0][0].set_ylabel("Jaccard(top-k prefill, top-k step)")
+    hosts = sorted(
+        {m.removesuffix("+dstp") for m in scores if m != "unpruned" and "+" not in m.removesuffix("+dstp")}
+    )
+    fams = [f for f in families if any(f in e["score"] for by in scores.values() for e in by.values())]
+    fig, axes = plt.subplots(len(hosts), len(fams), figsize=(2.6 * len(fams), 2.1 * len(hosts) + 0.4),
+                             squeeze=False, sharex=True, sharey="col")  # fmt: skip
+    ref = scores.get("unpruned", {}).get(retention_key(1.0))
+    for row, h in enumerate(hosts):
+        rets = sorted(scores.get(h, {}), key=float, reverse=True)
+        xs = range(len(rets))
+        for col, fam in enumerate(fams):
+            ax = axes[row][col]
+            for m, style, colour in ((h, "-", "tab:blue"), (h + "+dstp", "--", "tab:orange")):
+                by = scores.get(m, {})
+                ys = [by[r]["score"].get(fam, float("nan")) if r in by else float("nan") for r in rets]
+                cis = [by[r]["score_ci"].get(fam) if r in by else None for r in rets]
+                err = [[y - (c[0] if c and c[0] is not None else y) for y, c in zip(ys, cis)],
+                       [(c[1] if c and c[1] is not None else y) - y for y, c in zip(ys, cis)]]  # fmt: skip
+                ax.errorbar(xs, ys, yerr=err, ls=style, marker="o", ms=3, capsize=2, color=colour,
+                            label="host + DSTP" if m.endswith("+dstp") else "host alone")  # fmt: skip
+            if ref and fam in ref["score"]:
+                ax.axhline(ref["score"][fam], color="grey", ls=":", lw=1, label="unpruned")
+            ax.set_xticks(list(xs), [f"{float(r):.1%}" for r in rets])
+            if row == 0:
+                ax.set_title(f"{fam} ({FAMILY_SCORE.get(fam, 'accuracy')})")
+            if col == 0:
+                ax.set_ylabel(h.replace("zspaprune", "prompt-aware"))
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.supxlabel("visual tokens kept (bars: 95% bootstrap intervals)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.legend(handles, labels, loc="upper center", ncol=3, fontsize=8, frameon=False)
+    return _save(fig, path)
+
+
+def plot_dstp_gain(vs: dict[str, Any], path=None):
+    """Host + DSTP minus the host per family and group (paired, 95% intervals), one panel per host, one colour
+    per retention: a forest plot of DSTP's claims. `vs`: `dstp_vs_host`."""
+    import matplotlib.pyplot as plt
+
+    hosts = sorted(vs)
+    fig, axes = plt.subplots(1, len(hosts), figsize=(3.4 * len(hosts), 3.0), squeeze=False, sharey=True)
+    for ax, h in zip(axes[0], hosts):
+        rets = sorted(vs[h], key=float, reverse=True)
+        groups = list(next(iter(vs[h].values())))
+        for j, r in enumerate(rets):
+            for g_i, g in enumerate(groups):
+                d = vs[h][r][g]
+                y = g_i + (j - (len(rets) - 1) / 2) * 0.22
+                lo, hi = d["ci"] if d["ci"][0] is not None else (d["diff"], d["diff"])
+                ax.plot([lo, hi], [y, y], color=f"C{j}", lw=1.5)
+                ax.plot(
+                    d["diff"],
+                    y,
+                    "o",
+                    ms=3.5,
+                    color=f"C{j}",
+                    label=f"{float(r):.1%} kept" if g_i == 0 else None,
+                )
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks(range(len(groups)), groups)
+        ax.invert_yaxis()
+        ax.set_title(f"{h.replace('zspaprune', 'prompt-aware')} + DSTP - {h.replace('zspaprune', 'prompt-aware')}",
+                     fontsize=9)  # fmt: skip
+        ax.set_xlabel("score difference")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_rvis(summaries: dict[str, dict[str, Any]], path=None):
+    """RVIS overlap against decoding progress (10 bins), one row per source (the unpruned model's attention,
+    each host's own rule), one column per retention, one line per family; random top-k sets dotted."""
+    import matplotlib.pyplot as plt
+
+    rets = sorted({r for s in summaries.values() for r in s["by_retention"]}, key=float, reverse=True)
+    fig, axes = plt.subplots(len(summaries), len(rets), figsize=(3.0 * len(rets), 2.3 * len(summaries) + 0.3),
+                             squeeze=False, sharey=True, sharex=True)  # fmt: skip
+    fams = (*SIMPLE_FAMILIES, *REASONING_FAMILIES)
+    for row, (name, summary) in enumerate(summaries.items()):
+        for col, r in enumerate(rets):
+            ax, by = axes[row][col], summary["by_retention"].get(r, {})
+            for j, fam in enumerate(fams):
+                if fam not in by:
+                    continue
+                ys = [y if y is not None else float("nan") for y in by[fam]["progress_curve"]]
+                xs = [(i + 0.5) / len(ys) for i in range(len(ys))]
+                ax.plot(xs, ys, marker="o", ms=2.5, color=f"C{j}", ls="-" if fam in SIMPLE_FAMILIES else "--",
+                        label=f"{fam} (n={by[fam]['n']})")  # fmt: skip
+            if "chance" in by:
+                ax.axhline(by["chance"], color="grey", ls=":", lw=1, label="random top-k")
+            if row == 0:
+                ax.set_title(f"{float(r):.1%} kept")
+            if col == 0:
+                ax.set_ylabel(f"{name}\nJaccard with prefill", fontsize=8)
+            ax.set_ylim(0, 1.02)
+    for ax in axes[-1]:
+        ax.set_xlabel("decoding progress")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.legend(handles, [lab.split(" (")[0] for lab in labels], loc="upper center", ncol=5, fontsize=8,
+               frameon=False)  # fmt: skip
     return _save(fig, path)
 
 
