@@ -34,7 +34,8 @@ Medians over all rounds and examples (also the minima, `*_min`, the figure least
 shared machine; `*_ratio_min` compares minima). One torch thread by default: more threads spin-wait against other
 jobs on a shared machine.
 
-**Ratios.** `*_ratio` = setting / unpruned (medians). Ideals: `ideal_visual` = the retained fraction of visual tokens
+**Ratios.** `*_ratio` = setting / unpruned (medians); `dstp_decode_overhead` / `dstp_prefill_overhead` = host +
+DSTP / the host alone at the same retention (DSTP's own cost). Ideals: `ideal_visual` = the retained fraction of visual tokens
 (k / n); `ideal_seq_prefill` = kept prompt tokens / all prompt tokens, averaged over decoder layers (FastV keeps
 everything in layers < K); `ideal_seq_decode` = the same for the KV length at the midpoint of decoding.
 `closeness_*` = achieved saving / ideal saving = (1 - ratio) / (1 - ideal), 1.0 = ideal. The ideals are linear in
@@ -199,6 +200,12 @@ def bench_model(cfg, name: str, image_size: int, args) -> dict:
         r["closeness_lm_prefill_seq"] = closeness(r["lm_prefill_ratio"], r["ideal_seq_prefill"])
         r["closeness_decode_visual"] = closeness(r["decode_ratio"], r["ideal_visual"])
         r["closeness_decode_seq"] = closeness(r["decode_ratio"], r["ideal_seq_decode"])
+    host = {(r["method"], r["retention"], r["variant"]): r for r in rows}
+    for r in rows:  # DSTP's own cost: host + DSTP over the host alone, same retention and variant
+        h = host.get((r["method"].removesuffix("+dstp"), r["retention"], r["variant"]))
+        if r["method"].endswith("+dstp") and h:
+            r["dstp_decode_overhead"] = r["decode_s_per_token"] / h["decode_s_per_token"]
+            r["dstp_prefill_overhead"] = r["prefill_s"] / h["prefill_s"]
     params = sum(p.numel() for p in model.parameters())
     return {
         "class": type(model).__name__,
@@ -222,15 +229,17 @@ def print_table(name: str, res: dict) -> None:
     head = f"{'setting':20s} {'ret':>6s} {'k':>4s} {'prefill':>8s} {'lm_pref':>8s} {'dec/tok':>8s}"
     head += f" {'pref x':>7s} {'lm x':>6s} {'dec x':>6s} {'lm xmin':>7s} {'dec xmin':>8s}"
     head += f" {'ideal':>6s} {'seq':>6s} {'close(seq)':>10s}"
+    head += f" {'dstp dec x':>10s}"
     print(head)
     for r in res["rows"]:
-        c = r["closeness_lm_prefill_seq"]
+        c, o = r["closeness_lm_prefill_seq"], r.get("dstp_decode_overhead")
         print(
             f"{r['setting']:20s} {r['retention']:6.3f} {r['k']:4d} {r['prefill_s'] * 1e3:7.1f}m "
             f"{r['lm_prefill_s'] * 1e3:7.1f}m {r['decode_s_per_token'] * 1e3:7.2f}m {r['prefill_ratio']:7.3f} "
             f"{r['lm_prefill_ratio']:6.3f} {r['decode_ratio']:6.3f} {r['lm_prefill_ratio_min']:7.3f} "
             f"{r['decode_ratio_min']:8.3f} {r['ideal_visual']:6.3f} "
             f"{r['ideal_seq_prefill']:6.3f} {'' if c is None else f'{c:10.2f}'}"
+            f" {'' if o is None else f'{o:10.3f}'}"
         )
 
 
