@@ -3,6 +3,7 @@ stage plumbing in vskip_core.stages.pruning): the selection rules on hand-built 
 on tiny random Qwen2-VL / Qwen2.5-VL models against the model's own forward and generate."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -570,6 +571,9 @@ def test_pruned_decoder_is_deterministic_and_matches_the_pre_refactor_output(tin
     for name in ("fastv", "fastv+dstp", "divprune", "divprune+dstp", "zspaprune", "zspaprune+dstp"):
         method, dstp = name.removesuffix("+dstp"), name.endswith("+dstp")
         spec = vt.PruneSpec.from_config(cfg, method, 0.333, dstp=dstp)
+        spec = replace(
+            spec, dstp_interval=8, dstp_shift_threshold=0.5
+        )  # the trigger the record was made with
         runs = [stage.generate_pruned(loaded, exs, spec, 12, 3) for _ in range(2)]
         assert [g["token_ids"] for g in runs[0]] == [g["token_ids"] for g in runs[1]], name
         if name not in _RECORDED:

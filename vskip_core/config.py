@@ -487,8 +487,10 @@ class PruneConfig:
     fastv_layer: int = 2  # FastV's K: layers < K see every visual token, layer K-1's attention ranks them
     score_layer: int = -1  # DSTP / RVIS: layer whose attention ranks visual tokens while decoding; -1 = K - 1
     core_fraction: float = 0.6  # prompt-aware: share of the budget chosen by relevance (rest by diversity)
-    dstp_interval: int = 8  # DSTP: re-select visual tokens every this many decoding steps
-    dstp_shift_threshold: float = 0.5  # DSTP: also re-select when top-k Jaccard overlap drops below this
+    dstp_interval: int = 4  # DSTP: re-select visual tokens every this many decoding steps (docs/RESULTS.md)
+    dstp_shift_threshold: float = 0.0  # DSTP: also re-select when the host's new set overlaps the one in use
+    # by less than this (0: never; periodic re-selection every 4 steps matched every trigger tried, at a quarter
+    # of the re-selections of every step: benchmarks/probe_dstp_trigger.py)
     dstp_window: int = 4  # DSTP, prompt-aware host: the last N decoded tokens' embeddings are the state
     dstp_state: Literal["decoded", "prompt+decoded"] = (
         "prompt+decoded"  # DSTP, prompt-aware host: the decoded tokens alone, or averaged with the prompt

@@ -232,8 +232,8 @@ class PruneSpec:
     fastv_layer: int = 2  # FastV's K: layers < K see every visual token
     score_layer: int = -1  # layer whose attention ranks visual tokens for DSTP/RVIS; -1 = K - 1
     core_fraction: float = 0.6  # prompt-aware: share of the budget chosen by relevance
-    dstp_interval: int = 8  # DSTP: re-select every this many decoding steps
-    dstp_shift_threshold: float = 0.5  # DSTP: re-select when the top-k Jaccard overlap falls below this
+    dstp_interval: int = 4  # DSTP: re-select every this many decoding steps
+    dstp_shift_threshold: float = 0.0  # DSTP: also re-select when the new set's Jaccard with S is below this
     dstp_window: int = 4  # DSTP with the prompt-aware host: decoded tokens whose embeddings are the state
     dstp_state: str = (
         "prompt+decoded"  # prompt-aware host's state: decoded, or prompt+decoded (equal weights)
