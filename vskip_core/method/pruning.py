@@ -56,6 +56,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -122,19 +123,21 @@ def max_min_diversity(
     n = features.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in 1..{n}, got {k}")
-    dist = cosine_distances(features)
+    dist = (
+        cosine_distances(features).cpu().numpy()
+    )  # the greedy loop in numpy: k small steps, no device syncs
     chosen = [int(i) for i in (selected.tolist() if torch.is_tensor(selected) else (selected or []))]
     if not chosen:
-        d = dist.clone()
-        d.fill_diagonal_(float("inf"))
-        chosen = [int(torch.argmax(d.min(1).values))]
-    mind = dist[chosen].min(0).values
-    mind[chosen] = float("-inf")
+        d = dist.copy()
+        np.fill_diagonal(d, np.inf)
+        chosen = [int(np.argmax(d.min(1)))]  # argmax: the first maximum, so ties go to the lower index
+    mind = dist[chosen].min(0)
+    mind[chosen] = -np.inf
     while len(chosen) < k:
-        j = int(torch.argmax(mind))
+        j = int(np.argmax(mind))
         chosen.append(j)
-        mind = torch.minimum(mind, dist[j])
-        mind[chosen] = float("-inf")
+        np.minimum(mind, dist[j], out=mind)
+        mind[j] = -np.inf
     return torch.sort(torch.tensor(chosen[:k], dtype=torch.long)).values
 
 
