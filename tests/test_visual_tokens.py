@@ -604,12 +604,21 @@ def test_dstp_records_how_much_of_the_host_selection_each_reselection_keeps(qwen
 
 
 def test_dstp_records_the_host_rule_shift_at_every_step(qwen2, tok):
-    """`host_rvis`: one Jaccard(host's candidate, prefill selection) per decoding step, whether or not the trigger
-    adopts the candidate; every adopted set's overlap (`host_overlap`) is one of them; at retention 1.0 the host
-    can only pick every token (1.0); nothing without DSTP."""
+    """`host_rvis`: one Jaccard(host's candidate, prefill selection) per step the trigger may fire (every step
+    with a shift threshold, whether or not it fires; else every `dstp_interval` steps), every adopted set's
+    overlap (`host_overlap`) is one of them; at retention 1.0 the host can only pick every token (1.0); nothing
+    without DSTP."""
     x = _inputs(qwen2, tok)
     for method in ("fastv", "divprune", "zspaprune"):
-        out = _run(qwen2, x, tok, vt.PruneSpec(method, 0.333, dstp=True, dstp_interval=1000))
+        periodic = _run(qwen2, x, tok, vt.PruneSpec(method, 0.333, dstp=True, dstp_interval=3))
+        assert [len(r) for r in periodic.host_rvis] == [len(range(3, STEPS, 3))] * 3  # t = 3, 6, ... only
+        assert periodic.reselections == [len(range(3, STEPS, 3))] * 3
+        out = _run(
+            qwen2,
+            x,
+            tok,
+            vt.PruneSpec(method, 0.333, dstp=True, dstp_interval=1000, dstp_shift_threshold=0.5),
+        )
         for b in range(3):
             assert len(out.host_rvis[b]) == STEPS - 1, method  # steps t = 1 .. STEPS - 1 (no end token)
             assert all(0.0 <= j <= 1.0 for j in out.host_rvis[b])

@@ -41,8 +41,9 @@ Rules (each a pure function below)
   DSTP saves decode time, not prefill.
 - RVIS (`rvis_overlaps`): at step t, Jaccard(top-k relevance at prefill, top-k relevance at step t), the
   relevance being the score layer's attention over the visual tokens (mean over heads), unpruned decoding.
-  Per host (`host_rvis`, recorded by host + DSTP runs): at every step t, Jaccard(the host's prefill selection,
-  the host's own candidate T_t), whether or not the trigger adopts it.
+  Per host (`host_rvis`, recorded by host + DSTP runs): at every step the trigger may fire (every
+  `prune.dstp_interval` steps; every step with a shift threshold), Jaccard(the host's prefill selection, the
+  host's own candidate T_t). Steps where the trigger cannot fire do no DSTP work at all.
 
 Execution (`PrunedDecoder`, the "drop" and "mask" variants, positions, KV-cache swaps, and why Mllama has no
 visual-token pruning) is model plumbing, in `vskip_core.modeling.pruned_decoding`: it runs whatever a
@@ -296,6 +297,11 @@ class PruneSpec:
 
     def rank(self, attention: torch.Tensor, k: int) -> torch.Tensor:
         return fastv_select(attention, k)
+
+    def due(self, step: int) -> bool:
+        """Can the trigger fire at this step? Every `dstp_interval` steps, or every step when a shift threshold
+        is set (the host's candidate must then be computed to be compared)."""
+        return self.dstp_shift_threshold > 0 or step % self.dstp_interval == 0
 
     def reselect(
         self,

@@ -55,6 +55,8 @@ class PruningRules(Protocol):
 
     dstp_window: int  # decoded tokens whose embeddings the prompt-aware host re-selects with
 
+    def due(self, step: int) -> bool: ...  # may DSTP re-select at this step (else no DSTP work at all)
+
     def reselect(
         self,
         relevance: torch.Tensor,
@@ -119,7 +121,9 @@ class PrunedOutput:
     host_overlap: list[
         list[float]
     ]  # DSTP: per row, Jaccard(set adopted, the prefill selection) per re-selection
-    host_rvis: list[list[float]]  # DSTP: per row and step, Jaccard(host's candidate, the prefill selection)
+    host_rvis: list[
+        list[float]
+    ]  # DSTP: per row, Jaccard(host's candidate, prefill selection) at each due step
     timings: dict[str, float]  # vision_s, select_s, lm_prefill_s, prefill_s, decode_s, decode_steps
     layers: dict[str, int]  # effective fastv_layer and score_layer
     relevance: list[torch.Tensor] | None = None  # per row (1 + steps, n_visual) at the score layer
@@ -348,7 +352,7 @@ class PrunedDecoder:
         cos, sin = self.lm.rotary_emb(h, pos)
         cache = self.cache
         for i, layer in enumerate(self.layers):
-            if i == self.S and (self.spec.dstp or self.record_relevance):
+            if i == self.S and ((self.spec.dstp and self.spec.due(t)) or self.record_relevance):
                 self._score_step(i, layer, h, cos, sin, t)
             valid = torch.cat(
                 [cache.valid[i][:, : cache.n[i]], torch.ones(B, 1, dtype=torch.bool, device=dev)], 1
@@ -428,7 +432,7 @@ class PrunedDecoder:
             for b in range(self.B):
                 if bool(self.unfinished[b]):
                     self.relevance_trace[b].append(rel[b].float().cpu())
-        if self.spec.dstp:
+        if self.spec.dstp and self.spec.due(t):
             self._dstp(rel, t)
 
     # ------------------------------------------------------------------------------------------- DSTP
