@@ -4,7 +4,9 @@ means only the threshold fires), each host + DSTP at each retention on the test 
 re-selections and swapped-in tokens per decoded token, and decode time per token (batch 32, medians over
 batches; the trade-off's cost side, not a latency benchmark). A probe, not a stage. Writes <out>/probe.json.
 
-    .venv/bin/python benchmarks/probe_dstp_trigger.py --per-family 30 --retentions 0.333 0.111
+    .venv/bin/python benchmarks/probe_dstp_trigger.py --split val --per-family 100 --retentions 0.333 0.111
+
+Choose a trigger on `val`: stage 07 reports its claims on the test split.
 """
 
 from __future__ import annotations
@@ -32,16 +34,21 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["fastv", "divprune", "zspaprune"])
     ap.add_argument("--retentions", type=float, nargs="+", default=[0.333, 0.111])
     ap.add_argument("--per-family", type=int, default=30)
+    ap.add_argument("--split", default="val", choices=["train", "val", "test"])
+    ap.add_argument(
+        "--triggers", nargs="+", default=[f"{k}:{j}" for k, j in TRIGGERS], help="interval:threshold"
+    )
     ap.add_argument("--out", default="results/bench/probe_dstp_trigger")
     args = ap.parse_args()
     cfg = load_params(args.params, {})
     configure_threads(cfg.runtime.num_threads)
     loaded = load_teacher(cfg, progress=False)
-    exs = benchmark_examples(cfg, "test", args.per_family * len(cfg.data.families))
+    exs = benchmark_examples(cfg, args.split, args.per_family * len(cfg.data.families))
+    triggers = [(int(t.split(":")[0]), float(t.split(":")[1])) for t in args.triggers]
     rows = []
     for m in args.methods:
         for r in args.retentions:
-            for trig in [None, *TRIGGERS]:  # None: the host without DSTP
+            for trig in [None, *triggers]:  # None: the host without DSTP
                 spec = PruneSpec.from_config(cfg, m, r, dstp=trig is not None)
                 if trig:
                     spec = dataclasses.replace(spec, dstp_interval=trig[0], dstp_shift_threshold=trig[1])
@@ -62,7 +69,8 @@ def main() -> None:
                 )
                 print(json.dumps(rows[-1]), flush=True)
                 atomic_write_json(
-                    Path(args.out) / "probe.json", {"rows": rows, "n_test": len(exs), "env": environment(cfg)}
+                    Path(args.out) / "probe.json",
+                    {"rows": rows, "split": args.split, "n": len(exs), "env": environment(cfg)},
                 )
 
 
