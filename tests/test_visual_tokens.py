@@ -644,7 +644,8 @@ def _claim_records(delta_reasoning: float, n: int = 40) -> list[dict]:
                         "anls": float(right) if fam == "reading" else None,
                         "parsed": ("yes" if i % 8 == 1 else "no") if fam == "existence" else None,
                         "label": ("yes" if i % 8 == 1 else "no") if fam == "existence" else None,
-                        "decode_s_per_token": 0.011 if m.endswith("+dstp") else 0.01})  # fmt: skip
+                        "decode_s_per_token": 0.011 if m.endswith("+dstp") else 0.01,
+                        "prefill_s": 0.03 if m.endswith("+dstp") else 0.02})  # fmt: skip
     return out
 
 
@@ -660,11 +661,26 @@ def test_claims_judge_each_comparison_by_its_paired_interval(delta, verdict):
     assert simple["value"] == 0.0 and simple["ci"] == [0.0, 0.0] and simple["verdict"] == "undecided"
     hurt = by[("pruning hurts reasoning more than simple understanding", "0.333")]
     assert hurt["value"] == pytest.approx(-0.5) and hurt["verdict"] == "agrees"
-    beats = by[("DSTP at 33.3% beats FastV at 66.6%", "0.333")]
+    beats = by[("DSTP at a third of the tokens beats FastV at two thirds", "0.333")]
     assert beats["value"] == pytest.approx((0.5 + delta - 0.8) / 2, abs=0.01)
-    over = by[("DSTP's overhead is minimal", "0.333")]
-    assert over["value"] == pytest.approx(1.1) and over["ci"] is None
+    over = {
+        c["comparison"].split(": ")[1].split(" (")[0]: c
+        for c in found
+        if c["claim"] == "DSTP's overhead is minimal"
+    }
+    assert (
+        over["decode time per token"]["value"] == pytest.approx(1.1)
+        and over["decode time per token"]["ci"] is None
+    )
+    assert (
+        over["prefill time"]["value"] == pytest.approx(1.5) and over["prefill time"]["verdict"] == "disagrees"
+    )
     assert stage.claims_table(found).shape[1] == 2  # one column per retention
+    # one retention only (the hub params): no "a third vs two thirds" row comparing 33.3% with itself
+    only = stage.claims(
+        [r for r in _claim_records(delta) if r["retention"] != 0.666], {}, [0.333], 32, reps=50
+    )
+    assert not [c for c in only if "two thirds" in c["claim"]]
 
 
 def test_family_scores_match_the_reported_metrics():
@@ -684,6 +700,22 @@ def test_family_scores_match_the_reported_metrics():
     fs = FamilyScores(recs, [r["id"] for r in recs])
     for fam, key in FAMILY_SCORE.items():
         assert fs.score(np.arange(60), fam) == pytest.approx(want[fam][key]), fam
+
+
+def test_host_rvis_of_a_rationale_shorter_than_one_interval_is_kept_empty():
+    """A + DSTP run that ended before its first due step records no overlap: per-host RVIS keeps the example
+    with an empty curve at that retention instead of failing or losing the retention."""
+    recs = [{"method": "divprune+dstp", "id": "a", "family": "reading", "retention": 0.333, "n_visual": 16,
+             "host_rvis": []},
+            {"method": "divprune+dstp", "id": "a", "family": "reading", "retention": 0.111, "n_visual": 16,
+             "host_rvis": [0.5, 0.4]},
+            {"method": "divprune+dstp", "id": "b", "family": "attribute", "retention": 0.333, "n_visual": 16,
+             "host_rvis": [1.0, 0.5]}]  # fmt: skip
+    rows = stage.host_rvis_records(recs, 1)["divprune"]
+    assert {r["id"]: sorted(r["overlap"]) for r in rows} == {"a": ["0.111", "0.333"], "b": ["0.333"]}
+    summary = stage.rvis_summary(rows, n_bins=2, min_count=1)["by_retention"]
+    assert summary["0.333"]["attribute"]["mean"] == 0.75 and "reading" not in summary["0.333"]
+    assert summary["0.111"]["reading"]["mean"] == pytest.approx(0.45)
 
 
 def test_rvis_shift_stats_read_the_direction_of_the_shift():
