@@ -202,3 +202,31 @@ def test_metrics_json_is_strict_json_with_nan_as_null(tmp_path):
     text = p.read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert _json.loads(text) == {"ratio": None, "rows": [{"x": None, "y": [1.0, None]}]}
+
+
+def test_fingerprint_depends_on_code_cells_only(tmp_path):
+    """Opening a notebook in JupyterLab rewrites its metadata (kernel, cell state) and autosave changes its
+    bytes: the stage must not rerun for that, nor for a markdown edit; a code edit or a params change reruns it."""
+    from vskip_core.config import load_params
+    from vskip_core.runtime import stage_fingerprint
+
+    cfg = load_params("params/smoke.yaml", {})
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_markdown_cell("# title"), nbformat.v4.new_code_cell("x = 1")]
+    )
+    path = tmp_path / "00_x.ipynb"
+    nbformat.write(nb, path)
+    base = stage_fingerprint(cfg, path)
+    nb.metadata["kernelspec"] = {"name": "other", "display_name": "Other"}
+    nb.cells[0].source = "# another title"
+    nb.cells[1].outputs = [nbformat.v4.new_output("stream", text="1\n")]
+    nb.cells[1].metadata["collapsed"] = True
+    nbformat.write(nb, path)
+    assert stage_fingerprint(cfg, path) == base
+    nb.cells[1].source = "x = 2"
+    nbformat.write(nb, path)
+    assert stage_fingerprint(cfg, path) != base
+    nb.cells[1].source = "x = 1"
+    nbformat.write(nb, path)
+    assert stage_fingerprint(cfg, path) == base
+    assert stage_fingerprint(load_params("params/smoke.yaml", {"prune.n_examples": 7}), path) != base

@@ -4,8 +4,8 @@
     python -m vskip_core.pipeline --params params/smoke.yaml --run smoke --stages 00,01 --set gate.gamma=0.3
 
 Each stage writes `results/<run>/<stage>/` with `executed.ipynb`, `params.json`, `env.json`, its outputs and
-(when it measures something) `metrics.json`. A stage whose `.done` fingerprint (resolved params + notebook
-source) matches and whose `executed.ipynb` exists is skipped; once a stage runs, every later stage reruns.
+(when it measures something) `metrics.json`. A stage whose `.done` fingerprint (resolved params + notebook code
+cells) matches and whose `executed.ipynb` exists is skipped; once a stage runs, every later stage reruns.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every stage (notebook) opens with `stage = start_stage(cfg, run, "02_dual_scoring")`, writes its outputs
 under `stage.dir`, and ends with `stage.finish(metrics)`. `.finished` marks a stage whose outputs are complete;
-the pipeline adds `.done` with a fingerprint (resolved params + notebook source) and skips a stage whose
+the pipeline adds `.done` with a fingerprint (resolved params + the notebook's code cells) and skips a stage whose
 fingerprint matches, which is how a killed run resumes. Inside a stage, `ShardedWriter` writes rows in shards
 that a killed run (or another worker) resumes from.
 """
@@ -358,11 +358,26 @@ def results_dir(cfg: Config, run: str) -> Path:
     return cfg.path(cfg.runtime.results_dir) / check_run_name(run)
 
 
+def notebook_code(notebook: Path) -> bytes:
+    """The code cells' sources, in order: what a notebook's results depend on. Metadata, outputs, markdown and
+    kernel state (which opening the notebook in JupyterLab changes) are left out."""
+    if not notebook.exists():
+        return b""
+    raw = notebook.read_bytes()
+    try:
+        cells = json.loads(raw)["cells"]
+    except (ValueError, KeyError, TypeError):
+        return raw  # not a notebook we can read: every byte counts
+    code = ["".join(c["source"]) if isinstance(c["source"], list) else c["source"] for c in cells
+            if c.get("cell_type") == "code"]  # fmt: skip
+    return "\n\x00\n".join(code).encode()
+
+
 def stage_fingerprint(cfg: Config, notebook: Path) -> str:
-    """What a stage's outputs depend on: the resolved params and the notebook's source."""
+    """What a stage's outputs depend on: the resolved params and the notebook's code cells."""
     import hashlib
 
-    src = notebook.read_bytes() if notebook.exists() else b""
+    src = notebook_code(notebook)
     return hashlib.sha256(cfg.hash().encode() + hashlib.sha256(src).hexdigest().encode()).hexdigest()[:16]
 
 
