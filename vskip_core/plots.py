@@ -34,6 +34,19 @@ def _save(fig, path: str | Path | None):
     return fig
 
 
+def _plain(text: str) -> str:
+    """Matplotlib text shown as written: a price's `$` is not the start of mathtext."""
+    return text.replace("$", r"\$")
+
+
+def HTML(markup: str):  # noqa: N802  (a drop-in for IPython.display.HTML)
+    """IPython's HTML output, marked so that JupyterLab does not typeset it: MathJax would read the text between
+    two prices ("$5.21 ... $5.21") as LaTeX and drop the dollar signs."""
+    from IPython.display import HTML as _HTML
+
+    return _HTML(f'<div class="tex2jax_ignore">{markup}</div>')
+
+
 def highlight_anchors(text: str, anchors: list[dict[str, Any]]) -> str:
     """HTML of a rationale with each anchor span coloured by attribute type (for IPython.display.HTML)."""
     import html
@@ -62,10 +75,9 @@ def example_grid(examples: list[dict[str, Any]], path=None, cols: int = 4, width
         q = ex["question"] + (
             "\n" + " ".join(f"({L}) {o}" for L, o in zip("ABCD", ex["options"])) if ex.get("options") else ""
         )
-        ax.set_title(f"[{ex['family']}] " + textwrap.fill(q, width), fontsize=8, loc="left")
-        ax.set_xlabel(
-            textwrap.fill(ex["rationale"][-190:], width) + f"\n-> {ex['answer']}", fontsize=7, loc="left"
-        )
+        ax.set_title(_plain(f"[{ex['family']}] " + textwrap.fill(q, width)), fontsize=8, loc="left")
+        start = textwrap.shorten(ex["rationale"], 190, placeholder=" ...")  # the first words, whole
+        ax.set_xlabel(_plain(textwrap.fill(start, width) + f"\n-> {ex['answer']}"), fontsize=7, loc="left")
     for ax in np.atleast_1d(axes).ravel()[len(examples) :]:
         ax.axis("off")
     fig.tight_layout()

@@ -34,12 +34,17 @@ LIVE_EVERY_S = 15.0  # at most one terminal line per bar this often (and one whe
 
 
 def progress(*args, **kwargs):
-    """A tqdm bar (a widget in Jupyter). Under `python -m vskip_core.pipeline` each bar is also mirrored as a
-    plain line (phase, step/total, rate, ETA) on the pipeline's terminal: the kernel's own stderr."""
-    from tqdm.auto import tqdm
-
+    """A tqdm bar (a widget in Jupyter). Under `python -m vskip_core.pipeline` the notebook gets a text bar on
+    stdout instead (a saved widget would show its first state, "0%", in the executed copy: JupyterLab renders a
+    text bar's last state) and each bar is mirrored as a plain line (phase, step/total, rate, ETA) on the
+    pipeline's terminal: the kernel's own stderr."""
     if not os.environ.get(ENV_LIVE):
+        from tqdm.auto import tqdm
+
         return tqdm(*args, **kwargs)
+    from tqdm.std import tqdm
+
+    kwargs = {"file": sys.stdout, "ncols": 100, "mininterval": 2.0, **kwargs}
 
     class _Live(tqdm):
         def update(self, n=1):
@@ -416,8 +421,36 @@ class Stage:
         )
 
 
+def quiet_expected_notices() -> None:
+    """Silence what this stack prints that is expected and tells a reader nothing (each looks like a failed
+    install in a notebook): bitsandbytes' note that an optional CPU kernel package is absent, transformers'
+    deprecation of an attribute peft reads, and the model-loading progress bars (a saved bar shows "0%")."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # transformers is a dependency; without it nothing loads a model anyway
+        pass
+
+
+def display_defaults() -> None:
+    """pandas tables marked so that JupyterLab does not read prices ("$5.21 ... $5.21") as LaTeX."""
+    try:
+        import pandas as pd
+
+        pd.set_option("display.html.use_mathjax", False)
+    except ImportError:
+        pass
+
+
 def start_stage(cfg: Config, run: str, name: str) -> Stage:
-    """Create results/<run>/<stage>/, seed, set threads, write params.json and env.json (start time)."""
+    """Create results/<run>/<stage>/, seed, set threads, quiet the expected library notices, write params.json
+    and env.json (start time)."""
     d = results_dir(cfg, run) / name
     try:
         d.mkdir(parents=True, exist_ok=True)
@@ -430,6 +463,8 @@ def start_stage(cfg: Config, run: str, name: str) -> Stage:
         (d / marker).unlink(missing_ok=True)
     configure_threads(cfg.runtime.num_threads)
     seed_everything(cfg.runtime.seed)
+    quiet_expected_notices()
+    display_defaults()
     env = environment(cfg)
     env["start_time"] = now()
     env["run"] = run

@@ -172,15 +172,16 @@ def llmlingua2_status(cfg: Config) -> tuple[bool, str]:
     model (the model hub is unreachable). Returns (ok, message naming what is missing)."""
     missing = []
     if importlib.util.find_spec("llmlingua") is None:
-        missing.append("the `llmlingua` package is not installed (`.venv/bin/pip install llmlingua`)")
+        missing.append("`pip install llmlingua`")
     path = llmlingua2_path(cfg)
     if not (path / "config.json").exists():
-        missing.append(
-            f"no local copy of the {LLMLINGUA2_MODEL} model at {path} (download it on a machine with hub "
-            "access, copy the folder there, or set gate.llmlingua2_path)"
+        missing.append(f"put a local copy of {LLMLINGUA2_MODEL} at {path} (or set gate.llmlingua2_path)")
+    if missing:  # optional: said once, in plain words, with what to do
+        return False, (
+            "LLMLingua-2 scorer unavailable (optional: the SmolLM2 scorer stands in for it); to use it, "
+            + " and ".join(missing)
+            + "."
         )
-    if missing:
-        return False, "LLMLingua-2 scorer unavailable: " + "; ".join(missing) + "."
     return True, f"LLMLingua-2 model found at {path}"
 
 
