@@ -73,8 +73,9 @@ def run_stage(
             progress_bar=verbose,
             log_output=verbose,
             kernel_name="python3",
-            # the kernel's log (e.g. its warning about unencrypted TCP on loopback) is noise to a reader
-            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            # the kernel's log (e.g. its warning about unencrypted TCP on loopback) is noise to a reader; what
+            # the kernel writes to its own stderr file (the progress mirror) stays on this terminal only
+            extra_arguments=["--IPKernelApp.log_level=ERROR", "--IPKernelApp.capture_fd_output=False"],
         )
     except pm.PapermillExecutionError as e:
         failed = stage_dir / "failed.ipynb"

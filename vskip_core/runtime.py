@@ -34,19 +34,29 @@ LIVE_EVERY_S = 15.0  # at most one terminal line per bar this often (and one whe
 
 
 def progress(*args, **kwargs):
-    """A tqdm bar (a widget in Jupyter). Under `python -m vskip_core.pipeline` the notebook gets a text bar on
-    stdout instead (a saved widget would show its first state, "0%", in the executed copy: JupyterLab renders a
-    text bar's last state) and each bar is mirrored as a plain line (phase, step/total, rate, ETA) on the
-    pipeline's terminal: the kernel's own stderr."""
+    """A tqdm bar (a widget in Jupyter). Under `python -m vskip_core.pipeline` each bar is mirrored as a plain
+    line (phase, step/total, rate, ETA) on the pipeline's terminal (the kernel's own stderr, which the kernel
+    does not capture there), and the notebook gets one text line with the bar's final state when it closes: a
+    saved widget would show its first state ("0%") in the executed copy. Bars made with leave=False leave
+    nothing in the notebook, as in Jupyter."""
     if not os.environ.get(ENV_LIVE):
         from tqdm.auto import tqdm
 
         return tqdm(*args, **kwargs)
+    import io
+
     from tqdm.std import tqdm
 
-    kwargs = {"file": sys.stdout, "ncols": 100, "mininterval": 2.0, **kwargs}
+    kwargs = {
+        "file": io.StringIO(),
+        "ascii": False,
+        **kwargs,
+    }  # the live bar is the terminal's; the notebook gets the final line
 
     class _Live(tqdm):
+        def _meter(self) -> str:
+            return tqdm.format_meter(**{**self.format_dict, "ncols": 100})
+
         def update(self, n=1):
             out = super().update(n)
             if not self.disable:
@@ -54,9 +64,14 @@ def progress(*args, **kwargs):
                 done = self.total is not None and self.n >= self.total
                 if done or now - getattr(self, "_vskip_last", 0.0) >= LIVE_EVERY_S:
                     self._vskip_last = now
-                    meter = tqdm.format_meter(**{**self.format_dict, "ncols": 100})
-                    print(f"      {meter}", file=sys.__stderr__, flush=True)
+                    print(f"      {self._meter()}", file=sys.__stderr__, flush=True)
             return out
+
+        def close(self):
+            if not self.disable and self.leave and not getattr(self, "_vskip_closed", False):
+                self._vskip_closed = True
+                print(self._meter(), flush=True)
+            super().close()
 
     return _Live(*args, **kwargs)
 
@@ -424,17 +439,21 @@ class Stage:
 def quiet_expected_notices() -> None:
     """Silence what this stack prints that is expected and tells a reader nothing (each looks like a failed
     install in a notebook): bitsandbytes' note that an optional CPU kernel package is absent, transformers'
-    deprecation of an attribute peft reads, and the model-loading progress bars (a saved bar shows "0%")."""
+    deprecation of an attribute peft reads and its note on ordering checkpoints, and the model-loading and dataset-saving progress bars (a saved bar
+    shows "0%")."""
     import logging
     import warnings
 
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    logging.getLogger("transformers.trainer_utils").setLevel(logging.ERROR)  # checkpoint mtime ordering note
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
+        import datasets
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    except ImportError:  # transformers is a dependency; without it nothing loads a model anyway
+        datasets.disable_progress_bars()  # "Saving the dataset (0/1 shards)" widgets in 04
+    except ImportError:  # both are dependencies; without them nothing loads a model anyway
         pass
 
 

@@ -87,6 +87,7 @@ from vskip_core.runtime import (
     seed_everything,
     torch_threads,
 )
+from vskip_core.runtime import progress as tqdm
 from vskip_core.stages.generation import example_for
 
 STAGE = "04_qlora_distillation"
@@ -641,6 +642,35 @@ def planned_steps(cfg: Config, n: int) -> int:
     return max(1, math.ceil(d.epochs * math.ceil(n / (d.batch_size * d.grad_accum * _world()))))
 
 
+def _step_bar_class():
+    from transformers import TrainerCallback
+
+    class StepBar(TrainerCallback):
+        """Training steps on `runtime.progress` (a widget in JupyterLab; under the pipeline a live terminal line
+        and one final line in the notebook), instead of Trainer's notebook tables, which a saved notebook shows
+        frozen at their first state."""
+
+        def __init__(self, desc: str) -> None:
+            self.desc, self.bar = desc, None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+
+    return StepBar
+
+
+def _StepBar(desc: str):  # noqa: N802  (transformers is imported only when a student is trained)
+    return _step_bar_class()(desc)
+
+
 def train_student(
     cfg: Config,
     ds,
@@ -680,12 +710,16 @@ def train_student(
 
     device = _device(cfg)
     steps = planned_steps(cfg, len(ds))
-    args = training_arguments(cfg, ckpt_dir, steps, device, progress)
+    args = training_arguments(cfg, ckpt_dir, steps, device, progress=False)  # our bar below, not Trainer's
+    bar = [_StepBar(f"train {method}")] if progress else []
     trainer = Trainer(
-        model=model, args=args, train_dataset=train_ds, data_collator=collator, callbacks=callbacks or []
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        data_collator=collator,
+        callbacks=(callbacks or []) + bar,
     )
-    if not progress:
-        trainer.remove_callback(PrinterCallback)  # no per-log print lines either (the history is kept)
+    trainer.remove_callback(PrinterCallback)  # no per-log print lines (the history is kept in history.json)
     last = get_last_checkpoint(str(ckpt_dir))
     resumed = int(last.rsplit("-", 1)[-1]) if last else 0
     t0, c0 = time.perf_counter(), time.process_time()
