@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 # other processes (measured 8-12x slowdowns with 2 threads on 2 busy vCPUs).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: reproduce test lint bench lab venv clean-results
+.PHONY: reproduce test lint bench lab lab-check venv clean-results
 
 venv: $(STAMP)
 
@@ -37,6 +37,13 @@ lint: $(STAMP)
 test: lint
 	@VSKIP_PARAMS=params/smoke.yaml VSKIP_RUN=nbval-smoke $(VENV)/bin/pytest -q tests notebooks \
 	  --nbval-lax --durations=15 -p no:cacheprovider
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then $(MAKE) --no-print-directory lab-check; \
+	  else echo "lab-check skipped: no Chromium here (apt-get install chromium chromium-driver)"; fi
+
+# what a reader sees in JupyterLab, in headless Chromium, on a smoke run (vskip_core/infra/lab_check.py)
+lab-check: $(STAMP)
+	@$(PY) -m vskip_core.pipeline --params params/smoke.yaml --run lab-smoke
+	@$(PY) -m vskip_core.infra.lab_check --run lab-smoke
 
 bench: $(STAMP)
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -41,10 +41,11 @@ def _plain(text: str) -> str:
 
 def HTML(markup: str):  # noqa: N802  (a drop-in for IPython.display.HTML)
     """IPython's HTML output, marked so that JupyterLab does not typeset it: MathJax would read the text between
-    two prices ("$5.21 ... $5.21") as LaTeX and drop the dollar signs."""
+    two prices ("$5.21 ... $5.21") as LaTeX and drop the dollar signs. MathJax 3 (JupyterLab 4) skips the
+    class mathjax_ignore, MathJax 2 (the classic notebook) tex2jax_ignore; `make lab-check` checks it."""
     from IPython.display import HTML as _HTML
 
-    return _HTML(f'<div class="tex2jax_ignore">{markup}</div>')
+    return _HTML(f'<div class="tex2jax_ignore mathjax_ignore">{markup}</div>')
 
 
 def highlight_anchors(text: str, anchors: list[dict[str, Any]]) -> str:

@@ -458,7 +458,9 @@ def quiet_expected_notices() -> None:
 
 
 def display_defaults() -> None:
-    """pandas tables marked so that JupyterLab does not read prices ("$5.21 ... $5.21") as LaTeX."""
+    """pandas tables marked so that the classic notebook's MathJax 2 does not read prices ("$5.21 ... $5.21")
+    as LaTeX (its class is tex2jax_ignore; JupyterLab's MathJax 3 ignores that class: `make lab-check` finds
+    a table that needs `plots.HTML`)."""
     try:
         import pandas as pd
 
