@@ -169,6 +169,22 @@ def attention_overlays(items: list[dict[str, Any]], path=None, cols: int = 4):
     return _save(fig, path)
 
 
+METHOD_COLOURS = {  # one colour per system in every figure of 05 and 06
+    "teacher": "#222222",
+    "direct": "#7f7f7f",
+    "full": "#8c564b",
+    "vskip": "#1f77b4",
+    "text_only": "#ff7f0e",
+    "external_lm": "#2ca02c",
+    "visual_only": "#9467bd",
+    "random": "#bcbd22",
+}
+
+
+def _colour(method: str) -> str:
+    return METHOD_COLOURS.get(method, "#17becf")
+
+
 def accuracy_vs_ratio(df: pd.DataFrame, path=None):
     """Mean accuracy over families (accuracy, ANLS, POPE F1) against ActRatio, one line per method."""
     d = df.copy()
@@ -176,17 +192,19 @@ def accuracy_vs_ratio(df: pd.DataFrame, path=None):
     d["score"] = d[cols].mean(axis=1)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     students = d[d.ratio.notna() & (d.method != "full")]
-    sns.lineplot(data=students, x="act_ratio", y="score", hue="method", marker="o", ax=ax)
-    for name, marker in (("teacher", "*"), ("full", "D"), ("direct", "X")):
+    sns.lineplot(data=students, x="act_ratio", y="score", hue="method", marker="o", ax=ax,
+                 palette={m: _colour(m) for m in students.method.unique()})  # fmt: skip
+    # the teacher writes its own full rationale (ActRatio 1 by definition), direct answers write none (0)
+    for name, marker, x in (("teacher", "*", 1.0), ("full", "D", None), ("direct", "X", 0.0)):
         r = d[d.method == name]
         if len(r):
-            ax.scatter(r.act_ratio.fillna(0), r.score, marker=marker, s=120, color="black", zorder=5)
-            ax.annotate(
-                name,
-                (float(r.act_ratio.fillna(0).iloc[0]), float(r.score.iloc[0])),
-                xytext=(5, 5),
-                textcoords="offset points",
+            xv = float(r.act_ratio.iloc[0]) if x is None and pd.notna(r.act_ratio.iloc[0]) else (x or 0.0)
+            ax.scatter(
+                [xv], r.score.iloc[:1], marker=marker, s=120, color=_colour(name), zorder=5, label=name
             )
+    ax.set_xlim(-0.05, max(1.15, float(d.act_ratio.max(skipna=True) or 1) + 0.1))
+    ax.margins(y=0.15)
+    ax.legend(fontsize=8, loc="best")
     ax.set_xlabel("ActRatio (rationale tokens / teacher's)")
     ax.set_ylabel("mean of family metrics")
     ax.set_title("accuracy vs actual compression")
@@ -198,7 +216,8 @@ def latency_bars(df: pd.DataFrame, path=None):
     d = df[df.latency_s.notna()].copy()
     d["system"] = d.method + d.ratio.map(lambda r: "" if pd.isna(r) else f"@{r:g}")
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(d)), 3.8))
-    sns.barplot(data=d, x="system", y="latency_s", hue="method", dodge=False, ax=ax, legend=False)
+    sns.barplot(data=d, x="system", y="latency_s", hue="method", dodge=False, ax=ax, legend=False,
+                palette={m: _colour(m) for m in d.method.unique()})  # fmt: skip
     ax.tick_params(axis="x", rotation=70)
     ax.set_title("median end-to-end latency per example (batch 1, this machine)")
     fig.tight_layout()
@@ -212,8 +231,10 @@ def varr_bars(df: pd.DataFrame, ratio: float, path=None):
     long = d.melt(id_vars=["method"], value_vars=cols, var_name="attribute", value_name="VARR")
     long["attribute"] = long.attribute.str[5:]
     fig, ax = plt.subplots(figsize=(9, 3.8))
-    sns.barplot(data=long, x="attribute", y="VARR", hue="method", ax=ax)
+    sns.barplot(data=long, x="attribute", y="VARR", hue="method", ax=ax,
+                palette={m: _colour(m) for m in long.method.unique()})  # fmt: skip
     ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
     ax.set_title(f"visual attribute retention of generated rationales (students at ratio {ratio:g})")
     fig.tight_layout()
     return _save(fig, path)
