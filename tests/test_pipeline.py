@@ -230,3 +230,20 @@ def test_fingerprint_depends_on_code_cells_only(tmp_path):
     nbformat.write(nb, path)
     assert stage_fingerprint(cfg, path) == base
     assert stage_fingerprint(load_params("params/smoke.yaml", {"prune.n_examples": 7}), path) != base
+
+
+def test_executed_copy_keeps_only_the_parameters_it_ran_with(tmp_path):
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_markdown_cell("# title"),
+            nbformat.v4.new_code_cell('run = "default"', metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell('run = "smoke"', metadata={"tags": ["injected-parameters"]}),
+            nbformat.v4.new_code_cell("print(run)"),
+        ]
+    )
+    path = tmp_path / "x.ipynb"
+    nbformat.write(nb, path)
+    pipeline.one_parameter_cell(path)
+    assert [c.source for c in nbformat.read(path, 4).cells] == ["# title", 'run = "smoke"', "print(run)"]
+    pipeline.one_parameter_cell(path)  # nothing injected left to tell them apart: unchanged
+    assert len(nbformat.read(path, 4).cells) == 3

@@ -57,6 +57,20 @@ def is_complete(stage_dir: Path, fingerprint: str) -> bool:
         return False
 
 
+def one_parameter_cell(path: Path) -> None:
+    """papermill keeps the notebook's default parameter cell and adds the values it ran with below it: in the
+    executed copy only the second is true, so the first goes (no-op when there is no injected cell)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    tags = [set(c.get("metadata", {}).get("tags", [])) for c in nb.cells]
+    if any("injected-parameters" in t for t in tags):
+        nb.cells = [
+            c for c, t in zip(nb.cells, tags) if not ("parameters" in t and "injected-parameters" not in t)
+        ]
+        nbformat.write(nb, path)
+
+
 def run_stage(
     stage: str, params_file: str, run: str, overrides: dict[str, Any], stage_dir: Path, verbose: bool = False
 ) -> None:
@@ -89,6 +103,7 @@ def run_stage(
         raise
     if not (stage_dir / ".finished").exists():
         raise RuntimeError(f"stage {stage} ran but never called stage.finish(); its outputs are incomplete")
+    one_parameter_cell(tmp)
     tmp.replace(stage_dir / "executed.ipynb")
     (stage_dir / "failed.ipynb").unlink(missing_ok=True)
 
