@@ -123,6 +123,27 @@ def claims(rows: list[dict[str, Any]], ratio: float = 0.5) -> list[dict[str, Any
     return out
 
 
+def claims_reading(found: list[dict[str, Any]]) -> str:
+    """A short markdown reading of the student-level claims of this run, written from the claims rows (so it
+    cannot go stale): which bars are met and which are missed, with the figures."""
+    if not found:
+        return "No student-level claims measured (no students evaluated)."
+
+    def item(c: dict[str, Any]) -> str:
+        lo, hi = c["ci"] or (None, None)
+        ci = "" if lo is None else f" [{lo:.3f}, {hi:.3f}]"
+        return f"{c['claim']} {c['value']:.3f}{ci} (bar {c['target']})"
+
+    met = [item(c) for c in found if c["met"] is True]
+    missed = [item(c) for c in found if c["met"] is False]
+    lines = [
+        f"**What this run says** (from `summary.json`): {len(met)} of {len(met) + len(missed)} bars met.",
+        "",
+    ]
+    lines += [f"- missed: {m}" for m in missed] + [f"- met: {m}" for m in met]
+    return "\n".join(lines)
+
+
 def claims_markdown(found: list[dict[str, Any]]) -> list[str]:
     if not found:
         return []

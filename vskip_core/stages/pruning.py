@@ -614,6 +614,40 @@ def claims_table(found: list[dict[str, Any]]):
     return t.fillna("")
 
 
+def claims_reading(found: list[dict[str, Any]]) -> str:
+    """A short markdown reading of this run's claims, written from the claims rows (so it cannot go stale):
+    per claim, where it agrees with the paper and where it disagrees."""
+    if not found:
+        return "No claims measured (visual-token pruning does not apply to this model, or nothing ran)."
+
+    def who(c: dict[str, Any]) -> str:
+        comp = c["comparison"]
+        name = (comp.split(":")[0] if ":" in comp else comp.split(",")[0]).split(" @")[0].split(" - ")[0]
+        if " / " in name:  # overhead: which time
+            name = name.split(" / ")[0] + (" prefill" if "prefill" in comp else " decode")
+        return name.strip()
+
+    def where(rows: list[dict[str, Any]], most: int = 4) -> str:
+        def value(c: dict[str, Any]) -> str:
+            return f"{c['value']:.2f}x" if c["ci"] is None else f"{c['value']:+.3f}"
+
+        shown = "; ".join(f"{who(c)} at {float(c['retention']):.1%} {value(c)}" for c in rows[:most])
+        return shown + (f"; {len(rows) - most} more" if len(rows) > most else "")
+
+    lines = ["**What this run says about DSTP's claims** (verdicts at 95%, from `metrics.json`):", ""]
+    for claim in dict.fromkeys(c["claim"] for c in found):
+        rows = [c for c in found if c["claim"] == claim and c["value"] is not None]
+        agree = [c for c in rows if c["verdict"] == "agrees"]
+        disagree = [c for c in rows if c["verdict"] == "disagrees"]
+        overall = ("agrees" if len(agree) > len(rows) / 2 and not disagree else
+                   "disagrees" if len(disagree) > len(agree) else "mixed or undecided")  # fmt: skip
+        text = f"- **{claim}: {overall}** ({len(agree)} of {len(rows)} comparisons agree, {len(disagree)} disagree"
+        text += f"; agree: {where(agree)}" if agree else ""
+        text += f"; disagree: {where(disagree)}" if disagree else ""
+        lines.append(text + ").")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------- tables
 def rvis_table(summary: dict[str, Any]):
     """Mean RVIS overlap per family / group (rows) and retention (columns), with the random-top-k row."""
