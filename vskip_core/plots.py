@@ -116,9 +116,16 @@ def training_curves(history: list[dict[str, Any]], path=None):
     if len(v):
         acc = v[[c for c in v.columns if c.startswith("acc_")]].rolling(10, min_periods=1).mean()
         acc.index = v.step
+        names = {
+            "d0": "price digit 1",
+            "d1": "price digit 2",
+            "d2": "price digit 3",
+            "cell": "grid cell",
+            "rank": "price rank",
+        }
         for c in acc.columns:
-            axes[0].plot(acc.index, acc[c], label=c[4:])
-        axes[0].set_title("vision pretraining: per-token label accuracy")
+            axes[0].plot(acc.index, acc[c], label=names.get(c[4:], c[4:]))
+        axes[0].set_title("vision pretraining: accuracy of each patch label (what the patch shows)")
         axes[0].set_xlabel("step")
         axes[0].legend(fontsize=7, ncol=2)
     e2e = h[h.phase != "vision"].reset_index(drop=True)
