@@ -172,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"run": args.run, "notebooks": {}}
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
-        lab = _start_lab(port, token, Path(tmp))
+        try:
+            lab = _start_lab(port, token, Path(tmp))
+        except LabCheckError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         browser = None
         try:
             browser = _browser(args.chromium, args.driver)
@@ -191,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in bad.items():
                     for item in (v if isinstance(v, list) else [v])[:3]:
                         print(f"    {k}: {item}")
+        except LabCheckError as e:  # selenium missing: say so, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         finally:
             if browser is not None:
                 browser.quit()

@@ -446,6 +446,11 @@ class PrunedDecoder:
             recent = torch.stack(self.out_tokens[-spec.dstp_window :], 1)  # (B, <= window) token ids
             decoded = self.inner.get_input_embeddings()(recent)
         for b in range(self.B):
+            if not bool(
+                self.unfinished[b]
+            ):  # a finished row's set no longer matters: no host rule run for it
+                new_rows.append(active[b])
+                continue
             a, fired, cand = spec.reselect(
                 rel[b],
                 active[b],
@@ -454,20 +459,18 @@ class PrunedDecoder:
                 None if decoded is None else decoded[b],
                 self.prompt_means[b] if self.prompt_means else None,
             )
-            kept = set(self.kept[b].tolist())
-            if bool(self.unfinished[b]):
-                c = set(cand.tolist())
-                self.host_rvis[b].append(len(kept & c) / len(kept | c))
-            if fired and bool(self.unfinished[b]):
-                self.reselections[b] += 1
-                new = set(a.tolist())
-                self.host_overlap[b].append(len(kept & new) / len(kept | new))
-                n_new = len(new - set(active[b].tolist()))
-                self.swapped_in[b] += n_new
-                changed = changed or n_new > 0
-                new_rows.append(a.to(self.device))
-            else:
+            kept, c = set(self.kept[b].tolist()), set(cand.tolist())
+            self.host_rvis[b].append(len(kept & c) / len(kept | c))
+            if not fired:
                 new_rows.append(active[b])
+                continue
+            self.reselections[b] += 1
+            new = set(a.tolist())
+            self.host_overlap[b].append(len(kept & new) / len(kept | new))
+            n_new = len(new - set(active[b].tolist()))
+            self.swapped_in[b] += n_new
+            changed = changed or n_new > 0
+            new_rows.append(a.to(self.device))
         if changed:
             new_active = torch.stack(new_rows)
             self._swap(active, new_active)

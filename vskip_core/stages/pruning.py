@@ -495,7 +495,6 @@ def host_rvis_records(records: list[dict[str, Any]], score_layer: int) -> dict[s
              "score_layer": "input embeddings" if host == "zspaprune" else score_layer},
         )  # fmt: skip
         row["overlap"][retention_key(r["retention"])] = r["host_rvis"]
-        row["steps"] = max(row.get("steps", 0), len(r["host_rvis"]))
     return {h: list(rows.values()) for h, rows in by.items()}
 
 
