@@ -48,6 +48,42 @@ def HTML(markup: str):  # noqa: N802  (a drop-in for IPython.display.HTML)
     return _HTML(f'<div class="tex2jax_ignore mathjax_ignore">{markup}</div>')
 
 
+def kv_table(values: dict[str, Any], cols: int = 3):
+    """A long flat dict as a compact HTML table: `cols` name / value pairs a row (a config of 29 entries is
+    10 rows, not one row 29 columns wide)."""
+    import html
+
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else html.escape(str(v))
+
+    items = list(values.items())
+    rows = ["".join(f"<td><code>{html.escape(k)}</code></td><td>{fmt(v)}</td>" for k, v in items[i : i + cols])
+            for i in range(0, len(items), cols)]  # fmt: skip
+    return HTML(f"<table>{''.join(f'<tr>{r}</tr>' for r in rows)}</table>")
+
+
+def text_gallery(frame: pd.DataFrame, title: str, subtitle: str | None = None):
+    """One block per row of `frame`: its `title` (and `subtitle`) column as a header, then every other column as
+    a labelled line of wrapped text in the notebook's width (generated rationales side by side are unreadable)."""
+    import html
+
+    cell = 'style="text-align:left;vertical-align:top;white-space:normal;overflow-wrap:anywhere"'
+    blocks = []
+    for _, r in frame.iterrows():
+        head = f"<b>{html.escape(str(r[title]))}</b>" + (
+            f" · {html.escape(str(r[subtitle]))}" if subtitle else ""
+        )
+        lines = "".join(
+            f"<tr><th {cell}>{html.escape(str(c))}</th><td {cell}>{html.escape(str(r[c]))}</td></tr>"
+            for c in frame.columns
+            if c not in (title, subtitle)
+        )
+        blocks.append(
+            f'<p>{head}</p><table style="width:100%;table-layout:fixed"><col style="width:17%"><col>{lines}</table>'
+        )
+    return HTML("".join(blocks))
+
+
 def highlight_anchors(text: str, anchors: list[dict[str, Any]]) -> str:
     """HTML of a rationale with each anchor span coloured by attribute type (for IPython.display.HTML)."""
     import html
@@ -90,11 +126,13 @@ def distributions(df: pd.DataFrame, path=None):
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     sns.countplot(data=df, x="family", hue="split", ax=axes[0])
     axes[0].set_title("examples per family and split")
+    sns.move_legend(axes[0], "upper left", bbox_to_anchor=(1, 1), frameon=False)
     sns.countplot(data=df[df.split == "train"], x="attr_type", ax=axes[1], color="#4c78a8")
     axes[1].set_title("question type (train)")
     axes[1].tick_params(axis="x", rotation=30)
     sns.histplot(data=df[df.split == "train"], x="rationale_tokens", hue="family", element="step", ax=axes[2])
     axes[2].set_title("gold rationale length (tokens)")
+    sns.move_legend(axes[2], "upper left", bbox_to_anchor=(1, 1), frameon=False)
     anchors = df[df.split == "train"][["n_colour", "n_shape", "n_size", "n_position", "n_text"]].sum()
     sns.barplot(
         x=[c[2:] for c in anchors.index],

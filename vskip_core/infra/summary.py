@@ -123,6 +123,19 @@ def claims(rows: list[dict[str, Any]], ratio: float = 0.5) -> list[dict[str, Any
     return out
 
 
+def claims_frame(found: list[dict[str, Any]]) -> pd.DataFrame:
+    """The claims as a table to read: the value with its 95% interval in one cell, the bar, and whether it is
+    met (blank where no bar applies)."""
+    out = []
+    for c in found:
+        lo, hi = c["ci"] or (None, None)
+        ci = "" if lo is None else f" [{lo:.3f}, {hi:.3f}]"
+        met = "" if c["met"] is None else ("yes" if c["met"] else "no")
+        out.append({"claim": c["claim"], "measured [95% interval]": f"{c['value']:.3f}{ci}", "target": c["target"],
+                    "met": met})  # fmt: skip
+    return pd.DataFrame(out).set_index("claim") if out else pd.DataFrame()
+
+
 def claims_reading(found: list[dict[str, Any]]) -> str:
     """A short markdown reading of the student-level claims of this run, written from the claims rows (so it
     cannot go stale): which bars are met and which are missed, with the figures."""
@@ -147,21 +160,13 @@ def claims_reading(found: list[dict[str, Any]]) -> str:
 def claims_markdown(found: list[dict[str, Any]]) -> list[str]:
     if not found:
         return []
-
-    lines = [
+    return [
         "",
         "The paper's claims at the student level (bootstrap 95% intervals over test examples; `met` is blank",
         "where no bar applies):",
         "",
-        "| claim | measured | 95% interval | target | met |",
-        "|---|---|---|---|---|",
+        _markdown(claims_frame(found).reset_index()),
     ]
-    for c in found:
-        lo, hi = c["ci"] or (None, None)
-        ci = "" if lo is None else f"[{lo:.3f}, {hi:.3f}]"
-        met = "" if c["met"] is None else ("yes" if c["met"] else "**no**")
-        lines.append(f"| {c['claim']} | {c['value']:.3f} | {ci} | {c['target']} | {met} |")
-    return lines
 
 
 def comparisons(rows: list[dict[str, Any]]) -> list[str]:

@@ -1,0 +1,67 @@
+"""The notebooks' closing readings say what the numbers say: verdicts flip with the figures, and missing
+figures (a smoke run: no anchors, no VARR) give a plain sentence instead of an error."""
+
+from vskip_core.infra import readings
+
+
+def _teacher(multistep: float) -> dict:
+    return {
+        "teacher": {"attribute": {"accuracy": 0.9}, "multistep": {"accuracy": multistep}},
+        "blank_image": {"attribute": {"accuracy": 0.3}, "multistep": {"accuracy": 0.25}},
+        "chance": {"attribute": {"accuracy": 0.28}, "multistep": {"accuracy": 0.25}},
+        "multistep_check": {"n": 0},
+    }
+
+
+def test_teacher_at_chance_is_named():
+    assert "**multistep** accuracy 0.270" in readings.teacher(_teacher(0.27))
+    assert "at chance" in readings.teacher(_teacher(0.27)).split("multistep")[1]
+    assert "at chance" not in readings.teacher(_teacher(0.8)).split("multistep")[1].split("\n")[0]
+
+
+def _gate(vskip: float, text: float) -> dict:
+    row = lambda v: {"0.5": {"varr": {"overall": v}}}  # noqa: E731
+    return {"methods": {"vskip": row(vskip), "text_only": row(text)}, "max_abs_ratio_error": 0.001}
+
+
+def test_gate_verdict_follows_the_figures():
+    assert "agrees with the paper" in readings.gate(_gate(0.6, 0.4))
+    assert "disagrees with the paper" in readings.gate(_gate(0.4, 0.6))
+    assert "text_only beats the union gate" in readings.gate(_gate(0.4, 0.6))
+    assert "no V-Skip VARR" in readings.gate(
+        {"methods": {"vskip": {"0.5": {"varr": {}}}}, "max_abs_ratio_error": 0}
+    )
+
+
+def _scores(anch: float, surp: float, auc) -> dict:
+    s = {"auc_anchor": anch, "auc_by_type": {"colour": auc, "position": 0.4}}
+    return {
+        "summary": {"anchoring": s, "surprisal": {"auc_anchor": surp, "auc_by_type": {"colour": 0.5}}},
+        "layer_auc": {"1/max": 0.52, "2/max": 0.8},
+        "key_layers": [1, 2],
+        "head_reduce": "max",
+    }
+
+
+def test_scoring_reading():
+    text = readings.scoring(_scores(0.6, 0.7, 0.8))
+    assert "it does not here" in text and "anchoring beats surprisal on: colour" in text
+    assert "position (0.40)" in text and "dilutes" in text
+    assert "it does here" in readings.scoring(_scores(0.8, 0.7, None))
+    assert "nothing to tell apart" in readings.scoring(_scores(None, 0.7, None))
+
+
+def _hall(vskip: float, text: float) -> dict:
+    rows = [
+        {"method": "full", "ratio": 1.0, "total_per_example": 1.0},
+        {"method": "vskip", "ratio": 0.5, "total_per_example": vskip},
+        {"method": "text_only", "ratio": 0.5, "total_per_example": text},
+    ]
+    return {"attribute_hallucinations": rows, "pope_by_split": [], "act_ratio": {"vskip": 0.95}}
+
+
+def test_hallucination_verdict():
+    assert "agrees with the paper (fewer)" in readings.hallucination(_hall(0.5, 1.0))
+    assert "disagrees" in readings.hallucination(_hall(1.0, 0.5))
+    assert "no clear difference" in readings.hallucination(_hall(1.0, 1.01))
+    assert "vskip 0.95" in readings.hallucination(_hall(1.0, 1.0))

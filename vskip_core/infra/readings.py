@@ -1,0 +1,237 @@
+"""The closing reading of notebooks 00-04 and 06: a few markdown lines written from the stage's own metrics at
+run time (so they cannot go stale), saying what agrees or disagrees with the paper. 05 and 07 end on their
+claims (`infra.summary.claims_reading`, `stages.pruning.claims_reading`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vskip_core.metrics import FAMILY_SCORE
+
+NEAR_CHANCE = 0.05  # a score within this of chance reads as "at chance"
+WEAK_AUC = 0.6  # an anchor-detection AUC below this reads as "near chance" (0.5)
+
+
+def _head(title: str, lines: list[str]) -> str:
+    return "\n".join([f"**What this run says** ({title}):", "", *[f"- {x}" for x in lines]])
+
+
+def _best(d: dict[str, float]) -> tuple[str, float]:
+    k = max(d, key=d.get)
+    return k, d[k]
+
+
+def teacher(m: dict[str, Any]) -> str:
+    """00: per family, the teacher against the blank-image control and chance; the multi-step fact check."""
+    lines = []
+    for fam, s in sorted(m["teacher"].items()):
+        key = FAMILY_SCORE.get(fam, "accuracy")
+        v, blank = s.get(key), (m.get("blank_image") or {}).get(fam, {}).get(key)
+        c = (m.get("chance") or {}).get(fam, {}).get(key)
+        if v is None:
+            continue
+        words = f"**{fam}** {key} {v:.3f}"
+        if blank is not None:
+            words += f", blank image {blank:.3f}"
+        if c is not None:
+            words += f", chance {c:.3f}"
+            words += (
+                ": **at chance**, its rationales teach nothing to compress"
+                if v - c <= NEAR_CHANCE
+                else (
+                    ": it reads the image"
+                    if blank is None or blank - c <= NEAR_CHANCE
+                    else f": it reads the image; the blank image stays {blank - c:+.3f} above chance (guessable "
+                    "in part from the question)"
+                )
+            )
+        lines.append(words)
+    ms = m.get("multistep_check") or {}
+    if ms.get("n") and ms.get("step_accuracy"):
+        step, acc = min(ms["step_accuracy"].items(), key=lambda kv: kv[1])
+        lines.append(
+            f"multi-step: every fact read off the image right in {ms['facts_right']:.1%} of {ms['n']} rationales; "
+            f"the weakest step is `{step}` ({acc:.1%}): answers can be right for partly wrong reasons"
+        )
+    lines.append(
+        "V-Skip compresses a competent teacher's rationales; a family at chance or without a grounded "
+        "rationale cannot show visual amnesia, whatever the gate does."
+    )
+    return _head("the teacher", lines)
+
+
+def generation(m: dict[str, Any]) -> str:
+    """01: what reaches distillation, per family, and how sound the kept multi-step rationales are."""
+    lines = [
+        f"{m['n_kept']} of {m['n_generated']} rationales kept ({m['n_kept'] / max(m['n_generated'], 1):.0%})"
+    ]
+    for fam, f in sorted(m["per_family"].items()):
+        share = f["kept"] / max(f["generated"], 1)
+        note = ": **under-represented** in the students' data" if share < 0.5 else ""
+        lines.append(
+            f"{fam}: {f['kept']} of {f['generated']} kept (teacher accuracy {f['accuracy']:.1%}){note}"
+        )
+    ms = m.get("multistep_kept_check") or {}
+    if ms.get("n") and ms.get("step_accuracy"):
+        step, acc = min(ms["step_accuracy"].items(), key=lambda kv: kv[1])
+        lines.append(
+            f"of the {ms['n']} kept multi-step rationales, {1 - ms['facts_right']:.1%} state a wrong fact "
+            f"(weakest step `{step}`, {acc:.1%}) although the answer is right: the filter keeps answers, not "
+            "reasoning, so the students learn these too"
+        )
+    if m.get("n_anchors"):
+        lines.append(
+            f"{m['anchors_not_in_scene']} of {m['n_anchors']} anchor mentions name a value absent from the scene "
+            "(the teacher's own attribute hallucinations, in its kept and dropped rationales)"
+        )
+    return _head("the teacher's rationales", lines)
+
+
+def scoring(m: dict[str, Any]) -> str:
+    """02: does each path tell visual-anchor tokens from the rest, and which key layers carry the signal."""
+    s = m["summary"]
+    a, t = s["anchoring"]["auc_anchor"], s["surprisal"]["auc_anchor"]
+    if a is None or t is None or a != a or t != t:
+        return _head("the two scores", ["no anchor tokens among the scored ones: nothing to tell apart"])
+    lines = [
+        f"anchor tokens vs the rest, AUC: anchoring {a:.3f}, surprisal {t:.3f}. The paper's premise is that "
+        + (
+            "the visual path finds anchors surprisal misses: it does here overall"
+            if a > t
+            else "the visual path finds anchors surprisal misses: overall **it does not here** (surprisal alone "
+            "separates them as well or better); the union gate can still help on the types below"
+        )
+    ]
+    by_a, by_t = s["anchoring"]["auc_by_type"], s["surprisal"]["auc_by_type"]
+    by_a = {k: v for k, v in by_a.items() if v is not None and v == v}  # types never mentioned have no AUC
+    wins = [k for k in by_a if by_a[k] > (by_t.get(k) or 0)]
+    weak = [f"{k} ({by_a[k]:.2f})" for k in by_a if by_a[k] < WEAK_AUC]
+    if wins:
+        lines.append(f"anchoring beats surprisal on: {', '.join(wins)}")
+    if weak:
+        lines.append(f"anchoring is near or below chance on: {', '.join(weak)}")
+    layers = {k: v for k, v in m.get("layer_auc", {}).items() if k.endswith(f"/{m['head_reduce']}") and v}
+    if layers:
+        key = [
+            f"{k.split('/')[0]} ({v:.2f})"
+            for k, v in layers.items()
+            if int(k.split("/")[0]) in m["key_layers"]
+        ]
+        best, auc = _best(layers)
+        lines.append(
+            f"key layers {', '.join(key)}; the best single layer is {best.split('/')[0]} ({auc:.2f})"
+            + (
+                "; a key layer near chance dilutes the average (stage 03 ablates the band)"
+                if any(layers[k] < WEAK_AUC for k in layers if int(k.split("/")[0]) in m["key_layers"])
+                else ""
+            )
+        )
+    return _head("the two scores", lines)
+
+
+def gate(m: dict[str, Any], gamma: float = 0.5) -> str:
+    """03: VARR at gamma for V-Skip against the blind text-only gate and the visual path alone."""
+    g = f"{gamma:g}"
+    varr = {k: v[g]["varr"].get("overall") for k, v in m["methods"].items() if g in v}
+    varr = {k: x for k, x in varr.items() if x is not None and x == x}  # no mentions, no VARR
+    if "vskip" not in varr:
+        return _head("the gate", [f"no V-Skip VARR at gamma {g} (no visual-attribute mentions to retain)"])
+    v = varr["vskip"]
+    lines = [
+        "VARR overall at gamma "
+        + g
+        + ": "
+        + ", ".join(f"{k} {x:.3f}" for k, x in sorted(varr.items(), key=lambda kv: -kv[1]))
+    ]
+    if "text_only" in varr:
+        d = v - varr["text_only"]
+        lines.append(
+            f"V-Skip {'keeps more' if d > 0 else '**keeps fewer**'} visual attributes than the blind text-only "
+            f"gate ({d:+.3f}): {'agrees' if d > 0 else 'disagrees'} with the paper"
+        )
+    better = [k for k in varr if varr[k] > v and k not in ("vskip",)]
+    if better:
+        lines.append(
+            f"{', '.join(better)} beat{'s' if len(better) == 1 else ''} the union gate here: at a fixed budget the "
+            "union spends part of it (`gate.text_share`) on the text path, whose picks VARR does not reward; VARR "
+            "is one of the two things the gate must keep, the other (the answer) is measured in 05"
+        )
+    lines.append(
+        f"largest |actual ratio - gamma|: {m['max_abs_ratio_error']:.4f} (every method at the same budget)"
+    )
+    return _head("the gate", lines)
+
+
+def distillation(m: dict[str, Any]) -> str:
+    """04: the students' targets compress as asked and the training loss falls; whether the students then
+    write short rationales is 05's ActRatio."""
+    lines = []
+    for method, d in m["datasets"].items():
+        per = d.get("per_ratio") or {}
+        pairs = ", ".join(f"{r} -> {x['mean_actual_ratio']:.2f}" for r, x in sorted(per.items()))
+        if pairs:
+            lines.append(f"`{method}` targets, asked ratio -> kept fraction: {pairs}")
+    for method, r in m["methods"].items():
+        lines.append(f"`{method}` loss {r['first_loss']:.2f} -> {r['last_loss']:.2f} over {r['steps']} steps")
+    lines.append(
+        "each target set keeps about the asked fraction; whether the students learned to write them short is measured in "
+        "05 (ActRatio per requested ratio, the paper's central student-level claim)"
+    )
+    return _head("the students' training", lines)
+
+
+def hallucination(m: dict[str, Any], ratio: float = 0.5) -> str:
+    """06: POPE F1 and attribute hallucinations per student against the full control and the text-only one."""
+
+    def at(rows, method):
+        return [
+            r
+            for r in rows
+            if r["method"] == method and r["ratio"] is not None and abs(r["ratio"] - ratio) < 1e-9
+        ]
+
+    lines = []
+    hall = m["attribute_hallucinations"]
+    full = [r for r in hall if r["method"] == "full"]
+    ref = f"full control {full[0]['total_per_example']:.2f}" if full else "no full control"
+    per = {
+        r["method"]: r["total_per_example"]
+        for r in hall
+        if at([r], r["method"]) and r["total_per_example"] is not None
+    }
+    if per:
+        lines.append(
+            f"attribute hallucinations per example at ratio {ratio:g}: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in sorted(per.items(), key=lambda kv: kv[1]))
+            + f" ({ref})"
+        )
+    if "vskip" in per and "text_only" in per:
+        d = per["vskip"] - per["text_only"]
+        lines.append(
+            f"V-Skip vs text-only: {d:+.2f} per example: "
+            + (
+                "no clear difference (under 0.05 per example)"
+                if abs(d) < 0.05
+                else ("agrees with the paper (fewer)" if d < 0 else "**disagrees** with the paper (more)")
+            )
+        )
+    pope = m["pope_by_split"]
+    drift = {}
+    for r in pope:
+        if at([r], r["method"]) and r.get("f1_drift_vs_full") is not None and r["split"] == "adversarial":
+            drift[r["method"]] = r["f1_drift_vs_full"]
+    if drift:
+        lines.append(
+            "POPE F1 drift from the full control, adversarial negatives: "
+            + ", ".join(f"{k} {v:+.3f}" for k, v in sorted(drift.items()))
+        )
+    act = m.get("act_ratio") or {}
+    if act:
+        lines.append(
+            f"the students asked for {ratio:g} write "
+            + ", ".join(f"{k} {v:.2f}" for k, v in sorted(act.items()))
+            + " of the teacher's length: where that is near 1 they barely compress, so their hallucination "
+            "rates test distillation, not compression"
+        )
+    lines.append("no intervals here; the paired bootstrap intervals are in 05's claims table")
+    return _head("hallucination", lines)
