@@ -443,7 +443,11 @@ def test_summary_from_hand_made_metrics_files(tmp_path):
     assert saved["claims"] == [
         {"claim": "vskip ActRatio at 0.5", "value": 0.5, "ci": None, "target": "0.5 +- 0.05", "met": True}
     ]
-    assert "| vskip ActRatio at 0.5 | 0.500 |  | 0.5 +- 0.05 | yes |" in md
+    assert "| vskip ActRatio at 0.5 | 0.500 | 0.5 +- 0.05 | yes |" in md
+    from vskip_core.infra.summary import claims_frame
+
+    shown = claims_frame([saved["claims"][0] | {"ci": [0.4567891, 0.5432109], "met": False}])
+    assert shown.loc["vskip ActRatio at 0.5"].tolist() == ["0.500 [0.457, 0.543]", "0.5 +- 0.05", "no"]
 
 
 def test_bootstrap_ci_covers_the_estimate_and_pairs_by_example():

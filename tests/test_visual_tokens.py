@@ -483,20 +483,6 @@ def test_generate_pruned_on_the_embedded_teacher_matches_generate(tiny_teacher):
     assert all(len(g["kept"]) == round(0.333 * n) and not math.isnan(g["prefill_s"]) for g in gens)
 
 
-def test_headline_text_with_a_decile_too_short_to_measure():
-    """A short rationale (a stand-in's few decoded tokens) leaves RVIS deciles empty (None): reported as n/a."""
-    timing = {"prefill_s": 0.1, "decode_s_per_token": 0.01, "visual_tokens": 4}
-    methods = {
-        "fastv": {"0.333": {"accuracy": {"attribute": {"accuracy": 0.5}}, **timing}},
-        "unpruned": {"1.0": {"accuracy": {"attribute": {"accuracy": 1.0}}, **timing}},
-    }
-    rv = {"mean": 0.5, "final_decile": None}
-    text = stage.headline_text(
-        {"methods": methods, "rvis": {"by_retention": {"0.333": {"simple": rv, "reasoning": rv}}}}, 0.333
-    )
-    assert "last decile: simple n/a" in text and "random top-k sets: n/a" in text
-
-
 # Recorded with the pre-refactor `pruned_generate` (commit 7962155) on the `tiny_teacher` fixture: per setting,
 # each example's generated ids, then (kept at prefill | DSTP re-selections | DSTP swapped-in) per example.
 _RECORDED = {

@@ -695,30 +695,6 @@ def metrics_table(methods: dict[str, Any], key: dict[str, str] | None = None):
     return pd.DataFrame(rows, columns=cols)
 
 
-def headline_text(metrics: dict[str, Any], retention: float = 0.333) -> str:
-    """A plain-text summary: each method's headline score per family at `retention` next to the unpruned
-    model, and the RVIS overlap of simple vs reasoning families at that budget."""
-    key = retention_key(retention)
-    t = metrics_table(metrics["methods"])
-    if t.empty:
-        return "no measurements"
-    t = t[(t["retention"] == float(key)) | t["method"].str.endswith("unpruned")]
-    pv = t.pivot_table(index="method", columns="family", values="score").round(3)
-    lines = [f"scores at retention {key} (accuracy; F1 for existence; ANLS for reading):", pv.to_string()]
-    rv = metrics.get("rvis", {}).get("by_retention", {}).get(key, {})
-    if "simple" in rv and "reasoning" in rv:
-
-        def f(x) -> str:  # a decile with too few steps has no value
-            return "n/a" if x is None else f"{x:.3f}"
-
-        lines.append(
-            f"RVIS at {key} (mean Jaccard of top-k prefill vs step): simple {f(rv['simple']['mean'])}, "
-            f"reasoning {f(rv['reasoning']['mean'])}; last decile: simple {f(rv['simple']['final_decile'])}, "
-            f"reasoning {f(rv['reasoning']['final_decile'])}; random top-k sets: {f(rv.get('chance'))}"
-        )
-    return "\n".join(lines)
-
-
 # -------------------------------------------------------------------------------------------------- plots
 def plot_accuracy(
     scores: dict[str, Any], path=None, families: tuple[str, ...] = (*SIMPLE_FAMILIES, *REASONING_FAMILIES)
