@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 
-from vskip_core.data.embedded import ANCHOR_TYPES, COLOURS, PRICE_RE, SHAPES, SIZES, find_anchors
+from vskip_core.data.embedded import ANCHOR_TYPES, COLOURS, PRICE_RE, SCENE_FIELD, SHAPES, SIZES, find_anchors
 from vskip_core.modeling.prompts import ANSWER_RE, answer_line_start  # noqa: F401  (ANSWER_RE re-exported)
 
 
@@ -343,10 +343,7 @@ def _true_of(m: tuple[str, str, str], scene: dict[str, Any]) -> bool:
     if m[1] == "shape":
         return True
     o = next(o for o in scene["objects"] if o["shape"] == m[0])
-    return o[_SCENE_KEY[m[1]]] == m[2]
-
-
-_SCENE_KEY = {"colour": "colour", "size": "size", "position": "position", "text": "price"}
+    return o[SCENE_FIELD[m[1]]] == m[2]
 
 
 def aggregate_varr(per_example: list[dict[str, tuple[int, int]]]) -> dict[str, float | None]:

@@ -761,6 +761,10 @@ def build_benchmark(cfg: Config, splits: tuple[str, ...] = ("train", "val", "tes
 PRICE_RE = re.compile(r"\$\d+\.\d\d")  # a printed price, as the scenes write it
 
 
+SCENE_FIELD = {"colour": "colour", "shape": "shape", "size": "size", "position": "position", "text": "price"}
+# the scene object field each anchor type names (a printed price is a "text" anchor)
+
+
 def find_anchors(text: str, scene: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Visual-attribute mentions in any text (a generated or compressed rationale): every colour, shape, size,
     position word and price, with its span, and `in_scene` = whether that value belongs to the scene.
@@ -782,13 +786,7 @@ def find_anchors(text: str, scene: dict[str, Any] | None) -> list[dict[str, Any]
         found.append({"type": "text", "value": m.group(0), "start": m.start(), "end": m.end()})
     if scene:
         objs = scene["objects"]
-        values = {
-            "colour": {o["colour"] for o in objs},
-            "shape": {o["shape"] for o in objs},
-            "size": {o["size"] for o in objs},
-            "position": {o["position"] for o in objs},
-            "text": {o["price"] for o in objs},
-        }
+        values = {t: {o[f] for o in objs} for t, f in SCENE_FIELD.items()}
         for a in found:
             a["in_scene"] = a["value"] in values[a["type"]]
     return sorted(found, key=lambda a: a["start"])
