@@ -381,8 +381,9 @@ FAMILY_SCORE = {"attribute": "accuracy", "existence": "f1", "multistep": "accura
 
 class FamilyScores:
     """One system's per-example outcomes in a fixed example order (so two systems on the same ids pair by
-    index), scored on any resample `idx` with each family's headline metric (`FAMILY_SCORE`). Records need
-    `id`, `family`, `correct`; reading also `anls`; existence `parsed` and `label` (yes / no)."""
+    index), scored on any resample `idx` (what `bootstrap_ci` draws): each family's headline metric
+    (`FAMILY_SCORE`), plain accuracy, yes-ratio, ActRatio and VARR. Records need `id`, `family`, `correct`;
+    reading also `anls`; existence `parsed` (and `label`, yes / no, for F1); students `act_ratio` and `varr`."""
 
     def __init__(self, records: Sequence[dict[str, Any]], ids: Sequence[str]) -> None:
         by_id = {r["id"]: r for r in records}
@@ -392,6 +393,16 @@ class FamilyScores:
         self.anls = np.array([float(r.get("anls") or 0.0) for r in rs])
         self.yes = np.array([r.get("parsed") == "yes" for r in rs])
         self.label_yes = np.array([r.get("label") == "yes" for r in rs])
+        self.act = np.array(
+            [np.nan if r.get("act_ratio") is None else r["act_ratio"] for r in rs], dtype=float
+        )
+        self.varr_kept = np.array(
+            [sum(v[0] for v in (r.get("varr") or {}).values()) for r in rs], dtype=float
+        )
+        self.varr_total = np.array(
+            [sum(v[1] for v in (r.get("varr") or {}).values()) for r in rs], dtype=float
+        )
+        self.families = sorted(set(self.family))
         self.n = len(rs)
 
     def score(self, idx, family: str) -> float:
@@ -407,6 +418,28 @@ class FamilyScores:
             wrong = float((yes & ~lab).sum() + (~yes & lab).sum())
             return 2 * tp / (2 * tp + wrong) if tp else 0.0
         return float(self.correct[sel].mean())
+
+    def accuracy(self, idx, family: str) -> float:
+        sel = self.family[idx] == family
+        return float(self.correct[idx][sel].mean()) if sel.any() else float("nan")
+
+    def accuracy_mean(self, idx) -> float:
+        """Accuracy averaged over the families (the summary's `acc_mean`)."""
+        vals = [self.accuracy(idx, f) for f in self.families]
+        return float(np.nanmean(vals)) if vals else float("nan")
+
+    def yes_ratio(self, idx) -> float:
+        sel = self.family[idx] == "existence"
+        return float(self.yes[idx][sel].mean()) if sel.any() else float("nan")
+
+    def act_ratio(self, idx) -> float:
+        a = self.act[idx]
+        return float(np.nanmean(a)) if (~np.isnan(a)).any() else float("nan")
+
+    def varr(self, idx) -> float:
+        """Pooled VARR: mentions kept over mentions, summed over the examples and attribute types."""
+        n = self.varr_total[idx].sum()
+        return float(self.varr_kept[idx].sum() / n) if n else float("nan")
 
     def group(self, idx, families: Sequence[str]) -> float:
         """Mean of the families' headline scores (families absent from `idx` are left out)."""

@@ -13,6 +13,7 @@ import numpy as np
 
 from vskip_core.method.gating import GateError, as_scored, keep_mask
 from vskip_core.metrics import (
+    FamilyScores,
     aggregate_varr,
     attribute_hallucinations,
     bootstrap_ci,
@@ -161,47 +162,6 @@ def summarize(
 
 
 # ------------------------------------------------------------------------------------ intervals
-class _Arrays:
-    """One system's per-example values, in a fixed example order (so two systems pair by index)."""
-
-    def __init__(self, recs: list[dict[str, Any]], ids: list[str]) -> None:
-        by_id = {r["id"]: r for r in recs}
-        rs = [by_id[i] for i in ids]
-        self.family = np.array([r["family"] for r in rs])
-        self.correct = np.array([float(r["correct"]) for r in rs])
-        self.yes = np.array([r.get("parsed") == "yes" for r in rs], dtype=float)
-        self.act = np.array(
-            [np.nan if r.get("act_ratio") is None else r["act_ratio"] for r in rs], dtype=float
-        )
-        self.varr_kept = np.array([sum(v[0] for v in r["varr"].values()) for r in rs], dtype=float)
-        self.varr_total = np.array([sum(v[1] for v in r["varr"].values()) for r in rs], dtype=float)
-        self.families = sorted(set(self.family))
-        self.n = len(rs)
-
-    def accuracy(self, idx, fam: str) -> float:
-        sel = self.family[idx] == fam
-        return float(self.correct[idx][sel].mean()) if sel.any() else float("nan")
-
-    def accuracy_mean(self, idx) -> float:
-        return (
-            float(np.nanmean([self.accuracy(idx, f) for f in self.families]))
-            if self.families
-            else float("nan")
-        )
-
-    def yes_ratio(self, idx) -> float:
-        sel = self.family[idx] == "existence"
-        return float(self.yes[idx][sel].mean()) if sel.any() else float("nan")
-
-    def act_ratio(self, idx) -> float:
-        a = self.act[idx]
-        return float(np.nanmean(a)) if (~np.isnan(a)).any() else float("nan")
-
-    def varr(self, idx) -> float:
-        n = self.varr_total[idx].sum()
-        return float(self.varr_kept[idx].sum() / n) if n else float("nan")
-
-
 def add_intervals(rows: list[dict[str, Any]], records: list[dict[str, Any]], reps: int = 2000, seed: int = 0):
     """Bootstrap 95% intervals (`metrics.bootstrap_ci`, resampling test examples) on every summary row:
     `accuracy_mean` (mean over families) and `*_ci` fields for it, each family's accuracy, yes-ratio, ActRatio
@@ -217,13 +177,16 @@ def add_intervals(rows: list[dict[str, Any]], records: list[dict[str, Any]], rep
         by_key[(r["system"], r["ratio"])].append(r)
     ids = {k: [r["id"] for r in v] for k, v in by_key.items()}
 
-    def ci(a: _Arrays, metric: str, *args) -> list[float | None]:
+    def ci(a: FamilyScores, metric: str, *args) -> list[float | None]:
         return bootstrap_ci(lambda i: getattr(a, metric)(i, *args), a.n, reps, seed)
 
     def diff(ka, kb, metric: str, name: str) -> dict[str, Any]:
         other = set(ids[kb])
         common = [i for i in ids[ka] if i in other]
-        fa, fb = getattr(_Arrays(by_key[ka], common), metric), getattr(_Arrays(by_key[kb], common), metric)
+        fa, fb = (
+            getattr(FamilyScores(by_key[ka], common), metric),
+            getattr(FamilyScores(by_key[kb], common), metric),
+        )
         return {
             f"{name}_diff": fa(np.arange(len(common))) - fb(np.arange(len(common))),
             f"{name}_diff_ci": bootstrap_ci(lambda i: fa(i) - fb(i), len(common), reps, seed),
@@ -232,7 +195,7 @@ def add_intervals(rows: list[dict[str, Any]], records: list[dict[str, Any]], rep
 
     full = ("full", 1.0) if ("full", 1.0) in by_key else None
     for row in rows:
-        a = _Arrays(by_key[key(row)], ids[key(row)])
+        a = FamilyScores(by_key[key(row)], ids[key(row)])
         every = np.arange(a.n)
         row["n_examples"] = a.n
         row["accuracy_mean"] = a.accuracy_mean(every)
