@@ -21,6 +21,14 @@ def _best(d: dict[str, float]) -> tuple[str, float]:
     return k, d[k]
 
 
+def _steps(ms: dict[str, Any] | None) -> dict[str, Any] | None:
+    """`metrics.multistep_report` with its weakest step named, or None when nothing was checked."""
+    if not ms or not ms.get("n") or not ms.get("step_accuracy"):
+        return None
+    step, acc = min(ms["step_accuracy"].items(), key=lambda kv: kv[1])
+    return ms | {"weakest": f"`{step}` ({acc:.1%})"}
+
+
 def teacher(m: dict[str, Any]) -> str:
     """00: per family, the teacher against the blank-image control and chance; the multi-step fact check."""
     lines = []
@@ -46,12 +54,11 @@ def teacher(m: dict[str, Any]) -> str:
                 )
             )
         lines.append(words)
-    ms = m.get("multistep_check") or {}
-    if ms.get("n") and ms.get("step_accuracy"):
-        step, acc = min(ms["step_accuracy"].items(), key=lambda kv: kv[1])
+    ms = _steps(m.get("multistep_check"))
+    if ms:
         lines.append(
             f"multi-step: every fact read off the image right in {ms['facts_right']:.1%} of {ms['n']} rationales; "
-            f"the weakest step is `{step}` ({acc:.1%}): answers can be right for partly wrong reasons"
+            f"the weakest step is {ms['weakest']}: answers can be right for partly wrong reasons"
         )
     lines.append(
         "V-Skip compresses a competent teacher's rationales; a family at chance or without a grounded "
@@ -71,12 +78,11 @@ def generation(m: dict[str, Any]) -> str:
         lines.append(
             f"{fam}: {f['kept']} of {f['generated']} kept (teacher accuracy {f['accuracy']:.1%}){note}"
         )
-    ms = m.get("multistep_kept_check") or {}
-    if ms.get("n") and ms.get("step_accuracy"):
-        step, acc = min(ms["step_accuracy"].items(), key=lambda kv: kv[1])
+    ms = _steps(m.get("multistep_kept_check"))
+    if ms:
         lines.append(
             f"of the {ms['n']} kept multi-step rationales, {1 - ms['facts_right']:.1%} state a wrong fact "
-            f"(weakest step `{step}`, {acc:.1%}) although the answer is right: the filter keeps answers, not "
+            f"(weakest step {ms['weakest']}) although the answer is right: the filter keeps answers, not "
             "reasoning, so the students learn these too"
         )
     if m.get("n_anchors"):
