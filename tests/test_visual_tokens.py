@@ -716,3 +716,12 @@ def test_rvis_shift_stats_read_the_direction_of_the_shift():
     assert st["simple_minus_reasoning"] == pytest.approx(0.3) and st["simple_minus_reasoning_ci"][0] > 0
     assert st["last_minus_first_tenth"] == pytest.approx(-0.36) and st["last_minus_first_tenth_ci"][1] < 0
     assert st["n"] == 40
+
+
+def test_retention_label_is_the_one_shown_everywhere():
+    assert [stage.retention_label(r) for r in (0.333, "0.666", 1, "decode vs unpruned")] == [
+        "33.3%",
+        "66.6%",
+        "100.0%",
+        "decode vs unpruned",
+    ]

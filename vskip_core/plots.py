@@ -190,6 +190,7 @@ def grounding_bars(table: pd.DataFrame, path=None):
     sns.barplot(data=long, x="family", y="score", hue="condition", ax=ax)
     ax.set_ylim(0, 1)
     ax.set_title("teacher: headline metric per family, real vs blank image vs chance")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1), frameon=False)
     fig.tight_layout()
     return _save(fig, path)
 

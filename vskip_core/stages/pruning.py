@@ -204,6 +204,15 @@ def evaluate(
     return entry, records
 
 
+def retention_label(retention: Any) -> Any:
+    """A retention (0.333 or "0.333") as tables and axes show it, "33.3%"; anything else (another level of a
+    column index) as it is."""
+    try:
+        return f"{float(retention):.1%}"
+    except (TypeError, ValueError):
+        return retention
+
+
 def retention_key(retention: float) -> str:
     """How a retention is written in metrics.json: "0.333", "1.0"."""
     return str(float(retention))
@@ -606,7 +615,7 @@ def claims_table(found: list[dict[str, Any]]):
         value = f"{c['value']:.3f}" if c["ci"] is None else f"{c['value']:+.3f}"  # a ratio, or a difference
         cell = f"{value}{ci} {mark[c['verdict']]}"
         rows.setdefault((c["claim"], f"{c['comparison']} ({c['target']})"), {})[
-            f"{float(c['retention']):.1%}"
+            retention_label(c["retention"])
         ] = cell
     t = pd.DataFrame.from_dict(rows, orient="index")
     t.index = pd.MultiIndex.from_tuples(t.index, names=["claim", "comparison (target)"])
@@ -630,7 +639,7 @@ def claims_reading(found: list[dict[str, Any]]) -> str:
         def value(c: dict[str, Any]) -> str:
             return f"{c['value']:.2f}x" if c["ci"] is None else f"{c['value']:+.3f}"
 
-        shown = "; ".join(f"{who(c)} at {float(c['retention']):.1%} {value(c)}" for c in rows[:most])
+        shown = "; ".join(f"{who(c)} at {retention_label(c['retention'])} {value(c)}" for c in rows[:most])
         return shown + (f"; {len(rows) - most} more" if len(rows) > most else "")
 
     lines = ["**What this run says about DSTP's claims** (verdicts at 95%, from `metrics.json`):", ""]
@@ -725,7 +734,7 @@ def plot_accuracy(
                             label="host + DSTP" if m.endswith("+dstp") else "host alone")  # fmt: skip
             if ref and fam in ref["score"]:
                 ax.axhline(ref["score"][fam], color="grey", ls=":", lw=1, label="unpruned")
-            ax.set_xticks(list(xs), [f"{float(r):.1%}" for r in rets])
+            ax.set_xticks(list(xs), [retention_label(r) for r in rets])
             if row == 0:
                 ax.set_title(f"{fam} ({FAMILY_SCORE.get(fam, 'accuracy')})")
             if col == 0:
@@ -759,7 +768,7 @@ def plot_dstp_gain(vs: dict[str, Any], path=None):
                     "o",
                     ms=3.5,
                     color=f"C{j}",
-                    label=f"{float(r):.1%} kept" if g_i == 0 else None,
+                    label=f"{retention_label(r)} kept" if g_i == 0 else None,
                 )
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_yticks(range(len(groups)), groups)
@@ -794,7 +803,7 @@ def plot_rvis(summaries: dict[str, dict[str, Any]], path=None):
             if "chance" in by:
                 ax.axhline(by["chance"], color="grey", ls=":", lw=1, label="random top-k")
             if row == 0:
-                ax.set_title(f"{float(r):.1%} kept")
+                ax.set_title(f"{retention_label(r)} kept")
             if col == 0:
                 ax.set_ylabel(f"{name}\nJaccard with prefill", fontsize=8)
             ax.set_ylim(0, 1.02)
