@@ -65,3 +65,20 @@ def test_hallucination_verdict():
     assert "disagrees" in readings.hallucination(_hall(1.0, 0.5))
     assert "no clear difference" in readings.hallucination(_hall(1.0, 1.01))
     assert "vskip 0.95" in readings.hallucination(_hall(1.0, 1.0))
+
+
+def test_text_gallery_and_kv_table_escape_and_wrap():
+    """The HTML helpers the notebooks show text through: markup in the text is escaped (a model may write
+    `<b>`), prices stay out of MathJax, every column is a labelled line, a long dict becomes rows of pairs."""
+    import pandas as pd
+
+    from vskip_core import plots
+
+    frame = pd.DataFrame(
+        [{"id": "t-1", "question": "Price?", "teacher": "It is $5.21 <b>", "vskip @ 0.5": "x"}]
+    )
+    html = plots.text_gallery(frame, "id", "question").data
+    assert "mathjax_ignore" in html and "&lt;b&gt;" in html and "<b>t-1</b> · Price?" in html
+    assert html.count("<tr>") == 2 and "overflow-wrap:anywhere" in html and "width:100%" in html
+    table = plots.kv_table({f"k{i}": i / 3 for i in range(7)}, cols=3).data
+    assert table.count("<tr>") == 3 and "<code>k6</code>" in table and "0.3333" in table
