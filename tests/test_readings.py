@@ -19,6 +19,19 @@ def test_teacher_at_chance_is_named():
     assert "at chance" not in readings.teacher(_teacher(0.8)).split("multistep")[1].split("\n")[0]
 
 
+def test_teacher_whose_blank_image_scores_as_well_is_named():
+    m = _teacher(0.8)
+    m["blank_image"]["attribute"]["accuracy"] = 0.88
+    assert "blank image scores as well" in readings.teacher(m).split("multistep")[0]
+
+
+def test_distillation_flags_targets_off_ratio_and_a_loss_that_did_not_fall():
+    d = {"per_ratio": {"0.5": {"mean_actual_ratio": 0.9}, "0.9": {"mean_actual_ratio": 0.88}}}
+    m = {"datasets": {"vskip": d}, "methods": {"vskip": {"first_loss": 1.0, "last_loss": 1.2, "steps": 4}}}
+    text = readings.distillation(m)
+    assert "`vskip` at 0.5" in text and "`vskip` at 0.9" not in text and "the loss did not fall" in text
+
+
 def _gate(vskip: float, text: float) -> dict:
     row = lambda v: {"0.5": {"varr": {"overall": v}}}  # noqa: E731
     return {"methods": {"vskip": row(vskip), "text_only": row(text)}, "max_abs_ratio_error": 0.001}
@@ -28,7 +41,9 @@ def test_gate_verdict_follows_the_figures():
     assert "agrees with the paper" in readings.gate(_gate(0.6, 0.4))
     assert "disagrees with the paper" in readings.gate(_gate(0.4, 0.6))
     assert "text_only beats the union gate" in readings.gate(_gate(0.4, 0.6))
-    assert "no V-Skip VARR" in readings.gate(
+    assert "no clear difference" in readings.gate(_gate(0.5, 0.5))
+    assert "was not swept" in readings.gate(_gate(0.5, 0.5), 0.3)
+    assert "no VARR at gamma 0.5" in readings.gate(
         {"methods": {"vskip": {"0.5": {"varr": {}}}}, "max_abs_ratio_error": 0}
     )
 

@@ -417,7 +417,7 @@ class FamilyScores:
             tp = float((yes & lab).sum())
             wrong = float((yes & ~lab).sum() + (~yes & lab).sum())
             return 2 * tp / (2 * tp + wrong) if tp else 0.0
-        return float(self.correct[sel].mean())
+        return self.accuracy(idx, family)
 
     def accuracy(self, idx, family: str) -> float:
         sel = self.family[idx] == family

@@ -49,8 +49,8 @@ def HTML(markup: str):  # noqa: N802  (a drop-in for IPython.display.HTML)
 
 
 def kv_table(values: dict[str, Any], cols: int = 3):
-    """A long flat dict as a compact HTML table: `cols` name / value pairs a row (a config of 29 entries is
-    10 rows, not one row 29 columns wide)."""
+    """A long flat dict as a compact HTML table: `cols` name / value pairs a row (n entries take ceil(n / cols)
+    rows, not one row n columns wide)."""
     import html
 
     def fmt(v: Any) -> str:

@@ -8,8 +8,11 @@ from typing import Any
 
 from vskip_core.metrics import FAMILY_SCORE
 
-NEAR_CHANCE = 0.05  # a score within this of chance reads as "at chance"
+NEAR_CHANCE = 0.05  # a score within this of chance (or of the blank-image control) reads as "the same"
 WEAK_AUC = 0.6  # an anchor-detection AUC below this reads as "near chance" (0.5)
+SAME_VARR = 0.01  # VARR differences below this read as "no clear difference" (no interval on 03's figures)
+SAME_RATE = 0.05  # the same for hallucinations per example (06)
+RATIO_TOL = 0.05  # a target set's kept fraction within this of the asked ratio (05's ActRatio bar)
 
 
 def _head(title: str, lines: list[str]) -> str:
@@ -43,22 +46,25 @@ def teacher(m: dict[str, Any]) -> str:
             words += f", blank image {blank:.3f}"
         if c is not None:
             words += f", chance {c:.3f}"
-            words += (
-                ": **at chance**, its rationales teach nothing to compress"
-                if v - c <= NEAR_CHANCE
-                else (
-                    ": it reads the image"
-                    if blank is None or blank - c <= NEAR_CHANCE
-                    else f": it reads the image; the blank image stays {blank - c:+.3f} above chance (guessable "
-                    "in part from the question)"
-                )
-            )
+        if c is not None and v - c <= NEAR_CHANCE:
+            words += ": **at chance**, its rationales teach nothing to compress"
+        elif blank is not None and v - blank <= NEAR_CHANCE:
+            words += ": **the blank image scores as well**: the answers do not come from the image"
+        elif blank is not None and c is not None and blank - c > NEAR_CHANCE:
+            words += f": it reads the image; the blank image stays {blank - c:+.3f} above chance (guessable in part"
+            words += " from the question)"
+        else:
+            words += ": it reads the image"
         lines.append(words)
     ms = _steps(m.get("multistep_check"))
     if ms:
         lines.append(
-            f"multi-step: every fact read off the image right in {ms['facts_right']:.1%} of {ms['n']} rationales; "
-            f"the weakest step is {ms['weakest']}: answers can be right for partly wrong reasons"
+            f"multi-step: every fact read off the image right in {ms['facts_right']:.1%} of {ms['n']} rationales"
+            + (
+                f"; the weakest step is {ms['weakest']}: answers can be right for partly wrong reasons"
+                if ms["facts_right"] < 1
+                else ""
+            )
         )
     lines.append(
         "V-Skip compresses a competent teacher's rationales; a family at chance or without a grounded "
@@ -79,11 +85,15 @@ def generation(m: dict[str, Any]) -> str:
             f"{fam}: {f['kept']} of {f['generated']} kept (teacher accuracy {f['accuracy']:.1%}){note}"
         )
     ms = _steps(m.get("multistep_kept_check"))
-    if ms:
+    if ms and ms["facts_right"] < 1:
+        why = (
+            "although the answer is right: the filter keeps right answers, not right reasoning"
+            if m.get("keep") == "correct"
+            else f"(`generation.keep: {m.get('keep')}` keeps rationales whatever their answer)"
+        )
         lines.append(
             f"of the {ms['n']} kept multi-step rationales, {1 - ms['facts_right']:.1%} state a wrong fact "
-            f"(weakest step {ms['weakest']}) although the answer is right: the filter keeps answers, not "
-            "reasoning, so the students learn these too"
+            f"(weakest step {ms['weakest']}) {why}; the students learn these too"
         )
     if m.get("n_anchors"):
         lines.append(
@@ -105,15 +115,17 @@ def scoring(m: dict[str, Any]) -> str:
             "the visual path finds anchors surprisal misses: it does here overall"
             if a > t
             else "the visual path finds anchors surprisal misses: overall **it does not here** (surprisal alone "
-            "separates them as well or better); the union gate can still help on the types below"
+            "separates them as well or better)"
         )
     ]
     by_a, by_t = s["anchoring"]["auc_by_type"], s["surprisal"]["auc_by_type"]
     by_a = {k: v for k, v in by_a.items() if v is not None and v == v}  # types never mentioned have no AUC
-    wins = [k for k in by_a if by_a[k] > (by_t.get(k) or 0)]
+    wins = [k for k in by_a if by_t.get(k) is not None and by_a[k] > by_t[k]]
     weak = [f"{k} ({by_a[k]:.2f})" for k in by_a if by_a[k] < WEAK_AUC]
     if wins:
-        lines.append(f"anchoring beats surprisal on: {', '.join(wins)}")
+        lines.append(
+            f"anchoring beats surprisal on: {', '.join(wins)} (where the union gate can add to the text path)"
+        )
     if weak:
         lines.append(f"anchoring is near or below chance on: {', '.join(weak)}")
     layers = {k: v for k, v in m.get("layer_auc", {}).items() if k.endswith(f"/{m['head_reduce']}") and v}
@@ -138,10 +150,12 @@ def scoring(m: dict[str, Any]) -> str:
 def gate(m: dict[str, Any], gamma: float = 0.5) -> str:
     """03: VARR at gamma for V-Skip against the blind text-only gate and the visual path alone."""
     g = f"{gamma:g}"
+    if g not in m["methods"].get("vskip", {}):
+        return _head("the gate", [f"gamma {g} was not swept for V-Skip (`gate.gammas`, `gate.methods`)"])
     varr = {k: v[g]["varr"].get("overall") for k, v in m["methods"].items() if g in v}
     varr = {k: x for k, x in varr.items() if x is not None and x == x}  # no mentions, no VARR
     if "vskip" not in varr:
-        return _head("the gate", [f"no V-Skip VARR at gamma {g} (no visual-attribute mentions to retain)"])
+        return _head("the gate", [f"no VARR at gamma {g}: the rationales mention no visual attribute"])
     v = varr["vskip"]
     lines = [
         "VARR overall at gamma "
@@ -152,16 +166,24 @@ def gate(m: dict[str, Any], gamma: float = 0.5) -> str:
     if "text_only" in varr:
         d = v - varr["text_only"]
         lines.append(
-            f"V-Skip {'keeps more' if d > 0 else '**keeps fewer**'} visual attributes than the blind text-only "
-            f"gate ({d:+.3f}): {'agrees' if d > 0 else 'disagrees'} with the paper"
-        )
-    better = [k for k in varr if varr[k] > v and k not in ("vskip",)]
+            f"V-Skip vs the blind text-only gate: {d:+.3f}: "
+            + (
+                f"no clear difference (under {SAME_VARR})"
+                if abs(d) < SAME_VARR
+                else ("keeps more visual attributes: agrees with the paper" if d > 0 else "**keeps fewer**: "
+                      "disagrees with the paper")
+            )
+        )  # fmt: skip
+    better = [k for k in varr if k != "vskip" and varr[k] - v >= SAME_VARR]
     if better:
-        lines.append(
-            f"{', '.join(better)} beat{'s' if len(better) == 1 else ''} the union gate here: at a fixed budget the "
-            "union spends part of it (`gate.text_share`) on the text path, whose picks VARR does not reward; VARR "
-            "is one of the two things the gate must keep, the other (the answer) is measured in 05"
+        why = (
+            ": at a fixed budget the union spends part of it (`gate.text_share`) on the text path, whose picks VARR "
+            "does not reward; VARR is one of the two things the gate must keep, the other (the answer) is measured "
+            "in 05"
+            if set(better) <= {"visual_only", "intersection", "weighted"}
+            else ""
         )
+        lines.append(f"{', '.join(better)} beat{'s' if len(better) == 1 else ''} the union gate here{why}")
     lines.append(
         f"largest |actual ratio - gamma|: {m['max_abs_ratio_error']:.4f} (every method at the same budget)"
     )
@@ -171,17 +193,28 @@ def gate(m: dict[str, Any], gamma: float = 0.5) -> str:
 def distillation(m: dict[str, Any]) -> str:
     """04: the students' targets compress as asked and the training loss falls; whether the students then
     write short rationales is 05's ActRatio."""
-    lines = []
+    lines, off = [], []
     for method, d in m["datasets"].items():
         per = d.get("per_ratio") or {}
         pairs = ", ".join(f"{r} -> {x['mean_actual_ratio']:.2f}" for r, x in sorted(per.items()))
+        off += [
+            f"`{method}` at {r}" for r, x in per.items() if abs(x["mean_actual_ratio"] - float(r)) > RATIO_TOL
+        ]
         if pairs:
             lines.append(f"`{method}` targets, asked ratio -> kept fraction: {pairs}")
-    for method, r in m["methods"].items():
-        lines.append(f"`{method}` loss {r['first_loss']:.2f} -> {r['last_loss']:.2f} over {r['steps']} steps")
     lines.append(
-        "each target set keeps about the asked fraction; whether the students learned to write them short is measured in "
-        "05 (ActRatio per requested ratio, the paper's central student-level claim)"
+        f"**targets off the asked ratio by more than {RATIO_TOL}**: {', '.join(off)}"
+        if off
+        else f"every target set keeps the asked fraction within {RATIO_TOL}"
+    )
+    for method, r in m["methods"].items():
+        fell = "" if r["last_loss"] < r["first_loss"] else ": **the loss did not fall**"
+        lines.append(
+            f"`{method}` loss {r['first_loss']:.2f} -> {r['last_loss']:.2f} over {r['steps']} steps{fell}"
+        )
+    lines.append(
+        "whether the students learned to write short rationales is measured in 05 (ActRatio per requested ratio, "
+        "the paper's central student-level claim)"
     )
     return _head("the students' training", lines)
 
@@ -216,8 +249,8 @@ def hallucination(m: dict[str, Any], ratio: float = 0.5) -> str:
         lines.append(
             f"V-Skip vs text-only: {d:+.2f} per example: "
             + (
-                "no clear difference (under 0.05 per example)"
-                if abs(d) < 0.05
+                f"no clear difference (under {SAME_RATE} per example)"
+                if abs(d) < SAME_RATE
                 else ("agrees with the paper (fewer)" if d < 0 else "**disagrees** with the paper (more)")
             )
         )
@@ -231,7 +264,7 @@ def hallucination(m: dict[str, Any], ratio: float = 0.5) -> str:
             "POPE F1 drift from the full control, adversarial negatives: "
             + ", ".join(f"{k} {v:+.3f}" for k, v in sorted(drift.items()))
         )
-    act = m.get("act_ratio") or {}
+    act = {k: v for k, v in (m.get("act_ratio") or {}).items() if v is not None and v == v}
     if act:
         lines.append(
             f"the students asked for {ratio:g} write "
@@ -239,5 +272,5 @@ def hallucination(m: dict[str, Any], ratio: float = 0.5) -> str:
             + " of the teacher's length: where that is near 1 they barely compress, so their hallucination "
             "rates test distillation, not compression"
         )
-    lines.append("no intervals here; the paired bootstrap intervals are in 05's claims table")
+    lines.append("these are point estimates, without intervals")
     return _head("hallucination", lines)

@@ -123,15 +123,19 @@ def claims(rows: list[dict[str, Any]], ratio: float = 0.5) -> list[dict[str, Any
     return out
 
 
+def _with_ci(c: dict[str, Any]) -> str:
+    """A claim's value with its 95% interval, as every claims table and reading shows it."""
+    lo, hi = c["ci"] or (None, None)
+    return f"{c['value']:.3f}" + ("" if lo is None else f" [{lo:.3f}, {hi:.3f}]")
+
+
 def claims_frame(found: list[dict[str, Any]]) -> pd.DataFrame:
     """The claims as a table to read: the value with its 95% interval in one cell, the bar, and whether it is
     met (blank where no bar applies)."""
     out = []
     for c in found:
-        lo, hi = c["ci"] or (None, None)
-        ci = "" if lo is None else f" [{lo:.3f}, {hi:.3f}]"
         met = "" if c["met"] is None else ("yes" if c["met"] else "no")
-        out.append({"claim": c["claim"], "measured [95% interval]": f"{c['value']:.3f}{ci}", "target": c["target"],
+        out.append({"claim": c["claim"], "measured [95% interval]": _with_ci(c), "target": c["target"],
                     "met": met})  # fmt: skip
     return pd.DataFrame(out).set_index("claim") if out else pd.DataFrame()
 
@@ -143,9 +147,7 @@ def claims_reading(found: list[dict[str, Any]]) -> str:
         return "No student-level claims measured (no students evaluated)."
 
     def item(c: dict[str, Any]) -> str:
-        lo, hi = c["ci"] or (None, None)
-        ci = "" if lo is None else f" [{lo:.3f}, {hi:.3f}]"
-        return f"{c['claim']} {c['value']:.3f}{ci} (bar {c['target']})"
+        return f"{c['claim']} {_with_ci(c)} (bar {c['target']})"
 
     met = [item(c) for c in found if c["met"] is True]
     missed = [item(c) for c in found if c["met"] is False]
@@ -165,7 +167,7 @@ def claims_markdown(found: list[dict[str, Any]]) -> list[str]:
         "The paper's claims at the student level (bootstrap 95% intervals over test examples; `met` is blank",
         "where no bar applies):",
         "",
-        _markdown(claims_frame(found).reset_index()),
+        _markdown(claims_frame(found).reset_index().replace({"met": {"no": "**no**"}})),
     ]
 
 

@@ -704,6 +704,34 @@ def metrics_table(methods: dict[str, Any], key: dict[str, str] | None = None):
     return pd.DataFrame(rows, columns=cols)
 
 
+def mean_score_table(table):
+    """`metrics_table` as one number a cell: the mean of the families' headline scores per method (rows) and
+    retention (columns, most kept first; the unpruned model has 100% only), styled for a notebook."""
+    t = table.pivot_table(index="method", columns="retention", values="score").sort_index(
+        axis=1, ascending=False
+    )
+    t = t.rename(columns=retention_label).rename_axis("mean score", axis=1)
+    return t.style.format(precision=3, na_rep="")
+
+
+def speed_table(table):
+    """Prefill time and decode time per token of each method over the unpruned model's, per retention (most
+    kept first); None when the unpruned model did not run."""
+    import pandas as pd
+
+    t = table.drop_duplicates(["method", "retention"]).set_index(["method", "retention"])
+    if ("unpruned", 1.0) not in t.index:
+        return None
+    ref, t = t.loc[("unpruned", 1.0)], t.drop(index="unpruned", level=0)
+    out = pd.DataFrame(
+        {
+            "prefill vs unpruned": t["prefill_s"] / ref["prefill_s"],
+            "decode vs unpruned": t["decode_s_per_token"] / ref["decode_s_per_token"],
+        }
+    ).unstack("retention")
+    return out.sort_index(axis=1, ascending=[True, False]).round(2).rename(columns=retention_label)
+
+
 # -------------------------------------------------------------------------------------------------- plots
 def plot_accuracy(
     scores: dict[str, Any], path=None, families: tuple[str, ...] = (*SIMPLE_FAMILIES, *REASONING_FAMILIES)
