@@ -79,7 +79,9 @@ def test_hallucination_verdict():
     assert "agrees with the paper (fewer)" in readings.hallucination(_hall(0.5, 1.0))
     assert "disagrees" in readings.hallucination(_hall(1.0, 0.5))
     assert "no clear difference" in readings.hallucination(_hall(1.0, 1.01))
-    assert "vskip 0.95" in readings.hallucination(_hall(1.0, 1.0))
+    assert "vskip 0.95 of the teacher's length: vskip barely compresses" in readings.hallucination(
+        _hall(1.0, 1.0)
+    )
 
 
 def test_text_gallery_and_kv_table_escape_and_wrap():

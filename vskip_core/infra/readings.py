@@ -29,7 +29,7 @@ def _steps(ms: dict[str, Any] | None) -> dict[str, Any] | None:
     if not ms or not ms.get("n") or not ms.get("step_accuracy"):
         return None
     step, acc = min(ms["step_accuracy"].items(), key=lambda kv: kv[1])
-    return ms | {"weakest": f"`{step}` ({acc:.1%})"}
+    return ms | {"weakest": f"`{step}` at {acc:.1%}"}
 
 
 def teacher(m: dict[str, Any]) -> str:
@@ -266,11 +266,17 @@ def hallucination(m: dict[str, Any], ratio: float = 0.5) -> str:
         )
     act = {k: v for k, v in (m.get("act_ratio") or {}).items() if v is not None and v == v}
     if act:
+        barely = [k for k, v in act.items() if v > 1 - (1 - ratio) / 2]  # nearer to full length than to ratio
         lines.append(
             f"the students asked for {ratio:g} write "
             + ", ".join(f"{k} {v:.2f}" for k, v in sorted(act.items()))
-            + " of the teacher's length: where that is near 1 they barely compress, so their hallucination "
-            "rates test distillation, not compression"
+            + " of the teacher's length"
+            + (
+                f": {', '.join(sorted(barely))} barely compress{'es' if len(barely) == 1 else ''}, so "
+                "their rates test distillation more than compression"
+                if barely
+                else ""
+            )
         )
     lines.append("these are point estimates, without intervals")
     return _head("hallucination", lines)
