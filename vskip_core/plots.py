@@ -126,6 +126,7 @@ def distributions(df: pd.DataFrame, path=None):
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
     sns.countplot(data=df, x="family", hue="split", ax=axes[0])
     axes[0].set_title("examples per family and split")
+    axes[0].tick_params(axis="x", rotation=30)
     sns.move_legend(axes[0], "upper left", bbox_to_anchor=(1, 1), frameon=False)
     sns.countplot(data=df[df.split == "train"], x="attr_type", ax=axes[1], color="#4c78a8")
     axes[1].set_title("question type (train)")
