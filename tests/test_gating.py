@@ -720,3 +720,27 @@ def test_gamma_table_writes_csv_and_markdown(corpus, tmp_path):
     assert list(table.index) == ["vskip", "random"] and table.columns[0] == "actual ratio"
     md = (tmp_path / "table_gamma_0.5.md").read_text().splitlines()
     assert len(md) == 4 and md[2].startswith("| vskip | ") and (tmp_path / "table_gamma_0.5.csv").exists()
+
+
+def test_gallery_shows_each_rationale_once():
+    """06's gallery: a rationale where each gate keeps an anchor the other drops fits both lists; it is shown
+    in one, so the two lists show different rationales."""
+    from vskip_core.stages.evaluation import gallery_cases
+
+    cfg = _cfg(force_keep_answer=False)
+    pieces = ["A", " red", " box", " big"]
+    rows = [
+        _row("".join(pieces), pieces, [0.1, 0.1, 5.0, 5.0], [0.9, 0.9, 0.1, 0.1], rid=f"r{i}") for i in (0, 1)
+    ]
+    anchors = [
+        {"type": "colour", "value": "red", "start": 2, "end": 5},
+        {"type": "size", "value": "big", "start": 10, "end": 13},
+    ]
+    cases = gallery_cases(
+        rows, {r["id"]: anchors for r in rows}, cfg, 0.5, n=1, a="visual_only", b="text_only"
+    )
+    assert [c["row"].id for c in cases["a_keeps"]] == ["r0"] and [c["row"].id for c in cases["b_keeps"]] == [
+        "r1"
+    ]
+    assert [x["value"] for x in cases["a_keeps"][0]["lost"]] == ["red"]
+    assert [x["value"] for x in cases["b_keeps"][0]["lost"]] == ["big"]

@@ -307,7 +307,8 @@ def gallery_cases(
     b: str = "text_only",
 ) -> dict[str, list[dict[str, Any]]]:
     """Rationales where method `b` drops a visual anchor that `a` keeps (and, honestly, the reverse), at
-    `gamma`. Returns {"a_keeps": [...], "b_keeps": [...]}, each case with both masks and the anchors lost."""
+    `gamma`. Returns {"a_keeps": [...], "b_keeps": [...]}, each case with both masks and the anchors lost; a
+    rationale appears in one list only."""
 
     out: dict[str, list[dict[str, Any]]] = {"a_keeps": [], "b_keeps": []}
     for raw in rows:
@@ -322,7 +323,7 @@ def gallery_cases(
         case = {"row": row, "keep_a": ka, "keep_b": kb}
         if only_a and len(out["a_keeps"]) < n:
             out["a_keeps"].append({**case, "lost": only_a})
-        if only_b and len(out["b_keeps"]) < n:
+        elif only_b and len(out["b_keeps"]) < n:  # each rationale shown once
             out["b_keeps"].append({**case, "lost": only_b})
         if len(out["a_keeps"]) >= n and len(out["b_keeps"]) >= n:
             break
