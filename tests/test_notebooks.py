@@ -37,3 +37,20 @@ def test_parameters_cell_holds_literals_then_load_params(path):
 
 def test_notebook_names_are_numbered():
     assert NOTEBOOKS and all(p.stem[:2].isdigit() and p.stem[2] == "_" for p in NOTEBOOKS)
+
+
+def test_index_links_each_stage_source_and_executed_copy():
+    # make lab opens index.ipynb: a stage added or renamed must not leave it pointing nowhere
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    index = json.loads((root / "index.ipynb").read_text())
+    text = "".join("".join(c["source"]) for c in index["cells"])
+    links = set(re.findall(r"\]\(([^)]+)\)", text))
+    for path in NOTEBOOKS:
+        stage = path.stem
+        assert f"notebooks/{stage}.ipynb" in links, f"index.ipynb: no link to {stage}'s source"
+        assert f"results/default/{stage}/executed.ipynb" in links, f"index.ipynb: no link to {stage}'s run"
+    for link in links:
+        if not link.startswith("results/"):
+            assert (root / link).exists(), f"index.ipynb links {link}, which does not exist"
