@@ -26,3 +26,15 @@ def test_makefile_targets_exist():
     for target in ("reproduce:", "test:", "lab:", "bench:"):
         assert re.search(rf"^{target}", mk, re.M), target
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_progress_bars_come_from_runtime_progress():
+    # runtime.progress is the one bar: under the pipeline it is mirrored on the terminal and leaves a text line in
+    # the executed notebook; a direct tqdm.auto bar there is a widget saved at "0%" (a cold teacher build did that)
+    pkg = ROOT / "vskip_core"
+    direct = [
+        p.relative_to(pkg).as_posix()
+        for p in pkg.rglob("*.py")
+        if p.name != "runtime.py" and re.search(r"^\s*(from tqdm|import tqdm)", p.read_text(), re.M)
+    ]
+    assert direct == [], f"import the bar as `from vskip_core.runtime import progress as tqdm` in {direct}"

@@ -61,6 +61,7 @@ from vskip_core.modeling.loading import (
     user_text,
 )
 from vskip_core.runtime import atomic_write_json, resolve_device, seed_everything
+from vskip_core.runtime import progress as tqdm
 
 CKPT_EVERY = 200
 SANITY_PER_SOURCE = 10  # notebook 00's short evaluation of a hub teacher: test examples per real source
@@ -423,8 +424,6 @@ def run_phase(b: Build, phase: Phase, progress: bool = True) -> None:
     """The one training loop: lr schedule, one step, clipping, history, a checkpoint every `CKPT_EVERY`. The next
     step's batch is built in a second thread while this one trains (the data are a function of the step alone,
     so the weights are the same as without it)."""
-    from tqdm.auto import tqdm
-
     st, opt = b.state, b.optimizers[phase.optimizer]
     done = min(max(st[phase.counter], phase.start), phase.stop) - phase.start
     bar = tqdm(total=phase.stop - phase.start, initial=done, desc=phase.name, disable=not progress)
