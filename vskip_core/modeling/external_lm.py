@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,11 +76,28 @@ def load_smollm2(cfg: Config, device: str | None = None) -> ExternalLM:
         model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32)
     else:
         gguf = smollm2_gguf()
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with _gguf_bar_on_runtime_progress():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
         _save_converted(model, tok, cache)
     model = model.to(device=device, dtype=dtype).eval()
     return ExternalLM(model, tok, "SmolLM2-135M-Instruct", time.perf_counter() - t0)
+
+
+@contextmanager
+def _gguf_bar_on_runtime_progress():
+    """transformers' GGUF loader draws its own tqdm.auto bar, a widget that an executed notebook shows at "0%";
+    during the one conversion it is a `runtime.progress` bar that leaves nothing behind."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    saved = gguf_utils.tqdm
+    gguf_utils.tqdm = lambda *args, **kwargs: tqdm(*args, **{**kwargs, "leave": False})
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = saved
 
 
 def _save_converted(model, tok, path: Path) -> None:
