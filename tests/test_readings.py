@@ -99,3 +99,12 @@ def test_text_gallery_and_kv_table_escape_and_wrap():
     assert html.count("<tr>") == 2 and "overflow-wrap:anywhere" in html and "width:100%" in html
     table = plots.kv_table({f"k{i}": i / 3 for i in range(7)}, cols=3).data
     assert table.count("<tr>") == 3 and "<code>k6</code>" in table and "0.3333" in table
+
+
+def test_system_label_names_students_by_ratio_only():
+    import pandas as pd
+
+    from vskip_core import plots
+
+    frame = pd.DataFrame({"method": ["teacher", "vskip", "full"], "ratio": [None, 0.5, 1.0]})
+    assert plots.system_label(frame).tolist() == ["teacher", "vskip@0.5", "full@1"]

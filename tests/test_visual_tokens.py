@@ -662,6 +662,15 @@ def test_claims_judge_each_comparison_by_its_paired_interval(delta, verdict):
         over["prefill time"]["value"] == pytest.approx(1.5) and over["prefill time"]["verdict"] == "disagrees"
     )
     assert stage.claims_table(found).shape[1] == 2  # one column per retention
+    reading = {line.split(":")[0]: line for line in stage.claims_reading(found).splitlines()}
+    limits = reading["- **DSTP limits the reasoning drop"]
+    word = {"agrees": "agree", "disagrees": "disagree", "undecided": None}[verdict]
+    assert limits.startswith(
+        f"- **DSTP limits the reasoning drop: {verdict if word else 'mixed or undecided'}**"
+    )
+    if word:  # the comparison named by its system, retention and value
+        assert f"; {word}: fastv+dstp at 33.3% {delta:+.1f}" in limits
+    assert "disagree: fastv+dstp prefill at 33.3% 1.50x" in reading["- **DSTP's overhead is minimal"]
     # one retention only (the hub params): no "a third vs two thirds" row comparing 33.3% with itself
     only = stage.claims(
         [r for r in _claim_records(delta) if r["retention"] != 0.666], {}, [0.333], 32, reps=50

@@ -232,6 +232,12 @@ def _colour(method: str) -> str:
     return METHOD_COLOURS.get(method, "#17becf")
 
 
+def system_label(frame: pd.DataFrame) -> pd.Series:
+    """Each row's system as every table and axis of 05 and 06 names it: `method@ratio` ("vskip@0.5"); the
+    teacher and `direct` have no ratio."""
+    return frame.method + frame.ratio.map(lambda r: "" if pd.isna(r) else f"@{r:g}")
+
+
 def accuracy_vs_ratio(df: pd.DataFrame, path=None):
     """Mean accuracy over families (accuracy, ANLS, POPE F1) against ActRatio, one line per method."""
     d = df.copy()
@@ -261,7 +267,7 @@ def accuracy_vs_ratio(df: pd.DataFrame, path=None):
 
 def latency_bars(df: pd.DataFrame, path=None):
     d = df[df.latency_s.notna()].copy()
-    d["system"] = d.method + d.ratio.map(lambda r: "" if pd.isna(r) else f"@{r:g}")
+    d["system"] = system_label(d)
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(d)), 3.8))
     sns.barplot(data=d, x="system", y="latency_s", hue="method", dodge=False, ax=ax, legend=False,
                 palette={m: _colour(m) for m in d.method.unique()})  # fmt: skip

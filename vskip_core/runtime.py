@@ -439,8 +439,8 @@ class Stage:
 def quiet_expected_notices() -> None:
     """Silence what this stack prints that is expected and tells a reader nothing (each looks like a failed
     install in a notebook): bitsandbytes' note that an optional CPU kernel package is absent, transformers'
-    deprecation of an attribute peft reads and its note on ordering checkpoints, and the model-loading and dataset-saving progress bars (a saved bar
-    shows "0%")."""
+    deprecation of an attribute peft reads and its note on ordering checkpoints, and the model-loading and
+    dataset-saving progress bars (a saved bar shows "0%")."""
     import logging
     import warnings
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from vskip_core.infra.summary import ACT_RATIO_TOL
 from vskip_core.metrics import FAMILY_SCORE
 
 NEAR_CHANCE = 0.05  # a score within this of chance (or of the blank-image control) reads as "the same"
 WEAK_AUC = 0.6  # an anchor-detection AUC below this reads as "near chance" (0.5)
 SAME_VARR = 0.01  # VARR differences below this read as "no clear difference" (no interval on 03's figures)
 SAME_RATE = 0.05  # the same for hallucinations per example (06)
-RATIO_TOL = 0.05  # a target set's kept fraction within this of the asked ratio (05's ActRatio bar)
 
 
 def _head(title: str, lines: list[str]) -> str:
@@ -198,14 +198,16 @@ def distillation(m: dict[str, Any]) -> str:
         per = d.get("per_ratio") or {}
         pairs = ", ".join(f"{r} -> {x['mean_actual_ratio']:.2f}" for r, x in sorted(per.items()))
         off += [
-            f"`{method}` at {r}" for r, x in per.items() if abs(x["mean_actual_ratio"] - float(r)) > RATIO_TOL
+            f"`{method}` at {r}"
+            for r, x in per.items()
+            if abs(x["mean_actual_ratio"] - float(r)) > ACT_RATIO_TOL
         ]
         if pairs:
             lines.append(f"`{method}` targets, asked ratio -> kept fraction: {pairs}")
     lines.append(
-        f"**targets off the asked ratio by more than {RATIO_TOL}**: {', '.join(off)}"
+        f"**targets off the asked ratio by more than {ACT_RATIO_TOL}**: {', '.join(off)}"
         if off
-        else f"every target set keeps the asked fraction within {RATIO_TOL}"
+        else f"every target set keeps the asked fraction within {ACT_RATIO_TOL}"
     )
     for method, r in m["methods"].items():
         fell = "" if r["last_loss"] < r["first_loss"] else ": **the loss did not fall**"
@@ -222,12 +224,8 @@ def distillation(m: dict[str, Any]) -> str:
 def hallucination(m: dict[str, Any], ratio: float = 0.5) -> str:
     """06: POPE F1 and attribute hallucinations per student against the full control and the text-only one."""
 
-    def at(rows, method):
-        return [
-            r
-            for r in rows
-            if r["method"] == method and r["ratio"] is not None and abs(r["ratio"] - ratio) < 1e-9
-        ]
+    def at_ratio(r: dict[str, Any]) -> bool:
+        return r["ratio"] is not None and abs(r["ratio"] - ratio) < 1e-9
 
     lines = []
     hall = m["attribute_hallucinations"]
@@ -236,7 +234,7 @@ def hallucination(m: dict[str, Any], ratio: float = 0.5) -> str:
     per = {
         r["method"]: r["total_per_example"]
         for r in hall
-        if at([r], r["method"]) and r["total_per_example"] is not None
+        if at_ratio(r) and r["total_per_example"] is not None
     }
     if per:
         lines.append(
@@ -257,7 +255,7 @@ def hallucination(m: dict[str, Any], ratio: float = 0.5) -> str:
     pope = m["pope_by_split"]
     drift = {}
     for r in pope:
-        if at([r], r["method"]) and r.get("f1_drift_vs_full") is not None and r["split"] == "adversarial":
+        if at_ratio(r) and r.get("f1_drift_vs_full") is not None and r["split"] == "adversarial":
             drift[r["method"]] = r["f1_drift_vs_full"]
     if drift:
         lines.append(

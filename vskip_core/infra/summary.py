@@ -9,6 +9,7 @@ import pandas as pd
 
 from vskip_core.runtime import atomic_write_bytes, atomic_write_json
 
+ACT_RATIO_TOL = 0.05  # the ActRatio bar: a student asked for r writes r +- this of the teacher's length
 FAMILY_COLUMNS = ("attribute", "multistep")
 
 
@@ -102,8 +103,9 @@ def claims(rows: list[dict[str, Any]], ratio: float = 0.5) -> list[dict[str, Any
         if r.get("act_ratio") is None or r["method"] in ("teacher", "direct", "full"):
             continue
         a = r["act_ratio"]
-        add(f"{r['method']} ActRatio at {r['ratio']:g}", a, r.get("act_ratio_ci"), f"{r['ratio']:g} +- 0.05",
-            abs(a - r["ratio"]) <= 0.05 if r["ratio"] >= 0.5 else None)  # fmt: skip
+        add(f"{r['method']} ActRatio at {r['ratio']:g}", a, r.get("act_ratio_ci"),
+            f"{r['ratio']:g} +- {ACT_RATIO_TOL:g}",
+            abs(a - r["ratio"]) <= ACT_RATIO_TOL if r["ratio"] >= 0.5 else None)  # fmt: skip
     for r in rows:
         if r["method"] in ("teacher", "direct", "full") or r.get("ratio") != ratio:
             continue

@@ -429,8 +429,8 @@ class PrunedDecoder:
             i, q, [_logits(layer, q, self.cache.k[i][:, :, P:n]), _logits(layer, q, kself)]
         )
         if self.record_relevance:
-            for b in range(self.B):
-                if bool(self.unfinished[b]):
+            for b, live in enumerate(self.unfinished.tolist()):  # one device sync, not one per row
+                if live:
                     self.relevance_trace[b].append(rel[b].float().cpu())
         if self.spec.dstp and self.spec.due(t):
             self._dstp(rel, t)
@@ -445,10 +445,8 @@ class PrunedDecoder:
         if spec.uses_prompt:  # the prompt-aware host re-selects with the recent decoded tokens' embeddings
             recent = torch.stack(self.out_tokens[-spec.dstp_window :], 1)  # (B, <= window) token ids
             decoded = self.inner.get_input_embeddings()(recent)
-        for b in range(self.B):
-            if not bool(
-                self.unfinished[b]
-            ):  # a finished row's set no longer matters: no host rule run for it
+        for b, live in enumerate(self.unfinished.tolist()):  # one device sync, not one per row
+            if not live:  # a finished row's set no longer matters: no host rule run for it
                 new_rows.append(active[b])
                 continue
             a, fired, cand = spec.reselect(

@@ -642,19 +642,17 @@ def planned_steps(cfg: Config, n: int) -> int:
     return max(1, math.ceil(d.epochs * math.ceil(n / (d.batch_size * d.grad_accum * _world()))))
 
 
-def _step_bar_class():
+def _step_bar(desc: str):
+    """Training steps on `runtime.progress` (a widget in JupyterLab; under the pipeline a live terminal line and
+    one final line in the notebook), instead of Trainer's notebook tables, which a saved notebook shows frozen
+    at their first state. A Trainer callback; transformers is imported only when a student is trained."""
     from transformers import TrainerCallback
 
     class StepBar(TrainerCallback):
-        """Training steps on `runtime.progress` (a widget in JupyterLab; under the pipeline a live terminal line
-        and one final line in the notebook), instead of Trainer's notebook tables, which a saved notebook shows
-        frozen at their first state."""
-
-        def __init__(self, desc: str) -> None:
-            self.desc, self.bar = desc, None
+        bar = None
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc)
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=desc)
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.bar is not None:
@@ -664,11 +662,7 @@ def _step_bar_class():
             if self.bar is not None:
                 self.bar.close()
 
-    return StepBar
-
-
-def _StepBar(desc: str):  # noqa: N802  (transformers is imported only when a student is trained)
-    return _step_bar_class()(desc)
+    return StepBar()
 
 
 def train_student(
@@ -711,7 +705,7 @@ def train_student(
     device = _device(cfg)
     steps = planned_steps(cfg, len(ds))
     args = training_arguments(cfg, ckpt_dir, steps, device, progress=False)  # our bar below, not Trainer's
-    bar = [_StepBar(f"train {method}")] if progress else []
+    bar = [_step_bar(f"train {method}")] if progress else []
     trainer = Trainer(
         model=model,
         args=args,

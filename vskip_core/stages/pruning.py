@@ -515,20 +515,22 @@ def claims(
     reps: int = 2000,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """DSTP's claims (issue 19) on this run, one row each: `claim`, `comparison`, `retention`, `value`, its
-    95% `ci` (paired on the same examples, except RVIS simple vs reasoning: two groups of examples), `n`
-    examples, the `target` direction and `verdict` (agrees / disagrees / undecided: the interval against 0;
-    `met` = agrees). About 50 verdicts at 95% each: a few agree / disagree marks are expected by chance alone.
-    `rvis`: {source name: `rvis_records`-shaped records}. Overhead: ratios of median decode times per token and
-    prefill times of the accuracy runs (batches of `batch_size`; no interval, indicative;
-    `benchmarks/bench_visual_tokens.py` measures batch 1 at 256 visual tokens)."""
+    """DSTP's claims (issue 19) on this run, one row each: `claim`, `subject` (the system or RVIS source the
+    comparison is about), `comparison`, `retention`, `value`, its 95% `ci` (paired on the same examples, except
+    RVIS simple vs reasoning: two groups of examples), `n` examples, the `target` direction and `verdict`
+    (agrees / disagrees / undecided: the interval against 0; `met` = agrees). About 50 verdicts at 95% each: a
+    few agree / disagree marks are expected by chance alone. `rvis`: {source name: `rvis_records`-shaped
+    records}. Overhead: ratios of median decode times per token and prefill times of the accuracy runs
+    (batches of `batch_size`; no interval, indicative; `benchmarks/bench_visual_tokens.py` measures batch 1 at
+    256 visual tokens)."""
     sys_, out = _systems(records), []
     one = retention_key(1.0)
 
-    def add(claim, comparison, retention, value, ci, n, target, direction):
+    def add(claim, subject, comparison, retention, value, ci, n, target, direction):
         v = _verdict(ci, direction)
-        out.append({"claim": claim, "comparison": comparison, "retention": retention, "value": value,
-                    "ci": ci, "n": n, "target": target, "verdict": v, "met": v == "agrees"})  # fmt: skip
+        out.append({"claim": claim, "subject": subject, "comparison": comparison, "retention": retention,
+                    "value": value, "ci": ci, "n": n, "target": target, "verdict": v,
+                    "met": v == "agrees"})  # fmt: skip
 
     hosts = sorted({m.removesuffix("+dstp") for m, _ in sys_ if m != "unpruned"})
     rets = [retention_key(r) for r in retentions]
@@ -542,7 +544,7 @@ def claims(
             def f(i, A=A, B=B, S=S, R=R):
                 return (A.group(i, R) - B.group(i, R)) - (A.group(i, S) - B.group(i, S))
 
-            add("pruning hurts reasoning more than simple understanding",
+            add("pruning hurts reasoning more than simple understanding", h,
                 f"{h}: (reasoning - unpruned) - (simple - unpruned)", r, f(np.arange(n)),
                 bootstrap_ci(f, n, reps, seed), n, "< 0", -1)  # fmt: skip
     vs = dstp_vs_host(records, reps, seed)
@@ -554,6 +556,7 @@ def claims(
             g = d["reasoning"]
             add(
                 "DSTP limits the reasoning drop",
+                f"{h}+dstp",
                 f"{h}+dstp - {h}, reasoning",
                 r,
                 g["diff"],
@@ -563,7 +566,7 @@ def claims(
                 1,
             )
             g = d["simple"]
-            add("DSTP gains on simple understanding", f"{h}+dstp - {h}, simple", r, g["diff"], g["ci"], g["n"],
+            add("DSTP gains on simple understanding", f"{h}+dstp", f"{h}+dstp - {h}, simple", r, g["diff"], g["ci"], g["n"],
                 "> 0", 1)  # fmt: skip
     lo, hi = (retention_key(min(retentions, key=lambda x: abs(x - t))) for t in (0.333, 0.666))
     for h in hosts:
@@ -574,7 +577,7 @@ def claims(
             def f(i, A=A, B=B, fams=fams):
                 return A.group(i, fams) - B.group(i, fams)
 
-            add("DSTP at a third of the tokens beats FastV at two thirds",
+            add("DSTP at a third of the tokens beats FastV at two thirds", f"{h}+dstp",
                 f"{h}+dstp @ {lo} - fastv @ {hi}, mean of families", lo,
                 f(np.arange(n)), bootstrap_ci(f, n, reps, seed), n, "> 0", 1)  # fmt: skip
     for name, rv in rvis.items():
@@ -582,18 +585,19 @@ def claims(
             st = rvis_shift_stats(rv, r, reps, seed)
             if not st["n"]:
                 continue
-            add("RVIS is larger on reasoning than on simple tasks", f"{name}: overlap simple - reasoning", r,
+            add("RVIS is larger on reasoning than on simple tasks", name, f"{name}: overlap simple - reasoning", r,
                 st["simple_minus_reasoning"], st["simple_minus_reasoning_ci"], st["n"], "> 0", 1)  # fmt: skip
-            add("RVIS grows over the rationale", f"{name}: overlap last tenth - first tenth", r,
+            add("RVIS grows over the rationale", name, f"{name}: overlap last tenth - first tenth", r,
                 st["last_minus_first_tenth"], st["last_minus_first_tenth_ci"], st["n"], "< 0", -1)  # fmt: skip
     for h in hosts:
         for r in rets:
             a, b = sys_.get((h + "+dstp", r)), sys_.get((h, r))
             if not (a and b):
                 continue
-            for key, what in (("decode_s_per_token", "decode time per token"), ("prefill_s", "prefill time")):
+            for key, what, phase in (("decode_s_per_token", "decode time per token", "decode"),
+                                     ("prefill_s", "prefill time", "prefill")):  # fmt: skip
                 ratio = statistics.median(x[key] for x in a) / statistics.median(x[key] for x in b)
-                out.append({"claim": "DSTP's overhead is minimal", "comparison":
+                out.append({"claim": "DSTP's overhead is minimal", "subject": f"{h}+dstp {phase}", "comparison":
                             f"{h}+dstp / {h}: {what} (batches of {batch_size}, median; indicative)",
                             "retention": r, "value": ratio, "ci": None, "n": len(a), "target": "<= 1.10",
                             "verdict": "agrees" if ratio <= 1.10 else "disagrees", "met": ratio <= 1.10})  # fmt: skip
@@ -628,18 +632,13 @@ def claims_reading(found: list[dict[str, Any]]) -> str:
     if not found:
         return "No claims measured (visual-token pruning does not apply to this model, or nothing ran)."
 
-    def who(c: dict[str, Any]) -> str:
-        comp = c["comparison"]
-        name = (comp.split(":")[0] if ":" in comp else comp.split(",")[0]).split(" @")[0].split(" - ")[0]
-        if " / " in name:  # overhead: which time
-            name = name.split(" / ")[0] + (" prefill" if "prefill" in comp else " decode")
-        return name.strip()
-
     def where(rows: list[dict[str, Any]], most: int = 4) -> str:
         def value(c: dict[str, Any]) -> str:
             return f"{c['value']:.2f}x" if c["ci"] is None else f"{c['value']:+.3f}"
 
-        shown = "; ".join(f"{who(c)} at {retention_label(c['retention'])} {value(c)}" for c in rows[:most])
+        shown = "; ".join(
+            f"{c['subject']} at {retention_label(c['retention'])} {value(c)}" for c in rows[:most]
+        )
         return shown + (f"; {len(rows) - most} more" if len(rows) > most else "")
 
     lines = ["**What this run says about DSTP's claims** (verdicts at 95%, from `metrics.json`):", ""]
