@@ -181,6 +181,11 @@ def test_progress_is_mirrored_on_the_pipeline_terminal(monkeypatch, capsys):
     bar.close()
     lines = [x for x in fake.getvalue().splitlines() if x.strip()]
     assert len(lines) == 2 and "teacher: drills" in lines[-1] and "5/5" in lines[-1]
+    fake.truncate(0)
+    fake.seek(0)
+    assert list(runtime.progress(range(5), desc="normalize", file=io.StringIO())) == list(range(5))
+    lines = [x for x in fake.getvalue().splitlines() if x.strip()]  # a bar used as an iterator: mirrored too
+    assert len(lines) == 2 and "normalize" in lines[-1] and "5/5" in lines[-1]
     monkeypatch.delenv(runtime.ENV_LIVE)
     fake.truncate(0)
     quiet = runtime.progress(total=2, desc="x", file=io.StringIO())

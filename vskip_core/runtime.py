@@ -67,6 +67,17 @@ def progress(*args, **kwargs):
                     print(f"      {self._meter()}", file=sys.__stderr__, flush=True)
             return out
 
+        def __iter__(self):  # tqdm's own loop counts without update(): the terminal would see only the end
+            if self.disable:
+                yield from self.iterable
+                return
+            try:
+                for obj in self.iterable:
+                    yield obj
+                    self.update(1)
+            finally:
+                self.close()
+
         def close(self):
             if not self.disable and self.leave and not getattr(self, "_vskip_closed", False):
                 self._vskip_closed = True
