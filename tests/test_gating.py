@@ -747,3 +747,46 @@ def test_gallery_shows_each_rationale_once():
     ]
     assert [x["value"] for x in cases["a_keeps"][0]["lost"]] == ["red"]
     assert [x["value"] for x in cases["b_keeps"][0]["lost"]] == ["big"]
+
+
+# ------------------------------------------------------------------------------------------ visual-path variants
+def test_variants_are_the_union_gate_on_their_own_visual_column(corpus):
+    """vskip_delta and vskip_gain are V-Skip's union gate with another visual score: on the same column they
+    keep exactly what vskip keeps, and a predictable token with a high visual score survives."""
+    cfg, _, rows, _ = corpus
+    tokens = _cfg(**{"scoring.word_level": False})  # a gain's word value is a sum, anchoring's a max
+    for r in rows[:20]:
+        same = {**r, "anchoring_delta": r["anchoring"], "surprisal_gain": r["anchoring"]}
+        assert (G.keep_mask(same, "vskip_delta", 0.5, cfg) == G.keep_mask(same, "vskip", 0.5, cfg)).all()
+        assert (G.keep_mask(same, "vskip_gain", 0.5, tokens) == G.keep_mask(same, "vskip", 0.5, tokens)).all()
+    r = rows[0]
+    n = len(r["offsets"])
+    j = int(np.argmin(np.asarray(r["surprisal"])[: r["answer_start"]]))  # the most predictable token
+    gain = np.zeros(n)
+    gain[j] = 50.0
+    keep = G.keep_mask({**r, "surprisal_gain": gain.tolist()}, "vskip_gain", 0.5, cfg)
+    assert keep[j] and not G.keep_mask(r, "text_only", 0.5, cfg)[j]
+
+
+def test_methods_without_their_columns_are_left_out_with_the_fix(corpus, capsys):
+    cfg, _, rows, _ = corpus
+    scored = [G.as_scored(r) for r in rows[:5]]
+    assert SG.available_methods(["vskip", "vskip_delta", "vskip_gain", "text_only"], scored) == [
+        "vskip",
+        "text_only",
+    ]
+    out = capsys.readouterr().out
+    assert "vskip_delta left out" in out and "scoring.blank_image" in out
+
+
+def test_kept_by_category_counts_the_forced_answer_line_and_decisions(corpus):
+    cfg, _, rows, examples = corpus
+    usable, _ = G.usable_rows(rows, 0.3, cfg)
+    by_id = {e["id"]: e for e in examples}
+    exs = [by_id[r.id] for r in usable]
+    table = SG.kept_by_category(usable, exs, [e["anchors"] for e in exs], ["vskip", "random"], 0.5, cfg)
+    assert table.loc["vskip", "answer line"] == 1.0 == table.loc["random", "answer line"]  # forced
+    assert abs(table.loc["(share of tokens)"].sum() - 1) < 1e-9
+    assert {"colour", "shape", "decision", "other"} <= set(table.columns)
+    cats = SG.token_categories(usable[0], exs[0]["anchors"], M.question_words(exs[0]))
+    assert len(cats) == usable[0].n and cats[-1] == "answer line"

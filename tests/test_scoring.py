@@ -393,7 +393,7 @@ def _records(exs):
 
 def test_score_rationales_frame_and_roundtrip(setup, tmp_path):
     cfg, tok, proc, exs = setup
-    cfg = load_params("params/smoke.yaml", {"scoring.batch_size": 4, "scoring.surprisal_without_image": True})
+    cfg = load_params("params/smoke.yaml", {"scoring.batch_size": 4, "scoring.blank_image": True})
     loaded = _loaded(cfg, tok, proc)
     df = ST.score_rationales(loaded, cfg, _records(exs), exs, progress=False)
     assert list(df.id) == [e["id"] for e in exs]
@@ -411,7 +411,20 @@ def test_score_rationales_frame_and_roundtrip(setup, tmp_path):
     # batch composition must not matter (padding, sorting): score one rationale alone
     alone = ST.score_rationales(loaded, cfg, _records(exs)[2:3], exs[2:3], progress=False)
     assert np.allclose(alone.surprisal[0], df.surprisal[2], atol=1e-4)
-    assert np.allclose(alone.anchoring[0], df.anchoring[2], atol=1e-5)
+    for c in ("anchoring_by_layer_max", "anchoring_self_by_layer_mean", "anchoring_blank_by_layer_max"):
+        assert np.allclose(alone[c][0], df[c][2], atol=1e-5), c  # per layer: the key-layer choice may differ
+
+    # the key-layer columns follow from the stored per-layer values and the blank-image pass
+    for r in df.itertuples():
+        assert np.allclose(r.anchoring_delta, np.subtract(r.anchoring, r.anchoring_blank))
+        assert np.allclose(r.surprisal_gain, np.subtract(r.surprisal_noimg, r.surprisal))
+        assert r.anchoring_predict == r.anchoring and len(r.anchoring_self) == len(r.anchoring)
+    choice = df.attrs["layer_choice"]
+    assert choice["n_select"] == int(df.layer_select.sum()) and choice["n_select"] + choice[
+        "n_report"
+    ] == len(df)
+    assert len(choice["table"]) == 2 * 3  # 2 candidate layers: runs [0], [1], [0, 1]; max and mean over heads
+    assert list(df.key_layers[0]) == choice["layers"] and df.head_reduce[0] == choice["head_reduce"]
 
     tokens = ST.token_table(df)
     assert len(tokens) == sum(len(t) for t in df.token_ids)
@@ -447,7 +460,7 @@ def test_scoring_resumes_after_a_kill_without_duplicates(setup, tmp_path, capsys
 
     def dying_forward(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 5:  # two forwards per batch (the image, then the blank image)
             raise KeyboardInterrupt("killed")
         return forward(*a, **k)
 
@@ -574,7 +587,8 @@ def test_score_rationales_on_mllama_through_the_family_adapter(setup):
     assert set(df.key_layers[0]) <= set(df.all_layers[0])
     assert all(0 < a < 1 for r in df.anchoring for a in r)  # patch mass, CLS excluded
     alone = ST.score_rationales(loaded, cfg, _records(exs[1:2]), exs[1:2], progress=False)
-    assert np.allclose(alone.anchoring[0], df.anchoring[1], atol=1e-5)
+    for c in ("anchoring_by_layer_max", "anchoring_blank_by_layer_mean"):  # per layer: the choice may differ
+        assert np.allclose(alone[c][0], df[c][1], atol=1e-5), c
     assert np.allclose(alone.surprisal[0], df.surprisal[1], atol=1e-4)
 
 
@@ -595,3 +609,69 @@ def test_both_query_rows_give_the_predict_and_self_readings(setup):
     assert all(not np.allclose(p, s) for p, s in zip(pred, self_))
     with pytest.raises(ValueError, match="needs query_mode='both'"):
         one.anchoring(layers, "max", "predict")
+
+
+def _selection_rows(n_rows=60, seed=0):
+    """Synthetic held-out rationales over 3 layers: layer 0 tracks position only, layer 1 is noise, layer 2
+    is higher on visual-attribute tokens (and also drifts with position)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n_rows):
+        n = int(rng.integers(20, 40))
+        attr = rng.random(n) < 0.2
+        pos = np.arange(n) / n
+        layers = np.stack([1 - pos, rng.random(n), 0.3 * (1 - pos) + 0.5 * attr + 0.2 * rng.random(n)])
+        by = {"max": layers, "mean": layers * 0.5 + 0.5 * rng.random((3, n))}
+        include = np.ones(n, dtype=bool)
+        include[-3:] = False  # the answer line
+        rows.append(S.SelectionRow(by, attr, None, include))
+    return rows
+
+
+def test_key_layer_choice_finds_the_layer_that_separates_attributes():
+    table = S.key_layer_table(_selection_rows(), [0, 1, 2])
+    assert len(table) == 2 * 6  # runs of 3 layers: [0] [0,1] [0,1,2] [1] [1,2] [2]; two head reductions
+    best = S.choose_key_layers(table)
+    assert best["layers"] == [2] and best["head_reduce"] == "max", best
+    by = {(tuple(t["layers"]), t["head_reduce"]): t for t in table}
+    assert by[(2,), "max"]["auc_within"] > 0.9 and abs(by[(1,), "max"]["auc_within"] - 0.5) < 0.1
+    assert S.choose_key_layers(table, ("mean",))["head_reduce"] == "mean"
+    # ties go to max over heads, then to fewer layers
+    tie = [
+        {"layers": [1, 2], "head_reduce": "max", "auc_within": 0.8},
+        {"layers": [2], "head_reduce": "mean", "auc_within": 0.8},
+        {"layers": [2], "head_reduce": "max", "auc_within": 0.8},
+    ]
+    assert S.choose_key_layers(tie) == tie[2]
+    # no attribute token at all: nothing to choose from (stage 02 then falls back to the band)
+    blank = [
+        S.SelectionRow(r.by_layer, np.zeros_like(r.attribute), None, r.include) for r in _selection_rows(5)
+    ]
+    assert S.choose_key_layers(S.key_layer_table(blank, [0, 1, 2])) is None
+
+
+def test_key_layer_choice_works_on_word_units():
+    """With word ids the unit is the word (max over its tokens); an attribute word's tokens all count."""
+    row = S.SelectionRow(
+        {"max": np.array([[0.1, 0.9, 0.2, 0.3, 0.1, 0.0]])},
+        np.array([False, True, False, False, False, False]),
+        np.array([0, 0, 1, 2, 2, 3]),  # words: (0 1) (2) (3 4) (5: the answer line)
+        np.array([True, True, True, True, True, False]),
+    )
+    (t,) = S.key_layer_table([row], [4])
+    assert t["auc_within"] == 1.0 and t["n_rationales"] == 1  # word 0 (0.9) above words 1 (0.2) and 2 (0.3)
+
+
+def test_selection_rows_fixed_share_independent_of_order():
+    ids = [f"train-{i:05d}" for i in range(4000)]
+    sel = S.selection_rows(ids, 0.25)
+    assert abs(sel.mean() - 0.25) < 0.03
+    back = S.selection_rows(ids[::-1], 0.25)[::-1]
+    assert (sel == back).all()
+
+
+def test_position_share_reads_position_only():
+    pos = np.tile(np.arange(50), 40)
+    assert ST.position_share(pos / 50.0, pos) > 0.999
+    noise = np.random.default_rng(0).random(len(pos))
+    assert ST.position_share(noise, pos) < 0.05

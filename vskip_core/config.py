@@ -49,8 +49,12 @@ Quantization = Literal["none", "nf4"]
 Attention = Literal["eager", "sdpa"]
 Reduce = Literal["sum", "mean", "max"]
 # Compression methods of vskip_core.method.gating (the one list; gating.METHODS is built from it). LLMLingua-2 needs a
-# local model, so it is valid but not in the default comparison.
-GateMethod = Literal["vskip", "text_only", "external_lm", "visual_only", "intersection", "weighted", "random"]
+# local model, so it is valid but not in the default comparison. vskip_delta and vskip_gain are variants of
+# V-Skip's visual path (anchoring minus its blank-image value; surprisal gain from the image), not the paper's rule.
+GateMethod = Literal[
+    "vskip", "text_only", "external_lm", "visual_only", "intersection", "weighted", "random",
+    "vskip_delta", "vskip_gain",
+]  # fmt: skip
 OptionalGateMethod = Literal["llmlingua2"]
 AnyGateMethod = Literal[GateMethod, OptionalGateMethod]
 GATE_METHODS = typing.get_args(GateMethod)
@@ -318,15 +322,27 @@ class GenerationConfig:
 class ScoringConfig:
     """Dual scoring of rationale tokens (vskip_core.method.scoring; the key-layer default is argued there)."""
 
-    key_layers: list[int] = field(default_factory=list)  # explicit decoder layer indices; empty = layer_band
+    key_layers: list[int] = field(
+        default_factory=list
+    )  # explicit decoder layer indices (override layer_select)
+    # how the key layers are found when key_layers is empty: auto (chosen on held-out rationales by how well
+    # their anchoring separates visual-attribute words, method.scoring.choose_key_layers) or band (layer_band)
+    layer_select: Literal["auto", "band"] = "auto"
+    select_share: float = (
+        0.25  # auto: share of stage 02's rationales held out to choose layers (03 reports the rest)
+    )
     layer_band: list[float] = field(
         default_factory=lambda: [0.25, 0.75]
-    )  # [lo, hi] range of layer centre depth (i + 0.5) / n_layers: the middle half of the decoder
-    head_reduce: Literal["max", "mean"] = "max"  # reduce heads by max (paper) or mean
+    )  # [lo, hi] range of layer centre depth (i + 0.5) / n_layers: the band rule, and auto's fallback
+    head_reduce: Literal["auto", "max", "mean"] = (
+        "auto"  # reduce heads by max (paper) or mean; auto: chosen with the layers (max under layer_select band)
+    )
     query_position: Literal["predict", "self"] = (
         "predict"  # attention row of token t: predict (the row that writes t) or self
     )
-    surprisal_without_image: bool = False  # also score surprisal with a blank image (analysis only)
+    # also score every rationale on a blank image (surprisal and anchoring): the position-free variants
+    # (vskip_delta, vskip_gain) and the position analysis of notebook 02
+    blank_image: bool = True
     batch_size: int = 8  # sequences per teacher-forced pass
     word_level: bool = True  # the gate uses word values (a word's tokens share one decision)
     word_surprisal: Reduce = (
@@ -339,6 +355,9 @@ class ScoringConfig:
             len(self.layer_band) == 2 and 0 <= self.layer_band[0] <= self.layer_band[1] <= 1,
             "scoring.layer_band",
             f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {self.layer_band}",
+        )
+        _check(
+            0 < self.select_share < 1, "scoring.select_share", f"must be in (0, 1), got {self.select_share}"
         )
         _check(all(i >= 0 for i in self.key_layers), "scoring.key_layers", "layer indices must be >= 0")
         for k in ("batch_size", "shard_size"):
@@ -485,7 +504,12 @@ class PruneConfig:
         default_factory=lambda: [0.666, 0.333, 0.111]
     )  # fraction of visual tokens kept: k = max(1, round(retention * n_visual))
     fastv_layer: int = 2  # FastV's K: layers < K see every visual token, layer K-1's attention ranks them
-    score_layer: int = -1  # DSTP / RVIS: layer whose attention ranks visual tokens while decoding; -1 = K - 1
+    score_layer: int = (
+        -1
+    )  # DSTP / RVIS: layer whose attention ranks visual tokens while decoding; -1 = score_from
+    # score_layer -1: key_layers = stage 02's best single layer on its held-out rationales (chosen from data, so
+    # it follows the model's depth), or fastv = FastV's K - 1 (its ranking layer)
+    score_from: Literal["key_layers", "fastv"] = "key_layers"
     core_fraction: float = 0.6  # prompt-aware: share of the budget chosen by relevance (rest by diversity)
     dstp_interval: int = 4  # DSTP: re-select visual tokens every this many decoding steps (docs/RESULTS.md)
     dstp_shift_threshold: float = 0.0  # DSTP: also re-select when the host's new set overlaps the one in use

@@ -359,6 +359,19 @@ def aggregate_varr(per_example: list[dict[str, tuple[int, int]]]) -> dict[str, f
     return out
 
 
+def auc(scores, labels) -> float:
+    """Area under the ROC curve (Mann-Whitney U with tied ranks averaged); nan if one class is empty."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    n1, n0 = int(y.sum()), int((~y).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = ((ends - counts + 1 + ends) / 2)[inverse]  # average rank of each tie group
+    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
 def bootstrap_ci(stat, n: int, reps: int = 2000, seed: int = 0, level: float = 0.95) -> list[float | None]:
     """Percentile bootstrap interval of `stat(idx)` over `reps` resamples of `n` example indices (with
     replacement). `stat` takes the indices, so a paired comparison resamples the same examples for both

@@ -658,7 +658,7 @@ def _stage_02(r: _Run) -> Estimate:
     secs = flops / (dev.tflops * 1e12 * util) + math.ceil(n_gen / sb) * dev.decode_overhead(
         teacher.layers, sb
     )
-    secs *= 1 + r.cfg.scoring.surprisal_without_image
+    secs *= 1 + r.cfg.scoring.blank_image
     # scoring keeps logits of the rationale rows only (logits_to_keep) and captures image mass on the side
     peak = teacher.weight_gb(r.db, r.tq) + _activations_gb(
         teacher, seq, sb, L, L, r.db, g.max_new_tokens, r.eager

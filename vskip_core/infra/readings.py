@@ -144,7 +144,41 @@ def scoring(m: dict[str, Any]) -> str:
                 else ""
             )
         )
+    lines += _layer_choice_lines(m)
     return _head("the two scores", lines)
+
+
+def _layer_choice_lines(m: dict[str, Any]) -> list[str]:
+    """02: how the key layers were chosen, and how much of their anchoring is position."""
+    out = []
+    c = m.get("layer_choice")
+    if c:
+        chosen = next(
+            (t for t in c["table"] if t["layers"] == c["layers"] and t["head_reduce"] == c["head_reduce"]),
+            None,
+        )
+        score = (
+            f", within-rationale AUC {chosen['auc_within']:.3f}"
+            if chosen and chosen["auc_within"] == chosen["auc_within"]
+            else ""
+        )
+        out.append(
+            f"key layers {c['layers']}, {c['head_reduce']} over heads: {c['rule']} ({c['n_select']} rationales held "
+            f"out{score}; stage 03 reports on the other {c['n_report']}); DSTP / RVIS score layer: {c['score_layer']}"
+        )
+    key = [r for r in m.get("position", []) if str(r["layers"]).startswith("key")]
+    by = {r["source"]: r for r in key}
+    if "image" in by and "blank image" in by:
+        out.append(
+            f"position explains {by['image']['position_share']:.2f} of the key layers' anchoring and "
+            f"{by['blank image']['position_share']:.2f} of it on a blank image; the position-free difference "
+            f"marks visual-attribute tokens with AUC {by['image - blank']['auc_anchor']:.3f} "
+            f"(anchoring {by['image']['auc_anchor']:.3f})"
+        )
+    gain = [r for r in m.get("position", []) if r["source"].startswith("surprisal gain")]
+    if gain:
+        out.append(f"surprisal gain from the image (no image minus image): AUC {gain[0]['auc_anchor']:.3f}")
+    return out
 
 
 def gate(m: dict[str, Any], gamma: float = 0.5) -> str:

@@ -49,6 +49,8 @@ corpus keeps gamma of its tokens.
 | weighted     | text_share * pct(surprisal) + (1 - text_share) * pct(anchoring); pct = rank / (units - 1) within the rationale |
 | random       | uniform scores seeded by (seed, row id): the same row gets the same draw in any order |
 | llmlingua2   | LLMLingua-2's p(keep) (`keep_prob_llmlingua2`, word value = mean), when its model is local |
+| vskip_delta  | variant: surprisal OR (anchoring - the same token's anchoring on a blank image): position-free |
+| vskip_gain   | variant: surprisal OR (surprisal without the image - with it): "hard to predict from text alone but certain given the image", read literally |
 
 **Measures** of what a mask keeps (the rebuilt text `compress_text`, `actual_ratio`, `varr_text`) are pure functions
 in `vskip_core.metrics`; sweeps over methods and gammas, and notebook 03's ablations, in
@@ -85,19 +87,43 @@ _PATHS: dict[str, tuple[tuple[str, str], ...]] = {
     "weighted": (("text", "surprisal"), ("visual", "anchoring")),
     "random": (),
     "llmlingua2": (("text", "keep_prob_llmlingua2"),),
+    # variants of the visual path, through the union gate: position-free anchoring, and the surprisal gain
+    "vskip_delta": (("text", "surprisal"), ("visual", "anchoring_delta")),
+    "vskip_gain": (("text", "surprisal"), ("visual", "surprisal_gain")),
 }
-SCORE_COLUMNS = ("surprisal", "anchoring", "surprisal_external", "keep_prob_llmlingua2")
+UNION = (
+    "vskip",
+    "vskip_delta",
+    "vskip_gain",
+)  # the methods that keep a unit when either path clears its threshold
+SCORE_COLUMNS = (
+    "surprisal", "anchoring", "surprisal_external", "keep_prob_llmlingua2", "anchoring_delta", "surprisal_gain",
+)  # fmt: skip
 # how a column's token values become word values: a ScoringConfig field, or a fixed rule
 _WORD_RULE = {
     "surprisal": "word_surprisal",
     "surprisal_external": "word_surprisal",
     "anchoring": "max",
     "keep_prob_llmlingua2": "mean",
+    "anchoring_delta": "max",
+    "surprisal_gain": "word_surprisal",
 }
 _FIX = {
     "surprisal_external": "add it with vskip_core.stages.gating.external_scores (notebook 03 does)",
     "keep_prob_llmlingua2": "add it with vskip_core.method.external_lm.keep_probability (needs LLMLingua-2 locally)",
+    "anchoring_delta": "stage 02 writes it with scoring.blank_image on (the blank-image pass)",
+    "surprisal_gain": "stage 02 writes it with scoring.blank_image on (the blank-image pass)",
 }
+
+
+def method_columns(method: str) -> tuple[str, ...]:
+    """The score columns a gate method reads."""
+    return tuple(col for _, col in _PATHS[method])
+
+
+def column_fix(column: str) -> str:
+    """How to add a score column a row lacks."""
+    return _FIX.get(column, "run stage 02")
 
 
 class GateError(ValueError):
@@ -323,7 +349,7 @@ def _select(
     With `target` (= gamma * n, per example) the margin is filled to the token; per corpus the thresholds
     alone decide."""
     taken, locked = forced.copy(), forced.copy()
-    if method == "vskip" and split == "symmetric":
+    if method in UNION and split == "symmetric":
         t, v = scores["text"], scores["visual"]
         pt, pv = _pct(t), _pct(v)
         margin = _desc(np.maximum(pt, pv))  # one percentile p lowered on both paths at once
@@ -333,7 +359,7 @@ def _select(
             "text": _lowest(t, np.flatnonzero(pt >= p)),
             "visual": _lowest(v, np.flatnonzero(pv >= p)),
         }
-    elif method == "vskip":
+    elif method in UNION:
         t, v = scores["text"], scores["visual"]
         f = cost[forced].sum()
         share = lambda total: f + text_share * (total - f)  # noqa: E731  (forced + the text path's share)
@@ -365,7 +391,7 @@ def _lowest(x: np.ndarray, units: np.ndarray) -> float:
 
 def _apply(scores: dict, method: str, thresholds: dict[str, float]) -> np.ndarray:
     """Fitted thresholds applied to one row's units (corpus mode)."""
-    if method == "vskip":
+    if method in UNION:
         return (scores["text"] >= thresholds["text"]) | (scores["visual"] >= thresholds["visual"])
     if method == "intersection":
         return (scores["text"] >= thresholds["text"]) & (scores["visual"] >= thresholds["visual"])

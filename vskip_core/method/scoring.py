@@ -16,10 +16,14 @@ rows of the rationale query positions from the very query/key tensors the model 
 mask and GQA grouping), keeping only the image-key columns or their sum. `naive_anchor_maps` is the
 `output_attentions=True` reference the tests compare against.
 
-**Key layers.** `scoring.key_layers`, or every candidate layer whose centre depth (i + 0.5) / n_layers lies in
-`scoring.layer_band` (default the middle half). Early layers attend to the image broadly and positionally
-(FastV); object and attribute information reaches the text positions in the middle layers (Zhang et al. 2025;
-Kaduri et al. 2024), so the middle band is where "looks at the image" means "takes content from it".
+**Key layers.** `scoring.key_layers` if given; otherwise (`scoring.layer_select: auto`) they are chosen from data
+on held-out rationales (`selection_rows`, a fixed `scoring.select_share` by id hash): among every contiguous
+run of candidate layers and both head reductions, the one whose anchoring best separates visual-attribute
+words from the rest inside each rationale (`key_layer_table`, `choose_key_layers`). This works on any model
+depth: early layers attend to the image broadly and by position (FastV), and where content is read off the
+image differs between models. `layer_select: band` keeps the fixed rule: candidates whose centre depth
+(i + 0.5) / n_layers lies in `scoring.layer_band`; it is also the fallback when the held-out rationales have
+no visual-attribute mention.
 
 **Words** (`word_ids`, `aggregate_words`): whitespace-delimited words, as LLMLingua-2 maps subwords onto
 words. Surprisal is summed over a word's tokens (the chain rule gives -log p(word | context)); anchoring is
@@ -37,6 +41,7 @@ import contextlib
 import copy
 import re
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +52,7 @@ import torch
 from vskip_core.data.answers import answer_line_start
 from vskip_core.data.embedded import render_scene
 from vskip_core.data.real import find_anchors_for
-from vskip_core.modeling.adapters import adapter_for, layers_in_band
+from vskip_core.modeling.adapters import adapter_for, example_images, layers_in_band
 
 CAPTURE_IMPLEMENTATION = "vskip_capture"
 WORD_AGGREGATIONS = ("sum", "mean", "max")
@@ -440,26 +445,116 @@ def token_anchor_types(offsets, anchors: list[dict[str, Any]]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ stored scores
 def blank_image(ex: dict[str, Any]):
-    """The grounding control: the same background with no objects (a grey image of the same size for
-    examples without a scene)."""
+    """The grounding control: the same background with no objects; for examples without a scene, a grey image
+    of each image's size (a list when the example has several), so the image takes the same positions."""
     from PIL import Image
 
     if ex.get("scene"):
         return render_scene(ex["scene"], blank=True)
-    return Image.new("RGB", ex["image"].size, (128, 128, 128))
+    grey = [Image.new("RGB", im.size, (128, 128, 128)) for im in example_images(ex)]
+    return grey[0] if len(grey) == 1 else grey
 
 
-def anchoring_for_layers(row, layers: list[int], head_reduce: str = "max") -> np.ndarray:
-    """Anchoring of one scores row recomputed for another key-layer set / head reduction (needs the row's
-    `anchoring_by_layer_*`, which stage 02 writes)."""
-    col = f"anchoring_by_layer_{head_reduce}"
-    if col not in row or row[col] is None:
-        raise KeyError(f"{col} not stored (scores from before stage 02 kept it); re-run stage 02")
+def anchoring_for_layers(
+    row, layers: list[int], head_reduce: str = "max", prefix: str = "anchoring_by_layer"
+) -> np.ndarray:
+    """Anchoring of one scores row recomputed for another key-layer set / head reduction from stage 02's
+    per-layer values: `prefix` anchoring_by_layer (the configured query row), anchoring_blank_by_layer (the
+    blank image) or anchoring_<other query>_by_layer."""
+    col = f"{prefix}_{head_reduce}"
+    if col not in row or row[col] is None or (isinstance(row[col], float) and row[col] != row[col]):
+        raise KeyError(
+            f"{col} not stored (scores from an older stage 02, or scoring.blank_image off); re-run stage 02"
+        )
     avail = list(row["all_layers"])
     bad = [i for i in layers if i not in avail]
     if bad:
         raise ValueError(f"layers {bad} not stored; available: {avail}")
     return np.mean([np.asarray(row[col][avail.index(i)], dtype=np.float64) for i in layers], axis=0)
+
+
+# ------------------------------------------------------------------------------------------ key-layer choice
+def selection_rows(ids, share: float) -> np.ndarray:
+    """Which rationales are held out to choose the key layers: a fixed `share` of them by a hash of the id,
+    the same on every rerun and in any order. Stage 03 reports its tables on the others."""
+    return np.array([zlib.crc32(str(i).encode()) % 10_000 < share * 10_000 for i in ids], dtype=bool)
+
+
+def layer_windows(candidates: list[int]) -> list[list[int]]:
+    """Every contiguous run of the candidate layers (in their order): the key-layer sets the choice tries."""
+    c = list(candidates)
+    return [c[a:b] for a in range(len(c)) for b in range(a + 1, len(c) + 1)]
+
+
+@dataclass
+class SelectionRow:
+    """One held-out rationale as the key-layer choice reads it."""
+
+    by_layer: dict[str, np.ndarray]  # head reduction -> (candidate layers, tokens) anchoring
+    attribute: np.ndarray  # (tokens,) bool: the token is part of a visual-attribute mention
+    word_ids: np.ndarray | None  # word index per token (the gate's units), or None (tokens are units)
+    include: np.ndarray  # (tokens,) bool: tokens the gate decides on (the forced answer line left out)
+
+
+def _unit_max(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Token values (..., tokens) -> unit values (..., units): the max over each unit's contiguous tokens."""
+    return np.maximum.reduceat(values, starts, axis=-1)
+
+
+def key_layer_table(rows: list[SelectionRow], candidates: list[int]) -> list[dict[str, Any]]:
+    """For every contiguous key-layer set (`layer_windows`) and head reduction: how well its anchoring, at the
+    gate's units (a word's value = the max of its tokens), separates visual-attribute units from the rest.
+    `auc_within`: the AUC inside each rationale, averaged over the rationales that have both kinds (the gate's
+    thresholds are per rationale by default); `auc_pooled`: one AUC over every unit of every rationale."""
+    from vskip_core.metrics import auc
+
+    windows = layer_windows(candidates)
+    heads = sorted({h for r in rows for h in r.by_layer})
+    per_row = []  # (unit values per head and window, unit labels)
+    for r in rows:
+        keep = np.flatnonzero(r.include)
+        if not len(keep):
+            continue
+        units = np.arange(len(keep)) if r.word_ids is None else np.asarray(r.word_ids)[keep]
+        starts = np.flatnonzero(np.r_[True, np.diff(units) != 0])
+        labels = _unit_max(r.attribute[keep].astype(np.int8), starts).astype(bool)
+        values = {}
+        for h in heads:
+            cum = np.vstack([np.zeros((1, len(keep))), np.cumsum(r.by_layer[h][:, keep], axis=0)])
+            for w in windows:
+                a, b = candidates.index(w[0]), candidates.index(w[-1]) + 1
+                values[h, tuple(w)] = _unit_max((cum[b] - cum[a]) / (b - a), starts)
+        per_row.append((values, labels))
+    out = []
+    for h in heads:
+        for w in windows:
+            key = (h, tuple(w))
+            within = [auc(v[key], y) for v, y in per_row if y.any() and not y.all()]
+            pooled = auc(
+                np.concatenate([v[key] for v, _ in per_row]) if per_row else [],
+                np.concatenate([y for _, y in per_row]) if per_row else [],
+            )
+            out.append(
+                {
+                    "layers": list(w),
+                    "head_reduce": h,
+                    "auc_within": float(np.mean(within)) if within else float("nan"),
+                    "auc_pooled": pooled,
+                    "n_rationales": len(within),
+                }
+            )
+    return out
+
+
+def choose_key_layers(table: list[dict[str, Any]], heads: tuple[str, ...] = ("max", "mean")) -> dict | None:
+    """The entry of `key_layer_table` with the highest `auc_within` among `heads`; ties go to max over heads
+    (the paper's), then fewer layers, then earlier ones. None if no entry could be measured."""
+    ok = [t for t in table if t["head_reduce"] in heads and t["auc_within"] == t["auc_within"]]
+    if not ok:
+        return None
+    return max(
+        ok, key=lambda t: (t["auc_within"], t["head_reduce"] == "max", -len(t["layers"]), -t["layers"][0])
+    )
 
 
 # ------------------------------------------------------------------------------------------ reference path and heat maps (notebook 00)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -15,7 +16,15 @@ import numpy as np
 
 from vskip_core.config import Config
 from vskip_core.method.external_lm import keep_probability
-from vskip_core.method.gating import Scored, as_scored, gate_rows, gate_values, usable_rows
+from vskip_core.method.gating import (
+    Scored,
+    as_scored,
+    column_fix,
+    gate_rows,
+    gate_values,
+    method_columns,
+    usable_rows,
+)
 from vskip_core.method.scoring import anchoring_for_layers
 from vskip_core.metrics import (
     aggregate_varr,
@@ -316,6 +325,84 @@ def band_ablation(
                 m = measure(method, gamma, cfg, seed, "example")
                 out.append({"band": name, "heads": head, "method": method, **m["varr"]})
     return pd.DataFrame(out)
+
+
+DECISION_WORDS = frozenset({"yes", "no", "same", "different", "none"})  # where the embedded rationales branch
+CATEGORIES = (
+    "answer line",
+    "colour",
+    "shape",
+    "size",
+    "position",
+    "text",
+    "decision",
+    "question word",
+    "other",
+)
+
+
+def token_categories(row: Scored, anchors: Sequence[dict], question: str) -> np.ndarray:
+    """Each token's category, first match wins: the final answer line, a visual-attribute mention (its type),
+    a decision word (`DECISION_WORDS`), a word the question or its options already give, other."""
+    cat = np.full(row.n, "other", dtype=object)
+    qwords = set(re.findall(r"[a-z0-9$.]+", question.lower()))
+    for j, (s, e) in enumerate(row.offsets):
+        w = row.text[s:e].strip().lower().strip(".,;:!?()[]")
+        if w in DECISION_WORDS:
+            cat[j] = "decision"
+        elif w and w in qwords:
+            cat[j] = "question word"
+    for kind, tokens in anchor_tokens(row, anchors):
+        cat[tokens] = kind
+    if row.answer_start is not None:
+        cat[row.answer_start :] = "answer line"
+    return cat
+
+
+def kept_by_category(rows, examples, anchors, methods, gamma: float, cfg: Config, seed: int = 0):
+    """Share of each token category (`token_categories`) that each method keeps at `gamma` (per-example
+    thresholds), with the category's share of all tokens: one row per method, one column per category."""
+    import pandas as pd
+
+    rows = [as_scored(r) for r in rows]
+    cats = [token_categories(r, a, question_words(ex)) for r, a, ex in zip(rows, anchors, examples)]
+    allc = np.concatenate(cats)
+    present = [c for c in CATEGORIES if (allc == c).any()]
+    out = [{"method": "(share of tokens)", **{c: float((allc == c).mean()) for c in present}}]
+    for m in methods:
+        kept = np.concatenate(gate_rows(rows, m, gamma, _example_mode(cfg), seed, "example"))
+        out.append({"method": m, **{c: float(kept[allc == c].mean()) for c in present}})
+    return pd.DataFrame(out).set_index("method")
+
+
+def _example_mode(cfg: Config) -> Config:
+    return dataclasses.replace(cfg, gate=dataclasses.replace(cfg.gate, threshold_mode="example"))
+
+
+def report_scores(scores):
+    """Stage 02's rows that 03 reports on: those not held out to choose the key layers (`layer_select`), and
+    how many were held out (printed)."""
+    if "layer_select" not in scores:
+        print("stage 02 flagged no held-out rows (scores from an older run): every row is reported")
+        return scores, 0
+    held = scores["layer_select"].astype(bool)
+    print(
+        f"{int(held.sum())} of {len(scores)} rationales were held out by stage 02 to choose the key layers; "
+        f"the tables below use the other {int((~held).sum())}"
+    )
+    return scores[~held].reset_index(drop=True), int(held.sum())
+
+
+def available_methods(methods: Sequence[str], rows: Sequence[Scored]) -> list[str]:
+    """The methods whose score columns every row has; prints the ones left out and what adds their column."""
+    out = []
+    for m in methods:
+        missing = [c for c in method_columns(m) if any(c not in r.columns for r in rows)]
+        if missing:
+            print(f"{m} left out: no {missing[0]!r} scores ({column_fix(missing[0])})")
+        else:
+            out.append(m)
+    return out
 
 
 def gamma_table(main, gamma: float, out_dir=None):

@@ -5,8 +5,10 @@ RVIS records and summaries, tables, plots, and the distilled student to combine 
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,30 @@ STUDENT_ADAPTER = "vskip"  # the stage 04 student combined with pruning (the V-S
 
 
 # ------------------------------------------------------------------------------------------- decoding
+def with_score_layer(cfg, scoring_dir: Path | None):
+    """`cfg` with the DSTP / RVIS score layer resolved (`prune.score_layer`, else `prune.score_from`): stage
+    02's best single layer on its held-out rationales (`key_layers`), or FastV's K - 1 (`fastv`, also the
+    fallback when stage 02 chose none). Returns (cfg, a line saying where the layer came from)."""
+    p = cfg.prune
+    if p.score_layer >= 0:
+        return cfg, f"prune.score_layer = {p.score_layer}"
+    if p.score_from == "fastv":
+        return cfg, "FastV's K - 1 (prune.score_from: fastv)"
+    metrics = Path(scoring_dir or "") / "metrics.json"
+    layer = (
+        json.loads(metrics.read_text()).get("layer_choice", {}).get("score_layer")
+        if metrics.is_file()
+        else None
+    )
+    if layer is None:
+        return cfg, f"FastV's K - 1: stage 02 recorded no score layer ({metrics} has none)"
+    cfg = replace(cfg, prune=replace(p, score_layer=int(layer)))
+    return (
+        cfg,
+        f"layer {layer}: stage 02's best single layer for visual-attribute tokens (prune.score_from: key_layers)",
+    )
+
+
 def generate_pruned(
     loaded,
     examples: list[dict[str, Any]],

@@ -22,16 +22,23 @@ from vskip_core.cli import parse_sets, parse_shard, stage_parser
 from vskip_core.config import ParamsError, load_params
 from vskip_core.method import scoring as method_scoring
 from vskip_core.method.scoring import (
+    SelectionRow,
     aggregate_words,
+    anchoring_for_layers,
     answer_token_start,
     blank_image,
     candidate_layers,
+    choose_key_layers,
+    key_layer_table,
+    n_decoder_layers,
     resolve_key_layers,
+    selection_rows,
     teacher_forced_scores,
     token_anchor_types,
     word_ids,
 )
-from vskip_core.modeling.adapters import adapter_for
+from vskip_core.metrics import auc
+from vskip_core.modeling.adapters import adapter_for, layers_in_band
 from vskip_core.modeling.loading import load_model
 from vskip_core.plots import (  # the project's matplotlib set-up (non-interactive backend outside notebooks)
     ANCHOR_COLOURS,
@@ -129,8 +136,9 @@ def _fingerprint(cfg, loaded, require_answer_line: bool) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def _score_chunk(loaded, cfg, chunk: list[_Prepared], key_layers, all_layers, build_inputs) -> list[dict]:
-    """Score one batch: surprisal and anchoring (and, on request, surprisal with a blank image)."""
+def _score_chunk(loaded, cfg, chunk: list[_Prepared], all_layers, build_inputs) -> list[dict]:
+    """Score one batch: surprisal and every candidate layer's anchoring (both query rows, both head
+    reductions) and, with `scoring.blank_image`, the same rationale's surprisal and anchoring on a blank image."""
     sc = cfg.scoring
     device = next(loaded.model.parameters()).device
     texts = [p.rec["rationale"] for p in chunk]
@@ -142,64 +150,156 @@ def _score_chunk(loaded, cfg, chunk: list[_Prepared], key_layers, all_layers, bu
                 f"{p.rec['id']}: the input builder placed {n} rationale tokens, the tokenizer gives "
                 f"{len(p.token_ids)}; the builder must tokenize the rationale the same way"
             )
-    capture = sorted(set(all_layers) | set(key_layers))
     # both query rows of every token (one row more per rationale): stage 03 compares predict with self
-    ps = teacher_forced_scores(loaded.model, inputs, spans, capture, "both")
-    q = sc.query_position
-    by_query = {m: ps.anchoring(key_layers, sc.head_reduce, m) for m in ("predict", "self")}
-    anchoring = by_query[q]
-    by_layer = (
-        {h: [ps.anchoring([i], h, q) for i in all_layers] for h in ("max", "mean")} if all_layers else {}
-    )
+    ps = teacher_forced_scores(loaded.model, inputs, spans, all_layers, "both")
+    other = "self" if sc.query_position == "predict" else "predict"
+    per_layer = {
+        f"anchoring{'' if m == sc.query_position else '_' + m}_by_layer_{h}": _by_layer(ps, all_layers, h, m)
+        for m in (sc.query_position, other)
+        for h in ("max", "mean")
+    }
     noimg = [None] * len(chunk)
-    if sc.surprisal_without_image:
+    if sc.blank_image:
         blank = [blank_image(ex) for ex in exs]
         inputs0, spans0 = build_inputs(loaded, exs, texts, blank, cfg.generation.instruction, device)
-        noimg = [s.tolist() for s in teacher_forced_scores(loaded.model, inputs0, spans0, None).surprisal]
+        ps0 = teacher_forced_scores(loaded.model, inputs0, spans0, all_layers, sc.query_position)
+        noimg = [s.tolist() for s in ps0.surprisal]
+        for h in ("max", "mean"):
+            per_layer[f"anchoring_blank_by_layer_{h}"] = _by_layer(ps0, all_layers, h, sc.query_position)
     return [
-        _row(
-            p,
-            ps.surprisal[b],
-            anchoring[b],
-            {m: v[b] for m, v in by_query.items()},
-            noimg[b],
-            {h: [v[b] for v in by_layer[h]] for h in by_layer},
-            key_layers,
-            all_layers,
-            sc,
-        )
+        _row(p, ps.surprisal[b], noimg[b], {k: v[b] for k, v in per_layer.items()}, all_layers, sc)
         for b, p in enumerate(chunk)
     ]
 
 
-def _row(p: _Prepared, surprisal, anchoring, by_query, noimg, by_layer, key_layers, all_layers, sc) -> dict:
-    """One row of scores.parquet: the contract columns, word values, anchor types, per-layer anchoring."""
+def _by_layer(ps, layers: list[int], head_reduce: str, mode: str) -> list[list[list[float]]]:
+    """Per row: one list of token values per layer (the layer alone, heads reduced)."""
+    per = [ps.anchoring([i], head_reduce, mode) for i in layers]  # layer -> rows -> tokens
+    return [[per[k][b].astype(float).tolist() for k in range(len(layers))] for b in range(len(per[0]))]
+
+
+def _row(p: _Prepared, surprisal, noimg, per_layer: dict, all_layers, sc) -> dict:
+    """One row of scores.parquet as scored: surprisal, word ids, anchor types and every candidate layer's
+    anchoring. The key-layer columns (`anchoring`, ...) are added by `apply_key_layers` once they are chosen."""
     wids = word_ids(p.rec["rationale"], p.offsets)
-    row = {
+    return {
         "id": p.rec["id"],
         "family": p.rec.get("family", p.ex.get("family")),
         "text": p.rec["rationale"],
         "token_ids": p.token_ids,
         "offsets": p.offsets,
         "surprisal": surprisal.astype(float).tolist(),
-        "anchoring": anchoring.astype(float).tolist(),
-        **{f"anchoring_{m}": v.astype(float).tolist() for m, v in by_query.items()},  # both query rows
         "surprisal_noimg": noimg,
         "word_ids": wids,
         "answer_start": p.answer_start,
         "surprisal_word": aggregate_words(surprisal, wids, sc.word_surprisal).tolist(),
-        "anchoring_word": aggregate_words(anchoring, wids, "max").tolist(),  # anchored if any token is
         "anchor_type": token_anchor_types(p.offsets, p.rec.get("anchors", [])),
-        "key_layers": list(key_layers),
         "split": p.rec.get("split"),
         "index": p.rec.get("index"),
         "generated_ids_match": p.rec.get("token_ids") is None or p.rec["token_ids"] == p.token_ids,
+        "all_layers": list(all_layers),
+        **per_layer,
     }
-    if all_layers:
-        row["all_layers"] = list(all_layers)
-        for h, per_layer in by_layer.items():
-            row[f"anchoring_by_layer_{h}"] = [v.astype(float).tolist() for v in per_layer]
-    return row
+
+
+# ------------------------------------------------------------------------------------------ key layers
+def _stored(v) -> bool:
+    return v is not None and not (isinstance(v, float) and v != v)
+
+
+def apply_key_layers(df, layers: list[int], head_reduce: str, sc):
+    """The scores frame with its key-layer columns computed from the stored per-layer values: `anchoring`
+    (the configured query row), `anchoring_word`, `anchoring_predict` / `anchoring_self`, and with a blank-image
+    pass `anchoring_blank`, `anchoring_delta` (anchoring minus its blank-image value) and `surprisal_gain`
+    (surprisal without the image minus with it)."""
+    df = df.copy()
+    other = "self" if sc.query_position == "predict" else "predict"
+
+    def col(prefix):
+        return [anchoring_for_layers(r, layers, head_reduce, prefix).tolist() for r in df.to_dict("records")]
+
+    df["anchoring"] = col("anchoring_by_layer")
+    df[f"anchoring_{sc.query_position}"] = df["anchoring"]
+    df[f"anchoring_{other}"] = col(f"anchoring_{other}_by_layer")
+    df["anchoring_word"] = [aggregate_words(a, w, "max").tolist() for a, w in zip(df.anchoring, df.word_ids)]
+    blank = "anchoring_blank_by_layer_max" in df and df["anchoring_blank_by_layer_max"].map(_stored).all()
+    df["anchoring_blank"] = col("anchoring_blank_by_layer") if blank else None
+    df["anchoring_delta"] = (
+        [(np.asarray(a) - np.asarray(b)).tolist() for a, b in zip(df.anchoring, df.anchoring_blank)]
+        if blank
+        else None
+    )
+    noimg = df["surprisal_noimg"].map(_stored).all()
+    df["surprisal_gain"] = (
+        [(np.asarray(n) - np.asarray(s)).tolist() for n, s in zip(df.surprisal_noimg, df.surprisal)]
+        if noimg
+        else None
+    )
+    df["key_layers"] = [list(layers)] * len(df)
+    df["head_reduce"] = head_reduce
+    return df
+
+
+def selection_inputs(df, force_keep_answer: bool = True) -> list[SelectionRow]:
+    """The held-out rows of a scores frame (`layer_select`) as the key-layer choice reads them: per-layer
+    anchoring by head reduction, visual-attribute tokens (stage 01's anchors), word units, and the tokens the
+    gate decides on (the forced answer line left out)."""
+    out = []
+    for r in df[df.layer_select].to_dict("records"):
+        n = len(r["token_ids"])
+        include = np.ones(n, dtype=bool)
+        if force_keep_answer:
+            include[int(r["answer_start"]) :] = False
+        out.append(
+            SelectionRow(
+                by_layer={
+                    h: np.asarray(r[f"anchoring_by_layer_{h}"], dtype=np.float64) for h in ("max", "mean")
+                },
+                attribute=np.asarray(r["anchor_type"]) != "",
+                word_ids=np.asarray(r["word_ids"]) if r.get("word_ids") is not None else None,
+                include=include,
+            )
+        )
+    return out
+
+
+def choose_layers(df, sc, candidates: list[int], n_layers: int, force_keep_answer: bool = True) -> dict:
+    """Which key layers and head reduction this run uses, and why: `scoring.key_layers` (explicit), the band
+    rule (`layer_select: band`), or the data's choice on the held-out rows (`auto`; the band when they hold no
+    visual-attribute mention). Also the best single layer under mean over heads (`score_layer`: what DSTP and
+    RVIS read, `prune.score_from: key_layers`) and the whole table."""
+    table = key_layer_table(selection_inputs(df, force_keep_answer), list(candidates))
+    heads = ("max", "mean") if sc.head_reduce == "auto" else (sc.head_reduce,)
+    best = choose_key_layers(table, heads)
+    single = choose_key_layers([t for t in table if len(t["layers"]) == 1], ("mean",))
+    band = layers_in_band(list(candidates), n_layers, sc.layer_band)
+    fixed_head = "max" if sc.head_reduce == "auto" else sc.head_reduce
+    if sc.key_layers:
+        rule, layers, head = "explicit (scoring.key_layers)", sorted(set(sc.key_layers)), fixed_head
+    elif sc.layer_select == "band":
+        rule, layers, head = f"band {sc.layer_band} (scoring.layer_select: band)", band, fixed_head
+    elif best is None:
+        rule, layers, head = (
+            "band: the held-out rationales have no visual-attribute mention",
+            band,
+            fixed_head,
+        )
+    else:
+        rule, layers, head = (
+            "auto: best within-rationale AUC on the held-out rationales",
+            best["layers"],
+            best["head_reduce"],
+        )
+    return {
+        "rule": rule,
+        "layers": list(layers),
+        "head_reduce": head,
+        "score_layer": single["layers"][0] if single else None,
+        "n_select": int(df.layer_select.sum()),
+        "n_report": int((~df.layer_select).sum()),
+        "select_share": sc.select_share,
+        "table": table,
+    }
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -230,10 +330,14 @@ def score_rationales(
     `build_inputs(loaded, examples, texts, images, instruction, device) -> (inputs, spans)` builds one batch
     (default: `adapter_inputs`, through the family adapter).
 
-    Returns a DataFrame with the columns of the data contract (`CONTRACT_COLUMNS`) plus `surprisal_word`,
-    `anchoring_word` (token-aligned word values), `anchor_type` (per token), `key_layers`, `all_layers` and
-    `anchoring_by_layer_max/mean` (candidate layers x tokens; stage 03 ablates the band and head reduction),
-    `anchoring_predict` and `anchoring_self` (the key layers read from either query row; stage 03 compares).
+    The key layers and head reduction are chosen once every row is scored (`choose_layers`: explicit, band,
+    or from the held-out rows flagged `layer_select`), then the key-layer columns are computed
+    (`apply_key_layers`). Returns a DataFrame with the columns of the data contract (`CONTRACT_COLUMNS`) plus
+    `surprisal_word`, `anchoring_word` (token-aligned word values), `anchor_type` (per token), `layer_select`,
+    `key_layers`, `head_reduce`, `all_layers`, the per-layer values `anchoring[_<other query>|_blank]_by_layer_
+    max/mean` (candidate layers x tokens; stage 03 ablates bands and head reductions from them), and
+    `anchoring_predict` / `anchoring_self`, `anchoring_blank`, `anchoring_delta`, `surprisal_gain`. The choice
+    and its table are in `df.attrs["layer_choice"]`.
     """
     import pandas as pd
 
@@ -241,8 +345,8 @@ def score_rationales(
         raise ValueError(f"{len(records)} records but {len(examples)} examples; pass one example per record")
     if not (0 <= worker[0] < worker[1]):
         raise ValueError(f"worker {worker}: need (i, n) with 0 <= i < n")
-    key_layers = resolve_key_layers(loaded.model, cfg.scoring)
     all_layers = candidate_layers(loaded.model)
+    resolve_key_layers(loaded.model, cfg.scoring)  # explicit key layers checked before any work
     prepared, skipped = _prepare(loaded, records, examples, require_answer_line)
     ids = [p.rec["id"] for p in prepared]
     if len(set(ids)) != len(ids):
@@ -256,13 +360,23 @@ def score_rationales(
     todo = [p for p in mine if p.rec["id"] not in done]
 
     def score(chunk: list[_Prepared]) -> list[dict]:
-        return _score_chunk(loaded, cfg, chunk, key_layers, all_layers, build_inputs or adapter_inputs)
+        return _score_chunk(loaded, cfg, chunk, all_layers, build_inputs or adapter_inputs)
 
     new_rows = _score_in_shards(todo, score, shards, cfg.scoring, len(mine), progress)
     by_id = {**done, **{r["id"]: r for r in new_rows}}
     df = pd.DataFrame([by_id[p.rec["id"]] for p in mine])
+    df["layer_select"] = selection_rows(df["id"], cfg.scoring.select_share) if len(df) else []
+    choice = choose_layers(
+        df,
+        cfg.scoring,
+        all_layers,
+        n_decoder_layers(loaded.model),
+        cfg.gate.force_keep_answer and require_answer_line,
+    )
+    df = apply_key_layers(df, choice["layers"], choice["head_reduce"], cfg.scoring) if len(df) else df
     df.attrs["skipped"] = skipped
-    df.attrs["key_layers"] = key_layers
+    df.attrs["key_layers"] = choice["layers"]
+    df.attrs["layer_choice"] = choice
     df.attrs["resumed"] = len(mine) - len(todo)  # rows read back from shards of an earlier run
     return df
 
@@ -342,19 +456,6 @@ def load_scores(stage_dir: str | Path):
 TOKEN_CLASSES = ("colour", "shape", "size", "position", "text", "other")
 
 
-def auc(scores, labels) -> float:
-    """Area under the ROC curve (Mann-Whitney U with tied ranks averaged); nan if one class is empty."""
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=bool)
-    n1, n0 = int(y.sum()), int((~y).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-    ends = np.cumsum(counts)
-    ranks = ((ends - counts + 1 + ends) / 2)[inverse]  # average rank of each tie group
-    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
 def nan_to_none(x: float) -> float | None:
     return None if x is None or np.isnan(x) else float(x)
 
@@ -365,8 +466,9 @@ def token_table(df):
     import pandas as pd
 
     cols = ["surprisal", "anchoring", "surprisal_word", "anchoring_word", "anchor_type"]
-    if df["surprisal_noimg"].notna().any():
-        cols.append("surprisal_noimg")
+    for c in ("surprisal_noimg", "anchoring_blank", "anchoring_delta", "surprisal_gain"):
+        if c in df and df[c].map(_stored).all():
+            cols.append(c)
     parts = []
     for r in df.itertuples(index=False):
         n = len(r.token_ids)
@@ -383,7 +485,8 @@ def token_table(df):
 def anchor_detection_summary(tokens) -> dict[str, Any]:
     """Mean scores on anchor vs other tokens, and the AUC of each score for telling anchor tokens apart
     (overall, and per anchor type against all non-anchor tokens). None where a class is empty."""
-    scores = ["anchoring", "surprisal", "anchoring_word", "surprisal_word", "surprisal_noimg"]
+    scores = ["anchoring", "surprisal", "anchoring_word", "surprisal_word", "surprisal_noimg", "anchoring_blank",
+              "anchoring_delta", "surprisal_gain"]  # fmt: skip
     out: dict[str, Any] = {"n_tokens": int(len(tokens)), "n_anchor_tokens": int(tokens["is_anchor"].sum())}
     other = ~tokens.is_anchor
     for c in [c for c in scores if c in tokens]:
@@ -427,6 +530,79 @@ def layer_profile(df):
                 }
             )
     return pd.DataFrame(rows)
+
+
+def position_share(values, positions, max_position: int = 128) -> float:
+    """Share of the variance of `values` explained by the token's position in its rationale (eta squared of
+    the per-position means; positions from `max_position` on pooled)."""
+    v = np.asarray(values, dtype=np.float64)
+    pos = np.minimum(np.asarray(positions), max_position)
+    total = ((v - v.mean()) ** 2).sum()
+    if len(v) < 2 or total == 0:
+        return float("nan")
+    n = np.bincount(pos)
+    means = np.bincount(pos, weights=v) / np.maximum(n, 1)
+    return float((n * (means - v.mean()) ** 2).sum() / total)
+
+
+def position_table(df, head_reduce: str):
+    """Per candidate layer (heads reduced by `head_reduce`) and for the key layers: how much of the anchoring
+    is explained by the token's position (`position_share`) and how well it marks visual-attribute tokens
+    (AUC), on the real image, on a blank image (no content, same positions) and for their difference (the
+    position-free variant); the surprisal gain from the image as one more row. Needs stage 02's blank-image
+    pass (`scoring.blank_image`); without it only the real image's rows."""
+    import pandas as pd
+
+    pos = np.concatenate([np.arange(len(t)) for t in df.token_ids])
+    label = np.concatenate([np.asarray(t) != "" for t in df.anchor_type])
+    blank = "anchoring_blank" in df and df["anchoring_blank"].map(_stored).all()
+    layers = list(df.all_layers.iloc[0])
+    sets = {f"layer {i}": [i] for i in layers} | {
+        f"key {list(df.key_layers.iloc[0])}": list(df.key_layers.iloc[0])
+    }
+    rows = []
+
+    def add(layers_name, source, v):
+        rows.append(
+            {
+                "layers": layers_name,
+                "source": source,
+                "position_share": position_share(v, pos),
+                "auc_anchor": auc(v, label),
+            }
+        )
+
+    recs = df.to_dict("records")
+    for name, ls in sets.items():
+        real = np.concatenate([anchoring_for_layers(r, ls, head_reduce) for r in recs])
+        add(name, "image", real)
+        if blank:
+            off = np.concatenate(
+                [anchoring_for_layers(r, ls, head_reduce, "anchoring_blank_by_layer") for r in recs]
+            )
+            add(name, "blank image", off)
+            add(name, "image - blank", real - off)
+    if "surprisal_gain" in df and df["surprisal_gain"].map(_stored).all():
+        add(
+            "-",
+            "surprisal gain (no image - image)",
+            np.concatenate(df.surprisal_gain.map(np.asarray).tolist()),
+        )
+    return pd.DataFrame(rows)
+
+
+def key_layer_frame(choice: dict):
+    """The key-layer choice's table as a frame, best first, the chosen entry marked."""
+    import pandas as pd
+
+    t = pd.DataFrame(choice["table"])
+    if t.empty:
+        return t
+    t["chosen"] = [
+        ls == choice["layers"] and h == choice["head_reduce"] for ls, h in zip(t.layers, t.head_reduce)
+    ]
+    t["layers"] = t.layers.map(lambda ls: f"{ls[0]}" if len(ls) == 1 else f"{ls[0]}-{ls[-1]}")
+    return t.sort_values("auc_within", ascending=False, ignore_index=True)
 
 
 # ------------------------------------------------------------------------------------------ figures (02)
@@ -513,6 +689,62 @@ def plot_layer_profile(profile, path=None):
     ax.set_ylim(0, 1)
     ax.set_ylabel("AUC (anchor tokens)")
     ax.set_title("which layers' image attention marks visual-anchor tokens")
+    fig.tight_layout()
+    return _save_fig(fig, path)
+
+
+def plot_key_layer_choice(choice: dict, path=None):
+    """Within-rationale AUC of every contiguous key-layer set (rows: first layer, columns: last layer), one
+    panel per head reduction; the chosen set outlined."""
+    plt, _ = _plt()
+    table = choice["table"]
+    heads = sorted({t["head_reduce"] for t in table})
+    layers = sorted({i for t in table for i in t["layers"]})
+    if not table or not layers:
+        return None
+    fig, axes = plt.subplots(1, len(heads), figsize=(3.2 * len(heads) + 1, 2.9), squeeze=False)
+    idx = {v: k for k, v in enumerate(layers)}
+    for ax, h in zip(axes[0], heads):
+        grid = np.full((len(layers), len(layers)), np.nan)
+        for t in table:
+            if t["head_reduce"] == h:
+                grid[idx[t["layers"][0]], idx[t["layers"][-1]]] = t["auc_within"]
+        im = ax.imshow(
+            grid, vmin=0.5, vmax=max(0.51, np.nanmax(grid)) if np.isfinite(grid).any() else 1, cmap="viridis"
+        )
+        if h == choice["head_reduce"] and choice["layers"][0] in idx:
+            r, c = idx[choice["layers"][0]], idx[choice["layers"][-1]]
+            ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="red", lw=2))
+        ticks = [str(i) for i in layers] if len(layers) <= 12 else None
+        if ticks:
+            ax.set_xticks(range(len(layers)), ticks)
+            ax.set_yticks(range(len(layers)), ticks)
+        ax.set_xlabel("last layer")
+        ax.set_ylabel("first layer")
+        ax.set_title(f"{h} over heads")
+    fig.colorbar(im, ax=list(axes[0]), label="AUC within rationale")
+    fig.suptitle(f"key layers chosen on {choice['n_select']} held-out rationales (red: chosen)", fontsize=10)
+    return _save_fig(fig, path)
+
+
+def plot_position(table, path=None):
+    """Per layer: the share of anchoring explained by position and its AUC for visual-attribute tokens, on
+    the real image, a blank image and their difference."""
+    plt, sns = _plt()
+    t = table[table.layers != "-"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+    for ax, col, title in [
+        (axes[0], "position_share", "variance explained by position"),
+        (axes[1], "auc_anchor", "AUC for visual-attribute tokens"),
+    ]:
+        sns.barplot(data=t, x="layers", y=col, hue="source", ax=ax)
+        ax.set_title(title)
+        ax.set_xlabel("")
+        ax.set_ylim(0, 1)
+        ax.tick_params(axis="x", labelsize=8)
+    axes[1].axhline(0.5, color="grey", lw=0.8, ls="--")
+    axes[0].get_legend().remove()
+    axes[1].legend(title="", fontsize=8, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
     return _save_fig(fig, path)
 
