@@ -790,3 +790,20 @@ def test_kept_by_category_counts_the_forced_answer_line_and_decisions(corpus):
     assert {"colour", "shape", "decision", "other"} <= set(table.columns)
     cats = SG.token_categories(usable[0], exs[0]["anchors"], M.question_words(exs[0]))
     assert len(cats) == usable[0].n and cats[-1] == "answer line"
+
+
+def test_varr_intervals_bracket_the_pooled_varr_and_pair_the_difference(corpus):
+    cfg, tok, rows, examples = corpus
+    usable, _ = G.usable_rows(rows, 0.3, cfg)
+    by_id = {e["id"]: e for e in examples}
+    exs = [by_id[r.id] for r in usable]
+    iv = SG.varr_intervals(usable, exs, ["vskip", "random"], 0.5, cfg, tok, reps=200)
+    sweep = SG.Evaluator(usable, exs, tok)("vskip", 0.5, cfg)["varr"]
+    for r in iv.itertuples(index=False):
+        assert r.ci[0] <= r.varr <= r.ci[1], r
+        if r.method == "vskip":
+            assert abs(r.varr - sweep[r.type]) < 1e-12  # the same pooled VARR as the sweep's
+        d, ci = r.minus_text_only, r.minus_text_only_ci
+        assert ci[0] <= d <= ci[1]
+    table = SG.interval_table(iv)
+    assert "overall" in table.columns and "overall - text_only" in table.columns

@@ -425,6 +425,11 @@ def test_score_rationales_frame_and_roundtrip(setup, tmp_path):
     ] == len(df)
     assert len(choice["table"]) == 2 * 3  # 2 candidate layers: runs [0], [1], [0, 1]; max and mean over heads
     assert list(df.key_layers[0]) == choice["layers"] and df.head_reduce[0] == choice["head_reduce"]
+    # with most rows held out, gold rationales (anchors marked) give the data's choice, measured
+    most = load_params("params/smoke.yaml", {"scoring.batch_size": 4, "scoring.select_share": 0.9})
+    chosen = ST.score_rationales(loaded, most, _records(exs), exs, progress=False).attrs["layer_choice"]
+    assert chosen["rule"].startswith("auto") and chosen["n_select"] >= 5, chosen["rule"]
+    assert all(0 <= t["auc_within"] <= 1 for t in chosen["table"]) and chosen["score_layer"] in (0, 1)
 
     tokens = ST.token_table(df)
     assert len(tokens) == sum(len(t) for t in df.token_ids)

@@ -27,8 +27,10 @@ from vskip_core.method.gating import (
 )
 from vskip_core.method.scoring import anchoring_for_layers
 from vskip_core.metrics import (
+    VARR_TYPES,
     aggregate_varr,
     anchor_tokens,
+    bootstrap_ci,
     compress_text,
     question_words,
     varr_kept,
@@ -76,11 +78,16 @@ class Evaluator:
         self.context = [(ex.get("scene"), question_words(ex)) for ex in examples]
         self.refs = [varr_reference(r.text, sc, q) for r, (sc, q) in zip(self.rows, self.context)]
 
-    def __call__(self, method, gamma, cfg, seed=0, mode=None) -> dict[str, Any]:
+    def counts(self, method, gamma, cfg, seed=0, mode=None) -> tuple[list[dict], list[str], list[np.ndarray]]:
+        """Per row: VARR counts {type: (kept, total)}; and the rebuilt texts and keep masks."""
         keeps = gate_rows(self.rows, method, gamma, cfg, seed, mode)
         texts = [compress_text(r, k) for r, k in zip(self.rows, keeps)]
-        n_kept = sum(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
         counts = [varr_kept(ref, t, sc, q) for ref, t, (sc, q) in zip(self.refs, texts, self.context)]
+        return counts, texts, keeps
+
+    def __call__(self, method, gamma, cfg, seed=0, mode=None) -> dict[str, Any]:
+        counts, texts, keeps = self.counts(method, gamma, cfg, seed, mode)
+        n_kept = sum(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
         return {
             "actual_ratio": n_kept / self.n_full,
             "mask_ratio": sum(int(k.sum()) for k in keeps) / sum(r.n for r in self.rows),
@@ -325,6 +332,64 @@ def band_ablation(
                 m = measure(method, gamma, cfg, seed, "example")
                 out.append({"band": name, "heads": head, "method": method, **m["varr"]})
     return pd.DataFrame(out)
+
+
+def varr_intervals(
+    rows, examples, methods, gamma: float, cfg: Config, tokenizer, seed: int = 0, against: str = "text_only",
+    reps: int = 1000,
+):  # fmt: skip
+    """VARR per attribute type (and overall) at `gamma`, per-example thresholds, with a 95% bootstrap interval
+    over rationales (the pooled counts re-pooled per resample), and each method's paired difference from
+    `against` on the same resamples: one row per (method, type)."""
+    import pandas as pd
+
+    ev = Evaluator(rows, examples, tokenizer)
+    types = [*VARR_TYPES, "overall"]
+    arrays = {}
+    for m in dict.fromkeys([*methods, against]):
+        c = ev.counts(m, gamma, _example_mode(cfg), seed, "example")[0]
+        kept = np.array([[x[t][0] for t in VARR_TYPES] for x in c], dtype=float)
+        total = np.array([[x[t][1] for t in VARR_TYPES] for x in c], dtype=float)
+        arrays[m] = (np.c_[kept, kept.sum(1)], np.c_[total, total.sum(1)])
+
+    def varr(m, j, idx):
+        k, t = arrays[m]
+        tot = t[idx, j].sum()
+        return k[idx, j].sum() / tot if tot else float("nan")
+
+    n, out = len(ev.rows), []
+    everyone = np.arange(n)
+    for m in methods:
+        for j, t in enumerate(types):
+            if not arrays[m][1][:, j].sum():
+                continue
+            row = {"method": m, "type": t, "varr": varr(m, j, everyone)}
+            row["ci"] = bootstrap_ci(lambda i, m=m, j=j: varr(m, j, i), n, reps, seed)
+            if m != against:
+                row[f"minus_{against}"] = row["varr"] - varr(against, j, everyone)
+                row[f"minus_{against}_ci"] = bootstrap_ci(
+                    lambda i, m=m, j=j: varr(m, j, i) - varr(against, j, i), n, reps, seed
+                )
+            out.append(row)
+    return pd.DataFrame(out)
+
+
+def interval_table(intervals, against: str = "text_only"):
+    """`varr_intervals` as a compact table: one row per method, 'VARR [lo, hi]' per type, and the paired
+    difference from `against` per type."""
+    import pandas as pd
+
+    def cell(v, ci):
+        return "-" if ci is None or ci[0] is None else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+    table = intervals.pivot(index="method", columns="type", values="varr")
+    out = pd.DataFrame(index=table.index)
+    for r in intervals.itertuples(index=False):
+        out.loc[r.method, r.type] = cell(r.varr, r.ci)
+        d = getattr(r, f"minus_{against}", None)
+        if d is not None and d == d:
+            out.loc[r.method, f"{r.type} - {against}"] = cell(d, getattr(r, f"minus_{against}_ci"))
+    return out.fillna("")
 
 
 DECISION_WORDS = frozenset({"yes", "no", "same", "different", "none"})  # where the embedded rationales branch
