@@ -371,7 +371,9 @@ def varr_intervals(
                     lambda i, m=m, j=j: varr(m, j, i) - varr(against, j, i), n, reps, seed
                 )
             out.append(row)
-    return pd.DataFrame(out)
+    return pd.DataFrame(
+        out, columns=["method", "type", "varr", "ci", f"minus_{against}", f"minus_{against}_ci"]
+    )
 
 
 def interval_table(intervals, against: str = "text_only"):
@@ -382,8 +384,10 @@ def interval_table(intervals, against: str = "text_only"):
     def cell(v, ci):
         return "-" if ci is None or ci[0] is None else f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
-    table = intervals.pivot(index="method", columns="type", values="varr")
-    out = pd.DataFrame(index=table.index)
+    if intervals.empty:
+        print("no visual-attribute mention in these rationales: no VARR to bracket")
+        return intervals
+    out = pd.DataFrame(index=list(dict.fromkeys(intervals.method)))
     for r in intervals.itertuples(index=False):
         out.loc[r.method, r.type] = cell(r.varr, r.ci)
         d = getattr(r, f"minus_{against}", None)
