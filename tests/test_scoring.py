@@ -428,7 +428,8 @@ def test_score_rationales_frame_and_roundtrip(setup, tmp_path):
     # with most rows held out, gold rationales (anchors marked) give the data's choice, measured
     most = load_params("params/smoke.yaml", {"scoring.batch_size": 4, "scoring.select_share": 0.9})
     chosen = ST.score_rationales(loaded, most, _records(exs), exs, progress=False).attrs["layer_choice"]
-    assert chosen["rule"].startswith("auto") and chosen["n_select"] >= 5, chosen["rule"]
+    assert chosen["rule"].startswith("auto"), chosen["rule"]
+    assert chosen["n_select"] == int(S.selection_rows([e["id"] for e in exs], 0.9).sum()) >= 3
     assert all(0 <= t["auc_within"] <= 1 for t in chosen["table"]) and chosen["score_layer"] in (0, 1)
 
     tokens = ST.token_table(df)

@@ -208,6 +208,18 @@ def gate(m: dict[str, Any], gamma: float = 0.5) -> str:
                       "disagrees with the paper")
             )
         )  # fmt: skip
+    iv = [
+        r
+        for r in m.get("varr_intervals_at_0.5", [])
+        if r["method"] == "vskip" and r.get("minus_text_only_ci")
+    ]
+    if g == "0.5" and iv:
+        parts = [
+            f"{r['type']} {r['minus_text_only']:+.3f} [{r['minus_text_only_ci'][0]:+.3f}, {r['minus_text_only_ci'][1]:+.3f}]"
+            for r in iv
+            if r["minus_text_only_ci"][0] is not None
+        ]
+        lines.append("V-Skip minus text-only by type, 95% interval over rationales: " + ", ".join(parts))
     better = [k for k in varr if k != "vskip" and varr[k] - v >= SAME_VARR]
     if better:
         why = (
