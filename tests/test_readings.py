@@ -66,6 +66,37 @@ def test_scoring_reading():
     assert "nothing to tell apart" in readings.scoring(_scores(None, 0.7, None))
 
 
+def test_scoring_reading_names_the_key_layer_choice_and_position():
+    m = _scores(0.8, 0.7, 0.8)
+    m["layer_choice"] = {
+        "rule": "auto: best within-rationale AUC on the held-out rationales",
+        "layers": [2, 3],
+        "head_reduce": "max",
+        "score_layer": 2,
+        "n_select": 300,
+        "n_report": 900,
+        "table": [{"layers": [2, 3], "head_reduce": "max", "auc_within": 0.81}],
+    }
+    m["position"] = [
+        {"layers": "key [2, 3]", "source": "image", "position_share": 0.3, "auc_anchor": 0.72},
+        {"layers": "key [2, 3]", "source": "blank image", "position_share": 0.45, "auc_anchor": 0.51},
+        {"layers": "key [2, 3]", "source": "image - blank", "position_share": 0.13, "auc_anchor": 0.7},
+        {"layers": "-", "source": "surprisal gain (no image - image)", "position_share": 0.1, "auc_anchor": 0.75},
+    ]
+    text = readings.scoring(m)
+    assert "key layers [2, 3], max over heads: auto" in text and "AUC 0.810" in text and "other 900" in text
+    assert "position explains 0.30" in text and "0.45 of it on a blank image" in text
+    assert "surprisal gain from the image (no image minus image): AUC 0.750" in text
+
+
+def test_gate_reading_gives_the_interval_against_text_only():
+    m = _gate(0.8, 0.5)
+    m["varr_intervals_at_0.5"] = [
+        {"method": "vskip", "type": "colour", "minus_text_only": 0.3, "minus_text_only_ci": [0.2, 0.4]}
+    ]
+    assert "colour +0.300 [+0.200, +0.400]" in readings.gate(m)
+
+
 def _hall(vskip: float, text: float) -> dict:
     rows = [
         {"method": "full", "ratio": 1.0, "total_per_example": 1.0},
