@@ -81,7 +81,12 @@ def test_scoring_reading_names_the_key_layer_choice_and_position():
         {"layers": "key [2, 3]", "source": "image", "position_share": 0.3, "auc_anchor": 0.72},
         {"layers": "key [2, 3]", "source": "blank image", "position_share": 0.45, "auc_anchor": 0.51},
         {"layers": "key [2, 3]", "source": "image - blank", "position_share": 0.13, "auc_anchor": 0.7},
-        {"layers": "-", "source": "surprisal gain (no image - image)", "position_share": 0.1, "auc_anchor": 0.75},
+        {
+            "layers": "-",
+            "source": "surprisal gain (no image - image)",
+            "position_share": 0.1,
+            "auc_anchor": 0.75,
+        },
     ]
     text = readings.scoring(m)
     assert "key layers [2, 3], max over heads: auto" in text and "AUC 0.810" in text and "other 900" in text
@@ -95,6 +100,17 @@ def test_gate_reading_gives_the_interval_against_text_only():
         {"method": "vskip", "type": "colour", "minus_text_only": 0.3, "minus_text_only_ci": [0.2, 0.4]}
     ]
     assert "colour +0.300 [+0.200, +0.400]" in readings.gate(m)
+    m["bands_at_0.5"] = [
+        {"band": "layer 2", "heads": "max", "method": "vskip", "overall": 0.82},
+        {"band": "key [0, 1, 2, 3] (this run)", "heads": "max", "method": "vskip", "overall": 0.79},
+        {"band": "layer 2", "heads": "max", "method": "visual_only", "overall": 0.9},
+    ]
+    assert (
+        "best for V-Skip is layer 2, max over heads (0.820) against this run's key layers (0.790)"
+        in readings.gate(m)
+    )
+    m["bands_at_0.5"][0]["overall"] = 0.795
+    assert "no key-layer set of the band ablation beats" in readings.gate(m)
 
 
 def _hall(vskip: float, text: float) -> dict:
