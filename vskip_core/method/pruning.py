@@ -24,8 +24,9 @@ Rules (each a pure function below)
   filled by greedy max-min cosine diversity against everything chosen so far (core included). Before the
   language model; every layer sees only the chosen k.
 - DSTP (`host_reselect` + `dstp_update`, an add-on that lets any method re-select; the paper gives no code,
-  this is the rule implemented): let l = `prune.score_layer` (-1: K - 1, the FastV ranking layer). At
-  decoding step t = 1, 2, ... (step t feeds generated token t), before layer l runs, the HOST's own rule
+  this is the rule implemented): let l = the spec's `score_layer` (-1: K - 1, the FastV ranking layer; stage
+  07 passes stage 02's chosen layer, `prune.score_from`). At decoding step t = 1, 2, ... (step t feeds
+  generated token t), before layer l runs, the HOST's own rule
   re-selects k tokens T_t with the decoding state in place of the prompt: FastV, the top k of the current
   token's attention at layer l over the FULL visual KV cache (every visual token's key, plus the text and
   generated keys and its own key in the softmax; mean over heads); prompt-aware, its core + diversity rule
