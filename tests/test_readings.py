@@ -73,8 +73,8 @@ def test_scoring_reading_names_the_key_layer_choice_and_position():
         "layers": [2, 3],
         "head_reduce": "max",
         "score_layer": 2,
-        "n_select": 300,
-        "n_report": 900,
+        "n_held_out": 300,
+        "n_reported": 900,
         "table": [{"layers": [2, 3], "head_reduce": "max", "auc_within": 0.81}],
     }
     m["position"] = [

@@ -363,11 +363,11 @@ def test_resolve_key_layers(setup):
     sc.key_layers = [3, 0]
     assert S.resolve_key_layers(m4, sc) == [0, 3]
     sc.key_layers = [7]
-    with pytest.raises(ValueError, match="valid: \\[0, 1, 2, 3\\]"):
+    with pytest.raises(ValueError, match="reached in layers \\[0, 1, 2, 3\\]"):
         S.resolve_key_layers(m4, sc)
     ml = _mllama()
     sc.key_layers = [0]
-    with pytest.raises(ValueError, match="valid: \\[1, 3\\]"):
+    with pytest.raises(ValueError, match="reached in layers \\[1, 3\\]"):
         S.resolve_key_layers(ml, sc)
     sc.key_layers, sc.layer_band = [], [0.25, 0.75]
     assert S.resolve_key_layers(ml, sc) == [1]  # of cross layers 1 (0.375) and 3 (0.875)
@@ -420,16 +420,23 @@ def test_score_rationales_frame_and_roundtrip(setup, tmp_path):
         assert np.allclose(r.surprisal_gain, np.subtract(r.surprisal_noimg, r.surprisal))
         assert r.anchoring_predict == r.anchoring and len(r.anchoring_self) == len(r.anchoring)
     choice = df.attrs["layer_choice"]
-    assert choice["n_select"] == int(df.layer_select.sum()) and choice["n_select"] + choice[
-        "n_report"
+    assert choice["n_held_out"] == int(df.held_out.sum()) and choice["n_held_out"] + choice[
+        "n_reported"
     ] == len(df)
+    if not choice["rule"].startswith("auto"):  # nothing chosen from data: nothing held out from stage 03
+        assert choice["n_held_out"] == 0
     assert len(choice["table"]) == 2 * 3  # 2 candidate layers: runs [0], [1], [0, 1]; max and mean over heads
     assert list(df.key_layers[0]) == choice["layers"] and df.head_reduce[0] == choice["head_reduce"]
     # with most rows held out, gold rationales (anchors marked) give the data's choice, measured
     most = load_params("params/smoke.yaml", {"scoring.batch_size": 4, "scoring.select_share": 0.9})
     chosen = ST.score_rationales(loaded, most, _records(exs), exs, progress=False).attrs["layer_choice"]
     assert chosen["rule"].startswith("auto"), chosen["rule"]
-    assert chosen["n_select"] == int(S.selection_rows([e["id"] for e in exs], 0.9).sum()) >= 3
+    assert chosen["n_held_out"] == int(S.held_out_mask([e["id"] for e in exs], 0.9).sum()) >= 3
+    # the band rule chooses nothing from data: the table is still measured, nothing is held out
+    band = load_params("params/smoke.yaml", {"scoring.select_share": 0.9, "scoring.layer_select": "band"})
+    banded = ST.score_rationales(loaded, band, _records(exs), exs, progress=False)
+    assert banded.attrs["layer_choice"]["rule"].startswith("band") and not banded.held_out.any()
+    assert banded.attrs["layer_choice"]["table"] == chosen["table"]
     assert all(0 <= t["auc_within"] <= 1 for t in chosen["table"]) and chosen["score_layer"] in (0, 1)
 
     tokens = ST.token_table(df)
@@ -488,10 +495,18 @@ def test_scoring_resumes_after_a_kill_without_duplicates(setup, tmp_path, capsys
     calls["n"] = -100
     again = ST.score_rationales(loaded, cfg, recs, exs, progress=False, out_dir=tmp_path)
     assert calls["n"] == -100 and list(again.id) == list(resumed.id)
-    # other params: the old shards are discarded, not mixed in
+    # the key-layer choice's params read the stored rows again: no forward at all
+    choice = load_params(
+        "params/smoke.yaml", {"scoring.batch_size": 2, "scoring.shard_size": 2, "scoring.head_reduce": "mean"}
+    )
+    calls["n"] = -100
+    rechosen = ST.score_rationales(loaded, choice, recs, exs, progress=False, out_dir=tmp_path)
+    assert calls["n"] == -100 and set(rechosen.head_reduce) == {"mean"}
+    # params that change a row: the old shards are discarded, not mixed in
     loaded.model.forward = forward
     cfg2 = load_params(
-        "params/smoke.yaml", {"scoring.batch_size": 2, "scoring.shard_size": 2, "scoring.head_reduce": "mean"}
+        "params/smoke.yaml",
+        {"scoring.batch_size": 2, "scoring.shard_size": 2, "scoring.query_position": "self"},
     )
     other = ST.score_rationales(loaded, cfg2, recs[:2], exs[:2], progress=False, out_dir=tmp_path)
     assert "discarded 3 shards" in capsys.readouterr().out  # the note says how many and why
@@ -668,11 +683,11 @@ def test_key_layer_choice_works_on_word_units():
     assert t["auc_within"] == 1.0 and t["n_rationales"] == 1  # word 0 (0.9) above words 1 (0.2) and 2 (0.3)
 
 
-def test_selection_rows_fixed_share_independent_of_order():
+def test_held_out_mask_fixed_share_independent_of_order():
     ids = [f"train-{i:05d}" for i in range(4000)]
-    sel = S.selection_rows(ids, 0.25)
+    sel = S.held_out_mask(ids, 0.25)
     assert abs(sel.mean() - 0.25) < 0.03
-    back = S.selection_rows(ids[::-1], 0.25)[::-1]
+    back = S.held_out_mask(ids[::-1], 0.25)[::-1]
     assert (sel == back).all()
 
 

@@ -335,7 +335,7 @@ class ScoringConfig:
         default_factory=lambda: [0.25, 0.75]
     )  # [lo, hi] range of layer centre depth (i + 0.5) / n_layers: the band rule, and auto's fallback
     head_reduce: Literal["auto", "max", "mean"] = (
-        "auto"  # reduce heads by max (paper) or mean; auto: chosen with the layers (max under layer_select band)
+        "auto"  # max (paper) or mean over heads; auto: chosen with the layers by layer_select auto, else max
     )
     query_position: Literal["predict", "self"] = (
         "predict"  # attention row of token t: predict (the row that writes t) or self

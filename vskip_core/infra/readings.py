@@ -4,6 +4,7 @@ claims (`infra.summary.claims_reading`, `stages.pruning.claims_reading`)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from vskip_core.infra.summary import ACT_RATIO_TOL
@@ -157,14 +158,18 @@ def _layer_choice_lines(m: dict[str, Any]) -> list[str]:
             (t for t in c["table"] if t["layers"] == c["layers"] and t["head_reduce"] == c["head_reduce"]),
             None,
         )
+        auc_ = chosen["auc_within"] if chosen else None
         score = (
-            f", within-rationale AUC {chosen['auc_within']:.3f}"
-            if chosen and chosen["auc_within"] == chosen["auc_within"]
-            else ""
+            f", within-rationale AUC {auc_:.3f}" if isinstance(auc_, float) and math.isfinite(auc_) else ""
+        )
+        held = (
+            f"{c['n_held_out']} rationales held out{score}; stage 03 reports on the other {c['n_reported']}"
+            if c["n_held_out"]
+            else "no rationale held out: stage 03 reports on all"
         )
         out.append(
-            f"key layers {c['layers']}, {c['head_reduce']} over heads: {c['rule']} ({c['n_select']} rationales held "
-            f"out{score}; stage 03 reports on the other {c['n_report']}); DSTP / RVIS score layer: {c['score_layer']}"
+            f"key layers {c['layers']}, {c['head_reduce']} over heads: {c['rule']} ({held}); "
+            f"DSTP / RVIS score layer: {c['score_layer']}"
         )
     key = [r for r in m.get("position", []) if str(r["layers"]).startswith("key")]
     by = {r["source"]: r for r in key}

@@ -91,11 +91,8 @@ _PATHS: dict[str, tuple[tuple[str, str], ...]] = {
     "vskip_delta": (("text", "surprisal"), ("visual", "anchoring_delta")),
     "vskip_gain": (("text", "surprisal"), ("visual", "surprisal_gain")),
 }
-UNION = (
-    "vskip",
-    "vskip_delta",
-    "vskip_gain",
-)  # the methods that keep a unit when either path clears its threshold
+# the methods that keep a unit when either path clears its threshold
+UNION_METHODS = ("vskip", "vskip_delta", "vskip_gain")
 SCORE_COLUMNS = (
     "surprisal", "anchoring", "surprisal_external", "keep_prob_llmlingua2", "anchoring_delta", "surprisal_gain",
 )  # fmt: skip
@@ -349,7 +346,7 @@ def _select(
     With `target` (= gamma * n, per example) the margin is filled to the token; per corpus the thresholds
     alone decide."""
     taken, locked = forced.copy(), forced.copy()
-    if method in UNION and split == "symmetric":
+    if method in UNION_METHODS and split == "symmetric":
         t, v = scores["text"], scores["visual"]
         pt, pv = _pct(t), _pct(v)
         margin = _desc(np.maximum(pt, pv))  # one percentile p lowered on both paths at once
@@ -359,7 +356,7 @@ def _select(
             "text": _lowest(t, np.flatnonzero(pt >= p)),
             "visual": _lowest(v, np.flatnonzero(pv >= p)),
         }
-    elif method in UNION:
+    elif method in UNION_METHODS:
         t, v = scores["text"], scores["visual"]
         f = cost[forced].sum()
         share = lambda total: f + text_share * (total - f)  # noqa: E731  (forced + the text path's share)
@@ -391,7 +388,7 @@ def _lowest(x: np.ndarray, units: np.ndarray) -> float:
 
 def _apply(scores: dict, method: str, thresholds: dict[str, float]) -> np.ndarray:
     """Fitted thresholds applied to one row's units (corpus mode)."""
-    if method in UNION:
+    if method in UNION_METHODS:
         return (scores["text"] >= thresholds["text"]) | (scores["visual"] >= thresholds["visual"])
     if method == "intersection":
         return (scores["text"] >= thresholds["text"]) & (scores["visual"] >= thresholds["visual"])

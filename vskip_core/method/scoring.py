@@ -4,7 +4,8 @@ One teacher-forced pass over prompt + image + rationale gives, for every rationa
 
 - **surprisal** s_t = -log p(t | prefix, image) in nats, from the logits of the position that predicts t;
 - **visual anchoring** a_t = the attention mass that the same predicting position puts on the image keys,
-  averaged over the key layers and reduced over heads by max (`scoring.head_reduce: mean` for the mean).
+  averaged over the key layers and reduced over heads by max or mean (the paper's is max; with
+  `scoring.head_reduce: auto` the reduction is chosen with the layers, see Key layers).
   `scoring.query_position: predict` reads the row whose output is the distribution of t (the attention paid
   to the image while *writing* t); `self` reads t's own row.
 
@@ -17,7 +18,7 @@ mask and GQA grouping), keeping only the image-key columns or their sum. `naive_
 `output_attentions=True` reference the tests compare against.
 
 **Key layers.** `scoring.key_layers` if given; otherwise (`scoring.layer_select: auto`) they are chosen from data
-on held-out rationales (`selection_rows`, a fixed `scoring.select_share` by id hash): among every contiguous
+on held-out rationales (`held_out_mask`, a fixed `scoring.select_share` by id hash): among every contiguous
 run of candidate layers and both head reductions, the one whose anchoring best separates visual-attribute
 words from the rest inside each rationale (`key_layer_table`, `choose_key_layers`). This works on any model
 depth: early layers attend to the image broadly and by position (FastV), and where content is read off the
@@ -52,7 +53,8 @@ import torch
 from vskip_core.data.answers import answer_line_start
 from vskip_core.data.embedded import render_scene
 from vskip_core.data.real import find_anchors_for
-from vskip_core.modeling.adapters import adapter_for, example_images, layers_in_band
+from vskip_core.metrics import auc
+from vskip_core.modeling.adapters import adapter_for, example_images
 
 CAPTURE_IMPLEMENTATION = "vskip_capture"
 WORD_AGGREGATIONS = ("sum", "mean", "max")
@@ -100,18 +102,9 @@ def image_key_columns(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Ten
 
 
 def resolve_key_layers(model, scoring) -> list[int]:
-    """`scoring.key_layers` if given (checked), else the candidates whose centre depth (i + 0.5) / n_layers
-    lies inside `scoring.layer_band`; if none does, the candidate nearest the band's centre."""
-    cands = candidate_layers(model)
-    if scoring.key_layers:
-        bad = [i for i in scoring.key_layers if i not in cands]
-        if bad:
-            raise ValueError(
-                f"scoring.key_layers {bad} are not attention layers that see the image for "
-                f"{model.config.model_type}; valid: {cands}"
-            )
-        return sorted(set(scoring.key_layers))
-    return layers_in_band(cands, n_decoder_layers(model), scoring.layer_band)
+    """`scoring.key_layers` if given (checked against the candidates), else the `scoring.layer_band` rule
+    (`Adapter.key_layers`): the key layers before, or instead of, stage 02's choice from data."""
+    return adapter_for(model).key_layers(model, scoring)
 
 
 # ------------------------------------------------------------------------------------------ hooked capture
@@ -474,7 +467,7 @@ def anchoring_for_layers(
 
 
 # ------------------------------------------------------------------------------------------ key-layer choice
-def selection_rows(ids, share: float) -> np.ndarray:
+def held_out_mask(ids, share: float) -> np.ndarray:
     """Which rationales are held out to choose the key layers: a fixed `share` of them by a hash of the id,
     the same on every rerun and in any order. Stage 03 reports its tables on the others."""
     return np.array([zlib.crc32(str(i).encode()) % 10_000 < share * 10_000 for i in ids], dtype=bool)
@@ -506,11 +499,9 @@ def key_layer_table(rows: list[SelectionRow], candidates: list[int]) -> list[dic
     gate's units (a word's value = the max of its tokens), separates visual-attribute units from the rest.
     `auc_within`: the AUC inside each rationale, averaged over the rationales that have both kinds (the gate's
     thresholds are per rationale by default); `auc_pooled`: one AUC over every unit of every rationale."""
-    from vskip_core.metrics import auc
-
     windows = layer_windows(candidates)
     heads = sorted({h for r in rows for h in r.by_layer})
-    per_row = []  # (unit values per head and window, unit labels)
+    prepared = []  # per rationale: unit starts, unit labels, cumulative per-layer sums by head
     for r in rows:
         keep = np.flatnonzero(r.include)
         if not len(keep):
@@ -518,22 +509,18 @@ def key_layer_table(rows: list[SelectionRow], candidates: list[int]) -> list[dic
         units = np.arange(len(keep)) if r.word_ids is None else np.asarray(r.word_ids)[keep]
         starts = np.flatnonzero(np.r_[True, np.diff(units) != 0])
         labels = _unit_max(r.attribute[keep].astype(np.int8), starts).astype(bool)
-        values = {}
-        for h in heads:
-            cum = np.vstack([np.zeros((1, len(keep))), np.cumsum(r.by_layer[h][:, keep], axis=0)])
-            for w in windows:
-                a, b = candidates.index(w[0]), candidates.index(w[-1]) + 1
-                values[h, tuple(w)] = _unit_max((cum[b] - cum[a]) / (b - a), starts)
-        per_row.append((values, labels))
+        cum = {
+            h: np.vstack([np.zeros((1, len(keep))), np.cumsum(r.by_layer[h][:, keep], axis=0)]) for h in heads
+        }
+        prepared.append((starts, labels, cum))
     out = []
     for h in heads:
         for w in windows:
-            key = (h, tuple(w))
-            within = [auc(v[key], y) for v, y in per_row if y.any() and not y.all()]
-            pooled = auc(
-                np.concatenate([v[key] for v, _ in per_row]) if per_row else [],
-                np.concatenate([y for _, y in per_row]) if per_row else [],
-            )
+            a, b = candidates.index(w[0]), candidates.index(w[-1]) + 1
+            values = [_unit_max((cum[h][b] - cum[h][a]) / (b - a), starts) for starts, _, cum in prepared]
+            labels = [y for _, y, _ in prepared]
+            within = [auc(v, y) for v, y in zip(values, labels) if y.any() and not y.all()]
+            pooled = auc(np.concatenate(values), np.concatenate(labels)) if prepared else float("nan")
             out.append(
                 {
                     "layers": list(w),

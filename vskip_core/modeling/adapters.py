@@ -6,7 +6,7 @@ interface, so generation, scoring, distillation and evaluation never branch on t
     batch = ad.collate([enc], tok.pad_token_id, padding_side="right")
     out = model(**ad.model_inputs(batch, device), output_attentions=True)
     keys = ad.image_keys(model, batch)          # where the image lives, for visual anchoring
-    layers = ad.key_layers(model, cfg)          # default key layers (scoring.key_layers / layer_band)
+    layers = ad.key_layers(model, cfg)          # scoring.key_layers, else the layer_band rule (stage 02 may choose others)
 
 Each adapter knows:
 
@@ -235,19 +235,21 @@ class Adapter:
         """Layers whose attention reaches the image: the key-layer candidates."""
         return list(range(self.num_layers(model_or_config)))
 
-    def key_layers(self, model_or_config, cfg: Config) -> list[int]:
+    def key_layers(self, model_or_config, cfg) -> list[int]:
         """`scoring.key_layers` if given (checked against the candidates), else the candidates inside
-        `scoring.layer_band` (centre depth (i + 0.5) / n_layers); the same rule as scoring.resolve_key_layers."""
+        `scoring.layer_band` (centre depth (i + 0.5) / n_layers). `cfg`: the Config or its scoring section.
+        Stage 02 by default chooses the key layers from data instead (`method.scoring`, Key layers)."""
+        sc = getattr(cfg, "scoring", cfg)
         cands = self.image_layers(model_or_config)
-        if cfg.scoring.key_layers:
-            bad = [i for i in cfg.scoring.key_layers if i not in cands]
+        if sc.key_layers:
+            bad = [i for i in sc.key_layers if i not in cands]
             if bad:
                 raise ValueError(
                     f"scoring.key_layers {bad} cannot carry visual anchoring for {self.family}: the image is "
                     f"reached in layers {cands}; pick among them or leave key_layers empty to use layer_band"
                 )
-            return sorted(set(cfg.scoring.key_layers))
-        return layers_in_band(cands, self.num_layers(model_or_config), cfg.scoring.layer_band)
+            return sorted(set(sc.key_layers))
+        return layers_in_band(cands, self.num_layers(model_or_config), sc.layer_band)
 
     def attention_module(self, model, layer: int):
         """The attention module of `layer` whose weights are visual anchoring (self- or cross-attention)."""

@@ -185,7 +185,7 @@ def training_rows(rationales_dir: str | Path, scores_dir: str | Path) -> tuple[l
     from vskip_core.stages.scoring import load_scores
 
     records = {r["id"]: r for r in load_rationales(rationales_dir)}
-    scores = load_scores(scores_dir).to_dict("records")
+    scores = load_scores(scores_dir, per_layer=False).to_dict("records")  # the gate reads no per-layer column
     rows = [{**r, "correct": records[r["id"]]["correct"]} for r in scores if r["id"] in records]
     counts = {
         "rationales": len(records),

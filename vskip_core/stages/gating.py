@@ -347,7 +347,7 @@ def varr_intervals(
     types = [*VARR_TYPES, "overall"]
     arrays = {}
     for m in dict.fromkeys([*methods, against]):
-        c = ev.counts(m, gamma, _example_mode(cfg), seed, "example")[0]
+        c = ev.counts(m, gamma, cfg, seed, "example")[0]
         kept = np.array([[x[t][0] for t in VARR_TYPES] for x in c], dtype=float)
         total = np.array([[x[t][1] for t in VARR_TYPES] for x in c], dtype=float)
         arrays[m] = (np.c_[kept, kept.sum(1)], np.c_[total, total.sum(1)])
@@ -439,22 +439,18 @@ def kept_by_category(rows, examples, anchors, methods, gamma: float, cfg: Config
     present = [c for c in CATEGORIES if (allc == c).any()]
     out = [{"method": "(share of tokens)", **{c: float((allc == c).mean()) for c in present}}]
     for m in methods:
-        kept = np.concatenate(gate_rows(rows, m, gamma, _example_mode(cfg), seed, "example"))
+        kept = np.concatenate(gate_rows(rows, m, gamma, cfg, seed, "example"))
         out.append({"method": m, **{c: float(kept[allc == c].mean()) for c in present}})
     return pd.DataFrame(out).set_index("method")
 
 
-def _example_mode(cfg: Config) -> Config:
-    return dataclasses.replace(cfg, gate=dataclasses.replace(cfg.gate, threshold_mode="example"))
-
-
 def report_scores(scores):
-    """Stage 02's rows that 03 reports on: those not held out to choose the key layers (`layer_select`), and
-    how many were held out (printed)."""
-    if "layer_select" not in scores:
-        print("stage 02 flagged no held-out rows (scores from an older run): every row is reported")
+    """Stage 02's rows that 03 reports on: those not held out to choose the key layers (`held_out`), and how
+    many were held out (printed)."""
+    if "held_out" not in scores or not scores["held_out"].any():
+        print("stage 02 held out no rationale (key layers not chosen from data here): every row is reported")
         return scores, 0
-    held = scores["layer_select"].astype(bool)
+    held = scores["held_out"].astype(bool)
     print(
         f"{int(held.sum())} of {len(scores)} rationales were held out by stage 02 to choose the key layers; "
         f"the tables below use the other {int((~held).sum())}"

@@ -53,14 +53,16 @@ def with_score_layer(cfg, scoring_dir: Path | None):
         return cfg, f"prune.score_layer = {p.score_layer}"
     if p.score_from == "fastv":
         return cfg, "FastV's K - 1 (prune.score_from: fastv)"
-    metrics = Path(scoring_dir or "") / "metrics.json"
+    d = Path(scoring_dir) if scoring_dir else None
+    finished = d is not None and (d / ".finished").exists() and (d / "metrics.json").is_file()
     layer = (
-        json.loads(metrics.read_text()).get("layer_choice", {}).get("score_layer")
-        if metrics.is_file()
+        json.loads((d / "metrics.json").read_text()).get("layer_choice", {}).get("score_layer")
+        if finished
         else None
     )
     if layer is None:
-        return cfg, f"FastV's K - 1: stage 02 recorded no score layer ({metrics} has none)"
+        why = "stage 02 has not finished" if not finished else "stage 02 recorded no score layer"
+        return cfg, f"FastV's K - 1: {why} ({d})"
     cfg = replace(cfg, prune=replace(p, score_layer=int(layer)))
     return (
         cfg,

@@ -29,10 +29,10 @@ from vskip_core.method.scoring import (
     blank_image,
     candidate_layers,
     choose_key_layers,
+    held_out_mask,
     key_layer_table,
     n_decoder_layers,
     resolve_key_layers,
-    selection_rows,
     teacher_forced_scores,
     token_anchor_types,
     word_ids,
@@ -124,10 +124,19 @@ def _prepare(loaded, records, examples, require_answer_line: bool) -> tuple[list
     return ok, skipped
 
 
+# scoring params that only pick what is read from the stored per-layer rows (the key-layer choice, the gate's
+# units): changing them reuses the scored shards
+CHOICE_FIELDS = ("key_layers", "layer_select", "select_share", "layer_band", "head_reduce", "word_level")
+
+
 def _fingerprint(cfg, loaded, require_answer_line: bool) -> str:
     """Params, checkpoint and the code of both scoring modules: shards written under another are stale."""
+    import json
+
+    scoring = {k: v for k, v in cfg.to_dict()["scoring"].items() if k not in CHOICE_FIELDS}
     parts = [
-        cfg.hash("scoring", "model", "data", "embedded", "generation"),
+        cfg.hash("model", "data", "embedded", "generation"),
+        json.dumps(scoring, sort_keys=True),
         str(loaded.path),
         str(require_answer_line),
     ]
@@ -240,64 +249,81 @@ def apply_key_layers(df, layers: list[int], head_reduce: str, sc):
     return df
 
 
-def selection_inputs(df, force_keep_answer: bool = True) -> list[SelectionRow]:
-    """The held-out rows of a scores frame (`layer_select`) as the key-layer choice reads them: per-layer
-    anchoring by head reduction, visual-attribute tokens (stage 01's anchors), word units, and the tokens the
-    gate decides on (the forced answer line left out)."""
+def selection_inputs(df, mask, gate, word_level: bool = True) -> list[SelectionRow]:
+    """The rows of a scores frame picked by `mask`, as the key-layer choice reads them: per-layer anchoring by
+    head reduction, visual-attribute tokens (stage 01's anchors), the gate's units (words when `word_level`)
+    and the units it decides on: a word holding a forced token (the answer line, digits with
+    `gate.force_keep_digits`) is left out whole, as the gate keeps it whole."""
     out = []
-    for r in df[df.layer_select].to_dict("records"):
+    for r in df[np.asarray(mask, dtype=bool)].to_dict("records"):
         n = len(r["token_ids"])
-        include = np.ones(n, dtype=bool)
-        if force_keep_answer:
-            include[int(r["answer_start"]) :] = False
+        forced = np.zeros(n, dtype=bool)
+        if gate.force_keep_answer:
+            forced[int(r["answer_start"]) :] = True
+        if gate.force_keep_digits:
+            forced |= np.array(
+                [any(c.isdigit() for c in r["text"][s:e]) for s, e in r["offsets"]], dtype=bool
+            )
+        wids = np.asarray(r["word_ids"]) if word_level and r.get("word_ids") is not None else None
+        if wids is not None:
+            forced = (np.bincount(wids, weights=forced, minlength=int(wids.max()) + 1) > 0)[wids]
         out.append(
             SelectionRow(
                 by_layer={
                     h: np.asarray(r[f"anchoring_by_layer_{h}"], dtype=np.float64) for h in ("max", "mean")
                 },
                 attribute=np.asarray(r["anchor_type"]) != "",
-                word_ids=np.asarray(r["word_ids"]) if r.get("word_ids") is not None else None,
-                include=include,
+                word_ids=wids,
+                include=~forced,
             )
         )
     return out
 
 
-def choose_layers(df, sc, candidates: list[int], n_layers: int, force_keep_answer: bool = True) -> dict:
+def layer_choice(df, cfg, candidates: list[int], n_layers: int) -> dict:
     """Which key layers and head reduction this run uses, and why: `scoring.key_layers` (explicit), the band
-    rule (`layer_select: band`), or the data's choice on the held-out rows (`auto`; the band when they hold no
-    visual-attribute mention). Also the best single layer under mean over heads (`score_layer`: what DSTP and
-    RVIS read, `prune.score_from: key_layers`) and the whole table."""
-    table = key_layer_table(selection_inputs(df, force_keep_answer), list(candidates))
+    rule (`layer_select: band`), or the data's choice on a held-out share of the rows (`auto`, `held_out_mask`;
+    the band when those rows hold no visual-attribute mention). The table is measured on that share in every
+    case; `held_out` (the rows stage 03 leaves out) is that share only when the data chose. Also the best
+    single layer under mean over heads (`score_layer`: what DSTP and RVIS read, `prune.score_from: key_layers`)."""
+    sc = cfg.scoring
+    share = held_out_mask(df["id"], sc.select_share) if len(df) else np.zeros(0, dtype=bool)
+    table = key_layer_table(selection_inputs(df, share, cfg.gate, sc.word_level), list(candidates))
     heads = ("max", "mean") if sc.head_reduce == "auto" else (sc.head_reduce,)
     best = choose_key_layers(table, heads)
     single = choose_key_layers([t for t in table if len(t["layers"]) == 1], ("mean",))
     band = layers_in_band(list(candidates), n_layers, sc.layer_band)
     fixed_head = "max" if sc.head_reduce == "auto" else sc.head_reduce
+    chose = False
     if sc.key_layers:
         rule, layers, head = "explicit (scoring.key_layers)", sorted(set(sc.key_layers)), fixed_head
     elif sc.layer_select == "band":
         rule, layers, head = f"band {sc.layer_band} (scoring.layer_select: band)", band, fixed_head
     elif best is None:
-        rule, layers, head = (
-            "band: the held-out rationales have no visual-attribute mention",
-            band,
-            fixed_head,
+        why = (
+            "no rationale was held out"
+            if not share.any()
+            else "the held-out rationales have no visual-attribute mention"
         )
+        rule, layers, head = f"band {sc.layer_band}: {why}", band, fixed_head
     else:
         rule, layers, head = (
             "auto: best within-rationale AUC on the held-out rationales",
             best["layers"],
             best["head_reduce"],
         )
+        chose = True
+    held = share if chose else np.zeros(len(df), dtype=bool)
     return {
         "rule": rule,
         "layers": list(layers),
         "head_reduce": head,
         "score_layer": single["layers"][0] if single else None,
-        "n_select": int(df.layer_select.sum()),
-        "n_report": int((~df.layer_select).sum()),
+        "n_held_out": int(held.sum()),
+        "n_reported": int(len(df) - held.sum()),
+        "n_measured": int(share.sum()),
         "select_share": sc.select_share,
+        "held_out": held,
         "table": table,
     }
 
@@ -330,10 +356,10 @@ def score_rationales(
     `build_inputs(loaded, examples, texts, images, instruction, device) -> (inputs, spans)` builds one batch
     (default: `adapter_inputs`, through the family adapter).
 
-    The key layers and head reduction are chosen once every row is scored (`choose_layers`: explicit, band,
-    or from the held-out rows flagged `layer_select`), then the key-layer columns are computed
+    The key layers and head reduction are chosen once every row is scored (`layer_choice`: explicit, band,
+    or from the held-out rows, flagged `held_out`), then the key-layer columns are computed
     (`apply_key_layers`). Returns a DataFrame with the columns of the data contract (`CONTRACT_COLUMNS`) plus
-    `surprisal_word`, `anchoring_word` (token-aligned word values), `anchor_type` (per token), `layer_select`,
+    `surprisal_word`, `anchoring_word` (token-aligned word values), `anchor_type` (per token), `held_out`,
     `key_layers`, `head_reduce`, `all_layers`, the per-layer values `anchoring[_<other query>|_blank]_by_layer_
     max/mean` (candidate layers x tokens; stage 03 ablates bands and head reductions from them), and
     `anchoring_predict` / `anchoring_self`, `anchoring_blank`, `anchoring_delta`, `surprisal_gain`. The choice
@@ -365,14 +391,8 @@ def score_rationales(
     new_rows = _score_in_shards(todo, score, shards, cfg.scoring, len(mine), progress)
     by_id = {**done, **{r["id"]: r for r in new_rows}}
     df = pd.DataFrame([by_id[p.rec["id"]] for p in mine])
-    df["layer_select"] = selection_rows(df["id"], cfg.scoring.select_share) if len(df) else []
-    choice = choose_layers(
-        df,
-        cfg.scoring,
-        all_layers,
-        n_decoder_layers(loaded.model),
-        cfg.gate.force_keep_answer and require_answer_line,
-    )
+    choice = layer_choice(df, cfg, all_layers, n_decoder_layers(loaded.model))
+    df["held_out"] = choice.pop("held_out")
     df = apply_key_layers(df, choice["layers"], choice["head_reduce"], cfg.scoring) if len(df) else df
     df.attrs["skipped"] = skipped
     df.attrs["key_layers"] = choice["layers"]
@@ -438,14 +458,17 @@ def save_scores(stage_dir: str | Path, df) -> Path:
     return path
 
 
-def load_scores(stage_dir: str | Path):
-    """Read `scores.parquet` of stage 02 back as a DataFrame; list columns come back as Python lists."""
+def load_scores(stage_dir: str | Path, per_layer: bool = True):
+    """Read `scores.parquet` of stage 02 back as a DataFrame; list columns come back as Python lists. Without
+    `per_layer` the per-layer columns (`*_by_layer_*`, the bulk of the file on a deep model) are not read."""
     import pandas as pd
+    import pyarrow.parquet as pq
 
     path = Path(stage_dir) / SCORES_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run stage 02_dual_scoring first")
-    df = pd.read_parquet(path)
+    names = pq.read_schema(path).names
+    df = pd.read_parquet(path, columns=None if per_layer else [c for c in names if "_by_layer_" not in c])
     for c in df.columns:
         if len(df) and isinstance(df[c].iloc[0], np.ndarray):
             df[c] = df[c].map(to_python)
@@ -505,7 +528,7 @@ def anchor_detection_summary(tokens) -> dict[str, Any]:
 
 def layer_profile(df):
     """Per candidate layer and head reduction: the AUC of that single layer's anchoring for anchor tokens,
-    and its mean on anchor / other tokens (needs the per-layer columns stage 02 writes). Checks the key-layer band."""
+    and its mean on anchor / other tokens (needs the per-layer columns stage 02 writes); this run's key layers marked."""
     import pandas as pd
 
     if "anchoring_by_layer_max" not in df:
@@ -712,7 +735,8 @@ def plot_key_layer_choice(choice: dict, path=None):
         im = ax.imshow(
             grid, vmin=0.5, vmax=max(0.51, np.nanmax(grid)) if np.isfinite(grid).any() else 1, cmap="viridis"
         )
-        if h == choice["head_reduce"] and choice["layers"][0] in idx:
+        contiguous = choice["layers"] == layers[idx.get(choice["layers"][0], 0) :][: len(choice["layers"])]
+        if h == choice["head_reduce"] and choice["layers"][0] in idx and contiguous:
             r, c = idx[choice["layers"][0]], idx[choice["layers"][-1]]
             ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="red", lw=2))
         ticks = [str(i) for i in layers] if len(layers) <= 12 else None
@@ -723,7 +747,7 @@ def plot_key_layer_choice(choice: dict, path=None):
         ax.set_ylabel("first layer")
         ax.set_title(f"{h} over heads")
     fig.colorbar(im, ax=list(axes[0]), label="AUC within rationale")
-    fig.suptitle(f"key layers chosen on {choice['n_select']} held-out rationales (red: chosen)", fontsize=10)
+    fig.suptitle(f"key layers measured on {choice['n_measured']} rationales (red: this run's)", fontsize=10)
     return _save_fig(fig, path)
 
 
