@@ -764,6 +764,7 @@ def plot_position(table, path=None):
         sns.barplot(data=t, x="layers", y=col, hue="source", ax=ax)
         ax.set_title(title)
         ax.set_xlabel("")
+        ax.set_ylabel("")
         ax.set_ylim(0, 1)
         ax.tick_params(axis="x", labelsize=8)
     axes[1].axhline(0.5, color="grey", lw=0.8, ls="--")
