@@ -504,11 +504,10 @@ class PruneConfig:
         default_factory=lambda: [0.666, 0.333, 0.111]
     )  # fraction of visual tokens kept: k = max(1, round(retention * n_visual))
     fastv_layer: int = 2  # FastV's K: layers < K see every visual token, layer K-1's attention ranks them
-    score_layer: int = (
-        -1
-    )  # DSTP / RVIS: layer whose attention ranks visual tokens while decoding; -1 = score_from
-    # score_layer -1: key_layers = stage 02's best single layer on its held-out rationales (chosen from data, so
-    # it follows the model's depth), or fastv = FastV's K - 1 (its ranking layer)
+    # DSTP / RVIS: the layer whose attention ranks visual tokens while decoding; -1 = as score_from says:
+    # key_layers = stage 02's best single layer on its held-out rationales (chosen from data, so it follows the
+    # model's depth), or fastv = FastV's K - 1 (its ranking layer)
+    score_layer: int = -1
     score_from: Literal["key_layers", "fastv"] = "key_layers"
     core_fraction: float = 0.6  # prompt-aware: share of the budget chosen by relevance (rest by diversity)
     dstp_interval: int = 4  # DSTP: re-select visual tokens every this many decoding steps (docs/RESULTS.md)

@@ -285,6 +285,11 @@ class ShardedWriter:
         return buf.getvalue()
 
 
+def is_missing(v: Any) -> bool:
+    """A column value that holds nothing: None, or the NaN pandas / parquet put in an empty cell."""
+    return v is None or (isinstance(v, float) and v != v)
+
+
 def to_python(v: Any) -> Any:
     """A numpy array (as read from parquet, nested or not) as Python lists; anything else as it is."""
     if isinstance(v, np.ndarray):

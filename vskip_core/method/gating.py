@@ -75,6 +75,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from vskip_core.config import GATE_METHODS, OPTIONAL_GATE_METHODS, Config, GateConfig, ScoringConfig
+from vskip_core.runtime import is_missing
 
 METHODS = (*GATE_METHODS, *OPTIONAL_GATE_METHODS)
 # score columns each method reads, as (path, column)
@@ -178,15 +179,15 @@ def as_scored(row: Any) -> Scored:
     ):
         raise GateError("bad_row", f"{rid}: token offsets fall outside the {len(text)}-character text")
     wids = get("word_ids")
-    wids = None if _missing(wids) else np.asarray(_listish(wids), dtype=np.int64)
+    wids = None if is_missing(wids) else np.asarray(_listish(wids), dtype=np.int64)
     ans = get("answer_start")
-    ans = None if _missing(ans) or int(ans) < 0 or int(ans) >= len(offsets) else int(ans)
+    ans = None if is_missing(ans) or int(ans) < 0 or int(ans) >= len(offsets) else int(ans)
     scored = Scored(rid, text, offsets, wids, ans, {}, str(get("family", "") or ""))
     if wids is not None and len(wids) != len(offsets):
         raise GateError("bad_row", f"{rid}: {len(wids)} word_ids for {len(offsets)} tokens")
     for name in SCORE_COLUMNS:
         v = get(name)
-        if not _missing(v):
+        if not is_missing(v):
             scored.columns[name] = _checked_values(scored, name, v)
     return scored
 
@@ -205,10 +206,6 @@ def _checked_values(row: Scored, name: str, values: Any) -> np.ndarray:
 
 def _listish(v: Any) -> list:
     return [] if v is None else list(v)
-
-
-def _missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 def _sections(cfg: Config | GateConfig) -> tuple[GateConfig, ScoringConfig]:

@@ -55,6 +55,7 @@ from vskip_core.data.embedded import render_scene
 from vskip_core.data.real import find_anchors_for
 from vskip_core.metrics import auc
 from vskip_core.modeling.adapters import adapter_for, example_images
+from vskip_core.runtime import is_missing
 
 CAPTURE_IMPLEMENTATION = "vskip_capture"
 WORD_AGGREGATIONS = ("sum", "mean", "max")
@@ -455,7 +456,7 @@ def anchoring_for_layers(
     per-layer values: `prefix` anchoring_by_layer (the configured query row), anchoring_blank_by_layer (the
     blank image) or anchoring_<other query>_by_layer."""
     col = f"{prefix}_{head_reduce}"
-    if col not in row or row[col] is None or (isinstance(row[col], float) and row[col] != row[col]):
+    if col not in row or is_missing(row[col]):
         raise KeyError(
             f"{col} not stored (scores from an older stage 02, or scoring.blank_image off); re-run stage 02"
         )

@@ -7,6 +7,7 @@ For several GPUs: `python -m vskip_core.stages.scoring --params ... --run ... --
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import sys
@@ -21,6 +22,7 @@ import torch
 from vskip_core.cli import parse_sets, parse_shard, stage_parser
 from vskip_core.config import ParamsError, load_params
 from vskip_core.method import scoring as method_scoring
+from vskip_core.method.gating import as_scored, forced_tokens
 from vskip_core.method.scoring import (
     SelectionRow,
     aggregate_words,
@@ -31,21 +33,20 @@ from vskip_core.method.scoring import (
     choose_key_layers,
     held_out_mask,
     key_layer_table,
-    n_decoder_layers,
     resolve_key_layers,
     teacher_forced_scores,
     token_anchor_types,
     word_ids,
 )
 from vskip_core.metrics import auc
-from vskip_core.modeling.adapters import adapter_for, layers_in_band
+from vskip_core.modeling.adapters import adapter_for
 from vskip_core.modeling.loading import load_model
 from vskip_core.plots import (  # the project's matplotlib set-up (non-interactive backend outside notebooks)
     ANCHOR_COLOURS,
     plt,
     sns,
 )
-from vskip_core.runtime import ShardedWriter, atomic_write_bytes, results_dir, to_python
+from vskip_core.runtime import ShardedWriter, atomic_write_bytes, is_missing, results_dir, to_python
 from vskip_core.runtime import progress as tqdm
 from vskip_core.stages.generation import example_for, kept_rationales
 from vskip_core.teacher import build_teacher
@@ -212,8 +213,9 @@ def _row(p: _Prepared, surprisal, noimg, per_layer: dict, all_layers, sc) -> dic
 
 
 # ------------------------------------------------------------------------------------------ key layers
-def _stored(v) -> bool:
-    return v is not None and not (isinstance(v, float) and v != v)
+def _filled(df, column: str) -> bool:
+    """Every row of the frame has a value in `column` (a blank-image column is empty when that pass is off)."""
+    return column in df and not df[column].map(is_missing).any()
 
 
 def apply_key_layers(df, layers: list[int], head_reduce: str, sc):
@@ -223,22 +225,23 @@ def apply_key_layers(df, layers: list[int], head_reduce: str, sc):
     (surprisal without the image minus with it)."""
     df = df.copy()
     other = "self" if sc.query_position == "predict" else "predict"
+    records = df.to_dict("records")
 
     def col(prefix):
-        return [anchoring_for_layers(r, layers, head_reduce, prefix).tolist() for r in df.to_dict("records")]
+        return [anchoring_for_layers(r, layers, head_reduce, prefix).tolist() for r in records]
 
     df["anchoring"] = col("anchoring_by_layer")
     df[f"anchoring_{sc.query_position}"] = df["anchoring"]
     df[f"anchoring_{other}"] = col(f"anchoring_{other}_by_layer")
     df["anchoring_word"] = [aggregate_words(a, w, "max").tolist() for a, w in zip(df.anchoring, df.word_ids)]
-    blank = "anchoring_blank_by_layer_max" in df and df["anchoring_blank_by_layer_max"].map(_stored).all()
+    blank = _filled(df, "anchoring_blank_by_layer_max")
     df["anchoring_blank"] = col("anchoring_blank_by_layer") if blank else None
     df["anchoring_delta"] = (
         [(np.asarray(a) - np.asarray(b)).tolist() for a, b in zip(df.anchoring, df.anchoring_blank)]
         if blank
         else None
     )
-    noimg = df["surprisal_noimg"].map(_stored).all()
+    noimg = _filled(df, "surprisal_noimg")
     df["surprisal_gain"] = (
         [(np.asarray(n) - np.asarray(s)).tolist() for n, s in zip(df.surprisal_noimg, df.surprisal)]
         if noimg
@@ -252,19 +255,19 @@ def apply_key_layers(df, layers: list[int], head_reduce: str, sc):
 def selection_inputs(df, mask, gate, word_level: bool = True) -> list[SelectionRow]:
     """The rows of a scores frame picked by `mask`, as the key-layer choice reads them: per-layer anchoring by
     head reduction, visual-attribute tokens (stage 01's anchors), the gate's units (words when `word_level`)
-    and the units it decides on: a word holding a forced token (the answer line, digits with
-    `gate.force_keep_digits`) is left out whole, as the gate keeps it whole."""
+    and the units it decides on: a word holding a token the gate forces (`method.gating.forced_tokens`: the
+    answer line, digits with `gate.force_keep_digits`) is left out whole, as the gate keeps it whole."""
     out = []
     for r in df[np.asarray(mask, dtype=bool)].to_dict("records"):
-        n = len(r["token_ids"])
-        forced = np.zeros(n, dtype=bool)
-        if gate.force_keep_answer:
-            forced[int(r["answer_start"]) :] = True
-        if gate.force_keep_digits:
-            forced |= np.array(
-                [any(c.isdigit() for c in r["text"][s:e]) for s, e in r["offsets"]], dtype=bool
-            )
-        wids = np.asarray(r["word_ids"]) if word_level and r.get("word_ids") is not None else None
+        row = as_scored(r)
+        # a rationale without an answer line (kept on request) has no answer tokens to force
+        forced = forced_tokens(
+            row,
+            dataclasses.replace(
+                gate, force_keep_answer=gate.force_keep_answer and row.answer_start is not None
+            ),
+        )
+        wids = row.word_ids if word_level else None
         if wids is not None:
             forced = (np.bincount(wids, weights=forced, minlength=int(wids.max()) + 1) > 0)[wids]
         out.append(
@@ -280,32 +283,32 @@ def selection_inputs(df, mask, gate, word_level: bool = True) -> list[SelectionR
     return out
 
 
-def layer_choice(df, cfg, candidates: list[int], n_layers: int) -> dict:
-    """Which key layers and head reduction this run uses, and why: `scoring.key_layers` (explicit), the band
-    rule (`layer_select: band`), or the data's choice on a held-out share of the rows (`auto`, `held_out_mask`;
-    the band when those rows hold no visual-attribute mention). The table is measured on that share in every
-    case; `held_out` (the rows stage 03 leaves out) is that share only when the data chose. Also the best
-    single layer under mean over heads (`score_layer`: what DSTP and RVIS read, `prune.score_from: key_layers`)."""
+def layer_choice(df, cfg, candidates: list[int], fixed: list[int]) -> dict:
+    """Which key layers and head reduction this run uses, and why: `fixed` (`resolve_key_layers`: explicit
+    `scoring.key_layers`, else the band rule) unless `layer_select: auto` finds better on a held-out share of
+    the rows (`held_out_mask`; `fixed` again when those rows hold no visual-attribute mention). The table is
+    measured on that share in every case; `held_out` (the rows stage 03 leaves out) is that share only when
+    the data chose. Also the best single layer under mean over heads (`score_layer`: what DSTP and RVIS read,
+    `prune.score_from: key_layers`)."""
     sc = cfg.scoring
     share = held_out_mask(df["id"], sc.select_share) if len(df) else np.zeros(0, dtype=bool)
     table = key_layer_table(selection_inputs(df, share, cfg.gate, sc.word_level), list(candidates))
     heads = ("max", "mean") if sc.head_reduce == "auto" else (sc.head_reduce,)
     best = choose_key_layers(table, heads)
     single = choose_key_layers([t for t in table if len(t["layers"]) == 1], ("mean",))
-    band = layers_in_band(list(candidates), n_layers, sc.layer_band)
-    fixed_head = "max" if sc.head_reduce == "auto" else sc.head_reduce
+    band, fixed_head = f"band {sc.layer_band}", "max" if sc.head_reduce == "auto" else sc.head_reduce
     chose = False
     if sc.key_layers:
-        rule, layers, head = "explicit (scoring.key_layers)", sorted(set(sc.key_layers)), fixed_head
+        rule, layers, head = "explicit (scoring.key_layers)", fixed, fixed_head
     elif sc.layer_select == "band":
-        rule, layers, head = f"band {sc.layer_band} (scoring.layer_select: band)", band, fixed_head
+        rule, layers, head = f"{band} (scoring.layer_select: band)", fixed, fixed_head
     elif best is None:
         why = (
             "no rationale was held out"
             if not share.any()
             else "the held-out rationales have no visual-attribute mention"
         )
-        rule, layers, head = f"band {sc.layer_band}: {why}", band, fixed_head
+        rule, layers, head = f"{band}: {why}", fixed, fixed_head
     else:
         rule, layers, head = (
             "auto: best within-rationale AUC on the held-out rationales",
@@ -372,7 +375,7 @@ def score_rationales(
     if not (0 <= worker[0] < worker[1]):
         raise ValueError(f"worker {worker}: need (i, n) with 0 <= i < n")
     all_layers = candidate_layers(loaded.model)
-    resolve_key_layers(loaded.model, cfg.scoring)  # explicit key layers checked before any work
+    fixed = resolve_key_layers(loaded.model, cfg.scoring)  # explicit key layers checked before any work
     prepared, skipped = _prepare(loaded, records, examples, require_answer_line)
     ids = [p.rec["id"] for p in prepared]
     if len(set(ids)) != len(ids):
@@ -391,7 +394,7 @@ def score_rationales(
     new_rows = _score_in_shards(todo, score, shards, cfg.scoring, len(mine), progress)
     by_id = {**done, **{r["id"]: r for r in new_rows}}
     df = pd.DataFrame([by_id[p.rec["id"]] for p in mine])
-    choice = layer_choice(df, cfg, all_layers, n_decoder_layers(loaded.model))
+    choice = layer_choice(df, cfg, all_layers, fixed)
     df["held_out"] = choice.pop("held_out")
     df = apply_key_layers(df, choice["layers"], choice["head_reduce"], cfg.scoring) if len(df) else df
     df.attrs["skipped"] = skipped
@@ -490,7 +493,7 @@ def token_table(df):
 
     cols = ["surprisal", "anchoring", "surprisal_word", "anchoring_word", "anchor_type"]
     for c in ("surprisal_noimg", "anchoring_blank", "anchoring_delta", "surprisal_gain"):
-        if c in df and df[c].map(_stored).all():
+        if _filled(df, c):
             cols.append(c)
     parts = []
     for r in df.itertuples(index=False):
@@ -578,7 +581,7 @@ def position_table(df, head_reduce: str):
 
     pos = np.concatenate([np.arange(len(t)) for t in df.token_ids])
     label = np.concatenate([np.asarray(t) != "" for t in df.anchor_type])
-    blank = "anchoring_blank" in df and df["anchoring_blank"].map(_stored).all()
+    blank = _filled(df, "anchoring_blank")
     layers = list(df.all_layers.iloc[0])
     sets = {f"layer {i}": [i] for i in layers} | {
         f"key {list(df.key_layers.iloc[0])}": list(df.key_layers.iloc[0])
@@ -605,7 +608,7 @@ def position_table(df, head_reduce: str):
             )
             add(name, "blank image", off)
             add(name, "image - blank", real - off)
-    if "surprisal_gain" in df and df["surprisal_gain"].map(_stored).all():
+    if _filled(df, "surprisal_gain"):
         add(
             "-",
             "surprisal gain (no image - image)",
@@ -735,8 +738,7 @@ def plot_key_layer_choice(choice: dict, path=None):
         im = ax.imshow(
             grid, vmin=0.5, vmax=max(0.51, np.nanmax(grid)) if np.isfinite(grid).any() else 1, cmap="viridis"
         )
-        contiguous = choice["layers"] == layers[idx.get(choice["layers"][0], 0) :][: len(choice["layers"])]
-        if h == choice["head_reduce"] and choice["layers"][0] in idx and contiguous:
+        if h == choice["head_reduce"] and any(t["layers"] == choice["layers"] for t in table):
             r, c = idx[choice["layers"][0]], idx[choice["layers"][-1]]
             ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="red", lw=2))
         ticks = [str(i) for i in layers] if len(layers) <= 12 else None
