@@ -20,7 +20,7 @@ from vskip_core.config import load_params
 from vskip_core.data.real import examples as benchmark_examples
 from vskip_core.runtime import atomic_write_json, configure_threads, environment, seed_everything
 from vskip_core.stages import distillation as distill
-from vskip_core.stages.evaluation import evaluate_system
+from vskip_core.stages.evaluation import evaluate_system, teacher_reference
 from vskip_core.stages.gating import student_tokenizer
 from vskip_core.teacher import load_teacher
 
@@ -53,13 +53,13 @@ def main() -> None:
     g = cfg.generation
     kw = dict(max_new_tokens=g.max_new_tokens, batch_size=cfg.eval.batch_size, progress=False)
     teacher_recs, _ = evaluate_system(load_teacher(cfg, progress=False), exs, "teacher", None, **kw)
-    reference = {r["id"]: r["rationale_tokens"] for r in teacher_recs}
+    reference = teacher_reference(teacher_recs)
     rows = []
     for m in args.methods:
         student = distill.load_student(cfg, trained[m]["adapter"])
         for r in args.ratios:
             prompt = distill.ratio_prompt(cfg, 1.0 if m == distill.CONTROL else r)
-            _, row = evaluate_system(student, exs, m, r, **prompt, reference_tokens=reference, **kw)
+            _, row = evaluate_system(student, exs, m, r, **prompt, reference=reference, **kw)
             keys = ("method", "ratio", "act_ratio", "accuracy", "yes_ratio", "anls")
             rows.append({k: row[k] for k in keys} | {"varr": row["varr"]["overall"]})
             print(json.dumps(rows[-1]), flush=True)

@@ -116,7 +116,7 @@ def test_datasets_share_examples_and_ratio_draws(tiny_teacher, tmp_path):
     card = data_card(ref)
     assert sum(v["n"] for v in card["per_ratio"].values()) == 50 == sum(card["per_family"].values())
     assert card["empty_targets"] == 0
-    assert card["per_ratio"]["0.3"]["mean_actual_ratio"] < card["per_ratio"]["0.9"]["mean_actual_ratio"] < 1
+    assert card["per_ratio"]["0.3"]["act_ratio"] < card["per_ratio"]["0.9"]["act_ratio"] < 1
     save_datasets(dss, tmp_path / "ds", report)
     back = load_datasets(tmp_path / "ds")
     assert set(back) == set(dss) and back["random"]["target"] == dss["random"]["target"]

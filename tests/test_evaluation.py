@@ -94,7 +94,11 @@ def test_rationale_part():
 def test_varr_text_hand_computed():
     """Mention-level and binding-aware: a value counts when the candidate says it of the same object, as often
     as the reference does; the answer line and the question's words are left out."""
-    from vskip_core.metrics import aggregate_varr, bound_mentions, varr_text
+    from vskip_core.metrics import aggregate_varr, bound_mentions
+    from vskip_core.metrics import varr_text as both
+
+    def varr_text(*args):  # the binding-aware reading: its bound_* types
+        return {t.removeprefix("bound_"): v for t, v in both(*args).items() if t.startswith("bound_")}
 
     ref = (
         "The triangle is a small red triangle marked $4.57, at the top left. It is red; we need red: same. "
@@ -120,13 +124,90 @@ def test_varr_text_hand_computed():
     # "red" said once keeps one of three mentions; the answer line alone keeps nothing
     once = varr_text(ref, "The red triangle. Answer: small red triangle $4.57 top left", SCENE)
     assert once["colour"] == (1, 3) and once["shape"] == (1, 2) and once["text"] == (0, 1)
-    assert aggregate_varr([bad, once])["colour"] == 1 / 6
+    assert (
+        aggregate_varr([both(ref, "A small purple triangle.", SCENE), both(ref, "The red triangle.", SCENE)])[
+            "bound_colour"
+        ]
+        == 1 / 6
+    )
     assert varr_text(ref, ref, None) == {t: (0, 0) for t in ("colour", "shape", "size", "position", "text")}
     # a teacher's misread price ($9.99) is not counted, and keeping it does not cost the shape; adding one does
     misread = "The small red triangle is marked $9.99, at the top left."
     assert varr_text(misread, misread, SCENE)["shape"] == (1, 1)
     assert varr_text(misread, misread, SCENE)["text"] == (0, 0)
     assert varr_text(misread, "The small red triangle is marked $1.11.", SCENE)["shape"] == (0, 1)
+
+
+def test_paper_varr_hand_computed_on_real_looking_rationales():
+    """The paper's VARR (colour, shape, object category) needs no scene: a DocVQA, a POPE and an MMMU rationale,
+    each against a compression of it, counted by hand (answer lines left out, a value kept as often as said)."""
+    from vskip_core.metrics import aggregate_varr, attribute_mentions, varr_text
+
+    def paper(ref, cand):
+        v = varr_text(ref, cand, None)
+        assert all(v[t] == (0, 0) for t in v if t.startswith("bound_"))  # no scene: no binding-aware reading
+        return {t: v[t] for t in ("colour", "shape", "category")}
+
+    docvqa = (
+        "The invoice header is printed in blue ink inside a rectangular box. The total row, in red, reads "
+        "$1,250.00 next to a round stamp. Answer: $1,250.00"
+    )
+    # blue, red; rectangular -> rectangle, round -> circle; no category
+    assert attribute_mentions(docvqa) == {("colour", "blue"): 1, ("colour", "red"): 1,
+                                          ("shape", "rectangle"): 1, ("shape", "circle"): 1}  # fmt: skip
+    assert paper(docvqa, "invoice header blue rectangular box. total row reads $1,250.00. Answer: $1,250.00") == {
+        "colour": (1, 2), "shape": (1, 2), "category": (0, 0)}  # fmt: skip
+    pope = (
+        "I see two people on a white sofa and a dog lying near the coffee table. There is no cat in the "
+        "image. Answer: no"
+    )
+    # people -> person, sofa -> couch, dog, table -> dining table, cat; white
+    assert paper(pope, "two people sofa dog table. no cat. Answer: no") == {
+        "colour": (0, 1), "shape": (0, 0), "category": (5, 5)}  # fmt: skip
+    mmmu = (
+        "The diagram shows a green triangle and two green circles; the square root of 16 is 4, so the side of "
+        "the square is 4 cm. Answer: (B)"
+    )
+    # green x2, triangle, circles -> circle, square (the shape; "square root" is a unit) ; no category
+    assert paper(mmmu, "a green triangle, circles; the square is 4 cm. Answer: (B)") == {
+        "colour": (1, 2), "shape": (3, 3), "category": (0, 0)}  # fmt: skip
+    pooled = aggregate_varr([varr_text(docvqa, "blue box", None), varr_text(pope, "a dog", None)])
+    assert pooled["colour"] == 1 / 3 and pooled["category"] == 1 / 5 and pooled["shape"] == 0.0
+    assert pooled["overall"] == pytest.approx(2 / 10) and pooled["bound_overall"] is None
+    # "orange" alone is the colour, "oranges" the fruit; the answer line never counts
+    assert attribute_mentions("an orange cup and three oranges. Answer: orange") == {
+        ("colour", "orange"): 1, ("category", "cup"): 1, ("category", "orange"): 1}  # fmt: skip
+    # no valid reference (a truncated teacher rationale): nothing to retain
+    assert paper(None, "a red cat") == {"colour": (0, 0), "shape": (0, 0), "category": (0, 0)}
+
+
+def test_lexicons_cover_coco_and_the_basic_colours():
+    """Every COCO category, its plural and the synonyms POPE's questions use are found; the basic colours too."""
+    from vskip_core.data.lexicons import CATEGORY_TERMS, COLOUR_TERMS
+    from vskip_core.metrics import attribute_mentions
+
+    coco = {v for v in CATEGORY_TERMS.values()}
+    assert len(coco) == 80
+    for q, want in [("Is there a hair drier in the image?", "hair drier"), ("Is there a tv?", "tv"),
+                    ("Are there two giraffes?", "giraffe"), ("Is there a cell phone in the image?", "cell phone"),
+                    ("Is there a dining table in the image?", "dining table"), ("a teddy bear", "teddy bear"),
+                    ("Is there a sports ball in the image?", "sports ball"), ("three knives", "knife")]:  # fmt: skip
+        assert attribute_mentions(q) == {("category", want): 1}, q
+    for c in (
+        "red",
+        "orange",
+        "yellow",
+        "green",
+        "blue",
+        "purple",
+        "pink",
+        "brown",
+        "black",
+        "white",
+        "grey",
+    ):
+        assert COLOUR_TERMS[c] == c
+    assert attribute_mentions("a gray bus")[("colour", "grey")] == 1
 
 
 def test_varr_text_is_complete_on_gold_rationales():
@@ -143,7 +224,8 @@ def test_varr_text_is_complete_on_gold_rationales():
         v = varr_text(ex["rationale"], ex["rationale"], ex["scene"], question_words(ex))
         assert all(k == n for k, n in v.values()), (ex["rationale"], v)
         for t, (_, n) in v.items():
-            totals[ex["family"], t] = totals.get((ex["family"], t), 0) + n
+            if t.startswith("bound_"):  # the binding-aware reading, which leaves the question's words out
+                totals[ex["family"], t[6:]] = totals.get((ex["family"], t[6:]), 0) + n
     assert (
         totals["multistep", "text"] == 20
     )  # the found object's price; the options' words are the question's
@@ -319,6 +401,8 @@ class _WordTokenizer:
     """One token per whitespace-separated word: rationale token counts can be read off the texts."""
 
     def __call__(self, text, add_special_tokens=False):
+        if isinstance(text, list):
+            return {"input_ids": [t.split() for t in text]}
         return {"input_ids": text.split()}
 
 
@@ -339,13 +423,20 @@ def test_evaluate_system_row_equals_hand_computed(monkeypatch):
     examples = [e for e, _, _ in HAND_EXAMPLES]
     monkeypatch.setattr(stage05, "generate", _stub_generate({e["id"]: out for e, out, _ in HAND_EXAMPLES}))
     loaded = SimpleNamespace(model=None, tokenizer=_WordTokenizer(), processor=None)
-    ref = {e["id"]: n for e, _, n in HAND_EXAMPLES if n}
-    recs, row = evaluate_system(loaded, examples, "stub", 0.5, reference_tokens=ref, progress=False)
+    # the teacher's full rationales: the gold ones where the example has one; t-6's hit max_new_tokens
+    ref = {
+        e["id"]: {"response": e.get("rationale") or "", "body_tokens": n, "truncated": e["id"] == "t-6"}
+        for e, _, n in HAND_EXAMPLES
+        if n
+    }
+    recs, row = evaluate_system(loaded, examples, "stub", 0.5, reference=ref, progress=False)
 
     # rationales (before the final answer statement): 4, 4, 4, 3, 0 and 2 ("So the") words
     assert [r["rationale_tokens"] for r in recs] == [4, 4, 4, 3, 0, 2]
-    # ActRatio: 4/8, 4/4, none (no reference), 3/6, 0/5, 2/4
-    assert [r["act_ratio"] for r in recs] == [0.5, 1.0, None, 0.5, 0.0, 0.5]
+    # ActRatio: 4/8, 4/4, none (no reference), 3/6, 0/5, none (truncated reference); pooled 11/23
+    assert [r["act_ratio"] for r in recs] == [0.5, 1.0, None, 0.5, 0.0, None]
+    assert row["act_ratio"] == pytest.approx(11 / 23) and row["act_ratio_n"] == 4
+    assert not any(r["truncated"] for r in recs)  # 7 tokens generated, under the cap
     assert row["method"] == "stub" and row["ratio"] == 0.5 and row["n"] == 6
     # attribute 1 of 2; reading exact 0 of 1; existence 1 of 2; multistep (B) 1 of 1
     assert row["accuracy"] == {"attribute": 0.5, "existence": 0.5, "multistep": 1.0, "reading": 0.0}
@@ -353,11 +444,13 @@ def test_evaluate_system_row_equals_hand_computed(monkeypatch):
     # POPE: predictions yes, yes; labels yes, no -> TP 1, FP 1: precision 1/2, recall 1, F1 2/3
     assert row["pope_f1"] == pytest.approx(2 / 3) and row["yes_ratio"] == 1.0
     assert row["tokens"] == pytest.approx(17 / 6) and row["gen_tokens"] == 7.0
-    assert row["act_ratio"] == pytest.approx((0.5 + 1.0 + 0.5 + 0.0 + 0.5) / 5)
-    # VARR against the gold rationales: red and the triangle kept; blue lost, and "the circle is green"
-    # binds a false colour to the circle, so its shape is lost too -> colour 1/2, shape 1/2, overall 2/4
-    assert row["varr"]["colour"] == 0.5 and row["varr"]["shape"] == 0.5
-    assert row["varr"]["overall"] == pytest.approx(2 / 4) and row["varr"]["size"] is None
+    # the paper's VARR against the teacher's rationales: red, triangle and circle kept, blue lost
+    assert row["varr"]["colour"] == 0.5 and row["varr"]["shape"] == 1.0 and row["varr"]["category"] is None
+    assert row["varr"]["overall"] == pytest.approx(3 / 4)
+    # binding-aware VARR against the gold rationales: red and the triangle kept; blue lost, and "the circle is
+    # green" binds a false colour to the circle, so its shape is lost too -> colour 1/2, shape 1/2, overall 2/4
+    assert row["varr"]["bound_colour"] == 0.5 and row["varr"]["bound_shape"] == 0.5
+    assert row["varr"]["bound_overall"] == pytest.approx(2 / 4) and row["varr"]["bound_size"] is None
     # hallucinations: green (absent colour) in 2, $4.52 (absent price) in 3
     assert [r["hallucinations"] for r in recs] == [0, 1, 1, 0, 0, 0]
     assert row["hallucinations_per_example"] == pytest.approx(2 / 6)
@@ -534,7 +627,7 @@ def test_add_intervals_pairs_students_with_the_full_control():
     )
 
 
-def test_speedups_pair_the_timed_examples_with_the_full_control():
+def test_speedups_pair_the_timed_examples_with_the_teacher_and_the_full_control():
     from vskip_core.stages.evaluation import add_speedups
 
     full = [0.4, 0.5, 0.6, 0.5, 0.45, 0.55]
@@ -548,3 +641,7 @@ def test_speedups_pair_the_timed_examples_with_the_full_control():
     assert rows[1]["speedup_vs_full"] == 1.0 and rows[1]["speedup_vs_full_ci"] == [1.0, 1.0]
     assert rows[2]["speedup_vs_full"] == 2.0 and rows[2]["speedup_vs_full_ci"] == [2.0, 2.0]  # paired: exact
     assert rows[3]["speedup_vs_full"] is None
+    # against the original model writing its full rationale (the paper's): median 0.5 over median 0.25
+    assert rows[0]["speedup_vs_teacher"] == 1.0 and rows[2]["speedup_vs_teacher"] == 2.0
+    assert rows[2]["speedup_vs_teacher_ci"][0] < 2.0 < rows[2]["speedup_vs_teacher_ci"][1]  # unpaired spread
+    assert rows[3]["speedup_vs_teacher"] is None

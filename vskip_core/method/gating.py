@@ -13,10 +13,11 @@ where a text-only compressor drops it.
 = -log p(word); anchoring, the max: a word is anchored if any of its tokens is). Otherwise each token is a unit. Budgets are counted
 in tokens: a unit costs its number of tokens.
 
-**Budget.** gamma is the fraction of the rationale's tokens kept: k = round(gamma * n). Forced tokens (the
-final answer line, `gate.force_keep_answer`; digits, `gate.force_keep_digits`) are kept first and count
-toward k. A row that cannot meet k (empty, no answer line, forced tokens > k, k = 0) raises `GateError`;
-`usable_rows` drops such rows and counts them by reason.
+**Budget.** gamma is the fraction of the rationale *body* kept (the tokens before the final answer line, the
+unit of `metrics.act_ratio`): k = round(gamma * n_body), plus the answer line's tokens when it is forced
+(`gate.force_keep_answer`; without it the answer line is body like the rest). Forced body tokens (digits,
+`gate.force_keep_digits`) count toward k. A row that cannot meet k (empty, no answer line, forced tokens > k,
+k = 0) raises `GateError`; `usable_rows` drops such rows and counts them by reason.
 
 **Thresholds and `gate.text_share`** (per example, `gate.threshold_mode: example`). Let b = k - forced.
 1. Text path: walk down the surprisal ranking, keeping units while the text path's total fits in
@@ -24,9 +25,9 @@ toward k. A row that cannot meet k (empty, no answer line, forced tokens > k, k 
 2. Visual path: walk down the anchoring ranking over the units not kept yet, until the union holds k tokens.
    tau_visual is the score of the last unit taken.
 3. Margin. A unit longer than what is left is passed over for the next one that fits (first fit, in both
-   walks). If the count still ends more than one token short of gamma * n (only long units left, e.g.
+   walks). If the count still ends more than one token short of its target (only long units left, e.g.
    multi-token prices), the best-ranked of them goes in and the lowest-ranked units of the visual walk come
-   out, exactly as many tokens as needed, so the kept count is gamma * n within one token. The margin is the
+   out, exactly as many tokens as needed, so the kept count is its target within one token. The margin is the
    only place where the gate departs from two pure thresholds.
 text_share = 1 gives exactly `text_only`, 0 exactly `visual_only`; 0.5 (default) splits the free budget
 evenly. The paper does not say how the two thresholds share gamma; `gate.split: symmetric` is the other
@@ -340,7 +341,7 @@ def _select(
     split: str = "share",
 ) -> tuple[np.ndarray, dict[str, float]]:
     """The gate proper: which units to keep so that `budget` tokens are kept, and the thresholds reached.
-    With `target` (= gamma * n, per example) the margin is filled to the token; per corpus the thresholds
+    With `target` (gamma of the body + the forced answer line, per example) the margin is filled to the token; per corpus the thresholds
     alone decide."""
     taken, locked = forced.copy(), forced.copy()
     if method in UNION_METHODS and split == "symmetric":
@@ -420,15 +421,29 @@ def _prepare(row: Any, method: str, gamma: float | None, cfg: Config | GateConfi
     return _Prepared(row, gate, gamma, unit, cost, forced, unit_scores(row, method, cfg, unit, seed))
 
 
-def _budget(row: Scored, gamma: float, cost: np.ndarray, forced: np.ndarray) -> int:
-    k = round(gamma * row.n)  # half to even: no systematic half-token bias over a corpus
-    if k == 0:
-        raise GateError("budget", f"{row.id}: gamma={gamma} keeps 0 of its {row.n} tokens; raise gamma")
+def body_length(row: Scored, gate: GateConfig) -> int:
+    """Tokens gamma applies to: those before a forced answer line (all of them when it is not forced)."""
+    return row.answer_start if gate.force_keep_answer and row.answer_start is not None else row.n
+
+
+def kept_target(row: Scored, gamma: float, gate: GateConfig) -> float:
+    """gamma of the body, plus the forced answer line (the kept count the margin fills to)."""
+    n_body = body_length(row, gate)
+    return gamma * n_body + (row.n - n_body)
+
+
+def _budget(row: Scored, gamma: float, cost: np.ndarray, forced: np.ndarray, gate: GateConfig) -> int:
+    n_body = body_length(row, gate)
+    k_body = round(gamma * n_body)  # half to even: no systematic half-token bias over a corpus
+    if k_body == 0:
+        raise GateError("budget", f"{row.id}: gamma={gamma} keeps 0 of its {n_body} body tokens; raise gamma")
+    k = k_body + row.n - n_body
     if cost[forced].sum() > k:
         raise GateError(
             "budget",
             f"{row.id}: its {cost[forced].sum()} forced tokens (answer line / digits) exceed the budget of "
-            f"{k} = round({gamma} x {row.n}) tokens; raise gamma or drop the row (usable_rows does)",
+            f"{k} = round({gamma} x {n_body}) body tokens + the answer line; raise gamma or drop the row "
+            "(usable_rows does)",
         )
     return k
 
@@ -444,7 +459,8 @@ def keep_mask(
 ) -> np.ndarray:
     """Boolean keep mask over the row's tokens.
 
-    Per example (default): exactly round(gamma * n) tokens kept (at worst one short, see the module doc).
+    Per example (default): exactly round(gamma * n_body) body tokens kept, plus a forced answer line (at worst
+    one short, see the module doc).
     With `thresholds` from `fit_corpus_thresholds`: the corpus thresholds applied to this row.
     `gate_cfg` is the Config (its `scoring` section sets word-level decisions) or just its GateConfig."""
     row, gate, gamma, unit, cost, forced, scores = _prepare(row, method, gamma, gate_cfg, seed)
@@ -458,16 +474,18 @@ def keep_mask(
             "thresholds = fit_corpus_thresholds(rows, method, gamma, cfg), and pass thresholds=thresholds "
             "(or use gate_rows, which does both)"
         )
-    budget = _budget(row, gamma, cost, forced)
-    taken, _ = _select(scores, method, cost, forced, budget, gate.text_share, gamma * row.n, gate.split)
+    budget = _budget(row, gamma, cost, forced, gate)
+    taken, _ = _select(
+        scores, method, cost, forced, budget, gate.text_share, kept_target(row, gamma, gate), gate.split
+    )
     return taken[unit]
 
 
 def fit_corpus_thresholds(
     rows: Iterable[Any], method: str, gamma: float | None, gate_cfg: Config | GateConfig, seed: int = 0
 ) -> dict:
-    """One threshold per path for the whole corpus, so that the corpus keeps gamma of its tokens (forced
-    tokens included): the walk of the module doc over all rows' units pooled, without the margin step.
+    """One threshold per path for the whole corpus, so that the corpus keeps gamma of its body tokens (plus
+    the forced answer lines): the walk of the module doc over all rows' units pooled, without the margin step.
     Pass `usable_rows`' rows. Returns {"method", "gamma", "thresholds": {path: tau}, "kept_fraction"}."""
     prepared = [_prepare(r, method, gamma, gate_cfg, seed) for r in rows]
     if not prepared:
@@ -477,7 +495,8 @@ def fit_corpus_thresholds(
     forced = np.concatenate([p.forced for p in prepared])
     scores = {path: np.concatenate([p.scores[path] for p in prepared]) for path in prepared[0].scores}
     n = sum(p.row.n for p in prepared)
-    k = round(gamma * n)
+    n_body = sum(body_length(p.row, gate) for p in prepared)
+    k = round(gamma * n_body) + n - n_body  # gamma of the bodies, plus the forced answer lines
     if cost[forced].sum() > k:
         raise GateError(
             "budget", f"the corpus's {cost[forced].sum()} forced tokens exceed gamma={gamma} of {n}"
@@ -487,7 +506,7 @@ def fit_corpus_thresholds(
         "method": method,
         "gamma": gamma,
         "thresholds": thresholds,
-        "kept_fraction": cost[taken].sum() / n,
+        "kept_fraction": (cost[taken].sum() - (n - n_body)) / n_body,  # of the bodies
     }
 
 
@@ -525,7 +544,7 @@ def usable_rows(
     for r in rows:
         try:
             p = _prepare(r, "random", gamma, gate_cfg, 0)
-            _budget(p.row, p.gamma, p.cost, p.forced)
+            _budget(p.row, p.gamma, p.cost, p.forced, p.gate)
         except GateError as e:
             skipped[e.reason] += 1
             continue

@@ -73,7 +73,7 @@ from vskip_core.cli import parse_sets, stage_parser
 from vskip_core.config import Config, load_params
 from vskip_core.method.external_lm import external_surprisal
 from vskip_core.method.gating import GateError, as_scored, forced_tokens, keep_mask
-from vskip_core.metrics import compress_text
+from vskip_core.metrics import act_ratio, body_tokens, compress_text
 from vskip_core.modeling.decoding import generate
 from vskip_core.modeling.external_lm import load_smollm2
 from vskip_core.modeling.loading import Loaded, collate, encode, load_model, user_text
@@ -264,7 +264,7 @@ def build_dataset(
     recs = []
     for row in rows:
         text = _text(row)
-        body, sep, answer = split_answer(text)
+        _, sep, answer = split_answer(text)
         ratio = 1.0 if method == CONTROL else float(draws[str(row["id"])])
         if ratio >= 1.0:
             target = text.strip()
@@ -272,7 +272,7 @@ def build_dataset(
             raise DistillError(f"method {method!r} needs a compress(row, method, ratio) callable")
         else:
             target = make_target(compress(row, method, ratio), answer, sep)
-        kept_body = split_answer(target)[0] if answer else target
+        kept_body, full_body = body_tokens([target, text], tokenizer)
         split, index = example_ref(row)
         recs.append(
             {
@@ -287,7 +287,9 @@ def build_dataset(
                 "full_rationale": text,
                 "target_tokens": n_tokens(target),
                 "full_tokens": n_tokens(text),
-                "actual_ratio": n_tokens(kept_body) / max(n_tokens(body), 1),
+                "body_tokens": kept_body,
+                "full_body_tokens": full_body,
+                "actual_ratio": act_ratio([kept_body], [full_body]),  # per example; pooled in data_card
             }
         )
     return Dataset.from_list(recs)
@@ -314,14 +316,14 @@ def build_datasets(
 
 
 def data_card(ds) -> dict[str, Any]:
-    """Counts per ratio, per family and per (ratio, family); mean target / full tokens and actual ratio."""
+    """Counts per ratio, per family and per (ratio, family); mean target / full tokens and ActRatio (`metrics.act_ratio`)."""
     df = ds.to_pandas()
     per_ratio = {
         format_ratio(r): {
             "n": int(len(g)),
             "mean_target_tokens": float(g.target_tokens.mean()),
             "mean_full_tokens": float(g.full_tokens.mean()),
-            "mean_actual_ratio": float(g.actual_ratio.mean()),
+            "act_ratio": act_ratio(g.body_tokens.tolist(), g.full_body_tokens.tolist()),
         }
         for r, g in df.groupby("ratio")
     }
@@ -382,7 +384,7 @@ def _dataset_readme(card: dict[str, Any]) -> str:
     for r, v in card["per_ratio"].items():
         lines.append(
             f"| {r} | {v['n']} | {v['mean_target_tokens']:.1f} | {v['mean_full_tokens']:.1f} | "
-            f"{v['mean_actual_ratio']:.3f} |"
+            f"{v['act_ratio']:.3f} |"
         )
     lines += ["", "Per family: " + ", ".join(f"{k} {v}" for k, v in card["per_family"].items()), ""]
     return "\n".join(lines)

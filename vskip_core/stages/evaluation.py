@@ -14,8 +14,10 @@ import numpy as np
 from vskip_core.method.gating import GateError, as_scored, keep_mask
 from vskip_core.metrics import (
     FamilyScores,
+    act_ratio,
     aggregate_varr,
     attribute_hallucinations,
+    body_tokens,
     bootstrap_ci,
     family_metrics,
     question_words,
@@ -83,14 +85,15 @@ def evaluate_system(
     max_new_tokens: int = 192,
     batch_size: int = 32,
     instruction: str = "",
-    reference_tokens: dict[str, int] | None = None,
+    reference: dict[str, dict[str, Any]] | None = None,
     seed: int = 0,
     assistant_prefill: str = "",
     progress: bool = True,
     repetition_penalty: float = 1.0,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Generate for every example, score with each family's metric, and measure rationale tokens, ActRatio
-    (vs `reference_tokens`, the teacher's full-rationale token counts by id), VARR and hallucinations.
+    """Generate for every example, score with each family's metric, and measure rationale tokens, ActRatio and
+    the paper's VARR (both against `reference`, the teacher's full-rationale records by id, `teacher_reference`;
+    a truncated one is no reference), the binding-aware VARR (against the gold rationale) and hallucinations.
     `assistant_prefill` starts the answer (e.g. "Answer:" for the direct-answer baseline); pass
     `repetition_penalty=cfg.generation.repetition_penalty` (the decoding of `generation.decoding_config`)."""
 
@@ -109,13 +112,14 @@ def evaluate_system(
         assistant_prefill=assistant_prefill,
         repetition_penalty=repetition_penalty,
     )
+    texts = [assistant_prefill + g["text"] if assistant_prefill else g["text"] for g in gens]
+    rats = [rationale_part(t) if not assistant_prefill else "" for t in texts]
+    bodies = body_tokens(rats, tok)
     recs = []
-    for ex, g in zip(examples, gens):
-        text = assistant_prefill + g["text"] if assistant_prefill else g["text"]
+    for ex, g, text, rat, n_body in zip(examples, gens, texts, rats, bodies):
         s = score_example(ex, text, seed)
-        rat = rationale_part(text) if not assistant_prefill else ""
-        n_rat = len(tok(rat, add_special_tokens=False)["input_ids"]) if rat else 0
-        ref = (reference_tokens or {}).get(ex["id"])
+        ref = (reference or {}).get(ex["id"])
+        ref_ok = ref is not None and not ref["truncated"]
         recs.append(
             {
                 **s,
@@ -123,16 +127,29 @@ def evaluate_system(
                 "ratio": ratio,
                 "response": text,
                 "gen_tokens": len(g["token_ids"]),
-                "rationale_tokens": n_rat,
-                "act_ratio": n_rat / ref if ref else None,
+                "truncated": len(g["token_ids"]) >= max_new_tokens,  # hit the cap: not a full rationale
+                "rationale_tokens": n_body,
+                "body_tokens": n_body,
+                "reference_body_tokens": ref["body_tokens"] if ref_ok else None,
+                "act_ratio": act_ratio([n_body], [ref["body_tokens"]]) if ref_ok else None,
                 "varr": varr_text(
-                    ex.get("rationale") or "", text if rat else "", ex.get("scene"), question_words(ex)
+                    ref["response"] if ref_ok else None,
+                    text if rat else "",
+                    ex.get("scene"),
+                    question_words(ex),
+                    bound_reference=ex.get("rationale") or "",
                 ),
                 "hallucinations": len(attribute_hallucinations(rat, ex.get("scene"))),
                 "time_s": g["time_s"],
             }
         )
     return recs, summarize(examples, recs, name, ratio)
+
+
+def teacher_reference(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The teacher's full-rationale records by id: what ActRatio and the paper's VARR compare against. Those that
+    hit `max_new_tokens` stay flagged (`truncated`) and are left out of both, never silently shortening them."""
+    return {r["id"]: {k: r[k] for k in ("response", "body_tokens", "truncated")} for r in records}
 
 
 def summarize(
@@ -142,7 +159,6 @@ def summarize(
     import numpy as np
 
     fm = family_metrics(examples, recs)
-    acts = [r["act_ratio"] for r in recs if r["act_ratio"] is not None]
     return {
         "method": name,
         "ratio": ratio,
@@ -152,7 +168,9 @@ def summarize(
         "yes_ratio": fm.get("existence", {}).get("yes_ratio"),
         "tokens": float(np.mean([r["rationale_tokens"] for r in recs])) if recs else None,
         "gen_tokens": float(np.mean([r["gen_tokens"] for r in recs])) if recs else None,
-        "act_ratio": float(np.mean(acts)) if acts else None,
+        "act_ratio": act_ratio([r["body_tokens"] for r in recs], [r["reference_body_tokens"] for r in recs]),
+        "act_ratio_n": sum(bool(r["reference_body_tokens"]) for r in recs),  # examples with a valid reference
+        "truncated": int(sum(r["truncated"] for r in recs)),
         "varr": aggregate_varr([r["varr"] for r in recs]),
         "hallucinations_per_example": float(np.mean([r["hallucinations"] for r in recs])) if recs else None,
         "unparsed": int(sum(r["unparsed"] for r in recs)),
@@ -167,7 +185,8 @@ def add_intervals(rows: list[dict[str, Any]], records: list[dict[str, Any]], rep
     `accuracy_mean` (mean over families) and `*_ci` fields for it, each family's accuracy, yes-ratio, ActRatio
     and VARR; and, paired by example (on the examples both rows have), each student against the `full` control
     (`vs_full`: accuracy_mean and yes-ratio differences) and each V-Skip student against the text-only student
-    at its ratio (`vs_text_only`: VARR difference). Rows are updated in place."""
+    and the LLMLingua-2 student at its ratio (`vs_text_only`, `vs_llmlingua2`: paper and binding-aware VARR
+    differences). Rows are updated in place."""
 
     def key(r):
         return (r["method"], r["ratio"])
@@ -204,13 +223,16 @@ def add_intervals(rows: list[dict[str, Any]], records: list[dict[str, Any]], rep
         row["yes_ratio_ci"] = ci(a, "yes_ratio")
         row["act_ratio_ci"] = ci(a, "act_ratio")
         row["varr_overall_ci"] = ci(a, "varr")
+        row["varr_bound_overall_ci"] = ci(a, "varr", "bound_overall")
         if full is not None and row["method"] not in ("teacher", "direct", "full"):
             row["vs_full"] = diff(key(row), full, "accuracy_mean", "accuracy_mean") | diff(
                 key(row), full, "yes_ratio", "yes_ratio"
             )
-        text_only = ("text_only", row["ratio"])
-        if row["method"] == "vskip" and text_only in by_key:
-            row["vs_text_only"] = diff(key(row), text_only, "varr", "varr")
+        for base in ("text_only", "llmlingua2"):  # the paper's comparisons: V-Skip against blind compression
+            if row["method"] == "vskip" and (base, row["ratio"]) in by_key:
+                row[f"vs_{base}"] = diff(key(row), (base, row["ratio"]), "varr", "varr") | diff(
+                    key(row), (base, row["ratio"]), "varr_bound", "varr_bound"
+                )
     return rows
 
 
@@ -226,7 +248,7 @@ def evaluate_students(
     cfg,
     adapters: dict[str, str],
     examples: list[dict[str, Any]],
-    reference_tokens: dict[str, int],
+    reference: dict[str, dict[str, Any]],
     progress: bool = True,
 ):
     """Every student at every `eval.ratios` (the `full` control at 1.0 only): on all `examples` at
@@ -248,7 +270,7 @@ def evaluate_students(
                 **ratio_prompt(cfg, r),
                 max_new_tokens=g.max_new_tokens,
                 batch_size=e.batch_size,
-                reference_tokens=reference_tokens,
+                reference=reference,
                 seed=cfg.runtime.seed,
                 progress=progress,
                 repetition_penalty=g.repetition_penalty,
@@ -276,19 +298,22 @@ def latency_fields(
 
 
 def add_speedups(rows: list[dict[str, Any]], reps: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
-    """`speedup_vs_full` (the full control's median batch-1 latency / the row's) and its bootstrap 95%
-    interval, paired by timed example (the same examples time every system). Rows updated in place."""
-    full = next((r for r in rows if r["method"] == "full" and r.get("latency_times_s")), None)
-    for r in rows:
-        t = np.asarray(r.get("latency_times_s") or [], float)
-        if full is None or not len(t):
-            r["speedup_vs_full"], r["speedup_vs_full_ci"] = None, [None, None]
-            continue
-        f = np.asarray(full["latency_times_s"], float)[: len(t)]
-        r["speedup_vs_full"] = float(np.median(f) / np.median(t))
-        r["speedup_vs_full_ci"] = bootstrap_ci(
-            lambda i, f=f, t=t: float(np.median(f[i]) / np.median(t[i])), len(t), reps, seed
-        )
+    """Batch-1 speed-up of every row with its bootstrap 95% interval, paired by timed example (the same examples
+    time every system): `speedup_vs_teacher` (the original model writing its full rationale, as the paper
+    reports it) and `speedup_vs_full` (the full-rationale LoRA control). Rows updated in place."""
+    for ref_name in ("teacher", "full"):
+        ref = next((r for r in rows if r["method"] == ref_name and r.get("latency_times_s")), None)
+        for r in rows:
+            t = np.asarray(r.get("latency_times_s") or [], float)
+            field = f"speedup_vs_{ref_name}"
+            if ref is None or not len(t):
+                r[field], r[field + "_ci"] = None, [None, None]
+                continue
+            f = np.asarray(ref["latency_times_s"], float)[: len(t)]
+            r[field] = float(np.median(f) / np.median(t))
+            r[field + "_ci"] = bootstrap_ci(
+                lambda i, f=f, t=t: float(np.median(f[i]) / np.median(t[i])), len(t), reps, seed
+            )
     return rows
 
 

@@ -27,9 +27,11 @@ from vskip_core.method.gating import (
 )
 from vskip_core.method.scoring import anchoring_for_layers
 from vskip_core.metrics import (
-    VARR_TYPES,
+    VARR_GROUPS,
+    act_ratio,
     aggregate_varr,
     anchor_tokens,
+    body_tokens,
     bootstrap_ci,
     compress_text,
     question_words,
@@ -54,7 +56,8 @@ def evaluate(
     seed: int = 0,
     mode: str | None = None,
 ) -> dict[str, Any]:
-    """Gate every row and measure: actual ratio (student tokenizer on rebuilt vs full texts), the mask's
+    """Gate every row and measure: actual ratio (`metrics.act_ratio`: student-tokenizer body tokens of the rebuilt
+    vs the full texts), the mask's
     own ratio (teacher tokens), and VARR (`metrics.varr_text`: the rebuilt text against the full one, each
     row's scene and question from its benchmark example in `examples`) pooled over the corpus."""
     return Evaluator(rows, examples, tokenizer)(method, gamma, cfg, seed, mode)
@@ -72,9 +75,7 @@ class Evaluator:
         if not self.rows:
             raise ValueError("no rows to evaluate (did every row get skipped? see usable_rows' counts)")
         self.tokenizer = tokenizer
-        self.n_full = sum(
-            map(len, tokenizer([r.text for r in self.rows], add_special_tokens=False)["input_ids"])
-        )
+        self.full_body = body_tokens([r.text for r in self.rows], tokenizer)
         self.context = [(ex.get("scene"), question_words(ex)) for ex in examples]
         self.refs = [varr_reference(r.text, sc, q) for r, (sc, q) in zip(self.rows, self.context)]
 
@@ -87,9 +88,8 @@ class Evaluator:
 
     def __call__(self, method, gamma, cfg, seed=0, mode=None) -> dict[str, Any]:
         counts, texts, keeps = self.counts(method, gamma, cfg, seed, mode)
-        n_kept = sum(map(len, self.tokenizer(texts, add_special_tokens=False)["input_ids"]))
         return {
-            "actual_ratio": n_kept / self.n_full,
+            "actual_ratio": act_ratio(body_tokens(texts, self.tokenizer), self.full_body),
             "mask_ratio": sum(int(k.sum()) for k in keeps) / sum(r.n for r in self.rows),
             "varr": aggregate_varr(counts),
         }
@@ -338,19 +338,26 @@ def varr_intervals(
     rows, examples, methods, gamma: float, cfg: Config, tokenizer, seed: int = 0, against: str = "text_only",
     reps: int = 1000,
 ):  # fmt: skip
-    """VARR per attribute type (and overall) at `gamma`, per-example thresholds, with a 95% bootstrap interval
+    """VARR per attribute type and pooled group (`metrics.VARR_GROUPS`: the paper's, the binding-aware) at `gamma`, per-example thresholds, with a 95% bootstrap interval
     over rationales (the pooled counts re-pooled per resample), and each method's paired difference from
     `against` on the same resamples: one row per (method, type)."""
     import pandas as pd
 
     ev = Evaluator(rows, examples, tokenizer)
-    types = [*VARR_TYPES, "overall"]
+    types = [
+        t for g, members in VARR_GROUPS.items() for t in (*members, g)
+    ]  # each group's types, then its pool
     arrays = {}
     for m in dict.fromkeys([*methods, against]):
         c = ev.counts(m, gamma, cfg, seed, "example")[0]
-        kept = np.array([[x[t][0] for t in VARR_TYPES] for x in c], dtype=float)
-        total = np.array([[x[t][1] for t in VARR_TYPES] for x in c], dtype=float)
-        arrays[m] = (np.c_[kept, kept.sum(1)], np.c_[total, total.sum(1)])
+        cols = {
+            t: (np.array([x[t][0] for x in c], float), np.array([x[t][1] for x in c], float))
+            for t in types
+            if t not in VARR_GROUPS
+        }
+        for g, members in VARR_GROUPS.items():
+            cols[g] = (sum(cols[t][0] for t in members), sum(cols[t][1] for t in members))
+        arrays[m] = (np.c_[tuple(cols[t][0] for t in types)], np.c_[tuple(cols[t][1] for t in types)])
 
     def varr(m, j, idx):
         k, t = arrays[m]
