@@ -1,6 +1,7 @@
-"""Stand-ins for the model hub: tiny random-weight checkpoints of the real model classes and small local copies of
-the hub benchmarks in their exact schemas, so the real-model path (params/colab_*.yaml, qwen*_7b.yaml,
-llama32_*.yaml) runs end to end on a CPU with no hub access.
+"""Stand-ins for the model hub: tiny checkpoints of the real model classes (random weights fitted to write one fixed
+rationale, `vskip_core.modeling.standins`) and small local copies of the hub benchmarks in their exact schemas, so
+the real-model path (params/colab_*.yaml, qwen*_7b.yaml, llama32_*.yaml) runs end to end on a CPU with no hub
+access.
 
 A params file names a stand-in where it would name a hub id, and it builds itself on first use (cached under
 `<runtime.cache_dir>/standins/`), as the embedded teacher does:
