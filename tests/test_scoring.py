@@ -696,3 +696,17 @@ def test_position_share_reads_position_only():
     assert ST.position_share(pos / 50.0, pos) > 0.999
     noise = np.random.default_rng(0).random(len(pos))
     assert ST.position_share(noise, pos) < 0.05
+
+
+def test_token_plots_draw_real_data_object_anchors(tmp_path):
+    """Real rationales mention COCO objects (anchor type `object`, not in the embedded scenes): the per-class
+    plots of stage 02 draw them (they failed on a missing palette key)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    cls = ["colour", "shape", "object", "other"] * 5
+    tokens = pd.DataFrame({"token_class": cls, "anchoring": rng.random(20), "surprisal": rng.random(20)})
+    tokens["is_anchor"] = tokens.token_class != "other"
+    ST.plot_score_distributions(tokens, tmp_path / "a.png")
+    ST.plot_surprisal_vs_anchoring(tokens, tmp_path / "b.png")
+    assert (tmp_path / "a.png").exists() and (tmp_path / "b.png").exists()

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from vskip_core.config import REPO_ROOT, STAGES, load_params
+from vskip_core.data.standins import VERSION
 
 REAL = ("colab_qwen2vl_2b", "qwen2vl_7b", "qwen25vl_7b", "llama32_11b_vision")
 # what a stand-in twin may change, and why: where the model and data come from, how much of them, and the
@@ -165,7 +166,9 @@ def test_standin_pipeline_runs_every_stage(name, pipelines):
     from vskip_core.modeling.adapters import get_adapter
 
     family = load_params(f"params/standin/{name}.yaml").model.teacher.removeprefix("standin:")
-    cands = get_adapter(family).image_layers(AutoConfig.from_pretrained(cache / "standins" / f"{family}-v1"))
+    cands = get_adapter(family).image_layers(
+        AutoConfig.from_pretrained(cache / "standins" / f"{family}-v{VERSION}")
+    )
     choice = json.loads((out / "02_dual_scoring" / "metrics.json").read_text())["layer_choice"]
     runs = {(tuple(t["layers"]), t["head_reduce"]) for t in choice["table"]}
     assert runs == {(tuple(w), h) for w in layer_windows(cands) for h in ("max", "mean")}, runs
@@ -174,7 +177,7 @@ def test_standin_pipeline_runs_every_stage(name, pipelines):
     assert {r["source"] for r in position} >= {"image", "blank image", "image - blank"}
     teacher = load_params(f"params/standin/{name}.yaml").model.teacher.removeprefix("standin:")
     built = sorted(p.name for p in (cache / "standins").iterdir())
-    assert built == sorted(f"{k}-v1" for k in ("mmmu", "docvqa", "pope", teacher))
+    assert built == sorted(f"{k}-v{VERSION}" for k in ("mmmu", "docvqa", "pope", teacher))
 
 
 def test_plan_agrees_with_stage_01(capsys):

@@ -14,10 +14,17 @@ def _cfg(tmp_path, name="params/smoke.yaml", **over):
     return load_params(name, {**o, **over})
 
 
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory):
+    """One cache for the model stand-ins of this module (each builds once, in about ten seconds)."""
+    return tmp_path_factory.mktemp("models")
+
+
 @pytest.mark.parametrize("family", standins.MODELS)
-def test_model_standin_is_saved_like_a_hub_checkpoint(tmp_path, family):
+def test_model_standin_is_saved_like_a_hub_checkpoint(model_cache, family):
     from vskip_core.modeling.loading import load_model
 
+    tmp_path = model_cache
     cfg = _cfg(tmp_path)
     path = resolve(cfg, f"standin:{family}")
     files = {
@@ -25,7 +32,9 @@ def test_model_standin_is_saved_like_a_hub_checkpoint(tmp_path, family):
     }
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= files
     gen = json.loads(
-        (tmp_path / "cache" / "standins" / f"{family}-v1" / "generation_config.json").read_text()
+        (
+            tmp_path / "cache" / "standins" / f"{family}-v{standins.VERSION}" / "generation_config.json"
+        ).read_text()
     )
     if family == "mllama":
         assert gen["temperature"] == 0.6 and gen["top_p"] == 0.9 and gen["do_sample"]
@@ -35,6 +44,36 @@ def test_model_standin_is_saved_like_a_hub_checkpoint(tmp_path, family):
     assert loaded.family == family and loaded.path == path
     assert loaded.tokenizer.chat_template  # the family's template travels with the tokenizer
     assert resolve(cfg, f"standin:{family}") == path  # cached: built once
+
+
+@pytest.mark.parametrize("family", standins.MODELS)
+def test_model_standin_writes_a_rationale_with_visual_words_and_an_answer_line(model_cache, family):
+    """Greedy decoding (the project's own `generate`) on stand-in examples, under the prompts the pipeline uses
+    (the CoT instruction, a ratio sentence after it or before the question): colour, shape and COCO object
+    words, and an answer line, within the stand-in params' 24 new tokens."""
+    import torch
+
+    from vskip_core.data.real import find_real_anchors, normalize_pope
+    from vskip_core.modeling.decoding import generate
+    from vskip_core.modeling.loading import load_model
+    from vskip_core.modeling.prompts import answer_line_start
+    from vskip_core.stages.distillation import ratio_prompt
+
+    torch.set_num_threads(1)
+    cfg = _cfg(model_cache, "params/standin/qwen25vl_7b.yaml")
+    loaded = load_model(cfg, f"standin:{family}")
+    exs = [normalize_pope(r) for r in standins.pope_rows(3)[4:6]]
+    exs.append(normalize_pope({**standins.pope_rows(1)[0], "question": "What is the total amount?"}))
+    prompts = [{"instruction": cfg.generation.instruction}, ratio_prompt(cfg, 0.3, "question_end")]
+    prompts.append(ratio_prompt(cfg, 0.6, "turn_start"))
+    for p in prompts:
+        outs = generate(
+            loaded.model, loaded.tokenizer, loaded.processor, exs, cfg.generation.max_new_tokens, **p
+        )
+        for o, ex in zip(outs, exs):
+            kinds = {a["type"] for a in find_real_anchors(o["text"], ex)}
+            assert {"colour", "shape", "object"} <= kinds, (p, o["text"])
+            assert answer_line_start(o["text"]) is not None, (p, o["text"])
 
 
 def test_dataset_standins_load_through_the_hub_loaders(tmp_path):
@@ -54,7 +93,7 @@ def test_dataset_standins_load_through_the_hub_loaders(tmp_path):
     )
     recs = B.examples(cfg, "train") + B.examples(cfg, "test")
     assert [r["source"] for r in recs[:3]] == ["mmmu", "docvqa", "pope"] and len(recs) == 12
-    assert (tmp_path / "cache" / "standins" / "mmmu-v1" / ".complete").exists()
+    assert (tmp_path / "cache" / "standins" / f"mmmu-v{standins.VERSION}" / ".complete").exists()
     quirks = [r for r in standins.mmmu_quirk_rows("Art", "validation")]
     assert "<image 2>, then at <image 1>" in quirks[0]["question"]  # out of order
     assert quirks[1]["question"].count("<image 1>") == 2  # repeated

@@ -734,3 +734,81 @@ def test_retention_label_is_the_one_shown_everywhere():
         "100.0%",
         "decode vs unpruned",
     ]
+
+
+# ------------------------------------------------------------------------------- the prompt-aware text
+@pytest.fixture(scope="module")
+def hub_style():
+    """A tiny Qwen2-VL stand-in (the stand-in tokenizer), the Colab instruction and the ratio sentence."""
+    from vskip_core.config import load_params
+    from vskip_core.modeling.adapters import build_tiny
+    from vskip_core.modeling.standins import tokenizer_texts
+
+    model, tok, proc = build_tiny("qwen2_vl", tokenizer_texts())
+    return model, tok, proc, load_params("params/colab_qwen2vl_2b.yaml")
+
+
+def _question_batch(hub_style, examples, prefix, instruction):
+    from vskip_core.modeling.loading import collate, encode
+
+    model, tok, proc, _ = hub_style
+    items = [encode(ex, tok, proc, instruction=instruction, prefix=prefix) for ex in examples]
+    batch = collate(items, tok.pad_token_id, padding_side="left")
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    mask = vt.question_mask(
+        batch["input_ids"], tok, model.config.vision_end_token_id, end, prefix, instruction
+    )
+    return batch, mask
+
+
+def _prompts(cfg):
+    from vskip_core.stages.distillation import ratio_prompt
+
+    return [
+        {"prefix": "", "instruction": cfg.generation.instruction},
+        ratio_prompt(cfg, 0.5, "question_end"),  # the ratio sentence after the instruction
+        ratio_prompt(cfg, 0.5, "turn_start"),  # the ratio sentence as a prefix
+        {"prefix": "", "instruction": ""},
+    ]
+
+
+def test_question_mask_covers_exactly_the_question_and_options(hub_style):
+    from vskip_core.config import DataConfig
+    from vskip_core.data.embedded import make_example
+    from vskip_core.modeling.prompts import user_text
+
+    tok, cfg = hub_style[1], hub_style[3]
+    mc = make_example(DataConfig(), "test", 3)  # a question with four options
+    pope = {**mc, "question": "Is there a dog in the image?", "options": []}  # POPE's short question
+    for prompt in _prompts(cfg):
+        batch, mask = _question_batch(hub_style, [mc, pope], **prompt)
+        for b, ex in enumerate((mc, pope)):
+            assert tok.decode(batch["input_ids"][b, mask[b]]) == user_text(ex)
+
+
+def test_question_relevance_follows_the_question_not_the_instruction(hub_style):
+    """The prompt-aware relevance (and so DSTP's prompt+decoded state) changes with the question and not with
+    the CoT instruction or the ratio sentence; pooling the whole user text (the old rule) changed with both."""
+    from vskip_core.config import DataConfig
+    from vskip_core.data.embedded import make_example
+
+    model, tok, _, cfg = hub_style
+    ex = make_example(DataConfig(), "test", 3)
+    other = {**ex, "question": "Which object is the cheapest?"}
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def relevance(example, prompt, rule="question"):
+        batch, mask = _question_batch(hub_style, [example], **prompt)
+        if rule == "user text":
+            mask = vt.user_text_mask(batch["input_ids"], model.config.vision_end_token_id, end)
+        with torch.no_grad():
+            feats = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+            text = model.model.get_input_embeddings()(batch["input_ids"])[0, mask[0]]
+        return vt.prompt_relevance(torch.cat(feats.pooler_output), text)
+
+    prompts = _prompts(cfg)
+    ref = relevance(ex, prompts[0])
+    for p in prompts[1:]:
+        assert torch.equal(relevance(ex, p), ref)
+        assert not torch.allclose(relevance(ex, p, "user text"), relevance(ex, prompts[0], "user text"))
+    assert not torch.allclose(relevance(other, prompts[0]), ref, atol=1e-4)

@@ -24,6 +24,7 @@ ANCHOR_COLOURS = {
     "size": "#72b7b2",
     "position": "#b279a2",
     "text": "#f58518",
+    "object": "#54a24b",  # real data only: COCO object names (`data.real.find_real_anchors`)
 }
 
 

@@ -1,6 +1,7 @@
-"""Stand-ins for the model hub: tiny random-weight checkpoints of the real model classes and small local copies of
-the hub benchmarks in their exact schemas, so the real-model path (params/colab_*.yaml, qwen*_7b.yaml,
-llama32_*.yaml) runs end to end on a CPU with no hub access.
+"""Stand-ins for the model hub: tiny checkpoints of the real model classes (random weights fitted to write one fixed
+rationale, `vskip_core.modeling.standins`) and small local copies of the hub benchmarks in their exact schemas, so
+the real-model path (params/colab_*.yaml, qwen*_7b.yaml, llama32_*.yaml) runs end to end on a CPU with no hub
+access.
 
 A params file names a stand-in where it would name a hub id, and it builds itself on first use (cached under
 `<runtime.cache_dir>/standins/`), as the embedded teacher does:
@@ -36,7 +37,7 @@ from PIL import Image, ImageDraw
 PREFIX = "standin:"
 
 
-VERSION = 1  # bump when a stand-in's content changes: its cache folder (and every cache keyed on it) changes
+VERSION = 2  # bump when a stand-in's content changes: its cache folder (and every cache keyed on it) changes
 
 
 MODELS = ("qwen2_vl", "qwen2_5_vl", "mllama")
@@ -160,6 +161,26 @@ def _docvqa_features():
     )
 
 
+def docvqa_rows(split: str, n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        total = f"${10 + i}.{i:02d}"
+        rows.append(
+            {
+                "questionId": str(49000 + i + (1000 if split == "test" else 0)),
+                "question": "What is the total amount on the invoice?",
+                "question_types": ["layout"],
+                "image": picture(i, (120, 160)),
+                "docId": 1000 + i,
+                "ucsf_document_id": f"xyz{i:04d}",
+                "ucsf_document_page_no": "1",
+                "answers": None if split == "test" else [total, total.lstrip("$")],
+                "data_split": split,
+            }
+        )
+    return rows
+
+
 def write_docvqa(root: Path, n_validation: int = 12, n_test: int = 4) -> Path:
     import datasets
 
@@ -167,23 +188,7 @@ def write_docvqa(root: Path, n_validation: int = 12, n_test: int = 4) -> Path:
     d = root / "DocVQA"
     d.mkdir(parents=True, exist_ok=True)
     for split, n in (("validation", n_validation), ("test", n_test)):
-        rows = []
-        for i in range(n):
-            total = f"${10 + i}.{i:02d}"
-            rows.append(
-                {
-                    "questionId": str(49000 + i + (1000 if split == "test" else 0)),
-                    "question": "What is the total amount on the invoice?",
-                    "question_types": ["layout"],
-                    "image": picture(i, (120, 160)),
-                    "docId": 1000 + i,
-                    "ucsf_document_id": f"xyz{i:04d}",
-                    "ucsf_document_page_no": "1",
-                    "answers": None if split == "test" else [total, total.lstrip("$")],
-                    "data_split": split,
-                }
-            )
-        ds = datasets.Dataset.from_list(rows, features=_docvqa_features())
+        ds = datasets.Dataset.from_list(docvqa_rows(split, n), features=_docvqa_features())
         ds.to_parquet(str(d / f"{split}-00000-of-00001.parquet"))
     return root
 
@@ -208,12 +213,7 @@ def _pope_features():
     )
 
 
-def write_pope(root: Path, per_category: int = 6) -> Path:
-    import datasets
-
-    root = Path(root)
-    d = root / "data"
-    d.mkdir(parents=True, exist_ok=True)
+def pope_rows(per_category: int) -> list[dict]:
     rows = []
     for c, category in enumerate(("adversarial", "popular", "random")):
         for j in range(per_category):
@@ -230,7 +230,16 @@ def write_pope(root: Path, per_category: int = 6) -> Path:
                     "category": category,
                 }
             )
-    ds = datasets.Dataset.from_list(rows, features=_pope_features())
+    return rows
+
+
+def write_pope(root: Path, per_category: int = 6) -> Path:
+    import datasets
+
+    root = Path(root)
+    d = root / "data"
+    d.mkdir(parents=True, exist_ok=True)
+    ds = datasets.Dataset.from_list(pope_rows(per_category), features=_pope_features())
     ds.to_parquet(str(d / "test-00000-of-00001.parquet"))
     return root
 

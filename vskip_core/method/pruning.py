@@ -19,10 +19,11 @@ Rules (each a pure function below)
   token whose nearest other token is farthest; then repeatedly add the token whose minimum distance to the
   chosen set is largest (greedy max-min). Every layer sees only the chosen k.
 - Prompt-aware (`prompt_aware_select`, method "zspaprune"): relevance of visual token v = cos(f_v, p),
-  p = mean of the LM input embeddings of the user's text tokens (between `<|vision_end|>` and the next
-  `<|im_end|>`). Core = the round(`prune.core_fraction` * k) most relevant tokens; the remaining budget is
-  filled by greedy max-min cosine diversity against everything chosen so far (core included). Before the
-  language model; every layer sees only the chosen k.
+  p = mean of the LM input embeddings of the question and options (`question_mask`: the user's text between
+  the last `<|vision_end|>` and the next `<|im_end|>`, less the CoT instruction and the ratio sentence).
+  Core = the round(`prune.core_fraction` * k) most relevant tokens; the remaining budget is filled by greedy
+  max-min cosine diversity against everything chosen so far (core included). Before the language model;
+  every layer sees only the chosen k.
 - DSTP (`host_reselect` + `dstp_update`, an add-on that lets any method re-select; the paper gives no code,
   this is the rule implemented): let l = the spec's `score_layer` (-1: K - 1, the FastV ranking layer; stage
   07 passes stage 02's chosen layer, `prune.score_from`). At decoding step t = 1, 2, ... (step t feeds
@@ -31,7 +32,7 @@ Rules (each a pure function below)
   token's attention at layer l over the FULL visual KV cache (every visual token's key, plus the text and
   generated keys and its own key in the softmax; mean over heads); prompt-aware, its core + diversity rule
   with relevance to the decoding state (`prune.dstp_state`: the mean LM input embedding of the last
-  `prune.dstp_window` decoded tokens, by default averaged with the prompt's mean embedding); DivPrune, its
+  `prune.dstp_window` decoded tokens, by default averaged with p, the question's mean embedding); DivPrune, its
   max-min diversity rule started from the visual token the current token attends to most. With S the set in
   use and J = |T_t ∩ S| / |T_t ∪ S|: if t % `prune.dstp_interval` == 0 or J < `prune.dstp_shift_threshold`,
   then S <- T_t. The new S is used from layer l of step t on (layers below l already ran with the old S)
@@ -367,7 +368,7 @@ def resolve_layers(spec: PruneSpec, n_layers: int) -> tuple[int, int]:
 
 def user_text_mask(input_ids: torch.Tensor, vision_end_id: int, end_id: int) -> torch.Tensor:
     """(B, L) bool: the user's text tokens, strictly between the last `<|vision_end|>` and the next
-    end-of-turn token. The prompt-aware relevance mean-pools their embeddings."""
+    end-of-turn token; `question_mask` narrows it to what the prompt-aware relevance pools."""
     out = torch.zeros_like(input_ids, dtype=torch.bool)
     for b, row in enumerate(input_ids.tolist()):
         starts = [i for i, t in enumerate(row) if t == vision_end_id]
@@ -376,4 +377,26 @@ def user_text_mask(input_ids: torch.Tensor, vision_end_id: int, end_id: int) -> 
         s = starts[-1] + 1
         e = next((i for i in range(s, len(row)) if row[i] == end_id), len(row))
         out[b, s:e] = True
+    return out
+
+
+def question_mask(
+    input_ids: torch.Tensor, tok, vision_end_id: int, end_id: int, prefix: str = "", instruction: str = ""
+) -> torch.Tensor:
+    """(B, L) bool: `user_text_mask` less the tokens lying wholly inside the leading `prefix` or the trailing
+    "\\n" + `instruction` (the prompt's CoT instruction and ratio sentence), i.e. the question and options.
+    Character spans come from cumulative decoding, so a token merged across a boundary stays; a side the span
+    does not start (end) with is left alone."""
+    out = user_text_mask(input_ids, vision_end_id, end_id)
+    tail = "\n" + instruction if instruction else ""
+    for b in range(out.shape[0]):
+        pos = out[b].nonzero().flatten().tolist()
+        ids = input_ids[b, pos].tolist()
+        ends = [len(tok.decode(ids[: i + 1], clean_up_tokenization_spaces=False)) for i in range(len(ids))]
+        text = tok.decode(ids, clean_up_tokenization_spaces=False)
+        head = len(prefix) if prefix and text.startswith(prefix) else 0
+        foot = len(text) - len(tail) if tail and text.endswith(tail) else len(text)
+        for i, p in enumerate(pos):
+            start = ends[i - 1] if i else 0
+            out[b, p] = ends[i] > head and start < foot
     return out

@@ -82,6 +82,11 @@ def train_tokenizer(
 
 
 # ----------------------------------------------------------------------------------------------- prompts
+RATIO_TEMPLATE = (
+    "Keep {ratio} of the reasoning."  # a student's compression ratio (stages.distillation.ratio_prompt)
+)
+
+
 def user_text(ex: dict[str, Any], instruction: str = "") -> str:
     text = ex["question"]
     if ex.get("options"):

@@ -77,7 +77,7 @@ from vskip_core.metrics import act_ratio, body_tokens, compress_text
 from vskip_core.modeling.decoding import generate
 from vskip_core.modeling.external_lm import load_smollm2
 from vskip_core.modeling.loading import Loaded, collate, encode, load_model, user_text
-from vskip_core.modeling.prompts import ANSWER_PREFIX, answer_line_start
+from vskip_core.modeling.prompts import ANSWER_PREFIX, RATIO_TEMPLATE, answer_line_start
 from vskip_core.plots import _save, plt
 from vskip_core.runtime import (
     atomic_write_json,
@@ -93,7 +93,6 @@ from vskip_core.stages.generation import example_for
 STAGE = "04_qlora_distillation"
 CONTROL = "full"  # the full-rationale control student: ratio always 1.0, no compression
 EXTERNAL_BATCH_SIZE = 32  # rationales per SmolLM2 forward when external surprisal is computed here
-RATIO_TEMPLATE = "Keep {ratio} of the reasoning."
 
 Compress = Callable[[dict[str, Any], str, float], str]
 

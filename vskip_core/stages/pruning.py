@@ -18,9 +18,9 @@ from vskip_core.method.pruning import (
     VARIANTS,
     PruneSpec,
     kept_count,
+    question_mask,
     random_jaccard,
     rvis_overlaps,
-    user_text_mask,
 )
 from vskip_core.metrics import (
     FAMILY_SCORE,
@@ -116,7 +116,9 @@ def generate_pruned(
                 max_new_tokens,
                 eos_token_id=end_id,
                 pad_token_id=tok.pad_token_id,
-                prompt_mask=user_text_mask(batch["input_ids"], model.config.vision_end_token_id, end_id),
+                prompt_mask=question_mask(
+                    batch["input_ids"], tok, model.config.vision_end_token_id, end_id, prefix, instruction
+                ),
                 record_relevance=record_relevance,
             )
             out += _records(res, tok, len(group), record_relevance)
@@ -163,9 +165,16 @@ def latency(
     if not examples:
         return {"prefill_s": float("nan"), "decode_s_per_token": float("nan"), "n": 0}
     generate_pruned(
-        loaded, examples[:1], spec, max_new_tokens, 1, prefix, images=images[:1] if images else None
+        loaded,
+        examples[:1],
+        spec,
+        max_new_tokens,
+        1,
+        prefix,
+        instruction,
+        images=images[:1] if images else None,
     )
-    recs = generate_pruned(loaded, examples, spec, max_new_tokens, 1, prefix, images=images)
+    recs = generate_pruned(loaded, examples, spec, max_new_tokens, 1, prefix, instruction, images=images)
     return {
         "prefill_s": statistics.median(r["prefill_s"] for r in recs),
         "decode_s_per_token": statistics.median(r["decode_s_per_token"] for r in recs),

@@ -479,7 +479,7 @@ def load_scores(stage_dir: str | Path, per_layer: bool = True):
 
 
 # ------------------------------------------------------------------------------------------ analysis
-TOKEN_CLASSES = ("colour", "shape", "size", "position", "text", "other")
+TOKEN_CLASSES = ("colour", "shape", "size", "position", "text", "object", "other")  # object: real data
 
 
 def nan_to_none(x: float) -> float | None:
