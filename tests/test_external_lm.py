@@ -1,6 +1,6 @@
 """LLMLingua-2 as the `llmlingua` package runs it, on its in-repo stand-in: where the model comes from, chunks of at
 most 510 subwords ending at "." (no truncation), word p(keep) = mean of its subwords, words onto teacher tokens,
-and the error when the hub cannot be reached."""
+and stages 03 / 04 adding the column when a method asks for it."""
 
 import numpy as np
 import pytest
@@ -92,3 +92,22 @@ def test_a_hub_id_without_network_fails_clearly(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "microsoft/llmlingua-2-xlm-roberta-large-meetingbank" in msg and "gate.llmlingua2_path" in msg
     assert "network" in msg
+
+
+def test_stage03_adds_the_column_when_asked_and_fails_when_it_cannot(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    import pandas as pd
+
+    from vskip_core.stages import gating as SG
+
+    text = "The box is red. Answer: B"
+    scores = pd.DataFrame([{"id": "train-000000", "text": text, "offsets": [[0, 3], [3, 7], [7, 25]]}])
+    pd.DataFrame({"id": ["train-000000"], "surprisal_external": [[1.0, 2.0, 3.0]]}).to_parquet(
+        tmp_path / "scores_external.parquet"
+    )
+    asked = {"distill.methods": ["vskip", "llmlingua2"]}
+    out, info = SG.external_scores(_cfg(tmp_path, **STANDIN, **asked), scores, search_dirs=[tmp_path])
+    assert len(out["keep_prob_llmlingua2"][0]) == 3 and "computed with LLMLingua-2" in info["llmlingua2"]
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(XM.ExternalScorerUnavailable, match="gate.llmlingua2_path"):
+        SG.external_scores(_cfg(tmp_path, **asked), scores, search_dirs=[tmp_path])

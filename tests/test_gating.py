@@ -631,11 +631,12 @@ def test_external_scores_fill_the_column_from_stage_outputs(corpus, tmp_path):
     scores = pd.DataFrame([{k: v for k, v in r.items() if k != "surprisal_external"} for r in rows[:3]])
     want = [[float(i)] * len(r["offsets"]) for i, r in enumerate(rows[:3])]
     pd.DataFrame({"id": scores["id"], "surprisal_external": want}).to_parquet(tmp_path / "ext.parquet")
-    cfg = load_params("params/default.yaml", {"gate.llmlingua2_path": str(tmp_path / "nowhere")})
+    cfg = load_params("params/default.yaml", {"runtime.cache_dir": str(tmp_path)})  # no llmlingua2 asked
     out, info = SG.external_scores(cfg, scores, search_dirs=[tmp_path])
     assert out["surprisal_external"].tolist() == want and "surprisal_external" not in scores
     assert info["source"].endswith("ext.parquet") and info["texts"] == 3
-    assert "holds no model" in info["llmlingua2"] and "keep_prob_llmlingua2" not in out
+    assert "from the model hub" in info["llmlingua2"] and "not added" in info["llmlingua2"]
+    assert "keep_prob_llmlingua2" not in out
     keep = G.keep_mask(out.iloc[0], "external_lm", 0.5, cfg)
     assert keep.sum() == round(0.5 * len(rows[0]["offsets"]))
 
