@@ -346,19 +346,26 @@ def test_gate_compressor_hits_the_ratio_and_keeps_the_answer(tiny_teacher):
     assert gate.events["budget"] >= 1
 
 
-def test_external_surprisal_is_taken_from_stage03_outputs(tiny_teacher, tmp_path):
+def test_external_columns_are_taken_from_stage03_outputs(tiny_teacher, tmp_path):
     import pandas as pd
 
-    from vskip_core.stages.distillation import with_external_surprisal
+    from vskip_core.stages.distillation import external_columns, with_external_columns
 
     cfg, _ = tiny_teacher
     rows = [{"id": f"train-{i:06d}", "text": "a b", "offsets": [[0, 1], [1, 3]]} for i in range(3)]
     d03 = tmp_path / "03_gate_ablations"
     d03.mkdir()
     pd.DataFrame({"id": ["x"], "other": [1]}).to_parquet(d03 / "a_unrelated.parquet")
-    table = {"id": [r["id"] for r in rows], "surprisal_external": [[0.5, float(i)] for i in range(3)]}
+    table = {
+        "id": [r["id"] for r in rows],
+        "surprisal_external": [[0.5, float(i)] for i in range(3)],
+        "keep_prob_llmlingua2": [[0.25, 0.75]] * 3,
+    }
     pd.DataFrame(table).to_parquet(d03 / "scores_external.parquet")
-    out, source = with_external_surprisal(cfg, rows, search_dirs=[d03])
-    assert source.endswith("scores_external.parquet")
+    columns = external_columns(["vskip", "external_lm", "llmlingua2"])
+    assert columns == ["keep_prob_llmlingua2", "surprisal_external"] and not external_columns(["vskip"])
+    out, sources = with_external_columns(cfg, rows, columns, search_dirs=[d03])
+    assert all(s.endswith("scores_external.parquet") for s in sources.values()) and len(sources) == 2
     assert [list(r["surprisal_external"]) for r in out] == table["surprisal_external"]
-    assert with_external_surprisal(cfg, out)[1] == "scores"  # already there: nothing to do
+    assert [list(r["keep_prob_llmlingua2"]) for r in out] == table["keep_prob_llmlingua2"]
+    assert with_external_columns(cfg, out, columns)[1] == dict.fromkeys(columns, "scores")  # nothing to do

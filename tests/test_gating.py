@@ -583,39 +583,14 @@ def test_offsets_mapping_splits_and_sums_by_character_overlap():
     assert mean[:2] == pytest.approx([(0.2 * 2 + 0.8 * 2) / 4, 0.8]) and np.isnan(mean[2])
 
 
-def test_llmlingua2_missing_says_what_is_missing(tmp_path, monkeypatch):
-    cfg = load_params("params/default.yaml", {"gate.llmlingua2_path": str(tmp_path / "nowhere")})
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "llmlingua" else real(name, *a)
+def test_llmlingua2_stand_in_keep_probability_gates_teacher_tokens(tmp_path, corpus):
+    """The LLMLingua-2 code path on its stand-in (tests/test_external_lm.py checks chunking and word mapping)."""
+    _, _, rows, _ = corpus
+    cfg = load_params(
+        "params/default.yaml",
+        {"runtime.cache_dir": str(tmp_path), "gate.llmlingua2_model": "standin:llmlingua2"},
     )
-    ok, message = XM.llmlingua2_status(cfg)
-    assert not ok
-    assert "optional" in message and "`pip install llmlingua`" in message
-    assert XM.LLMLINGUA2_MODEL in message and str(tmp_path / "nowhere") in message
-    with pytest.raises(XM.ExternalScorerUnavailable, match="LLMLingua-2 scorer unavailable"):
-        XM.load_llmlingua2(cfg)
-
-
-def test_token_classifier_keep_probability_maps_to_teacher_tokens(tmp_path, corpus):
-    """The LLMLingua-2 code path on a tiny random token classifier (its real model is not available here)."""
-    import torch
-    from transformers import BertConfig, BertForTokenClassification
-
-    _, tok, rows, _ = corpus
-    torch.manual_seed(0)
-    conf = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=2,
-        pad_token_id=tok.pad_token_id,
-    )
-    BertForTokenClassification(conf).save_pretrained(tmp_path / "clf")
-    tok.save_pretrained(tmp_path / "clf")
-    clf = XM._load_token_classifier(tmp_path / "clf", "cpu")
+    clf = XM.load_llmlingua2(cfg, "cpu")
     probs = X.keep_probability(
         clf, [r["text"] for r in rows[:3]], [r["offsets"] for r in rows[:3]], batch_size=2
     )
@@ -695,11 +670,12 @@ def test_external_scores_fill_the_column_from_stage_outputs(corpus, tmp_path):
     scores = pd.DataFrame([{k: v for k, v in r.items() if k != "surprisal_external"} for r in rows[:3]])
     want = [[float(i)] * len(r["offsets"]) for i, r in enumerate(rows[:3])]
     pd.DataFrame({"id": scores["id"], "surprisal_external": want}).to_parquet(tmp_path / "ext.parquet")
-    cfg = load_params("params/default.yaml", {"gate.llmlingua2_path": str(tmp_path / "nowhere")})
+    cfg = load_params("params/default.yaml", {"runtime.cache_dir": str(tmp_path)})  # no llmlingua2 asked
     out, info = SG.external_scores(cfg, scores, search_dirs=[tmp_path])
     assert out["surprisal_external"].tolist() == want and "surprisal_external" not in scores
     assert info["source"].endswith("ext.parquet") and info["texts"] == 3
-    assert "LLMLingua-2 scorer unavailable" in info["llmlingua2"] and "keep_prob_llmlingua2" not in out
+    assert "from the model hub" in info["llmlingua2"] and "not added" in info["llmlingua2"]
+    assert "keep_prob_llmlingua2" not in out
     keep = G.keep_mask(out.iloc[0], "external_lm", 0.5, cfg)
     assert keep.sum() == _k(rows[0], 0.5)
 

@@ -20,6 +20,7 @@ REAL = ("colab_qwen2vl_2b", "qwen2vl_7b", "qwen25vl_7b", "llama32_11b_vision")
 ALLOWED = {
     "model.teacher",
     "distill.student",
+    "gate.llmlingua2_model",
     "data.mmmu_id",
     "data.docvqa_id",
     "data.pope_id",

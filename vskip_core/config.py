@@ -48,8 +48,8 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["none", "nf4"]
 Attention = Literal["eager", "sdpa"]
 Reduce = Literal["sum", "mean", "max"]
-# Compression methods of vskip_core.method.gating (the one list; gating.METHODS is built from it). LLMLingua-2 needs a
-# local model, so it is valid but not in the default comparison. vskip_delta and vskip_gain are variants of
+# Compression methods of vskip_core.method.gating (the one list; gating.METHODS is built from it). LLMLingua-2 needs its
+# model (a 2.2 GB download), so it is valid but not in the default comparison. vskip_delta and vskip_gain are variants of
 # V-Skip's visual path (anchoring minus its blank-image value; surprisal gain from the image), not the paper's rule.
 GateMethod = Literal[
     "vskip", "text_only", "external_lm", "visual_only", "intersection", "weighted", "random",
@@ -380,7 +380,7 @@ class GateConfig:
     force_keep_digits: bool = False  # always keep digit tokens
     methods: list[AnyGateMethod] = field(
         default_factory=lambda: list(GATE_METHODS)
-    )  # methods notebook 03 compares (GATE_METHODS; also llmlingua2 when its model is local)
+    )  # methods notebook 03 compares (GATE_METHODS; the hub params files add llmlingua2, LLMLingua-2)
     gammas: list[float] = field(
         default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.9]
     )  # retention ratios of the gamma sweep
@@ -390,7 +390,9 @@ class GateConfig:
     # torch threads while the external scorers run (large matmuls: 1.64x at 2 threads on an idle 2-core VM with
     # OMP_WAIT_POLICY=PASSIVE, benchmarks/bench_external.py); 0 = runtime.num_threads
     external_threads: int = 2
-    llmlingua2_path: str = ""  # local LLMLingua-2 model folder; empty = <runtime.cache_dir>/llmlingua-2
+    llmlingua2_path: str = ""  # local LLMLingua-2 folder; empty = <runtime.cache_dir>/llmlingua-2 if present
+    # LLMLingua-2 when llmlingua2_path is empty and the cache holds none: a hub id, or standin:llmlingua2
+    llmlingua2_model: str = "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"
 
     def validate(self) -> None:
         _check(0 < self.gamma <= 1, "gate.gamma", f"must be in (0, 1], got {self.gamma}")

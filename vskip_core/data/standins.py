@@ -7,6 +7,7 @@ A params file names a stand-in where it would name a hub id, and it builds itsel
 `<runtime.cache_dir>/standins/`), as the embedded teacher does:
 
     model.teacher: standin:qwen2_vl      # also standin:qwen2_5_vl, standin:mllama (distill.student likewise)
+    gate.llmlingua2_model: standin:llmlingua2   # a tiny XLM-RoBERTa token classifier in LLMLingua-2's format
     data.mmmu_id: standin:mmmu           # also standin:docvqa, standin:pope
 
 Checkpoints are saved like hub ones: `save_pretrained` model, tokenizer with the family's chat template and
@@ -41,6 +42,9 @@ VERSION = 2  # bump when a stand-in's content changes: its cache folder (and eve
 
 
 MODELS = ("qwen2_vl", "qwen2_5_vl", "mllama")
+
+
+SCORERS = ("llmlingua2",)  # text-only external scorers (gate.llmlingua2_model)
 
 
 DATASETS = ("mmmu", "docvqa", "pope")
@@ -288,8 +292,8 @@ def build_once(path: Path, name: str, build) -> Path:
 
 def standin_dir(cache_dir: str | Path, name: str) -> Path:
     key = name[len(PREFIX) :]
-    if key not in MODELS + DATASETS:
+    if key not in MODELS + SCORERS + DATASETS:
         raise ValueError(
-            f"unknown stand-in {name!r}; valid: {', '.join(PREFIX + k for k in MODELS + DATASETS)}"
+            f"unknown stand-in {name!r}; valid: {', '.join(PREFIX + k for k in MODELS + SCORERS + DATASETS)}"
         )
     return Path(cache_dir) / "standins" / f"{key}-v{VERSION}"

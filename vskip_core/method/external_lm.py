@@ -15,9 +15,9 @@ teacher token covers lose their share (offsets from a tokenizer cover every char
     lm = load_smollm2(cfg)                              # vskip_core.modeling.external_lm
     per_row, stats = external_surprisal(lm, texts, teacher_offsets, contexts)  # one float per teacher token
 
-LLMLingua-2 (a token classifier giving p(keep) per subword, word probability = mean over its subwords) is
-offered the same way when its model is present locally (`modeling.external_lm.llmlingua2_status()` says what
-is missing if not). Loading the models and batching their forward passes is in `vskip_core.modeling.external_lm`.
+LLMLingua-2 (a token classifier giving p(keep) per subword; word probability = mean over its subwords, as the
+`llmlingua` package computes it) is moved the same way from its words, by overlap-weighted mean (column
+`keep_prob_llmlingua2`). Loading the models and batching their forward passes is in `vskip_core.modeling.external_lm`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from vskip_core.modeling.external_lm import ExternalLM, score_texts, token_keep_probs
+from vskip_core.modeling.external_lm import ExternalLM, Subwords, score_texts, token_keep_probs
 
 
 def to_teacher_tokens(
@@ -89,10 +89,34 @@ def external_surprisal(
 
 
 # --------------------------------------------------------------------------------------- LLMLingua-2
+def words(sub: Subwords, text_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """LLMLingua-2's words: a word starts at a subword whose token starts with "▁" (Metaspace) and its p(keep) is
+    the mean of its subwords' (the package's `__merge_token_to_word`, token_to_word="mean"). Returns (word probs,
+    (w, 2) spans); a word owns the whitespace before it, as "▁" does, so the spans tile [0, text_len)."""
+    starts = [i for i, t in enumerate(sub.tokens) if i == 0 or t.startswith("▁")]
+    if not starts:
+        return np.zeros(0), np.zeros((0, 2), dtype=np.int64)
+    bounds = [*starts, len(sub.tokens)]
+    probs = np.array([sub.probs[a:b].mean() for a, b in zip(bounds, bounds[1:])])
+    ends = np.array([sub.offsets[a:b, 1].max() for a, b in zip(bounds, bounds[1:])], dtype=np.int64)
+    ends = np.maximum.accumulate(ends)
+    ends[-1] = text_len
+    return probs, np.stack([np.r_[0, ends[:-1]], ends], axis=1)
+
+
 def keep_probability(
     clf: ExternalLM, texts: list[str], teacher_offsets: list, batch_size: int = 16
 ) -> list[np.ndarray]:
-    """LLMLingua-2's p(keep) per subword (softmax of the classifier's label 1), moved onto the teacher's tokens
-    by overlap-weighted mean; texts are cut to the classifier's 512-token window as LLMLingua-2 chunks do."""
-    per_text = token_keep_probs(clf, texts, batch_size)
-    return [to_teacher_tokens(p, off, t, reduce="mean") for (p, off), t in zip(per_text, teacher_offsets)]
+    """LLMLingua-2's word p(keep) (`words`, every subword scored: `token_keep_probs` chunks long texts) moved
+    onto the teacher's tokens by overlap-weighted mean; a zero-width teacher token takes the word it falls in."""
+    out = []
+    for text, sub, target in zip(texts, token_keep_probs(clf, texts, batch_size), teacher_offsets):
+        probs, spans = words(sub, len(text))
+        target = np.asarray(target, dtype=np.int64).reshape(-1, 2)
+        mapped = to_teacher_tokens(probs, spans, target, reduce="mean")
+        gap = np.isnan(mapped)
+        if gap.any() and len(probs):
+            inside = np.searchsorted(spans[:, 1], target[gap, 0], side="right")
+            mapped[gap] = probs[np.minimum(inside, len(probs) - 1)]
+        out.append(mapped)
+    return out

