@@ -402,14 +402,13 @@ def aggregate_varr(per_example: list[dict[str, tuple[int, int]]]) -> dict[str, f
     """Pooled VARR per type (kept / total over the examples; None where nothing was mentioned), and per group
     of `VARR_GROUPS`: `overall` (the paper's: colour, shape, category) and `bound_overall`."""
     out: dict[str, float | None] = {}
-    types = [t for g in VARR_GROUPS.values() for t in g]
-    hits = {t: sum(x[t][0] for x in per_example if t in x) for t in types}
-    total = {t: sum(x[t][1] for x in per_example if t in x) for t in types}
-    for t in types:
-        out[t] = hits[t] / total[t] if total[t] else None
-    for g, members in VARR_GROUPS.items():
-        n = sum(total[t] for t in members)
-        out[g] = sum(hits[t] for t in members) / n if n else None
+    for g, members in VARR_GROUPS.items():  # each group's types, then its pool
+        hits = {t: sum(x[t][0] for x in per_example if t in x) for t in members}
+        total = {t: sum(x[t][1] for x in per_example if t in x) for t in members}
+        for t in members:
+            out[t] = hits[t] / total[t] if total[t] else None
+        n = sum(total.values())
+        out[g] = sum(hits.values()) / n if n else None
     return out
 
 

@@ -953,10 +953,20 @@ def stage_metrics(results, cards, report, gate_events, total_minutes: float) -> 
 
 # ----------------------------------------------------------------------------------------------- figures
 def token_stats(datasets: dict[str, Any]):
-    """Long table: method, ratio, family, target tokens, full tokens, actual ratio (one row per example)."""
+    """Long table, one row per example: method, ratio, family, target and full tokens, body tokens of both
+    (`metrics.act_ratio`'s unit) and the example's own ratio."""
     import pandas as pd
 
-    cols = ["method", "ratio", "family", "target_tokens", "full_tokens", "actual_ratio"]
+    cols = [
+        "method",
+        "ratio",
+        "family",
+        "target_tokens",
+        "full_tokens",
+        "body_tokens",
+        "full_body_tokens",
+        "actual_ratio",
+    ]
     return pd.concat([ds.to_pandas()[cols] for ds in datasets.values()], ignore_index=True)
 
 
