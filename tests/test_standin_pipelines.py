@@ -159,6 +159,17 @@ def test_standin_pipeline_runs_every_stage(name, pipelines):
             "cross-attention"
             in json.loads((out / "07_visual_token_pruning" / "metrics.json").read_text())["skipped"]
         )
+    # every headline figure of the paper's table is computed for V-Skip, LLMLingua-2 and text-only (issue 31)
+    summary = json.loads((out / "summary.json").read_text())
+    main = {r["method"]: r for r in summary["rows"] if r["ratio"] == 0.5}
+    for method in ("vskip", "llmlingua2", "text_only"):
+        r = main[method]
+        for key in ("anls", "pope_f1", "yes_ratio", "tokens", "latency_s", "act_ratio", "speedup_vs_teacher"):
+            assert r[key] is not None, (method, key)
+        assert all(r["varr"][t] is not None for t in ("colour", "shape", "category")), (method, r["varr"])
+    gate = json.loads((out / "03_gate_ablations" / "metrics.json").read_text())["methods"]
+    assert {"vskip", "llmlingua2", "text_only"} <= set(gate)
+    assert all(gate[m]["0.5"]["varr"]["overall"] is not None for m in ("vskip", "llmlingua2", "text_only"))
     # the key-layer choice ran on the stand-in (its numbers are meaningless): every contiguous run of the
     # checkpoint's candidate layers under both head reductions, the chosen layers among them, the position analysis
     from transformers import AutoConfig
