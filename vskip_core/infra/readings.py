@@ -197,15 +197,17 @@ def gate(m: dict[str, Any], gamma: float = 0.5) -> str:
         return _head("the gate", [f"no VARR at gamma {g}: the rationales mention no visual attribute"])
     v = varr["vskip"]
     lines = [
-        "VARR overall at gamma "
+        "VARR overall (the paper's: colour, shape, object category) at gamma "
         + g
         + ": "
         + ", ".join(f"{k} {x:.3f}" for k, x in sorted(varr.items(), key=lambda kv: -kv[1]))
     ]
-    if "text_only" in varr:
-        d = v - varr["text_only"]
+    for base in ("text_only", "llmlingua2"):
+        if base not in varr:
+            continue
+        d = v - varr[base]
         lines.append(
-            f"V-Skip vs the blind text-only gate: {d:+.3f}: "
+            f"V-Skip vs the blind {'text-only gate' if base == 'text_only' else 'LLMLingua-2 gate'}: {d:+.3f}: "
             + (
                 f"no clear difference (under {SAME_VARR})"
                 if abs(d) < SAME_VARR
