@@ -252,3 +252,18 @@ def test_executed_copy_keeps_only_the_parameters_it_ran_with(tmp_path):
     assert [c.source for c in nbformat.read(path, 4).cells] == ["# title", 'run = "smoke"', "print(run)"]
     pipeline.one_parameter_cell(path)  # nothing injected left to tell them apart: unchanged
     assert len(nbformat.read(path, 4).cells) == 3
+
+
+def test_cpu_info_names_the_model_flags_and_dispatched_isa(monkeypatch):
+    from vskip_core.runtime import CPU_FLAGS, cpu_info, environment
+
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    info = cpu_info()
+    assert set(info) == {"cpu_model", "cpu_flags", "cpu_capability", "isa_caps"}
+    assert info["cpu_model"] is None or (isinstance(info["cpu_model"], str) and info["cpu_model"])
+    assert info["cpu_flags"] is None or set(info["cpu_flags"]) == set(CPU_FLAGS)
+    assert info["cpu_flags"] is None or all(isinstance(v, bool) for v in info["cpu_flags"].values())
+    assert isinstance(info["cpu_capability"], str) and info["cpu_capability"]  # "AVX512", "AVX2", "DEFAULT"
+    assert info["isa_caps"]["ATEN_CPU_CAPABILITY"] == "avx2" and "MKL_CBWR" not in info["isa_caps"]
+    assert set(info) <= set(environment())

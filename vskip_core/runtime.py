@@ -323,6 +323,45 @@ def git_info() -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")  # what decides the kernels' path
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, the flags that pick torch's kernels, the ISA ATen dispatched to and any cap set in the
+    environment: the same code trains another teacher on another instruction set (issue 32)."""
+    import torch
+
+    model, flags = None, None
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model is None:
+            model = value.strip() or None
+        elif key.strip() in ("flags", "Features") and flags is None:  # x86 / ARM
+            flags = set(value.split())
+    if model is None and sys.platform == "darwin":
+        with contextlib.suppress(Exception):
+            model = (
+                subprocess.run(
+                    ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+                ).stdout.strip()
+                or None
+            )
+    if model is None:
+        model = platform.processor() or None
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: None)()
+    return {
+        "cpu_model": model,
+        "cpu_flags": {f: f in flags for f in CPU_FLAGS} if flags is not None else None,
+        "cpu_capability": capability,
+        "isa_caps": {k: os.environ[k] for k in ISA_CAPS if k in os.environ},
+    }
+
+
 def environment(cfg: Config | None = None) -> dict[str, Any]:
     """Versions, git state and hardware: what must sit beside every result."""
     import importlib.metadata as md
@@ -360,6 +399,7 @@ def environment(cfg: Config | None = None) -> dict[str, Any]:
         "git": git_info(),
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor(),
+        **cpu_info(),
         "seed": cfg.runtime.seed if cfg else None,
     }
     return env
