@@ -267,3 +267,44 @@ def test_cpu_info_names_the_model_flags_and_dispatched_isa(monkeypatch):
     assert isinstance(info["cpu_capability"], str) and info["cpu_capability"]  # "AVX512", "AVX2", "DEFAULT"
     assert info["isa_caps"]["ATEN_CPU_CAPABILITY"] == "avx2" and "MKL_CBWR" not in info["isa_caps"]
     assert set(info) <= set(environment())
+
+
+def test_paths_in_metrics_are_stored_relative_and_resolved_back(tmp_path):
+    from vskip_core.runtime import relative_path, resolve_path
+
+    run = tmp_path / "run"
+    adapter = run / "04_qlora_distillation" / "adapters" / "vskip"
+    assert relative_path(adapter, run) == "04_qlora_distillation/adapters/vskip"
+    assert resolve_path("04_qlora_distillation/adapters/vskip", run) == adapter
+    assert resolve_path(str(adapter), tmp_path / "elsewhere") == adapter  # metrics written before: as is
+    assert relative_path("HuggingFaceTB/SmolLM2", run) == "HuggingFaceTB/SmolLM2"  # a hub id
+    assert relative_path("/opt/models/x", run) == "/opt/models/x"  # outside the root: as is
+
+
+def test_student_adapters_resolve_relative_and_old_absolute_paths(tmp_path):
+    from vskip_core.runtime import atomic_write_json
+    from vskip_core.stages.distillation import in_run
+    from vskip_core.stages.evaluation import student_adapters
+
+    s04 = tmp_path / "run" / "04_qlora_distillation"
+    rel = in_run(s04 / "adapters" / "vskip")
+    assert rel == "04_qlora_distillation/adapters/vskip"
+    atomic_write_json(
+        s04 / "metrics.json", {"methods": {"vskip": {"adapter": rel}, "full": {"adapter": "/old/full"}}}
+    )
+    assert student_adapters(s04) == {"vskip": str(s04 / "adapters" / "vskip"), "full": "/old/full"}
+
+
+def test_finish_refuses_an_absolute_path_of_this_machine(smoke_cfg, tmp_path):
+    from pathlib import Path
+
+    from vskip_core.config import REPO_ROOT
+    from vskip_core.runtime import start_stage
+
+    stage = start_stage(smoke_cfg, "r", "00_x")
+    for bad in (REPO_ROOT / "x", Path.home() / "x", tmp_path / "cache" / "teacher-x", stage.dir / "a"):
+        with pytest.raises(ValueError, match=r"'methods\.vskip\.adapter'"):
+            stage.finish({"methods": {"vskip": {"adapter": str(bad)}}})
+    stage.finish({"teacher_path": "teacher-x", "note": "read from /work/x", "other": "/opt/models/x"})
+    assert json.loads((stage.dir / "metrics.json").read_text())["teacher_path"] == "teacher-x"
+

@@ -309,6 +309,47 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def relative_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """`path` relative to `root` (posix), as a metrics.json stores it; a path outside `root`, or a hub id, as
+    it is."""
+    p = Path(path)
+    if not p.is_absolute() or not p.resolve().is_relative_to(Path(root).resolve()):
+        return str(path)
+    return p.resolve().relative_to(Path(root).resolve()).as_posix() or "."
+
+
+def resolve_path(stored: str | os.PathLike, root: str | os.PathLike) -> Path:
+    """A path read back from a metrics.json: a relative one under `root`; an absolute one (metrics written
+    before paths were stored relative) as it is."""
+    p = Path(stored)
+    return p if p.is_absolute() else Path(root) / p
+
+
+def machine_dirs(cfg: Config | None = None) -> list[Path]:
+    """The folders whose absolute paths name this machine: home, the repository, the cache and results."""
+    dirs = [Path.home(), REPO_ROOT]
+    if cfg is not None:
+        dirs += [cfg.path(cfg.runtime.cache_dir), cfg.path(cfg.runtime.results_dir)]
+    return [d.resolve() for d in dirs if len(d.resolve().parts) > 1]  # a home of "/" would match everything
+
+
+def check_portable(obj: Any, dirs: list[Path], key: str = "") -> None:
+    """Raise ValueError, naming the key, for a string in `obj` that is an absolute path under one of `dirs`."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            check_portable(v, dirs, f"{key}.{k}" if key else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_portable(v, dirs, f"{key}[{i}]")
+    elif isinstance(obj, str) and os.path.isabs(obj):
+        p = Path(obj)
+        if any(p.is_relative_to(d) for d in dirs):
+            raise ValueError(
+                f"metrics key {key!r} holds an absolute path of this machine ({obj}): store it relative "
+                "to the run folder or the cache (runtime.relative_path)"
+            )
+
+
 def git_info() -> dict[str, Any]:
     def _git(*args: str) -> str | None:
         try:
@@ -484,6 +525,7 @@ class Stage:
         """Write metrics.json (if any), the end time, and the `.finished` marker later stages check.
         (The pipeline adds `.done`, with the params fingerprint, once executed.ipynb is in place.)"""
         if metrics is not None:
+            check_portable(metrics, machine_dirs(self.cfg))
             self.save_json("metrics.json", metrics)
         self.env["end_time"] = now()
         self.save_json("env.json", self.env)
