@@ -498,6 +498,40 @@ def stage_fingerprint(cfg: Config, notebook: Path) -> str:
     return hashlib.sha256(cfg.hash().encode() + hashlib.sha256(src).hexdigest().encode()).hexdigest()[:16]
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def output_files(stage_dir: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, sha256}} of every regular file under a stage folder but `.done`: what the
+    pipeline records at finish and checks before skipping the stage."""
+    out = {}
+    for f in sorted(Path(stage_dir).rglob("*")):
+        if f.is_file() and not f.is_symlink() and f.name != ".done":
+            out[f.relative_to(stage_dir).as_posix()] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
+    return out
+
+
+def changed_output(stage_dir: Path, recorded: dict[str, dict[str, Any]]) -> str | None:
+    """The first recorded output that is missing or differs ("scores.parquet missing"), else None. Sizes are
+    compared first; a file of the same size is hashed."""
+    for name, rec in recorded.items():
+        f = Path(stage_dir) / name
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != rec["size"]:
+            return f"{name} changed ({f.stat().st_size} bytes, {rec['size']} recorded)"
+        if file_sha256(f) != rec["sha256"]:
+            return f"{name} changed (sha256 differs)"
+    return None
+
+
 @dataclass
 class Stage:
     cfg: Config
