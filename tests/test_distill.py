@@ -20,6 +20,7 @@ from vskip_core.stages.distillation import (
     build_datasets,
     data_card,
     draw_ratios,
+    in_run,
     load_base,
     load_datasets,
     load_student,
@@ -205,6 +206,9 @@ def test_adapter_loads_with_peft_and_merges(trained):
         torch.testing.assert_close(merged(**batch).logits, adapted, atol=1e-5, rtol=0)
     for name in ("adapter_config.json", "params.json", "metrics.json", "history.json", "README.md"):
         assert (m["adapter"] + "/" + name) and __import__("os").path.exists(m["adapter"] + "/" + name)
+    saved = json.loads(open(m["adapter"] + "/metrics.json").read())  # no absolute path of this machine
+    assert saved["adapter"] == in_run(m["adapter"]) and not saved["adapter"].startswith("/")
+    assert not saved["base_path"].startswith(str(cfg.path(cfg.runtime.cache_dir)))
 
 
 class _Kill(RuntimeError):

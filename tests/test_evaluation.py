@@ -512,6 +512,7 @@ def test_summary_from_hand_made_metrics_files(tmp_path):
         r for d in ("teacher", "students") for r in json.loads((run / d / "metrics.json").read_text())["rows"]
     ]
     env = {"device": "cpu", "machine": "x86_64", "cpu_count": 2, "torch_threads": 1,
+           "cpu_model": "Some CPU 9000", "cpu_capability": "AVX512", "isa_caps": {"ATEN_CPU_CAPABILITY": "avx2"},
            "versions": {"torch": "2.13.0"}, "git": {"commit": "0123456789abcdef", "dirty": False}}  # fmt: skip
     df = write_summary(run, rows, env, {"gate": {"gamma": 0.5}}, notes=["a hand-made note"])
 
@@ -533,6 +534,10 @@ def test_summary_from_hand_made_metrics_files(tmp_path):
     assert vskip["anls"] == "1.000" and vskip["latency_s"] == "0.100" and vskip["tokens"] == "30.000"
     assert md[0] == "# vskip run summary: `hand`"
     assert any("Git 0123456789 (dirty: False)" in line for line in md) and md[-1] == "a hand-made note"
+    machine = next(line for line in md if line.startswith("Machine:"))
+    assert (
+        "CPU Some CPU 9000" in machine and "torch kernels AVX512; capped: ATEN_CPU_CAPABILITY=avx2" in machine
+    )
     assert saved["claims"] == [
         {"claim": "vskip ActRatio at 0.5", "value": 0.5, "ci": None, "target": "0.5 +- 0.05", "met": True}
     ]

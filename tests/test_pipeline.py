@@ -252,3 +252,126 @@ def test_executed_copy_keeps_only_the_parameters_it_ran_with(tmp_path):
     assert [c.source for c in nbformat.read(path, 4).cells] == ["# title", 'run = "smoke"', "print(run)"]
     pipeline.one_parameter_cell(path)  # nothing injected left to tell them apart: unchanged
     assert len(nbformat.read(path, 4).cells) == 3
+
+
+def _finished_stage(tmp_path, fp="abc"):
+    """A stage folder as the pipeline leaves it, outputs recorded in .done, without running a notebook."""
+    from vskip_core.runtime import atomic_write_json, output_files
+
+    d = tmp_path / "r" / "02_fake"
+    (d / "shards").mkdir(parents=True)
+    for name in ("executed.ipynb", ".finished", "scores.parquet", "shards/shard-00000.jsonl"):
+        (d / name).write_bytes(b"x" * 4096 + name.encode())
+    atomic_write_json(d / ".done", {"fingerprint": fp, "files": output_files(d)})
+    return d
+
+
+def test_done_records_every_output_but_itself(tmp_path):
+    d = _finished_stage(tmp_path)
+    files = json.loads((d / ".done").read_text())["files"]
+    assert set(files) == {"executed.ipynb", ".finished", "scores.parquet", "shards/shard-00000.jsonl"}
+    assert files["scores.parquet"]["size"] == 4096 + len("scores.parquet")
+    assert len(files["scores.parquet"]["sha256"]) == 64
+    assert pipeline.check_complete(d, "abc") == (True, None)
+    assert pipeline.check_complete(d, "other") == (False, None)  # other params: no line about files
+
+
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda f: f.write_bytes(f.read_bytes()[:100]), "scores.parquet changed (100 bytes"),  # truncated
+        (lambda f: f.write_bytes(f.read_bytes().replace(b"x", b"y", 1)), "scores.parquet changed (sha256"),
+        (lambda f: f.unlink(), "scores.parquet missing"),
+    ],
+)
+def test_a_changed_or_missing_output_makes_the_stage_incomplete(tmp_path, damage, needle):
+    d = _finished_stage(tmp_path)
+    damage(d / "scores.parquet")
+    complete, why = pipeline.check_complete(d, "abc")
+    assert not complete and why.startswith(needle)
+    assert not pipeline.is_complete(d, "abc")
+
+
+def test_a_shard_deleted_under_a_subfolder_is_noticed(tmp_path):
+    d = _finished_stage(tmp_path)
+    (d / "shards" / "shard-00000.jsonl").unlink()
+    assert pipeline.check_complete(d, "abc") == (False, "shards/shard-00000.jsonl missing")
+
+
+def test_done_written_before_outputs_were_recorded_still_counts(tmp_path):
+    d = _finished_stage(tmp_path)
+    (d / ".done").write_text(json.dumps({"fingerprint": "abc", "seconds": 1.0}))
+    (d / "scores.parquet").unlink()  # not recorded: not checked
+    assert pipeline.check_complete(d, "abc") == (True, None)
+
+
+def test_pipeline_reruns_a_stage_whose_output_changed_with_one_line(nbdir, capsys):
+    res = nbdir / "results"
+    args = ["--params", "params/smoke.yaml", "--run", "r", "--set", f"runtime.results_dir={res}"]
+    assert pipeline.main(args) == 0
+    assert "files" in json.loads((res / "r" / "00_first" / ".done").read_text())
+    size = (res / "r" / "00_first" / "metrics.json").stat().st_size
+    (res / "r" / "00_first" / "metrics.json").write_text("{}")
+    capsys.readouterr()
+    assert pipeline.main(args) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "metrics.json" in ln]
+    assert lines == [
+        f"[1/2] 00_first: output metrics.json changed (2 bytes, {size} recorded) since it finished; "
+        "it reruns and the stages after it"
+    ]
+    assert _count(res, "00_first") == 2 and _count(res, "01_second") == 2
+
+
+def test_cpu_info_names_the_model_flags_and_dispatched_isa(monkeypatch):
+    from vskip_core.runtime import CPU_FLAGS, cpu_info, environment
+
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    info = cpu_info()
+    assert set(info) == {"cpu_model", "cpu_flags", "cpu_capability", "isa_caps"}
+    assert info["cpu_model"] is None or (isinstance(info["cpu_model"], str) and info["cpu_model"])
+    assert info["cpu_flags"] is None or set(info["cpu_flags"]) == set(CPU_FLAGS)
+    assert info["cpu_flags"] is None or all(isinstance(v, bool) for v in info["cpu_flags"].values())
+    assert isinstance(info["cpu_capability"], str) and info["cpu_capability"]  # "AVX512", "AVX2", "DEFAULT"
+    assert info["isa_caps"]["ATEN_CPU_CAPABILITY"] == "avx2" and "MKL_CBWR" not in info["isa_caps"]
+    assert set(info) <= set(environment())
+
+
+def test_paths_in_metrics_are_stored_relative_and_resolved_back(tmp_path):
+    from vskip_core.runtime import relative_path, resolve_path
+
+    run = tmp_path / "run"
+    adapter = run / "04_qlora_distillation" / "adapters" / "vskip"
+    assert relative_path(adapter, run) == "04_qlora_distillation/adapters/vskip"
+    assert resolve_path("04_qlora_distillation/adapters/vskip", run) == adapter
+    assert resolve_path(str(adapter), tmp_path / "elsewhere") == adapter  # metrics written before: as is
+    assert relative_path("HuggingFaceTB/SmolLM2", run) == "HuggingFaceTB/SmolLM2"  # a hub id
+    assert relative_path("/opt/models/x", run) == "/opt/models/x"  # outside the root: as is
+
+
+def test_student_adapters_resolve_relative_and_old_absolute_paths(tmp_path):
+    from vskip_core.runtime import atomic_write_json
+    from vskip_core.stages.distillation import in_run
+    from vskip_core.stages.evaluation import student_adapters
+
+    s04 = tmp_path / "run" / "04_qlora_distillation"
+    rel = in_run(s04 / "adapters" / "vskip")
+    assert rel == "04_qlora_distillation/adapters/vskip"
+    atomic_write_json(
+        s04 / "metrics.json", {"methods": {"vskip": {"adapter": rel}, "full": {"adapter": "/old/full"}}}
+    )
+    assert student_adapters(s04) == {"vskip": str(s04 / "adapters" / "vskip"), "full": "/old/full"}
+
+
+def test_finish_refuses_an_absolute_path_of_this_machine(smoke_cfg, tmp_path):
+    from pathlib import Path
+
+    from vskip_core.config import REPO_ROOT
+    from vskip_core.runtime import start_stage
+
+    stage = start_stage(smoke_cfg, "r", "00_x")
+    for bad in (REPO_ROOT / "x", Path.home() / "x", tmp_path / "cache" / "teacher-x", stage.dir / "a"):
+        with pytest.raises(ValueError, match=r"'methods\.vskip\.adapter'"):
+            stage.finish({"methods": {"vskip": {"adapter": str(bad)}}})
+    stage.finish({"teacher_path": "teacher-x", "note": "read from /work/x", "other": "/opt/models/x"})
+    assert json.loads((stage.dir / "metrics.json").read_text())["teacher_path"] == "teacher-x"

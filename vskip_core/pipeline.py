@@ -5,7 +5,8 @@
 
 Each stage writes `results/<run>/<stage>/` with `executed.ipynb`, `params.json`, `env.json`, its outputs and
 (when it measures something) `metrics.json`. A stage whose `.done` fingerprint (resolved params + notebook code
-cells) matches and whose `executed.ipynb` exists is skipped; once a stage runs, every later stage reruns.
+cells) matches, whose `executed.ipynb` exists and whose outputs are those `.done` recorded (size, sha256) is
+skipped; once a stage runs, every later stage reruns.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from typing import Any
 from vskip_core.cli import parse_sets
 from vskip_core.config import ENV_PARAMS, ENV_RUN, REPO_ROOT, ParamsError, load_params
 from vskip_core.infra.plan import PlanError, print_plan
-from vskip_core.runtime import ENV_LIVE, atomic_write_json, results_dir, stage_fingerprint
+from vskip_core.runtime import (
+    ENV_LIVE,
+    atomic_write_json,
+    changed_output,
+    output_files,
+    results_dir,
+    stage_fingerprint,
+)
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 
@@ -41,7 +49,9 @@ def select_stages(spec: str | None) -> list[str]:
     return sorted(chosen)
 
 
-def is_complete(stage_dir: Path, fingerprint: str) -> bool:
+def check_complete(stage_dir: Path, fingerprint: str) -> tuple[bool, str | None]:
+    """(complete, why not where an output recorded in `.done` is missing or changed). A `.done` written before
+    outputs were recorded (no "files") counts on its fingerprint alone."""
     import json
 
     done = stage_dir / ".done"
@@ -50,11 +60,19 @@ def is_complete(stage_dir: Path, fingerprint: str) -> bool:
         or not (stage_dir / "executed.ipynb").exists()
         or not (stage_dir / ".finished").exists()
     ):
-        return False
+        return False, None
     try:
-        return json.loads(done.read_text()).get("fingerprint") == fingerprint
+        record = json.loads(done.read_text())
     except (OSError, ValueError):
-        return False
+        return False, None
+    if record.get("fingerprint") != fingerprint:
+        return False, None
+    changed = changed_output(stage_dir, record.get("files") or {})
+    return changed is None, changed
+
+
+def is_complete(stage_dir: Path, fingerprint: str) -> bool:
+    return check_complete(stage_dir, fingerprint)[0]
 
 
 def one_parameter_cell(path: Path) -> None:
@@ -183,9 +201,14 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
     for i, stage in enumerate(stages, 1):
         fp = stage_fingerprint(cfg, NOTEBOOKS / f"{stage}.ipynb")
         sdir = out / stage
-        if not args.force and not rerun_rest and is_complete(sdir, fp):
-            print(f"[{i}/{len(stages)}] {stage}: complete for these params, skipped")
-            continue
+        if not args.force and not rerun_rest:
+            complete, changed = check_complete(sdir, fp)
+            if complete:
+                print(f"[{i}/{len(stages)}] {stage}: complete for these params, skipped")
+                continue
+            if changed:
+                later = " and the stages after it" if i < len(stages) else ""
+                print(f"[{i}/{len(stages)}] {stage}: output {changed} since it finished; it reruns{later}")
         rerun_rest = True
         print(f"[{i}/{len(stages)}] {stage}: running ...", flush=True)
         t0 = time.time()
@@ -198,7 +221,10 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
             print(f"\ninterrupted during {stage}; rerun the same command to resume", file=sys.stderr)
             return 130
 
-        atomic_write_json(sdir / ".done", {"fingerprint": fp, "seconds": round(time.time() - t0, 1)})
+        seconds = round(time.time() - t0, 1)
+        atomic_write_json(
+            sdir / ".done", {"fingerprint": fp, "seconds": seconds, "files": output_files(sdir)}
+        )
         print(f"[{i}/{len(stages)}] {stage}: done in {time.time() - t0:.0f} s", flush=True)
     return 0
 

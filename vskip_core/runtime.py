@@ -309,6 +309,47 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def relative_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """`path` relative to `root` (posix), as a metrics.json stores it; a path outside `root`, or a hub id, as
+    it is."""
+    p = Path(path)
+    if not p.is_absolute() or not p.resolve().is_relative_to(Path(root).resolve()):
+        return str(path)
+    return p.resolve().relative_to(Path(root).resolve()).as_posix() or "."
+
+
+def resolve_path(stored: str | os.PathLike, root: str | os.PathLike) -> Path:
+    """A path read back from a metrics.json: a relative one under `root`; an absolute one (metrics written
+    before paths were stored relative) as it is."""
+    p = Path(stored)
+    return p if p.is_absolute() else Path(root) / p
+
+
+def machine_dirs(cfg: Config | None = None) -> list[Path]:
+    """The folders whose absolute paths name this machine: home, the repository, the cache and results."""
+    dirs = [Path.home(), REPO_ROOT]
+    if cfg is not None:
+        dirs += [cfg.path(cfg.runtime.cache_dir), cfg.path(cfg.runtime.results_dir)]
+    return [d.resolve() for d in dirs if len(d.resolve().parts) > 1]  # a home of "/" would match everything
+
+
+def check_portable(obj: Any, dirs: list[Path], key: str = "") -> None:
+    """Raise ValueError, naming the key, for a string in `obj` that is an absolute path under one of `dirs`."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            check_portable(v, dirs, f"{key}.{k}" if key else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_portable(v, dirs, f"{key}[{i}]")
+    elif isinstance(obj, str) and os.path.isabs(obj):
+        p = Path(obj)
+        if any(p.is_relative_to(d) for d in dirs):
+            raise ValueError(
+                f"metrics key {key!r} holds an absolute path of this machine ({obj}): store it relative "
+                "to the run folder or the cache (runtime.relative_path)"
+            )
+
+
 def git_info() -> dict[str, Any]:
     def _git(*args: str) -> str | None:
         try:
@@ -321,6 +362,45 @@ def git_info() -> dict[str, Any]:
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")  # what decides the kernels' path
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, the flags that pick torch's kernels, the ISA ATen dispatched to and any cap set in the
+    environment: the same code trains another teacher on another instruction set (issue 32)."""
+    import torch
+
+    model, flags = None, None
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and model is None:
+            model = value.strip() or None
+        elif key.strip() in ("flags", "Features") and flags is None:  # x86 / ARM
+            flags = set(value.split())
+    if model is None and sys.platform == "darwin":
+        with contextlib.suppress(Exception):
+            model = (
+                subprocess.run(
+                    ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+                ).stdout.strip()
+                or None
+            )
+    if model is None:
+        model = platform.processor() or None
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: None)()
+    return {
+        "cpu_model": model,
+        "cpu_flags": {f: f in flags for f in CPU_FLAGS} if flags is not None else None,
+        "cpu_capability": capability,
+        "isa_caps": {k: os.environ[k] for k in ISA_CAPS if k in os.environ},
+    }
 
 
 def environment(cfg: Config | None = None) -> dict[str, Any]:
@@ -360,6 +440,7 @@ def environment(cfg: Config | None = None) -> dict[str, Any]:
         "git": git_info(),
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor(),
+        **cpu_info(),
         "seed": cfg.runtime.seed if cfg else None,
     }
     return env
@@ -417,6 +498,40 @@ def stage_fingerprint(cfg: Config, notebook: Path) -> str:
     return hashlib.sha256(cfg.hash().encode() + hashlib.sha256(src).hexdigest().encode()).hexdigest()[:16]
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def output_files(stage_dir: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, sha256}} of every regular file under a stage folder but `.done`: what the
+    pipeline records at finish and checks before skipping the stage."""
+    out = {}
+    for f in sorted(Path(stage_dir).rglob("*")):
+        if f.is_file() and not f.is_symlink() and f.name != ".done":
+            out[f.relative_to(stage_dir).as_posix()] = {"size": f.stat().st_size, "sha256": file_sha256(f)}
+    return out
+
+
+def changed_output(stage_dir: Path, recorded: dict[str, dict[str, Any]]) -> str | None:
+    """The first recorded output that is missing or differs ("scores.parquet missing"), else None. Sizes are
+    compared first; a file of the same size is hashed."""
+    for name, rec in recorded.items():
+        f = Path(stage_dir) / name
+        if not f.is_file():
+            return f"{name} missing"
+        if f.stat().st_size != rec["size"]:
+            return f"{name} changed ({f.stat().st_size} bytes, {rec['size']} recorded)"
+        if file_sha256(f) != rec["sha256"]:
+            return f"{name} changed (sha256 differs)"
+    return None
+
+
 @dataclass
 class Stage:
     cfg: Config
@@ -444,6 +559,7 @@ class Stage:
         """Write metrics.json (if any), the end time, and the `.finished` marker later stages check.
         (The pipeline adds `.done`, with the params fingerprint, once executed.ipynb is in place.)"""
         if metrics is not None:
+            check_portable(metrics, machine_dirs(self.cfg))
             self.save_json("metrics.json", metrics)
         self.env["end_time"] = now()
         self.save_json("env.json", self.env)

@@ -77,7 +77,8 @@ def write_summary(
         _markdown(fmt),
         "",
         f"Machine: {env.get('device')} ({env.get('device_name') or env.get('machine')}), "
-        f"{env.get('cpu_count')} CPUs, torch threads {env.get('torch_threads')}. "
+        f"CPU {env.get('cpu_model') or 'unknown'} ({env.get('cpu_count')} CPUs, torch kernels "
+        f"{env.get('cpu_capability') or 'unknown'}{_caps(env)}), torch threads {env.get('torch_threads')}. "
         f"Versions: {', '.join(f'{k} {v}' for k, v in env.get('versions', {}).items() if v)}. "
         f"Git {str(env.get('git', {}).get('commit'))[:10]} (dirty: {env.get('git', {}).get('dirty')}).",
     ]
@@ -87,6 +88,12 @@ def write_summary(
         md += ["", *notes]
     atomic_write_bytes(run_dir / "summary.md", ("\n".join(md) + "\n").encode())
     return df
+
+
+def _caps(env: dict[str, Any]) -> str:
+    """The instruction-set caps the run was made under, as "; capped: K=V, ...", or nothing."""
+    caps = env.get("isa_caps") or {}
+    return "; capped: " + ", ".join(f"{k}={v}" for k, v in caps.items()) if caps else ""
 
 
 def claims(rows: list[dict[str, Any]], ratio: float = 0.5) -> list[dict[str, Any]]:

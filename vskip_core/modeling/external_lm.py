@@ -212,9 +212,10 @@ def llmlingua2_status(cfg: Config) -> tuple[bool, str]:
         return False, f"LLMLingua-2 from the model hub: {where} (downloaded on first use, ~2.2 GB)"
     if kind == "stand-in":
         return True, f"LLMLingua-2 stand-in {where} (tiny random weights, built on first use)"
-    if not (Path(where) / "config.json").exists():
-        return False, f"LLMLingua-2 unavailable: gate.llmlingua2_path {where} holds no model (no config.json)"
-    return True, f"LLMLingua-2 model found at {where} ({'gate.llmlingua2_path' if kind == 'path' else kind})"
+    shown = cfg.gate.llmlingua2_path if kind == "path" else f"<runtime.cache_dir>/{LLMLINGUA2_CACHE}"
+    if not (Path(where) / "config.json").exists():  # the folder as configured: metrics.json names no machine
+        return False, f"LLMLingua-2 unavailable: gate.llmlingua2_path {shown} holds no model (no config.json)"
+    return True, f"LLMLingua-2 model found at {shown} ({'gate.llmlingua2_path' if kind == 'path' else kind})"
 
 
 def load_llmlingua2(cfg: Config, device: str | None = None) -> ExternalLM:

@@ -82,8 +82,10 @@ from vskip_core.plots import _save, plt
 from vskip_core.runtime import (
     atomic_write_json,
     is_missing,
+    relative_path,
     resolve_device,
     resolve_dtype,
+    resolve_path,
     results_dir,
     seed_everything,
     torch_threads,
@@ -714,7 +716,7 @@ def train_student(
     fp = fingerprint(cfg, ds, method)
     done = adapter_dir / "metrics.json"
     if done.exists() and json.loads(done.read_text()).get("fingerprint") == fp:
-        return {**json.loads(done.read_text()), "reused": True}
+        return {**json.loads(done.read_text()), "reused": True, "adapter": str(adapter_dir)}
     stamp = ckpt_dir / "fingerprint.json"
     if ckpt_dir.exists() and (not stamp.exists() or json.loads(stamp.read_text()).get("fingerprint") != fp):
         shutil.rmtree(ckpt_dir)  # checkpoints of other params or data: start over
@@ -826,8 +828,21 @@ def save_adapter(model, cfg: Config, adapter_dir: Path, metrics, log_history, ds
     model.save_pretrained(str(adapter_dir))
     atomic_write_json(adapter_dir / "params.json", cfg.to_dict())
     atomic_write_json(adapter_dir / "history.json", log_history)
+    # no absolute paths of this machine: the adapter relative to the run folder, the base to runtime.cache_dir
+    metrics = {
+        **metrics,
+        "adapter": in_run(metrics["adapter"]),
+        "base_path": relative_path(metrics["base_path"], cfg.path(cfg.runtime.cache_dir)),
+    }
     (adapter_dir / "README.md").write_text(_model_card(cfg, metrics, ds))
     atomic_write_json(adapter_dir / "metrics.json", metrics)
+
+
+def in_run(adapter_dir: str | Path) -> str:
+    """An adapter folder (`<run>/<stage>/adapters/<method>`) relative to its run folder, as metrics.json files
+    store it (`evaluation.student_adapters` resolves it)."""
+    p = Path(adapter_dir)
+    return relative_path(p, p.parents[2]) if len(p.parents) > 2 else str(p)
 
 
 def _model_card(cfg: Config, m: dict[str, Any], ds) -> str:
@@ -900,8 +915,9 @@ def load_student(cfg: Config, adapter_dir: str | Path, merge: bool | None = None
     saved = json.loads((adapter_dir / "params.json").read_text())["distill"]
     info = json.loads((adapter_dir / "metrics.json").read_text())
     student = saved["student"]
-    if student == "embedded" and Path(info.get("base_path", "")).exists():
-        student = info["base_path"]  # the exact teacher the adapter was trained on
+    base_path = info.get("base_path") and resolve_path(info["base_path"], cfg.path(cfg.runtime.cache_dir))
+    if student == "embedded" and base_path and base_path.exists():
+        student = str(base_path)  # the exact teacher the adapter was trained on
     base = load_base(cfg, student, saved["quantization"], device, cfg.model.attn_implementation)
     model = PeftModel.from_pretrained(base.model, str(adapter_dir))
     if saved["quantization"] == "none" if merge is None else merge:
@@ -940,7 +956,10 @@ def stage_metrics(results, cards, report, gate_events, total_minutes: float) -> 
     """metrics.json of stage 04: `{"methods": {method: {train_size, first_loss, last_loss, adapter,
     train_seconds, ...}}, ...}` (the control is method `full`), plus the data cards and the filter report."""
     return {
-        "methods": {m: {k: r[k] for k in METRIC_KEYS if k in r} for m, r in results.items()},
+        "methods": {
+            m: {k: in_run(r[k]) if k == "adapter" else r[k] for k in METRIC_KEYS if k in r}
+            for m, r in results.items()
+        },
         "total_train_minutes": total_minutes,
         "datasets": {
             m: {k: c[k] for k in ("n", "per_ratio", "per_family", "mean_target_tokens", "empty_targets")}

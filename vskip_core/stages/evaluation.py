@@ -26,6 +26,7 @@ from vskip_core.metrics import (
     varr_text,
 )
 from vskip_core.modeling.decoding import generate
+from vskip_core.runtime import resolve_path
 from vskip_core.stages.distillation import load_student, ratio_prompt
 
 
@@ -237,11 +238,13 @@ def add_intervals(rows: list[dict[str, Any]], records: list[dict[str, Any]], rep
 
 
 def student_adapters(stage04: Path) -> dict[str, str]:
-    """{method: adapter dir} from 04's metrics.json (includes the full-rationale control `full`)."""
+    """{method: adapter dir} from 04's metrics.json (includes the full-rationale control `full`); the paths
+    there are relative to the run folder (older runs: absolute)."""
     import json
 
     m = json.loads((Path(stage04) / "metrics.json").read_text())["methods"]
-    return {k: v["adapter"] for k, v in m.items() if v.get("adapter")}
+    run_dir = Path(stage04).parent
+    return {k: str(resolve_path(v["adapter"], run_dir)) for k, v in m.items() if v.get("adapter")}
 
 
 def evaluate_students(
