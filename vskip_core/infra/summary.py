@@ -57,6 +57,7 @@ def write_summary(
         if fmt[c].dtype.kind == "f":
             fmt[c] = fmt[c].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
     fmt["ratio"] = df["ratio"].map(lambda v: "" if v is None or pd.isna(v) else f"{v:g}")
+    fmt = fmt.astype(object).where(fmt.notna(), "")  # a column with no value at all (e.g. varr_category here)
     md = [
         f"# vskip run summary: `{run_dir.name}`",
         "",
