@@ -280,9 +280,10 @@ def latency_bars(df: pd.DataFrame, path=None):
 
 
 def varr_bars(df: pd.DataFrame, ratio: float, path=None):
-    """VARR per attribute type at one ratio, per method (teacher and full as references)."""
+    """VARR per attribute type at one ratio, per method (teacher and full as references): the paper's types
+    (against the teacher's rationale) and the binding-aware pool `bound_overall` (against the gold one)."""
     d = df[(df.ratio == ratio) | df.method.isin(["teacher", "full"])]
-    cols = [c for c in d.columns if c.startswith("varr_")]
+    cols = [c for c in d.columns if c.startswith("varr_") and d[c].notna().any()]  # types with a mention
     long = d.melt(id_vars=["method"], value_vars=cols, var_name="attribute", value_name="VARR")
     long["attribute"] = long.attribute.str[5:]
     fig, ax = plt.subplots(figsize=(9, 3.8))
