@@ -35,6 +35,7 @@ from vskip_core.modeling.loading import collate, encode, model_inputs
 from vskip_core.modeling.pruned_decoding import PrunedOutput, pruned_generate
 from vskip_core.plots import _save
 from vskip_core.runtime import progress as tqdm
+from vskip_core.runtime import relative_path
 from vskip_core.stages.distillation import load_student as _load
 from vskip_core.stages.distillation import ratio_prompt
 
@@ -888,7 +889,11 @@ def load_student(cfg, run_dir) -> tuple[Any, str, str]:
 
     adapter = Path(run_dir) / "04_qlora_distillation" / "adapters" / STUDENT_ADAPTER
     if not (adapter / "adapter_config.json").exists():
-        return None, {}, f"no student adapter at {adapter} (run stage 04 first): student combination skipped"
+        where = relative_path(adapter, run_dir)
+        return None, {}, f"no student adapter at {where} (run stage 04 first): student combination skipped"
     prompt = ratio_prompt(cfg, cfg.prune.student_ratio)
     said = " / ".join(v.strip() for v in prompt.values() if v.strip())
-    return _load(cfg, adapter), prompt, f"student {adapter} prompted with {said!r}"
+    where = relative_path(
+        adapter, run_dir
+    )  # as 04's metrics store it: no path of this machine in details.json
+    return _load(cfg, adapter), prompt, f"student {where} prompted with {said!r}"
