@@ -235,7 +235,10 @@ def test_direct_answers_and_added_sentences_reach_the_training_batch(tiny_teache
             if x.get("direct"):
                 assert text == f"{ANSWER_PREFIX} {x['answer']}" and ids[: len(prefill)] == prefill
                 w = batch["weights"][row][batch["labels"][row] != -100]
-                assert set(w[:-1].tolist()) == {5.0}  # all but <|im_end|>
+                # the prefilled `Answer:` carries no loss (else greedy decoding would start every turn with it)
+                assert w[: len(prefill)].tolist() == [0.0] * len(prefill) and set(
+                    w[len(prefill) : -1].tolist()
+                ) == {5.0}
             added = x.get("instruction") or x.get("prefix", "").strip()
             if added:
                 assert added in prompt and added not in text

@@ -196,7 +196,7 @@ def target_weights(
 ) -> torch.Tensor:
     """Per-target-token loss weights: `anchor_weight` on tokens overlapping an anchor span or the answer line
     (a direct answer's: its `answer_weight`), `decision_weight` (default `anchor_weight`) on the words where
-    the reasoning branches (`decisions`)."""
+    the reasoning branches (`decisions`), none on the `prefilled` characters (a direct answer's `Answer:`)."""
     text = ex["rationale"]
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     spans = [(a["start"], a["end"], anchor_weight) for a in ex["anchors"]]
@@ -209,6 +209,8 @@ def target_weights(
     if base == 0.0:
         spans = [(d["start"], d["end"], dw) for d in ex.get("decisions", [])]
     w = [max([base] + [v for s2, e2, v in spans if s < e2 and e > s2]) for s, e in enc["offset_mapping"]]
+    given = ex.get("prefilled", 0)
+    w = [0.0 if e <= given else x for x, (_, e) in zip(w, enc["offset_mapping"])]
     return torch.tensor(w + [base])  # + <|im_end|>
 
 

@@ -583,7 +583,9 @@ def instruct_variant(
     stream index): with probability `direct_share` (examples with an `answer` only) the target is the answer
     line alone (`Answer: red`, what a prompt prefilled with `Answer:` decodes), and independently with
     probability `instruct_share` one of `TRAIN_INSTRUCTIONS` goes after the question (`instruction`) or, half
-    the time, before it (`prefix`, as the ratio sentence at `turn_start`). Off at 0 and 0: `ex` unchanged."""
+    the time, before it (`prefix`, as the ratio sentence at `turn_start`). Off at 0 and 0: `ex` unchanged.
+    A direct target's `Answer:` is `prefilled` (no loss): taught to start its turn with it, a teacher that sees
+    both kinds of target would answer directly whenever `Answer:` is its likeliest first word."""
     if direct_share <= 0 and instruct_share <= 0:
         return ex
     rng = random.Random(f"variant:{key}")
@@ -592,6 +594,7 @@ def instruct_variant(
     ex = dict(ex)
     if direct and "answer" in ex:
         ex.update(rationale=f"{ANSWER_PREFIX} {ex['answer']}", anchors=[], decisions=[], direct=True)
+        ex["prefilled"] = len(ANSWER_PREFIX)  # characters of the target given in the prompt at inference
         ex.pop("loss_on", None)
     if instruct:
         if before:
