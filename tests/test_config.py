@@ -157,3 +157,14 @@ def test_fields_added_at_their_neutral_value_keep_the_cache_keys():
         "params/default.yaml", {"embedded.verdict_reasoning": 4, "data.multistep_rationale": "local"}
     )
     assert changed.hash("embedded", "data") != base.hash("embedded", "data")
+
+
+def test_instruction_tuning_fields_are_checked_and_change_the_key_only_when_on():
+    base = load_params("params/default.yaml")
+    for key in ("embedded.direct_share", "embedded.instruct_share"):
+        with pytest.raises(ParamsError, match=key):
+            load_params("params/default.yaml", {key: 1.5})
+        on = load_params("params/default.yaml", {key: 0.25})
+        assert on.hash("embedded", "data") != base.hash("embedded", "data")
+    with pytest.raises(ParamsError, match="embedded.direct_weight"):
+        load_params("params/default.yaml", {"embedded.direct_weight": 0})

@@ -317,3 +317,42 @@ def test_multistep_steps_flag_a_misread_price_and_colour(cfg, style):
         assert "look-up" in {r["step"] for r in multistep_steps(wrong, ex["scene"], most) if not r["ok"]}
     report = multistep_report([ex["rationale"], misread], [ex, ex])
     assert report["n"] == 2 and report["facts_right"] == 0.5
+
+
+def test_instruction_lists_are_disjoint_and_the_ratio_sentence_is_held_out():
+    import re
+
+    from vskip_core.data.embedded import HELDOUT_INSTRUCTIONS, TRAIN_INSTRUCTIONS
+    from vskip_core.modeling.prompts import RATIO_TEMPLATE
+    from vskip_core.stages.distillation import format_ratio
+
+    assert len(set(TRAIN_INSTRUCTIONS)) == len(TRAIN_INSTRUCTIONS) >= 20
+    assert len(set(HELDOUT_INSTRUCTIONS)) == len(HELDOUT_INSTRUCTIONS) >= 10
+    assert not set(TRAIN_INSTRUCTIONS) & set(HELDOUT_INSTRUCTIONS)
+    assert RATIO_TEMPLATE.format(ratio=format_ratio(0.9)) in HELDOUT_INSTRUCTIONS
+    ratio_like = re.compile(r"keep\b.*\d.*of the reasoning", re.I)
+    assert not [s for s in TRAIN_INSTRUCTIONS if ratio_like.search(s) or re.search(r"\d", s)]
+
+
+def test_instruct_variant_direct_targets_and_added_sentences(cfg):
+    from vskip_core.data.answers import ANSWER_PREFIX
+    from vskip_core.data.embedded import TRAIN_INSTRUCTIONS, instruct_variant
+
+    ex = make_example(cfg, "teacher", 5)
+    assert instruct_variant(ex, "5") is ex  # off: the example unchanged
+    out = [instruct_variant(make_example(cfg, "teacher", i), str(i), 0.3, 0.5) for i in range(400)]
+    assert [instruct_variant(make_example(cfg, "teacher", i), str(i), 0.3, 0.5) for i in range(5)] == out[:5]
+    direct = [x for x in out if x.get("direct")]
+    assert 0.22 < len(direct) / len(out) < 0.38
+    assert all(x["rationale"] == f"{ANSWER_PREFIX} {x['answer']}" and not x["anchors"] for x in direct)
+    added = [x.get("instruction") or x.get("prefix", "").rstrip("\n") for x in out]
+    added = [s for s in added if s]
+    assert 0.4 < len(added) / len(out) < 0.6 and set(added) <= set(TRAIN_INSTRUCTIONS)
+    assert 0.3 < sum("prefix" in x for x in out) / len(added) < 0.7  # before and after the question
+    assert all(x["prefix"].endswith("\n") for x in out if "prefix" in x)
+    # the rest keep their rationale; a drill (no answer) never becomes a direct answer
+    assert all(
+        x["rationale"] == make_example(cfg, "teacher", i)["rationale"]
+        for i, x in enumerate(out)
+        if not x.get("direct")
+    )

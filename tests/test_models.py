@@ -206,6 +206,46 @@ def test_decision_words_get_their_own_loss_weight(tiny_teacher):
     assert set(w.tolist()) == {1.0, 3.0, 7.0}
 
 
+def test_direct_answers_and_added_sentences_reach_the_training_batch(tiny_teacher):
+    """A direct answer is `Answer: X` alone, weighted `direct_weight`; an added sentence is in the prompt, not
+    in the target; the prefill `Answer:` tokenizes as the direct target's first tokens (what stage 05 decodes)."""
+    import dataclasses
+
+    from vskip_core.data.answers import ANSWER_PREFIX
+    from vskip_core.data.embedded import TRAIN_INSTRUCTIONS
+    from vskip_core.teacher import full_batch, tokenizer_corpus
+
+    cfg, _ = tiny_teacher
+    m = load_model(cfg)
+    on = dataclasses.replace(
+        cfg,
+        embedded=dataclasses.replace(cfg.embedded, direct_share=0.5, instruct_share=0.5, direct_weight=5.0),
+    )
+    b = type("B", (), {"cfg": on, "tok": m.tokenizer, "proc": m.processor})()
+    exs, parts = full_batch(b, on.embedded.drill_steps)
+    direct = [x for x in exs if x.get("direct")]
+    assert direct and len(direct) < len(exs)
+    tok = m.tokenizer
+    prefill = tok(ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
+    for part, batch in parts:
+        for row, x in enumerate(part):
+            ids = batch["input_ids"][row][batch["labels"][row] != -100].tolist()
+            text = tok.decode(ids, skip_special_tokens=True)
+            prompt = tok.decode(batch["input_ids"][row][batch["labels"][row] == -100].tolist())
+            if x.get("direct"):
+                assert text == f"{ANSWER_PREFIX} {x['answer']}" and ids[: len(prefill)] == prefill
+                w = batch["weights"][row][batch["labels"][row] != -100]
+                # the prefilled `Answer:` carries no loss (else greedy decoding would start every turn with it)
+                assert w[: len(prefill)].tolist() == [0.0] * len(prefill) and set(
+                    w[len(prefill) : -1].tolist()
+                ) == {5.0}
+            added = x.get("instruction") or x.get("prefix", "").strip()
+            if added:
+                assert added in prompt and added not in text
+    assert set(TRAIN_INSTRUCTIONS) <= set(tokenizer_corpus(on, n=5))
+    assert not set(TRAIN_INSTRUCTIONS) & set(tokenizer_corpus(cfg, n=5))
+
+
 def test_compare_drills_put_their_loss_on_the_verdict_only(tiny_teacher):
     from vskip_core.data.embedded import make_compare_drill
     from vskip_core.teacher import target_weights

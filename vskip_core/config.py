@@ -245,6 +245,14 @@ class EmbeddedConfig:
     probe_weight: float = 0.5  # lookup_drills, end_to_end: weight of the auxiliary probe loss (0 = off)
     probe_tied: bool = True  # colour/shape/size probe heads tied to the LM's word embeddings
     eval_per_family: int = 200  # held-out test examples per family for the teacher's report
+    # instruction-tuned behaviour (issue 32; off = the teacher before it, docs/TEACHER.md):
+    direct_share: float = (
+        0.0  # share of full examples (end_to_end, verdict) whose target is `Answer: X` alone
+    )
+    direct_weight: float = (
+        3.0  # loss weight on a direct answer's tokens (a rationale's answer line: anchor_weight)
+    )
+    instruct_share: float = 0.0  # share of drills and full examples with one data.TRAIN_INSTRUCTIONS sentence
 
     def validate(self) -> None:
         for k in (
@@ -286,6 +294,10 @@ class EmbeddedConfig:
         _check(self.text_heads % self.kv_heads == 0, "embedded.kv_heads", "must divide text_heads")
         _check(self.vision_dim % self.vision_heads == 0, "embedded.vision_heads", "must divide vision_dim")
         _check(self.lr > 0 and self.pretrain_lr > 0, "embedded.lr", "learning rates must be > 0")
+        for k in ("direct_share", "instruct_share"):
+            v = getattr(self, k)
+            _check(0.0 <= v <= 1.0, f"embedded.{k}", f"must be a share in [0, 1], got {v}")
+        _check(self.direct_weight > 0, "embedded.direct_weight", f"must be > 0, got {self.direct_weight}")
         _check(self.vocab_size >= 300, "embedded.vocab_size", "must be >= 300 (byte alphabet + specials)")
 
 
@@ -652,6 +664,9 @@ HASH_NEUTRAL: dict[tuple[str, str], Any] = {
     ("data", "multistep_rationale"): "list",
     ("embedded", "verdict_reasoning"): 0,
     ("embedded", "reasoning_presence"): True,
+    ("embedded", "direct_share"): 0.0,
+    ("embedded", "direct_weight"): 3.0,
+    ("embedded", "instruct_share"): 0.0,
 }
 
 

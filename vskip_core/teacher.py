@@ -37,8 +37,11 @@ from torch import nn
 from vskip_core.config import RANK_DESIGNS, TEACHER_PHASES, Config
 from vskip_core.data.embedded import (
     COLOURS,
+    HELDOUT_INSTRUCTIONS,
     SHAPES,
     SIZES,
+    TRAIN_INSTRUCTIONS,
+    instruct_variant,
     make_compare_drill,
     make_example,
     make_lookup_drill,
@@ -64,6 +67,7 @@ from vskip_core.runtime import atomic_write_json, resolve_device, seed_everythin
 from vskip_core.runtime import progress as tqdm
 
 CKPT_EVERY = 200
+HELDOUT_PER_FAMILY = 100  # notebook 00: test examples per family for each held-out instruction sentence
 SANITY_PER_SOURCE = 10  # notebook 00's short evaluation of a hub teacher: test examples per real source
 LM_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
@@ -76,6 +80,8 @@ def tokenizer_corpus(cfg: Config, n: int = 3000) -> list[str]:
         ex = make_example(cfg, "teacher", 10_000_000 + i)
         texts += [user_text(ex), ex["rationale"], f"{ANSWER_PREFIX} {ex['answer']}"]
     texts += ["user", "assistant", "ratio", "Keep 0.5 of the reasoning."]
+    if cfg.embedded.instruct_share > 0:  # the sentences it is taught to tolerate (never the held-out ones)
+        texts += list(TRAIN_INSTRUCTIONS)
     return texts
 
 
@@ -188,8 +194,9 @@ def visual_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -
 def target_weights(
     tok, ex: dict[str, Any], anchor_weight: float, decision_weight: float | None = None
 ) -> torch.Tensor:
-    """Per-target-token loss weights: `anchor_weight` on tokens overlapping an anchor span or the answer,
-    `decision_weight` (default `anchor_weight`) on the words where the reasoning branches (`decisions`)."""
+    """Per-target-token loss weights: `anchor_weight` on tokens overlapping an anchor span or the answer line
+    (a direct answer's: its `answer_weight`), `decision_weight` (default `anchor_weight`) on the words where
+    the reasoning branches (`decisions`), none on the `prefilled` characters (a direct answer's `Answer:`)."""
     text = ex["rationale"]
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     spans = [(a["start"], a["end"], anchor_weight) for a in ex["anchors"]]
@@ -197,12 +204,26 @@ def target_weights(
     spans += [(d["start"], d["end"], dw) for d in ex.get("decisions", [])]
     ans_start = text.rfind("Answer:")
     if ans_start >= 0:  # look-up drills have no answer line
-        spans.append((ans_start, len(text), anchor_weight))
+        spans.append((ans_start, len(text), ex.get("answer_weight", anchor_weight)))
     base = 0.0 if ex.get("loss_on") == "decisions" else 1.0  # comparison drills: the verdict only
     if base == 0.0:
         spans = [(d["start"], d["end"], dw) for d in ex.get("decisions", [])]
     w = [max([base] + [v for s2, e2, v in spans if s < e2 and e > s2]) for s, e in enc["offset_mapping"]]
+    given = ex.get("prefilled", 0)
+    w = [0.0 if e <= given else x for x, (_, e) in zip(w, enc["offset_mapping"])]
     return torch.tensor(w + [base])  # + <|im_end|>
+
+
+def _encode_target(ex: dict[str, Any], tok, proc) -> dict[str, Any]:
+    """A training example's inputs and target, with its added sentence if it has one (`instruct_variant`)."""
+    return encode(
+        ex,
+        tok,
+        proc,
+        target=ex["rationale"],
+        instruction=ex.get("instruction", ""),
+        prefix=ex.get("prefix", ""),
+    )
 
 
 def lm_batch(
@@ -214,7 +235,7 @@ def lm_batch(
     decision_weight: float | None = None,
 ) -> dict[str, torch.Tensor]:
     if items is None:
-        items = [encode(ex, tok, proc, target=ex["rationale"]) for ex in examples]
+        items = [_encode_target(ex, tok, proc) for ex in examples]
     batch = collate(items, tok.pad_token_id, padding_side="right")
     B, L = batch["input_ids"].shape
     labels = torch.full((B, L), -100, dtype=torch.long)
@@ -233,7 +254,7 @@ def length_buckets(
 ) -> list[tuple[list[dict[str, Any]], dict[str, torch.Tensor]]]:
     """One training batch as two micro-batches of similar length, cut where the padded token count is least
     (multi-step examples are much longer than the rest: padded together, much of the compute is padding)."""
-    items = [encode(ex, tok, proc, target=ex["rationale"]) for ex in examples]
+    items = [_encode_target(ex, tok, proc) for ex in examples]
     order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
     lens = [len(items[i]["input_ids"]) for i in order]
     n = len(order)
@@ -526,9 +547,17 @@ def vision_pretraining(b: Build, data: tuple[list[dict[str, Any]], Any]) -> dict
     return {"loss": loss.item(), **{f"acc_{k}": v for k, v in acc.items()}}
 
 
+def _variant(b: Build, ex: dict[str, Any], key: str) -> dict[str, Any]:
+    """`data.instruct_variant` under the recipe's shares (a direct answer weighted `direct_weight`)."""
+    e = b.cfg.embedded
+    ex = instruct_variant(ex, key, e.direct_share, e.instruct_share)
+    return ex | {"answer_weight": e.direct_weight} if ex.get("direct") else ex
+
+
 def drill_batch(b: Build, step: int) -> LmBatch:
     n = b.cfg.embedded.drill_batch_size
-    return _lm_batch(b, [make_lookup_drill(b.cfg, "teacher", step * n + j) for j in range(n)])
+    idx = range(step * n, step * n + n)
+    return _lm_batch(b, [_variant(b, make_lookup_drill(b.cfg, "teacher", i), f"drill:{i}") for i in idx])
 
 
 def lookup_drills(b: Build, data: LmBatch) -> dict[str, float]:
@@ -540,8 +569,9 @@ def lookup_drills(b: Build, data: LmBatch) -> dict[str, float]:
 def full_batch(b: Build, step: int) -> LmBatch:
     cfg, e = b.cfg, b.cfg.embedded
     first = FULL_OFFSET + (step - e.drill_steps) * e.batch_size
+    idx = range(first, first + e.batch_size)
     return _lm_batch(
-        b, [make_example(cfg, "teacher", i, family_for(cfg, i)) for i in range(first, first + e.batch_size)]
+        b, [_variant(b, make_example(cfg, "teacher", i, family_for(cfg, i)), str(i)) for i in idx]
     )
 
 
@@ -556,7 +586,10 @@ def verdict_batch(b: Build, step: int) -> LmBatch:
     exs = [make_compare_drill(cfg, "teacher", step * nc + j, blank=e.verdict_blank) for j in range(nc)]
     exs += [make_reasoning_drill(cfg, "teacher", step * nr + j, e.reasoning_presence) for j in range(nr)]
     first = VERDICT_OFFSET + step * nf
-    exs += [make_example(cfg, "teacher", i, family_for(cfg, i)) for i in range(first, first + nf)]
+    exs += [
+        _variant(b, make_example(cfg, "teacher", i, family_for(cfg, i)), str(i))
+        for i in range(first, first + nf)
+    ]
     return _lm_batch(b, exs)
 
 
@@ -615,11 +648,20 @@ def history(path: Path) -> list[dict[str, Any]]:
 
 
 def evaluate_teacher(
-    cfg: Config, loaded, n_per_family: int, blank: bool = False, progress: bool = True, split: str = "test"
+    cfg: Config,
+    loaded,
+    n_per_family: int,
+    blank: bool = False,
+    progress: bool = True,
+    split: str = "test",
+    instruction: str = "",
+    assistant_prefill: str = "",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Greedy full-rationale generation on `n_per_family` held-out examples per family (per source on the real
     benchmarks; at most the split), with the real images or blank ones (same background, no objects; grey for
-    real images). Returns (family metrics, per-example records)."""
+    real images), an `instruction` sentence after the question, and the assistant turn started with
+    `assistant_prefill` ("Answer:": a direct answer, scored with the prefill). Returns (family metrics,
+    per-example records)."""
 
     embedded = cfg.data.source == ["embedded"]
     n = n_per_family * (len(cfg.data.families) if embedded else len(cfg.data.source))
@@ -632,11 +674,15 @@ def evaluate_teacher(
         exs,
         cfg.generation.max_new_tokens,
         cfg.generation.batch_size,
+        instruction=instruction,
         blank_images=blanks,
         progress=progress,
         desc="blank-image eval" if blank else "eval",
+        assistant_prefill=assistant_prefill,
         repetition_penalty=cfg.generation.repetition_penalty,
     )
+    for g in gens:
+        g["text"] = assistant_prefill + g["text"]
     scored = [score_example(x, g["text"]) for x, g in zip(exs, gens)]
     recs = [
         {
@@ -649,6 +695,51 @@ def evaluate_teacher(
         for x, g, s in zip(exs, gens, scored)
     ]
     return family_metrics(exs, scored), recs
+
+
+def prompt_report(
+    cfg: Config,
+    loaded,
+    n_per_family: int,
+    n_heldout: int = HELDOUT_PER_FAMILY,
+    sentences: tuple[str, ...] = HELDOUT_INSTRUCTIONS,
+    plain: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """How the teacher answers as an instruction-tuned VLM would (issue 32): one row per prompt, with
+    rationale (`plain`: evaluate_teacher's metrics, if already computed), direct (the turn prefilled with
+    `Answer:`) on `n_per_family` test examples per family, and each held-out sentence (never trained) after the
+    question on the first `n_heldout` of them, each beside the plain prompt on the same examples. A row:
+    prompt, family, score (`metrics.FAMILY_SCORE`), yes_ratio (existence), n, delta (score - plain's)."""
+    from vskip_core.metrics import FAMILY_SCORE
+
+    def rows(prompt: str, fm: dict[str, Any], ref: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        out = []
+        for fam, m in fm.items():
+            score = m[FAMILY_SCORE[fam]]
+            r = {
+                "prompt": prompt,
+                "family": fam,
+                "score": score,
+                "n": m["n"],
+                "yes_ratio": m.get("yes_ratio"),
+            }
+            out.append(r | {"delta": None if ref is None else score - ref[fam][FAMILY_SCORE[fam]]})
+        return out
+
+    if plain is None:
+        plain = evaluate_teacher(cfg, loaded, n_per_family, progress=progress)[0]
+    direct = evaluate_teacher(cfg, loaded, n_per_family, progress=progress, assistant_prefill=ANSWER_PREFIX)[
+        0
+    ]
+    out = rows("with rationale", plain) + rows("direct (Answer:)", direct)
+    n = min(n_heldout, n_per_family)
+    base = plain if n == n_per_family else evaluate_teacher(cfg, loaded, n, progress=progress)[0]
+    if n != n_per_family:
+        out += rows(f"with rationale, first {n}", base)
+    for s in sentences:
+        out += rows(s, evaluate_teacher(cfg, loaded, n, progress=progress, instruction=s)[0], base)
+    return out
 
 
 def load_teacher(cfg: Config, progress: bool = True):

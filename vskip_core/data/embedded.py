@@ -516,6 +516,94 @@ def _existence(rng: random.Random, scene: dict[str, Any], t: int, popular: list[
     }
 
 
+# ------------------------------------------------------------------------------ instruction-tuned variants
+# Harmless instruction sentences the embedded teacher sees beside some training questions
+# (`embedded.instruct_share`), each example's target unchanged: a real instruction-tuned VLM shrugs off a
+# sentence it never saw, and the students' ratio sentence is one (issue 32). None is a ratio request.
+TRAIN_INSTRUCTIONS = (
+    "Be concise.",
+    "Look carefully at the image.",
+    "Explain your reasoning.",
+    "Think step by step.",
+    "Answer the question about the picture.",
+    "Please be accurate.",
+    "Use the image to answer.",
+    "Take your time.",
+    "Give a clear answer.",
+    "Check every object before you answer.",
+    "Read the labels if you need them.",
+    "Pay attention to the colours.",
+    "Describe what you see, then answer.",
+    "Only the picture matters here.",
+    "Be careful with the details.",
+    "This is a test question.",
+    "Please answer in English.",
+    "Show your work.",
+    "Reply with the final answer at the end.",
+    "Do not guess.",
+    "Focus on the objects in the scene.",
+    "You may think before answering.",
+    "Here is a question for you.",
+    "Try your best.",
+    "Keep it brief.",
+    "The image is a simple drawing.",
+    "Answer as a careful assistant would.",
+    "Count the objects if it helps.",
+    "Note the prices printed under each shape.",
+    "Consider each option in turn.",
+    "Be precise about colours and shapes.",
+    "Think about the layout of the scene.",
+    "Your answer will be checked.",
+    "No need to hurry.",
+    "Stay focused on the question.",
+    "Look at the whole picture.",
+)
+# Never used in training: notebook 00 appends each to the question and checks every family stays within 0.05
+# of the plain prompt. The first is the students' ratio sentence (modeling.prompts.RATIO_TEMPLATE at 0.9).
+HELDOUT_INSTRUCTIONS = (
+    "Keep 0.9 of the reasoning.",
+    "Please double-check your answer.",
+    "Be brief and to the point.",
+    "Examine the picture closely.",
+    "Give your reasoning before the answer.",
+    "Answer truthfully.",
+    "Think it through.",
+    "Make sure you are right.",
+    "Use only what is visible.",
+    "Respond like an expert.",
+    "Summarize your thoughts.",
+    "The drawing may have several objects.",
+)
+
+
+def instruct_variant(
+    ex: dict[str, Any], key: str, direct_share: float = 0.0, instruct_share: float = 0.0
+) -> dict[str, Any]:
+    """A training example as an instruction-tuned teacher sees it (a pure function of `key`, e.g. the
+    stream index): with probability `direct_share` (examples with an `answer` only) the target is the answer
+    line alone (`Answer: red`, what a prompt prefilled with `Answer:` decodes), and independently with
+    probability `instruct_share` one of `TRAIN_INSTRUCTIONS` goes after the question (`instruction`) or, half
+    the time, before it (`prefix`, as the ratio sentence at `turn_start`). Off at 0 and 0: `ex` unchanged.
+    A direct target's `Answer:` is `prefilled` (no loss): taught to start its turn with it, a teacher that sees
+    both kinds of target would answer directly whenever `Answer:` is its likeliest first word."""
+    if direct_share <= 0 and instruct_share <= 0:
+        return ex
+    rng = random.Random(f"variant:{key}")
+    direct, instruct = rng.random() < direct_share, rng.random() < instruct_share
+    sentence, before = rng.choice(TRAIN_INSTRUCTIONS), rng.random() < 0.5
+    ex = dict(ex)
+    if direct and "answer" in ex:
+        ex.update(rationale=f"{ANSWER_PREFIX} {ex['answer']}", anchors=[], decisions=[], direct=True)
+        ex["prefilled"] = len(ANSWER_PREFIX)  # characters of the target given in the prompt at inference
+        ex.pop("loss_on", None)
+    if instruct:
+        if before:
+            ex["prefix"] = sentence + "\n"
+        else:
+            ex["instruction"] = sentence
+    return ex
+
+
 # ------------------------------------------------------------------------------------------------ public
 _POPULAR_CACHE: dict[str, list[tuple[str, str]]] = {}
 
