@@ -425,7 +425,7 @@ def test_evaluate_system_row_equals_hand_computed(monkeypatch):
     loaded = SimpleNamespace(model=None, tokenizer=_WordTokenizer(), processor=None)
     # the teacher's full rationales: the gold ones where the example has one; t-6's hit max_new_tokens
     ref = {
-        e["id"]: {"response": e.get("rationale") or "", "body_tokens": n, "truncated": e["id"] == "t-6"}
+        e["id"]: {"response": e.get("rationale") or "", "rationale_tokens": n, "truncated": e["id"] == "t-6"}
         for e, _, n in HAND_EXAMPLES
         if n
     }
@@ -436,6 +436,11 @@ def test_evaluate_system_row_equals_hand_computed(monkeypatch):
     # ActRatio: 4/8, 4/4, none (no reference), 3/6, 0/5, none (truncated reference); pooled 11/23
     assert [r["act_ratio"] for r in recs] == [0.5, 1.0, None, 0.5, 0.0, None]
     assert row["act_ratio"] == pytest.approx(11 / 23) and row["act_ratio_n"] == 4
+    import numpy as np
+
+    from vskip_core.metrics import FamilyScores  # what the bootstrap resamples: the same pooled ratio
+
+    assert FamilyScores(recs, [r["id"] for r in recs]).act_ratio(np.arange(6)) == pytest.approx(11 / 23)
     assert not any(r["truncated"] for r in recs)  # 7 tokens generated, under the cap
     assert row["method"] == "stub" and row["ratio"] == 0.5 and row["n"] == 6
     # attribute 1 of 2; reading exact 0 of 1; existence 1 of 2; multistep (B) 1 of 1

@@ -449,7 +449,7 @@ class FamilyScores:
     """One system's per-example outcomes in a fixed example order (so two systems on the same ids pair by
     index), scored on any resample `idx` (what `bootstrap_ci` draws): each family's headline metric
     (`FAMILY_SCORE`), plain accuracy, yes-ratio, ActRatio and VARR. Records need `id`, `family`, `correct`;
-    reading also `anls`; existence `parsed` (and `label`, yes / no, for F1); students `act_ratio` and `varr`."""
+    reading also `anls`; existence `parsed` (and `label`, yes / no, for F1); students `rationale_tokens` and `reference_tokens` (ActRatio) and `varr`."""
 
     def __init__(self, records: Sequence[dict[str, Any]], ids: Sequence[str]) -> None:
         by_id = {r["id"]: r for r in records}
@@ -466,8 +466,8 @@ class FamilyScores:
             )
             for g, members in VARR_GROUPS.items()
         }
-        self.act_kept = np.array([r.get("body_tokens") or 0 for r in rs], dtype=float)
-        self.act_ref = np.array([r.get("reference_body_tokens") or 0 for r in rs], dtype=float)
+        self.act_kept = np.array([r.get("rationale_tokens") or 0 for r in rs], dtype=float)
+        self.act_ref = np.array([r.get("reference_tokens") or 0 for r in rs], dtype=float)
         self.families = sorted(set(self.family))
         self.n = len(rs)
 

@@ -129,10 +129,9 @@ def evaluate_system(
                 "response": text,
                 "gen_tokens": len(g["token_ids"]),
                 "truncated": len(g["token_ids"]) >= max_new_tokens,  # hit the cap: not a full rationale
-                "rationale_tokens": n_body,
-                "body_tokens": n_body,
-                "reference_body_tokens": ref["body_tokens"] if ref_ok else None,
-                "act_ratio": act_ratio([n_body], [ref["body_tokens"]]) if ref_ok else None,
+                "rationale_tokens": n_body,  # the body, ActRatio's unit (`metrics.body_tokens`)
+                "reference_tokens": ref["rationale_tokens"] if ref_ok else None,
+                "act_ratio": act_ratio([n_body], [ref["rationale_tokens"]]) if ref_ok else None,
                 "varr": varr_text(
                     ref["response"] if ref_ok else None,
                     text if rat else "",
@@ -150,7 +149,7 @@ def evaluate_system(
 def teacher_reference(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The teacher's full-rationale records by id: what ActRatio and the paper's VARR compare against. Those that
     hit `max_new_tokens` stay flagged (`truncated`) and are left out of both, never silently shortening them."""
-    return {r["id"]: {k: r[k] for k in ("response", "body_tokens", "truncated")} for r in records}
+    return {r["id"]: {k: r[k] for k in ("response", "rationale_tokens", "truncated")} for r in records}
 
 
 def summarize(
@@ -169,8 +168,8 @@ def summarize(
         "yes_ratio": fm.get("existence", {}).get("yes_ratio"),
         "tokens": float(np.mean([r["rationale_tokens"] for r in recs])) if recs else None,
         "gen_tokens": float(np.mean([r["gen_tokens"] for r in recs])) if recs else None,
-        "act_ratio": act_ratio([r["body_tokens"] for r in recs], [r["reference_body_tokens"] for r in recs]),
-        "act_ratio_n": sum(bool(r["reference_body_tokens"]) for r in recs),  # examples with a valid reference
+        "act_ratio": act_ratio([r["rationale_tokens"] for r in recs], [r["reference_tokens"] for r in recs]),
+        "act_ratio_n": sum(bool(r["reference_tokens"]) for r in recs),  # examples with a valid reference
         "truncated": int(sum(r["truncated"] for r in recs)),
         "varr": aggregate_varr([r["varr"] for r in recs]),
         "hallucinations_per_example": float(np.mean([r["hallucinations"] for r in recs])) if recs else None,

@@ -41,7 +41,7 @@ from vskip_core.modeling.external_lm import llmlingua2_status
 from vskip_core.modeling.loading import embedded_dir
 from vskip_core.modeling.standins import resolve
 from vskip_core.runtime import fast_dtype, resolve_device
-from vskip_core.stages.distillation import with_external_columns
+from vskip_core.stages.distillation import external_columns, with_external_columns
 
 
 # --------------------------------------------------------------------------------------------- measures
@@ -208,18 +208,22 @@ def external_scores(cfg: Config, scores, search_dirs=()):
 
     records = scores.to_dict("records")
     ok, status = llmlingua2_status(cfg)
-    asked = "llmlingua2" in (*cfg.gate.methods, *cfg.distill.methods)
-    llmlingua2 = status + ("" if asked or ok else "; not in gate.methods or distill.methods: not added")
-    if asked or ok:  # first: a model that cannot be loaded fails before SmolLM2's work
+    asked = "keep_prob_llmlingua2" in external_columns([*cfg.gate.methods, *cfg.distill.methods])
+    columns = (
+        ["keep_prob_llmlingua2"] if asked or ok else []
+    )  # first: a failing load comes before SmolLM2's work
+    llmlingua2 = status + ("" if columns else "; not in gate.methods or distill.methods: not added")
+    if columns:
         t0 = time.perf_counter()
-        records, sources = with_external_columns(cfg, records, ["keep_prob_llmlingua2"], search_dirs)
-        took = f"{time.perf_counter() - t0:.1f} s with loading"
-        llmlingua2 += f"; keep_prob_llmlingua2: {sources['keep_prob_llmlingua2']} ({took})"
+        records, sources = with_external_columns(cfg, records, columns, search_dirs)
+        llmlingua2 += (
+            f"; keep_prob_llmlingua2: {sources['keep_prob_llmlingua2']} ({time.perf_counter() - t0:.1f} s)"
+        )
     t0, c0 = time.perf_counter(), time.process_time()
     records, sources = with_external_columns(cfg, records, ["surprisal_external"], search_dirs)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0  # model load included
     out = scores.copy()
-    for column in ("surprisal_external", "keep_prob_llmlingua2") if asked or ok else ("surprisal_external",):
+    for column in ["surprisal_external", *columns]:
         out[column] = [[float(v) for v in r[column]] for r in records]
     n_tokens = int(sum(len(o) for o in scores["offsets"]))
     info = {
