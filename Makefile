@@ -1,6 +1,7 @@
 # vskip: two commands do all set-up.
 #   make reproduce [PARAMS=params/default.yaml] [RUN=default]   run every notebook, write results/<RUN>/
 #   make test                                                    lint + unit tests + nbval on params/smoke.yaml
+#   make teacher                                                 rebuild the shipped teacher (assets/teacher/)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.installed
 # other processes (measured 8-12x slowdowns with 2 threads on 2 busy vCPUs).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: reproduce test lint bench lab lab-check venv clean-results
+.PHONY: reproduce test lint bench lab lab-check venv clean-results teacher
 
 venv: $(STAMP)
 
@@ -28,6 +29,11 @@ $(STAMP): pyproject.toml
 
 reproduce: $(STAMP)
 	@$(PY) -m vskip_core.pipeline --params $(PARAMS) --run $(RUN)
+
+# rebuild the default teacher here (~20 min on 2 CPUs; a build already in .cache is reused) and ship it in
+# assets/teacher/ with its recipe key and checksums; commit that folder (docs/TEACHER.md, "The shipped teacher")
+teacher: $(STAMP)
+	@$(PY) -m vskip_core.teacher --params $(PARAMS) --ship
 
 lint: $(STAMP)
 	@$(VENV)/bin/ruff check vskip_core tests benchmarks notebooks

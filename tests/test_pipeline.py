@@ -317,7 +317,7 @@ def test_pipeline_reruns_a_stage_whose_output_changed_with_one_line(nbdir, capsy
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "metrics.json" in ln]
     assert lines == [
         f"[1/2] 00_first: output metrics.json changed (2 bytes, {size} recorded) since it finished; "
-        "it reruns and the stages after it"
+        "it reruns and the stages that read it"
     ]
     assert _count(res, "00_first") == 2 and _count(res, "01_second") == 2
 
@@ -375,3 +375,76 @@ def test_finish_refuses_an_absolute_path_of_this_machine(smoke_cfg, tmp_path):
             stage.finish({"methods": {"vskip": {"adapter": str(bad)}}})
     stage.finish({"teacher_path": "teacher-x", "note": "read from /work/x", "other": "/opt/models/x"})
     assert json.loads((stage.dir / "metrics.json").read_text())["teacher_path"] == "teacher-x"
+
+
+@pytest.fixture
+def branching(tmp_path, monkeypatch):
+    """Three stages: 01 and 02 both read 00 only (side by side)."""
+    d = tmp_path / "notebooks"
+    d.mkdir()
+    for name in ("00_first", "01_second", "02_third"):
+        nb = nbformat.v4.new_notebook()
+        p = nbformat.v4.new_code_cell('params_file = "params/smoke.yaml"\nrun = "default"\noverrides = {}')
+        p.metadata["tags"] = ["parameters"]
+        nb.cells = [p, nbformat.v4.new_code_cell(STAGE_SRC.format(name=name))]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, d / f"{name}.ipynb")
+    monkeypatch.setattr(pipeline, "NOTEBOOKS", d)
+    reads = {"00_first": (), "01_second": ("00_first",), "02_third": ("00_first",)}
+    monkeypatch.setattr(pipeline, "STAGE_READS", reads)
+    return tmp_path
+
+
+def test_stages_side_by_side_rerun_what_reads_them(branching, capsys):
+    res = branching / "results"
+    args = [
+        "--params",
+        "params/smoke.yaml",
+        "--run",
+        "r",
+        "--set",
+        f"runtime.results_dir={res}",
+        "--jobs",
+        "2",
+    ]
+    assert pipeline.main(args) == 0
+    assert "up to 2 stages at once" in capsys.readouterr().out
+    assert [_count(res, s) for s in ("00_first", "01_second", "02_third")] == [1, 1, 1]
+    (res / "r" / "01_second" / ".done").unlink()  # 02 does not read 01: it stays
+    assert pipeline.main(args) == 0
+    assert [_count(res, s) for s in ("00_first", "01_second", "02_third")] == [1, 2, 1]
+    (res / "r" / "00_first" / "metrics.json").write_text("{}")  # both read 00: both rerun
+    assert pipeline.main(args) == 0
+    assert [_count(res, s) for s in ("00_first", "01_second", "02_third")] == [2, 3, 2]
+
+
+def test_a_failing_stage_lets_the_other_branch_finish(branching, capsys):
+    res = branching / "results"
+    args = ["--params", "params/smoke.yaml", "--run", "r", "--set", f"runtime.results_dir={res}"]
+    assert pipeline.main(args + ["--jobs", "2", "--set", "data.n_test=13"]) == 1  # 01_second raises
+    assert "boom" in capsys.readouterr().err
+    assert (res / "r" / "02_third" / ".done").exists() and not (res / "r" / "01_second" / ".done").exists()
+
+
+def test_stage_reads_cover_what_each_notebook_reads():
+    """Every stage is in config.STAGE_READS, reads only earlier stages, and every `upstream("...")` or stage
+    folder its notebook names is among the stages it waits for (directly or through them)."""
+    import re
+
+    from vskip_core.config import STAGE_READS, STAGES
+
+    assert set(STAGE_READS) == set(STAGES)
+
+    def closure(stage):
+        out = set()
+        for s in STAGE_READS[stage]:
+            out |= {s} | closure(s)
+        return out
+
+    for stage in STAGES:
+        assert all(s < stage for s in STAGE_READS[stage]), stage
+        src = (pipeline.NOTEBOOKS / f"{stage}.ipynb").read_text()
+        named = set(re.findall(r"(0\d_[a-z_]+)", src)) - {stage}
+        if stage == "01_rationale_generation":
+            named -= {"00_embedded_teacher"}  # the teacher is made ready by the pipeline (prepare_teacher)
+        assert named <= closure(stage), (stage, named - closure(stage))

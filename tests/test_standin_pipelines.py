@@ -112,7 +112,7 @@ def pipelines(tmp_path_factory):
     import os
 
     tmp = tmp_path_factory.mktemp("standin-pipelines")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VSKIP_JOBS": "1"}  # pipelines side by side: one stage each
     env.pop("VSKIP_PARAMS", None)
     env.pop("VSKIP_RUN", None)
     procs = {}

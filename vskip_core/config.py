@@ -88,7 +88,22 @@ STAGES = (
     "05_evaluation",
     "06_hallucination_analysis",
     "07_visual_token_pruning",
+    "08_pruned_student",
 )
+# The stages each stage reads (the pipeline waits for them and reruns a stage when one of them ran); a stage not
+# listed reads every stage before it. 01 needs 00's teacher only, which the pipeline makes ready before any stage
+# starts (the teacher's params are in every stage's fingerprint); 04 reads 03's external scores.
+STAGE_READS: dict[str, tuple[str, ...]] = {
+    "00_embedded_teacher": (),
+    "01_rationale_generation": (),
+    "02_dual_scoring": ("01_rationale_generation",),
+    "03_gate_ablations": ("02_dual_scoring",),
+    "04_qlora_distillation": ("03_gate_ablations",),
+    "05_evaluation": ("04_qlora_distillation",),
+    "06_hallucination_analysis": ("05_evaluation",),
+    "07_visual_token_pruning": ("02_dual_scoring",),
+    "08_pruned_student": ("04_qlora_distillation", "07_visual_token_pruning"),
+}
 # The embedded teacher's build phases in order (vskip_core.teacher, docs/TEACHER.md), each with the tag its rows
 # carry in the build's history.json (the tags of the first builds, so every cached history reads the same).
 TEACHER_PHASES = {
@@ -253,6 +268,8 @@ class EmbeddedConfig:
         3.0  # loss weight on a direct answer's tokens (a rationale's answer line: anchor_weight)
     )
     instruct_share: float = 0.0  # share of drills and full examples with one data.TRAIN_INSTRUCTIONS sentence
+    instruct_after: float = 0.5  # of those, the share with the sentence after the question (else before it)
+    instruct_reasoning: bool = False  # verdict's reasoning drills get sentences too (at instruct_share)
 
     def validate(self) -> None:
         for k in (
@@ -294,7 +311,7 @@ class EmbeddedConfig:
         _check(self.text_heads % self.kv_heads == 0, "embedded.kv_heads", "must divide text_heads")
         _check(self.vision_dim % self.vision_heads == 0, "embedded.vision_heads", "must divide vision_dim")
         _check(self.lr > 0 and self.pretrain_lr > 0, "embedded.lr", "learning rates must be > 0")
-        for k in ("direct_share", "instruct_share"):
+        for k in ("direct_share", "instruct_share", "instruct_after"):
             v = getattr(self, k)
             _check(0.0 <= v <= 1.0, f"embedded.{k}", f"must be a share in [0, 1], got {v}")
         _check(self.direct_weight > 0, "embedded.direct_weight", f"must be > 0, got {self.direct_weight}")
@@ -667,6 +684,8 @@ HASH_NEUTRAL: dict[tuple[str, str], Any] = {
     ("embedded", "direct_share"): 0.0,
     ("embedded", "direct_weight"): 3.0,
     ("embedded", "instruct_share"): 0.0,
+    ("embedded", "instruct_after"): 0.5,
+    ("embedded", "instruct_reasoning"): False,
 }
 
 

@@ -6,19 +6,23 @@
 Each stage writes `results/<run>/<stage>/` with `executed.ipynb`, `params.json`, `env.json`, its outputs and
 (when it measures something) `metrics.json`. A stage whose `.done` fingerprint (resolved params + notebook code
 cells) matches, whose `executed.ipynb` exists and whose outputs are those `.done` recorded (size, sha256) is
-skipped; once a stage runs, every later stage reruns.
+skipped; once a stage runs, every stage that reads it reruns. Stages whose inputs are ready run side by side
+(`--jobs`, 2 on a CPU-only machine with 2+ cores: each stage uses `runtime.num_threads`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 from vskip_core.cli import parse_sets
-from vskip_core.config import ENV_PARAMS, ENV_RUN, REPO_ROOT, ParamsError, load_params
+from vskip_core.config import ENV_PARAMS, ENV_RUN, REPO_ROOT, STAGE_READS, ParamsError, load_params
 from vskip_core.infra.plan import PlanError, print_plan
 from vskip_core.runtime import (
     ENV_LIVE,
@@ -30,6 +34,32 @@ from vskip_core.runtime import (
 )
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
+
+
+def reads(stage: str, stages: list[str]) -> list[str]:
+    """The stages of `stages` that `stage` waits for (`config.STAGE_READS`, else every earlier one)."""
+    if stage in STAGE_READS:
+        return [s for s in STAGE_READS[stage] if s in stages]
+    return [s for s in stages if s < stage]
+
+
+def prepare_teacher(cfg, stages: list[str]) -> None:
+    """The embedded teacher in the cache before the stages start (the shipped build, or trained here with
+    progress), so that stages reading only the teacher need not wait for 00's report."""
+    if "00_embedded_teacher" in stages and cfg.model.teacher == "embedded":
+        from vskip_core.teacher import build_teacher
+
+        build_teacher(cfg)
+
+
+def default_jobs(cfg) -> int:
+    """Two stages at once on a CPU-only machine with 2+ cores, one on a GPU (two stages' models would share
+    its memory) or a single core."""
+    from vskip_core.runtime import resolve_device
+
+    if resolve_device(cfg.runtime.device) != "cpu":
+        return 1
+    return max(1, min(2, (os.cpu_count() or 1) // max(1, cfg.runtime.num_threads)))
 
 
 def available_stages() -> list[str]:
@@ -150,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rerun stages even if complete")
     ap.add_argument("--verbose", action="store_true", help="stream notebook output and cell progress")
     ap.add_argument(
+        "--jobs",
+        type=int,
+        default=int(os.environ.get("VSKIP_JOBS", "0")),
+        help="stages run at once when their inputs are ready (0 = auto: 2 on a CPU-only machine, else 1)",
+    )
+    ap.add_argument(
         "--plan",
         action="store_true",
         help="print what each stage will load and download, with memory and time estimates; run nothing",
@@ -180,8 +216,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    import os
-
     # papermill passes params explicitly; don't let the nbval redirect leak into the stages' kernels. Put the
     # variables back afterwards: a test calling main() in-process must not change what later notebooks see.
 
@@ -195,38 +229,82 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_stages(args, cfg, stages, overrides, out) -> int:
+    jobs = args.jobs if args.jobs > 0 else default_jobs(cfg)
+    side = f", up to {jobs} stages at once" if jobs > 1 else ""
+    print(f"vskip pipeline: params={args.params} run={args.run} -> {out}{side}")
+    try:
+        prepare_teacher(cfg, stages)
+    except (
+        RuntimeError
+    ) as e:  # the shipped teacher's files differ from its manifest: the message says the fix
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted while building the teacher; rerun the same command to resume", file=sys.stderr)
+        return 130
+    n = len(stages)
+    tag = {s: f"[{i}/{n}] {s}" for i, s in enumerate(stages, 1)}
+    state: dict[str, str] = {}  # stage -> "skipped" | "ran" | "failed"
+    lock = threading.Lock()
 
-    print(f"vskip pipeline: params={args.params} run={args.run} -> {out}")
-    rerun_rest = False
-    for i, stage in enumerate(stages, 1):
+    def start(stage: str) -> str | None:
+        """Run it (None) or say why it is skipped ("skipped")."""
         fp = stage_fingerprint(cfg, NOTEBOOKS / f"{stage}.ipynb")
-        sdir = out / stage
-        if not args.force and not rerun_rest:
-            complete, changed = check_complete(sdir, fp)
+        if not args.force and all(state[u] == "skipped" for u in reads(stage, stages)):
+            complete, changed = check_complete(out / stage, fp)
             if complete:
-                print(f"[{i}/{len(stages)}] {stage}: complete for these params, skipped")
-                continue
+                print(f"{tag[stage]}: complete for these params, skipped", flush=True)
+                return "skipped"
             if changed:
-                later = " and the stages after it" if i < len(stages) else ""
-                print(f"[{i}/{len(stages)}] {stage}: output {changed} since it finished; it reruns{later}")
-        rerun_rest = True
-        print(f"[{i}/{len(stages)}] {stage}: running ...", flush=True)
+                print(
+                    f"{tag[stage]}: output {changed} since it finished; it reruns and the stages that read it"
+                )
+        return None
+
+    def execute(stage: str) -> str:
+        fp = stage_fingerprint(cfg, NOTEBOOKS / f"{stage}.ipynb")
+        with lock:
+            print(f"{tag[stage]}: running ...", flush=True)
         t0 = time.time()
         try:
-            run_stage(stage, args.params, args.run, overrides, sdir, args.verbose)
+            run_stage(stage, args.params, args.run, overrides, out / stage, args.verbose)
         except RuntimeError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print(f"\ninterrupted during {stage}; rerun the same command to resume", file=sys.stderr)
-            return 130
-
+            return "failed"
         seconds = round(time.time() - t0, 1)
         atomic_write_json(
-            sdir / ".done", {"fingerprint": fp, "seconds": seconds, "files": output_files(sdir)}
+            out / stage / ".done", {"fingerprint": fp, "seconds": seconds, "files": output_files(out / stage)}
         )
-        print(f"[{i}/{len(stages)}] {stage}: done in {time.time() - t0:.0f} s", flush=True)
-    return 0
+        print(f"{tag[stage]}: done in {seconds:.0f} s", flush=True)
+        return "ran"
+
+    running: dict[Future, str] = {}
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
+        while True:
+            scan = "failed" not in state.values()
+            while scan:  # start what is ready, in stage order; a skipped stage may ready the next ones
+                scan = False
+                for s in stages:
+                    if len(running) >= jobs or s in state or s in running.values():
+                        continue
+                    if all(state.get(u) in ("skipped", "ran") for u in reads(s, stages)):
+                        if start(s) == "skipped":
+                            state[s], scan = "skipped", True
+                            break
+                        running[pool.submit(execute, s)] = s
+            if not running:
+                break
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for f in done:
+                state[running.pop(f)] = f.result()
+    except KeyboardInterrupt:
+        names = ", ".join(running.values()) or "the pipeline"
+        print(f"\ninterrupted during {names}; rerun the same command to resume", file=sys.stderr)
+        pool.shutdown(wait=False, cancel_futures=True)
+        return 130
+    pool.shutdown(wait=True)
+    return 1 if "failed" in state.values() or len(state) < n else 0
 
 
 def _plan(args) -> int:

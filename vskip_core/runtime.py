@@ -31,6 +31,7 @@ from vskip_core.config import REPO_ROOT, Config, ParamsError
 # Set by the pipeline for the notebooks it runs: progress bars are then also printed on its terminal.
 ENV_LIVE = "VSKIP_LIVE_PROGRESS"
 LIVE_EVERY_S = 15.0  # at most one terminal line per bar this often (and one when it finishes)
+_live_tag = ""  # the running stage's number (start_stage): stages run side by side share one terminal
 
 
 def progress(*args, **kwargs):
@@ -64,7 +65,7 @@ def progress(*args, **kwargs):
                 done = self.total is not None and self.n >= self.total
                 if done or now - getattr(self, "_vskip_last", 0.0) >= LIVE_EVERY_S:
                     self._vskip_last = now
-                    print(f"      {self._meter()}", file=sys.__stderr__, flush=True)
+                    print(f"  {_live_tag:>4}{self._meter()}", file=sys.__stderr__, flush=True)
             return out
 
         def __iter__(self):  # tqdm's own loop counts without update(): the terminal would see only the end
@@ -119,9 +120,15 @@ def resolve_dtype(spec: str = "auto", device: str = "cpu"):
 def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bfloat16 in hardware (x86 AMX or AVX512-BF16, from /proc/cpuinfo). Elsewhere
     torch emulates it: measured 6x slower than float32 (SmolLM2-135M forward, 32 x 120 tokens, 1 thread: 117 s vs 19 s) on an AMD EPYC without either."""
+    import torch
+
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
+        return False
+    # capped below AVX-512 (ATEN_CPU_CAPABILITY=avx2, how a CPU without it computes): torch emulates bf16 too
+    capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: None)()
+    if capability is not None and not str(capability).upper().startswith("AVX512"):
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
@@ -604,6 +611,8 @@ def display_defaults() -> None:
 def start_stage(cfg: Config, run: str, name: str) -> Stage:
     """Create results/<run>/<stage>/, seed, set threads, quiet the expected library notices, write params.json
     and env.json (start time)."""
+    global _live_tag
+    _live_tag = f"{name[:2]}: " if name[:2].isdigit() else ""
     d = results_dir(cfg, run) / name
     try:
         d.mkdir(parents=True, exist_ok=True)

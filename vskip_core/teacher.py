@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vskip_core.config import RANK_DESIGNS, TEACHER_PHASES, Config
+from vskip_core.config import RANK_DESIGNS, REPO_ROOT, TEACHER_PHASES, Config
 from vskip_core.data.embedded import (
     COLOURS,
     HELDOUT_INSTRUCTIONS,
@@ -63,11 +63,18 @@ from vskip_core.modeling.loading import (
     train_tokenizer,
     user_text,
 )
-from vskip_core.runtime import atomic_write_json, resolve_device, seed_everything
+from vskip_core.runtime import (
+    atomic_write_json,
+    cpu_info,
+    file_sha256,
+    git_info,
+    resolve_device,
+    seed_everything,
+)
 from vskip_core.runtime import progress as tqdm
 
 CKPT_EVERY = 200
-HELDOUT_PER_FAMILY = 100  # notebook 00: test examples per family for each held-out instruction sentence
+HELDOUT_PER_FAMILY = 50  # notebook 00: test examples per family for each held-out instruction sentence
 SANITY_PER_SOURCE = 10  # notebook 00's short evaluation of a hub teacher: test examples per real source
 LM_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 
@@ -550,7 +557,7 @@ def vision_pretraining(b: Build, data: tuple[list[dict[str, Any]], Any]) -> dict
 def _variant(b: Build, ex: dict[str, Any], key: str) -> dict[str, Any]:
     """`data.instruct_variant` under the recipe's shares (a direct answer weighted `direct_weight`)."""
     e = b.cfg.embedded
-    ex = instruct_variant(ex, key, e.direct_share, e.instruct_share)
+    ex = instruct_variant(ex, key, e.direct_share, e.instruct_share, e.instruct_after)
     return ex | {"answer_weight": e.direct_weight} if ex.get("direct") else ex
 
 
@@ -584,7 +591,16 @@ def verdict_batch(b: Build, step: int) -> LmBatch:
     cfg, e = b.cfg, b.cfg.embedded
     nc, nf, nr = e.verdict_compare, e.verdict_full, e.verdict_reasoning
     exs = [make_compare_drill(cfg, "teacher", step * nc + j, blank=e.verdict_blank) for j in range(nc)]
-    exs += [make_reasoning_drill(cfg, "teacher", step * nr + j, e.reasoning_presence) for j in range(nr)]
+    share = e.instruct_share if e.instruct_reasoning else 0.0
+    exs += [
+        instruct_variant(
+            make_reasoning_drill(cfg, "teacher", step * nr + j, e.reasoning_presence),
+            f"reason:{step * nr + j}",
+            instruct_share=share,
+            instruct_after=e.instruct_after,
+        )
+        for j in range(nr)
+    ]
     first = VERDICT_OFFSET + step * nf
     exs += [
         _variant(b, make_example(cfg, "teacher", i, family_for(cfg, i)), str(i))
@@ -600,12 +616,94 @@ def verdict(b: Build, data: LmBatch) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------- the build
-def build_teacher(cfg: Config, progress: bool = True, force: bool = False) -> Path:
-    """Train (or reuse from cache) the embedded teacher; returns its folder. Resumes a killed build."""
+# The default teacher, built once and committed: training on CPU computes differently on another instruction
+# set (docs/TEACHER.md), so every user starts from these weights. `make teacher` rebuilds and replaces them.
+SHIPPED_DIR = REPO_ROOT / "assets" / "teacher"
+SHIPPED_MANIFEST = "shipped.json"
+
+
+class ShippedTeacherError(RuntimeError):
+    pass
+
+
+def shipped_manifest(folder: Path | None = None) -> dict[str, Any] | None:
+    f = Path(folder or SHIPPED_DIR) / SHIPPED_MANIFEST
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def shipped_teacher(key: str, folder: Path | None = None) -> Path | None:
+    """The shipped teacher's folder when it was built from the recipe `key` (the cache folder's name,
+    `teacher-<hash of embedded + data params>-g<version>`), its files checked against the manifest's sha256;
+    None when none is shipped or it is another recipe's."""
+    folder = Path(folder or SHIPPED_DIR)
+    man = shipped_manifest(folder)
+    if man is None or man["key"] != key:
+        return None
+    for name, digest in man["sha256"].items():
+        f = Path(folder) / name
+        if not f.is_file() or file_sha256(f) != digest:
+            raise ShippedTeacherError(
+                f"{f} is missing or differs from its sha256 in {SHIPPED_MANIFEST} (a partial checkout or a "
+                f"git-lfs pointer?). Fix: `git checkout -- {folder}`, or rebuild it: `make teacher` (~20 min)."
+            )
+    return Path(folder)
+
+
+def install_shipped(src: Path, out: Path) -> None:
+    """Copy the shipped teacher into the cache folder the later stages load (atomically: a copy killed
+    halfway leaves no folder that looks complete)."""
+    tmp = out.with_name(out.name + ".shipping")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    tmp.rename(out)
+
+
+def ship_teacher(cfg: Config, folder: Path | None = None) -> Path:
+    """Build these params' teacher (reusing a build in the cache, never the shipped copy) and make it the
+    shipped one: its files, and a manifest with the recipe key, sha256 of each file and where it was built."""
+    folder = Path(folder or SHIPPED_DIR)
+    path = build_teacher(cfg, use_shipped=False)
+    info = build_info(path)
+    files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != SHIPPED_MANIFEST)
+    tmp = Path(folder).with_name(Path(folder).name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in files:
+        shutil.copy2(path / name, tmp / name)
+    manifest = {
+        "key": path.name,
+        "sha256": {name: file_sha256(tmp / name) for name in files},
+        "build_seconds": info.get("build_seconds"),
+        "built_on": cpu_info(),
+        "torch": torch.__version__,
+        "git": git_info(),
+    }
+    atomic_write_json(tmp / SHIPPED_MANIFEST, manifest)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return Path(folder)
+
+
+def build_teacher(cfg: Config, progress: bool = True, force: bool = False, use_shipped: bool = True) -> Path:
+    """The embedded teacher's folder: from the cache, else the shipped one when it is these params' recipe,
+    else trained here (~20 min on 2 CPUs; a killed build resumes). `force` trains it anew."""
 
     out = embedded_dir(cfg)
     if (out / "config.json").exists() and not force:
         return out
+    if use_shipped and not force:
+        src = shipped_teacher(out.name)
+        if src is not None:
+            install_shipped(src, out)
+            if progress:
+                print(f"teacher: the shipped build ({out.name}, from {src.name}/)")
+            return out
+        man = shipped_manifest()
+        if progress and man is not None:
+            print(
+                f"teacher: the shipped build is recipe {man['key']}, these params ask for {out.name}: "
+                "training it here (~20 min on 2 CPUs; `make teacher` ships it)"
+            )
     work = out.with_name(out.name + ".building")
     work.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.runtime.seed)
@@ -749,3 +847,30 @@ def load_teacher(cfg: Config, progress: bool = True):
     if cfg.model.teacher == "embedded":
         build_teacher(cfg, progress=progress)
     return load_model(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from vskip_core.cli import parse_sets
+    from vskip_core.config import load_params
+    from vskip_core.runtime import configure_threads
+
+    ap = argparse.ArgumentParser(
+        prog="python -m vskip_core.teacher", description="build and ship the teacher"
+    )
+    ap.add_argument("--params", default="params/default.yaml")
+    ap.add_argument(
+        "--set", action="append", default=[], help="dotted override, e.g. embedded.train_steps=600"
+    )
+    ap.add_argument("--ship", action="store_true", help=f"make it the shipped teacher ({SHIPPED_DIR.name}/)")
+    args = ap.parse_args(argv)
+    cfg = load_params(args.params, parse_sets(args.set))
+    configure_threads(cfg.runtime.num_threads)
+    path = ship_teacher(cfg) if args.ship else build_teacher(cfg, use_shipped=False)
+    print(f"teacher: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

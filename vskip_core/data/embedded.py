@@ -577,20 +577,24 @@ HELDOUT_INSTRUCTIONS = (
 
 
 def instruct_variant(
-    ex: dict[str, Any], key: str, direct_share: float = 0.0, instruct_share: float = 0.0
+    ex: dict[str, Any],
+    key: str,
+    direct_share: float = 0.0,
+    instruct_share: float = 0.0,
+    instruct_after: float = 0.5,
 ) -> dict[str, Any]:
     """A training example as an instruction-tuned teacher sees it (a pure function of `key`, e.g. the
     stream index): with probability `direct_share` (examples with an `answer` only) the target is the answer
     line alone (`Answer: red`, what a prompt prefilled with `Answer:` decodes), and independently with
-    probability `instruct_share` one of `TRAIN_INSTRUCTIONS` goes after the question (`instruction`) or, half
-    the time, before it (`prefix`, as the ratio sentence at `turn_start`). Off at 0 and 0: `ex` unchanged.
+    probability `instruct_share` one of `TRAIN_INSTRUCTIONS` goes after the question (`instruction`, with
+    probability `instruct_after`) or before it (`prefix`, as the ratio sentence at `turn_start`). Off at 0 and 0: `ex` unchanged.
     A direct target's `Answer:` is `prefilled` (no loss): taught to start its turn with it, a teacher that sees
     both kinds of target would answer directly whenever `Answer:` is its likeliest first word."""
     if direct_share <= 0 and instruct_share <= 0:
         return ex
     rng = random.Random(f"variant:{key}")
     direct, instruct = rng.random() < direct_share, rng.random() < instruct_share
-    sentence, before = rng.choice(TRAIN_INSTRUCTIONS), rng.random() < 0.5
+    sentence, before = rng.choice(TRAIN_INSTRUCTIONS), rng.random() < 1 - instruct_after
     ex = dict(ex)
     if direct and "answer" in ex:
         ex.update(rationale=f"{ANSWER_PREFIX} {ex['answer']}", anchors=[], decisions=[], direct=True)

@@ -735,7 +735,30 @@ def _stage_07(r: _Run) -> Estimate:
     return what, 0, p7, runs * (s7 + s7_lat)
 
 
-_STAGE_FNS = (_stage_00, _stage_01, _stage_02, _stage_03, _stage_04, _stage_05, _stage_06, _stage_07)
+def _stage_08(r: _Run) -> Estimate:
+    """The V-Skip student under stage 07's pruners, on the first prune.student_examples examples."""
+    p, g, args = r.cfg.prune, r.cfg.generation, (r.db, r.sq, r.eager)
+    n = min(p.student_examples or p.n_examples, p.n_examples, r.cfg.data.n_test)
+    runs = len(p.methods) * len(p.retentions) * 2 + 1
+    s8, p8 = _generation(r.student, r.sseq, r.dev, n, p.batch_size, int(0.7 * g.max_new_tokens), *args)
+    s8_lat, _ = _generation(r.student, r.sseq, r.dev, p.latency_examples, 1, g.max_new_tokens, *args)
+    what = (
+        f"student; {runs} runs x {n} examples (batch {p.batch_size}) + {p.latency_examples} timed at batch 1"
+    )
+    return what, 0, p8, runs * (s8 + s8_lat)
+
+
+_STAGE_FNS = (
+    _stage_00,
+    _stage_01,
+    _stage_02,
+    _stage_03,
+    _stage_04,
+    _stage_05,
+    _stage_06,
+    _stage_07,
+    _stage_08,
+)
 _ESTIMATES = dict(zip(STAGES, _STAGE_FNS, strict=True))  # stage -> its estimate, one per pipeline stage
 
 

@@ -881,6 +881,45 @@ def plot_rvis(summaries: dict[str, dict[str, Any]], path=None):
     return _save(fig, path)
 
 
+def student_vs_teacher(
+    student: list[dict[str, Any]], teacher: list[dict[str, Any]], prefix: str = "vskip+", reps: int = 2000
+):
+    """Per pruner and retention, the V-Skip student (records named `prefix` + method) against the teacher on the
+    same examples (paired): mean of the families' headline scores, the student minus the teacher with a
+    bootstrap 95% interval, and mean generated tokens. A DataFrame, one row per system."""
+    import pandas as pd
+
+    t_sys = _systems(teacher)
+    rows = []
+    for (m, r), recs in sorted(_systems(student).items()):
+        host = m.removeprefix(prefix)
+        if (host, r) not in t_sys:
+            continue
+        S, T, n = _paired(recs, t_sys[(host, r)])
+        fams = tuple(sorted(set(S.family)))
+        every = np.arange(n)
+        diff = bootstrap_ci(lambda i, S=S, T=T, f=fams: S.group(i, f) - T.group(i, f), n, reps, 0)
+        common = {x["id"] for x in recs} & {x["id"] for x in t_sys[(host, r)]}
+        tokens = [
+            float(np.mean([x["tokens"] for x in side if x["id"] in common]))
+            for side in (t_sys[(host, r)], recs)
+        ]
+        rows.append(
+            {
+                "method": host,
+                "retention": float(r),
+                "n": n,
+                "teacher score": T.group(every, fams),
+                "student score": S.group(every, fams),
+                "student - teacher": S.group(every, fams) - T.group(every, fams),
+                "95% CI": diff,
+                "teacher tokens": tokens[0],
+                "student tokens": tokens[1],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 # ---------------------------------------------------------------------------------------------- student
 def load_student(cfg, run_dir) -> tuple[Any, str, str]:
     """The V-Skip student to combine with pruning: (loaded or None, its `ratio_prompt`, what happened). Looks for
