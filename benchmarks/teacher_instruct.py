@@ -30,6 +30,7 @@ def main() -> None:
         "--per-family", type=int, default=200, help="test examples per family (rationale, direct)"
     )
     ap.add_argument("--heldout", type=int, default=100, help="test examples per family per held-out sentence")
+    ap.add_argument("--split", default="test", help="val to choose a recipe, test to report it")
     ap.add_argument("--out", default="results/bench/teacher_instruct")
     args = ap.parse_args()
     cfg = load_params(args.params, parse_sets(args.set))
@@ -37,12 +38,13 @@ def main() -> None:
     t0 = time.time()
     path = build_teacher(cfg)
     t1 = time.time()
-    rows = prompt_report(cfg, load_model(cfg), args.per_family, args.heldout)
+    rows = prompt_report(cfg, load_model(cfg), args.per_family, args.heldout, split=args.split)
     report = {
         "rows": rows,
         "teacher": path.name,
         "build_seconds": build_info(path)["build_seconds"],
         "eval_seconds": time.time() - t1,
+        "split": args.split,
         "wall_seconds_this_run": time.time() - t0,
         "params": cfg.to_dict(),
         "environment": environment(),

@@ -803,12 +803,14 @@ def prompt_report(
     sentences: tuple[str, ...] = HELDOUT_INSTRUCTIONS,
     plain: dict[str, Any] | None = None,
     progress: bool = True,
+    split: str = "test",
 ) -> list[dict[str, Any]]:
     """How the teacher answers as an instruction-tuned VLM would (issue 32): one row per prompt, with
     rationale (`plain`: evaluate_teacher's metrics, if already computed), direct (the turn prefilled with
     `Answer:`) on `n_per_family` test examples per family, and each held-out sentence (never trained) after the
     question on the first `n_heldout` of them, each beside the plain prompt on the same examples. A row:
-    prompt, family, score (`metrics.FAMILY_SCORE`), yes_ratio (existence), n, delta (score - plain's)."""
+    prompt, family, score (`metrics.FAMILY_SCORE`), yes_ratio (existence), n, delta (score - plain's). `split`:
+    "val" to choose a recipe on examples the reported figures do not use."""
     from vskip_core.metrics import FAMILY_SCORE
 
     def rows(prompt: str, fm: dict[str, Any], ref: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -826,17 +828,19 @@ def prompt_report(
         return out
 
     if plain is None:
-        plain = evaluate_teacher(cfg, loaded, n_per_family, progress=progress)[0]
-    direct = evaluate_teacher(cfg, loaded, n_per_family, progress=progress, assistant_prefill=ANSWER_PREFIX)[
-        0
-    ]
+        plain = evaluate_teacher(cfg, loaded, n_per_family, progress=progress, split=split)[0]
+    direct = evaluate_teacher(
+        cfg, loaded, n_per_family, progress=progress, split=split, assistant_prefill=ANSWER_PREFIX
+    )[0]
     out = rows("with rationale", plain) + rows("direct (Answer:)", direct)
     n = min(n_heldout, n_per_family)
-    base = plain if n == n_per_family else evaluate_teacher(cfg, loaded, n, progress=progress)[0]
+    base = plain if n == n_per_family else evaluate_teacher(cfg, loaded, n, progress=progress, split=split)[0]
     if n != n_per_family:
         out += rows(f"with rationale, first {n}", base)
     for s in sentences:
-        out += rows(s, evaluate_teacher(cfg, loaded, n, progress=progress, instruction=s)[0], base)
+        out += rows(
+            s, evaluate_teacher(cfg, loaded, n, progress=progress, split=split, instruction=s)[0], base
+        )
     return out
 
 
