@@ -1,5 +1,5 @@
 # vskip: two commands do all set-up.
-#   make reproduce [PARAMS=params/default.yaml] [RUN=default]   run every notebook, write results/<RUN>/
+#   make reproduce [PARAMS=params/default.yaml] [RUN=default] [JOBS=2]   run every notebook -> results/<RUN>/
 #   make test                                                    lint + unit tests + nbval on params/smoke.yaml
 #   make teacher                                                 rebuild the shipped teacher (assets/teacher/)
 SHELL := /bin/bash
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 reproduce: $(STAMP)
-	@$(PY) -m vskip_core.pipeline --params $(PARAMS) --run $(RUN)
+	@$(PY) -m vskip_core.pipeline --params $(PARAMS) --run $(RUN) $(if $(JOBS),--jobs $(JOBS))
 
 # rebuild the default teacher here (~20 min on 2 CPUs; a build already in .cache is reused) and ship it in
 # assets/teacher/ with its recipe key and checksums; commit that folder (docs/TEACHER.md, "The shipped teacher")

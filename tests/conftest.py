@@ -35,6 +35,8 @@ def tiny_teacher(tmp_path_factory):
             # the design the recorded outputs in test_visual_tokens / test_gating were made with
             "data.multistep_rationale": "list",
             "embedded.verdict_reasoning": 0,
+            "embedded.direct_share": 0.0,
+            "embedded.instruct_share": 0.0,
         },
     )
     path = build_teacher(cfg, progress=False)

@@ -260,14 +260,12 @@ class EmbeddedConfig:
     probe_weight: float = 0.5  # lookup_drills, end_to_end: weight of the auxiliary probe loss (0 = off)
     probe_tied: bool = True  # colour/shape/size probe heads tied to the LM's word embeddings
     eval_per_family: int = 200  # held-out test examples per family for the teacher's report
-    # instruction-tuned behaviour (issue 32; off = the teacher before it, docs/TEACHER.md):
-    direct_share: float = (
-        0.0  # share of full examples (end_to_end, verdict) whose target is `Answer: X` alone
-    )
+    # instruction-tuned behaviour (issue 32; 0 and 0 = the teacher before it; docs/TEACHER.md):
+    direct_share: float = 0.25  # share of full examples (end_to_end, verdict) whose target is `Answer: X` alone
     direct_weight: float = (
         3.0  # loss weight on a direct answer's tokens (a rationale's answer line: anchor_weight)
     )
-    instruct_share: float = 0.0  # share of drills and full examples with one data.TRAIN_INSTRUCTIONS sentence
+    instruct_share: float = 0.3  # share of drills and full examples with one data.TRAIN_INSTRUCTIONS sentence
     instruct_after: float = 0.5  # of those, the share with the sentence after the question (else before it)
     instruct_reasoning: bool = False  # verdict's reasoning drills get sentences too (at instruct_share)
 

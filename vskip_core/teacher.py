@@ -676,7 +676,7 @@ def ship_teacher(cfg: Config, folder: Path | None = None) -> Path:
         "build_seconds": info.get("build_seconds"),
         "built_on": cpu_info(),
         "torch": torch.__version__,
-        "git": git_info(),
+        "shipped_at": git_info(),  # the commit that shipped it (the recipe is `key`)
     }
     atomic_write_json(tmp / SHIPPED_MANIFEST, manifest)
     shutil.rmtree(folder, ignore_errors=True)
