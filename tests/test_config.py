@@ -161,10 +161,15 @@ def test_fields_added_at_their_neutral_value_keep_the_cache_keys():
 
 def test_instruction_tuning_fields_are_checked_and_change_the_key_only_when_on():
     base = load_params("params/default.yaml")
-    for key in ("embedded.direct_share", "embedded.instruct_share"):
+    off = {"embedded.direct_share": 0.0, "embedded.instruct_share": 0.0}
+    old = load_params("params/default.yaml", off).hash("embedded", "data")
+    assert old == "4622ea9a7394"  # off: the teacher before issue 32 keeps its cache key
+    for key in ("embedded.direct_share", "embedded.instruct_share", "embedded.instruct_after"):
         with pytest.raises(ParamsError, match=key):
             load_params("params/default.yaml", {key: 1.5})
-        on = load_params("params/default.yaml", {key: 0.25})
-        assert on.hash("embedded", "data") != base.hash("embedded", "data")
+        changed = load_params("params/default.yaml", {key: 0.6})
+        assert changed.hash("embedded", "data") != base.hash("embedded", "data")
+    on = load_params("params/default.yaml", {"embedded.instruct_reasoning": True})
+    assert on.hash("embedded", "data") != base.hash("embedded", "data")
     with pytest.raises(ParamsError, match="embedded.direct_weight"):
         load_params("params/default.yaml", {"embedded.direct_weight": 0})

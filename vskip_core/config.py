@@ -261,7 +261,9 @@ class EmbeddedConfig:
     probe_tied: bool = True  # colour/shape/size probe heads tied to the LM's word embeddings
     eval_per_family: int = 200  # held-out test examples per family for the teacher's report
     # instruction-tuned behaviour (issue 32; 0 and 0 = the teacher before it; docs/TEACHER.md):
-    direct_share: float = 0.25  # share of full examples (end_to_end, verdict) whose target is `Answer: X` alone
+    direct_share: float = (
+        0.25  # share of full examples (end_to_end, verdict) whose target is `Answer: X` alone
+    )
     direct_weight: float = (
         3.0  # loss weight on a direct answer's tokens (a rationale's answer line: anchor_weight)
     )
