@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -234,10 +233,8 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
     print(f"vskip pipeline: params={args.params} run={args.run} -> {out}{side}")
     try:
         prepare_teacher(cfg, stages)
-    except (
-        RuntimeError
-    ) as e:  # the shipped teacher's files differ from its manifest: the message says the fix
-        print(f"error: {e}", file=sys.stderr)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)  # the shipped teacher differs from its manifest: says the fix
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted while building the teacher; rerun the same command to resume", file=sys.stderr)
@@ -245,7 +242,6 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
     n = len(stages)
     tag = {s: f"[{i}/{n}] {s}" for i, s in enumerate(stages, 1)}
     state: dict[str, str] = {}  # stage -> "skipped" | "ran" | "failed"
-    lock = threading.Lock()
 
     def start(stage: str) -> str | None:
         """Run it (None) or say why it is skipped ("skipped")."""
@@ -263,8 +259,7 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
 
     def execute(stage: str) -> str:
         fp = stage_fingerprint(cfg, NOTEBOOKS / f"{stage}.ipynb")
-        with lock:
-            print(f"{tag[stage]}: running ...", flush=True)
+        print(f"{tag[stage]}: running ...", flush=True)
         t0 = time.time()
         try:
             run_stage(stage, args.params, args.run, overrides, out / stage, args.verbose)

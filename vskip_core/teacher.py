@@ -696,7 +696,8 @@ def build_teacher(cfg: Config, progress: bool = True, force: bool = False, use_s
         if src is not None:
             install_shipped(src, out)
             if progress:
-                print(f"teacher: the shipped build ({out.name}, from {src.name}/)")
+                shown = src.relative_to(REPO_ROOT) if src.is_relative_to(REPO_ROOT) else src
+                print(f"teacher: the shipped build ({out.name}, copied from {shown}/)")
             return out
         man = shipped_manifest()
         if progress and man is not None:
