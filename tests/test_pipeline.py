@@ -448,3 +448,30 @@ def test_stage_reads_cover_what_each_notebook_reads():
         if stage == "01_rationale_generation":
             named -= {"00_embedded_teacher"}  # the teacher is made ready by the pipeline (prepare_teacher)
         assert named <= closure(stage), (stage, named - closure(stage))
+
+
+def test_a_stage_reruns_when_what_it_read_ran_again_in_another_invocation(branching, capsys):
+    res = branching / "results"
+    args = [
+        "--params",
+        "params/smoke.yaml",
+        "--run",
+        "r",
+        "--set",
+        f"runtime.results_dir={res}",
+        "--jobs",
+        "1",
+    ]
+    assert pipeline.main(args) == 0
+    assert pipeline.main(args + ["--stages", "00", "--force"]) == 0  # 00 alone, again
+    capsys.readouterr()
+    assert pipeline.main(args) == 0  # both readers of 00 see it ran after them
+    assert [_count(res, s) for s in ("00_first", "01_second", "02_third")] == [2, 2, 2]
+    assert "02_third: input 00_first ran again since it finished; it reruns" in capsys.readouterr().out
+
+
+def test_reads_follow_the_chain_within_the_selected_stages():
+    stages = ["01_rationale_generation", "03_gate_ablations", "08_pruned_student"]
+    assert pipeline.reads("03_gate_ablations", stages) == ["01_rationale_generation"]  # through 02
+    assert pipeline.reads("08_pruned_student", stages) == ["01_rationale_generation", "03_gate_ablations"]
+    assert pipeline.reads("01_rationale_generation", stages) == []

@@ -1,6 +1,6 @@
 """The real-model path, end to end on CPU: every real params file has a stand-in twin in params/standin/ that
 differs only in an allow-list of keys (hub ids -> in-repo stand-ins, sizes), and the Qwen2-VL (Colab),
-Qwen2.5-VL and Llama-3.2-Vision twins run all eight notebooks through `python -m vskip_core.pipeline`, from an
+Qwen2.5-VL and Llama-3.2-Vision twins run all nine notebooks through `python -m vskip_core.pipeline`, from an
 empty cache, with the command lines docs/COLAB.md gives."""
 
 import json

@@ -13,6 +13,7 @@ skipped; once a stage runs, every stage that reads it reruns. Stages whose input
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -27,6 +28,7 @@ from vskip_core.runtime import (
     ENV_LIVE,
     atomic_write_json,
     changed_output,
+    file_sha256,
     output_files,
     results_dir,
     stage_fingerprint,
@@ -36,29 +38,64 @@ NOTEBOOKS = REPO_ROOT / "notebooks"
 
 
 def reads(stage: str, stages: list[str]) -> list[str]:
-    """The stages of `stages` that `stage` waits for (`config.STAGE_READS`, else every earlier one)."""
+    """The stages of `stages` that `stage` waits for: what it reads (`config.STAGE_READS`, else every earlier
+    stage), directly or through stages it reads, so `--stages 01,03` still runs 03 after 01."""
+    if stage not in STAGE_READS:
+        return [s for s in stages if s < stage]
+    seen: set[str] = set()
+    todo = list(STAGE_READS[stage])
+    while todo:
+        s = todo.pop()
+        if s not in seen:
+            seen.add(s)
+            todo += STAGE_READS.get(s, ())
+    return [s for s in stages if s in seen]
+
+
+def direct_reads(stage: str) -> list[str]:
+    """The stages `stage` reads itself (`config.STAGE_READS`; every earlier stage when it is not listed)."""
     if stage in STAGE_READS:
-        return [s for s in STAGE_READS[stage] if s in stages]
-    return [s for s in stages if s < stage]
+        return list(STAGE_READS[stage])
+    return [s for s in available_stages() if s < stage]
 
 
-def prepare_teacher(cfg, stages: list[str]) -> None:
-    """The embedded teacher in the cache before the stages start (the shipped build, or trained here with
-    progress), so that stages reading only the teacher need not wait for 00's report."""
-    if "00_embedded_teacher" in stages and cfg.model.teacher == "embedded":
+def prepare_teacher(cfg) -> None:
+    """The embedded teacher in the cache before any stage starts (the shipped build, or trained here at
+    `runtime.num_threads`), so that stages side by side never train or copy it twice."""
+    if cfg.model.teacher == "embedded":
+        from vskip_core.runtime import configure_threads
         from vskip_core.teacher import build_teacher
 
+        configure_threads(cfg.runtime.num_threads)
         build_teacher(cfg)
 
 
 def default_jobs(cfg) -> int:
-    """Two stages at once on a CPU-only machine with 2+ cores, one on a GPU (two stages' models would share
-    its memory) or a single core."""
+    """Two stages at once on a CPU-only machine with 2+ cores per stage's threads and the embedded teacher;
+    one on a GPU (two stages' models would share its memory) or with a hub model (two in RAM)."""
     from vskip_core.runtime import resolve_device
 
-    if resolve_device(cfg.runtime.device) != "cpu":
+    if resolve_device(cfg.runtime.device) != "cpu" or cfg.model.teacher != "embedded":
         return 1
-    return max(1, min(2, (os.cpu_count() or 1) // max(1, cfg.runtime.num_threads)))
+    cores = os.cpu_count() or 1
+    return max(1, min(2, cores // (cfg.runtime.num_threads or cores)))
+
+
+def stop_kernels(timeout: float = 10.0) -> None:
+    """Terminate the stages' kernels (children of this process, started in their own sessions: Ctrl-C on the
+    terminal does not reach them)."""
+    try:
+        import psutil
+    except ImportError:
+        return
+    children = psutil.Process().children(recursive=True)
+    for c in children:
+        with contextlib.suppress(psutil.Error):
+            c.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for c in alive:
+        with contextlib.suppress(psutil.Error):
+            c.kill()
 
 
 def available_stages() -> list[str]:
@@ -79,8 +116,9 @@ def select_stages(spec: str | None) -> list[str]:
 
 
 def check_complete(stage_dir: Path, fingerprint: str) -> tuple[bool, str | None]:
-    """(complete, why not where an output recorded in `.done` is missing or changed). A `.done` written before
-    outputs were recorded (no "files") counts on its fingerprint alone."""
+    """(complete, why not where an output recorded in `.done` is missing or changed, or a stage it read ran
+    again since: "input <stage> ran again"). A `.done` written before outputs (no "files") or inputs (no
+    "reads") were recorded counts on what it has."""
     import json
 
     done = stage_dir / ".done"
@@ -96,6 +134,10 @@ def check_complete(stage_dir: Path, fingerprint: str) -> tuple[bool, str | None]
         return False, None
     if record.get("fingerprint") != fingerprint:
         return False, None
+    for u, sha in (record.get("reads") or {}).items():  # a stage it read ran again after it finished
+        done_u = stage_dir.parent / u / ".done"
+        if not done_u.exists() or file_sha256(done_u) != sha:
+            return False, f"input {u} ran again"
     changed = changed_output(stage_dir, record.get("files") or {})
     return changed is None, changed
 
@@ -231,14 +273,6 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
     jobs = args.jobs if args.jobs > 0 else default_jobs(cfg)
     side = f", up to {jobs} stages at once" if jobs > 1 else ""
     print(f"vskip pipeline: params={args.params} run={args.run} -> {out}{side}")
-    try:
-        prepare_teacher(cfg, stages)
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)  # the shipped teacher differs from its manifest: says the fix
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted while building the teacher; rerun the same command to resume", file=sys.stderr)
-        return 130
     n = len(stages)
     tag = {s: f"[{i}/{n}] {s}" for i, s in enumerate(stages, 1)}
     state: dict[str, str] = {}  # stage -> "skipped" | "ran" | "failed"
@@ -251,7 +285,9 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
             if complete:
                 print(f"{tag[stage]}: complete for these params, skipped", flush=True)
                 return "skipped"
-            if changed:
+            if changed and changed.startswith("input "):
+                print(f"{tag[stage]}: {changed} since it finished; it reruns", flush=True)
+            elif changed:
                 print(
                     f"{tag[stage]}: output {changed} since it finished; it reruns and the stages that read it"
                 )
@@ -263,17 +299,21 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
         t0 = time.time()
         try:
             run_stage(stage, args.params, args.run, overrides, out / stage, args.verbose)
-        except RuntimeError as e:
+        except Exception as e:  # a failed cell, or a kernel that died (out of memory, stopped)
             print(f"error: {e}", file=sys.stderr)
             return "failed"
         seconds = round(time.time() - t0, 1)
-        atomic_write_json(
-            out / stage / ".done", {"fingerprint": fp, "seconds": seconds, "files": output_files(out / stage)}
-        )
+        record = {"fingerprint": fp, "seconds": seconds, "files": output_files(out / stage)}
+        # what it read, as it was: a stage it reads that runs again later makes this one rerun too
+        record["reads"] = {
+            u: file_sha256(out / u / ".done") for u in direct_reads(stage) if (out / u / ".done").exists()
+        }
+        atomic_write_json(out / stage / ".done", record)
         print(f"{tag[stage]}: done in {seconds:.0f} s", flush=True)
         return "ran"
 
     running: dict[Future, str] = {}
+    prepared = False
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
         while True:
@@ -287,6 +327,9 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
                         if start(s) == "skipped":
                             state[s], scan = "skipped", True
                             break
+                        if not prepared:  # once, before the first stage that runs (a 20-min build, or a copy)
+                            prepare_teacher(cfg)
+                            prepared = True
                         running[pool.submit(execute, s)] = s
             if not running:
                 break
@@ -295,11 +338,19 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
                 state[running.pop(f)] = f.result()
     except KeyboardInterrupt:
         names = ", ".join(running.values()) or "the pipeline"
-        print(f"\ninterrupted during {names}; rerun the same command to resume", file=sys.stderr)
-        pool.shutdown(wait=False, cancel_futures=True)
+        print(f"\ninterrupted during {names}; stopping; rerun the same command to resume", file=sys.stderr)
+        stop_kernels()
+        pool.shutdown(wait=True, cancel_futures=True)
         return 130
+    except RuntimeError as e:  # the shipped teacher differs from its manifest: the message says the fix
+        print(f"error: {e}", file=sys.stderr)
+        pool.shutdown(wait=True)
+        return 1
     pool.shutdown(wait=True)
-    return 1 if "failed" in state.values() or len(state) < n else 0
+    never = [s for s in stages if s not in state]
+    if never and "failed" in state.values():
+        print(f"not started (they read a failed stage): {', '.join(never)}", file=sys.stderr)
+    return 1 if "failed" in state.values() or never else 0
 
 
 def _plan(args) -> int:

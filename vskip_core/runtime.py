@@ -209,6 +209,31 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def build_dir_once(path: Path, build, done: str) -> Path:
+    """A cache folder built once, safe when processes race for it (stages run side by side): each builds in its
+    own temporary folder next to `path` and renames it into place; a loser keeps the winner's. `build(tmp)`
+    fills the folder; the file `done` marks it complete."""
+    import shutil
+
+    path = Path(path)
+    if (path / done).exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
+    try:
+        build(tmp)
+        if path.exists() and not (path / done).exists():
+            shutil.rmtree(path, ignore_errors=True)  # an incomplete folder left by a killed older build
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not (path / done).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     text = json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default, allow_nan=False)
     atomic_write_bytes(path, (text + "\n").encode())

@@ -65,6 +65,7 @@ from vskip_core.modeling.loading import (
 )
 from vskip_core.runtime import (
     atomic_write_json,
+    build_dir_once,
     cpu_info,
     file_sha256,
     git_info,
@@ -650,18 +651,18 @@ def shipped_teacher(key: str, folder: Path | None = None) -> Path | None:
 
 
 def install_shipped(src: Path, out: Path) -> None:
-    """Copy the shipped teacher into the cache folder the later stages load (atomically: a copy killed
-    halfway leaves no folder that looks complete)."""
-    tmp = out.with_name(out.name + ".shipping")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    tmp.rename(out)
+    """Copy the shipped teacher into the cache folder the later stages load (`runtime.build_dir_once`: a
+    killed or concurrent copy never leaves a folder that looks complete)."""
+    build_dir_once(out, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True), "config.json")
 
 
 def ship_teacher(cfg: Config, folder: Path | None = None) -> Path:
-    """Build these params' teacher (reusing a build in the cache, never the shipped copy) and make it the
-    shipped one: its files, and a manifest with the recipe key, sha256 of each file and where it was built."""
+    """Build these params' teacher (reusing a build in the cache, never an installed shipped copy) and make it
+    the shipped one: its files, and a manifest with the recipe key, sha256 of each file and where it was built."""
     folder = Path(folder or SHIPPED_DIR)
+    cached = embedded_dir(cfg)
+    if (cached / SHIPPED_MANIFEST).exists():  # the cache holds the installed shipped copy: build it anew
+        shutil.rmtree(cached)
     path = build_teacher(cfg, use_shipped=False)
     info = build_info(path)
     files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != SHIPPED_MANIFEST)
@@ -674,8 +675,9 @@ def ship_teacher(cfg: Config, folder: Path | None = None) -> Path:
         "key": path.name,
         "sha256": {name: file_sha256(tmp / name) for name in files},
         "build_seconds": info.get("build_seconds"),
-        "built_on": cpu_info(),
-        "torch": torch.__version__,
+        "built_on": info.get("built_on")
+        or cpu_info(),  # builds before issue 32 recorded none: this machine's
+        "torch": info.get("torch") or torch.__version__,
         "shipped_at": git_info(),  # the commit that shipped it (the recipe is `key`)
     }
     atomic_write_json(tmp / SHIPPED_MANIFEST, manifest)
@@ -728,6 +730,8 @@ def _save_final(b: Build, out: Path) -> None:
         shutil.rmtree(final)
     extra = {
         "build_seconds": seconds,
+        "built_on": cpu_info(),  # training computes differently on another instruction set
+        "torch": torch.__version__,
         "config_hash": cfg.hash("embedded", "data"),
         "embedded": cfg.to_dict()["embedded"],
         "data": cfg.to_dict()["data"],

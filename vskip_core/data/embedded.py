@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw
 
 from vskip_core.config import Config, DataConfig
 from vskip_core.data.answers import ANSWER_PREFIX
+from vskip_core.runtime import build_dir_once
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -838,15 +839,13 @@ def build_benchmark(cfg: Config, splits: tuple[str, ...] = ("train", "val", "tes
     if (path / "dataset_dict.json").exists():
         return datasets.load_from_disk(str(path)), path
     sizes = {"train": cfg.data.n_train, "val": cfg.data.n_val, "test": cfg.data.n_test}
-    # datasets cannot reload an empty saved split; an absent split reads as empty (as in benchmarks.py)
-    dd = datasets.DatasetDict({s: build_split(cfg.data, s, sizes[s]) for s in splits if sizes[s] > 0})
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        import shutil
 
-        shutil.rmtree(tmp)
-    dd.save_to_disk(str(tmp))
-    tmp.rename(path)
+    def build(tmp) -> None:
+        # datasets cannot reload an empty saved split; an absent split reads as empty (as in benchmarks.py)
+        dd = datasets.DatasetDict({s: build_split(cfg.data, s, sizes[s]) for s in splits if sizes[s] > 0})
+        dd.save_to_disk(str(tmp))
+
+    build_dir_once(path, build, "dataset_dict.json")
     return datasets.load_from_disk(str(path)), path
 
 

@@ -55,7 +55,6 @@ import hashlib
 import json
 import random
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -65,6 +64,7 @@ from vskip_core.data.embedded import build_benchmark, decode_record, find_anchor
 from vskip_core.data.standins import VERSION as STANDIN_VERSION
 from vskip_core.data.standins import is_standin
 from vskip_core.data.standins import resolve_dataset as resolve
+from vskip_core.runtime import build_dir_once
 from vskip_core.runtime import progress as tqdm
 
 SCHEMA_VERSION = 1  # bump when the normalized schema changes (it keys the cache)
@@ -534,12 +534,12 @@ def build_real_benchmark(cfg: Config, progress: bool = False):
         cols = {name: [_encode_value(name, r[name]) for r in rows] for name in features}
         splits[s] = datasets.Dataset.from_dict(cols, features=features)
     dd = datasets.DatasetDict(splits)
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    dd.save_to_disk(str(tmp))
-    (tmp / "card.json").write_text(json.dumps(card, indent=2))
-    tmp.rename(path)
+
+    def build(tmp: Path) -> None:
+        dd.save_to_disk(str(tmp))
+        (tmp / "card.json").write_text(json.dumps(card, indent=2))
+
+    build_dir_once(path, build, "card.json")
     return datasets.load_from_disk(str(path)), path
 
 

@@ -30,10 +30,11 @@ Datasets are written by `datasets.Dataset.to_parquet` (image bytes and features 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from vskip_core.runtime import build_dir_once
 
 PREFIX = "standin:"
 
@@ -279,15 +280,13 @@ def resolve_dataset(cfg, name: str) -> str:
 
 
 def build_once(path: Path, name: str, build) -> Path:
-    """Run `build(tmp)` once and move the result to `path` (a killed build leaves only its .tmp folder)."""
-    if not (path / ".complete").exists():
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Run `build(tmp)` once and move the result to `path` (`runtime.build_dir_once`: safe when stages race)."""
+
+    def fill(tmp: Path) -> None:
         build(tmp)
         (tmp / ".complete").write_text(json.dumps({"standin": name, "version": VERSION}))
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
-    return path
+
+    return build_dir_once(path, fill, ".complete")
 
 
 def standin_dir(cache_dir: str | Path, name: str) -> Path:

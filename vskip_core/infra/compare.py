@@ -20,7 +20,8 @@ from typing import Any
 
 TIMING_WORDS = ("second", "latency", "minutes", "speedup", "time", "prefill", "decode")
 CI_KEYS = {"value": "ci", "diff": "ci", "varr": "ci", "student - teacher": "95% CI"}
-ROW_KEYS = ("method", "claim", "type", "family", "prompt")  # what names a row of a list of records
+ROW_KEYS = ("method", "claim", "subject", "comparison", "type", "family", "prompt")  # what names a row
+SKIP = ("env", "params", "environment")  # provenance, not figures
 
 
 @dataclass
@@ -57,13 +58,32 @@ def _timing(path: tuple[str, ...]) -> bool:
     return any(p.endswith("_s") or any(w in p for w in TIMING_WORDS) for p in path)
 
 
+def _row_key(row: Any, i: int) -> str:
+    if not (isinstance(row, dict) and any(k in row for k in ROW_KEYS)):
+        return str(i)
+    key = ":".join(str(row[k]) for k in ROW_KEYS if k in row)
+    at = row.get("ratio", row.get("retention"))
+    return key if at is None else f"{key}@{at}"
+
+
+def _row_keys(rows: list[Any]) -> list[str]:
+    """Each row's key, a repeated one numbered in order (`#2`, `#3`)."""
+    seen: dict[str, int] = {}
+    out = []
+    for i, r in enumerate(rows):
+        k = _row_key(r, i)
+        seen[k] = seen.get(k, 0) + 1
+        out.append(k if seen[k] == 1 else f"{k}#{seen[k]}")
+    return out
+
+
 def pair(stage: str, a: Any, b: Any, path: tuple[str, ...] = (), cis: dict | None = None) -> list[Figure]:
     """Every number present in both `a` and `b` at the same place, with its interval from `a` when it has one
     (`cis`: the `score_ci`-style table parallel to the one being walked)."""
     out: list[Figure] = []
     if isinstance(a, dict) and isinstance(b, dict):
         for k, va in a.items():
-            if k not in b or k.endswith("_ci") or k in ("ci", "95% CI"):
+            if k not in b or k.endswith("_ci") or k in ("ci", "95% CI") or (not path and k in SKIP):
                 continue
             vb, p = b[k], (*path, str(k))
             if _number(va) and _number(vb):
@@ -74,16 +94,14 @@ def pair(stage: str, a: Any, b: Any, path: tuple[str, ...] = (), cis: dict | Non
                 sub = a.get(f"{k}_ci") if isinstance(a.get(f"{k}_ci"), dict) else None
                 sub = sub or (cis.get(k) if isinstance(cis, dict) else None)
                 out += pair(stage, va, vb, p, sub)
-    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+    elif isinstance(a, list) and isinstance(b, list):
         if all(_number(x) for x in a):  # per-example values (timings, curves): not headline figures
             return out
-        for i, (va, vb) in enumerate(zip(a, b)):
-            key = str(i)
-            if isinstance(va, dict) and any(k in va for k in ROW_KEYS):
-                key = ":".join(str(va[k]) for k in ROW_KEYS if k in va)
-                at = va.get("ratio", va.get("retention"))
-                key += "" if at is None else f"@{at}"
-            out += pair(stage, va, vb, (*path, str(key)), cis[i] if isinstance(cis, list) else None)
+        rows_b = dict(zip(_row_keys(b), b))
+        for i, (key, va) in enumerate(zip(_row_keys(a), a)):
+            if key in rows_b:  # rows matched by what names them, not by position
+                sub = cis[i] if isinstance(cis, list) and i < len(cis) else None
+                out += pair(stage, va, rows_b[key], (*path, key), sub)
     return out
 
 
