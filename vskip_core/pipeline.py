@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import os
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -176,9 +177,11 @@ def run_stage(
             progress_bar=verbose,
             log_output=verbose,
             kernel_name="python3",
-            # the kernel's log (e.g. its warning about unencrypted TCP on loopback) is noise to a reader; what
-            # the kernel writes to its own stderr file (the progress mirror) stays on this terminal only
-            extra_arguments=["--IPKernelApp.log_level=ERROR", "--IPKernelApp.capture_fd_output=False"],
+            # the kernel's log is noise to a reader (its warning about unencrypted TCP on loopback; "KeyboardInterrupt
+            # caught in kernel" when jupyter_client's shutdown, which interrupts first, meets a busy kernel); a
+            # failing cell still fails the stage. What the kernel writes to its own stderr (the progress mirror)
+            # stays on this terminal only
+            extra_arguments=["--IPKernelApp.log_level=CRITICAL", "--IPKernelApp.capture_fd_output=False"],
         )
     except pm.PapermillExecutionError as e:
         failed = stage_dir / "failed.ipynb"
@@ -276,6 +279,11 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
     n = len(stages)
     tag = {s: f"[{i}/{n}] {s}" for i, s in enumerate(stages, 1)}
     state: dict[str, str] = {}  # stage -> "skipped" | "ran" | "failed"
+    lock = threading.Lock()  # one line at a time from the stages' threads
+
+    def say(line: str, err: bool = False) -> None:
+        with lock:
+            print(line, file=sys.stderr if err else sys.stdout, flush=True)
 
     def start(stage: str) -> str | None:
         """Run it (None) or say why it is skipped ("skipped")."""
@@ -283,24 +291,24 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
         if not args.force and all(state[u] == "skipped" for u in reads(stage, stages)):
             complete, changed = check_complete(out / stage, fp)
             if complete:
-                print(f"{tag[stage]}: complete for these params, skipped", flush=True)
+                say(f"{tag[stage]}: complete for these params, skipped")
                 return "skipped"
             if changed and changed.startswith("input "):
-                print(f"{tag[stage]}: {changed} since it finished; it reruns", flush=True)
+                say(f"{tag[stage]}: {changed} since it finished; it reruns")
             elif changed:
-                print(
+                say(
                     f"{tag[stage]}: output {changed} since it finished; it reruns and the stages that read it"
                 )
         return None
 
     def execute(stage: str) -> str:
         fp = stage_fingerprint(cfg, NOTEBOOKS / f"{stage}.ipynb")
-        print(f"{tag[stage]}: running ...", flush=True)
+        say(f"{tag[stage]}: running ...")
         t0 = time.time()
         try:
             run_stage(stage, args.params, args.run, overrides, out / stage, args.verbose)
         except Exception as e:  # a failed cell, or a kernel that died (out of memory, stopped)
-            print(f"error: {e}", file=sys.stderr)
+            say(f"error: {e}", err=True)
             return "failed"
         seconds = round(time.time() - t0, 1)
         record = {"fingerprint": fp, "seconds": seconds, "files": output_files(out / stage)}
@@ -309,7 +317,7 @@ def _run_stages(args, cfg, stages, overrides, out) -> int:
             u: file_sha256(out / u / ".done") for u in direct_reads(stage) if (out / u / ".done").exists()
         }
         atomic_write_json(out / stage / ".done", record)
-        print(f"{tag[stage]}: done in {seconds:.0f} s", flush=True)
+        say(f"{tag[stage]}: done in {seconds:.0f} s")
         return "ran"
 
     running: dict[Future, str] = {}
