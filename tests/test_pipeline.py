@@ -22,9 +22,14 @@ stage.finish({{"n_test": cfg.data.n_test}})
 
 @pytest.fixture
 def nbdir(tmp_path, monkeypatch):
+    return _stage_notebooks(tmp_path, monkeypatch, ("00_first", "01_second"))
+
+
+def _stage_notebooks(tmp_path, monkeypatch, names):
+    """Tiny notebooks `names` (STAGE_SRC) in tmp_path/notebooks/, which the pipeline then runs."""
     d = tmp_path / "notebooks"
     d.mkdir()
-    for name in ("00_first", "01_second"):
+    for name in names:
         nb = nbformat.v4.new_notebook()
         p = nbformat.v4.new_code_cell('params_file = "params/smoke.yaml"\nrun = "default"\noverrides = {}')
         p.metadata["tags"] = ["parameters"]
@@ -35,13 +40,17 @@ def nbdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+def _args(res, *extra):
+    return ["--params", "params/smoke.yaml", "--run", "r", "--set", f"runtime.results_dir={res}", *extra]
+
+
 def _count(res, stage):
     return int((res / "r" / stage / "count.txt").read_text())
 
 
 def test_records_skip_and_rerun(nbdir):
     res = nbdir / "results"
-    args = ["--params", "params/smoke.yaml", "--run", "r", "--set", f"runtime.results_dir={res}"]
+    args = _args(res)
     assert pipeline.main(args) == 0
     for stage in ("00_first", "01_second"):
         d = res / "r" / stage
@@ -307,7 +316,7 @@ def test_done_written_before_outputs_were_recorded_still_counts(tmp_path):
 
 def test_pipeline_reruns_a_stage_whose_output_changed_with_one_line(nbdir, capsys):
     res = nbdir / "results"
-    args = ["--params", "params/smoke.yaml", "--run", "r", "--set", f"runtime.results_dir={res}"]
+    args = _args(res)
     assert pipeline.main(args) == 0
     assert "files" in json.loads((res / "r" / "00_first" / ".done").read_text())
     size = (res / "r" / "00_first" / "metrics.json").stat().st_size
@@ -380,33 +389,14 @@ def test_finish_refuses_an_absolute_path_of_this_machine(smoke_cfg, tmp_path):
 @pytest.fixture
 def branching(tmp_path, monkeypatch):
     """Three stages: 01 and 02 both read 00 only (side by side)."""
-    d = tmp_path / "notebooks"
-    d.mkdir()
-    for name in ("00_first", "01_second", "02_third"):
-        nb = nbformat.v4.new_notebook()
-        p = nbformat.v4.new_code_cell('params_file = "params/smoke.yaml"\nrun = "default"\noverrides = {}')
-        p.metadata["tags"] = ["parameters"]
-        nb.cells = [p, nbformat.v4.new_code_cell(STAGE_SRC.format(name=name))]
-        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-        nbformat.write(nb, d / f"{name}.ipynb")
-    monkeypatch.setattr(pipeline, "NOTEBOOKS", d)
     reads = {"00_first": (), "01_second": ("00_first",), "02_third": ("00_first",)}
     monkeypatch.setattr(pipeline, "STAGE_READS", reads)
-    return tmp_path
+    return _stage_notebooks(tmp_path, monkeypatch, tuple(reads))
 
 
 def test_stages_side_by_side_rerun_what_reads_them(branching, capsys):
     res = branching / "results"
-    args = [
-        "--params",
-        "params/smoke.yaml",
-        "--run",
-        "r",
-        "--set",
-        f"runtime.results_dir={res}",
-        "--jobs",
-        "2",
-    ]
+    args = _args(res, "--jobs", "2")
     assert pipeline.main(args) == 0
     assert "up to 2 stages at once" in capsys.readouterr().out
     assert [_count(res, s) for s in ("00_first", "01_second", "02_third")] == [1, 1, 1]
@@ -420,7 +410,7 @@ def test_stages_side_by_side_rerun_what_reads_them(branching, capsys):
 
 def test_a_failing_stage_lets_the_other_branch_finish(branching, capsys):
     res = branching / "results"
-    args = ["--params", "params/smoke.yaml", "--run", "r", "--set", f"runtime.results_dir={res}"]
+    args = _args(res)
     assert pipeline.main(args + ["--jobs", "2", "--set", "data.n_test=13"]) == 1  # 01_second raises
     assert "boom" in capsys.readouterr().err
     assert (res / "r" / "02_third" / ".done").exists() and not (res / "r" / "01_second" / ".done").exists()
@@ -452,16 +442,7 @@ def test_stage_reads_cover_what_each_notebook_reads():
 
 def test_a_stage_reruns_when_what_it_read_ran_again_in_another_invocation(branching, capsys):
     res = branching / "results"
-    args = [
-        "--params",
-        "params/smoke.yaml",
-        "--run",
-        "r",
-        "--set",
-        f"runtime.results_dir={res}",
-        "--jobs",
-        "1",
-    ]
+    args = _args(res, "--jobs", "1")
     assert pipeline.main(args) == 0
     assert pipeline.main(args + ["--stages", "00", "--force"]) == 0  # 00 alone, again
     capsys.readouterr()
