@@ -5,41 +5,28 @@ import json
 from vskip_core.infra import compare
 
 
-def _run(root, rows, scores):
-    (root / "05_evaluation").mkdir(parents=True)
-    (root / "07_visual_token_pruning").mkdir(parents=True)
-    (root / "05_evaluation" / "metrics.json").write_text(json.dumps({"rows": rows}))
-    (root / "07_visual_token_pruning" / "metrics.json").write_text(json.dumps({"scores": scores}))
+def _run(root, acc, acc_ci, latency, reading, reading_ci):
+    """A run folder with one stage-05 row (V-Skip at 0.5) and one stage-07 score (FastV at 33.3%, reading)."""
+    row = {
+        "method": "vskip",
+        "ratio": 0.5,
+        "accuracy_mean": acc,
+        "accuracy_mean_ci": acc_ci,
+        "latency_s": latency,
+    }
+    scores = {"fastv": {"0.333": {"score": {"reading": reading}, "score_ci": {"reading": reading_ci}}}}
+    for stage, metrics in (
+        ("05_evaluation", {"rows": [row]}),
+        ("07_visual_token_pruning", {"scores": scores}),
+    ):
+        (root / stage).mkdir(parents=True)
+        (root / stage / "metrics.json").write_text(json.dumps(metrics))
     return root
 
 
 def test_pairs_figures_with_their_intervals_and_keeps_times_apart(tmp_path, capsys):
-    a = _run(
-        tmp_path / "a",
-        [
-            {
-                "method": "vskip",
-                "ratio": 0.5,
-                "accuracy_mean": 0.50,
-                "accuracy_mean_ci": [0.45, 0.55],
-                "latency_s": 1.0,
-            }
-        ],
-        {"fastv": {"0.333": {"score": {"reading": 0.60}, "score_ci": {"reading": [0.55, 0.65]}}}},
-    )
-    b = _run(
-        tmp_path / "b",
-        [
-            {
-                "method": "vskip",
-                "ratio": 0.5,
-                "accuracy_mean": 0.53,
-                "accuracy_mean_ci": [0.0, 1.0],
-                "latency_s": 2.0,
-            }
-        ],
-        {"fastv": {"0.333": {"score": {"reading": 0.70}, "score_ci": {"reading": [0.6, 0.8]}}}},
-    )
+    a = _run(tmp_path / "a", 0.50, [0.45, 0.55], 1.0, 0.60, [0.55, 0.65])
+    b = _run(tmp_path / "b", 0.53, [0.0, 1.0], 2.0, 0.70, [0.6, 0.8])
     figs = {f.path: f for f in compare.compare_runs(a, b)}
     acc = figs["rows/vskip@0.5/accuracy_mean"]
     assert acc.ci == (0.45, 0.55) and acc.inside  # the first run's interval, not the second's

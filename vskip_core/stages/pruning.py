@@ -898,6 +898,7 @@ def student_vs_teacher(
         S, T, n = _paired(recs, t_sys[(host, r)])
         fams = tuple(sorted(set(S.family)))
         every = np.arange(n)
+        s_score, t_score = S.group(every, fams), T.group(every, fams)
         diff = bootstrap_ci(lambda i, S=S, T=T, f=fams: S.group(i, f) - T.group(i, f), n, reps, 0)
         common = {x["id"] for x in recs} & {x["id"] for x in t_sys[(host, r)]}
         tokens = [
@@ -909,9 +910,9 @@ def student_vs_teacher(
                 "method": host,
                 "retention": float(r),
                 "n": n,
-                "teacher score": T.group(every, fams),
-                "student score": S.group(every, fams),
-                "student - teacher": S.group(every, fams) - T.group(every, fams),
+                "teacher score": t_score,
+                "student score": s_score,
+                "student - teacher": s_score - t_score,
                 "95% CI": diff,
                 "teacher tokens": tokens[0],
                 "student tokens": tokens[1],
