@@ -40,8 +40,12 @@ def main() -> None:
     configure_threads(cfg.runtime.num_threads)
     seed_everything(cfg.runtime.seed)
     d = cfg.distill
+    rows = distill.training_rows(run_dir / "01_rationale_generation", run_dir / "02_dual_scoring")[0]
+    rows, _ = distill.with_external_columns(
+        cfg, rows, distill.external_columns(args.methods), [run_dir / "03_gate_ablations"], out / "external"
+    )
     datasets, _ = distill.build_datasets(
-        cfg, distill.training_rows(run_dir / "01_rationale_generation", run_dir / "02_dual_scoring")[0],
+        cfg, rows,
         args.methods, d.ratios, distill.GateCompressor(cfg),
         student_tokenizer(cfg), seed=cfg.runtime.seed, keep=cfg.generation.keep, max_examples=d.max_examples,
     )  # fmt: skip

@@ -9,7 +9,7 @@ import torch
 
 from vskip_core.config import ParamsError, load_params
 from vskip_core.data.embedded import make_example
-from vskip_core.modeling.loading import load_model, prompt_text
+from vskip_core.modeling.loading import encode, load_model, prompt_text
 from vskip_core.stages.distillation import (
     CONTROL,
     Collator,
@@ -67,11 +67,25 @@ def _lora_state(model):
 # --------------------------------------------------------------------------------------------- prompt
 def test_ratio_prompt_format_and_place(tiny_teacher):
     cfg, _ = tiny_teacher
-    assert ratio_prompt(cfg, 1.0) == {"prefix": "", "instruction": "Keep 1.0 of the reasoning."}
+    assert ratio_prompt(cfg, 1.0) == {
+        "prefix": "",
+        "instruction": "Keep 1.0 of the reasoning.",
+        "assistant_prefill": "",
+    }
     assert ratio_prompt(cfg, 0.5)["instruction"] == "Keep 0.5 of the reasoning."
     assert ratio_prompt(cfg, 0.333)["instruction"] == "Keep 0.33 of the reasoning."
     start = ratio_prompt(cfg, 0.5, "turn_start")
-    assert start == {"prefix": "Keep 0.5 of the reasoning.\n", "instruction": cfg.generation.instruction}
+    assert start == {
+        "prefix": "Keep 0.5 of the reasoning.\n",
+        "instruction": cfg.generation.instruction,
+        "assistant_prefill": "",
+    }
+    lead = ratio_prompt(cfg, 0.5, "answer_start")
+    assert lead == {
+        "prefix": "",
+        "instruction": cfg.generation.instruction,
+        "assistant_prefill": "Keep 0.5 of the reasoning.\n",
+    }
     hub = dataclasses.replace(cfg, generation=dataclasses.replace(cfg.generation, instruction="Think."))
     assert ratio_prompt(hub, 0.5)["instruction"] == "Think.\nKeep 0.5 of the reasoning."
     for bad in (0.0, 1.5, -0.2):
@@ -84,6 +98,25 @@ def test_ratio_prompt_format_and_place(tiny_teacher):
     assert user.startswith(ex["question"]) and user.endswith("\nKeep 0.7 of the reasoning.")
     user = prompt_text(ex, tok, **ratio_prompt(cfg, 0.7, "turn_start")).split("<|vision_end|>", 1)[1]
     assert user.startswith("Keep 0.7 of the reasoning.\n" + ex["question"])
+    text = prompt_text(ex, tok, **ratio_prompt(cfg, 0.7, "answer_start"))
+    assert text.endswith("<|im_start|>assistant\nKeep 0.7 of the reasoning.\n")
+
+
+def test_answer_start_prefill_is_prompt_not_target(tiny_teacher):
+    """With the ratio as the assistant turn's first line, training encodes it before the target without labels,
+    and generation's prompt ends with the same tokens."""
+    cfg, _ = tiny_teacher
+    loaded = load_model(cfg)
+    tok, proc = loaded.tokenizer, loaded.processor
+    ex = make_example(cfg, "test", 0)
+    p = ratio_prompt(cfg, 0.5, "answer_start")
+    gen = encode(ex, tok, proc, **p)
+    train = encode(ex, tok, proc, target="The circle is red. Answer: A", **p)
+    n = len(gen["input_ids"])
+    assert train["target_start"] == n
+    assert train["input_ids"][:n].tolist() == gen["input_ids"][:n].tolist()
+    target = tok.decode(train["input_ids"][n:], skip_special_tokens=True)
+    assert target == "The circle is red. Answer: A"
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -101,7 +134,7 @@ def test_datasets_share_examples_and_ratio_draws(tiny_teacher, tmp_path):
         for r, full in zip(ds, rows_by_id(rows, ds["id"])):
             body, sep, answer = split_answer(full["text"])
             assert r["target"].endswith(sep + answer) and r["target"].count("Answer:") == 1
-            assert {k: r[k] for k in ("prefix", "instruction")} == ratio_prompt(cfg, r["ratio"])
+            assert {k: r[k] for k in ratio_prompt(cfg, 1.0)} == ratio_prompt(cfg, r["ratio"])
             if r["ratio"] == 1.0:
                 assert r["target"] == full["text"]
             else:

@@ -655,3 +655,81 @@ def test_speedups_pair_the_timed_examples_with_the_teacher_and_the_full_control(
     assert rows[0]["speedup_vs_teacher"] == 1.0 and rows[2]["speedup_vs_teacher"] == 2.0
     assert rows[2]["speedup_vs_teacher_ci"][0] < 2.0 < rows[2]["speedup_vs_teacher_ci"][1]  # unpaired spread
     assert rows[3]["speedup_vs_teacher"] is None
+
+
+def test_equal_length_reads_every_method_at_the_same_actratio():
+    """Each method's metrics are interpolated on its own curve at the same ActRatio; the direct answer (0) and
+    the full control anchor the ends, and the paired differences come with intervals."""
+    from vskip_core.infra.summary import claims
+    from vskip_core.stages.evaluation import curves, equal_length
+
+    n = 200
+
+    def recs(system, ratio, tokens, right, yes=lambda i: False):
+        return [
+            {
+                "id": f"t{i}",
+                "family": ("attribute", "existence")[i % 2],
+                "system": system,
+                "ratio": ratio,
+                "correct": float(right(i)),
+                "parsed": "yes" if yes(i) else "no",
+                "label": "yes" if i % 4 == 1 else "no",
+                "rationale_tokens": tokens,
+                "reference_tokens": 10,
+                "varr": {"colour": [int(tokens >= 5), 1]},
+            }
+            for i in range(n)
+        ]
+
+    records = (
+        recs("direct", None, 0, lambda i: i % 10 < 5)  # accuracy 0.5
+        + recs("full", 1.0, 10, lambda i: True, lambda i: i % 4 == 1)
+        + recs("vskip", 0.3, 3, lambda i: i % 10 < 7, lambda i: i % 4 == 1)  # 0.7 at ActRatio 0.3
+        + recs("vskip", 0.7, 7, lambda i: i % 10 < 9, lambda i: i % 4 == 1)  # 0.9 at 0.7, full's yes
+        + recs("text_only", 0.3, 2, lambda i: i % 10 < 6)  # 0.6 at 0.2
+        + recs("text_only", 0.7, 6, lambda i: i % 10 < 8, lambda i: True)  # 0.8 at 0.6, says yes to all
+    )
+    eq = equal_length(records, at=0.5, reps=200)
+    assert eq["n"] == n
+    v, t = eq["methods"]["vskip"], eq["methods"]["text_only"]
+    assert v["bracket"] == [0.3, 0.7] and t["bracket"] == [0.2, 0.6]
+    assert abs(v["accuracy_mean"]["value"] - 0.8) < 1e-9  # halfway between 0.7 and 0.9
+    assert abs(t["accuracy_mean"]["value"] - 0.75) < 1e-9  # 3/4 of the way from 0.6 to 0.8
+    assert abs(eq["vs_full"]["vskip"]["value"] + 0.2) < 1e-9
+    d = eq["vs"]["text_only"]
+    assert abs(d["accuracy_mean"]["value"] - 0.05) < 1e-9
+    assert d["yes_dist"]["value"] < 0 and d["yes_dist"]["ci"][1] < 0  # text-only drifts to "yes"
+    # without the anchors' span a method is not read: asked for 1.5, nothing is interpolated
+    out = equal_length(records, at=1.5, reps=10)["methods"]["vskip"]
+    assert out["accuracy_mean"]["value"] != out["accuracy_mean"]["value"] and out["bracket"][1] is None
+    rows = [{"method": "vskip", "ratio": 0.3, "act_ratio": 0.3, "act_ratio_ci": [0.28, 0.32],
+             "accuracy": {"attribute": 0.7}, "varr": {"overall": 0.0}, "yes_ratio": 0.0}]  # fmt: skip
+    assert curves(rows)["vskip"][0]["act_ratio"] == 0.3
+    found = {c["claim"]: c for c in claims(rows, 0.3, eq)}
+    assert found["vskip ActRatio at 0.3"]["met"] is True
+    assert found["vskip - text_only: |yes-ratio - full's| at ActRatio 0.5"]["met"] is True
+    assert found["vskip accuracy - full's at ActRatio 0.5"]["met"] is False  # -0.2
+
+
+def test_category_errors_tie_dropped_words_to_wrong_answers():
+    from vskip_core.metrics import dropped_categories, word_category
+    from vskip_core.stages.evaluation import category_errors
+
+    assert word_category("not") == "negation" and word_category("$5.75,") == "number"
+    assert word_category("blue") == "colour" and word_category("the") == "function word"
+    assert word_category("sphinx", {"sphinx"}) == "question word" and word_category("sphinx") == "other"
+    lost = dropped_categories("The red circle is not there. Answer: B", "The circle is there.")
+    assert lost["negation"] == 1 and lost["colour"] == 1 and lost["shape"] == 0 and lost["answer line"] == 1
+    ref = {f"t{i}": {"response": "There is no blue square. Answer: B", "truncated": False} for i in range(40)}
+    examples = [{"id": f"t{i}", "question": "Is there a blue square?", "options": []} for i in range(40)]
+    records = [
+        {"id": f"t{i}", "family": "existence", "system": "vskip", "ratio": 0.5, "correct": float(i % 2 == 0),
+         "response": "There is no blue square. Answer: B" if i % 2 == 0 else "There is blue square. Answer: A"}
+        for i in range(40)
+    ]  # fmt: skip
+    rows = {r["category"]: r for r in category_errors(records, ref, examples, reps=100)}
+    neg = rows["negation"]
+    assert neg["dropped_share"] == 0.5 and neg["acc_dropped"] == 0.0 and neg["acc_kept"] == 1.0
+    assert neg["diff"] == -1.0 and neg["diff_ci"] == [-1.0, -1.0]
+    assert rows["colour"]["dropped_share"] == 0.0 and rows["colour"]["diff"] != rows["colour"]["diff"]

@@ -451,9 +451,11 @@ class DistillConfig:
     ratios: list[float] = field(
         default_factory=lambda: [0.9, 0.7, 0.5, 0.3]
     )  # one drawn per example; 1.0 (the full rationale) is the `full` control's (hub params add it back)
-    ratio_position: Literal["question_end", "turn_start"] = (
-        "question_end"  # where `Keep <r> of the reasoning.` goes: after the question (TokenSkip) or before
+    ratio_position: Literal["question_end", "turn_start", "answer_start"] = (
+        "question_end"  # where `Keep <r> of the reasoning.` goes: after the question (TokenSkip), before it,  # or as the assistant turn's first line (answer_start: a prefill the student reads)
     )
+    ratios_per_example: int = 1  # each kept rationale is a target at this many of `ratios` (its draw and the
+    # next ones; >= len(ratios) = all): the same example at several lengths
     max_examples: int = 0  # > 0 caps the training set (the first N kept rationales, by id); 0 = all
     quantization: Quantization = "none"  # none or nf4 (QLoRA: student base in 4-bit through bitsandbytes)
     lora_r: int = 32  # LoRA rank
@@ -487,6 +489,9 @@ class DistillConfig:
             _check(getattr(self, k) > 0, f"distill.{k}", f"must be > 0, got {getattr(self, k)}")
         for k in ("max_examples", "max_steps", "warmup_steps"):
             _check(getattr(self, k) >= 0, f"distill.{k}", f"must be >= 0, got {getattr(self, k)}")
+        _check(
+            self.ratios_per_example >= 1, "distill.ratios_per_example", "must be >= 1 (1 = one ratio each)"
+        )
         _check(
             0 <= self.lora_dropout < 1, "distill.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}"
         )

@@ -262,6 +262,78 @@ def rationale_part(response: str) -> str:
     return response[:i].rstrip() if i is not None else response
 
 
+# ------------------------------------------------------------------------------- word categories
+# What a compression drops, by kind of word (issue 33): one definition for the gates (stage 03) and the
+# students (stage 05). First match wins, in WORD_CATEGORIES order.
+NEGATIONS = frozenset(
+    "no not none never without nothing neither nor nobody cannot can't isn't aren't doesn't don't "
+    "wasn't weren't hasn't haven't".split()
+)
+SIZE_WORDS = frozenset(
+    "small large big tiny huge medium little smaller larger bigger smallest largest".split()
+)
+DECISION_WORDS = frozenset(
+    {"yes", "same", "different"}
+)  # where the embedded rationales branch (no: negation)
+FUNCTION_WORDS = frozenset(
+    "a an the of in on at to for from by with and or but as is are was were be been being it its this that "
+    "these those there here then so than which who what where when how if into onto over under between "
+    "we i you he she they them their our your his her has have had do does did will would can could should "
+    "must may might also only just all any each both some more most other such own same".split()
+)
+WORD_CATEGORIES = (
+    "negation", "number", "colour", "shape", "size", "decision", "question word", "function word", "other",
+)  # fmt: skip
+WORD_RE = re.compile(r"[A-Za-z0-9$.%']+")
+
+
+def word_category(word: str, question: set[str] | frozenset[str] = frozenset()) -> str:
+    """The `WORD_CATEGORIES` entry of one word (punctuation around it ignored): a negation, a number or price
+    (a digit, `$` or `%`), a colour / shape word (`data.lexicons`), a size word, a decision word, a word the
+    question or its options already give (`question`: their lower-cased words), a function word, other."""
+    w = word.lower().strip(".,;:!?()[]\"'")
+    if w in NEGATIONS:
+        return "negation"
+    if any(c.isdigit() for c in w) or "$" in w or "%" in w:
+        return "number"
+    kind = lexicon_type(w)[0] if MENTION_RE.fullmatch(w) else None
+    if kind in ("colour", "shape") or w in COLOURS or w in SHAPES:
+        return kind if kind in ("colour", "shape") else ("colour" if w in COLOURS else "shape")
+    if w in SIZE_WORDS or w in SIZES:
+        return "size"
+    if w in DECISION_WORDS:
+        return "decision"
+    if w in FUNCTION_WORDS:
+        return "function word"
+    if w and w in question:
+        return "question word"
+    return "other"
+
+
+def question_vocabulary(question: str) -> set[str]:
+    """The lower-cased words of a question and its options (`question_words`), as `word_category` reads them."""
+    return {w.lower().strip(".,;:!?()[]\"'") for w in WORD_RE.findall(question)}
+
+
+def words_by_category(text: str, question: set[str] | frozenset[str] = frozenset()) -> Counter:
+    """Counter of (category, lower-cased word) over a rationale's body (`rationale_part`)."""
+    return Counter(
+        (word_category(w, question), w.lower().strip(".,;:!?()[]\"'"))
+        for w in WORD_RE.findall(rationale_part(text))
+    )
+
+
+def dropped_categories(reference: str, candidate: str, question: set[str] | frozenset[str] = frozenset()):
+    """{category: words of the reference body the candidate's body no longer carries} (multiset difference),
+    and "answer line": 1 when the candidate has no answer line."""
+    ref, cand = words_by_category(reference, question), words_by_category(candidate, question)
+    out = dict.fromkeys(WORD_CATEGORIES, 0)
+    for (cat, w), n in ref.items():
+        out[cat] += max(0, n - cand[(cat, w)])
+    out["answer line"] = int(answer_line_start(candidate) is None)
+    return out
+
+
 # -------------------------------------------------------------------- VARR: one definition for 03 and 05
 # Two readings of "visual attributes retained", computed together by `varr_text`:
 # - the paper's VARR (types colour, shape, category; `attribute_mentions`): of the full rationale's lexicon

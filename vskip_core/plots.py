@@ -267,6 +267,81 @@ def accuracy_vs_ratio(df: pd.DataFrame, path=None):
     return _save(fig, path)
 
 
+def ratio_curves(curves: dict[str, list[dict[str, Any]]], at: float | None = None, path=None):
+    """Every method's accuracy (mean and per family), the paper's VARR and the POPE yes-ratio against its
+    measured ActRatio, one point per requested ratio with 95% intervals on both axes (summary.json's
+    `curves`); `direct` (ActRatio 0) and `full` as markers; a dashed line at the equal-length reading `at`."""
+    families = sorted({f for pts in curves.values() for p in pts for f in (p.get("accuracy") or {})})
+    panels = [("accuracy_mean", "accuracy (mean over families)")]
+    panels += [(f"accuracy/{f}", f"accuracy: {f}") for f in families]
+    panels += [("varr_overall", "VARR (the paper's)"), ("yes_ratio", "POPE yes-ratio")]
+    cols = 4
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False)
+
+    def value(p, key):
+        if key.startswith("accuracy/"):
+            f = key.split("/", 1)[1]
+            return p["accuracy"].get(f), ((p.get("accuracy_ci") or {}).get(f) or [None, None])
+        return p.get(key), (p.get(f"{key}_ci") or [None, None])
+
+    for ax, (key, title) in zip(axes.flat, panels):
+        for m, pts in curves.items():
+            xs, ys, xe, ye = [], [], [], []
+            for p in pts:
+                y, (lo, hi) = value(p, key)
+                if y is None or p.get("act_ratio") is None or y != y:
+                    continue
+                x, (xlo, xhi) = p["act_ratio"], (p.get("act_ratio_ci") or [None, None])
+                xs.append(x)
+                ys.append(y)
+                xe.append([x - xlo if xlo is not None else 0, xhi - x if xhi is not None else 0])
+                ye.append([y - lo if lo is not None else 0, hi - y if hi is not None else 0])
+            if not xs:
+                continue
+            single = m in ("direct", "full")
+            ax.errorbar(xs, ys, xerr=np.array(xe).T, yerr=np.array(ye).T, color=_colour(m), capsize=2,
+                        marker={"direct": "X", "full": "D"}.get(m, "o"), ms=7 if single else 4,
+                        ls="none" if single else "-", lw=1.2, label=m)  # fmt: skip
+        if at is not None:
+            ax.axvline(at, color="#999999", ls="--", lw=0.8)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlim(-0.05, 1.1)
+        ax.set_xlabel("ActRatio", fontsize=8)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower right", fontsize=8, ncol=1, frameon=False)
+    fig.suptitle(
+        "each method over its requested ratios, against the length it actually writes (95% intervals)"
+    )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def category_bars(table: pd.DataFrame, value: str, title: str, path=None):
+    """One bar per (category, method) from a long table with columns `category`, `method`, `value` and
+    optionally `<value>_lo` / `<value>_hi` (95% interval)."""
+    d = table.dropna(subset=[value])
+    cats = list(dict.fromkeys(d.category))
+    methods = list(dict.fromkeys(d.method))
+    w = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(cats)), 3.6))
+    for k, m in enumerate(methods):
+        sub = d[d.method == m].set_index("category").reindex(cats)
+        x = np.arange(len(cats)) + (k - (len(methods) - 1) / 2) * w
+        err = None
+        if f"{value}_lo" in sub:
+            err = np.vstack([sub[value] - sub[f"{value}_lo"], sub[f"{value}_hi"] - sub[value]]).clip(min=0)
+        ax.bar(x, sub[value], w, yerr=err, capsize=2, color=_colour(m), label=m)
+    ax.set_xticks(np.arange(len(cats)), cats, rotation=30, ha="right", fontsize=8)
+    ax.axhline(0, color="#444444", lw=0.6)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def latency_bars(df: pd.DataFrame, path=None):
     d = df[df.latency_s.notna()].copy()
     d["system"] = system_label(d)

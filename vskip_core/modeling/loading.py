@@ -34,12 +34,14 @@ from vskip_core.modeling.prompts import (  # noqa: F401  (re-exported: the embed
 from vskip_core.modeling.standins import resolve
 
 
-def prompt_text(ex: dict[str, Any], tok, instruction: str = "", prefix: str = "") -> str:
-    """The chat prompt up to the assistant turn; `prefix` is put in the user turn before the question
-    (distillation writes the target ratio there). Built by the tokenizer's family adapter
+def prompt_text(
+    ex: dict[str, Any], tok, instruction: str = "", prefix: str = "", assistant_prefill: str = ""
+) -> str:
+    """The chat prompt up to the assistant turn (and `assistant_prefill`, its first words); `prefix` is put in
+    the user turn before the question. Built by the tokenizer's family adapter
     (`vskip_core.modeling.adapters`): images first, or in place of MMMU's `<image N>` placeholders."""
 
-    return adapter_for_tokenizer(tok).prompt_text(ex, tok, instruction, prefix)
+    return adapter_for_tokenizer(tok).prompt_text(ex, tok, instruction, prefix) + assistant_prefill
 
 
 # ----------------------------------------------------------------------------------------------- encode
@@ -59,15 +61,26 @@ def encode(
     instruction: str = "",
     prefix: str = "",
     image=None,
+    assistant_prefill: str = "",
 ) -> dict[str, Any]:
     """One example -> model inputs. With `target`, the target tokens and the end-of-turn token are appended and
-    `target_start` marks where they begin (labels = input_ids from there on). The family adapter of `proc`
-    does the work (`vskip_core.modeling.adapters`): for Qwen2-VL / Qwen2.5-VL exactly what Qwen2VLProcessor builds plus
+    `target_start` marks where they begin (labels = input_ids from there on). `assistant_prefill` starts the
+    assistant turn as prompt (before the target, no labels). The family adapter of `proc` does the work
+    (`vskip_core.modeling.adapters`): for Qwen2-VL / Qwen2.5-VL exactly what Qwen2VLProcessor builds plus
     `image_positions`; for Mllama what MllamaProcessor builds (cross_attention_mask, aspect ratios)."""
 
-    return adapter_for(proc).encode(
-        ex, tok, proc, target=target, instruction=instruction, prefix=prefix, image=image
+    ad = adapter_for(proc)
+    if not assistant_prefill:
+        return ad.encode(ex, tok, proc, target=target, instruction=instruction, prefix=prefix, image=image)
+    pre = tok(assistant_prefill, add_special_tokens=False)["input_ids"]
+    if target is None:
+        item = ad.encode(ex, tok, proc, instruction=instruction, prefix=prefix, image=image)
+        return ad.append_tokens(item, torch.tensor(pre, dtype=torch.long))
+    item = ad.encode(
+        ex, tok, proc, target=assistant_prefill + target, instruction=instruction, prefix=prefix, image=image
     )
+    item["target_start"] += len(pre)
+    return item
 
 
 def collate(items: list[dict[str, Any]], pad_id: int, padding_side: str = "left") -> dict[str, torch.Tensor]:

@@ -124,16 +124,21 @@ def format_ratio(ratio: float) -> str:
 
 
 def ratio_prompt(cfg: Config, ratio: float, position: str | None = None) -> dict[str, str]:
-    """The `prefix` and `instruction` that ask for a rationale compressed to `ratio` (`Keep 0.5 of the
-    reasoning.`), placed by `distill.ratio_position`: after the question, options and
-    `generation.instruction` (question_end) or before the question (turn_start). Pass them on as
+    """The `prefix`, `instruction` and `assistant_prefill` that ask for a rationale compressed to `ratio`
+    (`Keep 0.5 of the reasoning.`), placed by `distill.ratio_position`: after the question, options and
+    `generation.instruction` (question_end), before the question (turn_start), or as the first line of the
+    assistant turn (answer_start: a prefill the student reads, never writes). Pass them on as
     `generate(..., **ratio_prompt(cfg, r))` or `encode(...)`; 1.0 asks for the full rationale."""
     check_ratios([ratio])
     sentence = RATIO_TEMPLATE.format(ratio=format_ratio(ratio))
     instruction = cfg.generation.instruction
-    if (position or cfg.distill.ratio_position) == "turn_start":
-        return {"prefix": sentence + "\n", "instruction": instruction}
-    return {"prefix": "", "instruction": f"{instruction}\n{sentence}" if instruction else sentence}
+    where = position or cfg.distill.ratio_position
+    if where == "turn_start":
+        return {"prefix": sentence + "\n", "instruction": instruction, "assistant_prefill": ""}
+    if where == "answer_start":
+        return {"prefix": "", "instruction": instruction, "assistant_prefill": sentence + "\n"}
+    ins = f"{instruction}\n{sentence}" if instruction else sentence
+    return {"prefix": "", "instruction": ins, "assistant_prefill": ""}
 
 
 # ------------------------------------------------------------------------------------------ training data
@@ -252,8 +257,30 @@ def draw_ratios(rows: list[dict[str, Any]], ratios: list[float], seed: int) -> d
     return out
 
 
+def ratio_sets(draws: dict[str, float], ratios: list[float], per_example: int) -> dict[str, list[float]]:
+    """`per_example` ratios for each example id: its drawn ratio and the next ones of `ratios` (cyclically), so
+    the same example is a target at several lengths (the student sees what the ratio changes); balanced
+    like the draws. 1 = the draw alone; >= len(ratios) = every ratio."""
+    k = max(1, min(per_example, len(ratios)))
+    return {i: [ratios[(ratios.index(r) + j) % len(ratios)] for j in range(k)] for i, r in draws.items()}
+
+
+def _row_ratios(rows, method: str, draws: dict[str, float] | dict[str, list[float]]):
+    """(row, ratio) pairs of one method's data: the control `full` once at 1.0, every other method at each of
+    the example's ratios (`draws`: one ratio or a list per id)."""
+    for row in rows:
+        got = draws[str(row["id"])] if method != CONTROL else 1.0
+        for ratio in got if isinstance(got, list) else [got]:
+            yield row, float(ratio)
+
+
 def build_dataset(
-    cfg: Config, rows: list[dict[str, Any]], method: str, draws: dict[str, float], compress, tokenizer
+    cfg: Config,
+    rows: list[dict[str, Any]],
+    method: str,
+    draws: dict[str, float] | dict[str, list[float]],
+    compress,
+    tokenizer,
 ):
     """Instruction data for one method: the ratio prompt (`ratio_prompt`) of the drawn ratio, target =
     compressed rationale + answer line. Ratio 1.0 (and the control `full`) keeps the full rationale without
@@ -264,10 +291,9 @@ def build_dataset(
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     recs = []
-    for row in rows:
+    for row, ratio in _row_ratios(rows, method, draws):
         text = _text(row)
         _, sep, answer = split_answer(text)
-        ratio = 1.0 if method == CONTROL else float(draws[str(row["id"])])
         if ratio >= 1.0:
             target = text.strip()
         elif compress is None:
@@ -312,7 +338,7 @@ def build_datasets(
     Returns (datasets by method, filter report). Raises DistillError on bad ratios or an empty set."""
     ratios = check_ratios(ratios)
     kept, report = select_rows(rows, keep, max_examples)
-    draws = draw_ratios(kept, ratios, seed)
+    draws = ratio_sets(draw_ratios(kept, ratios, seed), ratios, cfg.distill.ratios_per_example)
     names = list(dict.fromkeys([*methods, CONTROL]))
     return {m: build_dataset(cfg, kept, m, draws, compress, tokenizer) for m in names}, report
 
@@ -611,6 +637,7 @@ class EncodedDataset(torch.utils.data.Dataset):
             target=r["target"],
             instruction=r["instruction"],
             prefix=r["prefix"],
+            assistant_prefill=r.get("assistant_prefill") or "",
         )
 
 

@@ -13,19 +13,23 @@ import numpy as np
 
 from vskip_core.method.gating import GateError, as_scored, keep_mask
 from vskip_core.metrics import (
+    WORD_CATEGORIES,
     FamilyScores,
     act_ratio,
     aggregate_varr,
     attribute_hallucinations,
     body_tokens,
     bootstrap_ci,
+    dropped_categories,
     family_metrics,
+    question_vocabulary,
     question_words,
     rationale_part,
     score_example,
     varr_text,
 )
 from vskip_core.modeling.decoding import generate
+from vskip_core.modeling.prompts import answer_line_start
 from vskip_core.runtime import resolve_path
 from vskip_core.stages.distillation import load_student, ratio_prompt
 
@@ -113,8 +117,11 @@ def evaluate_system(
         assistant_prefill=assistant_prefill,
         repetition_penalty=repetition_penalty,
     )
-    texts = [assistant_prefill + g["text"] if assistant_prefill else g["text"] for g in gens]
-    rats = [rationale_part(t) if not assistant_prefill else "" for t in texts]
+    # a prefill that starts the answer line ("Answer:", the direct baseline) is part of the response; one that
+    # is prompt (a student's ratio line, distill.ratio_position answer_start) is not
+    answers = assistant_prefill and answer_line_start(assistant_prefill) == 0
+    texts = [assistant_prefill + g["text"] if answers else g["text"] for g in gens]
+    rats = ["" if answers else rationale_part(t) for t in texts]
     bodies = body_tokens(rats, tok)
     recs = []
     for ex, g, text, rat, n_body in zip(examples, gens, texts, rats, bodies):
@@ -236,6 +243,162 @@ def add_intervals(rows: list[dict[str, Any]], records: list[dict[str, Any]], rep
     return rows
 
 
+# ------------------------------------------------------------------------------- curves, equal length
+ANCHORS = ("direct", "full")  # the ends of every method's curve: no rationale (ActRatio 0), the full one (~1)
+CURVE_METRICS = ("act_ratio", "accuracy_mean", "varr_overall", "yes_ratio")
+
+
+def curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per student method, its points by requested ratio (ascending), each with ActRatio, mean and per-family
+    accuracy, the paper's VARR and the POPE yes-ratio and their 95% intervals (`add_intervals` first); the
+    anchors `direct` and `full` as one-point curves. What summary.json's `curves` holds and notebook 05 draws."""
+
+    def point(r):
+        return {
+            "ratio": r["ratio"],
+            "n": r.get("n_examples"),
+            "act_ratio": 0.0 if r["method"] == "direct" else r["act_ratio"],
+            "act_ratio_ci": [0.0, 0.0] if r["method"] == "direct" else r.get("act_ratio_ci"),
+            "accuracy_mean": r.get("accuracy_mean"),
+            "accuracy_mean_ci": r.get("accuracy_mean_ci"),
+            "accuracy": r["accuracy"],
+            "accuracy_ci": r.get("accuracy_ci"),
+            "varr_overall": r["varr"].get("overall"),
+            "varr_overall_ci": r.get("varr_overall_ci"),
+            "yes_ratio": r["yes_ratio"],
+            "yes_ratio_ci": r.get("yes_ratio_ci"),
+        }
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(rows, key=lambda r: (r["ratio"] is None, r["ratio"] or 0.0)):
+        if r["method"] != "teacher":
+            out.setdefault(r["method"], []).append(point(r))
+    return out
+
+
+def _interp(at: float, xs: list[float], ys: list[float]) -> float:
+    """y at x = `at` on the polyline through (xs, ys) sorted by x; NaN outside its span or on a NaN point."""
+    pts = sorted((x, y) for x, y in zip(xs, ys) if x == x)
+    if not pts or any(y != y for _, y in pts) or not pts[0][0] <= at <= pts[-1][0]:
+        return float("nan")
+    return float(np.interp(at, [x for x, _ in pts], [y for _, y in pts]))
+
+
+def equal_length(
+    records: list[dict[str, Any]],
+    at: float = 0.5,
+    base: str = "vskip",
+    reps: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every student method read at the same actual length: each metric interpolated linearly on the method's
+    curve (its points by requested ratio, with `direct` at ActRatio 0 and `full` at its own as the ends) at
+    ActRatio `at`, on the examples every point ran (paired). Returns, with bootstrap 95% intervals that
+    resample those examples and redo the interpolation: per method `accuracy_mean`, `varr` (the paper's),
+    `yes_ratio` and `yes_dist` (|yes-ratio - full's|) and the ActRatios bracketing `at`; `vs_full`
+    (accuracy minus full's); and `vs` (`base` minus each other method: accuracy, VARR, yes_dist)."""
+    by_key: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_key[(r["system"], r["ratio"])].append(r)
+    anchors = [k for k in by_key if k[0] in ANCHORS]
+    methods = sorted({k[0] for k in by_key if k[0] not in (*ANCHORS, "teacher")})
+    if ("full", 1.0) not in by_key or not methods:
+        return {}
+    keys = [k for k in by_key if k[0] in methods] + anchors
+    common = set.intersection(*({r["id"] for r in by_key[k]} for k in keys))
+    ids = [r["id"] for r in by_key[("full", 1.0)] if r["id"] in common]
+    fs = {k: FamilyScores(by_key[k], ids) for k in keys}
+
+    def act(k, idx):
+        return 0.0 if k[0] == "direct" else fs[k].act_ratio(idx)
+
+    def read(m: str, metric: str, idx) -> float:
+        ks = [k for k in keys if k[0] in (m, *ANCHORS)]
+        xs = [act(k, idx) for k in ks]
+        if metric == "yes_dist":
+            full_yes = fs[("full", 1.0)].yes_ratio(idx)
+            return abs(_interp(at, xs, [fs[k].yes_ratio(idx) for k in ks]) - full_yes)
+        ys = [0.0 if (k[0], metric) == ("direct", "varr") else getattr(fs[k], metric)(idx) for k in ks]
+        return _interp(at, xs, ys)  # an empty rationale carries none of the teacher's mentions: VARR 0
+
+    every = np.arange(len(ids))
+    names = ("accuracy_mean", "varr", "yes_ratio", "yes_dist")
+
+    def with_ci(f) -> dict[str, Any]:
+        return {"value": f(every), "ci": bootstrap_ci(f, len(ids), reps, seed)}
+
+    out: dict[str, Any] = {"at": at, "n": len(ids), "base": base, "methods": {}, "vs_full": {}, "vs": {}}
+    for m in methods:
+        xs = sorted(act(k, every) for k in keys if k[0] in (m, *ANCHORS))
+        below = [x for x in xs if x <= at]
+        above = [x for x in xs if x >= at]
+        out["methods"][m] = {
+            "bracket": [below[-1] if below else None, above[0] if above else None],
+            **{n: with_ci(lambda i, m=m, n=n: read(m, n, i)) for n in names},
+        }
+        out["vs_full"][m] = with_ci(
+            lambda i, m=m: read(m, "accuracy_mean", i) - fs[("full", 1.0)].accuracy_mean(i)
+        )
+    if base in methods:
+        for m in methods:
+            if m != base:
+                out["vs"][m] = {
+                    n: with_ci(lambda i, m=m, n=n: read(base, n, i) - read(m, n, i))
+                    for n in ("accuracy_mean", "varr", "yes_dist")
+                }
+    return out
+
+
+# --------------------------------------------------------------------------- what the students drop
+def category_errors(
+    records: list[dict[str, Any]],
+    reference: dict[str, dict[str, Any]],
+    examples: list[dict[str, Any]],
+    ratio: float = 0.5,
+    reps: int = 2000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Which dropped word categories go with a student's wrong answers: for each student at `ratio`, each
+    family and each category (`metrics.WORD_CATEGORIES` and "answer line"), the examples whose rationale lost
+    at least one word of that category the teacher's rationale had (`metrics.dropped_categories`) against
+    those that lost none: their counts, accuracies, and the difference (dropped minus kept) with a bootstrap
+    95% interval over the family's examples. An association, not a cause: a harder example may both lose more
+    and fail more."""
+    vocab = {ex["id"]: question_vocabulary(question_words(ex)) for ex in examples}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        ref = reference.get(r["id"])
+        if r["ratio"] != ratio or r["system"] in (*ANCHORS, "teacher") or not ref or ref["truncated"]:
+            continue
+        drops = dropped_categories(ref["response"], r["response"], vocab.get(r["id"], set()))
+        groups[(r["system"], r["family"])].append({"correct": float(r["correct"]), **drops})
+    out = []
+    for (system, family), rs in sorted(groups.items()):
+        correct = np.array([x["correct"] for x in rs])
+        for cat in (*WORD_CATEGORIES, "answer line"):
+            lost = np.array([x[cat] > 0 for x in rs])
+
+            def diff(i, lost=lost, correct=correct):
+                a, b = correct[i][lost[i]], correct[i][~lost[i]]
+                return float(a.mean() - b.mean()) if len(a) and len(b) else float("nan")
+
+            every = np.arange(len(rs))
+            out.append(
+                {
+                    "method": system,
+                    "family": family,
+                    "category": cat,
+                    "n": len(rs),
+                    "dropped_share": float(lost.mean()),
+                    "acc_dropped": float(correct[lost].mean()) if lost.any() else None,
+                    "acc_kept": float(correct[~lost].mean()) if (~lost).any() else None,
+                    "diff": diff(every),
+                    "diff_ci": bootstrap_ci(diff, len(rs), reps, seed),
+                }
+            )
+    return out
+
+
 def student_adapters(stage04: Path) -> dict[str, str]:
     """{method: adapter dir} from 04's metrics.json (includes the full-rationale control `full`); the paths
     there are relative to the run folder (older runs: absolute)."""
@@ -286,6 +449,7 @@ def latency_fields(
     """Latency of one system as summary-row fields (median and p90 seconds at batch 1); a student is asked
     for `ratio` (`distillation.ratio_prompt`)."""
     prompt = ratio_prompt(cfg, ratio) if ratio is not None else {"instruction": cfg.generation.instruction}
+    prompt = {**prompt, "assistant_prefill": prompt.get("assistant_prefill", "") + assistant_prefill}
     lat = latency(
         loaded.model,
         loaded.tokenizer,
@@ -293,7 +457,6 @@ def latency_fields(
         examples,
         cfg.generation.max_new_tokens,
         **prompt,
-        assistant_prefill=assistant_prefill,
         repetition_penalty=cfg.generation.repetition_penalty,
     )
     return {"latency_s": lat["median_s"], "latency_p90_s": lat["p90_s"], "latency_times_s": lat["times_s"]}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -27,15 +26,19 @@ from vskip_core.method.gating import (
 from vskip_core.method.scoring import anchoring_for_layers
 from vskip_core.metrics import (
     VARR_GROUPS,
+    WORD_CATEGORIES,
+    WORD_RE,
     act_ratio,
     aggregate_varr,
     anchor_tokens,
     body_tokens,
     bootstrap_ci,
     compress_text,
+    question_vocabulary,
     question_words,
     varr_kept,
     varr_reference,
+    word_category,
 )
 from vskip_core.modeling.external_lm import llmlingua2_status
 from vskip_core.modeling.loading import embedded_dir
@@ -412,31 +415,25 @@ def interval_table(intervals, against: str = "text_only"):
     return out.fillna("")
 
 
-DECISION_WORDS = frozenset({"yes", "no", "same", "different", "none"})  # where the embedded rationales branch
-CATEGORIES = (
-    "answer line",
-    "colour",
-    "shape",
-    "size",
-    "position",
-    "text",
-    "decision",
-    "question word",
-    "other",
-)
+ANCHOR_CATEGORIES = ("colour", "shape", "size", "position", "text")  # the scene's anchor types
+CATEGORIES = ("answer line", *ANCHOR_CATEGORIES, *(c for c in WORD_CATEGORIES if c not in ANCHOR_CATEGORIES))
 
 
 def token_categories(row: Scored, anchors: Sequence[dict], question: str) -> np.ndarray:
-    """Each token's category, first match wins: the final answer line, a visual-attribute mention (its type),
-    a decision word (`DECISION_WORDS`), a word the question or its options already give, other."""
+    """Each token's category, first match wins: the final answer line, a visual-attribute mention of the
+    scene (its anchor type: colour, shape, size, position, text), else the `metrics.word_category` of the
+    word the token belongs to (negation, number, decision word, question word, function word, other; a
+    colour, shape or size word the scene does not anchor counts as its word category)."""
     cat = np.full(row.n, "other", dtype=object)
-    qwords = set(re.findall(r"[a-z0-9$.]+", question.lower()))
+    qwords = question_vocabulary(question)
+    spans = [(m.start(), m.end(), word_category(m.group(0), qwords)) for m in WORD_RE.finditer(row.text)]
+    starts = np.array([a for a, _, _ in spans], dtype=np.int64)
     for j, (s, e) in enumerate(row.offsets):
-        w = row.text[s:e].strip().lower().strip(".,;:!?()[]")
-        if w in DECISION_WORDS:
-            cat[j] = "decision"
-        elif w and w in qwords:
-            cat[j] = "question word"
+        piece = row.text[s:e]
+        p = s + len(piece) - len(piece.lstrip())  # the token's first visible character
+        k = int(np.searchsorted(starts, p, "right")) - 1
+        if k >= 0 and p < spans[k][1]:  # inside a word (punctuation between words stays "other")
+            cat[j] = spans[k][2]
     for kind, tokens in anchor_tokens(row, anchors):
         cat[tokens] = kind
     if row.answer_start is not None:

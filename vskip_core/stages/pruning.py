@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from vskip_core.method.pruning import (
     METHODS,
@@ -30,6 +31,7 @@ from vskip_core.metrics import (
     headline,
     score_example,
 )
+from vskip_core.modeling.adapters import adapter_for
 from vskip_core.modeling.decoding import decoding_config, generate
 from vskip_core.modeling.loading import collate, encode, model_inputs
 from vskip_core.modeling.pruned_decoding import PrunedOutput, pruned_generate
@@ -83,6 +85,7 @@ def generate_pruned(
     images: list | None = None,
     progress: bool = False,
     desc: str = "pruned generate",
+    assistant_prefill: str = "",
 ) -> list[dict[str, Any]]:
     """`generation.generate` with pruning: per example the text, generated ids (no end token), the batch's
     timings divided by its size, the visual tokens in use, DSTP re-selections/swaps, and (with
@@ -106,6 +109,11 @@ def generate_pruned(
             )
             for j, ex in enumerate(chunk)
         ]
+        if assistant_prefill:  # the assistant turn starts with this text (a student's ratio line)
+            pre = torch.tensor(
+                tok(assistant_prefill, add_special_tokens=False)["input_ids"], dtype=torch.long
+            )
+            items = [adapter_for(proc).append_tokens(it, pre) for it in items]
         counts = {int((it["input_ids"] == model.config.image_token_id).sum()) for it in items}
         groups = [items] if len(counts) == 1 else [[it] for it in items]  # unequal image sizes: one by one
         for group in groups:
@@ -160,6 +168,7 @@ def latency(
     prefix: str = "",
     images: list | None = None,
     instruction: str = "",
+    assistant_prefill: str = "",
 ) -> dict[str, float]:
     """Batch-1 timing: one warm-up example, then medians over `examples` of the prefill time and the decode
     time per token (variant as in `spec`)."""
@@ -174,8 +183,12 @@ def latency(
         prefix,
         instruction,
         images=images[:1] if images else None,
+        assistant_prefill=assistant_prefill,
     )
-    recs = generate_pruned(loaded, examples, spec, max_new_tokens, 1, prefix, instruction, images=images)
+    recs = generate_pruned(
+        loaded, examples, spec, max_new_tokens, 1, prefix, instruction, images=images,
+        assistant_prefill=assistant_prefill,
+    )  # fmt: skip
     return {
         "prefill_s": statistics.median(r["prefill_s"] for r in recs),
         "decode_s_per_token": statistics.median(r["decode_s_per_token"] for r in recs),
@@ -193,6 +206,7 @@ def evaluate(
     prefix: str = "",
     progress: bool = False,
     instruction: str = "",
+    assistant_prefill: str = "",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Accuracy per family (batched greedy), batch-1 timing, visual tokens in use: one metrics.json entry
     `{"accuracy", "prefill_s", "decode_s_per_token", "visual_tokens"}` and per-example records."""
@@ -207,9 +221,13 @@ def evaluate(
         instruction=instruction,
         progress=progress,
         desc=spec.name,
+        assistant_prefill=assistant_prefill,
     )
     scored = [score_example(x, g["text"]) for x, g in zip(examples, gens)]
-    lat = latency(loaded, examples[:latency_examples], spec, max_new_tokens, prefix, instruction=instruction)
+    lat = latency(
+        loaded, examples[:latency_examples], spec, max_new_tokens, prefix, instruction=instruction,
+        assistant_prefill=assistant_prefill,
+    )  # fmt: skip
     entry = {
         "accuracy": headline(family_metrics(examples, scored)),
         "prefill_s": lat["prefill_s"],
@@ -275,7 +293,7 @@ def run_grid(
     n_lat = min(p.latency_examples, len(examples))
     prompt = prompt or {"prefix": "", "instruction": cfg.generation.instruction}
     args = (cfg.generation.max_new_tokens, p.batch_size, n_lat, prompt.get("prefix", ""), progress,
-            prompt["instruction"])  # fmt: skip
+            prompt["instruction"], prompt.get("assistant_prefill", ""))  # fmt: skip
     table: dict[str, dict[str, Any]] = {}
     records: list[dict[str, Any]] = []
     entry, recs = evaluate(loaded, examples, PruneSpec.from_config(cfg, "none"), *args)
