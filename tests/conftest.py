@@ -37,6 +37,7 @@ def tiny_teacher(tmp_path_factory):
             "embedded.verdict_reasoning": 0,
             "embedded.direct_share": 0.0,
             "embedded.instruct_share": 0.0,
+            "distill.student_per_ratio": False,  # the unit tests of one ratio-conditioned student per method
         },
     )
     path = build_teacher(cfg, progress=False)

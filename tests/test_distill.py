@@ -25,9 +25,12 @@ from vskip_core.stages.distillation import (
     load_datasets,
     load_student,
     make_target,
+    parse_student,
     ratio_prompt,
     save_datasets,
     split_answer,
+    student_name,
+    students_at,
     train_student,
     train_students,
 )
@@ -155,6 +158,27 @@ def test_datasets_share_examples_and_ratio_draws(tiny_teacher, tmp_path):
     back = load_datasets(tmp_path / "ds")
     assert set(back) == set(dss) and back["random"]["target"] == dss["random"]["target"]
     assert json.loads((tmp_path / "ds" / "random" / "data_card.json").read_text())["filters"]["kept"] == 50
+
+
+def test_a_student_per_ratio_trains_each_method_at_each_ratio_alone(tiny_teacher):
+    """`distill.student_per_ratio`: one dataset per (method, ratio) holding every kept rationale at that ratio,
+    named `method@ratio`; `students_at` answers each ratio with its own student, the control at 1.0."""
+    cfg = _cfg(tiny_teacher, student_per_ratio=True)
+    tok = load_model(cfg).tokenizer
+    dss, _ = build_datasets(cfg, _rows(cfg, 20), ["vskip", "text_only"], RATIOS, _compress, tok, seed=3)
+    assert set(dss) == {f"{m}@{r:g}" for m in ("vskip", "text_only") for r in RATIOS if r < 1} | {CONTROL}
+    for name, ds in dss.items():
+        method, ratio = parse_student(name)
+        assert len(ds) == 20 and set(ds["method"]) == {method}
+        assert set(ds["ratio"]) == {1.0 if method == CONTROL else ratio}
+    adapters = {name: f"/a/{name}" for name in dss}
+    assert students_at(adapters, 0.5) == {
+        "vskip": "/a/vskip@0.5",
+        "text_only": "/a/text_only@0.5",
+        CONTROL: "/a/full",
+    }
+    assert students_at({"vskip": "/a/v", CONTROL: "/a/f"}, 0.3) == {"vskip": "/a/v", CONTROL: "/a/f"}
+    assert student_name("vskip", 0.333) == "vskip@0.33" and student_name(CONTROL, 1.0) == CONTROL
 
 
 def rows_by_id(rows, ids):

@@ -802,7 +802,7 @@ def test_kept_by_category_counts_the_forced_answer_line_and_decisions(corpus):
     table = SG.kept_by_category(usable, exs, [e["anchors"] for e in exs], ["vskip", "random"], 0.5, cfg)
     assert table.loc["vskip", "answer line"] == 1.0 == table.loc["random", "answer line"]  # forced
     assert abs(table.loc["(share of tokens)"].sum() - 1) < 1e-9
-    assert {"colour", "shape", "decision", "other"} <= set(table.columns)
+    assert {"colour", "shape", "decision", "function word", "other"} <= set(table.columns)
     cats = SG.token_categories(usable[0], exs[0]["anchors"], M.question_words(exs[0]))
     assert len(cats) == usable[0].n and cats[-1] == "answer line"
 

@@ -454,6 +454,9 @@ class DistillConfig:
     ratio_position: Literal["question_end", "turn_start", "answer_start"] = (
         "question_end"  # where `Keep <r> of the reasoning.` goes: after the question (TokenSkip), before it,  # or as the assistant turn's first line (answer_start: a prefill the student reads)
     )
+    student_per_ratio: bool = True  # one student per (method, ratio), trained at that ratio alone (the 4.8 M
+    # student follows a ratio only so: docs/RESULTS.md, issue 33); false = one ratio-conditioned student per
+    # method, the ratio drawn per example (TokenSkip; the hub params, whose models condition on it)
     ratios_per_example: int = 1  # each kept rationale is a target at this many of `ratios` (its draw and the
     # next ones; >= len(ratios) = all): the same example at several lengths
     max_examples: int = 0  # > 0 caps the training set (the first N kept rationales, by id); 0 = all
@@ -468,9 +471,10 @@ class DistillConfig:
     lr: float = 5e-3  # peak learning rate (linear warm-up, cosine decay)
     warmup_steps: int = 10  # linear warm-up steps
     epochs: float = 2.0  # passes over the training set (when max_steps is 0)
-    batch_size: int = 16  # per-device batch size
+    batch_size: int = 8  # per-device batch size (8: a student of one ratio follows it at half the cost of 16)
     grad_accum: int = 1  # gradient accumulation steps
     max_steps: int = 160  # > 0 fixes the optimizer steps per student (the shared budget); 0 = use epochs
+    workers: int = 2  # students trained side by side on CPU, one process each (a GPU trains one at a time)
     logging_steps: int = 5  # loss logged every N steps (and at step 1)
     save_steps: int = 20  # checkpoint every N steps (a killed run resumes from the last one)
     gradient_checkpointing: bool = False  # recompute activations in backward (on for 2B+ models on a T4)
@@ -485,7 +489,15 @@ class DistillConfig:
             "distill.ratios",
             f"every ratio must be in (0, 1] (1.0 = the full rationale), got {self.ratios}",
         )
-        for k in ("lora_r", "lora_alpha", "batch_size", "grad_accum", "logging_steps", "save_steps"):
+        for k in (
+            "lora_r",
+            "lora_alpha",
+            "batch_size",
+            "grad_accum",
+            "logging_steps",
+            "save_steps",
+            "workers",
+        ):
             _check(getattr(self, k) > 0, f"distill.{k}", f"must be > 0, got {getattr(self, k)}")
         for k in ("max_examples", "max_steps", "warmup_steps"):
             _check(getattr(self, k) >= 0, f"distill.{k}", f"must be >= 0, got {getattr(self, k)}")

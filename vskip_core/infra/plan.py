@@ -689,9 +689,12 @@ def _stage_03(r: _Run) -> Estimate:
 
 
 def _stage_04(r: _Run) -> Estimate:
-    """One LoRA/QLoRA student per method + the full-rationale control."""
+    """One LoRA/QLoRA student per method (per method and ratio with `distill.student_per_ratio`) + the
+    full-rationale control."""
     cfg, student = r.cfg, r.student
-    n_students = len(cfg.distill.methods) + 1
+    d = cfg.distill
+    per = len([x for x in d.ratios if x < 1.0]) if d.student_per_ratio else 1
+    n_students = len(d.methods) * per + 1
     tsecs, tpeak, steps = _training(student, r.sseq, r.dev, cfg, cfg.data.n_train, r.db)
     sdl = student.download_gb() if student is not r.teacher and r.student_name != "embedded" else 0.0
     what = (

@@ -212,6 +212,8 @@ def equal_markdown(equal: dict[str, Any] | None) -> list[str]:
 def _with_ci(c: dict[str, Any]) -> str:
     """A claim's value with its 95% interval, as every claims table and reading shows it."""
     lo, hi = c["ci"] or (None, None)
+    if c["value"] is None:
+        return "not measured (outside the curve)"
     return f"{c['value']:.3f}" + ("" if lo is None else f" [{lo:.3f}, {hi:.3f}]")
 
 

@@ -7,16 +7,19 @@ no scoring at run time.
 
 **Prompt format** (`ratio_prompt`): the sentence `Keep <ratio> of the reasoning.` ends the user turn, after
 the question, its options and `generation.instruction` (`distill.ratio_position: question_end`, TokenSkip's
-place), or starts it (`turn_start`); the ratio is written with up to two decimals (`1.0`, `0.9`, `0.33`); 1.0
+place), starts it (`turn_start`), or is the first line of the assistant turn (`answer_start`, a prefill the
+student reads and never writes); the ratio is written with up to two decimals (`1.0`, `0.9`, `0.33`); 1.0
 asks for the full rationale. A plain sentence uses only tokens every chat template already has. Evaluation and
 visual-token pruning import `ratio_prompt`, so every stage writes the same prompt:
 
     generate(model, tok, proc, examples, **ratio_prompt(cfg, 0.5))
 
 **Data** (`build_datasets`): from the teacher's rationales (those stage 01 kept: `generation.keep`), one
-`datasets.Dataset` per gate method plus the control `full` (ratio always 1.0). Every method gets the same
-examples and the same ratio draws (`draw_ratios`: balanced per family, seeded by `runtime.seed`), so the only
-difference between students is the compression method. The compression is a callable
+`datasets.Dataset` per student plus the control `full` (ratio always 1.0): per (method, ratio), named
+`method@ratio` (`student_name`), with `distill.student_per_ratio`; else per method, each example at the
+ratio drawn for it (`draw_ratios`: balanced per family, seeded by `runtime.seed`; `ratios_per_example` > 1
+adds the next ratios too). Every method gets the same examples and draws, so the only difference between
+students is the compression method. `students_at(adapters, r)` picks the student that answers at `r`. The compression is a callable
 `compress(row, method, ratio) -> str`; notebook 04 passes `GateCompressor` (vskip_core.method.gating, per-example
 budgets). Target = compressed rationale + the original answer line.
 
@@ -28,11 +31,14 @@ loads the base in 4-bit through bitsandbytes (QLoRA). Several GPUs, from the dat
 
     accelerate launch -m vskip_core.stages.distillation --params params/default.yaml --run default [--methods vskip,full]
 
-**Embedded defaults**: r 32 on every linear layer of the language model (the 4.8 M student follows the ratio
-only with its MLPs adapted too), alpha 64, no dropout, lr 5e-3, batch 16, 160 steps per student, ratios 0.9 /
-0.7 / 0.5 / 0.3 (1.0 is the `full` control's), sdpa attention while training. Hub params keep the paper's
-attention-only LoRA and TokenSkip's mix with 1.0. Why these values and what a run costs on 2 CPU cores:
-docs/RESULTS.md ("Issue 18: the distillation recipe").
+**Embedded defaults**: one student per (method, ratio) (`distill.student_per_ratio`), each trained on every
+kept rationale at its ratio: the 4.8 M student does not learn to condition on a ratio sentence when one
+student sees them all (it writes ~0.84 of the teacher's length at every request), and one student per ratio
+follows it. r 32 on every linear layer of the language model, alpha 64, no dropout, lr 5e-3, batch 8, 160
+steps per student, ratios 0.9 / 0.7 / 0.5 / 0.3 (1.0 is the `full` control's), two students side by side on
+CPU (`distill.workers`), sdpa attention while training. Hub params keep one ratio-conditioned student per
+method (TokenSkip's mix with 1.0) and the paper's attention-only LoRA. The measurements behind these values:
+docs/RESULTS.md ("Issue 33" and "Issue 18: the distillation recipe").
 
 **QLoRA on a T4 (16 GB) for Qwen2-VL-2B** (`params/colab_qwen2vl_2b.yaml`: nf4, r 8 on q/k/v/o, batch 1 x
 accumulation 16, gradient checkpointing, <= 640 visual tokens per image, <= 2 images, 256 new tokens).
@@ -81,6 +87,7 @@ from vskip_core.modeling.prompts import ANSWER_PREFIX, RATIO_TEMPLATE, answer_li
 from vskip_core.plots import _save, plt
 from vskip_core.runtime import (
     atomic_write_json,
+    configure_threads,
     is_missing,
     relative_path,
     resolve_device,
@@ -257,6 +264,31 @@ def draw_ratios(rows: list[dict[str, Any]], ratios: list[float], seed: int) -> d
     return out
 
 
+def student_name(method: str, ratio: float | None = None) -> str:
+    """A student's name (its adapter folder, its key in 04's metrics): the method for a ratio-conditioned
+    student and for the control, `method@ratio` for a student trained at one ratio (`distill.student_per_ratio`)."""
+    return method if ratio is None or method == CONTROL else f"{method}@{format_ratio(ratio)}"
+
+
+def parse_student(name: str) -> tuple[str, float | None]:
+    """(method, ratio or None) of a `student_name`."""
+    method, _, ratio = name.partition("@")
+    return method, float(ratio) if ratio else None
+
+
+def students_at(adapters: dict[str, str], ratio: float) -> dict[str, str]:
+    """{method: adapter} of the students that answer at `ratio`: each method's student of that ratio, else its
+    ratio-conditioned one; the control `full` always (it answers at 1.0)."""
+    out: dict[str, str] = {}
+    for name in adapters:
+        method, r = parse_student(name)
+        if method == CONTROL or (r is None and method not in out):
+            out[method] = adapters[name]
+        elif r is not None and abs(r - ratio) < 1e-9:
+            out[method] = adapters[name]
+    return out
+
+
 def ratio_sets(draws: dict[str, float], ratios: list[float], per_example: int) -> dict[str, list[float]]:
     """`per_example` ratios for each example id: its drawn ratio and the next ones of `ratios` (cyclically), so
     the same example is a target at several lengths (the student sees what the ratio changes); balanced
@@ -339,8 +371,16 @@ def build_datasets(
     ratios = check_ratios(ratios)
     kept, report = select_rows(rows, keep, max_examples)
     draws = ratio_sets(draw_ratios(kept, ratios, seed), ratios, cfg.distill.ratios_per_example)
-    names = list(dict.fromkeys([*methods, CONTROL]))
-    return {m: build_dataset(cfg, kept, m, draws, compress, tokenizer) for m in names}, report
+    if not cfg.distill.student_per_ratio:
+        names = list(dict.fromkeys([*methods, CONTROL]))
+        return {m: build_dataset(cfg, kept, m, draws, compress, tokenizer) for m in names}, report
+    out = {}  # one student per (method, ratio), every kept rationale at that ratio; the control at 1.0
+    for m in dict.fromkeys(methods):
+        for r in sorted(r for r in ratios if r < 1.0):
+            at = {str(row["id"]): r for row in kept}
+            out[student_name(m, r)] = build_dataset(cfg, kept, m, at, compress, tokenizer)
+    out[CONTROL] = build_dataset(cfg, kept, CONTROL, draws, compress, tokenizer)
+    return out, report
 
 
 def data_card(ds) -> dict[str, Any]:
@@ -919,6 +959,9 @@ def train_students(
     training starts). Each student starts from a freshly loaded base and the same LoRA initialisation."""
     base = load_base(cfg)
     check_inputs(cfg, datasets, base)
+    workers = min(cfg.distill.workers, len(datasets)) if _device(cfg) == "cpu" else 1
+    if workers > 1:
+        return _train_side_by_side(cfg, datasets, out_root, workers, progress)
     out = {}
     for m, ds in datasets.items():  # the checked base serves the first student; the others reload it
         out[m] = train_student(cfg, ds, m, out_root, progress=progress, base=base)
@@ -926,7 +969,39 @@ def train_students(
     return out
 
 
+def _train_one(cfg: Config, ds, name: str, out_root: str) -> dict[str, Any]:
+    """One student in a worker process, with the run's torch threads (results as in one process)."""
+    configure_threads(cfg.runtime.num_threads)
+    return train_student(cfg, ds, name, out_root, progress=False)
+
+
+def _train_side_by_side(cfg: Config, datasets, out_root, workers: int, progress: bool) -> dict[str, dict]:
+    """`distill.workers` students at a time on CPU, each in its own process with the run's threads: every
+    student starts from the same seed and data, so a student is the same whatever trains beside it."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    out: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(datasets), desc=f"students ({workers} at a time)", disable=not progress)
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        jobs = {pool.submit(_train_one, cfg, ds, m, str(out_root)): m for m, ds in datasets.items()}
+        for job in as_completed(jobs):
+            out[jobs[job]] = job.result()
+            bar.set_postfix_str(f"{jobs[job]} done")
+            bar.update(1)
+    bar.close()
+    return {m: out[m] for m in datasets}
+
+
 # ------------------------------------------------------------------------------------------ loading back
+def student_adapters(stage04: str | Path) -> dict[str, str]:
+    """{student name: adapter dir} from 04's metrics.json (`student_name`s, the control `full` included); the
+    paths there are relative to the run folder (older runs: absolute)."""
+    m = json.loads((Path(stage04) / "metrics.json").read_text())["methods"]
+    run_dir = Path(stage04).parent
+    return {k: str(resolve_path(v["adapter"], run_dir)) for k, v in m.items() if v.get("adapter")}
+
+
 def load_student(cfg: Config, adapter_dir: str | Path, merge: bool | None = None, device=None) -> Loaded:
     """A trained student for evaluation: its base (as recorded in the adapter's params.json: student and
     quantization) + the LoRA adapter, in eval mode. `merge` (default: when the base is not 4-bit) folds the

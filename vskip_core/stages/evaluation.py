@@ -6,7 +6,6 @@ Notebook 05 calls it; the parsing and the metrics themselves are pure functions 
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,8 +29,13 @@ from vskip_core.metrics import (
 )
 from vskip_core.modeling.decoding import generate
 from vskip_core.modeling.prompts import answer_line_start
-from vskip_core.runtime import resolve_path
-from vskip_core.stages.distillation import load_student, ratio_prompt
+from vskip_core.stages.distillation import (  # noqa: F401  (student_adapters: notebooks 05 and 06 import it here)
+    load_student,
+    parse_student,
+    ratio_prompt,
+    student_adapters,
+    students_at,
+)
 
 
 def latency(
@@ -399,16 +403,6 @@ def category_errors(
     return out
 
 
-def student_adapters(stage04: Path) -> dict[str, str]:
-    """{method: adapter dir} from 04's metrics.json (includes the full-rationale control `full`); the paths
-    there are relative to the run folder (older runs: absolute)."""
-    import json
-
-    m = json.loads((Path(stage04) / "metrics.json").read_text())["methods"]
-    run_dir = Path(stage04).parent
-    return {k: str(resolve_path(v["adapter"], run_dir)) for k, v in m.items() if v.get("adapter")}
-
-
 def evaluate_students(
     cfg,
     adapters: dict[str, str],
@@ -418,15 +412,23 @@ def evaluate_students(
 ):
     """Every student at every `eval.ratios` (the `full` control at 1.0 only): on all `examples` at
     `eval.main_ratio` (and the control), on the first `eval.sweep_examples` of them at the other ratios.
+    `adapters`: 04's students by name (`student_adapters`); each (method, ratio) is answered by the student
+    `distillation.students_at` picks (its own-ratio student, else the ratio-conditioned one).
     Yields (records, row, loaded) per (method, ratio); the student is merged into its base for generation
     (no adapter overhead)."""
 
     g, e = cfg.generation, cfg.eval
     sweep = examples[: e.sweep_examples] if e.sweep_examples else examples
-    for method, path in adapters.items():
-        student = load_student(cfg, path)
+    loaded: dict[str, Any] = {}
+    for method in dict.fromkeys(parse_student(name)[0] for name in adapters):
         ratios = [1.0] if method == "full" else list(e.ratios)
         for r in ratios:
+            path = students_at(adapters, r).get(method)  # its student of that ratio, or the conditioned one
+            if path is None:
+                continue
+            if path not in loaded:
+                loaded = {path: load_student(cfg, path)}  # one student in memory at a time
+            student = loaded[path]
             recs, row = evaluate_system(
                 student,
                 examples if method == "full" or r == e.main_ratio else sweep,

@@ -39,7 +39,7 @@ from vskip_core.plots import _save
 from vskip_core.runtime import progress as tqdm
 from vskip_core.runtime import relative_path
 from vskip_core.stages.distillation import load_student as _load
-from vskip_core.stages.distillation import ratio_prompt
+from vskip_core.stages.distillation import ratio_prompt, student_adapters, students_at
 
 SIMPLE_FAMILIES = ("attribute", "existence")
 REASONING_FAMILIES = ("multistep", "reading")
@@ -941,11 +941,18 @@ def student_vs_teacher(
 
 # ---------------------------------------------------------------------------------------------- student
 def load_student(cfg, run_dir) -> tuple[Any, str, str]:
-    """The V-Skip student to combine with pruning: (loaded or None, its `ratio_prompt`, what happened). Looks for
-    `<run_dir>/04_qlora_distillation/adapters/vskip/`; absent module or adapter -> None."""
+    """The V-Skip student to combine with pruning: (loaded or None, its `ratio_prompt`, what happened): the one
+    stage 04 trained for `prune.student_ratio` (`distillation.students_at`: its own-ratio student, else the
+    ratio-conditioned one); absent stage or adapter -> None."""
     from pathlib import Path
 
-    adapter = Path(run_dir) / "04_qlora_distillation" / "adapters" / STUDENT_ADAPTER
+    stage04 = Path(run_dir) / "04_qlora_distillation"
+    found = (
+        students_at(student_adapters(stage04), cfg.prune.student_ratio)
+        if (stage04 / "metrics.json").exists()
+        else {}
+    )
+    adapter = Path(found.get(STUDENT_ADAPTER, stage04 / "adapters" / STUDENT_ADAPTER))
     if not (adapter / "adapter_config.json").exists():
         where = relative_path(adapter, run_dir)
         return None, {}, f"no student adapter at {where} (run stage 04 first): student combination skipped"
