@@ -430,3 +430,22 @@ def test_external_columns_are_taken_from_stage03_outputs(tiny_teacher, tmp_path)
     assert [list(r["surprisal_external"]) for r in out] == table["surprisal_external"]
     assert [list(r["keep_prob_llmlingua2"]) for r in out] == table["keep_prob_llmlingua2"]
     assert with_external_columns(cfg, out, columns)[1] == dict.fromkeys(columns, "scores")  # nothing to do
+
+
+def test_students_side_by_side_equal_students_one_after_another(tiny_teacher, tmp_path):
+    """`distill.workers`: students trained two at a time, each in its own process, are the students trained one
+    after another (same seed, same data, one torch thread each)."""
+    from safetensors.torch import load_file
+
+    cfg = _cfg(tiny_teacher, max_steps=2, batch_size=4)
+    tok = load_model(cfg).tokenizer
+    dss, _ = build_datasets(cfg, _rows(cfg, 8), ["text_only"], RATIOS, _compress, tok)
+    apart = train_students(dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, workers=2)), dss,
+                           tmp_path / "two", progress=False)  # fmt: skip
+    alone = train_students(dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, workers=1)), dss,
+                           tmp_path / "one", progress=False)  # fmt: skip
+    assert list(apart) == list(dss) == list(alone)
+    for name in dss:
+        a = load_file(f"{apart[name]['adapter']}/adapter_model.safetensors")
+        b = load_file(f"{alone[name]['adapter']}/adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
