@@ -733,3 +733,29 @@ def test_category_errors_tie_dropped_words_to_wrong_answers():
     assert neg["dropped_share"] == 0.5 and neg["acc_dropped"] == 0.0 and neg["acc_kept"] == 1.0
     assert neg["diff"] == -1.0 and neg["diff_ci"] == [-1.0, -1.0]
     assert rows["colour"]["dropped_share"] == 0.0 and rows["colour"]["diff"] != rows["colour"]["diff"]
+
+
+def test_curve_and_category_figures_draw(tmp_path):
+    import pandas as pd
+
+    from vskip_core import plots
+
+    point = {"ratio": 0.5, "act_ratio": 0.52, "act_ratio_ci": [0.5, 0.54], "accuracy_mean": 0.7,
+             "accuracy_mean_ci": [0.6, 0.8], "accuracy": {"attribute": 0.9}, "accuracy_ci": {"attribute": [0.8, 1.0]},
+             "varr_overall": 0.6, "varr_overall_ci": [0.5, 0.7], "yes_ratio": 0.5, "yes_ratio_ci": [0.4, 0.6]}  # fmt: skip
+    curves = {
+        "vskip": [point, {**point, "ratio": 0.3, "act_ratio": 0.33}],
+        "direct": [{**point, "act_ratio": 0.0}],
+    }
+    plots.ratio_curves(curves, at=0.5, path=tmp_path / "curves.png")
+    table = pd.DataFrame(
+        {
+            "method": ["vskip", "text_only"],
+            "category": ["negation"] * 2,
+            "diff": [-0.5, -0.2],
+            "diff_lo": [-0.7, -0.4],
+            "diff_hi": [-0.3, 0.0],
+        }  # fmt: skip
+    )
+    plots.category_bars(table, "diff", "t", tmp_path / "cats.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000 and (tmp_path / "cats.png").exists()

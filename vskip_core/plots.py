@@ -300,13 +300,15 @@ def ratio_curves(curves: dict[str, list[dict[str, Any]]], at: float | None = Non
             if not xs:
                 continue
             single = m in ("direct", "full")
-            ax.errorbar(xs, ys, xerr=np.array(xe).T, yerr=np.array(ye).T, color=_colour(m), capsize=2,
+            xe, ye = np.clip(np.array(xe).T, 0, None), np.clip(np.array(ye).T, 0, None)
+            ax.errorbar(xs, ys, xerr=xe, yerr=ye, color=_colour(m), capsize=2,
                         marker={"direct": "X", "full": "D"}.get(m, "o"), ms=7 if single else 4,
                         ls="none" if single else "-", lw=1.2, label=m)  # fmt: skip
         if at is not None:
             ax.axvline(at, color="#999999", ls="--", lw=0.8)
         ax.set_title(title, fontsize=9)
         ax.set_xlim(-0.05, 1.1)
+        ax.set_ylim(-0.02, 1.02)  # every panel is a share
         ax.set_xlabel("ActRatio", fontsize=8)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")

@@ -697,11 +697,13 @@ def _stage_04(r: _Run) -> Estimate:
     n_students = len(d.methods) * per + 1
     tsecs, tpeak, steps = _training(student, r.sseq, r.dev, cfg, cfg.data.n_train, r.db)
     sdl = student.download_gb() if student is not r.teacher and r.student_name != "embedded" else 0.0
+    side = max(1, min(d.workers, n_students)) if r.dev.name == "CPU" else 1  # side by side on CPU only
     what = (
         f"student {student.name}{' nf4' if r.sq else ''}; {n_students} students x {steps} steps "
-        f"(batch {cfg.distill.batch_size} x accum {cfg.distill.grad_accum})"
+        f"(batch {cfg.distill.batch_size} x accum {cfg.distill.grad_accum}"
+        + (f", {side} at a time)" if side > 1 else ")")
     )
-    return what, sdl, tpeak, n_students * tsecs
+    return what, sdl, tpeak, n_students * tsecs / side
 
 
 def _stage_05(r: _Run) -> Estimate:
