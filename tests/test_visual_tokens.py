@@ -748,11 +748,14 @@ def hub_style():
     return model, tok, proc, load_params("params/colab_qwen2vl_2b.yaml")
 
 
-def _question_batch(hub_style, examples, prefix, instruction):
+def _question_batch(hub_style, examples, prefix, instruction, assistant_prefill=""):
     from vskip_core.modeling.loading import collate, encode
 
     model, tok, proc, _ = hub_style
-    items = [encode(ex, tok, proc, instruction=instruction, prefix=prefix) for ex in examples]
+    items = [
+        encode(ex, tok, proc, instruction=instruction, prefix=prefix, assistant_prefill=assistant_prefill)
+        for ex in examples
+    ]
     batch = collate(items, tok.pad_token_id, padding_side="left")
     end = tok.convert_tokens_to_ids("<|im_end|>")
     mask = vt.question_mask(
@@ -768,6 +771,7 @@ def _prompts(cfg):
         {"prefix": "", "instruction": cfg.generation.instruction},
         ratio_prompt(cfg, 0.5, "question_end"),  # the ratio sentence after the instruction
         ratio_prompt(cfg, 0.5, "turn_start"),  # the ratio sentence as a prefix
+        ratio_prompt(cfg, 0.5, "answer_start"),  # the ratio line starting the assistant turn
         {"prefix": "", "instruction": ""},
     ]
 
@@ -810,5 +814,6 @@ def test_question_relevance_follows_the_question_not_the_instruction(hub_style):
     ref = relevance(ex, prompts[0])
     for p in prompts[1:]:
         assert torch.equal(relevance(ex, p), ref)
-        assert not torch.allclose(relevance(ex, p, "user text"), relevance(ex, prompts[0], "user text"))
+        if not p.get("assistant_prefill"):  # a ratio line in the assistant turn leaves the user text as it is
+            assert not torch.allclose(relevance(ex, p, "user text"), relevance(ex, prompts[0], "user text"))
     assert not torch.allclose(relevance(other, prompts[0]), ref, atol=1e-4)
