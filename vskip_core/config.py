@@ -451,9 +451,9 @@ class DistillConfig:
     ratios: list[float] = field(
         default_factory=lambda: [0.9, 0.7, 0.5, 0.3]
     )  # one drawn per example; 1.0 (the full rationale) is the `full` control's (hub params add it back)
-    ratio_position: Literal["question_end", "turn_start", "answer_start"] = (
-        "question_end"  # where `Keep <r> of the reasoning.` goes: after the question (TokenSkip), before it,  # or as the assistant turn's first line (answer_start: a prefill the student reads)
-    )
+    # where `Keep <r> of the reasoning.` goes: after the question (TokenSkip), before it, or as the assistant
+    # turn's first line (answer_start: a prefill the student reads and never writes)
+    ratio_position: Literal["question_end", "turn_start", "answer_start"] = "question_end"
     student_per_ratio: bool = True  # one student per (method, ratio), trained at that ratio alone (the 4.8 M
     # student follows a ratio only so: docs/RESULTS.md, issue 33); false = one ratio-conditioned student per
     # method, the ratio drawn per example (TokenSkip; the hub params, whose models condition on it)

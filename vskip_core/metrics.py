@@ -272,9 +272,7 @@ NEGATIONS = frozenset(
 SIZE_WORDS = frozenset(
     "small large big tiny huge medium little smaller larger bigger smallest largest".split()
 )
-DECISION_WORDS = frozenset(
-    {"yes", "same", "different"}
-)  # where the embedded rationales branch (no: negation)
+DECISION_WORDS = frozenset({"yes", "same", "different"})  # where the rationales branch ("no" is a negation)
 FUNCTION_WORDS = frozenset(
     "a an the of in on at to for from by with and or but as is are was were be been being it its this that "
     "these those there here then so than which who what where when how if into onto over under between "
@@ -287,18 +285,24 @@ WORD_CATEGORIES = (
 WORD_RE = re.compile(r"[A-Za-z0-9$.%']+")
 
 
+def _word(word: str) -> str:
+    """A word as the categories read it: lower case, surrounding punctuation and quotes off."""
+    return word.lower().strip(".,;:!?()[]\"'")
+
+
 def word_category(word: str, question: set[str] | frozenset[str] = frozenset()) -> str:
     """The `WORD_CATEGORIES` entry of one word (punctuation around it ignored): a negation, a number or price
     (a digit, `$` or `%`), a colour / shape word (`data.lexicons`), a size word, a decision word, a word the
     question or its options already give (`question`: their lower-cased words), a function word, other."""
-    w = word.lower().strip(".,;:!?()[]\"'")
+    w = _word(word)
     if w in NEGATIONS:
         return "negation"
     if any(c.isdigit() for c in w) or "$" in w or "%" in w:
         return "number"
-    kind = lexicon_type(w)[0] if MENTION_RE.fullmatch(w) else None
-    if kind in ("colour", "shape") or w in COLOURS or w in SHAPES:
-        return kind if kind in ("colour", "shape") else ("colour" if w in COLOURS else "shape")
+    if w in COLOURS or w in SHAPES:
+        return "colour" if w in COLOURS else "shape"
+    if MENTION_RE.fullmatch(w) and lexicon_type(w)[0] in ("colour", "shape"):
+        return lexicon_type(w)[0]
     if w in SIZE_WORDS or w in SIZES:
         return "size"
     if w in DECISION_WORDS:
@@ -312,15 +316,12 @@ def word_category(word: str, question: set[str] | frozenset[str] = frozenset()) 
 
 def question_vocabulary(question: str) -> set[str]:
     """The lower-cased words of a question and its options (`question_words`), as `word_category` reads them."""
-    return {w.lower().strip(".,;:!?()[]\"'") for w in WORD_RE.findall(question)}
+    return {_word(w) for w in WORD_RE.findall(question)}
 
 
 def words_by_category(text: str, question: set[str] | frozenset[str] = frozenset()) -> Counter:
     """Counter of (category, lower-cased word) over a rationale's body (`rationale_part`)."""
-    return Counter(
-        (word_category(w, question), w.lower().strip(".,;:!?()[]\"'"))
-        for w in WORD_RE.findall(rationale_part(text))
-    )
+    return Counter((word_category(w, question), _word(w)) for w in WORD_RE.findall(rationale_part(text)))
 
 
 def dropped_categories(reference: str, candidate: str, question: set[str] | frozenset[str] = frozenset()):

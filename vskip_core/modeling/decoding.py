@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from vskip_core.modeling.adapters import adapter_for, adapter_for_tokenizer
+from vskip_core.modeling.adapters import adapter_for_tokenizer
 from vskip_core.modeling.loading import collate, encode, model_inputs
 from vskip_core.runtime import progress as tqdm
 
@@ -97,15 +97,10 @@ def generate(
                 instruction=instruction,
                 prefix=prefixes[s + j],
                 image=None if blank_images is None else blank_images[s + j],
+                assistant_prefill=assistant_prefill,  # e.g. "Answer:" = no rationale
             )
             for j, ex in enumerate(chunk)
         ]
-        if assistant_prefill:  # the assistant turn starts with this text (e.g. "Answer:" = no rationale)
-            pre = torch.tensor(
-                tok(assistant_prefill, add_special_tokens=False)["input_ids"], dtype=torch.long
-            )
-            ad = adapter_for(proc)  # the family's per-token inputs grow with it (Mllama: cross-attention)
-            items = [ad.append_tokens(it, pre) for it in items]
         batch = collate(items, tok.pad_token_id, padding_side="left")
         t0 = time.perf_counter()
         with _only_this_generation_config(model, gc):

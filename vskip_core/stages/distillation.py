@@ -297,12 +297,11 @@ def ratio_sets(draws: dict[str, float], ratios: list[float], per_example: int) -
     return {i: [ratios[(ratios.index(r) + j) % len(ratios)] for j in range(k)] for i, r in draws.items()}
 
 
-def _row_ratios(rows, method: str, draws: dict[str, float] | dict[str, list[float]]):
+def _row_ratios(rows, method: str, draws: dict[str, list[float]]):
     """(row, ratio) pairs of one method's data: the control `full` once at 1.0, every other method at each of
-    the example's ratios (`draws`: one ratio or a list per id)."""
+    the example's ratios (`draws`: the ratios per id)."""
     for row in rows:
-        got = draws[str(row["id"])] if method != CONTROL else 1.0
-        for ratio in got if isinstance(got, list) else [got]:
+        for ratio in [1.0] if method == CONTROL else draws[str(row["id"])]:
             yield row, float(ratio)
 
 
@@ -310,7 +309,7 @@ def build_dataset(
     cfg: Config,
     rows: list[dict[str, Any]],
     method: str,
-    draws: dict[str, float] | dict[str, list[float]],
+    draws: dict[str, list[float]],
     compress,
     tokenizer,
 ):
@@ -377,7 +376,7 @@ def build_datasets(
     out = {}  # one student per (method, ratio), every kept rationale at that ratio; the control at 1.0
     for m in dict.fromkeys(methods):
         for r in sorted(r for r in ratios if r < 1.0):
-            at = {str(row["id"]): r for row in kept}
+            at = {str(row["id"]): [r] for row in kept}
             out[student_name(m, r)] = build_dataset(cfg, kept, m, at, compress, tokenizer)
     out[CONTROL] = build_dataset(cfg, kept, CONTROL, draws, compress, tokenizer)
     return out, report

@@ -249,7 +249,6 @@ def add_intervals(rows: list[dict[str, Any]], records: list[dict[str, Any]], rep
 
 # ------------------------------------------------------------------------------- curves, equal length
 ANCHORS = ("direct", "full")  # the ends of every method's curve: no rationale (ActRatio 0), the full one (~1)
-CURVE_METRICS = ("act_ratio", "accuracy_mean", "varr_overall", "yes_ratio")
 
 
 def curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -261,8 +260,8 @@ def curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         return {
             "ratio": r["ratio"],
             "n": r.get("n_examples"),
-            "act_ratio": 0.0 if r["method"] == "direct" else r["act_ratio"],
-            "act_ratio_ci": [0.0, 0.0] if r["method"] == "direct" else r.get("act_ratio_ci"),
+            "act_ratio": r["act_ratio"],
+            "act_ratio_ci": r.get("act_ratio_ci"),
             "accuracy_mean": r.get("accuracy_mean"),
             "accuracy_mean_ci": r.get("accuracy_mean_ci"),
             "accuracy": r["accuracy"],
@@ -296,7 +295,8 @@ def equal_length(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Every student method read at the same actual length: each metric interpolated linearly on the method's
-    curve (its points by requested ratio, with `direct` at ActRatio 0 and `full` at its own as the ends) at
+    curve (its points by requested ratio, with `direct` and `full` as the ends: evaluated against the same
+    reference, the direct answer measures ActRatio 0 and VARR 0) at
     ActRatio `at`, on the examples every point ran (paired). Returns, with bootstrap 95% intervals that
     resample those examples and redo the interpolation: per method `accuracy_mean`, `varr` (the paper's),
     `yes_ratio` and `yes_dist` (|yes-ratio - full's|) and the ActRatios bracketing `at`; `vs_full`
@@ -313,17 +313,13 @@ def equal_length(
     ids = [r["id"] for r in by_key[("full", 1.0)] if r["id"] in common]
     fs = {k: FamilyScores(by_key[k], ids) for k in keys}
 
-    def act(k, idx):
-        return 0.0 if k[0] == "direct" else fs[k].act_ratio(idx)
-
     def read(m: str, metric: str, idx) -> float:
         ks = [k for k in keys if k[0] in (m, *ANCHORS)]
-        xs = [act(k, idx) for k in ks]
+        xs = [fs[k].act_ratio(idx) for k in ks]
         if metric == "yes_dist":
             full_yes = fs[("full", 1.0)].yes_ratio(idx)
             return abs(_interp(at, xs, [fs[k].yes_ratio(idx) for k in ks]) - full_yes)
-        ys = [0.0 if (k[0], metric) == ("direct", "varr") else getattr(fs[k], metric)(idx) for k in ks]
-        return _interp(at, xs, ys)  # an empty rationale carries none of the teacher's mentions: VARR 0
+        return _interp(at, xs, [getattr(fs[k], metric)(idx) for k in ks])
 
     every = np.arange(len(ids))
     names = ("accuracy_mean", "varr", "yes_ratio", "yes_dist")
@@ -333,7 +329,7 @@ def equal_length(
 
     out: dict[str, Any] = {"at": at, "n": len(ids), "base": base, "methods": {}, "vs_full": {}, "vs": {}}
     for m in methods:
-        xs = sorted(act(k, every) for k in keys if k[0] in (m, *ANCHORS))
+        xs = sorted(fs[k].act_ratio(every) for k in keys if k[0] in (m, *ANCHORS))
         below = [x for x in xs if x <= at]
         above = [x for x in xs if x >= at]
         out["methods"][m] = {
@@ -378,7 +374,7 @@ def category_errors(
         groups[(r["system"], r["family"])].append({"correct": float(r["correct"]), **drops})
     out = []
     for (system, family), rs in sorted(groups.items()):
-        correct = np.array([x["correct"] for x in rs])
+        correct, every = np.array([x["correct"] for x in rs]), np.arange(len(rs))
         for cat in (*WORD_CATEGORIES, "answer line"):
             lost = np.array([x[cat] > 0 for x in rs])
 
@@ -386,7 +382,6 @@ def category_errors(
                 a, b = correct[i][lost[i]], correct[i][~lost[i]]
                 return float(a.mean() - b.mean()) if len(a) and len(b) else float("nan")
 
-            every = np.arange(len(rs))
             out.append(
                 {
                     "method": system,

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from vskip_core.method.pruning import (
     METHODS,
@@ -31,7 +30,6 @@ from vskip_core.metrics import (
     headline,
     score_example,
 )
-from vskip_core.modeling.adapters import adapter_for
 from vskip_core.modeling.decoding import decoding_config, generate
 from vskip_core.modeling.loading import collate, encode, model_inputs
 from vskip_core.modeling.pruned_decoding import PrunedOutput, pruned_generate
@@ -106,14 +104,10 @@ def generate_pruned(
                 instruction=instruction,
                 prefix=prefix,
                 image=None if images is None else images[s + j],
+                assistant_prefill=assistant_prefill,  # a student's ratio line
             )
             for j, ex in enumerate(chunk)
         ]
-        if assistant_prefill:  # the assistant turn starts with this text (a student's ratio line)
-            pre = torch.tensor(
-                tok(assistant_prefill, add_special_tokens=False)["input_ids"], dtype=torch.long
-            )
-            items = [adapter_for(proc).append_tokens(it, pre) for it in items]
         counts = {int((it["input_ids"] == model.config.image_token_id).sum()) for it in items}
         groups = [items] if len(counts) == 1 else [[it] for it in items]  # unequal image sizes: one by one
         for group in groups:
