@@ -76,76 +76,45 @@ import numpy as np
 import torch
 
 from vskip_core.cli import parse_sets, stage_parser
+from vskip_core.common.artifacts import example_for, example_ref, load_rationales, load_scores
+from vskip_core.common.external import (  # noqa: F401  (re-exported: stage 03 and notebook 04 read them here)
+    EXTERNAL_COLUMNS,
+    external_columns,
+    with_external_columns,
+)
+from vskip_core.common.students import (  # noqa: F401  (re-exported: the notebooks read them here)
+    CONTROL,
+    STAGE,
+    DistillError,
+    check_ratios,
+    format_ratio,
+    load_base,
+    load_student,
+    parse_student,
+    ratio_prompt,
+    run_device,
+    student_adapters,
+    student_name,
+    students_at,
+)
 from vskip_core.config import Config, load_params
-from vskip_core.method.external_lm import external_surprisal, keep_probability
-from vskip_core.method.gating import GateError, as_scored, forced_tokens, keep_mask, method_columns
+from vskip_core.method.gating import GateError, as_scored, forced_tokens, keep_mask
 from vskip_core.metrics import act_ratio, body_tokens, compress_text
 from vskip_core.modeling.decoding import generate
-from vskip_core.modeling.external_lm import load_llmlingua2, load_smollm2
-from vskip_core.modeling.loading import Loaded, collate, encode, load_model, user_text
+from vskip_core.modeling.loading import Loaded, collate, encode, load_model
 from vskip_core.modeling.prompts import ANSWER_PREFIX, RATIO_TEMPLATE, answer_line_start
 from vskip_core.plots import _save, plt
 from vskip_core.runtime import (
     atomic_write_json,
     configure_threads,
-    is_missing,
     relative_path,
-    resolve_device,
     resolve_dtype,
-    resolve_path,
     results_dir,
     seed_everything,
-    torch_threads,
 )
 from vskip_core.runtime import progress as tqdm
-from vskip_core.stages.generation import example_for
-
-STAGE = "04_qlora_distillation"
-CONTROL = "full"  # the full-rationale control student: ratio always 1.0, no compression
-EXTERNAL_BATCH_SIZE = 32  # rationales (LLMLingua-2: chunks) per forward when an external column is computed
 
 Compress = Callable[[dict[str, Any], str, float], str]
-
-
-class DistillError(ValueError):
-    """Bad input to distillation (empty training set, bad ratios, target modules that match nothing)."""
-
-
-# --------------------------------------------------------------------------------------------- the prompt
-def check_ratios(ratios) -> list[float]:
-    """Every ratio must lie in (0, 1]; 1.0 means the full rationale."""
-    ratios = list(ratios)
-    bad = [r for r in ratios if isinstance(r, bool) or not (isinstance(r, int | float) and 0 < r <= 1)]
-    if bad or not ratios:
-        raise DistillError(
-            f"ratios must be a non-empty set of values in (0, 1] (1.0 = the full rationale); got {ratios} "
-            f"(bad: {bad}). Fix distill.ratios, e.g. [1.0, 0.9, 0.7, 0.5, 0.3]"
-        )
-    return [float(r) for r in ratios]
-
-
-def format_ratio(ratio: float) -> str:
-    """1.0 -> '1.0', 0.5 -> '0.5', 0.333 -> '0.33' (two decimals at most, trailing zeros dropped)."""
-    s = f"{ratio:.2f}".rstrip("0")
-    return s + "0" if s.endswith(".") else s
-
-
-def ratio_prompt(cfg: Config, ratio: float, position: str | None = None) -> dict[str, str]:
-    """The `prefix`, `instruction` and `assistant_prefill` that ask for a rationale compressed to `ratio`
-    (`Keep 0.5 of the reasoning.`), placed by `distill.ratio_position`: after the question, options and
-    `generation.instruction` (question_end), before the question (turn_start), or as the first line of the
-    assistant turn (answer_start: a prefill the student reads, never writes). Pass them on as
-    `generate(..., **ratio_prompt(cfg, r))` or `encode(...)`; 1.0 asks for the full rationale."""
-    check_ratios([ratio])
-    sentence = RATIO_TEMPLATE.format(ratio=format_ratio(ratio))
-    instruction = cfg.generation.instruction
-    where = position or cfg.distill.ratio_position
-    if where == "turn_start":
-        return {"prefix": sentence + "\n", "instruction": instruction, "assistant_prefill": ""}
-    if where == "answer_start":
-        return {"prefix": "", "instruction": instruction, "assistant_prefill": sentence + "\n"}
-    ins = f"{instruction}\n{sentence}" if instruction else sentence
-    return {"prefix": "", "instruction": ins, "assistant_prefill": ""}
 
 
 # ------------------------------------------------------------------------------------------ training data
@@ -172,19 +141,6 @@ def make_target(compressed: str, answer_line: str, sep: str = " ") -> str:
     return f"{body}{sep}{answer_line}" if answer_line else body
 
 
-def example_ref(row: dict[str, Any]) -> tuple[str, int]:
-    """(split, index) of the benchmark example behind a row: its `split`/`index` fields, else its id."""
-    if row.get("split") is not None and row.get("index") is not None:
-        return str(row["split"]), int(row["index"])
-    rid = str(row.get("id", ""))
-    split, _, idx = rid.rpartition("-")
-    if not split or not idx.isdigit():
-        raise DistillError(
-            f"row id {rid!r}: expected '<split>-<index>' (e.g. train-000017) or split/index fields"
-        )
-    return split, int(idx)
-
-
 def _text(row: dict[str, Any]) -> str:
     t = row.get("text", row.get("rationale"))
     if not isinstance(t, str):
@@ -195,9 +151,6 @@ def _text(row: dict[str, Any]) -> str:
 def training_rows(rationales_dir: str | Path, scores_dir: str | Path) -> tuple[list[dict[str, Any]], dict]:
     """Stage 02's scored rationales with stage 01's `correct` flag (what distillation filters by), and counts:
     {"rationales", "correct", "scored", "matched"}."""
-    from vskip_core.stages.generation import load_rationales
-    from vskip_core.stages.scoring import load_scores
-
     records = {r["id"]: r for r in load_rationales(rationales_dir)}
     scores = load_scores(scores_dir, per_layer=False).to_dict("records")  # the gate reads no per-layer column
     rows = [{**r, "correct": records[r["id"]]["correct"]} for r in scores if r["id"] in records]
@@ -261,31 +214,6 @@ def draw_ratios(rows: list[dict[str, Any]], ratios: list[float], seed: int) -> d
         slots = np.random.default_rng([seed, k]).permutation(len(ids))
         for i, s in zip(ids, slots):
             out[i] = ratios[(int(s) + k) % len(ratios)]
-    return out
-
-
-def student_name(method: str, ratio: float | None = None) -> str:
-    """A student's name (its adapter folder, its key in 04's metrics): the method for a ratio-conditioned
-    student and for the control, `method@ratio` for a student trained at one ratio (`distill.student_per_ratio`)."""
-    return method if ratio is None or method == CONTROL else f"{method}@{format_ratio(ratio)}"
-
-
-def parse_student(name: str) -> tuple[str, float | None]:
-    """(method, ratio or None) of a `student_name`."""
-    method, _, ratio = name.partition("@")
-    return method, float(ratio) if ratio else None
-
-
-def students_at(adapters: dict[str, str], ratio: float) -> dict[str, str]:
-    """{method: adapter} of the students that answer at `ratio`: each method's student of that ratio, else its
-    ratio-conditioned one; the control `full` always (it answers at 1.0)."""
-    out: dict[str, str] = {}
-    for name in adapters:
-        method, r = parse_student(name)
-        if method == CONTROL or (r is None and method not in out):
-            out[method] = adapters[name]
-        elif r is not None and abs(r - ratio) < 1e-9:
-            out[method] = adapters[name]
     return out
 
 
@@ -496,109 +424,7 @@ class GateCompressor:
         return text
 
 
-def _smollm2_surprisal(cfg: Config, rows: list[dict[str, Any]]) -> list[np.ndarray]:
-    lm = load_smollm2(cfg)
-    # the same context as stage 03: the user turn (question and options), no image
-    contexts = [user_text(example_for(cfg, {"split": s, "index": i})) for s, i in map(example_ref, rows)]
-    texts, offsets = [r["text"] for r in rows], [r["offsets"] for r in rows]
-    return external_surprisal(lm, texts, offsets, contexts, EXTERNAL_BATCH_SIZE)[0]
-
-
-def _llmlingua2_keep(cfg: Config, rows: list[dict[str, Any]]) -> list[np.ndarray]:
-    clf = load_llmlingua2(cfg)  # the rationale alone, as LLMLingua-2 compresses a text
-    return keep_probability(clf, [r["text"] for r in rows], [r["offsets"] for r in rows], EXTERNAL_BATCH_SIZE)
-
-
-# the external scorers' columns: column -> (scorer, how its values are computed for rows that lack them)
-EXTERNAL_COLUMNS = {
-    "keep_prob_llmlingua2": ("LLMLingua-2", _llmlingua2_keep),
-    "surprisal_external": ("SmolLM2-135M-Instruct", _smollm2_surprisal),
-}
-
-
-def external_columns(methods) -> list[str]:
-    """The external scorers' columns that `methods` read, LLMLingua-2 first (its load can fail: before any work)."""
-    need = {c for m in methods for c in method_columns(m)}
-    return [c for c in EXTERNAL_COLUMNS if c in need]
-
-
-def with_external_columns(
-    cfg: Config, rows: list[dict[str, Any]], columns, search_dirs=(), cache_dir=None
-) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Rows with each external column in `columns` (keys of EXTERNAL_COLUMNS): taken from any parquet file
-    with `id` and that column in `search_dirs` (stage 03's `scores_external.parquet`), else computed for these
-    rows and cached as `cache_dir/<column>.parquet`. Returns (rows, where each column came from)."""
-    sources = {}
-    for column in columns:
-        rows, sources[column] = _with_column(cfg, rows, column, search_dirs, cache_dir)
-    return rows, sources
-
-
-def _with_column(cfg: Config, rows, column: str, search_dirs, cache_dir):
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    scorer, compute = EXTERNAL_COLUMNS[column]
-    need = {str(r["id"]) for r in rows if is_missing(r.get(column))}
-    if not need:
-        return rows, "scores"
-    files = [p for d in search_dirs if d and Path(d).exists() for p in sorted(Path(d).glob("*.parquet"))]
-    if cache_dir is not None:
-        files.append(Path(cache_dir) / f"{column}.parquet")
-    found: dict[str, Any] = {}
-    source = ""
-    for f in files:
-        if f.exists() and {"id", column} <= set(pq.read_schema(f).names):
-            df = pd.read_parquet(f, columns=["id", column])
-            got = {str(i): v for i, v in zip(df["id"], df[column]) if str(i) in need}
-            if need <= set(got):
-                found, source = got, str(f)
-                break
-    if not found:
-        todo = [r for r in rows if str(r["id"]) in need]
-        with torch_threads(cfg.gate.external_threads):
-            found = {str(r["id"]): v for r, v in zip(todo, compute(cfg, todo))}
-        source = f"computed with {scorer}"
-        if cache_dir is not None:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            table = {"id": list(found), column: [list(map(float, v)) for v in found.values()]}
-            pd.DataFrame(table).to_parquet(Path(cache_dir) / f"{column}.parquet")
-    out = [r if str(r["id"]) not in found else {**r, column: list(found[str(r["id"])])} for r in rows]
-    return out, source
-
-
 # ----------------------------------------------------------------------------------------- model loading
-def _device(cfg: Config) -> str:
-    """The run's device; under `accelerate launch` / torchrun each process takes its own GPU."""
-
-    device = resolve_device(cfg.runtime.device)
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
-
-
-def load_base(
-    cfg: Config,
-    student: str | None = None,
-    quantization: str | None = None,
-    device=None,
-    attn_implementation: str | None = None,
-) -> Loaded:
-    """The student's base model in training mode: `distill.student` (embedded = the teacher's weights),
-    4-bit nf4 when `distill.quantization` says so (QLoRA; the family adapter keeps the vision tower and
-    lm_head out of 4-bit), language-model attention `distill.attn_implementation` (sdpa: training needs no
-    attention maps). `model.train()` comes first: a no-grad eval forward would repack 4-bit weights for CPU
-    inference, after which LoRA gets zero gradients (bitsandbytes 0.50 on CPU)."""
-
-    student = student or cfg.distill.student
-    quantization = quantization or cfg.distill.quantization
-    attn = attn_implementation or cfg.distill.attn_implementation
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attn_implementation=attn))
-    loaded = load_model(cfg, student, device=device or _device(cfg), quantization=quantization)
-    loaded.model.train()
-    return loaded
-
-
 def lora_targets(loaded: Loaded, target_modules: list[str]) -> str:
     """peft `target_modules` (a regex over the language model's decoder layers, from the family adapter) for
     the configured names; raises DistillError naming the names that match nothing and the valid ones."""
@@ -796,7 +622,7 @@ def train_student(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stamp, {"fingerprint": fp})
 
-    device = _device(cfg)
+    device = run_device(cfg)
     steps = planned_steps(cfg, len(ds))
     args = training_arguments(cfg, ckpt_dir, steps, device, progress=False)  # our bar below, not Trainer's
     bar = [_step_bar(f"train {method}")] if progress else []
@@ -926,12 +752,12 @@ def _model_card(cfg: Config, m: dict[str, Any], ds) -> str:
             f"loss on target tokens only.",
             f"Loss {m['first_loss']:.3f} -> {m['last_loss']:.3f} in {m['train_seconds']:.0f} s on {m['device']}.",
             "",
-            f"Prompt: `vskip_core.stages.distillation.ratio_prompt(cfg, r)` (`{RATIO_TEMPLATE}`, "
+            f"Prompt: `vskip_core.common.students.ratio_prompt(cfg, r)` (`{RATIO_TEMPLATE}`, "
             f"{d.ratio_position}); 1.0 asks for the full rationale.",
             "",
             "```python",
-            "from vskip_core.stages.distillation import load_student, ratio_prompt",
-            "from vskip_core.stages.generation import generate",
+            "from vskip_core.common.students import load_student, ratio_prompt",
+            "from vskip_core.modeling.decoding import generate",
             "student = load_student(cfg, adapter_dir)  # base + adapter, merged unless the base is 4-bit",
             "out = generate(student.model, student.tokenizer, student.processor, examples, "
             "**ratio_prompt(cfg, 0.5))",
@@ -958,7 +784,7 @@ def train_students(
     training starts). Each student starts from a freshly loaded base and the same LoRA initialisation."""
     base = load_base(cfg)
     check_inputs(cfg, datasets, base)
-    workers = min(cfg.distill.workers, len(datasets)) if _device(cfg) == "cpu" else 1
+    workers = min(cfg.distill.workers, len(datasets)) if run_device(cfg) == "cpu" else 1
     if workers > 1:
         return _train_side_by_side(cfg, datasets, out_root, workers, progress)
     out = {}
@@ -993,46 +819,6 @@ def _train_side_by_side(cfg: Config, datasets, out_root, workers: int, progress:
 
 
 # ------------------------------------------------------------------------------------------ loading back
-def student_adapters(stage04: str | Path) -> dict[str, str]:
-    """{student name: adapter dir} from 04's metrics.json (`student_name`s, the control `full` included); the
-    paths there are relative to the run folder (older runs: absolute)."""
-    m = json.loads((Path(stage04) / "metrics.json").read_text())["methods"]
-    run_dir = Path(stage04).parent
-    return {k: str(resolve_path(v["adapter"], run_dir)) for k, v in m.items() if v.get("adapter")}
-
-
-def load_student(cfg: Config, adapter_dir: str | Path, merge: bool | None = None, device=None) -> Loaded:
-    """A trained student for evaluation: its base (as recorded in the adapter's params.json: student and
-    quantization) + the LoRA adapter, in eval mode. `merge` (default: when the base is not 4-bit) folds the
-    adapter into the weights with `merge_and_unload`, so generation costs what the base model costs.
-    Attention is `model.attn_implementation` (eager by default: the stages that read attention maps)."""
-    from peft import PeftModel
-
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise FileNotFoundError(
-            f"{adapter_dir} holds no LoRA adapter (adapter_config.json); train it in {STAGE}"
-        )
-    saved = json.loads((adapter_dir / "params.json").read_text())["distill"]
-    info = json.loads((adapter_dir / "metrics.json").read_text())
-    student = saved["student"]
-    base_path = info.get("base_path") and resolve_path(info["base_path"], cfg.path(cfg.runtime.cache_dir))
-    if student == "embedded" and base_path and base_path.exists():
-        student = str(base_path)  # the exact teacher the adapter was trained on
-    base = load_base(cfg, student, saved["quantization"], device, cfg.model.attn_implementation)
-    model = PeftModel.from_pretrained(base.model, str(adapter_dir))
-    if saved["quantization"] == "none" if merge is None else merge:
-        model = model.merge_and_unload()
-    model.eval()
-    return Loaded(
-        model=model,
-        tokenizer=base.tokenizer,
-        processor=base.processor,
-        family=base.family,
-        path=str(adapter_dir),
-    )
-
-
 # ------------------------------------------------------------------------------------------ stage record
 METRIC_KEYS = (
     "train_size",

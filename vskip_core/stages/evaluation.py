@@ -10,6 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from vskip_core.common.students import (  # noqa: F401  (student_adapters: notebooks 05 and 06 import it here)
+    load_student,
+    parse_student,
+    ratio_prompt,
+    student_adapters,
+    students_at,
+)
 from vskip_core.method.gating import GateError, as_scored, keep_mask
 from vskip_core.metrics import (
     WORD_CATEGORIES,
@@ -29,13 +36,6 @@ from vskip_core.metrics import (
 )
 from vskip_core.modeling.decoding import generate
 from vskip_core.modeling.prompts import answer_line_start
-from vskip_core.stages.distillation import (  # noqa: F401  (student_adapters: notebooks 05 and 06 import it here)
-    load_student,
-    parse_student,
-    ratio_prompt,
-    student_adapters,
-    students_at,
-)
 
 
 def latency(

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from vskip_core.common.external import external_columns, with_external_columns
 from vskip_core.config import Config
 from vskip_core.method.gating import (
     Scored,
@@ -44,7 +45,6 @@ from vskip_core.modeling.external_lm import llmlingua2_status
 from vskip_core.modeling.loading import embedded_dir
 from vskip_core.modeling.standins import resolve
 from vskip_core.runtime import fast_dtype, resolve_device
-from vskip_core.stages.distillation import external_columns, with_external_columns
 
 
 # --------------------------------------------------------------------------------------------- measures

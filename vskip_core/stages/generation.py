@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from vskip_core.cli import parse_sets, parse_shard, stage_parser
+from vskip_core.common.artifacts import (  # noqa: F401  (re-exported: notebooks 01-02 read them here)
+    example_for,
+    is_kept,
+    kept_rationales,
+    load_rationales,
+)
 from vskip_core.config import ParamsError, load_params
 from vskip_core.data.real import example_at, find_anchors_for
 from vskip_core.metrics import score_example
@@ -95,12 +100,6 @@ def generate_vllm(cfg, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------ rationale generation (01)
-def example_for(cfg, rec: dict[str, Any]) -> dict[str, Any]:
-    """Rebuild the benchmark example (image, scene, question, gold) behind a rationale record."""
-
-    return example_at(cfg, rec["split"], int(rec["index"]))
-
-
 def _record(ex: dict[str, Any], gen: dict[str, Any], index: int, split: str) -> dict[str, Any]:
 
     s = score_example(ex, gen["text"])
@@ -209,29 +208,6 @@ def merge_rationales(cfg, out_dir: str | Path, split: str | None = None, n: int 
             f"{missing[0]}); run the other --shard workers, then merge again"
         )
     return shards.merge(Path(out_dir) / "rationales.jsonl", [shards.path(k) for k in range(n_shards)])
-
-
-def load_rationales(stage_dir: str | Path, correct_only: bool = False) -> list[dict[str, Any]]:
-    """Records of 01's rationales.jsonl (optionally only those whose answer was correct)."""
-    p = Path(stage_dir) / "rationales.jsonl"
-    if not p.exists():
-        raise FileNotFoundError(f"{p} not found: run stage 01_rationale_generation first")
-    recs = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    return [r for r in recs if r["correct"]] if correct_only else recs
-
-
-def is_kept(cfg, rec: dict[str, Any]) -> bool:
-    """Whether a rationale goes on to scoring and distillation, by `generation.keep`: `correct` (the paper's and
-    TokenSkip's choice, default), `answered` (has an answer line), or `all` (a teacher too small to be right);
-    never an empty one."""
-    if not rec["token_ids"]:
-        return False
-    return {"correct": rec["correct"], "answered": rec["has_answer_line"], "all": True}[cfg.generation.keep]
-
-
-def kept_rationales(cfg, stage_dir: str | Path) -> list[dict[str, Any]]:
-    """The rationales of stage 01 that go on to scoring and distillation (`is_kept`)."""
-    return [r for r in load_rationales(stage_dir) if is_kept(cfg, r)]
 
 
 def keep_report(cfg, recs: list[dict[str, Any]]):

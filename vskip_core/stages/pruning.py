@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from vskip_core.common.students import load_student as _load
+from vskip_core.common.students import ratio_prompt, student_adapters, students_at
 from vskip_core.method.pruning import (
     METHODS,
     VARIANTS,
@@ -36,8 +38,6 @@ from vskip_core.modeling.pruned_decoding import PrunedOutput, pruned_generate
 from vskip_core.plots import _save
 from vskip_core.runtime import progress as tqdm
 from vskip_core.runtime import relative_path
-from vskip_core.stages.distillation import load_student as _load
-from vskip_core.stages.distillation import ratio_prompt, student_adapters, students_at
 
 SIMPLE_FAMILIES = ("attribute", "existence")
 REASONING_FAMILIES = ("multistep", "reading")

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from vskip_core.cli import parse_sets, parse_shard, stage_parser
+from vskip_core.common.artifacts import SCORES_FILE, example_for, kept_rationales, load_scores  # noqa: F401
 from vskip_core.config import ParamsError, load_params
 from vskip_core.method import scoring as method_scoring
 from vskip_core.method.gating import as_scored, forced_tokens
@@ -46,12 +47,10 @@ from vskip_core.plots import (  # the project's matplotlib set-up (non-interacti
     plt,
     sns,
 )
-from vskip_core.runtime import ShardedWriter, atomic_write_bytes, is_missing, results_dir, to_python
+from vskip_core.runtime import ShardedWriter, atomic_write_bytes, is_missing, results_dir
 from vskip_core.runtime import progress as tqdm
-from vskip_core.stages.generation import example_for, kept_rationales
 from vskip_core.teacher import build_teacher
 
-SCORES_FILE = "scores.parquet"
 SHARD_DIR = "score_shards"
 CONTRACT_COLUMNS = (
     "id",
@@ -459,23 +458,6 @@ def save_scores(stage_dir: str | Path, df) -> Path:
     path = Path(stage_dir) / SCORES_FILE
     atomic_write_bytes(path, _to_parquet_bytes(df))
     return path
-
-
-def load_scores(stage_dir: str | Path, per_layer: bool = True):
-    """Read `scores.parquet` of stage 02 back as a DataFrame; list columns come back as Python lists. Without
-    `per_layer` the per-layer columns (`*_by_layer_*`, the bulk of the file on a deep model) are not read."""
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    path = Path(stage_dir) / SCORES_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run stage 02_dual_scoring first")
-    names = pq.read_schema(path).names
-    df = pd.read_parquet(path, columns=None if per_layer else [c for c in names if "_by_layer_" not in c])
-    for c in df.columns:
-        if len(df) and isinstance(df[c].iloc[0], np.ndarray):
-            df[c] = df[c].map(to_python)
-    return df
 
 
 # ------------------------------------------------------------------------------------------ analysis
