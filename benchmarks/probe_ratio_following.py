@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from vskip_core.cli import parse_sets
+from vskip_core.arguments import parse_sets
 from vskip_core.config import load_params
 from vskip_core.data.real import examples as benchmark_examples
 from vskip_core.runtime import atomic_write_json, configure_threads, environment, seed_everything

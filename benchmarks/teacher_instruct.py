@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from vskip_core.cli import parse_sets
+from vskip_core.arguments import parse_sets
 from vskip_core.config import load_params
 from vskip_core.modeling.loading import load_model
 from vskip_core.runtime import atomic_write_json, configure_threads, environment

@@ -832,6 +832,7 @@ def load_params(path: str | os.PathLike = DEFAULT_PARAMS, overrides: dict[str, A
     p = Path(path)
     p = p if p.is_absolute() else REPO_ROOT / p
     tree = _read_yaml(p.resolve())
+    tree.pop("source", None)  # a run's params.json (Config.to_dict) names the file it was read from
     for key, value in (overrides or {}).items():
         parts = key.split(".")
         if len(parts) != 2:

@@ -22,7 +22,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from vskip_core.cli import parse_sets
+from vskip_core.arguments import parse_sets
 from vskip_core.config import ENV_PARAMS, ENV_RUN, REPO_ROOT, STAGE_READS, ParamsError, load_params
 from vskip_core.infra.plan import PlanError, print_plan
 from vskip_core.runtime import (
@@ -200,12 +200,16 @@ def run_stage(
     (stage_dir / "failed.ipynb").unlink(missing_ok=True)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m vskip_core.pipeline") -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m vskip_core.pipeline",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The pipeline's options (`python -m vskip_core.pipeline` and `vskip run`)."""
     ap.add_argument("--params", default="params/default.yaml", help="params YAML (see params/)")
     ap.add_argument(
         "--run",
@@ -237,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--gpu", default=None, help="with --plan: size for this GPU (T4, L4, A100-80GB, ...; cpu)"
     )
-    args = ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the selected stages (or print the plan); 2 on bad input, with one line naming it."""
     if args.plan:
         return _plan(args)
 

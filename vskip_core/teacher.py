@@ -861,7 +861,7 @@ def load_teacher(cfg: Config, progress: bool = True):
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from vskip_core.cli import parse_sets
+    from vskip_core.arguments import parse_sets
     from vskip_core.config import load_params
     from vskip_core.runtime import configure_threads
 

@@ -21,8 +21,12 @@ EXTERNAL_BATCH_SIZE = 32  # rationales (LLMLingua-2: chunks) per forward when an
 
 def _smollm2_surprisal(cfg: Config, rows: list[dict[str, Any]]) -> list[np.ndarray]:
     lm = load_smollm2(cfg)
-    # the same context as stage 03: the user turn (question and options), no image
-    contexts = [user_text(example_for(cfg, {"split": s, "index": i})) for s, i in map(example_ref, rows)]
+    # the same context as stage 03: the user turn (question and options), no image; a row of your own data
+    # (vskip_core.api) brings its `context`
+    contexts = [
+        r.get("context") or user_text(example_for(cfg, dict(zip(("split", "index"), example_ref(r)))))
+        for r in rows
+    ]
     texts, offsets = [r["text"] for r in rows], [r["offsets"] for r in rows]
     return external_surprisal(lm, texts, offsets, contexts, EXTERNAL_BATCH_SIZE)[0]
 

@@ -75,7 +75,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vskip_core.cli import parse_sets, stage_parser
+from vskip_core.arguments import parse_sets, stage_parser
 from vskip_core.common.artifacts import example_for, example_ref, load_rationales, load_scores
 from vskip_core.common.external import (  # noqa: F401  (re-exported: stage 03 and notebook 04 read them here)
     EXTERNAL_COLUMNS,

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vskip_core.cli import parse_sets, parse_shard, stage_parser
+from vskip_core.arguments import parse_sets, parse_shard, stage_parser
 from vskip_core.common.artifacts import (  # noqa: F401  (re-exported: notebooks 01-02 read them here)
     example_for,
     is_kept,

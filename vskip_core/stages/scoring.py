@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vskip_core.cli import parse_sets, parse_shard, stage_parser
+from vskip_core.arguments import parse_sets, parse_shard, stage_parser
 from vskip_core.common.artifacts import SCORES_FILE, example_for, kept_rationales, load_scores  # noqa: F401
 from vskip_core.config import ParamsError, load_params
 from vskip_core.method import scoring as method_scoring
