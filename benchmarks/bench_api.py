@@ -25,11 +25,14 @@ from vskip_core.common.artifacts import example_for, kept_rationales
 from vskip_core.method.gating import gate_rows
 from vskip_core.metrics import compress_text
 from vskip_core.modeling.loading import load_model
+from vskip_core.runtime import cpu_info
 from vskip_core.stages.scoring import score_rationales
 
 
 def stages_02_03(cfg, loaded, recs, exs, method, gamma):
-    df = score_rationales(loaded, cfg, recs, exs, progress=False, require_answer_line=cfg.generation.keep != "all")
+    df = score_rationales(
+        loaded, cfg, recs, exs, progress=False, require_answer_line=cfg.generation.keep != "all"
+    )
     rows = df.to_dict("records")
     keeps = gate_rows(rows, method, gamma, cfg, cfg.runtime.seed)
     return [compress_text(r, k) for r, k in zip(rows, keeps)]
@@ -70,9 +73,14 @@ def main() -> None:
         times["API vskip_delta"].append(time.perf_counter() - t)
         same = got == ref
     base = statistics.median(times["stages 02+03"])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    print(f"commit {commit}; {cpu} ({platform.machine()}), torch threads {a.threads}; run {a.run}, {len(recs)} rationales")
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    cpu = cpu_info()
+    print(
+        f"commit {commit}; {cpu['cpu_model']} ({platform.machine()}, kernels {cpu['cpu_capability']}), torch "
+        f"threads {a.threads}; run {a.run}, {len(recs)} rationales, gamma {a.gamma}"
+    )
     print(f"key layers {comp.key_layers} ({comp.head_reduce}); API texts identical to stages 02+03: {same}")
     print("| path | median s | ratio to stages 02+03 | repeats |")
     print("|---|---|---|---|")

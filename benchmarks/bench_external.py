@@ -14,12 +14,12 @@ import time
 
 import torch
 
+from vskip_core.common.external import EXTERNAL_BATCH_SIZE
 from vskip_core.config import REPO_ROOT, Config
 from vskip_core.data.embedded import iter_examples
 from vskip_core.modeling.external_lm import load_smollm2, score_texts
 from vskip_core.modeling.prompts import user_text
 from vskip_core.runtime import atomic_write_json, environment
-from vskip_core.common.external import EXTERNAL_BATCH_SIZE
 
 
 def main() -> None:

@@ -10,8 +10,12 @@ import pytest
 from vskip_core import Compressor, InputError, generate_pruned, load_vlm
 from vskip_core.cli import main as vskip
 from vskip_core.config import load_params
+from vskip_core.modeling.standins import RATIONALE
 
-STANDIN_PARAMS = {"qwen2_vl": "params/standin/qwen2vl_7b.yaml", "mllama": "params/standin/llama32_11b_vision.yaml"}
+STANDIN_PARAMS = {
+    "qwen2_vl": "params/standin/qwen2vl_7b.yaml",
+    "mllama": "params/standin/llama32_11b_vision.yaml",
+}
 
 
 def _band(cfg):
@@ -31,7 +35,12 @@ def _dataset(examples, rationales):
 
     return Dataset.from_list(
         [
-            {"image": ex["image"], "question": ex["question"], "options": ex.get("options") or [], "rationale": r}
+            {
+                "image": ex["image"],
+                "question": ex["question"],
+                "options": ex.get("options") or [],
+                "rationale": r,
+            }
             for ex, r in zip(examples, rationales)
         ]
     )
@@ -99,7 +108,7 @@ def test_compress_on_standins_of_the_real_classes_keeps_what_stages_02_03_keep(f
 
     cfg = _band(load_params(STANDIN_PARAMS[family], {"runtime.cache_dir": str(tmp_path / "cache")}))
     exs = [normalize_pope(r) for r in standins.pope_rows(2)]
-    rationales = [standins.RATIONALE] * len(exs)
+    rationales = [RATIONALE] * len(exs)
     ref, _ = _stages_02_03(cfg, f"standin:{family}", exs, rationales)
     comp = Compressor.from_pretrained(f"standin:{family}", cfg)
     assert comp.loaded.family == family
@@ -111,7 +120,9 @@ def test_rationales_are_written_by_the_model_when_the_column_is_absent(tiny_teac
     comp = Compressor.from_pretrained("embedded", cfg)
     ds = _dataset(exs, ["-"] * 3).remove_columns("rationale")
     out = comp.compress_dataset(ds, 0.5, progress=False)
-    assert out["rationale"] == comp.generate_rationales([{**e, "id": str(i)} for i, e in enumerate(exs)], False)
+    assert out["rationale"] == comp.generate_rationales(
+        [{**e, "id": str(i)} for i, e in enumerate(exs)], False
+    )
     assert all(isinstance(t, str) for t in out["compressed_rationale"])
 
 
@@ -142,6 +153,7 @@ def test_generate_pruned_equals_stage_07s_decoder(method, dstp, tmp_path):
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tiny_teacher, tmp_path, capsys):
     cfg, exs, rationales = _embedded(tiny_teacher, 2)
     _dataset(exs, rationales).save_to_disk(str(tmp_path / "in"))
+    capsys.readouterr()  # save_to_disk's progress bar
     base = ["compress", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
     base += ["--params", _params_file(cfg, tmp_path)]
     for extra, words in [

@@ -20,7 +20,13 @@ def cleanup():
 
 def test_the_page_has_a_block_per_call():
     text = "\n".join(BLOCKS)
-    for call in ("Compressor.from_pretrained", ".compress(", ".compress_dataset(", "generate_pruned(", "register_gate("):
+    for call in (
+        "Compressor.from_pretrained",
+        ".compress(",
+        ".compress_dataset(",
+        "generate_pruned(",
+        "register_gate(",
+    ):
         assert call in text, call
 
 
