@@ -115,6 +115,21 @@ def test_compress_on_standins_of_the_real_classes_keeps_what_stages_02_03_keep(f
     _check_same(comp.compress_dataset(_dataset(exs, rationales), 0.5, progress=False), ref)
 
 
+def test_a_second_call_with_the_same_out_dir_reads_the_scored_shards_back(
+    tiny_teacher, tmp_path, monkeypatch
+):
+    import vskip_core.stages.scoring as stage_02
+
+    cfg, exs, rationales = _embedded(tiny_teacher, 4)
+    comp = Compressor.from_pretrained("embedded", cfg)
+    ds = _dataset(exs, rationales)
+    first = comp.compress_dataset(ds, 0.5, out_dir=tmp_path / "shards", progress=False)
+    assert list((tmp_path / "shards" / stage_02.SHARD_DIR).glob("*.parquet"))
+    monkeypatch.setattr(stage_02, "_score_chunk", lambda *a: pytest.fail("scored again instead of resuming"))
+    again = comp.compress_dataset(ds, 0.5, out_dir=tmp_path / "shards", progress=False)
+    assert again["compressed_rationale"] == first["compressed_rationale"]
+
+
 def test_rationales_are_written_by_the_model_when_the_column_is_absent(tiny_teacher):
     cfg, exs, _ = _embedded(tiny_teacher, 3)
     comp = Compressor.from_pretrained("embedded", cfg)

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from vskip_core.common.artifacts import load_scores
 from vskip_core.common.external import external_columns, with_external_columns
 from vskip_core.config import DEFAULT_PARAMS, Config, load_params
 from vskip_core.method.gating import GateError, column_fix, keep_mask, method_columns
@@ -34,7 +33,6 @@ from vskip_core.modeling.loading import Loaded, load_model
 from vskip_core.modeling.prompts import user_text
 from vskip_core.registry import GATES, PRUNERS, UnknownName
 from vskip_core.runtime import progress as tqdm
-from vskip_core.runtime import resolve_path
 from vskip_core.stages.pruning import generate_pruned as _generate_pruned
 from vskip_core.stages.scoring import score_rationales
 from vskip_core.teacher import build_teacher
@@ -442,11 +440,3 @@ def generate_pruned(
     )
     out = recs if return_record else [r["text"] for r in recs]
     return out if batch else out[0]
-
-
-def load_scores_rows(run: str | os.PathLike) -> list[dict[str, Any]]:
-    """The scored rows of a run's stage 02 (scores.parquet, without the per-layer columns)."""
-    from vskip_core.config import REPO_ROOT
-
-    run_dir = Path(run) if Path(run).is_dir() else resolve_path(f"results/{run}", REPO_ROOT)
-    return load_scores(Path(run_dir) / "02_dual_scoring", per_layer=False).to_dict("records")
