@@ -70,7 +70,7 @@ REMOVED_KEYS = {
     "generation.top_p": "nothing: every decode is greedy (modeling.decoding.decoding_config)",
     "scoring.word_anchoring": "nothing: a word's anchoring is the max over its tokens (method.gating._WORD_RULE)",
     "scoring.store_all_layers": "nothing: stage 02 always stores every candidate layer's anchoring",
-    "gate.external_batch_size": "stages.distillation.EXTERNAL_BATCH_SIZE (32)",
+    "gate.external_batch_size": "common.external.EXTERNAL_BATCH_SIZE (32)",
     "eval.seed": "runtime.seed (seeds the MMMU random-choice fallback)",
     "prune.num_threads": "runtime.num_threads (benchmarks/bench_visual_tokens.py --threads)",
     "prune.student_adapter": "nothing: stage 07 combines the vskip student (stages.pruning.STUDENT_ADAPTER)",

@@ -83,7 +83,7 @@ def train_tokenizer(
 
 # ----------------------------------------------------------------------------------------------- prompts
 RATIO_TEMPLATE = (
-    "Keep {ratio} of the reasoning."  # a student's compression ratio (stages.distillation.ratio_prompt)
+    "Keep {ratio} of the reasoning."  # a student's compression ratio (common.students.ratio_prompt)
 )
 
 

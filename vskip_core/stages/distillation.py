@@ -371,7 +371,7 @@ def _dataset_readme(card: dict[str, Any]) -> str:
         f"# Distillation data: method `{card['method']}`",
         "",
         f"{card['n']} examples. Prompt: question + `{RATIO_TEMPLATE}` "
-        "(vskip_core.stages.distillation.ratio_prompt); target: compressed teacher rationale + answer line.",
+        "(vskip_core.common.students.ratio_prompt); target: compressed teacher rationale + answer line.",
         "",
         "| ratio | n | mean target tokens | mean full tokens | actual ratio |",
         "|---|---|---|---|---|",

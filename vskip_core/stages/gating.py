@@ -203,7 +203,7 @@ def gateable_rows(records: Sequence[dict], cfg: Config) -> tuple[list[Scored], C
 
 
 def external_scores(cfg: Config, scores, search_dirs=()):
-    """`scores` (stage 02's frame) with the external scorers' columns (`stages.distillation.with_external_columns`):
+    """`scores` (stage 02's frame) with the external scorers' columns (`common.external.with_external_columns`):
     `surprisal_external` from SmolLM2 (the question as context, no image) and `keep_prob_llmlingua2` when
     llmlingua2 is in gate.methods or distill.methods (an unavailable model then raises) or its model is local.
     Returns (frame, facts for metrics.json: SmolLM2's source and timings, LLMLingua-2's source and status)."""

@@ -345,7 +345,7 @@ def score_rationales(
     """Score every rationale (batched teacher-forced passes, `scoring.batch_size` per pass, progress bar).
 
     `records` are 01's rationale records (id, family, rationale, anchors, ...), `examples` the benchmark
-    examples behind them, aligned (`vskip_core.stages.generation.example_for`). Rationales that cannot be
+    examples behind them, aligned (`vskip_core.common.artifacts.example_for`). Rationales that cannot be
     scored are skipped and counted in `df.attrs["skipped"]`: empty text, no final answer line, no image. With
     `require_answer_line=False` (smoke runs, `generation.keep: all`) a rationale without an answer line is
     scored anyway with `answer_start` = its length, and counted as `no_answer_line_kept`. With `out_dir`,
