@@ -1,6 +1,7 @@
 import pytest
 
 from vskip_core.config import DEFAULT_PARAMS, ParamsError, load_params, resolve_notebook_args
+from vskip_core.method import gating  # noqa: F401  (the built-in names the params are checked against)
 
 
 def test_defaults_and_extends():
