@@ -52,7 +52,6 @@ Quantization = Literal["none", "nf4"]
 Attention = Literal["eager", "sdpa"]
 Reduce = Literal["sum", "mean", "max"]
 # Gate methods and pruners are names in `vskip_core.registry` (GATES, PRUNERS), checked by `_check_registered`.
-PruneMethod = Literal["fastv", "divprune", "zspaprune"]  # the base pruners of vskip_core.method.pruning
 # Why a choice is limited, added to the error for a value outside it.
 _CHOICE_NOTES = {"data.mmmu_split": "test answers are hidden"}
 # Fields removed from the params (issue 16: knobs nobody set, duplicates, benchmark-only settings) and what
@@ -551,9 +550,9 @@ class PruneConfig:
 
     The exact rules (and which layers each prunes) are in the vskip_core.method.pruning docstring."""
 
-    methods: list[PruneMethod] = field(
+    methods: list[str] = field(
         default_factory=lambda: ["fastv", "divprune", "zspaprune"]
-    )  # base pruners compared, each also with +dstp
+    )  # base pruners compared (registry.PRUNERS), each also with +dstp
     retentions: list[float] = field(
         default_factory=lambda: [0.666, 0.333, 0.111]
     )  # fraction of visual tokens kept: k = max(1, round(retention * n_visual))
@@ -582,6 +581,7 @@ class PruneConfig:
     student_ratio: float = 0.5  # the compression ratio the student is asked for (distill.ratio_prompt)
 
     def validate(self) -> None:
+        _check_registered(self.methods, registry.PRUNERS, "prune.methods")
         _check(
             len(self.retentions) > 0 and all(0 < r <= 1 for r in self.retentions),
             "prune.retentions",
