@@ -55,8 +55,8 @@ corpus keeps gamma of its tokens.
 
 **Adding a method.** A method is a `GateMethod` entry: the (path, score column) pairs it reads, its `rule`
 (union, intersection or rank: the selection code dispatches on the rule, never on a name) and, for a score
-that is computed, a `unit_scores(ctx) -> one score per unit` function; its label and colour go to every table and
-figure (`registry.display`). One file registers it; import it before loading params that name it:
+that is computed, a `unit_scores(ctx) -> one score per unit` function; its label and colour go to every
+table and figure (`registry.display`). One file registers it; import it before loading params naming it:
 
     import numpy as np
     from vskip_core.method.gating import register_gate
@@ -109,7 +109,7 @@ _FIXED_WORD_RULES = ("max", "mean", "sum")
 
 
 class UnitContext(NamedTuple):
-    """What a method's `unit_scores` function is given for one row (or one pooled corpus)."""
+    """What a method's `unit_scores` function is given for one row (corpus mode pools the rows' scores)."""
 
     row: Scored  # the row: id, text, offsets, word_ids, score columns
     unit: np.ndarray  # unit (word or token) index of each token
