@@ -399,6 +399,8 @@ class GateConfig:
     split: Literal["share", "symmetric"] = "share"
     force_keep_answer: bool = True  # always keep the final answer line
     force_keep_digits: bool = False  # always keep digit tokens
+    # gate methods notebook 03 compares: the registry's default ones (method.gating.default_methods). The hub
+    # params add llmlingua2 (LLMLingua-2, a 2.2 GB download); vskip_delta, vskip_gain vary V-Skip's visual path
     methods: list[str] = field(
         default_factory=lambda: [
             "vskip",
@@ -410,9 +412,8 @@ class GateConfig:
             "random",
             "vskip_delta",
             "vskip_gain",
-        ]  # fmt: skip
-    )  # gate methods notebook 03 compares (registry.GATES; the default ones. The hub params add llmlingua2,
-    # LLMLingua-2, a 2.2 GB download; vskip_delta and vskip_gain are variants of V-Skip's visual path)
+        ]
+    )
     gammas: list[float] = field(
         default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.9]
     )  # retention ratios of the gamma sweep

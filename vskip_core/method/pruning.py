@@ -362,9 +362,7 @@ register_pruner("zspaprune", "prompt-aware", "#54a24b", "pre_lm", _prompt_aware,
 class PruneSpec:
     """Which visual tokens stay: the method, the retention, DSTP on/off, and how it is executed."""
 
-    method: str = (
-        "none"  # none (the unpruned control) or a registered pruner: fastv, divprune, zspaprune, ...
-    )
+    method: str = "none"  # none (unpruned) or a registered pruner: fastv, divprune, zspaprune, ...
     retention: float = 1.0  # fraction of visual tokens kept, in (0, 1]
     dstp: bool = False  # re-select the visual tokens in use during decoding
     variant: str = "drop"  # drop (shorter sequence and cache: real savings) or mask (full length, masked)
@@ -381,9 +379,8 @@ class PruneSpec:
 
     def __post_init__(self) -> None:
         if self.method != "none" and self.method not in registry.PRUNERS:
-            raise ValueError(
-                f"unknown pruning method {self.method!r}; {registry.PRUNERS.unknown(self.method)}"
-            )
+            why = registry.PRUNERS.unknown(self.method).removeprefix(f"unknown {registry.PRUNERS.kind} ")
+            raise ValueError(f"unknown pruning method {why} ('none' runs unpruned)")
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; valid: {list(VARIANTS)}")
         object.__setattr__(self, "retention", check_retention(self.retention))
