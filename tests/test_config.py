@@ -1,6 +1,7 @@
 import pytest
 
 from vskip_core.config import DEFAULT_PARAMS, ParamsError, load_params, resolve_notebook_args
+from vskip_core.method import gating, pruning  # noqa: F401  (the built-in names the params are checked against)
 
 
 def test_defaults_and_extends():
@@ -74,8 +75,7 @@ def test_removed_keys_are_refused_with_their_replacement(tmp_path):
 def test_choices_are_checked_from_the_type_however_the_config_was_built():
     import typing
 
-    from vskip_core.config import ModelFamily, PruneMethod
-    from vskip_core.method.pruning import METHODS
+    from vskip_core.config import ModelFamily
     from vskip_core.modeling.adapters import ADAPTERS
 
     cfg = load_params("params/smoke.yaml")
@@ -83,7 +83,23 @@ def test_choices_are_checked_from_the_type_however_the_config_was_built():
     with pytest.raises(ParamsError, match=r"model\.attn_implementation: must be one of \['eager', 'sdpa'\]"):
         cfg.validate()
     assert set(typing.get_args(ModelFamily)) == {"auto", *ADAPTERS}  # the choices follow the registries
-    assert set(typing.get_args(PruneMethod)) == set(METHODS) - {"none"}
+    cfg = load_params("params/smoke.yaml")
+    cfg.prune.methods = ["fastv", "none"]  # none is the unpruned control, always run: not a pruner to compare
+    with pytest.raises(ParamsError, match=r"prune\.methods\[1\]: must be one of the registered pruners"):
+        cfg.validate()
+    cfg = load_params("params/smoke.yaml")
+    cfg.distill.methods = ["text_onyl"]
+    with pytest.raises(ParamsError, match=r"distill\.methods\[0\]: .*did you mean 'text_only'"):
+        cfg.validate()
+
+
+def test_gate_and_prune_defaults_are_the_registered_defaults():
+    from vskip_core import registry
+    from vskip_core.config import Config
+    from vskip_core.method.gating import default_methods
+
+    assert Config().gate.methods == default_methods() == [n for n in registry.GATES if n != "llmlingua2"]
+    assert Config().prune.methods == list(registry.PRUNERS.names())
 
 
 def test_bad_files(tmp_path):

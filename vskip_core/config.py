@@ -2,8 +2,9 @@
 
 Order of precedence: dataclass defaults < YAML file (and the files it extends) < overrides. The dataclass
 defaults are the default run (params/default.yaml sets nothing). Unknown keys, wrong types, values outside a
-field's `Literal[...]` choices and out-of-range values raise `ParamsError`, which names the key and, for a
-misspelling, the nearest valid key or value. Nothing is silently ignored.
+field's `Literal[...]` choices, names no registry holds (gate methods, pruners: `vskip_core.registry`) and
+out-of-range values raise `ParamsError`, which names the key and, for a misspelling, the nearest valid key or
+value. Nothing is silently ignored.
 
     cfg = load_params("params/default.yaml", {"gate.gamma": 0.5})
     cfg.gate.gamma  # 0.5
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from vskip_core import registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = "params/default.yaml"
@@ -48,18 +51,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["none", "nf4"]
 Attention = Literal["eager", "sdpa"]
 Reduce = Literal["sum", "mean", "max"]
-# Compression methods of vskip_core.method.gating (the one list; gating.METHODS is built from it). LLMLingua-2 needs its
-# model (a 2.2 GB download), so it is valid but not in the default comparison. vskip_delta and vskip_gain are variants of
-# V-Skip's visual path (anchoring minus its blank-image value; surprisal gain from the image), not the paper's rule.
-GateMethod = Literal[
-    "vskip", "text_only", "external_lm", "visual_only", "intersection", "weighted", "random",
-    "vskip_delta", "vskip_gain",
-]  # fmt: skip
-OptionalGateMethod = Literal["llmlingua2"]
-AnyGateMethod = Literal[GateMethod, OptionalGateMethod]
-GATE_METHODS = typing.get_args(GateMethod)
-OPTIONAL_GATE_METHODS = typing.get_args(OptionalGateMethod)
-PruneMethod = Literal["fastv", "divprune", "zspaprune"]  # the base pruners of vskip_core.method.pruning
+# Gate methods and pruners are names in `vskip_core.registry` (GATES, PRUNERS), checked by `_check_registered`.
 # Why a choice is limited, added to the error for a value outside it.
 _CHOICE_NOTES = {"data.mmmu_split": "test answers are hidden"}
 # Fields removed from the params (issue 16: knobs nobody set, duplicates, benchmark-only settings) and what
@@ -407,9 +399,21 @@ class GateConfig:
     split: Literal["share", "symmetric"] = "share"
     force_keep_answer: bool = True  # always keep the final answer line
     force_keep_digits: bool = False  # always keep digit tokens
-    methods: list[AnyGateMethod] = field(
-        default_factory=lambda: list(GATE_METHODS)
-    )  # methods notebook 03 compares (GATE_METHODS; the hub params files add llmlingua2, LLMLingua-2)
+    # gate methods notebook 03 compares: the registry's default ones (method.gating.default_methods). The hub
+    # params add llmlingua2 (LLMLingua-2, a 2.2 GB download); vskip_delta, vskip_gain vary V-Skip's visual path
+    methods: list[str] = field(
+        default_factory=lambda: [
+            "vskip",
+            "text_only",
+            "external_lm",
+            "visual_only",
+            "intersection",
+            "weighted",
+            "random",
+            "vskip_delta",
+            "vskip_gain",
+        ]
+    )
     gammas: list[float] = field(
         default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.9]
     )  # retention ratios of the gamma sweep
@@ -424,6 +428,7 @@ class GateConfig:
     llmlingua2_model: str = "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"
 
     def validate(self) -> None:
+        _check_registered(self.methods, registry.GATES, "gate.methods")
         _check(0 < self.gamma <= 1, "gate.gamma", f"must be in (0, 1], got {self.gamma}")
         _check(0 <= self.text_share <= 1, "gate.text_share", f"must be in [0, 1], got {self.text_share}")
         _check(
@@ -444,7 +449,7 @@ class DistillConfig:
     measured against: docs/RESULTS.md ("Distillation recipe on the embedded student")."""
 
     student: str = "embedded"  # student base model: embedded (the teacher's weights) or a hub id / local dir
-    methods: list[AnyGateMethod] = field(
+    methods: list[str] = field(
         default_factory=lambda: ["vskip", "text_only", "external_lm"]
     )  # gate methods, one student each (the full-rationale control `full` is always added); also e.g.
     # visual_only, random (stage 03 compares every method at the gate level)
@@ -484,6 +489,7 @@ class DistillConfig:
 
     def validate(self) -> None:
         _check(len(self.methods) > 0, "distill.methods", "must name at least one gate method")
+        _check_registered(self.methods, registry.GATES, "distill.methods")
         _check(
             len(self.ratios) > 0 and all(0 < r <= 1 for r in self.ratios),
             "distill.ratios",
@@ -545,9 +551,9 @@ class PruneConfig:
 
     The exact rules (and which layers each prunes) are in the vskip_core.method.pruning docstring."""
 
-    methods: list[PruneMethod] = field(
+    methods: list[str] = field(
         default_factory=lambda: ["fastv", "divprune", "zspaprune"]
-    )  # base pruners compared, each also with +dstp
+    )  # base pruners compared (registry.PRUNERS), each also with +dstp
     retentions: list[float] = field(
         default_factory=lambda: [0.666, 0.333, 0.111]
     )  # fraction of visual tokens kept: k = max(1, round(retention * n_visual))
@@ -576,6 +582,7 @@ class PruneConfig:
     student_ratio: float = 0.5  # the compression ratio the student is asked for (distill.ratio_prompt)
 
     def validate(self) -> None:
+        _check_registered(self.methods, registry.PRUNERS, "prune.methods")
         _check(
             len(self.retentions) > 0 and all(0 < r <= 1 for r in self.retentions),
             "prune.retentions",
@@ -709,6 +716,22 @@ HASH_NEUTRAL: dict[tuple[str, str], Any] = {
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ParamsError(f"{key}: {msg}")
+
+
+def _check_registered(names: list[str], reg: registry.Registry, key: str) -> None:
+    """Every name is registered in `reg`. Checked once the registry holds entries: the built-ins register when
+    `vskip_core.method.gating` / `.pruning` is imported, which every stage and the pipeline do first."""
+    if not len(reg):
+        return
+    valid = list(reg.names())
+    for i, name in enumerate(names):
+        if name not in reg:
+            near = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ParamsError(
+                f"{key}[{i}]: must be one of the registered {reg.kind}s {valid}, got {name!r}{hint} "
+                f"(to add one: {reg.how_to_add})"
+            )
 
 
 def _section_types(cls) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 from vskip_core.arguments import parse_sets
 from vskip_core.config import ENV_PARAMS, ENV_RUN, REPO_ROOT, STAGE_READS, ParamsError, load_params
 from vskip_core.infra.plan import PlanError, print_plan
+from vskip_core.method import gating, pruning  # noqa: F401  (register the built-ins params are checked against)
 from vskip_core.runtime import (
     ENV_LIVE,
     atomic_write_json,

@@ -17,6 +17,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from vskip_core.config import TEACHER_PHASES  # noqa: E402
+from vskip_core.registry import display  # noqa: E402
 
 ANCHOR_COLOURS = {
     "colour": "#e45756",
@@ -217,21 +218,13 @@ def attention_overlays(items: list[dict[str, Any]], path=None, cols: int = 4):
     return _save(fig, path)
 
 
-METHOD_COLOURS = {  # one colour per system in every figure of 05 and 06
-    "teacher": "#222222",
-    "direct": "#7f7f7f",
-    "full": "#8c564b",
-    "vskip": "#1f77b4",
-    "text_only": "#ff7f0e",
-    "external_lm": "#2ca02c",
-    "visual_only": "#9467bd",
-    "llmlingua2": "#d62728",
-    "random": "#bcbd22",
-}
-
-
 def _colour(method: str) -> str:
-    return METHOD_COLOURS.get(method, "#17becf")
+    """One colour per system in every figure of 05 and 06: the registered one (`registry.display`)."""
+    return display(method).colour
+
+
+def _label(method: str) -> str:
+    return display(method).label
 
 
 def system_label(frame: pd.DataFrame) -> pd.Series:
@@ -247,15 +240,22 @@ def accuracy_vs_ratio(df: pd.DataFrame, path=None):
     d["score"] = d[cols].mean(axis=1)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     students = d[d.ratio.notna() & (d.method != "full")]
-    sns.lineplot(data=students, x="act_ratio", y="score", hue="method", marker="o", ax=ax,
-                 palette={m: _colour(m) for m in students.method.unique()})  # fmt: skip
+    shown = students.assign(method=students.method.map(_label))
+    sns.lineplot(data=shown, x="act_ratio", y="score", hue="method", marker="o", ax=ax,
+                 palette={_label(m): _colour(m) for m in students.method.unique()})  # fmt: skip
     # the teacher writes its own full rationale (ActRatio 1 by definition), direct answers write none (0)
     for name, marker, x in (("teacher", "*", 1.0), ("full", "D", None), ("direct", "X", 0.0)):
         r = d[d.method == name]
         if len(r):
             xv = float(r.act_ratio.iloc[0]) if x is None and pd.notna(r.act_ratio.iloc[0]) else (x or 0.0)
             ax.scatter(
-                [xv], r.score.iloc[:1], marker=marker, s=120, color=_colour(name), zorder=5, label=name
+                [xv],
+                r.score.iloc[:1],
+                marker=marker,
+                s=120,
+                color=_colour(name),
+                zorder=5,
+                label=_label(name),
             )
     ax.set_xlim(-0.05, max(1.15, float(d.act_ratio.max(skipna=True) or 1) + 0.1))
     ax.margins(y=0.15)
@@ -303,7 +303,7 @@ def ratio_curves(curves: dict[str, list[dict[str, Any]]], at: float | None = Non
             xe, ye = np.clip(np.array(xe).T, 0, None), np.clip(np.array(ye).T, 0, None)
             ax.errorbar(xs, ys, xerr=xe, yerr=ye, color=_colour(m), capsize=2,
                         marker={"direct": "X", "full": "D"}.get(m, "o"), ms=7 if single else 4,
-                        ls="none" if single else "-", lw=1.2, label=m)  # fmt: skip
+                        ls="none" if single else "-", lw=1.2, label=_label(m))  # fmt: skip
         if at is not None:
             ax.axvline(at, color="#999999", ls="--", lw=0.8)
         ax.set_title(title, fontsize=9)
@@ -335,7 +335,7 @@ def category_bars(table: pd.DataFrame, value: str, title: str, path=None):
         err = None
         if f"{value}_lo" in sub:
             err = np.vstack([sub[value] - sub[f"{value}_lo"], sub[f"{value}_hi"] - sub[value]]).clip(min=0)
-        ax.bar(x, sub[value], w, yerr=err, capsize=2, color=_colour(m), label=m)
+        ax.bar(x, sub[value], w, yerr=err, capsize=2, color=_colour(m), label=_label(m))
     ax.set_xticks(np.arange(len(cats)), cats, rotation=30, ha="right", fontsize=8)
     ax.axhline(0, color="#444444", lw=0.6)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -364,8 +364,8 @@ def varr_bars(df: pd.DataFrame, ratio: float, path=None):
     long = d.melt(id_vars=["method"], value_vars=cols, var_name="attribute", value_name="VARR")
     long["attribute"] = long.attribute.str[5:]
     fig, ax = plt.subplots(figsize=(9, 3.8))
-    sns.barplot(data=long, x="attribute", y="VARR", hue="method", ax=ax,
-                palette={m: _colour(m) for m in long.method.unique()})  # fmt: skip
+    sns.barplot(data=long.assign(method=long.method.map(_label)), x="attribute", y="VARR", hue="method", ax=ax,
+                palette={_label(m): _colour(m) for m in long.method.unique()})  # fmt: skip
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, not over them
     ax.set_title(f"visual attribute retention of generated rationales (students at ratio {ratio:g})")

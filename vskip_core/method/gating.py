@@ -38,20 +38,36 @@ reading: one percentile p on both paths (a unit is kept when its surprisal or it
 pooled fixes one tau_text and one tau_visual for the corpus; each row then keeps what clears them, and the
 corpus keeps gamma of its tokens.
 
-**Methods** (`METHODS`), all through the same budget and forced keeps:
+**Methods**, all through the same budget and forced keeps (registered in `registry.GATES`, in this order):
 
-| method       | keeps the units ranked highest by                                                  |
-|--------------|------------------------------------------------------------------------------------|
-| vskip        | surprisal OR anchoring, as above                                                   |
-| text_only    | surprisal (the blind TokenSkip / ASCoT-style metric)                               |
-| external_lm  | `surprisal_external`: a text-only LM that never sees the image (method.external_lm) |
-| visual_only  | anchoring (the paper's lower bound)                                                |
-| intersection | surprisal AND anchoring: both thresholds lowered together, rank by rank            |
-| weighted     | text_share * pct(surprisal) + (1 - text_share) * pct(anchoring); pct = rank / (units - 1) within the rationale |
-| random       | uniform scores seeded by (seed, row id): the same row gets the same draw in any order |
-| llmlingua2   | LLMLingua-2's p(keep) (`keep_prob_llmlingua2`, word value = mean), the paper's main baseline |
-| vskip_delta  | variant: surprisal OR (anchoring - the same token's anchoring on a blank image): position-free |
-| vskip_gain   | variant: surprisal OR (surprisal without the image - with it): "hard to predict from text alone but certain given the image", read literally |
+| method       | rule         | keeps the units ranked highest by                                                  |
+|--------------|--------------|------------------------------------------------------------------------------------|
+| vskip        | union        | surprisal OR anchoring, as above                                                   |
+| text_only    | rank         | surprisal (the blind TokenSkip / ASCoT-style metric)                               |
+| external_lm  | rank         | `surprisal_external`: a text-only LM that never sees the image (method.external_lm) |
+| visual_only  | rank         | anchoring (the paper's lower bound)                                                |
+| intersection | intersection | surprisal AND anchoring: both thresholds lowered together, rank by rank            |
+| weighted     | rank         | text_share * pct(surprisal) + (1 - text_share) * pct(anchoring); pct = rank / (units - 1) within the rationale |
+| random       | rank         | uniform scores seeded by (seed, row id): the same row gets the same draw in any order |
+| vskip_delta  | union        | variant: surprisal OR (anchoring - the same token's anchoring on a blank image): position-free |
+| vskip_gain   | union        | variant: surprisal OR (surprisal without the image - with it): "hard to predict from text alone but certain given the image", read literally |
+| llmlingua2   | rank         | LLMLingua-2's p(keep) (`keep_prob_llmlingua2`, word value = mean), the paper's main baseline; not default (a 2.2 GB model) |
+
+**Adding a method.** A method is a `GateMethod` entry: the (path, score column) pairs it reads, its `rule`
+(union, intersection or rank: the selection code dispatches on the rule, never on a name) and, for a score
+that is computed, a `unit_scores(ctx) -> one score per unit` function; its label and colour go to every
+table and figure (`registry.display`). One file registers it; import it before loading params naming it:
+
+    import numpy as np
+    from vskip_core.method.gating import register_gate
+
+    def _longest(ctx):  # ctx: UnitContext (row, unit of each token, n_units, path values, gate, seed)
+        chars = ctx.row.offsets[:, 1] - ctx.row.offsets[:, 0]
+        return np.bincount(ctx.unit, weights=chars, minlength=ctx.n_units)
+
+    register_gate("longest_words", "longest words", "#e377c2", rule="rank", unit_scores=_longest)
+    # reading a new score column: paths=[("text", "my_col")], word_rules={"my_col": "max"},
+    # fix={"my_col": "how to add it"}
 
 **Measures** of what a mask keeps (the rebuilt text `compress_text`, `actual_ratio`, `varr_text`) are pure functions
 in `vskip_core.metrics`; sweeps over methods and gammas, and notebook 03's ablations, in
@@ -69,36 +85,18 @@ import dataclasses
 import math
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from vskip_core.config import GATE_METHODS, OPTIONAL_GATE_METHODS, Config, GateConfig, ScoringConfig
+from vskip_core import registry
+from vskip_core.config import Config, GateConfig, ScoringConfig
 from vskip_core.runtime import is_missing
 
-METHODS = (*GATE_METHODS, *OPTIONAL_GATE_METHODS)
-# score columns each method reads, as (path, column)
-_PATHS: dict[str, tuple[tuple[str, str], ...]] = {
-    "vskip": (("text", "surprisal"), ("visual", "anchoring")),
-    "text_only": (("text", "surprisal"),),
-    "external_lm": (("text", "surprisal_external"),),
-    "visual_only": (("visual", "anchoring"),),
-    "intersection": (("text", "surprisal"), ("visual", "anchoring")),
-    "weighted": (("text", "surprisal"), ("visual", "anchoring")),
-    "random": (),
-    "llmlingua2": (("text", "keep_prob_llmlingua2"),),
-    # variants of the visual path, through the union gate: position-free anchoring, and the surprisal gain
-    "vskip_delta": (("text", "surprisal"), ("visual", "anchoring_delta")),
-    "vskip_gain": (("text", "surprisal"), ("visual", "surprisal_gain")),
-}
-# the methods that keep a unit when either path clears its threshold
-UNION_METHODS = ("vskip", "vskip_delta", "vskip_gain")
-SCORE_COLUMNS = (
-    "surprisal", "anchoring", "surprisal_external", "keep_prob_llmlingua2", "anchoring_delta", "surprisal_gain",
-)  # fmt: skip
-# how a column's token values become word values: a ScoringConfig field, or a fixed rule
+RULES = ("union", "intersection", "rank")  # how a method's per-unit scores become a keep set (`_select`)
+# how a built-in score column's token values become word values: a ScoringConfig field, or a fixed rule
 _WORD_RULE = {
     "surprisal": "word_surprisal",
     "surprisal_external": "word_surprisal",
@@ -107,22 +105,140 @@ _WORD_RULE = {
     "anchoring_delta": "max",
     "surprisal_gain": "word_surprisal",
 }
-_FIX = {
-    "surprisal_external": "add it with vskip_core.stages.gating.external_scores (notebook 03 does)",
-    "keep_prob_llmlingua2": "add it with vskip_core.stages.gating.external_scores, llmlingua2 in gate.methods",
-    "anchoring_delta": "stage 02 writes it with scoring.blank_image on (the blank-image pass)",
-    "surprisal_gain": "stage 02 writes it with scoring.blank_image on (the blank-image pass)",
-}
+_FIXED_WORD_RULES = ("max", "mean", "sum")
+
+
+class UnitContext(NamedTuple):
+    """What a method's `unit_scores` function is given for one row (corpus mode pools the rows' scores)."""
+
+    row: Scored  # the row: id, text, offsets, word_ids, score columns
+    unit: np.ndarray  # unit (word or token) index of each token
+    n_units: int
+    values: dict[str, np.ndarray]  # per-unit values of the method's `paths`, by path name
+    gate: GateConfig
+    seed: int
+
+
+@dataclass(frozen=True)
+class GateMethod:
+    """A gate method as the registry holds it: the score columns it reads and the rule that turns their
+    per-unit values into a keep set, under the shared budget and forced keeps.
+
+    rule "union": keep a unit when its `text` OR its `visual` path clears its threshold (V-Skip's gate, with
+    `gate.text_share` / `gate.split`); "intersection": both paths, lowered together rank by rank; "rank": one
+    score per unit, the top units kept: the single path's values, or `unit_scores(ctx) -> np.ndarray` when the
+    score is computed (random, weighted)."""
+
+    name: str
+    label: str  # how tables and figures name it (registry.display)
+    colour: str
+    # (path, score column) pairs it reads; union and intersection read two paths named text and visual
+    paths: tuple[tuple[str, str], ...] = ()
+    rule: str = "rank"  # union | intersection | rank
+    # rank only: one score per unit (higher = keep), for a score computed rather than read
+    unit_scores: Callable[[UnitContext], np.ndarray] | None = None
+    # a new column's word value: max, mean, sum, or a ScoringConfig field (word_surprisal); default _WORD_RULE
+    word_rules: Mapping[str, str] = field(default_factory=dict)
+    fix: Mapping[str, str] = field(default_factory=dict)  # column -> how to add it when a row lacks it
+    default: bool = True  # in the default comparison (gate.methods)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "paths", tuple((str(p), str(c)) for p, c in self.paths))
+        where = f"gate method {self.name!r}"
+        if self.rule not in RULES:
+            raise ValueError(f"{where}: rule must be one of {list(RULES)}, got {self.rule!r}")
+        names = [p for p, _ in self.paths]
+        if self.rule in ("union", "intersection") and (
+            sorted(names) != ["text", "visual"] or self.unit_scores
+        ):
+            raise ValueError(
+                f"{where}: rule {self.rule!r} reads two paths named text and visual, no unit_scores"
+            )
+        if self.rule == "rank" and not (self.unit_scores or len(names) == 1):
+            raise ValueError(f"{where}: rule 'rank' needs one path, or a unit_scores function")
+        if len(set(names)) != len(names):
+            raise ValueError(f"{where}: path names repeat: {names}")
+        scoring_fields = {f.name for f in dataclasses.fields(ScoringConfig)}
+        for col in self.columns:
+            how = self.word_rule(col)
+            if how is None or not (how in _FIXED_WORD_RULES or how in scoring_fields):
+                raise ValueError(
+                    f"{where}: column {col!r} needs a word rule (word_rules={{{col!r}: 'max'}}: max, mean, sum, "
+                    f"or a scoring field such as 'word_surprisal'), got {how!r}"
+                )
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(col for _, col in self.paths)
+
+    def word_rule(self, column: str) -> str | None:
+        return self.word_rules.get(column, _WORD_RULE.get(column))
+
+
+def register_gate(
+    name: str,
+    label: str,
+    colour: str,
+    paths: Sequence[tuple[str, str]] = (),
+    rule: str = "rank",
+    unit_scores: Callable[[UnitContext], np.ndarray] | None = None,
+    word_rules: Mapping[str, str] | None = None,
+    fix: Mapping[str, str] | None = None,
+    default: bool = True,
+    replace: bool = False,
+) -> GateMethod:
+    """Register a gate method under `name` (config, gating and stage 03 accept it) with its label and colour."""
+    method = GateMethod(
+        name, label, colour, tuple(paths), rule, unit_scores, dict(word_rules or {}), dict(fix or {}), default
+    )
+    registry.GATES.register(name, method, replace=replace)
+    registry.register_display(name, label, colour)
+    return method
+
+
+def unregister_gate(name: str) -> None:
+    registry.GATES.unregister(name)
+    registry.DISPLAY.pop(name, None)
+
+
+def gate_method(name: str) -> GateMethod:
+    """The registered method; an unknown name raises the registry's error (the names, the nearest one)."""
+    return registry.GATES.get(name)
+
+
+def default_methods() -> list[str]:
+    """The registered methods of the default comparison, in registration order."""
+    return [n for n in registry.GATES if registry.GATES.get(n).default]
+
+
+def score_columns() -> tuple[str, ...]:
+    """Every score column a registered method reads (what `as_scored` takes from a row)."""
+    return tuple(dict.fromkeys(c for n in registry.GATES for c in registry.GATES.get(n).columns))
 
 
 def method_columns(method: str) -> tuple[str, ...]:
     """The score columns a gate method reads."""
-    return tuple(col for _, col in _PATHS[method])
+    return gate_method(method).columns
 
 
 def column_fix(column: str) -> str:
     """How to add a score column a row lacks."""
-    return _FIX.get(column, "run stage 02")
+    for n in registry.GATES:
+        fix = registry.GATES.get(n).fix
+        if column in fix:
+            return fix[column]
+    return "run stage 02"
+
+
+def _word_rule(column: str) -> str:
+    """A column's word rule: the built-in one, else the first registered method's that reads the column."""
+    if column in _WORD_RULE:
+        return _WORD_RULE[column]
+    for n in registry.GATES:
+        how = registry.GATES.get(n).word_rule(column)
+        if how is not None and column in registry.GATES.get(n).columns:
+            return how
+    raise ValueError(f"no word rule for score column {column!r}: no registered gate method reads it")
 
 
 class GateError(ValueError):
@@ -154,9 +270,7 @@ class Scored:
 
     def column(self, name: str) -> np.ndarray:
         if name not in self.columns:
-            raise GateError(
-                "missing_column", f"{self.id}: no {name!r} scores; {_FIX.get(name, 'run stage 02')}"
-            )
+            raise GateError("missing_column", f"{self.id}: no {name!r} scores; {column_fix(name)}")
         return self.columns[name]
 
     def with_scores(self, **columns: Sequence[float]) -> Scored:
@@ -186,7 +300,7 @@ def as_scored(row: Any) -> Scored:
     scored = Scored(rid, text, offsets, wids, ans, {}, str(get("family", "") or ""))
     if wids is not None and len(wids) != len(offsets):
         raise GateError("bad_row", f"{rid}: {len(wids)} word_ids for {len(offsets)} tokens")
-    for name in SCORE_COLUMNS:
+    for name in score_columns():
         v = get(name)
         if not is_missing(v):
             scored.columns[name] = _checked_values(scored, name, v)
@@ -258,18 +372,22 @@ def forced_tokens(row: Any, gate_cfg: Config | GateConfig) -> np.ndarray:
 
 
 def unit_scores(row: Scored, method: str, cfg: Config | GateConfig, unit: np.ndarray, seed: int = 0) -> dict:
-    """Per-unit scores of a method, keyed by path (text, visual, weighted or random); higher = keep."""
+    """Per-unit scores of a method, keyed by path (text, visual), or by the method's name when its
+    `unit_scores` computes one score (weighted, random); higher = keep."""
     gate, scoring = _sections(cfg)
+    m = gate_method(method)
     n_units = int(unit.max()) + 1 if len(unit) else 0
-    if method == "random":
-        return {"random": np.random.default_rng([seed, zlib.crc32(row.id.encode())]).random(n_units)}
     out = {}
-    for path, col in _PATHS[method]:
-        rule = _WORD_RULE[col]
+    for path, col in m.paths:
+        rule = m.word_rule(col)
         out[path] = _unit_values(row.column(col), unit, n_units, getattr(scoring, rule, rule))
-    if method == "weighted":
-        w = gate.text_share
-        return {"weighted": w * _pct(out["text"]) + (1 - w) * _pct(out["visual"])}
+    if m.unit_scores is not None:
+        scores = np.asarray(m.unit_scores(UnitContext(row, unit, n_units, out, gate, seed)), dtype=np.float64)
+        if scores.shape != (n_units,) or not np.isfinite(scores).all():
+            raise ValueError(
+                f"{method}: unit_scores must return {n_units} finite scores, got shape {scores.shape}"
+            )
+        return {m.name: scores}
     return out
 
 
@@ -277,7 +395,7 @@ def gate_values(row: Any, column: str, cfg: Config | GateConfig) -> np.ndarray:
     """Token-aligned values of a score column as the gate ranks them (the word's value at word level)."""
     row, scoring = as_scored(row), _sections(cfg)[1]
     unit, cost = _units(row, scoring.word_level)
-    rule = _WORD_RULE[column]
+    rule = _word_rule(column)
     return _unit_values(row.column(column), unit, len(cost), getattr(scoring, rule, rule))[unit]
 
 
@@ -332,7 +450,7 @@ def _fill_margin(
 
 def _select(
     scores: dict,
-    method: str,
+    rule: str,
     cost: np.ndarray,
     forced: np.ndarray,
     budget: int,
@@ -344,7 +462,7 @@ def _select(
     With `target` (gamma of the body + the forced answer line, per example) the margin is filled to the token; per corpus the thresholds
     alone decide."""
     taken, locked = forced.copy(), forced.copy()
-    if method in UNION_METHODS and split == "symmetric":
+    if rule == "union" and split == "symmetric":
         t, v = scores["text"], scores["visual"]
         pt, pv = _pct(t), _pct(v)
         margin = _desc(np.maximum(pt, pv))  # one percentile p lowered on both paths at once
@@ -354,7 +472,7 @@ def _select(
             "text": _lowest(t, np.flatnonzero(pt >= p)),
             "visual": _lowest(v, np.flatnonzero(pv >= p)),
         }
-    elif method in UNION_METHODS:
+    elif rule == "union":
         t, v = scores["text"], scores["visual"]
         f = cost[forced].sum()
         share = lambda total: f + text_share * (total - f)  # noqa: E731  (forced + the text path's share)
@@ -365,7 +483,7 @@ def _select(
         by_visual = _take_prefix(_desc(v), cost, taken, budget)
         thresholds = {"text": _lowest(t, by_text), "visual": _lowest(v, by_visual)}
         margin = _desc(v)
-    elif method == "intersection":
+    elif rule == "intersection":
         t, v = scores["text"], scores["visual"]
         rt, rv = np.argsort(_desc(t)), np.argsort(_desc(v))  # rank 0 = highest
         margin = np.lexsort((np.minimum(rt, rv), np.maximum(rt, rv)))  # both thresholds lowered together
@@ -384,11 +502,11 @@ def _lowest(x: np.ndarray, units: np.ndarray) -> float:
     return float(x[units].min()) if len(units) else math.inf  # inf: the path keeps nothing
 
 
-def _apply(scores: dict, method: str, thresholds: dict[str, float]) -> np.ndarray:
+def _apply(scores: dict, rule: str, thresholds: dict[str, float]) -> np.ndarray:
     """Fitted thresholds applied to one row's units (corpus mode)."""
-    if method in UNION_METHODS:
+    if rule == "union":
         return (scores["text"] >= thresholds["text"]) | (scores["visual"] >= thresholds["visual"])
-    if method == "intersection":
+    if rule == "intersection":
         return (scores["text"] >= thresholds["text"]) & (scores["visual"] >= thresholds["visual"])
     ((path, s),) = scores.items()
     return s >= thresholds[path]
@@ -407,8 +525,7 @@ class _Prepared(NamedTuple):
 def _prepare(row: Any, method: str, gamma: float | None, cfg: Config | GateConfig, seed: int) -> _Prepared:
     row = as_scored(row)
     gate, scoring = _sections(cfg)
-    if method not in METHODS:
-        raise ValueError(f"unknown gate method {method!r}; valid: {list(METHODS)}")
+    gate_method(method)  # an unknown name fails here, with the registered names
     gamma = gate.gamma if gamma is None else gamma
     if not 0 < gamma <= 1:
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")
@@ -467,7 +584,7 @@ def keep_mask(
     if thresholds is not None:
         if thresholds["method"] != method:
             raise ValueError(f"thresholds were fitted for {thresholds['method']!r}, not {method!r}")
-        return (forced | _apply(scores, method, thresholds["thresholds"]))[unit]
+        return (forced | _apply(scores, gate_method(method).rule, thresholds["thresholds"]))[unit]
     if gate.threshold_mode == "corpus":
         raise ValueError(
             "gate.threshold_mode is corpus: fit the thresholds on the corpus first, "
@@ -476,7 +593,14 @@ def keep_mask(
         )
     budget = _budget(row, gamma, cost, forced, gate)
     taken, _ = _select(
-        scores, method, cost, forced, budget, gate.text_share, kept_target(row, gamma, gate), gate.split
+        scores,
+        gate_method(method).rule,
+        cost,
+        forced,
+        budget,
+        gate.text_share,
+        kept_target(row, gamma, gate),
+        gate.split,
     )
     return taken[unit]
 
@@ -501,7 +625,8 @@ def fit_corpus_thresholds(
         raise GateError(
             "budget", f"the corpus's {cost[forced].sum()} forced tokens exceed gamma={gamma} of {n}"
         )
-    taken, thresholds = _select(scores, method, cost, forced, k, gate.text_share, split=gate.split)
+    rule = gate_method(method).rule
+    taken, thresholds = _select(scores, rule, cost, forced, k, gate.text_share, split=gate.split)
     return {
         "method": method,
         "gamma": gamma,
@@ -550,3 +675,47 @@ def usable_rows(
             continue
         kept.append(p.row)
     return kept, skipped
+
+
+# ------------------------------------------------------------------------------------------ built-ins
+def _random_scores(ctx: UnitContext) -> np.ndarray:
+    """Uniform scores seeded by (seed, row id): the same row gets the same draw in any order."""
+    return np.random.default_rng([ctx.seed, zlib.crc32(ctx.row.id.encode())]).random(ctx.n_units)
+
+
+def _weighted_scores(ctx: UnitContext) -> np.ndarray:
+    """text_share * pct(surprisal) + (1 - text_share) * pct(anchoring), percentiles within the rationale."""
+    w = ctx.gate.text_share
+    return w * _pct(ctx.values["text"]) + (1 - w) * _pct(ctx.values["visual"])
+
+
+_TEXT, _VISUAL = ("text", "surprisal"), ("visual", "anchoring")
+_BLANK_PASS = "stage 02 writes it with scoring.blank_image on (the blank-image pass)"
+# registration order is the default comparison's order (gate.methods); replace=True: a module reload redefines them
+register_gate("vskip", "vskip", "#1f77b4", (_TEXT, _VISUAL), "union", replace=True)
+register_gate("text_only", "text_only", "#ff7f0e", (_TEXT,), "rank", replace=True)
+register_gate(
+    "external_lm", "external_lm", "#2ca02c", [("text", "surprisal_external")], "rank",
+    fix={"surprisal_external": "add it with vskip_core.stages.gating.external_scores (notebook 03 does)"},
+    replace=True,
+)  # fmt: skip
+register_gate("visual_only", "visual_only", "#9467bd", (_VISUAL,), "rank", replace=True)
+register_gate("intersection", "intersection", "#e377c2", (_TEXT, _VISUAL), "intersection", replace=True)
+register_gate("weighted", "weighted", "#17becf", (_TEXT, _VISUAL), "rank", _weighted_scores, replace=True)
+register_gate("random", "random", "#bcbd22", (), "rank", _random_scores, replace=True)
+# variants of the visual path, through the union gate: position-free anchoring, and the surprisal gain
+register_gate(
+    "vskip_delta", "vskip_delta", "#aec7e8", (_TEXT, ("visual", "anchoring_delta")), "union",
+    fix={"anchoring_delta": _BLANK_PASS}, replace=True,
+)  # fmt: skip
+register_gate(
+    "vskip_gain", "vskip_gain", "#393b79", (_TEXT, ("visual", "surprisal_gain")), "union",
+    fix={"surprisal_gain": _BLANK_PASS}, replace=True,
+)  # fmt: skip
+# LLMLingua-2 needs its model (a 2.2 GB download): valid, but not in the default comparison
+register_gate(
+    "llmlingua2", "llmlingua2", "#d62728", [("text", "keep_prob_llmlingua2")], "rank",
+    fix={"keep_prob_llmlingua2":
+         "add it with vskip_core.stages.gating.external_scores, llmlingua2 in gate.methods"},
+    default=False, replace=True,
+)  # fmt: skip

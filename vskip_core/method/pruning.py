@@ -47,6 +47,23 @@ Rules (each a pure function below)
   `prune.dstp_interval` steps; every step with a shift threshold), Jaccard(the host's prefill selection, the
   host's own candidate T_t). Steps where the trigger cannot fire do no DSTP work at all.
 
+Registry
+    Each pruner is a `Pruner` in `registry.PRUNERS` (FastV, DivPrune and prompt-aware are registered at the end
+    of the selection rules, below): where it selects (`pre_lm` or `in_lm`), whether it reads the prompt, its
+    selection rule and its DSTP host rule. `PruneSpec` and `host_reselect` dispatch through the entry, never on
+    a name; `none` is the unpruned control. Adding one is one file, imported before the params that name it:
+
+        import torch
+        from vskip_core.method.pruning import register_pruner
+
+        def _stride(features, prompt, k, spec):  # every n-th visual token, n = n_visual // k
+            return torch.arange(0, features.shape[0], features.shape[0] // k)[:k]
+
+        def _stride_again(relevance, k, features, state, spec):  # DSTP host rule: the same tokens
+            return _stride(features, None, k, spec)
+
+        register_pruner("stride", "stride", "#e377c2", "pre_lm", _stride, _stride_again)
+
 Execution (`PrunedDecoder`, the "drop" and "mask" variants, positions, KV-cache swaps, and why Mllama has no
 visual-token pruning) is model plumbing, in `vskip_core.modeling.pruned_decoding`: it runs whatever a
 `PruneSpec` decides, through the spec's rule methods (`layers`, `budget`, `select`, `rank`, `reselect`).
@@ -56,6 +73,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,15 +81,34 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vskip_core import registry
 from vskip_core.modeling.pruned_decoding import (  # noqa: F401  (re-exported: the decoder that runs these rules)
     PrunedOutput,
     pruned_generate,
     unsupported_reason,
 )
 
-METHODS = ("none", "fastv", "divprune", "zspaprune")
-PRE_LM_METHODS = ("divprune", "zspaprune")
 VARIANTS = ("drop", "mask")
+WHERE = ("pre_lm", "in_lm")  # where a pruner selects: on the vision features before the LM, or inside it
+
+
+class _Methods(Sequence[str]):
+    """Every valid `PruneSpec` method, read live from the registry: the unpruned control, then the pruners."""
+
+    def _names(self) -> tuple[str, ...]:
+        return ("none", *registry.PRUNERS.names())
+
+    def __getitem__(self, i):
+        return self._names()[i]
+
+    def __len__(self) -> int:
+        return len(registry.PRUNERS) + 1
+
+    def __repr__(self) -> str:
+        return repr(self._names())
+
+
+METHODS: Sequence[str] = _Methods()
 
 
 # ------------------------------------------------------------------------------------------------ budget
@@ -196,22 +233,13 @@ def host_reselect(
     state: torch.Tensor | None = None,
     core_fraction: float = 0.6,
 ) -> torch.Tensor:
-    """The host method's own selection of k visual tokens during decoding (DSTP's candidate set): FastV, the
-    top k of `relevance` (the current token's attention over every visual token); prompt-aware, core +
-    diversity fill with relevance to `state` (embeddings of the recent decoded tokens, (m, d) or (d,)) in
-    place of the prompt; DivPrune, greedy max-min diversity on `features` started from the most attended
-    token. Returns k sorted indices."""
-    if method in ("fastv", "none"):  # none: nothing pruned, the set is every token
-        return torch.sort(_top_indices(relevance, k)).values
-    if features is None:
-        raise ValueError(f"{method}: re-selection needs the visual features")
-    if method == "zspaprune":
-        if state is None:
-            raise ValueError("zspaprune: re-selection needs the decoding state's embeddings")
-        return prompt_aware_select(features, state, k, core_fraction)
-    if method == "divprune":
-        return max_min_diversity(features, k, selected=[int(torch.argmax(relevance))])
-    raise ValueError(f"no re-selection rule for method {method!r}")
+    """The host method's own selection of k visual tokens during decoding (DSTP's candidate set), by its
+    registered `reselect` rule: FastV, the top k of `relevance` (the current token's attention over every
+    visual token); prompt-aware, core + diversity fill with relevance to `state` (embeddings of the recent
+    decoded tokens, (m, d) or (d,)) in place of the prompt; DivPrune, greedy max-min diversity on `features`
+    started from the most attended token. Returns k sorted indices."""
+    spec = PruneSpec(method, core_fraction=core_fraction)
+    return spec.pruner.reselect(relevance, k, features, state, spec)
 
 
 def dstp_update(
@@ -226,12 +254,115 @@ def dstp_update(
     return active, False, overlap
 
 
+# ----------------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Pruner:
+    """A visual-token pruner as the registry holds it: where it selects, its selection rule and its DSTP host
+    re-selection rule. Every rule returns k sorted indices into the example's visual tokens and may read the
+    spec's knobs (`spec.core_fraction`, ...).
+
+    where "pre_lm": `select(features (n, d), prompt_embeddings (m, d) or None, k, spec)` on the projected
+    visual features, before layer 0; every layer sees only the k. "in_lm": `select(attention (heads, n), k,
+    spec)` with layer K-1's attention from the last prompt token; layers K.. see only the k.
+    `reselect(relevance (n,), k, features (n, d) or None, state (m, d) or None, spec)`: the host's choice
+    during decoding (DSTP), from the current token's attention and, for prompt readers, the decoding state."""
+
+    name: str
+    label: str  # how tables and figures name it (registry.display)
+    colour: str
+    where: str  # pre_lm | in_lm
+    select: Callable[..., torch.Tensor] | None
+    reselect: Callable[..., torch.Tensor]
+    uses_prompt: bool = False  # the pre-LM selection reads the question's embeddings
+
+    def __post_init__(self) -> None:
+        where = f"pruner {self.name!r}"
+        if self.where not in WHERE and not (self.name == self.where == "none"):
+            raise ValueError(f"{where}: where must be one of {list(WHERE)}, got {self.where!r}")
+        if not callable(self.reselect) or (self.where != "none" and not callable(self.select)):
+            raise ValueError(f"{where}: select and reselect must be functions (see the Pruner docstring)")
+        if self.uses_prompt and self.where != "pre_lm":
+            raise ValueError(f"{where}: only a pre_lm pruner reads the prompt")
+
+
+def register_pruner(
+    name: str,
+    label: str,
+    colour: str,
+    where: str,
+    select: Callable[..., torch.Tensor],
+    reselect: Callable[..., torch.Tensor],
+    uses_prompt: bool = False,
+    replace: bool = False,
+) -> Pruner:
+    """Register a pruner under `name` (PruneSpec, prune.methods and stage 07 accept it) with its label and
+    colour."""
+    if name == "none":
+        raise ValueError(
+            "'none' is the unpruned control (PruneSpec(method='none')); name the pruner otherwise"
+        )
+    pruner = Pruner(name, label, colour, where, select, reselect, uses_prompt)
+    registry.PRUNERS.register(name, pruner, replace=replace)
+    registry.register_display(name, label, colour)
+    return pruner
+
+
+def unregister_pruner(name: str) -> None:
+    registry.PRUNERS.unregister(name)
+    registry.DISPLAY.pop(name, None)
+
+
+def top_relevance(relevance: torch.Tensor, k: int, *_: Any) -> torch.Tensor:
+    """Re-selection by attention alone: the top k of the current token's relevance (FastV's host rule)."""
+    return torch.sort(_top_indices(relevance, k)).values
+
+
+def _fastv_rank(attention: torch.Tensor, k: int, spec: PruneSpec) -> torch.Tensor:
+    return fastv_select(attention, k)
+
+
+def _divprune(features: torch.Tensor, prompt: torch.Tensor | None, k: int, spec: PruneSpec) -> torch.Tensor:
+    return divprune_select(features, k)
+
+
+def _divprune_reselect(relevance, k, features, state, spec: PruneSpec) -> torch.Tensor:
+    """Max-min diversity started from the visual token the current token attends to most."""
+    if features is None:
+        raise ValueError(f"{spec.method}: re-selection needs the visual features")
+    return max_min_diversity(features, k, selected=[int(torch.argmax(relevance))])
+
+
+def _prompt_aware(
+    features: torch.Tensor, prompt: torch.Tensor | None, k: int, spec: PruneSpec
+) -> torch.Tensor:
+    return prompt_aware_select(features, prompt, k, spec.core_fraction)
+
+
+def _prompt_aware_reselect(relevance, k, features, state, spec: PruneSpec) -> torch.Tensor:
+    """Core + diversity with relevance to the decoding state in place of the prompt."""
+    if features is None:
+        raise ValueError(f"{spec.method}: re-selection needs the visual features")
+    if state is None:
+        raise ValueError(f"{spec.method}: re-selection needs the decoding state's embeddings")
+    return prompt_aware_select(features, state, k, spec.core_fraction)
+
+
+# the unpruned control: nothing selected; as a DSTP host (RVIS) its set is every token, re-ranked by attention
+NO_PRUNING = Pruner("none", registry.display("none").label, registry.display("none").colour, "none", None,
+                    top_relevance)  # fmt: skip
+# replace=True: a module reload redefines them
+register_pruner("fastv", "fastv", "#4c78a8", "in_lm", _fastv_rank, top_relevance, replace=True)
+register_pruner("divprune", "divprune", "#f58518", "pre_lm", _divprune, _divprune_reselect, replace=True)
+register_pruner("zspaprune", "prompt-aware", "#54a24b", "pre_lm", _prompt_aware, _prompt_aware_reselect,
+                uses_prompt=True, replace=True)  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------------- spec
 @dataclass(frozen=True)
 class PruneSpec:
     """Which visual tokens stay: the method, the retention, DSTP on/off, and how it is executed."""
 
-    method: str = "none"  # none | fastv | divprune | zspaprune
+    method: str = "none"  # none (unpruned) or a registered pruner: fastv, divprune, zspaprune, ...
     retention: float = 1.0  # fraction of visual tokens kept, in (0, 1]
     dstp: bool = False  # re-select the visual tokens in use during decoding
     variant: str = "drop"  # drop (shorter sequence and cache: real savings) or mask (full length, masked)
@@ -247,8 +378,9 @@ class PruneSpec:
     repetition_penalty: float = 1.0  # generation.repetition_penalty, applied as generate() does
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown pruning method {self.method!r}; valid: {list(METHODS)}")
+        if self.method != "none" and self.method not in registry.PRUNERS:
+            why = registry.PRUNERS.unknown(self.method).removeprefix(f"unknown {registry.PRUNERS.kind} ")
+            raise ValueError(f"unknown pruning method {why} ('none' runs unpruned)")
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; valid: {list(VARIANTS)}")
         object.__setattr__(self, "retention", check_retention(self.retention))
@@ -269,20 +401,25 @@ class PruneSpec:
     def name(self) -> str:
         return self.method + ("+dstp" if self.dstp else "")
 
+    @property
+    def pruner(self) -> Pruner:
+        """The registered pruner this spec runs (the no-pruning control for `none`)."""
+        return NO_PRUNING if self.method == "none" else registry.PRUNERS.get(self.method)
+
     # the rules as `modeling.pruned_decoding.PrunedDecoder` calls them
     @property
     def pre_lm(self) -> bool:
         """Selects before the language model (DivPrune, prompt-aware): every layer sees only the chosen k."""
-        return self.method in PRE_LM_METHODS
+        return self.pruner.where == "pre_lm"
 
     @property
     def uses_prompt(self) -> bool:
-        return self.method == "zspaprune"
+        return self.pruner.uses_prompt
 
     @property
     def ranks_in_lm(self) -> bool:
         """FastV: ranks with layer K-1's attention from the last prompt token, inside the prefill."""
-        return self.method == "fastv"
+        return self.pruner.where == "in_lm"
 
     def layers(self, n_layers: int) -> tuple[int, int, list[bool]]:
         """(K, score layer, which layers see only the selected visual tokens: FastV's K.., all for pre-LM)."""
@@ -293,12 +430,12 @@ class PruneSpec:
         return kept_count(self.retention, n_visual)
 
     def select(self, features: torch.Tensor, prompt_embeddings: torch.Tensor | None, k: int) -> torch.Tensor:
-        if self.method == "divprune":
-            return divprune_select(features, k)
-        return prompt_aware_select(features, prompt_embeddings, k, self.core_fraction)
+        """A pre-LM pruner's choice of k tokens on the projected visual features."""
+        return self.pruner.select(features, prompt_embeddings, k, self)
 
     def rank(self, attention: torch.Tensor, k: int) -> torch.Tensor:
-        return fastv_select(attention, k)
+        """An in-LM pruner's choice of k tokens from layer K-1's attention (heads, n_visual)."""
+        return self.pruner.select(attention, k, self)
 
     def due(self, step: int) -> bool:
         """Can the trigger fire at this step? Every `dstp_interval` steps, or every step when a shift threshold
@@ -320,8 +457,7 @@ class PruneSpec:
         state = decoded
         if decoded is not None and prompt is not None and self.dstp_state == "prompt+decoded":
             state = torch.stack([prompt, decoded.mean(0)])  # the question and the words written, equally
-        cand = host_reselect(self.method, relevance, len(active), features, state, self.core_fraction)
-        cand = cand.to(active.device)
+        cand = self.pruner.reselect(relevance, len(active), features, state, self).to(active.device)
         now, fired, _ = dstp_update(cand, active, step, self.dstp_interval, self.dstp_shift_threshold)
         return now, fired, cand
 
@@ -350,11 +486,11 @@ class PruneSpec:
 
 def resolve_layers(spec: PruneSpec, n_layers: int) -> tuple[int, int]:
     """(effective FastV K, effective score layer) for a model with `n_layers` decoder layers."""
-    if n_layers < 2 and spec.method == "fastv":
-        raise ValueError("FastV needs at least 2 decoder layers (one to rank, one to prune)")
+    if n_layers < 2 and spec.ranks_in_lm:
+        raise ValueError(f"{spec.method} needs at least 2 decoder layers (one to rank, one to prune)")
     k = spec.fastv_layer
     if k > n_layers - 1:
-        if spec.method == "fastv":
+        if spec.ranks_in_lm:
             warnings.warn(
                 f"prune.fastv_layer={k} but the model has {n_layers} decoder layers; using K={n_layers - 1}",
                 stacklevel=3,

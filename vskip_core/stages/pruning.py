@@ -36,6 +36,7 @@ from vskip_core.modeling.decoding import decoding_config, generate
 from vskip_core.modeling.loading import collate, encode, model_inputs
 from vskip_core.modeling.pruned_decoding import PrunedOutput, pruned_generate
 from vskip_core.plots import _save
+from vskip_core.registry import display
 from vskip_core.runtime import progress as tqdm
 from vskip_core.runtime import relative_path
 
@@ -815,7 +816,7 @@ def plot_accuracy(
             if row == 0:
                 ax.set_title(f"{fam} ({FAMILY_SCORE.get(fam, 'accuracy')})")
             if col == 0:
-                ax.set_ylabel(h.replace("zspaprune", "prompt-aware"))
+                ax.set_ylabel(display(h).label)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.supxlabel("visual tokens kept (bars: 95% bootstrap intervals)", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
@@ -850,8 +851,7 @@ def plot_dstp_gain(vs: dict[str, Any], path=None):
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_yticks(range(len(groups)), groups)
         ax.invert_yaxis()
-        ax.set_title(f"{h.replace('zspaprune', 'prompt-aware')} + DSTP - {h.replace('zspaprune', 'prompt-aware')}",
-                     fontsize=9)  # fmt: skip
+        ax.set_title(f"{display(h).label} + DSTP - {display(h).label}", fontsize=9)
         ax.set_xlabel("score difference")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
