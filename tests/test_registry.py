@@ -266,3 +266,32 @@ def test_every_builtin_is_registered_with_its_rule_label_and_colour():
     ]
     assert [P.PruneSpec(m).uses_prompt for m in ("fastv", "divprune", "zspaprune")] == [False, False, True]
     assert tuple(P.METHODS)[:4] == ("none", "fastv", "divprune", "zspaprune")
+
+
+# ------------------------------------------------------------------------------ through the public API
+def test_the_toy_gate_and_pruner_run_through_the_public_api(tiny_teacher, tmp_path):
+    """Registered in this file alone: `Compressor.compress` keeps gamma with the toy gate (the longest words
+    first), `generate_pruned` decodes with the toy pruner (+DSTP) on the stand-in Qwen2-VL."""
+    import dataclasses
+
+    from vskip_core import Compressor, generate_pruned, load_vlm
+    from vskip_core.data.real import example_at
+
+    cfg = tiny_teacher[0]
+    cfg = dataclasses.replace(cfg, scoring=dataclasses.replace(cfg.scoring, layer_select="band"))
+    ex = example_at(cfg, "train", 0)
+    comp = Compressor.from_pretrained("embedded", cfg)
+    out = comp.compress(ex["image"], ex["question"], ex["rationale"], 0.5, LONGEST, ex["options"])
+    body = out.scores.answer_start
+    assert abs(out.kept_ratio - 0.5) <= 1.5 / body
+    kept_chars = [len(t.strip()) for t, k in zip(out.scores.tokens[:body], out.keep[:body]) if k]
+    dropped_chars = [len(t.strip()) for t, k in zip(out.scores.tokens[:body], out.keep[:body]) if not k]
+    assert np.mean(kept_chars) > np.mean(dropped_chars)
+
+    std = load_params("params/standin/qwen2vl_7b.yaml", {"runtime.cache_dir": str(tmp_path / "cache")})
+    vlm = load_vlm("standin:qwen2_vl", std)
+    rec = generate_pruned(vlm, ex["image"], ex["question"], STRIDE, 0.25, True, 8, std, return_record=True)
+    n = rec["n_visual"]
+    k = max(1, round(0.25 * n))
+    assert rec["visual_tokens"] == k and rec["kept"] == list(range(0, n, n // k))[:k]
+    assert rec["reselections"] > 0 and rec["swapped_in"] == 0  # DSTP fired, the host rule kept the same set
