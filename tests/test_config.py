@@ -87,7 +87,9 @@ def test_choices_are_checked_from_the_type_however_the_config_was_built():
         cfg.model.family = fam
         cfg.validate()
     cfg.model.family = "mlama"
-    with pytest.raises(ParamsError, match=r"model\.family: .*'mlama'; did you mean 'mllama'\? Registered: \["):
+    with pytest.raises(
+        ParamsError, match=r"model\.family: .*'mlama'; did you mean 'mllama'\? Registered: \["
+    ):
         cfg.validate()
     assert set(typing.get_args(PruneMethod)) == set(METHODS) - {"none"}
 

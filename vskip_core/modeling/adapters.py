@@ -37,23 +37,27 @@ CPU trap of bitsandbytes 0.50: an eval-mode no-grad forward on a 4-bit model rep
 LoRA training gets zero gradients (call `model.train()` before any inference, or reload).
 
 The registry. Each family is one file that defines an `Adapter` subclass and registers it with
-`@register_family` (into `vskip_core.registry.FAMILIES`): the built-ins are `vskip_core/modeling/families/`
-(qwen2_vl.py, qwen2_5_vl.py, mllama.py), imported by `vskip_core.modeling` so they are always registered.
-`ADAPTERS`, `get_adapter`, `adapter_for`, `detect_family` and the config's `model.family` read the registry;
-loading, collating, the pruned decoder and the plan ask the adapter for every fact that differs per family
-(class attributes and methods below), never compare family names. Adding a family in one file:
+`@register_family` (an instance goes into `vskip_core.registry.FAMILIES`); the built-ins are
+`vskip_core/modeling/families/` (qwen2_vl.py, qwen2_5_vl.py, mllama.py), imported by `vskip_core.modeling`, so
+they are always registered. `ADAPTERS`, `get_adapter`, `adapter_for`, `detect_family` and the config's
+`model.family` read the registry; loading, collate, the pruned decoder and the plan ask the adapter for every
+fact that differs per family (the class attributes and methods of `Adapter`), never compare family names.
+Adding a family in one file (import it before the params are loaded: a notebook cell, your package's init):
 
     from vskip_core.modeling.adapters import register_family
     from vskip_core.modeling.families.qwen2_vl import Qwen2VLAdapter
 
     @register_family
-    class MyQwenAdapter(Qwen2VLAdapter):       # or subclass Adapter and write encode, collate, image_keys, ...
-        family = "my_qwen"                     # model.family: my_qwen
-        model_type = "qwen2_vl"                # config.model_type of the checkpoints it loads
-        detect = False                         # chosen only by name, never instead of qwen2_vl
-        end_token = "<|im_end|>"
+    class MyVLAdapter(Qwen2VLAdapter):        # image tokens in the sequence, encoded as Qwen2-VL's
+        family = "my_vl"                      # model.family: my_vl (or auto: found by model_type)
+        model_type = "my_vl"                  # config.json's model_type of its checkpoints
+        model_class = "MyVLForConditionalGeneration"
+        config_class = "MyVLConfig"
+        pruned_decoding_unsupported = "its vision tower is not wired into modeling.pruned_decoding"
 
-Import that file before loading the params (a notebook cell, or your package's `__init__`).
+A family unlike both built-ins subclasses `Adapter` and writes encode, collate, image_keys, attention_module,
+image_processor, the plan's facts and the tiny_* builders. `detect = False` keeps a family out of
+auto-detection (chosen by `model.family` only), e.g. a variant of a built-in serving the same model_type.
 """
 
 from __future__ import annotations
@@ -383,6 +387,7 @@ class Adapter:
         if qconf is None:
             model.to(device)
         model.eval()
+        model.vskip_family = self.family  # adapter_for(model) finds a family chosen by name (detect = False)
         tok = AutoTokenizer.from_pretrained(src)
         tok.padding_side = "left"
         if not tok.chat_template:
@@ -498,6 +503,9 @@ def adapter_for(obj) -> Adapter:
         return get_adapter(obj)
     if hasattr(obj, "family") and isinstance(obj.family, str) and obj.family in ADAPTERS:
         return ADAPTERS[obj.family]
+    family = getattr(_unwrap(obj), "vskip_family", None)  # set by Adapter.load
+    if isinstance(family, str) and family in ADAPTERS:
+        return ADAPTERS[family]
     name = type(obj).__name__
     for a in _detectable():  # Qwen2.5-VL encodes with Qwen2-VL's processor: the first registered wins
         if a.owns_processor(obj):
