@@ -7,6 +7,7 @@ import torch
 from vskip_core import registry
 from vskip_core.config import DataConfig, ParamsError, load_params
 from vskip_core.data.embedded import make_example
+from vskip_core.infra.plan import KNOWN_CONFIGS, make_plan
 from vskip_core.modeling import adapters as A
 from vskip_core.modeling.families.qwen2_vl import Qwen2VLAdapter
 
@@ -24,6 +25,12 @@ class ToyQwen2VLAdapter(Qwen2VLAdapter):
 
     def hub_access_note(self, name: str) -> str:
         return TOY_NOTE
+
+    hub_configs = {
+        "toy/Toy-VL-2B": {
+            k: v for k, v in KNOWN_CONFIGS["Qwen/Qwen2-VL-2B-Instruct"].items() if k != "model_type"
+        }
+    }
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +87,6 @@ def test_a_declared_family_must_serve_the_checkpoint(toy, cache):
 
 
 def test_the_plan_reads_the_family_facts(toy, cache):
-    from vskip_core.infra.plan import make_plan
-
     base = make_plan(_cfg(cache), gpu="T4")
     plan = make_plan(_cfg(cache, **{"model.family": "toy_qwen2_vl"}), gpu="T4")
     assert base.teacher.family == "qwen2_vl" and plan.teacher.family == "toy_qwen2_vl"
@@ -112,3 +117,13 @@ def test_collate_and_pruned_decoding_ask_the_adapters():
     )
     with pytest.raises(ValueError, match="no registered family encodes items with keys"):
         A.adapter_for_item({"input_ids": 0})
+
+
+def test_the_plan_sizes_a_hub_id_the_family_knows(toy, cache):
+    o = {"runtime.cache_dir": str(cache), "model.family": "toy_qwen2_vl"}
+    hub = make_plan(load_params("params/colab_qwen2vl_2b.yaml", o), gpu="T4")
+    toy_plan = make_plan(
+        load_params("params/colab_qwen2vl_2b.yaml", {**o, "model.teacher": "toy/Toy-VL-2B"}), gpu="T4"
+    )
+    assert toy_plan.teacher.origin == "ToyQwen2VLAdapter.hub_configs"
+    assert toy_plan.teacher.params == hub.teacher.params and toy_plan.teacher.family == "toy_qwen2_vl"

@@ -4,9 +4,10 @@
     from vskip_core.infra.plan import check_fits; check_fits(cfg  # first cell of a notebook on a GPU
 
 Model sizes come from the checkpoint's `config.json` when it is local (the built embedded teacher, a downloaded
-model directory), else from `KNOWN_CONFIGS` (the supported hub ids), else from `cfg.embedded` for an embedded
-teacher not built yet. The model is instantiated on PyTorch's `meta` device, so parameter counts are exact and
-no memory is used.
+model directory), else from `KNOWN_CONFIGS` (the supported hub ids) or a family's `Adapter.hub_configs`, else
+from `cfg.embedded` for an embedded teacher not built yet. The model is instantiated on PyTorch's `meta` device,
+so parameter counts are exact and no memory is used. Every fact that differs per model family (image tokens in
+the sequence, cross-attention cost and memory, notes) comes from the family's adapter.
 
 The estimates are first-order (expect +-50% on time, +-20% on memory):
 - weights: parameters x bytes of the dtype; nf4 = 0.53 byte per quantized linear weight (4 bits + double-
@@ -224,8 +225,15 @@ def _config_for(name: str, cfg: Config):
         model_type = spec.pop("model_type")
         ad = next(a for a in ADAPTERS.values() if a.serves(model_type))
         return getattr(transformers, ad.config_class)(**spec), "vskip_core.infra.plan.KNOWN_CONFIGS"
+    for ad in ADAPTERS.values():  # hub ids a registered family knows the sizes of
+        if name in ad.hub_configs:
+            import transformers
+
+            conf = getattr(transformers, ad.config_class)(**ad.hub_configs[name])
+            return conf, f"{type(ad).__name__}.hub_configs"
+    known = sorted({*KNOWN_CONFIGS, *(n for ad in ADAPTERS.values() for n in ad.hub_configs)})
     raise PlanError(
-        f"cannot size model {name!r}: no local config.json and not a known hub id ({sorted(KNOWN_CONFIGS)}); "
+        f"cannot size model {name!r}: no local config.json and not a known hub id ({known}); "
         f"download it (huggingface-cli download {name}) and pass the local directory"
     )
 
@@ -314,10 +322,8 @@ def sequences(cfg: Config, spec: ModelSpec) -> Sequences:
             "pope": (PROMPT_TEXT_TOKENS["pope"] + instr, 1.0, 1, min(cap, 391), min(cap, 391)),
         }
         per = {s: per[s] for s in d.source}
-    ad, rows = (
-        get_adapter(spec.family),
-        per.values(),
-    )  # rows: (text, images, peak images, tokens, peak tokens)
+    ad = get_adapter(spec.family)
+    rows = per.values()  # per source: (text tokens, images, peak images, visual tokens, peak visual tokens)
     mean = sum(t + i * ad.lm_tokens_per_image(tm) for t, i, _, tm, _ in rows) / len(per)
     peak = max(t + k * ad.lm_tokens_per_image(tp) for t, _, k, _, tp in rows)
     vt = ad.vision_tokens_per_image(spec, [i for _, i, _, _, _ in rows], [tm for _, _, _, tm, _ in rows])

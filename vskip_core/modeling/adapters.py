@@ -206,6 +206,7 @@ class Adapter:
     # ---- facts other modules read
     pruned_decoding_unsupported = ""  # why modeling.pruned_decoding cannot run it ("" = it can)
     standin_generation: dict[str, Any] = {}  # sampling fields of the published checkpoints (stand-in builds)
+    hub_configs: dict[str, dict[str, Any]] = {}  # hub id -> `config_class` kwargs: the plan sizes it offline
 
     # ---- detection
     def serves(self, model_type: str | None) -> bool:
