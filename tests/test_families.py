@@ -127,3 +127,21 @@ def test_the_plan_sizes_a_hub_id_the_family_knows(toy, cache):
     )
     assert toy_plan.teacher.origin == "ToyQwen2VLAdapter.hub_configs"
     assert toy_plan.teacher.params == hub.teacher.params and toy_plan.teacher.family == "toy_qwen2_vl"
+
+
+def test_a_registered_family_gets_a_model_standin(toy, cache):
+    import json
+
+    from vskip_core.modeling.standins import resolve
+
+    path = resolve(_cfg(cache), "standin:toy_qwen2_vl")  # built from the toy adapter's tiny_* builders
+    assert (
+        json.loads((cache / "standins" / "toy_qwen2_vl-v2" / "config.json").read_text())["model_type"]
+        == "qwen2_vl"
+    )
+    gen = json.loads((cache / "standins" / "toy_qwen2_vl-v2" / "generation_config.json").read_text())
+    assert gen["top_k"] == toy.standin_generation["top_k"] and path.endswith("toy_qwen2_vl-v2")
+    with pytest.raises(
+        ValueError, match="unknown stand-in 'standin:toy_qwen3'; valid: .*standin:toy_qwen2_vl"
+    ):
+        resolve(_cfg(cache), "standin:toy_qwen3")

@@ -20,7 +20,6 @@ from vskip_core.config import DataConfig
 from vskip_core.data.embedded import make_example
 from vskip_core.data.real import normalize_docvqa, normalize_mmmu, normalize_pope
 from vskip_core.data.standins import (
-    MODELS,
     PREFIX,
     SCORERS,
     build_once,
@@ -28,6 +27,7 @@ from vskip_core.data.standins import (
     is_standin,
     mmmu_quirk_rows,
     mmmu_rows,
+    model_names,
     pope_rows,
     resolve_dataset,
     standin_dir,
@@ -55,7 +55,7 @@ def resolve(cfg, name: str) -> str:
     key = name[len(PREFIX) :]
     if key in SCORERS:
         return str(build_once(path, name, build_llmlingua2))
-    if key not in MODELS:
+    if key not in model_names():
         return resolve_dataset(cfg, name)
     return str(build_once(path, name, lambda tmp: build_model(key, tmp)))
 
