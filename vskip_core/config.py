@@ -44,9 +44,7 @@ Split = Literal["train", "val", "test"]
 # multi-step rationale designs of the embedded benchmark (data.multistep_rationale; docs/TEACHER.md)
 MultistepDesign = Literal["list", "local", "scan", "image", "pick", "rank", "verify"]
 RANK_DESIGNS = ("image", "pick", "rank", "verify")  # designs whose vision tower also learns each price rank
-ModelFamily = Literal[
-    "auto", "qwen2_vl", "qwen2_5_vl", "mllama"
-]  # auto, or a key of modeling.adapters.ADAPTERS
+ModelFamily = str  # "auto" or a name in registry.FAMILIES (checked in ModelConfig.validate)
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Quantization = Literal["none", "nf4"]
 Attention = Literal["eager", "sdpa"]
@@ -191,9 +189,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     teacher: str = "embedded"  # "embedded" (built in-repo) or a hub id / local model directory
-    family: ModelFamily = (
-        "auto"  # model adapter: auto (from the checkpoint's config), qwen2_vl, qwen2_5_vl, mllama
-    )
+    family: ModelFamily = "auto"  # model adapter: auto (from the checkpoint's config) or a registered family
     dtype: Dtype = (
         "auto"  # auto (bf16 if supported, else fp16 on GPU, fp32 on CPU), float32, bfloat16, float16
     )
@@ -209,6 +205,11 @@ class ModelConfig:
         _check(
             self.max_image_tokens >= 4, "model.max_image_tokens", f"must be >= 4, got {self.max_image_tokens}"
         )
+        # the registry fills when vskip_core.modeling is imported; before that any name passes here
+        if len(registry.FAMILIES) and self.family != "auto" and self.family not in registry.FAMILIES:
+            raise ParamsError(
+                f"model.family: must be 'auto' or a registered family; {registry.FAMILIES.unknown(self.family)}"
+            )
 
 
 @dataclass

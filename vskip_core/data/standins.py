@@ -6,7 +6,7 @@ access.
 A params file names a stand-in where it would name a hub id, and it builds itself on first use (cached under
 `<runtime.cache_dir>/standins/`), as the embedded teacher does:
 
-    model.teacher: standin:qwen2_vl      # also standin:qwen2_5_vl, standin:mllama (distill.student likewise)
+    model.teacher: standin:qwen2_vl      # also standin:qwen2_5_vl, standin:mllama, standin:<a registered family>
     gate.llmlingua2_model: standin:llmlingua2   # a tiny XLM-RoBERTa token classifier in LLMLingua-2's format
     data.mmmu_id: standin:mmmu           # also standin:docvqa, standin:pope
 
@@ -34,6 +34,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from vskip_core import registry
 from vskip_core.runtime import build_dir_once
 
 PREFIX = "standin:"
@@ -42,7 +43,7 @@ PREFIX = "standin:"
 VERSION = 2  # bump when a stand-in's content changes: its cache folder (and every cache keyed on it) changes
 
 
-MODELS = ("qwen2_vl", "qwen2_5_vl", "mllama")
+MODELS = ("qwen2_vl", "qwen2_5_vl", "mllama")  # the built-in families (test_standins builds each)
 
 
 SCORERS = ("llmlingua2",)  # text-only external scorers (gate.llmlingua2_model)
@@ -289,10 +290,15 @@ def build_once(path: Path, name: str, build) -> Path:
     return build_dir_once(path, fill, ".complete")
 
 
+def model_names() -> tuple[str, ...]:
+    """Families with a model stand-in: the built-ins and every family registered (`registry.FAMILIES`), each
+    built from its adapter's tiny_* builders."""
+    return tuple(dict.fromkeys((*MODELS, *registry.FAMILIES)))
+
+
 def standin_dir(cache_dir: str | Path, name: str) -> Path:
     key = name[len(PREFIX) :]
-    if key not in MODELS + SCORERS + DATASETS:
-        raise ValueError(
-            f"unknown stand-in {name!r}; valid: {', '.join(PREFIX + k for k in MODELS + SCORERS + DATASETS)}"
-        )
+    valid = model_names() + SCORERS + DATASETS
+    if key not in valid:
+        raise ValueError(f"unknown stand-in {name!r}; valid: {', '.join(PREFIX + k for k in valid)}")
     return Path(cache_dir) / "standins" / f"{key}-v{VERSION}"

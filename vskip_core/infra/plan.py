@@ -4,9 +4,10 @@
     from vskip_core.infra.plan import check_fits; check_fits(cfg  # first cell of a notebook on a GPU
 
 Model sizes come from the checkpoint's `config.json` when it is local (the built embedded teacher, a downloaded
-model directory), else from `KNOWN_CONFIGS` (the supported hub ids), else from `cfg.embedded` for an embedded
-teacher not built yet. The model is instantiated on PyTorch's `meta` device, so parameter counts are exact and
-no memory is used.
+model directory), else from `KNOWN_CONFIGS` (the supported hub ids) or a family's `Adapter.hub_configs`, else
+from `cfg.embedded` for an embedded teacher not built yet. The model is instantiated on PyTorch's `meta` device,
+so parameter counts are exact and no memory is used. Every fact that differs per model family (image tokens in
+the sequence, cross-attention cost and memory, notes) comes from the family's adapter.
 
 The estimates are first-order (expect +-50% on time, +-20% on memory):
 - weights: parameters x bytes of the dtype; nf4 = 0.53 byte per quantized linear weight (4 bits + double-
@@ -38,7 +39,7 @@ from typing import Any
 
 from vskip_core.config import REPO_ROOT, STAGES, Config
 from vskip_core.data.standins import is_standin
-from vskip_core.modeling.adapters import ADAPTERS
+from vskip_core.modeling.adapters import ADAPTERS, family_of_model_type, get_adapter
 from vskip_core.modeling.external_lm import llmlingua2_source
 from vskip_core.modeling.loading import embedded_config, embedded_dir
 from vskip_core.modeling.standins import resolve
@@ -218,16 +219,21 @@ def _config_for(name: str, cfg: Config):
     if (p / "config.json").exists():
         return AutoConfig.from_pretrained(p), f"{'stand-in' if is_standin(name) else 'local'} config {p}"
     if name in KNOWN_CONFIGS:
-        from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
-        from transformers.models.mllama import MllamaConfig
+        import transformers
 
         spec = dict(KNOWN_CONFIGS[name])
-        cls = {"qwen2_vl": Qwen2VLConfig, "qwen2_5_vl": Qwen2_5_VLConfig, "mllama": MllamaConfig}[
-            spec.pop("model_type")
-        ]
-        return cls(**spec), "vskip_core.infra.plan.KNOWN_CONFIGS"
+        model_type = spec.pop("model_type")
+        ad = next(a for a in ADAPTERS.values() if a.serves(model_type))
+        return getattr(transformers, ad.config_class)(**spec), "vskip_core.infra.plan.KNOWN_CONFIGS"
+    for ad in ADAPTERS.values():  # hub ids a registered family knows the sizes of
+        if name in ad.hub_configs:
+            import transformers
+
+            conf = getattr(transformers, ad.config_class)(**ad.hub_configs[name])
+            return conf, f"{type(ad).__name__}.hub_configs"
+    known = sorted({*KNOWN_CONFIGS, *(n for ad in ADAPTERS.values() for n in ad.hub_configs)})
     raise PlanError(
-        f"cannot size model {name!r}: no local config.json and not a known hub id ({sorted(KNOWN_CONFIGS)}); "
+        f"cannot size model {name!r}: no local config.json and not a known hub id ({known}); "
         f"download it (huggingface-cli download {name}) and pass the local directory"
     )
 
@@ -246,30 +252,26 @@ class _StubTokenizer:
         return 0
 
 
-_SPEC_CACHE: dict[tuple[str, str], ModelSpec] = {}
+_SPEC_CACHE: dict[tuple[str, str, str], ModelSpec] = {}
 
 
 def model_spec(name: str, cfg: Config) -> ModelSpec:
     import torch
     import transformers
 
-    key = (name, cfg.hash("embedded") if name == "embedded" else "")
+    declared = cfg.model.family if name == cfg.model.teacher and name != "embedded" else "auto"  # as loading
+    key = (name, cfg.hash("embedded") if name == "embedded" else "", declared)
     if key in _SPEC_CACHE:
         return _SPEC_CACHE[key]
     conf, origin = _config_for(name, cfg)
-    ad = next((a for a in ADAPTERS.values() if a.model_type == conf.model_type), None)
-    if ad is None:
-        raise PlanError(
-            f"{name}: model_type {conf.model_type!r} has no adapter; supported: {sorted(ADAPTERS)}"
-        )
+    try:
+        ad = get_adapter(family_of_model_type(conf.model_type, declared, name))
+    except ValueError as e:
+        raise PlanError(str(e)) from None
     with torch.device("meta"):
         model = getattr(transformers, ad.model_class)(conf)
     params = sum(p.numel() for p in model.parameters())
-    vision = sum(
-        p.numel()
-        for n, p in model.named_parameters()
-        if n.split(".")[1] in ("visual", "vision_model", "multi_modal_projector")
-    )
+    vision = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[1] in ad.vision_modules())
     t = conf.text_config
     embed = model.get_input_embeddings().weight.numel()
     if not getattr(conf, "tie_word_embeddings", False):
@@ -290,9 +292,8 @@ def model_spec(name: str, cfg: Config) -> ModelSpec:
         vocab=t.vocab_size,
         cross_layers=list(getattr(t, "cross_attention_layers", None) or []),
     )
-    if ad.family == "mllama":
-        spec.tokens_per_tile = (conf.vision_config.image_size // conf.vision_config.patch_size) ** 2 + 1
-        spec.max_tiles = conf.vision_config.max_num_tiles
+    for k, v in ad.plan_vision_facts(conf).items():
+        setattr(spec, k, v)
     _SPEC_CACHE[key] = spec
     return spec
 
@@ -321,14 +322,11 @@ def sequences(cfg: Config, spec: ModelSpec) -> Sequences:
             "pope": (PROMPT_TEXT_TOKENS["pope"] + instr, 1.0, 1, min(cap, 391), min(cap, 391)),
         }
         per = {s: per[s] for s in d.source}
-    if spec.family == "mllama":  # one <|image|> token per image; the image is cross-attended
-        mean = sum(t + i for t, i, _, _, _ in per.values()) / len(per)
-        peak = max(t + k for t, _, k, _, _ in per.values())
-        vt = spec.max_tiles * spec.tokens_per_tile
-    else:
-        mean = sum(t + i * tm for t, i, _, tm, _ in per.values()) / len(per)
-        peak = max(t + k * tp for t, _, k, _, tp in per.values())
-        vt = 4 * sum(i * tm for _, i, _, tm, _ in per.values()) / sum(i for _, i, _, _, _ in per.values())
+    ad = get_adapter(spec.family)
+    rows = per.values()  # per source: (text tokens, images, peak images, visual tokens, peak visual tokens)
+    mean = sum(t + i * ad.lm_tokens_per_image(tm) for t, i, _, tm, _ in rows) / len(per)
+    peak = max(t + k * ad.lm_tokens_per_image(tp) for t, _, k, _, tp in rows)
+    vt = ad.vision_tokens_per_image(spec, [i for _, i, _, _, _ in rows], [tm for _, _, _, tm, _ in rows])
     return Sequences(
         prompt_mean=mean,
         prompt_peak=peak,
@@ -353,10 +351,7 @@ def _prefill_flops(spec: ModelSpec, seq: Sequences, n_seqs: float, tokens_per_se
     attn = 2 * spec.layers * spec.hidden * tokens * tokens_per_seq  # causal QK^T and AV
     images = n_seqs * seq.images_mean
     vis = 2 * spec.vision_params * seq.vision_tokens_per_image * images
-    if spec.family == "mllama":  # text rows attend to every vision token of their images in the cross layers
-        attn += (
-            4 * len(spec.cross_layers) * spec.hidden * tokens * seq.vision_tokens_per_image * seq.images_mean
-        )
+    attn += get_adapter(spec.family).cross_attention_flops(spec, seq, tokens)
     return lm + attn + vis
 
 
@@ -392,12 +387,10 @@ def _activations_gb(spec, seq, batch, query_len, key_len, dtype_bytes, logits_ro
     mlp = batch * query_len * spec.hidden * 12 * dtype_bytes
     logits = batch * logits_rows * spec.vocab * (dtype_bytes + 4)
     vis = batch * seq.images_peak * seq.vision_tokens_per_image * 1280 * 8 * dtype_bytes  # one layer
-    cross = 0.0
-    if spec.family == "mllama":
-        cross = 2 * len(spec.cross_layers) * spec.kv_heads * spec.head_dim * dtype_bytes
-        cross *= batch * seq.images_peak * seq.vision_tokens_per_image
-        vcols = seq.vision_tokens_per_image * seq.images_peak if eager else 256
-        att += batch * spec.heads * query_len * vcols * (dtype_bytes + 4)
+    cross, cross_att = get_adapter(spec.family).cross_attention_bytes(
+        spec, seq, batch, query_len, dtype_bytes, eager
+    )
+    att += cross_att
     return (kv + att + mlp + logits + vis + cross) / GiB + 1.0
 
 
@@ -776,10 +769,8 @@ def _notes(r: _Run) -> list[str]:
             "model.attn_implementation: eager materializes every layer's attention map during generation; "
             "scoring's hooked capture works with sdpa (faster, far less memory)"
         )
-    if r.teacher.family == "mllama" and "meta-llama" in r.teacher.name:
-        notes.append(
-            "meta-llama checkpoints are gated: accept the licence on the hub and `huggingface-cli login`"
-        )
+    if note := get_adapter(r.teacher.family).hub_access_note(r.teacher.name):
+        notes.append(note)
     if r.hub_teacher:
         notes.append("times assume the GPU is busy only with this run; downloads not included")
     return notes

@@ -1,5 +1,5 @@
 """Model-family adapters: everything that differs between Qwen2-VL, Qwen2.5-VL and Llama-3.2-Vision, behind one
-interface, so generation, scoring, distillation and evaluation never branch on the family.
+interface, so generation, scoring, distillation, evaluation and the plan never branch on the family.
 
     ad = get_adapter("mllama")                    # or adapter_for(model), adapter_for(loaded)
     enc = ad.encode(ex, tok, proc, target=ex["rationale"])
@@ -36,8 +36,28 @@ bitsandbytes when `model.quantization: nf4`, keeping the vision tower and lm_hea
 CPU trap of bitsandbytes 0.50: an eval-mode no-grad forward on a 4-bit model repacks its weights and later
 LoRA training gets zero gradients (call `model.train()` before any inference, or reload).
 
-Adding a family = subclassing `Adapter` (prompt, encode, collate, layers, image keys, tiny config) and adding it
-to `ADAPTERS`.
+The registry. Each family is one file that defines an `Adapter` subclass and registers it with
+`@register_family` (an instance goes into `vskip_core.registry.FAMILIES`); the built-ins are
+`vskip_core/modeling/families/` (qwen2_vl.py, qwen2_5_vl.py, mllama.py), imported by `vskip_core.modeling`, so
+they are always registered. `ADAPTERS`, `get_adapter`, `adapter_for`, `detect_family` and the config's
+`model.family` read the registry; loading, collate, the pruned decoder and the plan ask the adapter for every
+fact that differs per family (the class attributes and methods of `Adapter`), never compare family names.
+Adding a family in one file (import it before the params are loaded: a notebook cell, your package's init):
+
+    from vskip_core.modeling.adapters import register_family
+    from vskip_core.modeling.families.qwen2_vl import Qwen2VLAdapter
+
+    @register_family
+    class MyVLAdapter(Qwen2VLAdapter):        # image tokens in the sequence, encoded as Qwen2-VL's
+        family = "my_vl"                      # model.family: my_vl (or auto: found by model_type)
+        model_type = "my_vl"                  # config.json's model_type of its checkpoints
+        model_class = "MyVLForConditionalGeneration"
+        config_class = "MyVLConfig"
+        pruned_decoding_unsupported = "its vision tower is not wired into modeling.pruned_decoding"
+
+A family unlike both built-ins subclasses `Adapter` and writes encode, collate, image_keys, attention_module,
+image_processor, the plan's facts and the tiny_* builders. `detect = False` keeps a family out of
+auto-detection (chosen by `model.family` only), e.g. a variant of a built-in serving the same model_type.
 """
 
 from __future__ import annotations
@@ -45,17 +65,16 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vskip_core import registry
 from vskip_core.config import Config
-from vskip_core.modeling.prompts import CHAT_TEMPLATE as QWEN_CHAT_TEMPLATE
-from vskip_core.modeling.prompts import IMAGE_TOKEN as QWEN_IMAGE_TOKEN
-from vskip_core.modeling.prompts import SPECIAL_TOKENS as QWEN_SPECIAL_TOKENS
-from vskip_core.modeling.prompts import n_image_tokens, train_tokenizer, user_text
+from vskip_core.modeling.prompts import user_text
 from vskip_core.runtime import resolve_device, resolve_dtype
 
 IMAGE_REF = re.compile(r"<image (\d+)>")  # MMMU's interleaved image placeholders, `<image 1>` .. `<image 7>`
@@ -174,8 +193,37 @@ class Adapter:
     chat_template = ""  # used only when a checkpoint carries none (tiny test tokenizers)
     image_in = ""  # "sequence" or "cross_attention"
     vision_module = ""  # name of the vision tower inside `model.model` (kept out of LoRA and 4-bit)
+    projector_module = ""  # the vision-to-text projector beside the tower, if separate ("" = inside it)
     input_keys: tuple[str, ...] = ()
     not_in_vllm = ""  # why vLLM cannot serve this family ("" = it can: stage 01's --backend vllm)
+    # ---- how generic code finds the family
+    config_class = ""  # transformers config class name (the plan builds hub configs with it)
+    detect = True  # auto-detection may pick it (False: only `model.family` / `get_adapter` by name)
+    processor_prefix = ""  # class-name prefix of its image processors ("Qwen2VL": Qwen2VLImageProcessorPil)
+    item_keys: tuple[
+        str, ...
+    ] = ()  # keys only this family's `encode` outputs carry (collate tells them apart)
+    # ---- facts other modules read
+    pruned_decoding_unsupported = ""  # why modeling.pruned_decoding cannot run it ("" = it can)
+    standin_generation: dict[str, Any] = {}  # sampling fields of the published checkpoints (stand-in builds)
+    hub_configs: dict[str, dict[str, Any]] = {}  # hub id -> `config_class` kwargs: the plan sizes it offline
+
+    # ---- detection
+    def serves(self, model_type: str | None) -> bool:
+        """Whether this adapter loads checkpoints of `model_type` (config.json's)."""
+        return model_type == self.model_type
+
+    def owns_processor(self, proc) -> bool:
+        name = type(proc).__name__
+        return (
+            bool(self.processor_prefix)
+            and name.startswith(self.processor_prefix)
+            and "ImageProcessor" in name
+        )
+
+    def owns_item(self, item: dict[str, Any]) -> bool:
+        """Whether an `encode` output is this family's (by the keys only its items carry)."""
+        return bool(self.item_keys) and all(k in item for k in self.item_keys)
 
     # ---- prompts
     def messages(self, ex, instruction: str = "", prefix: str = "", image=None):
@@ -309,7 +357,12 @@ class Adapter:
     def quant_skip_modules(self) -> list[str]:
         """Module-name patterns kept out of 4-bit (transformers matches them from the start of the name, as
         regexes, or as suffixes)."""
-        return [rf"(?:.*\.)?{self.vision_module}", "lm_head"]
+        skip = [rf"(?:.*\.)?{self.vision_module}", "lm_head"]
+        return skip + ([rf"(?:.*\.)?{self.projector_module}"] if self.projector_module else [])
+
+    def vision_modules(self) -> tuple[str, ...]:
+        """Names (under `model.model`) of the parameters the plan counts as vision: tower and projector."""
+        return (self.vision_module, self.projector_module) if self.projector_module else (self.vision_module,)
 
     def load(self, cfg: Config, src: str, device: str | None = None, quantization: str | None = None):
         """(model, tokenizer) from a local directory or hub id, eager attention in the language model (attention
@@ -335,6 +388,7 @@ class Adapter:
         if qconf is None:
             model.to(device)
         model.eval()
+        model.vskip_family = self.family  # adapter_for(model) finds a family chosen by name (detect = False)
         tok = AutoTokenizer.from_pretrained(src)
         tok.padding_side = "left"
         if not tok.chat_template:
@@ -349,6 +403,32 @@ class Adapter:
             tok.pad_token = self.pad_token
         return model, tok
 
+    # ---- the plan's sizes (vskip_core.infra.plan), first order
+    def plan_vision_facts(self, conf) -> dict[str, int]:
+        """Extra `plan.ModelSpec` fields read from the model config (e.g. Mllama's tiles)."""
+        return {}
+
+    def lm_tokens_per_image(self, image_tokens: float) -> float:
+        """Tokens an image occupies in the language model's sequence, for `image_tokens` visual tokens."""
+        return image_tokens
+
+    def vision_tokens_per_image(self, spec, images: list[float], image_tokens: list[float]) -> float:
+        """Tokens the vision tower processes per image, from the per-source (images per example, visual
+        tokens per image) of the benchmark mix."""
+        raise NotImplementedError
+
+    def cross_attention_flops(self, spec, seq, tokens: float) -> float:
+        """Prefill FLOPs of text rows attending to vision tokens outside the sequence (0: none)."""
+        return 0.0
+
+    def cross_attention_bytes(self, spec, seq, batch, query_len, dtype_bytes, eager) -> tuple[float, float]:
+        """(vision keys and values, one cross layer's attention scores) in bytes, for inference memory."""
+        return 0.0, 0
+
+    def hub_access_note(self, name: str) -> str:
+        """A note for the plan when hub checkpoint `name` needs more than a download ("" = none)."""
+        return ""
+
     # ---- tiny random-weight models (tests, dry runs)
     def tiny_tokenizer(self, texts: list[str], vocab_size: int = 400):
         raise NotImplementedError
@@ -358,6 +438,9 @@ class Adapter:
 
     def tiny_image_processor(self):
         raise NotImplementedError
+
+    def tiny_init(self, model) -> None:
+        """Set weights a random init leaves inert (after seeding, before saving); default nothing."""
 
 
 def _checkpoint_chat_template(src: str) -> str | None:
@@ -370,438 +453,49 @@ def _checkpoint_chat_template(src: str) -> str | None:
     return None
 
 
-# --------------------------------------------------------------------------------------------- Qwen
-class Qwen2VLAdapter(Adapter):
-    family = "qwen2_vl"
-    model_type = "qwen2_vl"
-    model_class = "Qwen2VLForConditionalGeneration"
-    image_token = QWEN_IMAGE_TOKEN
-    end_token = "<|im_end|>"
-    pad_token = "<|endoftext|>"
-    special_tokens = tuple(QWEN_SPECIAL_TOKENS)
-    chat_template = QWEN_CHAT_TEMPLATE
-    image_in = "sequence"
-    vision_module = "visual"
-    input_keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+# --------------------------------------------------------------------------------------------- the registry
+def register_family(cls: type[Adapter] | None = None, *, replace: bool = False):
+    """Class decorator: register an instance of an `Adapter` subclass under its `family` in
+    `vskip_core.registry.FAMILIES`. `@register_family` or `@register_family(replace=True)`."""
 
-    def image_processor(self, src: str | None = None, cfg: Config | None = None):
-        """Qwen2-VL's PIL image processor (the same on every machine; the torchvision one differs slightly),
-        with at most `model.max_image_tokens` visual tokens per image (max_pixels = tokens x 28 x 28)."""
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    def deco(c: type[Adapter]) -> type[Adapter]:
+        if not (isinstance(c, type) and issubclass(c, Adapter)):
+            raise TypeError(f"register_family takes an Adapter subclass, got {c!r}")
+        registry.FAMILIES.register(c.family, c(), replace=replace)
+        return c
 
-        kw = self.image_cap(cfg) if cfg is not None else {}
-        if src is None:
-            return Qwen2VLImageProcessorPil(**kw)
-        return Qwen2VLImageProcessorPil.from_pretrained(src, **kw)
-
-    def image_cap(self, cfg: Config) -> dict[str, Any]:
-        """max_pixels = model.max_image_tokens x 28 x 28 (one visual token per 28x28 pixels after merging)."""
-        n = cfg.model.max_image_tokens
-        return {"max_pixels": n * 28 * 28} if n > 0 else {}
-
-    def encode(self, ex, tok, proc, target=None, instruction="", prefix="", image=None) -> dict[str, Any]:
-        """One example -> model inputs, exactly as Qwen2VLProcessor builds them (one or several images, each
-        `<|image_pad|>` expanded to prod(image_grid_thw) // merge_size**2), plus `image_positions` (the image
-        columns) and `target_start` (first target token; labels = input_ids from there on)."""
-        messages, images = self.messages(ex, instruction, prefix, image)
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if text.count(self.image_token) != len(images):
-            raise ValueError(
-                f"example {ex.get('id')}: the chat template produced {text.count(self.image_token)} image "
-                f"placeholders; expected exactly {len(images)}"
-            )
-        vis = proc(images=[im.convert("RGB") for im in images], return_tensors="pt")
-        counts = [n_image_tokens(g, proc.merge_size) for g in vis["image_grid_thw"]]
-        pieces = text.split(self.image_token)
-        text = pieces[0] + "".join(self.image_token * n + p for n, p in zip(counts, pieces[1:]))
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        target_start = len(ids)
-        ids = ids + self._target_ids(tok, target)
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        mm = (input_ids == tok.convert_tokens_to_ids(self.image_token)).long()
-        image_positions = torch.nonzero(mm, as_tuple=False).flatten()
-        if len(image_positions) != sum(counts):
-            raise ValueError(
-                f"example {ex.get('id')}: {len(image_positions)} image tokens in the text, {sum(counts)} "
-                f"expected; the question text must not contain {self.image_token}"
-            )
-        return {
-            "input_ids": input_ids,
-            "mm_token_type_ids": mm,
-            "pixel_values": vis["pixel_values"],
-            "image_grid_thw": vis["image_grid_thw"],
-            "image_positions": image_positions,
-            "target_start": target_start,
-        }
-
-    def collate(self, items, pad_id: int, padding_side: str = "left") -> dict[str, torch.Tensor]:
-        """Pad `encode` outputs. Left padding for generation, right for training and scoring. `offsets` is the
-        shift each row got (add it to that row's positions)."""
-        L = max(len(it["input_ids"]) for it in items)
-        B = len(items)
-        input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-        attn = torch.zeros((B, L), dtype=torch.long)
-        mm = torch.zeros((B, L), dtype=torch.long)
-        offsets = []
-        for b, it in enumerate(items):
-            n = len(it["input_ids"])
-            off = L - n if padding_side == "left" else 0
-            input_ids[b, off : off + n] = it["input_ids"]
-            attn[b, off : off + n] = 1
-            mm[b, off : off + n] = it["mm_token_type_ids"]
-            offsets.append(off)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attn,
-            "mm_token_type_ids": mm,
-            "pixel_values": torch.cat([it["pixel_values"] for it in items]),
-            "image_grid_thw": torch.cat([it["image_grid_thw"] for it in items]),
-            "offsets": torch.tensor(offsets),
-        }
-
-    def append_tokens(self, item: dict[str, Any], ids: torch.Tensor) -> dict[str, Any]:
-        """Text tokens are not image tokens: `mm_token_type_ids` grows with zeros."""
-        mm = torch.cat([item["mm_token_type_ids"], torch.zeros_like(ids)])
-        return {**super().append_tokens(item, ids), "mm_token_type_ids": mm}
-
-    def attention_module(self, model, layer: int):
-        return self.decoder_layers(model)[layer].self_attn
-
-    def image_keys(self, model, batch: dict[str, torch.Tensor]) -> ImageKeys:
-        key = batch["mm_token_type_ids"].bool()
-        real = batch["attention_mask"].bool()
-        first = torch.where(
-            key.any(1), key.float().argmax(1), torch.full_like(key[:, 0], key.shape[1]).long()
-        )
-        after = torch.arange(key.shape[1])[None, :].to(key.device) > first[:, None]
-        return ImageKeys(
-            kind="self", key_mask=key, query_mask=real & after & ~key, layers=self.image_layers(model)
-        )
-
-    def tiny_tokenizer(self, texts: list[str], vocab_size: int = 400):
-
-        return train_tokenizer(texts, vocab_size)
-
-    def tiny_config(self, tok, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2, **kw):
-        from transformers import Qwen2VLConfig
-
-        head_dim = hidden // heads
-        q = head_dim // 4  # mrope sections (temporal, height, width) sum to head_dim / 2
-        return Qwen2VLConfig(
-            text_config=self._tiny_text(tok, hidden, layers, heads, kv_heads, [head_dim // 2 - 2 * q, q, q]),
-            vision_config={
-                "depth": kw.get("vision_depth", 2),
-                "embed_dim": kw.get("vision_dim", 32),
-                "hidden_size": hidden,
-                "num_heads": 2,
-                "mlp_ratio": 2,
-                "patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-            },
-            **self._tiny_ids(tok),
-            tie_word_embeddings=False,
-        )
-
-    @staticmethod
-    def _tiny_text(tok, hidden, layers, heads, kv_heads, mrope):
-        return {
-            "vocab_size": len(tok),
-            "hidden_size": hidden,
-            "intermediate_size": 2 * hidden,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
-            "max_position_embeddings": 2048,
-            "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
-            "bos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
-            "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
-            "pad_token_id": tok.pad_token_id,
-        }
-
-    @staticmethod
-    def _tiny_ids(tok) -> dict[str, int]:
-        return {
-            "image_token_id": tok.convert_tokens_to_ids(QWEN_IMAGE_TOKEN),
-            "video_token_id": tok.convert_tokens_to_ids("<|video_pad|>"),
-            "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
-            "vision_end_token_id": tok.convert_tokens_to_ids("<|vision_end|>"),
-        }
-
-    def tiny_image_processor(self):
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        return Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
+    return deco if cls is None else deco(cls)
 
 
-class Qwen25VLAdapter(Qwen2VLAdapter):
-    """Qwen2.5-VL: the same prompt, image tokens and processor as Qwen2-VL; a windowed-attention vision tower
-    with a gated MLP (gate/up/down_proj: the LoRA regex keeps it out)."""
+class _Adapters(Mapping):
+    """family -> Adapter, a live read-only view of `registry.FAMILIES` (in registration order)."""
 
-    family = "qwen2_5_vl"
-    model_type = "qwen2_5_vl"
-    model_class = "Qwen2_5_VLForConditionalGeneration"
+    def __getitem__(self, family: str) -> Adapter:
+        if family not in registry.FAMILIES:
+            raise KeyError(family)
+        return registry.FAMILIES.get(family)
 
-    def tiny_config(self, tok, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2, **kw):
-        from transformers import Qwen2_5_VLConfig
+    def __iter__(self) -> Iterator[str]:
+        return iter(registry.FAMILIES)
 
-        head_dim = hidden // heads
-        q = head_dim // 4
-        depth = kw.get("vision_depth", 2)
-        return Qwen2_5_VLConfig(
-            text_config=self._tiny_text(tok, hidden, layers, heads, kv_heads, [head_dim // 2 - 2 * q, q, q]),
-            vision_config={
-                "depth": depth,
-                "hidden_size": kw.get("vision_dim", 32),
-                "intermediate_size": 2 * kw.get("vision_dim", 32),
-                "num_heads": 2,
-                "out_hidden_size": hidden,
-                "fullatt_block_indexes": [depth - 1],
-                "window_size": 56,
-                "patch_size": 14,
-                "spatial_merge_size": 2,
-                "temporal_patch_size": 2,
-            },
-            **self._tiny_ids(tok),
-            tie_word_embeddings=False,
-        )
+    def __len__(self) -> int:
+        return len(registry.FAMILIES)
+
+    def __repr__(self) -> str:
+        return f"ADAPTERS({list(self)})"
 
 
-# --------------------------------------------------------------------------------------------- Mllama
-MLLAMA_SPECIAL_TOKENS = [
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|finetune_right_pad_id|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eom_id|>",
-    "<|eot_id|>",
-    "<|python_tag|>",
-    "<|image|>",
-]
-# Llama-3.2-Vision-Instruct's template for image prompts (no system turn, as the real one does with images).
-MLLAMA_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}<|image|>"
-    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
+ADAPTERS: Mapping[str, Adapter] = _Adapters()
 
 
-class MllamaAdapter(Adapter):
-    family = "mllama"
-    model_type = "mllama"
-    model_class = "MllamaForConditionalGeneration"
-    image_token = "<|image|>"
-    end_token = "<|eot_id|>"
-    pad_token = "<|finetune_right_pad_id|>"
-    special_tokens = tuple(MLLAMA_SPECIAL_TOKENS)
-    chat_template = MLLAMA_CHAT_TEMPLATE
-    image_in = "cross_attention"
-    vision_module = "vision_model"
-    not_in_vllm = "current vLLM serves no encoder-decoder model but Whisper, and Llama-3.2-Vision is one"
-    input_keys = (
-        "input_ids",
-        "attention_mask",
-        "position_ids",
-        "pixel_values",
-        "aspect_ratio_ids",
-        "aspect_ratio_mask",
-        "cross_attention_mask",
-    )
-
-    def quant_skip_modules(self) -> list[str]:
-        return [*super().quant_skip_modules(), r"(?:.*\.)?multi_modal_projector"]
-
-    def image_processor(self, src: str | None = None, cfg: Config | None = None):
-        """Mllama's PIL image processor: each image resized into up to 4 tiles of the checkpoint's tile size."""
-        from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
-
-        if src is None:
-            return MllamaImageProcessorPil()
-        return MllamaImageProcessorPil.from_pretrained(src)
-
-    def encode(self, ex, tok, proc, target=None, instruction="", prefix="", image=None) -> dict[str, Any]:
-        """One example -> model inputs, as MllamaProcessor builds them: input_ids with one `<|image|>` per image,
-        pixel_values (1, n_images, tiles, 3, H, W), aspect_ratio_ids/mask, and the (L, n_images, tiles)
-        cross-attention mask from the processor's own helpers (each image is seen from its `<|image|>` token
-        on; text before it sees no image). Also `image_token_positions` and `target_start`."""
-        from transformers.models.mllama.processing_mllama import (
-            convert_sparse_cross_attention_mask_to_dense,
-            get_cross_attention_token_mask,
-        )
-
-        messages, images = self.messages(ex, instruction, prefix, image)
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if text.count(self.image_token) != len(images):
-            raise ValueError(
-                f"example {ex.get('id')}: the chat template produced {text.count(self.image_token)} image "
-                f"tokens; expected exactly {len(images)}"
-            )
-        vis = proc(images=[[im.convert("RGB") for im in images]], return_tensors="pt")
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        target_start = len(ids)
-        ids = ids + self._target_ids(tok, target)
-        image_id = tok.convert_tokens_to_ids(self.image_token)
-        positions = [i for i, t in enumerate(ids) if t == image_id]
-        if len(positions) != len(images):
-            raise ValueError(
-                f"example {ex.get('id')}: {len(positions)} {self.image_token} tokens for {len(images)} images; "
-                f"the question text must not contain {self.image_token}"
-            )
-        dense = convert_sparse_cross_attention_mask_to_dense(
-            [get_cross_attention_token_mask(ids, image_id)],
-            num_tiles=vis["num_tiles"],
-            max_num_tiles=proc.max_image_tiles,
-            length=len(ids),
-        )
-        return {
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "pixel_values": vis["pixel_values"],
-            "aspect_ratio_ids": vis["aspect_ratio_ids"],
-            "aspect_ratio_mask": vis["aspect_ratio_mask"],
-            "cross_attention_mask": torch.from_numpy(dense[0]),
-            "image_token_positions": torch.tensor(positions, dtype=torch.long),
-            "num_tiles": list(vis["num_tiles"][0]),
-            "target_start": target_start,
-        }
-
-    def collate(self, items, pad_id: int, padding_side: str = "left") -> dict[str, torch.Tensor]:
-        """Pad `encode` outputs: text as for Qwen, images to the batch's most images (padding images get
-        aspect_ratio_id 0 and only their first tile unmasked, as the image processor pads). `position_ids`
-        count real tokens only, so a left-padded row gets the positions it would get alone."""
-        L = max(len(it["input_ids"]) for it in items)
-        B = len(items)
-        N = max(it["pixel_values"].shape[1] for it in items)
-        _, _, T, C, H, W = items[0]["pixel_values"].shape
-        input_ids = torch.full((B, L), pad_id, dtype=torch.long)
-        attn = torch.zeros((B, L), dtype=torch.long)
-        cross = torch.zeros((B, L, N, T), dtype=torch.long)
-        pixels = torch.zeros((B, N, T, C, H, W), dtype=items[0]["pixel_values"].dtype)
-        ar_ids = torch.zeros((B, N), dtype=torch.long)
-        ar_mask = torch.zeros((B, N, T), dtype=torch.long)
-        ar_mask[:, :, 0] = 1
-        offsets = []
-        for b, it in enumerate(items):
-            n, k = len(it["input_ids"]), it["pixel_values"].shape[1]
-            off = L - n if padding_side == "left" else 0
-            input_ids[b, off : off + n] = it["input_ids"]
-            attn[b, off : off + n] = 1
-            cross[b, off : off + n, :k] = it["cross_attention_mask"]
-            pixels[b, :k] = it["pixel_values"][0]
-            ar_ids[b, :k] = it["aspect_ratio_ids"][0]
-            ar_mask[b, :k] = it["aspect_ratio_mask"][0]
-            offsets.append(off)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attn,
-            "position_ids": (attn.cumsum(-1) - 1).clamp(min=0),
-            "pixel_values": pixels,
-            "aspect_ratio_ids": ar_ids,
-            "aspect_ratio_mask": ar_mask,
-            "cross_attention_mask": cross,
-            "offsets": torch.tensor(offsets),
-        }
-
-    def append_tokens(self, item: dict[str, Any], ids: torch.Tensor) -> dict[str, Any]:
-        """The (L, n_images, tiles) cross-attention mask grows by copies of its last row (the new tokens see
-        the images the last prompt token sees), as MllamaForConditionalGeneration.generate grows it."""
-        cam = item["cross_attention_mask"]
-        cam = torch.cat([cam, cam[-1:].expand(len(ids), *cam.shape[1:])])
-        return {**super().append_tokens(item, ids), "cross_attention_mask": cam}
-
-    def image_layers(self, model_or_config) -> list[int]:
-        return sorted(int(i) for i in _text_config(model_or_config).cross_attention_layers)
-
-    def attention_module(self, model, layer: int):
-        if layer not in self.image_layers(_unwrap(model)):
-            raise ValueError(
-                f"layer {layer} is not a cross-attention layer: {self.image_layers(_unwrap(model))}"
-            )
-        return self.decoder_layers(model)[layer].cross_attn
-
-    @staticmethod
-    def tokens_per_tile(model_or_config) -> int:
-        conf = getattr(model_or_config, "config", model_or_config)
-        vc = conf.vision_config
-        return (vc.image_size // vc.patch_size) ** 2 + 1
-
-    def image_keys(self, model, batch: dict[str, torch.Tensor]) -> ImageKeys:
-        P = self.tokens_per_tile(_unwrap(model))
-        B, N, T = batch["aspect_ratio_mask"].shape
-        tile_ok = batch["aspect_ratio_mask"].bool() & (batch["aspect_ratio_ids"] > 0)[:, :, None]
-        patch = torch.ones(P, dtype=torch.bool, device=tile_ok.device)
-        patch[0] = False  # CLS of each tile
-        key = (tile_ok[:, :, :, None] & patch).reshape(B, N * T * P)
-        query = batch["cross_attention_mask"].bool().flatten(2).any(-1) & batch["attention_mask"].bool()
-        return ImageKeys(
-            kind="cross", key_mask=key, query_mask=query, layers=self.image_layers(model), tokens_per_tile=P
-        )
-
-    def tiny_tokenizer(self, texts: list[str], vocab_size: int = 400):
-        return train_tokenizer(
-            texts,
-            vocab_size,
-            MLLAMA_SPECIAL_TOKENS,
-            chat_template=self.chat_template,
-            bos_token="<|begin_of_text|>",
-            eos_token="<|eot_id|>",
-            pad_token=self.pad_token,
-            extra_special_tokens={"image_token": self.image_token},
-        )
-
-    def tiny_config(self, tok, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2, **kw):
-        from transformers import MllamaConfig
-
-        vdim = kw.get("vision_dim", 32)
-        return MllamaConfig(
-            text_config={
-                "vocab_size": len(tok),
-                "hidden_size": hidden,
-                "intermediate_size": 2 * hidden,
-                "num_hidden_layers": layers,
-                "num_attention_heads": heads,
-                "num_key_value_heads": kv_heads,
-                "cross_attention_layers": kw.get("cross_layers", [1, layers - 1]),
-                "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
-                "max_position_embeddings": 2048,
-                "bos_token_id": tok.convert_tokens_to_ids("<|begin_of_text|>"),
-                "eos_token_id": tok.convert_tokens_to_ids("<|eot_id|>"),
-                "pad_token_id": tok.pad_token_id,
-            },
-            vision_config={
-                "hidden_size": vdim,
-                "num_hidden_layers": 2,
-                "num_global_layers": 1,
-                "attention_heads": 2,
-                "intermediate_size": 2 * vdim,
-                "intermediate_layers_indices": [0, 1],
-                "vision_output_dim": 3 * vdim,  # last hidden state + the two intermediate layers
-                "image_size": 56,
-                "patch_size": 14,
-                "max_num_tiles": 4,
-            },
-            image_token_index=tok.convert_tokens_to_ids(self.image_token),
-        )
-
-    def tiny_image_processor(self):
-        from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
-
-        return MllamaImageProcessorPil(size={"height": 56, "width": 56}, max_image_tiles=4)
-
-
-ADAPTERS: dict[str, Adapter] = {a.family: a for a in (Qwen2VLAdapter(), Qwen25VLAdapter(), MllamaAdapter())}
+def _detectable() -> list[Adapter]:
+    return [a for a in ADAPTERS.values() if a.detect]
 
 
 def get_adapter(family: str) -> Adapter:
-    if family not in ADAPTERS:
-        raise ValueError(f"no adapter for model family {family!r}; supported: {sorted(ADAPTERS)}")
-    return ADAPTERS[family]
+    """The registered adapter of `family`; an unknown name raises `registry.UnknownName` (a ValueError)
+    listing the registered families and the nearest one."""
+    return registry.FAMILIES.get(family)
 
 
 def adapter_for(obj) -> Adapter:
@@ -810,36 +504,67 @@ def adapter_for(obj) -> Adapter:
         return get_adapter(obj)
     if hasattr(obj, "family") and isinstance(obj.family, str) and obj.family in ADAPTERS:
         return ADAPTERS[obj.family]
+    family = getattr(_unwrap(obj), "vskip_family", None)  # set by Adapter.load
+    if isinstance(family, str) and family in ADAPTERS:
+        return ADAPTERS[family]
     name = type(obj).__name__
-    if name.startswith("Mllama") and "ImageProcessor" in name:
-        return ADAPTERS["mllama"]
-    if name.startswith("Qwen2VL") and "ImageProcessor" in name:
-        return ADAPTERS["qwen2_vl"]  # Qwen2.5-VL encodes with the same processor and tokens
+    for a in _detectable():  # Qwen2.5-VL encodes with Qwen2-VL's processor: the first registered wins
+        if a.owns_processor(obj):
+            return a
     conf = getattr(_unwrap(obj), "config", obj)
     model_type = getattr(conf, "model_type", None)
-    for a in ADAPTERS.values():
-        if a.model_type == model_type:
+    for a in _detectable():
+        if a.serves(model_type):
             return a
     raise ValueError(
         f"cannot tell the model family of {name} (model_type={model_type!r}); supported: {sorted(ADAPTERS)}"
     )
 
 
+def adapter_for_item(item: dict[str, Any]) -> Adapter:
+    """The adapter whose `encode` made `item` (by the keys only its family's items carry)."""
+    for a in _detectable():
+        if a.owns_item(item):
+            return a
+    raise ValueError(
+        f"no registered family encodes items with keys {sorted(item)}; expected one of "
+        f"{ {a.family: list(a.item_keys) for a in _detectable()} }"
+    )
+
+
 def adapter_for_tokenizer(tok) -> Adapter:
     """The adapter whose image token the tokenizer knows (Qwen's `<|image_pad|>`, Llama's `<|image|>`)."""
     vocab = tok.get_vocab()
-    for a in ADAPTERS.values():
+    for a in _detectable():
         if a.image_token in vocab:
             return a
     raise ValueError(
-        f"{type(tok).__name__} knows none of the image tokens {[a.image_token for a in ADAPTERS.values()]}; "
+        f"{type(tok).__name__} knows none of the image tokens {[a.image_token for a in _detectable()]}; "
         f"is it the tokenizer of a supported vision-language model ({sorted(ADAPTERS)})?"
     )
 
 
+def family_of_model_type(model_type: str | None, declared: str = "auto", src: str = "") -> str:
+    """The family serving checkpoints of `model_type`: the declared one (which must serve it), else the first
+    registered detectable family that does."""
+    fam = next((a.family for a in _detectable() if a.serves(model_type)), None)
+    if declared != "auto":
+        if get_adapter(declared).serves(model_type):
+            return declared
+        what = f"a {fam} checkpoint" if fam else f"a {model_type!r} checkpoint"
+        raise ValueError(
+            f"model.family={declared!r} but {src or 'the model'} is {what}; set model.family: auto"
+        )
+    if fam is None:
+        raise ValueError(
+            f"{src or 'the model'}: model_type {model_type!r} has no adapter; supported: {sorted(ADAPTERS)}"
+        )
+    return fam
+
+
 def detect_family(src: str, declared: str = "auto") -> str:
     """Family of a checkpoint: its config.json's model_type (local dir, or the hub config through AutoConfig).
-    A declared family (`model.family`) must agree with the checkpoint."""
+    A declared family (`model.family`) must serve the checkpoint's model_type."""
     p = Path(src)
     if (p / "config.json").exists():
         model_type = json.loads((p / "config.json").read_text()).get("model_type")
@@ -855,18 +580,14 @@ def detect_family(src: str, declared: str = "auto") -> str:
                 f"cannot read the config of {src!r} ({e}); offline? pass a local model directory, or set "
                 f"model.family to one of {sorted(ADAPTERS)}"
             ) from None
-    fam = next((a.family for a in ADAPTERS.values() if a.model_type == model_type), None)
-    if fam is None:
-        raise ValueError(f"{src}: model_type {model_type!r} has no adapter; supported: {sorted(ADAPTERS)}")
-    if declared not in ("auto", fam):
-        raise ValueError(f"model.family={declared!r} but {src} is a {fam} checkpoint; set model.family: auto")
-    return fam
+    return family_of_model_type(model_type, declared, src)
 
 
 def build_tiny(family: str, texts: list[str], path: str | Path | None = None, seed: int = 0, **sizes):
     """A tiny random-weight model of `family` with a BPE tokenizer trained on `texts` and a small image
     processor: (model, tokenizer, processor), saved to `path` when given (so `models.load_model` and 4-bit
-    loading can read it back). Mllama's cross-attention gates are set to 1 so the image changes the output."""
+    loading can read it back). The adapter's `tiny_init` then sets what a random init leaves inert (Mllama's
+    cross-attention gates to 1, so the image changes the output)."""
     import transformers
 
     ad = get_adapter(family)
@@ -875,11 +596,7 @@ def build_tiny(family: str, texts: list[str], path: str | Path | None = None, se
     conf._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, ad.model_class)(conf)
-    if family == "mllama":
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
-                    p.fill_(1.0)
+    ad.tiny_init(model)
     model.eval()
     proc = ad.tiny_image_processor()
     if path is not None:

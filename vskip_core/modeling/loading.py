@@ -21,7 +21,14 @@ import torch
 
 from vskip_core.config import Config
 from vskip_core.data.embedded import GENERATOR_VERSION
-from vskip_core.modeling.adapters import adapter_for, adapter_for_tokenizer, detect_family, get_adapter
+from vskip_core.modeling.adapters import (
+    ADAPTERS,
+    adapter_for,
+    adapter_for_item,
+    adapter_for_tokenizer,
+    detect_family,
+    get_adapter,
+)
 from vskip_core.modeling.prompts import (  # noqa: F401  (re-exported: the embedded teacher's text side)
     ANSWER_PREFIX,
     CHAT_TEMPLATE,
@@ -87,17 +94,13 @@ def collate(items: list[dict[str, Any]], pad_id: int, padding_side: str = "left"
     """Pad a list of `encode` outputs. Left padding for generation, right for training. `offsets` is the
     shift each row got (add it to that row's positions)."""
 
-    family = "mllama" if "cross_attention_mask" in items[0] else "qwen2_vl"
-    return get_adapter(family).collate(items, pad_id, padding_side)
-
-
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-# Llama-3.2-Vision's extra inputs (`position_ids` counts real tokens only, so left padding changes nothing)
-MLLAMA_INPUT_KEYS = ("position_ids", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+    return adapter_for_item(items[0]).collate(items, pad_id, padding_side)
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    return {k: batch[k].to(device) for k in MODEL_INPUT_KEYS + MLLAMA_INPUT_KEYS if k in batch}
+    """The batch's model inputs (every registered family's `input_keys` it holds) on `device`."""
+    keys = dict.fromkeys(k for ad in ADAPTERS.values() for k in ad.input_keys)
+    return {k: batch[k].to(device) for k in keys if k in batch}
 
 
 # ------------------------------------------------------------------------------------------ embedded model

@@ -31,9 +31,18 @@ from typing import Protocol
 
 import torch
 
-from vskip_core.modeling.adapters import _unwrap
+from vskip_core.modeling.adapters import ADAPTERS, _unwrap
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+def supported_model_types() -> tuple[str, ...]:
+    """The model types of the registered families the pruned decoder runs (no `pruned_decoding_unsupported`)."""
+    return tuple(dict.fromkeys(a.model_type for a in ADAPTERS.values() if not a.pruned_decoding_unsupported))
+
+
+def __getattr__(name: str):
+    if name == "SUPPORTED_MODEL_TYPES":  # read from the registry each time: families may register later
+        return supported_model_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class PruningRules(Protocol):
@@ -133,11 +142,13 @@ class PrunedOutput:
 def unsupported_reason(model) -> str | None:
     """Why visual-token pruning does not apply to this model (None when it does)."""
     mt = getattr(model.config, "model_type", None)
-    if mt in SUPPORTED_MODEL_TYPES:
+    supported = supported_model_types()
+    if mt in supported:
         return None
+    why = next((a.pruned_decoding_unsupported for a in ADAPTERS.values() if a.serves(mt)), "")
     return (
-        f"visual-token pruning supports {list(SUPPORTED_MODEL_TYPES)} (image tokens inside the sequence), "
-        f"got {mt!r}; Mllama reads its image through cross-attention (see vskip_core.modeling.pruned_decoding)"
+        f"visual-token pruning supports {list(supported)} (image tokens inside the sequence), got {mt!r}"
+        + (f"; {why}" if why else "")
     )
 
 

@@ -20,7 +20,6 @@ from vskip_core.config import DataConfig
 from vskip_core.data.embedded import make_example
 from vskip_core.data.real import normalize_docvqa, normalize_mmmu, normalize_pope
 from vskip_core.data.standins import (
-    MODELS,
     PREFIX,
     SCORERS,
     build_once,
@@ -28,6 +27,7 @@ from vskip_core.data.standins import (
     is_standin,
     mmmu_quirk_rows,
     mmmu_rows,
+    model_names,
     pope_rows,
     resolve_dataset,
     standin_dir,
@@ -44,12 +44,6 @@ COT_INSTRUCTION = (
 FIT = {"steps": 60, "batch": 8, "lr": 1e-3}
 
 # ------------------------------------------------------------------------------------------- resolving
-GENERATION_CONFIGS = {
-    # the sampling fields of the published Qwen2-VL / Qwen2.5-VL Instruct checkpoints
-    "qwen": {"do_sample": True, "repetition_penalty": 1.05, "temperature": 0.01, "top_p": 0.001, "top_k": 1},
-    # meta-llama/Llama-3.2-11B-Vision-Instruct
-    "mllama": {"do_sample": True, "temperature": 0.6, "top_p": 0.9},
-}
 
 
 def resolve(cfg, name: str) -> str:
@@ -61,7 +55,7 @@ def resolve(cfg, name: str) -> str:
     key = name[len(PREFIX) :]
     if key in SCORERS:
         return str(build_once(path, name, build_llmlingua2))
-    if key not in MODELS:
+    if key not in model_names():
         return resolve_dataset(cfg, name)
     return str(build_once(path, name, lambda tmp: build_model(key, tmp)))
 
@@ -95,7 +89,7 @@ def build_model(family: str, path: Path) -> Path:
         bos_token_id=ids.bos_token_id,
         eos_token_id=eos,
         pad_token_id=tok.pad_token_id,
-        **GENERATION_CONFIGS["mllama" if family == "mllama" else "qwen"],
+        **ad.standin_generation,
     )
     gen.save_pretrained(path)
     return path
