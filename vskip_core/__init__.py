@@ -22,22 +22,35 @@ _PUBLIC = {
     "generate_pruned": "vskip_core.api",
     "load_params": "vskip_core.config",
     "Config": "vskip_core.config",
+    "register_gate": "vskip_core.method.gating",
+    "UnitContext": "vskip_core.method.gating",
+    "register_pruner": "vskip_core.method.pruning",
+    "register_family": "vskip_core.modeling.adapters",
+    "Adapter": "vskip_core.modeling.adapters",
 }
 __all__ = [
+    "Adapter",
     "Compressed",
     "Compressor",
     "Config",
-    "InputError",
-    "Scores",
-    "__version__",
     "generate_pruned",
+    "InputError",
     "load_params",
     "load_vlm",
+    "register_family",
+    "register_gate",
+    "register_pruner",
+    "Scores",
+    "UnitContext",
+    "__version__",
 ]
 
 if TYPE_CHECKING:
     from vskip_core.api import Compressed, Compressor, InputError, Scores, generate_pruned, load_vlm
     from vskip_core.config import Config, load_params
+    from vskip_core.method.gating import UnitContext, register_gate
+    from vskip_core.method.pruning import register_pruner
+    from vskip_core.modeling.adapters import Adapter, register_family
 
 
 def __getattr__(name: str) -> Any:

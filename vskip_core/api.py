@@ -19,7 +19,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,6 +45,9 @@ __all__ = [
     "generate_pruned",
     "load_vlm",
 ]
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 _BLANK_COLUMNS = ("anchoring_delta", "surprisal_gain")  # need stage 02's blank-image pass
 
@@ -283,7 +286,7 @@ class Compressor:
 
     def compress_dataset(
         self,
-        dataset,
+        dataset: Dataset,
         gamma: float = 0.5,
         method: str = "vskip",
         image_column: str = "image",
@@ -293,7 +296,7 @@ class Compressor:
         id_column: str | None = None,
         out_dir: str | os.PathLike | None = None,
         progress: bool = True,
-    ):
+    ) -> Dataset:
         """A `datasets.Dataset` with its rows' rationales compressed: every input column kept, plus
         `compressed_rationale`, `keep_mask`, `kept_ratio`, `surprisal`, `anchoring`, `gate_error` (why a row
         could not be gated at this gamma, else empty) and the distillation columns (`target`, the ratio
