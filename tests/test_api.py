@@ -200,6 +200,17 @@ def test_vskip_help_and_plan(capsys):
     assert "Qwen/Qwen2-VL-2B-Instruct" in capsys.readouterr().out
 
 
+def test_the_vskip_command_is_installed():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("vskip")  # [project.scripts], installed by make test's pip install
+    assert exe.exists(), f"{exe} missing: reinstall with pip install -e ."
+    out = subprocess.run([str(exe), "compress", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--gamma" in out.stdout, out.stderr
+
+
 def test_the_package_top_is_the_public_api():
     import vskip_core
 

@@ -95,3 +95,15 @@ def register_display(name: str, label: str, colour: str) -> None:
 def display(name: str) -> Display:
     """A system's label and colour; an unregistered name is shown as itself in a neutral colour."""
     return DISPLAY.get(name, Display(name, _FALLBACK_COLOUR))
+
+
+def add(reg: Registry, name: str, entry: T, label: str, colour: str, replace: bool = False) -> T:
+    """Register `entry` under `name` in `reg`, with the label and colour every table and figure shows."""
+    reg.register(name, entry, replace=replace)
+    register_display(name, label, colour)
+    return entry
+
+
+def remove(reg: Registry, name: str) -> None:
+    reg.unregister(name)
+    DISPLAY.pop(name, None)

@@ -191,14 +191,11 @@ def register_gate(
     method = GateMethod(
         name, label, colour, tuple(paths), rule, unit_scores, dict(word_rules or {}), dict(fix or {}), default
     )
-    registry.GATES.register(name, method, replace=replace)
-    registry.register_display(name, label, colour)
-    return method
+    return registry.add(registry.GATES, name, method, label, colour, replace)
 
 
 def unregister_gate(name: str) -> None:
-    registry.GATES.unregister(name)
-    registry.DISPLAY.pop(name, None)
+    registry.remove(registry.GATES, name)
 
 
 def gate_method(name: str) -> GateMethod:

@@ -302,14 +302,11 @@ def register_pruner(
             "'none' is the unpruned control (PruneSpec(method='none')); name the pruner otherwise"
         )
     pruner = Pruner(name, label, colour, where, select, reselect, uses_prompt)
-    registry.PRUNERS.register(name, pruner, replace=replace)
-    registry.register_display(name, label, colour)
-    return pruner
+    return registry.add(registry.PRUNERS, name, pruner, label, colour, replace)
 
 
 def unregister_pruner(name: str) -> None:
-    registry.PRUNERS.unregister(name)
-    registry.DISPLAY.pop(name, None)
+    registry.remove(registry.PRUNERS, name)
 
 
 def top_relevance(relevance: torch.Tensor, k: int, *_: Any) -> torch.Tensor:

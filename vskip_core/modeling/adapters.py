@@ -230,6 +230,17 @@ class Adapter:
         parts, images = interleave(ex, instruction, prefix, image)
         return [{"role": "user", "content": parts}], images
 
+    def chat_text(self, tok, ex, instruction: str = "", prefix: str = "", image=None) -> tuple[str, list]:
+        """The chat template's text of one example's user turn and its images (one image token each)."""
+        messages, images = self.messages(ex, instruction, prefix, image)
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if text.count(self.image_token) != len(images):
+            raise ValueError(
+                f"example {ex.get('id')}: the chat template produced {text.count(self.image_token)} image "
+                f"tokens; expected exactly {len(images)}"
+            )
+        return text, images
+
     def prompt_text(self, ex: dict[str, Any], tok, instruction: str = "", prefix: str = "") -> str:
         """The chat prompt up to the assistant turn, from the tokenizer's own chat template."""
         messages, _ = self.messages(ex, instruction, prefix)

@@ -88,13 +88,7 @@ class MllamaAdapter(Adapter):
             get_cross_attention_token_mask,
         )
 
-        messages, images = self.messages(ex, instruction, prefix, image)
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if text.count(self.image_token) != len(images):
-            raise ValueError(
-                f"example {ex.get('id')}: the chat template produced {text.count(self.image_token)} image "
-                f"tokens; expected exactly {len(images)}"
-            )
+        text, images = self.chat_text(tok, ex, instruction, prefix, image)
         vis = proc(images=[[im.convert("RGB") for im in images]], return_tensors="pt")
         ids = tok(text, add_special_tokens=False)["input_ids"]
         target_start = len(ids)

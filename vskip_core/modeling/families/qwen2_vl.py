@@ -62,13 +62,7 @@ class Qwen2VLAdapter(Adapter):
         """One example -> model inputs, exactly as Qwen2VLProcessor builds them (one or several images, each
         `<|image_pad|>` expanded to prod(image_grid_thw) // merge_size**2), plus `image_positions` (the image
         columns) and `target_start` (first target token; labels = input_ids from there on)."""
-        messages, images = self.messages(ex, instruction, prefix, image)
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if text.count(self.image_token) != len(images):
-            raise ValueError(
-                f"example {ex.get('id')}: the chat template produced {text.count(self.image_token)} image "
-                f"placeholders; expected exactly {len(images)}"
-            )
+        text, images = self.chat_text(tok, ex, instruction, prefix, image)
         vis = proc(images=[im.convert("RGB") for im in images], return_tensors="pt")
         counts = [n_image_tokens(g, proc.merge_size) for g in vis["image_grid_thw"]]
         pieces = text.split(self.image_token)
