@@ -16,6 +16,16 @@ def smoke_cfg(tmp_path):
     )
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, the count before it restored after (a teacher built later in the session
+    must train with the thread count it was built with: float sums depend on it)."""
+    from vskip_core.runtime import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
     """A smoke-sized embedded teacher (6 drill + 40 full steps, ~20 s), shared by the whole session."""

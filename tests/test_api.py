@@ -143,15 +143,12 @@ def test_rationales_are_written_by_the_model_when_the_column_is_absent(tiny_teac
 
 @pytest.mark.parametrize("method", ["fastv", "divprune", "zspaprune"])
 @pytest.mark.parametrize("dstp", [False, True])
-def test_generate_pruned_equals_stage_07s_decoder(method, dstp, tmp_path):
-    import torch
-
+def test_generate_pruned_equals_stage_07s_decoder(method, dstp, tmp_path, one_thread):
     from vskip_core.data import standins
     from vskip_core.data.real import normalize_pope
     from vskip_core.method.pruning import PruneSpec
     from vskip_core.stages.pruning import generate_pruned as stage_07
 
-    torch.set_num_threads(1)
     cfg = load_params(STANDIN_PARAMS["qwen2_vl"], {"runtime.cache_dir": str(tmp_path / "cache")})
     vlm = load_vlm("standin:qwen2_vl", cfg)
     ex = normalize_pope(standins.pope_rows(1)[0])

@@ -30,10 +30,7 @@ def test_the_page_has_a_block_per_call():
         assert call in text, call
 
 
-def test_every_block_runs(cleanup, tmp_path, capsys):
-    import torch
-
-    torch.set_num_threads(1)
+def test_every_block_runs(cleanup, tmp_path, capsys, one_thread):
     for i, block in enumerate(BLOCKS):
         exec(compile(block.replace("/tmp/", f"{tmp_path}/"), f"docs/API.md block {i}", "exec"), {})
     out = capsys.readouterr().out
