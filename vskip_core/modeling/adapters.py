@@ -183,6 +183,10 @@ class ImageKeys:
 
 # --------------------------------------------------------------------------------------------- base
 class Adapter:
+    """One model family: how its prompts and images are encoded, where the image sits for visual anchoring,
+    its key-layer candidates and LoRA targets, and the facts the loader, the pruned decoder and the plan ask
+    for. Subclass it and decorate with `register_family` (the module docstring has an example)."""
+
     family = ""
     model_type = ""  # config.model_type of the checkpoints this adapter serves
     model_class = ""  # transformers class name
