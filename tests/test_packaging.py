@@ -38,3 +38,26 @@ def test_progress_bars_come_from_runtime_progress():
         if p.name != "runtime.py" and re.search(r"^\s*(from tqdm|import tqdm)", p.read_text(), re.M)
     ]
     assert direct == [], f"import the bar as `from vskip_core.runtime import progress as tqdm` in {direct}"
+
+
+def test_no_import_cycle_anywhere_in_the_package_root_included():
+    """Function-level imports included; no module imports the package root (its lazy public names import
+    `vskip_core.api`, so a module importing the root would close a cycle through the whole package)."""
+    import ast
+    from pathlib import Path
+
+    import grimp
+
+    pkg = Path(__file__).resolve().parents[1] / "vskip_core"
+    root = [  # `from vskip_core import x` reads x off the root package (grimp resolves it to the submodule)
+        str(f.relative_to(pkg))
+        for f in pkg.rglob("*.py")
+        if f.name != "__init__.py" or f.parent != pkg
+        for node in ast.walk(ast.parse(f.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module == "vskip_core" and node.level == 0
+    ]
+    assert not root, f"import from the submodule instead (import vskip_core.x as x): {root}"
+    g = grimp.build_graph("vskip_core", include_external_packages=False)
+    for m in g.modules:
+        for n in g.find_modules_directly_imported_by(m):
+            assert not g.chain_exists(importer=n, imported=m), f"cycle: {m} -> {n} -> ... -> {m}"

@@ -31,8 +31,8 @@ from vskip_core.metrics import compress_text
 from vskip_core.modeling.decoding import generate
 from vskip_core.modeling.loading import Loaded, load_model
 from vskip_core.modeling.prompts import user_text
-from vskip_core.registry import GATES, PRUNERS, UnknownName
-from vskip_core.runtime import progress as tqdm
+from vskip_core.registry import GATES, PRUNERS
+from vskip_core.stages.distillation import make_target, split_answer
 from vskip_core.stages.pruning import generate_pruned as _generate_pruned
 from vskip_core.stages.scoring import score_rationales
 from vskip_core.teacher import build_teacher
@@ -76,10 +76,8 @@ def load_vlm(
         build_teacher(cfg)
     try:
         return load_model(cfg, model, device=device)
-    except (UnknownName, ValueError) as e:
-        if "adapter" in str(e) or "family" in str(e):
-            raise InputError(f"{model}: {e}. Pass a checkpoint of a supported family") from None
-        raise
+    except ValueError as e:  # an unsupported family, a family that does not serve the checkpoint, bad params
+        raise InputError(f"{model}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -265,24 +263,11 @@ class Compressor:
     def generate_rationales(self, examples: list[dict[str, Any]], progress: bool = True) -> list[str]:
         """The teacher's rationales for `examples`, decoded as stage 01 does (greedy, `generation.*`)."""
         g, m = self.cfg.generation, self.loaded
-        out: list[str] = []
-        bar = tqdm(total=len(examples), desc="rationales", disable=not progress)
-        for s in range(0, len(examples), g.batch_size):
-            chunk = examples[s : s + g.batch_size]
-            gens = generate(
-                m.model,
-                m.tokenizer,
-                m.processor,
-                chunk,
-                max_new_tokens=g.max_new_tokens,
-                batch_size=g.batch_size,
-                instruction=g.instruction,
-                repetition_penalty=g.repetition_penalty,
-            )
-            out += [x["text"] for x in gens]
-            bar.update(len(chunk))
-        bar.close()
-        return out
+        gens = generate(
+            m.model, m.tokenizer, m.processor, examples, g.max_new_tokens, g.batch_size, g.instruction,
+            progress=progress, desc="rationales", repetition_penalty=g.repetition_penalty,
+        )  # fmt: skip
+        return [x["text"] for x in gens]
 
     def compress_dataset(
         self,
@@ -306,7 +291,6 @@ class Compressor:
         from datasets import Dataset
 
         from vskip_core.common.students import ratio_prompt
-        from vskip_core.metrics import rationale_part
 
         gamma, method = _check_gamma(gamma), _check_method(method)
         if not isinstance(dataset, Dataset):
@@ -347,8 +331,7 @@ class Compressor:
                     got = self.gate(rows[i], gamma, method)
                 except GateError as e:
                     error = f"{e.reason}: {e}"
-            body = rationale_part(text or "")
-            answer = (text or "")[len(body) :].strip()
+            _, sep, answer = split_answer(text or "")
             kept = got.text if got else None
             new["compressed_rationale"].append(kept)
             new["keep_mask"].append(got.keep.tolist() if got else None)
@@ -356,7 +339,7 @@ class Compressor:
             new["surprisal"].append(got.scores.surprisal.tolist() if got else None)
             new["anchoring"].append(got.scores.anchoring.tolist() if got else None)
             new["gate_error"].append(error)
-            new["target"].append(_target(kept, answer) if got else None)
+            new["target"].append(make_target(kept, answer, sep) if got else None)
             new["method"].append(method)
             new["ratio"].append(gamma)
             for k in ("prefix", "instruction", "assistant_prefill"):
@@ -372,13 +355,6 @@ _NEW_COLUMNS = (
     "compressed_rationale", "keep_mask", "kept_ratio", "surprisal", "anchoring", "gate_error", "target", "method",
     "ratio", "prefix", "instruction", "assistant_prefill",
 )  # fmt: skip
-
-
-def _target(compressed: str, answer: str) -> str:
-    """Stage 04's training target: the compressed body and the original answer line."""
-    from vskip_core.stages.distillation import make_target
-
-    return make_target(compressed, answer)
 
 
 def _example(id: str, image: Any, question: str, options: Sequence[str] | None) -> dict[str, Any]:

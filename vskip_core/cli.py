@@ -9,7 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from vskip_core import pipeline
+import vskip_core.pipeline as pipeline
 from vskip_core.api import Compressor, InputError
 from vskip_core.config import ParamsError
 from vskip_core.registry import GATES, UnknownName

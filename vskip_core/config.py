@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import yaml
 
-from vskip_core import registry
+import vskip_core.registry as registry
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = "params/default.yaml"

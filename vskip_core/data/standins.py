@@ -34,7 +34,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vskip_core import registry
+import vskip_core.registry as registry
 from vskip_core.runtime import build_dir_once
 
 PREFIX = "standin:"

@@ -91,7 +91,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from vskip_core import registry
+import vskip_core.registry as registry
 from vskip_core.config import Config, GateConfig, ScoringConfig
 from vskip_core.runtime import is_missing
 

@@ -81,7 +81,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vskip_core import registry
+import vskip_core.registry as registry
 from vskip_core.modeling.pruned_decoding import (  # noqa: F401  (re-exported: the decoder that runs these rules)
     PrunedOutput,
     pruned_generate,

@@ -72,7 +72,7 @@ from typing import Any
 
 import torch
 
-from vskip_core import registry
+import vskip_core.registry as registry
 from vskip_core.config import Config
 from vskip_core.modeling.prompts import user_text
 from vskip_core.runtime import resolve_device, resolve_dtype
@@ -233,6 +233,20 @@ class Adapter:
     def messages(self, ex, instruction: str = "", prefix: str = "", image=None):
         parts, images = interleave(ex, instruction, prefix, image)
         return [{"role": "user", "content": parts}], images
+
+    @staticmethod
+    def tiny_text_config(tok, hidden: int, layers: int, heads: int, kv_heads: int) -> dict[str, Any]:
+        """The text-model sizes every tiny stand-in shares; a family adds its rope and special tokens."""
+        return {
+            "vocab_size": len(tok),
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "max_position_embeddings": 2048,
+            "pad_token_id": tok.pad_token_id,
+        }
 
     def chat_text(self, tok, ex, instruction: str = "", prefix: str = "", image=None) -> tuple[str, list]:
         """The chat template's text of one example's user turn and its images (one image token each)."""

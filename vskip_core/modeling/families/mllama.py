@@ -241,18 +241,11 @@ class MllamaAdapter(Adapter):
         vdim = kw.get("vision_dim", 32)
         return MllamaConfig(
             text_config={
-                "vocab_size": len(tok),
-                "hidden_size": hidden,
-                "intermediate_size": 2 * hidden,
-                "num_hidden_layers": layers,
-                "num_attention_heads": heads,
-                "num_key_value_heads": kv_heads,
+                **self.tiny_text_config(tok, hidden, layers, heads, kv_heads),
                 "cross_attention_layers": kw.get("cross_layers", [1, layers - 1]),
                 "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
-                "max_position_embeddings": 2048,
                 "bos_token_id": tok.convert_tokens_to_ids("<|begin_of_text|>"),
                 "eos_token_id": tok.convert_tokens_to_ids("<|eot_id|>"),
-                "pad_token_id": tok.pad_token_id,
             },
             vision_config={
                 "hidden_size": vdim,

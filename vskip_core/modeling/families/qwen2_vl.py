@@ -162,18 +162,11 @@ class Qwen2VLAdapter(Adapter):
     @staticmethod
     def _tiny_text(tok, hidden, layers, heads, kv_heads, mrope):
         return {
-            "vocab_size": len(tok),
-            "hidden_size": hidden,
-            "intermediate_size": 2 * hidden,
-            "num_hidden_layers": layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
-            "max_position_embeddings": 2048,
+            **Adapter.tiny_text_config(tok, hidden, layers, heads, kv_heads),
             "rms_norm_eps": 1e-6,
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
             "bos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
             "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
-            "pad_token_id": tok.pad_token_id,
         }
 
     @staticmethod
